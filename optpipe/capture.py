@@ -1,0 +1,230 @@
+"""Capture a model as a `Program` with torch.export (non-strict).
+
+What a user means by a model's output: a plain tensor (or a tuple of tensors) is taken as is.
+Models that return an output dict and cache objects (Hugging Face's defaults) are wrapped so that
+the captured program returns one tensor — `logits`, else `last_hidden_state`, else the first tensor
+field — and are called with `use_cache=False`, so no cache object is ever traced. The choice is
+recorded in `program.meta["output"]` and reported.
+
+Dynamic dims: batch and sequence dims (named by the user in `--input int64[batch=1,seq=128]`, or
+guessed for token-id style inputs) are exported as `Dim.AUTO`; torch.export keeps dynamic whatever
+the model allows and specialises the rest. Which dims stayed dynamic is recorded in
+`program.dynamic_shapes`. Size-1 dims would be specialised by export's 0/1 rule, so capture widens
+them to 2 for tracing only; the program still runs at size 1.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Mapping
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+from torch.export import Dim
+
+from .errors import UsageError
+from .program import Program
+
+OUTPUT_PREFERENCE = ("logits", "last_hidden_state", "prediction_logits", "start_logits")
+
+
+class _OutputSelector(nn.Module):
+    """Calls `model` with named inputs and returns only the tensor at `key` of its output.
+
+    The wrapper shares the model's module, parameter and buffer dicts instead of holding the model
+    as a child, so captured module paths and parameter names are the model's own
+    (`transformer.h.0.attn`, not `model.transformer.h.0.attn`).
+    """
+
+    def __init__(self, model: nn.Module, input_names: Sequence[str], key: Any, call_kwargs: dict):
+        super().__init__()
+        object.__setattr__(self, "_inner", model)
+        self._modules = model._modules
+        self._parameters = model._parameters
+        self._buffers = model._buffers
+        self._input_names = list(input_names)
+        self._key = key
+        self._call_kwargs = dict(call_kwargs)
+        self.training = model.training
+
+    def select(self, *args):
+        out = self._inner.forward(**dict(zip(self._input_names, args)), **self._call_kwargs)
+        return _pick(out, self._key)
+
+
+def _output_selector(model, input_names, key, call_kwargs) -> _OutputSelector:
+    # forward() gets the model's own argument names, so the captured graph's placeholders (and
+    # the program's signature) read `input_ids`, `attention_mask`, ... rather than `args_0`.
+    names = [n if n.isidentifier() else f"arg{i}" for i, n in enumerate(input_names)]
+    namespace: dict = {}
+    exec(f"def forward(self, {', '.join(names)}):\n    return self.select({', '.join(names)})\n",
+         namespace)
+    cls = type(f"Captured{type(model).__name__}", (_OutputSelector,), {"forward": namespace["forward"]})
+    return cls(model, input_names, key, call_kwargs)
+
+
+def _pick(out, key):
+    if key is None:
+        return out
+    if isinstance(key, int):
+        return out[key]
+    return out[key] if isinstance(out, Mapping) else getattr(out, key)
+
+
+def _is_tensor_tree(out) -> bool:
+    leaves, _ = torch.utils._pytree.tree_flatten(out)
+    return bool(leaves) and all(isinstance(x, torch.Tensor) for x in leaves) and not isinstance(out, Mapping)
+
+
+def _choose_output(out) -> tuple[Any, str]:
+    """Return (key, description) for the tensor path of `out` a user means."""
+    if isinstance(out, torch.Tensor):
+        return None, "tensor"
+    if isinstance(out, Mapping) or hasattr(out, "keys"):
+        keys = [k for k in out.keys() if isinstance(out[k], torch.Tensor)]
+        for k in OUTPUT_PREFERENCE:
+            if k in keys:
+                return k, k
+        if keys:
+            return keys[0], keys[0]
+        raise UsageError(f"the model's output ({type(out).__name__}) holds no tensor",
+                         "return a tensor, or a dict with a 'logits' or 'last_hidden_state' tensor")
+    if isinstance(out, (tuple, list)):
+        if _is_tensor_tree(out):
+            return None, f"tuple of {len(out)} tensors"
+        for i, x in enumerate(out):
+            if isinstance(x, torch.Tensor):
+                return i, f"output[{i}]"
+    raise UsageError(f"cannot capture a model whose output is {type(out).__name__}",
+                     "make forward() return a tensor or a tuple of tensors")
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def _forward_arg_names(model: nn.Module, n: int) -> list[str]:
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    names = [p.name for p in params[:n]]
+    return names + [f"arg{i}" for i in range(len(names), n)]
+
+
+def guess_dynamic_dims(inputs: Sequence, names: Sequence[str]) -> list[dict[int, str] | None]:
+    """Batch and sequence dims for the usual transformer inputs (token ids, masks, embeddings)."""
+    spec = []
+    for x in inputs:
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            spec.append(None)
+        elif x.dim() == 2 or (x.dim() == 3 and x.is_floating_point()):
+            spec.append({0: "batch", 1: "seq"})
+        else:
+            spec.append({0: "batch"})
+    return spec
+
+
+def _widen(x: torch.Tensor, dims) -> torch.Tensor:
+    for d in dims or {}:
+        if x.shape[d] == 1:
+            x = torch.cat([x, x], dim=d)
+    return x
+
+
+def export_module(module: nn.Module, inputs: tuple, names: Sequence[str], dynamic, *,
+                  strict_dims: bool = False):
+    """torch.export `module` (non-strict) with `dynamic` dims as Dim.AUTO.
+
+    Returns (exported_program, dims that stayed dynamic). The example inputs are widened on size-1
+    dynamic dims for tracing only.
+    """
+    dynamic = list(dynamic) if dynamic else [None] * len(inputs)
+    trace_inputs = tuple(_widen(x, d) if isinstance(x, torch.Tensor) else x
+                         for x, d in zip(inputs, dynamic))
+    shapes = tuple({d: Dim.AUTO for d in spec} if spec else None for spec in dynamic)
+    if any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(module.forward).parameters.values()):
+        shapes = (shapes,)  # forward(*args): the spec of the one varargs tuple
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(module, trace_inputs, dynamic_shapes=shapes, strict=False)
+    kept = []
+    user_inputs = [n for n in ep.graph.nodes if n.op == "placeholder"][-len(inputs):] if inputs else []
+    for node, spec in zip(user_inputs, dynamic):
+        val = node.meta.get("val")
+        if not spec or not isinstance(val, torch.Tensor):
+            kept.append(None)
+            continue
+        dyn = {d: name for d, name in spec.items() if not isinstance(val.shape[d], int)}
+        kept.append(dyn or None)
+    return ep, kept
+
+
+def capture(model: nn.Module, example_inputs: Sequence | Mapping | torch.Tensor, *,
+            input_names: Sequence[str] | None = None, dynamic_shapes=None,
+            meta: dict | None = None) -> Program:
+    """Capture `model` on `example_inputs` as a Program.
+
+    `example_inputs`: a tensor, a tuple of positional tensors, or a dict of named tensors.
+    `dynamic_shapes`: per input `{dim: name}`; default: batch/sequence dims guessed from the inputs.
+
+    >>> prog = capture(model, (torch.randint(0, 100, (1, 16)),))  # doctest: +SKIP
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, Mapping):
+        input_names = list(example_inputs.keys())
+        example_inputs = tuple(example_inputs.values())
+    example_inputs = tuple(example_inputs)
+    if input_names is None:
+        input_names = _forward_arg_names(model, len(example_inputs))
+    input_names = list(input_names)
+    meta = dict(meta or {})
+    model = model.eval()
+
+    call_kwargs = {}
+    for flag, value in (("use_cache", False), ("return_dict", True)):
+        if flag not in input_names and _accepts(model, flag) and hasattr(model, "config"):
+            call_kwargs[flag] = value
+    with torch.no_grad():
+        out = model(**dict(zip(input_names, example_inputs)), **call_kwargs)
+    key, description = _choose_output(out)
+    meta.setdefault("output", description)
+    if hasattr(model, "config") and hasattr(model.config, "to_dict") and "config" not in meta:
+        meta["config"] = _jsonable(model.config.to_dict())
+    meta.setdefault("model_class", f"{type(model).__module__}.{type(model).__qualname__}")
+    module = _output_selector(model, input_names, key, call_kwargs)
+
+    if dynamic_shapes is None:
+        dynamic_shapes = guess_dynamic_dims(example_inputs, input_names)
+    try:
+        ep, kept = export_module(module, example_inputs, input_names, dynamic_shapes)
+    except Exception as first_error:  # noqa: BLE001 - retried static, reported below
+        try:
+            ep, kept = export_module(module, example_inputs, input_names, None)
+        except Exception:
+            raise UsageError(f"torch.export could not capture {type(model).__name__}: "
+                             f"{_first_line(first_error)}",
+                             "check that forward() runs on the example inputs; see torch.export docs") from first_error
+    gm = ep.module()
+    return Program(gm, example_inputs, input_names, kept, meta, [])
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def _jsonable(obj):
+    import json
+
+    try:
+        return json.loads(json.dumps(obj, default=str))
+    except (TypeError, ValueError):
+        return {}

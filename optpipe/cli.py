@@ -1,0 +1,294 @@
+"""The `optpipe` command line (click). Errors are one line plus a hint: exit 2 for bad usage or
+input, 1 for a failed pass, verification or target check. `--json` prints one JSON document on
+stdout and nothing else there; progress and messages go to stderr."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import time
+
+import click
+
+from .errors import OptpipeError, UsageError
+
+EPILOG = "Docs: README.md. Pipeline language: pass{opt=value,...},pass — see `optpipe passes`."
+
+
+class Progress:
+    """Steps on stderr: a spinner while running (on a terminal), a line for steps over a second."""
+
+    def __init__(self, quiet: bool = False):
+        from rich.console import Console
+
+        self.console = Console(stderr=True, highlight=False)
+        self.quiet = quiet
+
+    @contextlib.contextmanager
+    def __call__(self, label: str):
+        start = time.perf_counter()
+        if self.quiet:
+            yield _Status(None)
+            return
+        with self.console.status(label) as status:
+            yield _Status(status)
+        seconds = time.perf_counter() - start
+        if seconds > 1.0:
+            self.console.print(f"[green]✓[/] {label} [dim]({seconds:.1f}s)[/]")
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text)
+
+
+class _Status:
+    def __init__(self, status):
+        self.status = status
+
+    def update(self, label: str) -> None:
+        if self.status is not None:
+            self.status.update(label)
+
+
+def _fail(e: OptpipeError):
+    click.echo(f"optpipe: error: {e.one_line()}", err=True)
+    sys.exit(e.exit_code)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OptpipeError as e:
+            _fail(e)
+        except KeyboardInterrupt:
+            click.echo("optpipe: interrupted; nothing was written", err=True)
+            sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as e:  # a bug: still one line, with a way to see more
+            if os.environ.get("OPTPIPE_DEBUG"):
+                raise
+            click.echo(f"optpipe: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                       "(hint: rerun with OPTPIPE_DEBUG=1 for the traceback)", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="optpipe")
+def main():
+    """optpipe: capture a PyTorch model, rewrite it with verified passes, lower it to a target."""
+
+
+def _model_options(f):
+    f = click.option("--input", "inputs", multiple=True, metavar="SPEC",
+                     help="Example input, e.g. input_ids:int64[batch=1,seq=128] (repeatable; a named dim is dynamic).")(f)
+    f = click.option("--arch", metavar="SPEC", help="Model factory (file.py:fn) for a .pt/.safetensors state dict.")(f)
+    f = click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled module (runs arbitrary code).")(f)
+    return f
+
+
+def _load(model: str, inputs, arch, trust_pickle):
+    from .inputs import parse_input_spec
+    from .loading import load_model
+
+    specs = [parse_input_spec(s) for s in inputs] or None
+    return load_model(model, inputs=specs, arch=arch, trust_pickle=trust_pickle)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--target", "-t", default="cpu", show_default=True, help="cpu, cuda (more in `optpipe targets`).")
+@click.option("--pipeline", "-p", metavar="S", help="Pipeline, e.g. fuse-attention,dce")
+@click.option("--preset", metavar="NAME", help="A named pipeline (see `optpipe passes`).")
+@click.option("--recipe", metavar="FILE", type=click.Path(dir_okay=False), help="TOML recipe file.")
+@_model_options
+@click.option("-o", "--out", required=True, metavar="OUT", help="Output folder (written atomically).")
+@click.option("--dump-ir", metavar="DIR", help="Write NNN_<pass>.before.py/.after.py/.diff for every pass.")
+@click.option("--print-ir-after-change", is_flag=True, help="Print the graph after every pass that changed it.")
+@click.option("--no-verify", is_flag=True, help="Skip numerical verification after each pass.")
+@click.option("--budget", multiple=True, metavar="K=V", help="Quality budget for lossy passes: sqnr=DB, cosine=X, top1=X.")
+@click.option("--mode", type=click.Choice(["auto", "eager", "compile"]), default="auto", show_default=True,
+              help="torch targets: eager, torch.compile, or whichever is faster.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT that optpipe did not write.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json on stdout.")
+def optimize(model, target, pipeline, preset, recipe, inputs, arch, trust_pickle, out, dump_ir,
+             print_ir_after_change, no_verify, budget, mode, force, as_json):
+    """Optimize MODEL with a pipeline of verified passes for a target; write OUT."""
+    from .instruments import DumpIR, PassTiming, PrintAfterChange
+    from .optimize import optimize as run_optimize, resolve_pipeline
+    from .outdir import check_writable
+    from .verify import Budget
+
+    check_writable(out, force)  # before any work
+    text, extras = resolve_pipeline(pipeline, preset, recipe)
+    if extras.get("target") and target == "cpu" and click.get_current_context().get_parameter_source(
+            "target").name == "DEFAULT":
+        target = extras["target"]
+    budget_obj = Budget.parse(budget) if budget else (Budget(**extras["budget"]) if extras.get("budget") else None)
+    progress = Progress(quiet=False)
+    instruments = [PassTiming(sys.stderr)] if not as_json else []
+    if dump_ir:
+        instruments.append(DumpIR(dump_ir))
+    if print_ir_after_change:
+        instruments.append(PrintAfterChange(sys.stderr))
+    with progress(f"load {model}"):
+        program = _load(model, inputs, arch, trust_pickle)
+    progress.say(f"captured output: {program.meta.get('output', 'tensor')}; dynamic dims: "
+                 f"{_dims_text(program)}")
+    res = run_optimize(program, pipeline=text, target=target, verify=not no_verify, budget=budget_obj,
+                       instruments=instruments, target_options={"mode": mode}, progress=progress)
+    with progress(f"write {out}"):
+        res.save(out, force=force, dump_ir=dump_ir)
+    if as_json:
+        click.echo(json.dumps(res.report, default=str))
+    else:
+        r = res.report
+        progress.say(f"[bold]wrote {out}[/]: pipeline {r['pipeline']} → {target} "
+                     f"({r['target_info'].get('mode', '')}); params {r['model']['params_before']:,} → "
+                     f"{r['model']['params_after']:,}; target check max-abs {r['target_check']['max_abs']:.2e}")
+
+
+def _dims_text(program) -> str:
+    parts = []
+    for name, spec in zip(program.input_names, program.dynamic_shapes or []):
+        if spec:
+            parts.append(f"{name}[{', '.join(f'{d}:{n}' for d, n in sorted(spec.items()))}]")
+    return ", ".join(parts) or "none (static shapes)"
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def passes(name, as_json):
+    """List passes, or describe pass NAME (options, defaults, help)."""
+    from .presets import PRESETS
+    from .registry import all_passes, get_pass
+
+    if name:
+        info = get_pass(name)
+        data = {"name": info.name, "exact": info.exact, "summary": info.summary, "doc": info.doc,
+                "module": info.module, "options": info.options()}
+        if as_json:
+            click.echo(json.dumps(data, default=str))
+            return
+        click.echo(f"{info.name}  ({'exact' if info.exact else 'lossy'})  [{info.module}]\n")
+        click.echo(info.doc or info.summary)
+        click.echo("\noptions:" if data["options"] else "\noptions: none")
+        for o in data["options"]:
+            click.echo(f"  {o['name']:<18} {o['type']:<14} default {o['default']!s:<10} {o['help']}")
+        return
+    infos = all_passes()
+    if as_json:
+        click.echo(json.dumps({"passes": [{"name": i.name, "exact": i.exact, "summary": i.summary} for i in infos],
+                               "presets": {k: v[0] for k, v in PRESETS.items()}}))
+        return
+    click.echo("passes:")
+    for i in infos:
+        click.echo(f"  {i.name:<18} {'exact' if i.exact else 'lossy':<6} {i.summary}")
+    click.echo("\npresets:")
+    for k, (pipe, desc) in PRESETS.items():
+        click.echo(f"  {k:<18} {pipe}  — {desc}")
+
+
+@main.command()
+@click.argument("model")
+@_model_options
+@click.option("--json", "as_json", is_flag=True)
+def inspect(model, inputs, arch, trust_pickle, as_json):
+    """Ops, parameters, attention sites, FLOPs and memory per module of MODEL."""
+    from .inspection import format_inspect, inspect_program
+
+    program = _load(model, inputs, arch, trust_pickle)
+    data = inspect_program(program)
+    click.echo(json.dumps(data, default=str) if as_json else format_inspect(data))
+
+
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@_model_options
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--html", "html_path", metavar="FILE", help="Write a self-contained HTML page of the diff.")
+def diff(a, b, inputs, arch, trust_pickle, as_json, html_path):
+    """Semantic graph diff of two models / programs / OUT folders, keyed by module path."""
+    from .diff import diff_programs
+    from .outdir import write_text_atomic
+
+    pa = _load(a, inputs, arch, trust_pickle)
+    pb = _load(b, inputs, arch, trust_pickle)
+    d = diff_programs(pa, pb)
+    if html_path:
+        write_text_atomic(html_path, d.to_html())
+    click.echo(json.dumps(d.to_dict(), default=str) if as_json else d.to_text())
+
+
+@main.command()
+@click.argument("out")
+@click.option("--input", "inputs", multiple=True, metavar="SPEC",
+              help="name=@file.pt, name=[[1,2,3]] (JSON), or name:dtype[dims] for random values.")
+@click.option("--json", "as_json", is_flag=True)
+def run(out, inputs, as_json):
+    """Run the artifact in OUT on its target."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    from .program import load_program
+    from .registry import get_target
+
+    if not os.path.isfile(os.path.join(out, "program.pt2")):
+        raise UsageError(f"{out} is not an optpipe OUT folder (no program.pt2)", "run `optpipe optimize ... -o OUT` first")
+    target = "cpu"
+    tpath = os.path.join(out, "target.json")
+    if os.path.isfile(tpath):
+        with open(tpath) as f:
+            target = json.load(f).get("target", "cpu")
+    program = load_program(os.path.join(out, "program.pt2"))
+    args = _run_inputs(program, inputs)
+    tgt = get_target(target)
+    compiled = tgt.load(out, program)
+    start = time.perf_counter()
+    with torch.no_grad():
+        result = compiled(*tgt.prepare_inputs(args))
+    seconds = time.perf_counter() - start
+    leaves = [t.detach().cpu() for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor)]
+    if as_json:
+        click.echo(json.dumps({"outputs": [_tensor_json(t) for t in leaves], "seconds": round(seconds, 6)}))
+    else:
+        for i, t in enumerate(leaves):
+            click.echo(f"output[{i}]: {str(t.dtype).replace('torch.', '')}{list(t.shape)}  "
+                       f"mean {t.float().mean():.6g}  first {t.flatten()[:5].tolist()}")
+        click.echo(f"ran on {target} in {seconds * 1000:.1f} ms", err=True)
+
+
+def _run_inputs(program, specs) -> tuple:
+    from .inputs import make_example_inputs, parse_input_spec, parse_input_value
+
+    given = {}
+    for text in specs:
+        if "=" in text.split(":", 1)[0] or ("=" in text and ":" not in text.split("=", 1)[0]):
+            name, value = parse_input_value(text)
+            given[name] = value
+        else:
+            spec = parse_input_spec(text)
+            cfg = program.meta.get("config") or {}
+            given.update(make_example_inputs([spec], vocab_size=cfg.get("vocab_size")))
+    unknown = set(given) - set(program.input_names)
+    if unknown:
+        raise UsageError(f"unknown input {sorted(unknown)[0]!r}", f"the program takes: {', '.join(program.input_names)}")
+    return tuple(given.get(n, x) for n, x in zip(program.input_names, program.example_inputs))
+
+
+def _tensor_json(t):
+    import torch
+
+    if t.numel() <= 4096:
+        return t.tolist()
+    return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
+            "sha256": hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Errors that reach the user as one clear line, with an exit code.
+
+`UsageError` (exit 2) is bad input: a file that is missing or malformed, a bad option, a pipeline
+that does not parse. `PassError` (exit 1) is a pass that failed or a verification that did not hold.
+Both carry a short `hint` that the CLI prints after the message.
+"""
+from __future__ import annotations
+
+
+class OptpipeError(Exception):
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        text = self.message.replace("\n", " ").strip()
+        return f"{text} (hint: {self.hint})" if self.hint else text
+
+
+class UsageError(OptpipeError):
+    """Bad input from the user: exit code 2."""
+
+    exit_code = 2
+
+
+class PassError(OptpipeError):
+    """A pass failed, or its verification did not hold: exit code 1."""
+
+    exit_code = 1
+
+
+class VerificationError(PassError):
+    """The program after a pass does not match the program before it within budget."""
+
+
+class TargetError(OptpipeError):
+    """A target cannot take the program, or its output does not match the torch program."""
+
+    exit_code = 1

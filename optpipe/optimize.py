@@ -1,0 +1,211 @@
+"""`optimize`: capture → verified passes → target, with a report. The CLI's `optimize` and the
+Python API both go through here.
+
+    res = optpipe.optimize(model, (ids,), pipeline="fuse-attention,dce", target="cpu")
+    res.save("OUT")
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+
+from . import __version__
+from .errors import TargetError, UsageError
+from .outdir import atomic_folder
+from .pipeline import PassRecord, Pipeline
+from .presets import load_recipe, preset_pipeline
+from .program import Program
+from .registry import get_target
+from .verify import Budget, compare, run_outputs, verification_inputs
+
+
+@dataclass
+class OptimizeResult:
+    program: Program
+    original: Program
+    records: list[PassRecord]
+    report: dict
+    target: Any = None
+    compiled: Any = None
+    diffs: list = field(default_factory=list)
+
+    def save(self, out: str, *, force: bool = False, dump_ir: str | None = None) -> str:
+        """Write the OUT folder atomically: program.pt2, artifact, pipeline.txt, report.json/.html."""
+        from .report import render_report_html
+
+        with atomic_folder(out, force=force) as tmp:
+            self.program.save(os.path.join(tmp, "program.pt2"))
+            if self.target is not None and self.compiled is not None:
+                self.target.save(self.compiled, tmp)
+            with open(os.path.join(tmp, "pipeline.txt"), "w") as f:
+                f.write(self.report["pipeline"] + "\n")
+            with open(os.path.join(tmp, "target.json"), "w") as f:
+                json.dump({"target": self.report["target"], "info": self.report.get("target_info", {})}, f,
+                          indent=2)
+            with open(os.path.join(tmp, "report.json"), "w") as f:
+                json.dump(self.report, f, indent=2, default=str)
+            with open(os.path.join(tmp, "report.html"), "w") as f:
+                f.write(render_report_html(self.report, self.diffs))
+            if dump_ir and os.path.isdir(dump_ir):
+                shutil.copytree(dump_ir, os.path.join(tmp, "ir"))
+        return out
+
+
+def resolve_pipeline(pipeline: str | None, preset: str | None, recipe: str | None) -> tuple[str, dict]:
+    """The pipeline string from exactly one of --pipeline / --preset / --recipe (+ recipe extras)."""
+    given = [x for x in (pipeline, preset, recipe) if x]
+    if len(given) > 1:
+        raise UsageError("give only one of --pipeline, --preset and --recipe", "they all choose the passes")
+    if recipe:
+        data = load_recipe(recipe)
+        return data["pipeline"], data
+    if preset:
+        return preset_pipeline(preset), {}
+    if pipeline is None:
+        raise UsageError("no passes given", "use --pipeline S, --preset NAME or --recipe FILE "
+                         "(e.g. --pipeline fuse-attention,dce)")
+    return pipeline, {}
+
+
+def optimize(model_or_program, example_inputs=None, pipeline: str | Pipeline | None = None, *,
+             target: str = "cpu", preset: str | None = None, recipe: str | None = None,
+             verify: bool = True, budget: Budget | dict | None = None, instruments: Sequence = (),
+             target_options: dict | None = None, diffs: bool = True, progress=None) -> OptimizeResult:
+    """Capture (if needed), run the verified pipeline, compile for `target` and check parity.
+
+    `model_or_program`: an nn.Module (with `example_inputs`), a Program, or a MODEL path/spec.
+    """
+    from .analysis import analyze
+
+    step = progress or _NoProgress()
+    if isinstance(pipeline, Pipeline):
+        pipe = pipeline
+    else:
+        text, extras = resolve_pipeline(pipeline, preset, recipe)
+        if extras.get("budget") and budget is None:
+            budget = extras["budget"]
+        with step("parse pipeline"):
+            pipe = Pipeline.parse(text)
+    if isinstance(budget, dict):
+        budget = Budget(**{k: float(v) for k, v in budget.items()})
+    tgt = get_target(target)
+
+    program = _as_program(model_or_program, example_inputs, step)
+    unsupported_early = tgt.check(program)  # fails fast on e.g. a missing GPU
+
+    before_costs = analyze(program)
+    records: list[PassRecord] = []
+    with step(f"run {len(pipe)} pass(es)") as s:
+        def on_pass(i, spec):
+            s.update(f"pass {i + 1}/{len(pipe)}: {spec}")
+        optimized, records = pipe.run(program, verify=verify, budget=budget, instruments=instruments,
+                                      keep_before=diffs, on_pass=on_pass)
+    after_costs = analyze(optimized)
+
+    unsupported = unsupported_early + [u for u in tgt.check(optimized) if u not in unsupported_early]
+    if unsupported:
+        listing = "; ".join(str(u) for u in unsupported[:10])
+        more = f" and {len(unsupported) - 10} more" if len(unsupported) > 10 else ""
+        raise TargetError(f"target {target} cannot take {len(unsupported)} node(s): {listing}{more}",
+                          "choose another target or drop the pass that introduced them")
+    with step(f"compile for {target}"):
+        compiled = tgt.compile(optimized, **(target_options or {}))
+    with step(f"check {target} against the torch program"):
+        target_check = check_target(tgt, compiled, optimized)
+    if not target_check["ok"]:
+        raise TargetError(f"target {target} output differs from the torch program: max-abs "
+                          f"{target_check['max_abs']:.3g}", "report this with the OUT folder's report.json")
+
+    pass_diffs = []
+    if diffs:
+        from .diff import diff_programs
+
+        for r in records:
+            pass_diffs.append(diff_programs(r.before, _next_program(records, r, optimized)) if r.modified else None)
+            r.before = None
+    report = {
+        "optpipe_version": __version__,
+        "pipeline": str(pipe),
+        "target": target,
+        "model": {
+            "params_before": before_costs.params, "params_after": after_costs.params,
+            "flops_before": before_costs.flops, "flops_after": after_costs.flops,
+            "output": program.meta.get("output"), "class": program.meta.get("model_class"),
+            "source": program.meta.get("source"),
+        },
+        "capture": {"input_names": program.input_names,
+                    "inputs": [_describe(x) for x in program.example_inputs],
+                    "dynamic_shapes": program.dynamic_shapes},
+        "passes": [r.to_dict() for r in records],
+        "target_info": compiled.info,
+        "target_check": target_check,
+    }
+    return OptimizeResult(optimized, program, records, report, tgt, compiled, pass_diffs)
+
+
+def _next_program(records, record, final):
+    i = records.index(record)
+    for later in records[i + 1:]:
+        if later.before is not None:
+            return later.before
+    return final
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{str(x.dtype).replace('torch.', '')}{list(x.shape)}"
+    return repr(x)
+
+
+def check_target(tgt, compiled, program: Program) -> dict:
+    """Compare the target's outputs with the torch program on the example inputs and at a second
+    sequence length."""
+    inputs = verification_inputs(program, extra=0)
+    reference = run_outputs(program.gm, inputs)
+    actual = []
+    with torch.no_grad():
+        for inp in inputs:
+            out = compiled(*tgt.prepare_inputs(inp))
+            actual.append([t.detach().cpu() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)])
+    m = compare(reference, actual)
+    tol = 1e-4 * max(1.0, getattr(m, "ref_max", 1.0))
+    return {"ok": bool(m.ok and m.max_abs is not None and m.max_abs <= tol), "max_abs": m.max_abs,
+            "cosine": m.cosine, "inputs": len(inputs), "tolerance": tol}
+
+
+def _as_program(obj, example_inputs, step) -> Program:
+    from .capture import capture
+
+    if isinstance(obj, Program):
+        return obj
+    if isinstance(obj, torch.nn.Module):
+        if example_inputs is None:
+            raise UsageError("optimize(model) needs example_inputs", "pass a tuple or dict of tensors")
+        with step("capture with torch.export"):
+            return capture(obj, example_inputs)
+    if isinstance(obj, (str, os.PathLike)):
+        from .loading import load_model
+
+        with step(f"load {obj}"):
+            return load_model(os.fspath(obj), inputs=example_inputs)
+    raise UsageError(f"cannot optimize a {type(obj).__name__}", "give an nn.Module, a Program or a path")
+
+
+class _NoProgress:
+    def __call__(self, label):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, label):
+        pass

@@ -1,0 +1,122 @@
+"""`Program`: the IR that passes rewrite.
+
+A Program is an unlifted `torch.fx.GraphModule` (from `torch.export(...).module()`: parameters are
+attributes, so passes can add, replace or shrink weights and the result is an ordinary trainable
+`nn.Module`) together with what is needed to run, verify, re-export and describe it: example inputs,
+the dynamic-shape spec, source metadata and the history of passes applied.
+
+`Program.save(path)` writes a real torch.export archive; `torch.export.load(path).module()` runs it
+once `import optpipe` has registered optpipe's ops. optpipe's own metadata rides along as an extra
+file inside the archive (`optpipe.json`).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+META_FILE = "optpipe.json"
+
+
+@dataclass
+class Program:
+    gm: torch.fx.GraphModule
+    example_inputs: tuple
+    input_names: list[str]
+    dynamic_shapes: Any = None
+    """Per-input dict {dim: name} of the dims captured as dynamic (None: all static)."""
+    meta: dict = field(default_factory=dict)
+    """Source metadata: "source", "config" (HF config dict), "tokenizer", "output" (which tensor path
+    of the model's output was captured), "vocab_size", ... JSON-serialisable."""
+    history: list[str] = field(default_factory=list)
+    """Canonical pipeline elements applied so far, in order."""
+
+    # -- running -------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        return self.gm(*args, **kwargs)
+
+    def run(self, inputs: tuple | None = None):
+        with torch.no_grad():
+            return self.gm(*(self.example_inputs if inputs is None else inputs))
+
+    @property
+    def pipeline(self) -> str:
+        return ",".join(self.history)
+
+    def copy(self) -> "Program":
+        """A copy whose graph can be rewritten without touching this one. Parameters are shared
+        (passes replace weights rather than mutate them in place), so this is cheap."""
+        gm = self.gm
+        new_gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+        for attr in ("_in_spec", "_out_spec", "meta"):
+            if hasattr(gm, attr):
+                setattr(new_gm, attr, copy.copy(getattr(gm, attr)))
+        return Program(new_gm, self.example_inputs, list(self.input_names), self.dynamic_shapes,
+                       copy.deepcopy(self.meta), list(self.history))
+
+    def num_params(self) -> int:
+        seen, total = set(), 0
+        for t in list(self.gm.parameters()) + list(self.gm.buffers()):
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel()
+        return total
+
+    # -- export ----------------------------------------------------------------------------------
+    def export(self) -> torch.export.ExportedProgram:
+        """Re-export the (rewritten) graph as an ExportedProgram with the same dynamic dims."""
+        from .capture import export_module  # capture imports program
+
+        ep, _ = export_module(self.gm, self.example_inputs, self.input_names, self.dynamic_shapes,
+                              strict_dims=True)
+        return ep
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write `path` (a .pt2 torch.export archive) atomically."""
+        path = os.fspath(path)
+        ep = self.export()
+        meta = {
+            "format": "optpipe-program/1",
+            "input_names": self.input_names,
+            "dynamic_shapes": self.dynamic_shapes,
+            "meta": self.meta,
+            "history": self.history,
+        }
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".program-", suffix=".pt2", dir=directory)
+        os.close(fd)
+        try:
+            torch.export.save(ep, tmp, extra_files={META_FILE: json.dumps(meta)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    @classmethod
+    def from_exported(cls, ep: torch.export.ExportedProgram, meta_json: str | None = None) -> "Program":
+        info = json.loads(meta_json) if meta_json else {}
+        args, kwargs = ep.example_inputs or ((), {})
+        if kwargs:
+            names = list(info.get("input_names") or [])
+            args = tuple(args) + tuple(kwargs[k] for k in names[len(args):] if k in kwargs)
+        sig_names = [s.arg.name for s in ep.graph_signature.input_specs
+                     if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+        input_names = info.get("input_names") or sig_names
+        dyn = info.get("dynamic_shapes")
+        if dyn is not None:
+            dyn = [{int(k): v for k, v in d.items()} if d else None for d in dyn]
+        return cls(ep.module(), tuple(args), list(input_names), dyn, info.get("meta", {}),
+                   list(info.get("history", [])))
+
+
+def load_program(path: str | os.PathLike) -> Program:
+    """Load a Program saved by `Program.save` (or any torch.export archive)."""
+    extra = {META_FILE: ""}
+    ep = torch.export.load(os.fspath(path), extra_files=extra)
+    return Program.from_exported(ep, extra[META_FILE] or None)

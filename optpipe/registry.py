@@ -1,0 +1,147 @@
+"""Registries: passes (by kebab-case name), targets, presets.
+
+A pass is a function `(program, config) -> PassResult` registered with `@register_pass(name,
+Config, exact=...)`. It rewrites `program.gm` in place and reports what it did in counted stats.
+Configs are frozen dataclasses; each field's help text is `field(metadata={"help": ...})`.
+
+The core imports pass and target modules only through these tables (built-ins by module path,
+third-party ones through the `optpipe.passes` / `optpipe.targets` entry-point groups), so heavy
+backends load only when used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import importlib.metadata
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import UsageError
+
+# Built-in pass families: pass name -> module that registers it (imported on first use).
+BUILTIN_PASSES: dict[str, str] = {
+    "fuse-attention": "optpipe.passes.fuse_attention",
+    "dce": "optpipe.passes.cleanup",
+    "cse": "optpipe.passes.cleanup",
+}
+BUILTIN_TARGETS: dict[str, str] = {
+    "cpu": "optpipe.targets.torch_backend",
+    "cuda": "optpipe.targets.torch_backend",
+}
+
+
+@dataclass
+class PassResult:
+    """What a pass did. `modified` is True only when the graph actually changed."""
+
+    modified: bool
+    stats: dict[str, int] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    """JSON-serialisable extras for the report (e.g. per-module-path decisions)."""
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    name: str
+    fn: Callable
+    config_cls: type
+    exact: bool
+    summary: str
+    doc: str
+    module: str
+
+    def options(self) -> list[dict]:
+        """Documented options: name (kebab-case), type, default, help."""
+        rows = []
+        for f in dataclasses.fields(self.config_cls):
+            if not f.init:
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            rows.append({"name": f.name.replace("_", "-"), "type": _type_name(f.type),
+                         "default": default, "help": f.metadata.get("help", "")})
+        return rows
+
+
+def _type_name(tp) -> str:
+    return tp if isinstance(tp, str) else getattr(tp, "__name__", str(tp))
+
+
+_PASSES: dict[str, PassInfo] = {}
+_TARGETS: dict[str, Any] = {}
+_PLUGINS_LOADED = False
+
+
+def register_pass(name: str, config: type, *, exact: bool, summary: str | None = None):
+    """Decorator registering `fn(program, config) -> PassResult` as pass `name`."""
+    if not dataclasses.is_dataclass(config) or not config.__dataclass_params__.frozen:
+        raise TypeError(f"pass {name!r}: config {config.__name__} must be a frozen dataclass")
+
+    def wrap(fn):
+        doc = (fn.__doc__ or "").strip()
+        _PASSES[name] = PassInfo(name, fn, config, exact, summary or doc.split("\n")[0], doc,
+                                 fn.__module__)
+        return fn
+
+    return wrap
+
+
+def register_target(name: str, target_cls):
+    _TARGETS[name] = target_cls
+    return target_cls
+
+
+def _load_plugins() -> None:
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    for group in ("optpipe.passes", "optpipe.targets"):
+        for ep in importlib.metadata.entry_points(group=group):
+            try:
+                ep.load()
+            except Exception as e:  # a broken plugin must not take the tool down
+                import warnings
+
+                warnings.warn(f"optpipe: plugin {ep.name!r} ({ep.value}) failed to load: {e}")
+
+
+def pass_names() -> list[str]:
+    _load_plugins()
+    return sorted(set(BUILTIN_PASSES) | set(_PASSES))
+
+
+def get_pass(name: str) -> PassInfo:
+    if name not in _PASSES and name in BUILTIN_PASSES:
+        importlib.import_module(BUILTIN_PASSES[name])
+    if name not in _PASSES:
+        _load_plugins()
+    if name not in _PASSES:
+        raise UsageError(f"unknown pass {name!r}", suggest(name, pass_names(), "passes"))
+    return _PASSES[name]
+
+
+def all_passes() -> list[PassInfo]:
+    return [get_pass(n) for n in pass_names()]
+
+
+def target_names() -> list[str]:
+    _load_plugins()
+    return sorted(set(BUILTIN_TARGETS) | set(_TARGETS))
+
+
+def get_target(name: str):
+    if name not in _TARGETS and name in BUILTIN_TARGETS:
+        importlib.import_module(BUILTIN_TARGETS[name])
+    if name not in _TARGETS:
+        _load_plugins()
+    if name not in _TARGETS:
+        raise UsageError(f"unknown target {name!r}", suggest(name, target_names(), "targets"))
+    return _TARGETS[name]()
+
+
+def suggest(name: str, choices, what: str) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    listing = ", ".join(sorted(choices))
+    return f"did you mean {close[0]!r}? {what}: {listing}" if close else f"{what}: {listing}"

@@ -1,0 +1,224 @@
+"""Numerical verification of a program against the program before a pass.
+
+Inputs: the example inputs, one random in-distribution input of the same shape and, when the
+program has a dynamic sequence dim, one at a different sequence length (so a pass that breaks
+dynamic shapes is caught at once). Outputs of the program before the pass are computed once and
+reused as the reference for the next pass.
+
+Exact passes must match within dtype tolerance. Lossy passes are measured — max-abs error, SQNR
+(dB), cosine similarity, top-1 agreement of logits-like outputs — and must stay within a budget.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+import torch.utils._pytree as pytree
+
+SQNR_CAP_DB = 200.0  # reported for a bit-exact match (the ratio is infinite)
+
+# (atol, rtol) for exact passes, scaled by the reference magnitude: rewrites such as SDPA fusion
+# reorder float reductions, so "exact" means equal up to rounding, not bit-identical.
+EXACT_TOLERANCE = {
+    torch.float64: (1e-9, 1e-7),
+    torch.float32: (1e-5, 1e-4),
+    torch.float16: (1e-3, 1e-2),
+    torch.bfloat16: (1e-2, 5e-2),
+}
+
+
+@dataclass
+class Budget:
+    """Minimum quality a lossy pass must keep (None: not checked)."""
+
+    sqnr: float | None = None
+    cosine: float | None = None
+    top1: float | None = None
+
+    @classmethod
+    def parse(cls, items: Sequence[str]) -> "Budget":
+        from .errors import UsageError
+
+        values = {}
+        for item in items:
+            for part in item.split(","):
+                key, _, raw = part.partition("=")
+                key = key.strip().replace("-", "_")
+                if key not in ("sqnr", "cosine", "top1") or not raw:
+                    raise UsageError(f"bad --budget {part!r}", "use sqnr=DB, cosine=X or top1=X, e.g. --budget sqnr=20")
+                try:
+                    values[key] = float(raw)
+                except ValueError:
+                    raise UsageError(f"bad --budget value {raw!r}", "a number, e.g. --budget sqnr=20") from None
+        return cls(**values)
+
+    def merged(self, other: "Budget | None") -> "Budget":
+        if other is None:
+            return self
+        return Budget(*(o if o is not None else s for s, o in
+                        zip((self.sqnr, self.cosine, self.top1), (other.sqnr, other.cosine, other.top1))))
+
+    def violations(self, m: "Metrics") -> list[str]:
+        out = []
+        if self.sqnr is not None and (m.sqnr_db is None or m.sqnr_db < self.sqnr):
+            out.append(f"SQNR {m.sqnr_db:.1f} dB < {self.sqnr:g}" if m.sqnr_db is not None else "SQNR undefined")
+        if self.cosine is not None and (m.cosine is None or m.cosine < self.cosine):
+            out.append(f"cosine {m.cosine:.4f} < {self.cosine:g}" if m.cosine is not None else "cosine undefined")
+        if self.top1 is not None and m.top1_agreement is not None and m.top1_agreement < self.top1:
+            out.append(f"top-1 agreement {m.top1_agreement:.3f} < {self.top1:g}")
+        return out
+
+
+@dataclass
+class Metrics:
+    max_abs: float | None
+    sqnr_db: float | None
+    cosine: float | None
+    top1_agreement: float | None
+    ok: bool = True
+    tolerance: float | None = None
+    inputs: int = 0
+    note: str | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None or k in
+                ("max_abs", "sqnr_db", "cosine", "top1_agreement", "ok")}
+
+
+def verification_inputs(program, *, seed: int = 0, extra: int = 1) -> list[tuple]:
+    """Example inputs plus random in-distribution ones (same shape, and another sequence length)."""
+    g = torch.Generator().manual_seed(seed)
+    base = tuple(program.example_inputs)
+    sets = [base]
+    vocab = _vocab_size(program)
+    for _ in range(extra):
+        sets.append(tuple(_like(x, name, g, vocab) for x, name in _named(program, base)))
+    seq_dims = _seq_dims(program)
+    if seq_dims:
+        lengths = {base[i].shape[d] for i, d in seq_dims}
+        length = max(lengths)
+        new_len = length - max(1, length // 4) if length > 2 else length + 1
+        resized = list(base)
+        for i, d in seq_dims:
+            resized[i] = _resize(base[i], d, new_len)
+        sets.append(tuple(_like(x, name, g, vocab) for x, name in _named(program, tuple(resized))))
+    return sets
+
+
+def _named(program, inputs):
+    names = list(program.input_names) + [f"arg{i}" for i in range(len(program.input_names), len(inputs))]
+    return zip(inputs, names)
+
+
+def _vocab_size(program) -> int | None:
+    cfg = program.meta.get("config") or {}
+    return cfg.get("vocab_size") or program.meta.get("vocab_size")
+
+
+def _seq_dims(program) -> list[tuple[int, int]]:
+    out = []
+    for i, spec in enumerate(program.dynamic_shapes or []):
+        for d, name in (spec or {}).items():
+            if name in ("seq", "sequence", "seq_len", "tokens") or (d == 1 and name != "batch"):
+                out.append((i, int(d)))
+    return out
+
+
+def _resize(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    if x.shape[dim] >= length:
+        return x.narrow(dim, 0, length).clone()
+    reps = [1] * x.dim()
+    reps[dim] = -(-length // x.shape[dim])
+    return x.repeat(*reps).narrow(dim, 0, length).clone()
+
+
+def _like(x, name: str, g: torch.Generator, vocab: int | None):
+    if not isinstance(x, torch.Tensor):
+        return x
+    if x.dtype == torch.bool or "mask" in name.lower():
+        # A padding mask: keep every row attending to something (an all-masked row is NaN in eager
+        # attention and a defined value in fused kernels; neither is "in distribution").
+        mask = torch.ones_like(x)
+        if x.dim() >= 2 and x.shape[-1] > 2:
+            pad = torch.randint(0, x.shape[-1] // 2, (x.shape[0],), generator=g)
+            for row, p in enumerate(pad.tolist()):
+                if p:
+                    mask[row, ..., -p:] = 0
+        return mask
+    if not x.is_floating_point():
+        if "type" in name.lower() or "position" in name.lower():
+            return x.clone()
+        high = vocab or int(x.max().item()) + 1 if x.numel() else 2
+        low = int(x.min().item()) if x.numel() and not vocab else 0
+        return torch.randint(low, max(high, low + 1), x.shape, generator=g, dtype=x.dtype)
+    std = float(x.float().std()) if x.numel() > 1 else 1.0
+    mean = float(x.float().mean()) if x.numel() else 0.0
+    return (torch.randn(x.shape, generator=g) * (std or 1.0) + mean).to(x.dtype)
+
+
+def run_outputs(gm, input_sets: list[tuple]) -> list[list[torch.Tensor]]:
+    outs = []
+    with torch.no_grad():
+        for inputs in input_sets:
+            leaves = pytree.tree_leaves(gm(*inputs))
+            outs.append([t.detach() for t in leaves if isinstance(t, torch.Tensor)])
+    return outs
+
+
+def compare(reference: list[list[torch.Tensor]], actual: list[list[torch.Tensor]]) -> Metrics:
+    """Quality of `actual` against `reference` over all outputs of all input sets."""
+    max_abs, sig, err, dot, na, nb = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    agree = total = 0
+    ref_max = 0.0
+    for refs, acts in zip(reference, actual):
+        if len(refs) != len(acts):
+            return Metrics(None, None, None, None, ok=False, note="number of outputs changed")
+        for r, a in zip(refs, acts):
+            if r.shape != a.shape:
+                return Metrics(None, None, None, None, ok=False,
+                               note=f"output shape changed {tuple(r.shape)} -> {tuple(a.shape)}")
+            if not r.is_floating_point():
+                mismatch = float((r != a).sum())
+                max_abs = max(max_abs, float(mismatch > 0))
+                continue
+            r64, a64 = r.double(), a.double()
+            if torch.isnan(r64).ne(torch.isnan(a64)).any():
+                return Metrics(math.inf, None, None, None, ok=False, note="NaN pattern changed")
+            finite = torch.isfinite(r64) & torch.isfinite(a64)
+            r64, a64 = r64[finite], a64[finite]
+            diff = (a64 - r64)
+            if diff.numel():
+                max_abs = max(max_abs, float(diff.abs().max()))
+                ref_max = max(ref_max, float(r64.abs().max()))
+            sig += float((r64 * r64).sum())
+            err += float((diff * diff).sum())
+            dot += float((r64 * a64).sum())
+            na += float((r64 * r64).sum())
+            nb += float((a64 * a64).sum())
+            if r.dim() >= 2 and r.shape[-1] > 1:
+                agree += int((r.argmax(-1) == a.argmax(-1)).sum())
+                total += r.argmax(-1).numel()
+    sqnr = SQNR_CAP_DB if err == 0 else (10 * math.log10(sig / err) if sig > 0 else -math.inf)
+    cosine = 1.0 if na == 0 and nb == 0 else (dot / math.sqrt(na * nb) if na > 0 and nb > 0 else 0.0)
+    m = Metrics(max_abs, round(min(sqnr, SQNR_CAP_DB), 3), round(cosine, 8),
+                agree / total if total else None, inputs=len(reference))
+    m.ref_max = ref_max  # used by the exact check
+    return m
+
+
+def check_exact(m: Metrics, dtype: torch.dtype) -> Metrics:
+    atol, rtol = EXACT_TOLERANCE.get(dtype, EXACT_TOLERANCE[torch.float32])
+    tol = atol + rtol * getattr(m, "ref_max", 0.0)
+    m.tolerance = tol
+    m.ok = m.ok and m.max_abs is not None and m.max_abs <= tol
+    return m
+
+
+def output_dtype(outputs: list[list[torch.Tensor]]) -> torch.dtype:
+    for outs in outputs:
+        for t in outs:
+            if t.is_floating_point():
+                return t.dtype
+    return torch.float32

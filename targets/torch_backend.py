@@ -1,0 +1,125 @@
+"""Targets `cpu` and `cuda`: the program runs in PyTorch, eagerly or through torch.compile.
+
+By default (`mode=auto`) both are measured on the example inputs and the faster one is chosen;
+the report says which and why. The deployable artifact is the saved program (program.pt2); the
+mode is recorded in target.json so `optpipe run` compiles it the same way.
+
+The cuda path moves weights and inputs to the GPU and rewrites device constants that export baked
+into the graph (`arange(..., device=cpu)` and the like).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from optpipe.errors import UsageError
+from optpipe.registry import register_target
+from optpipe.target import Compiled, Target
+
+MODES = ("auto", "eager", "compile")
+
+
+def retarget_device(gm: torch.fx.GraphModule, device: torch.device) -> torch.fx.GraphModule:
+    """Move weights to `device` and rewrite `device=` constants baked into the graph."""
+    gm = gm.to(device)
+    changed = False
+    for node in gm.graph.nodes:
+        dev = node.kwargs.get("device")
+        if isinstance(dev, torch.device) and dev.type != device.type:
+            node.update_kwarg("device", device)
+            changed = True
+    if changed:
+        gm.recompile()
+    return gm
+
+
+def _time_ms(fn, inputs, iters: int) -> float:
+    times = []
+    with torch.no_grad():
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn(*inputs)
+            if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].is_cuda:
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+class TorchTarget(Target):
+    name = "cpu"
+    device_type = "cpu"
+
+    def device(self) -> torch.device:
+        return torch.device(self.device_type)
+
+    def prepare_inputs(self, inputs: tuple) -> tuple:
+        dev = self.device()
+        return tuple(x.to(dev) if isinstance(x, torch.Tensor) else x for x in inputs)
+
+    def _module(self, program):
+        return retarget_device(program.gm, self.device()) if self.device_type != "cpu" else program.gm
+
+    def compile(self, program, mode: str = "auto", iters: int = 5, **options) -> Compiled:
+        if mode not in MODES:
+            raise UsageError(f"target {self.name}: unknown mode {mode!r}", f"modes: {', '.join(MODES)}")
+        gm = self._module(program)
+        inputs = self.prepare_inputs(program.example_inputs)
+        info: dict = {"device": self.device_type, "mode": mode}
+        if mode == "eager":
+            return Compiled(gm, info)
+        dynamic = any(program.dynamic_shapes or [])
+        start = time.perf_counter()
+        try:
+            compiled = torch.compile(gm, dynamic=dynamic or None)
+            with torch.no_grad():
+                compiled(*inputs)  # compile now, not on the user's first call
+        except Exception as e:  # no C compiler, unsupported op, ...: eager still works
+            if mode == "compile":
+                raise UsageError(f"target {self.name}: torch.compile failed: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}", "use --mode eager") from None
+            info.update(mode="eager", reason=f"torch.compile failed ({type(e).__name__})")
+            return Compiled(gm, info)
+        info["compile_s"] = round(time.perf_counter() - start, 2)
+        if mode == "compile":
+            return Compiled(compiled, info)
+        eager_ms = _time_ms(gm, inputs, iters)
+        compiled_ms = _time_ms(compiled, inputs, iters)
+        faster = "compile" if compiled_ms < eager_ms else "eager"
+        info.update(mode=faster, eager_ms=round(eager_ms, 3), compile_ms=round(compiled_ms, 3),
+                    reason=f"{faster} was faster on the example inputs "
+                           f"(eager {eager_ms:.2f} ms, torch.compile {compiled_ms:.2f} ms)")
+        return Compiled(compiled if faster == "compile" else gm, info)
+
+    def save(self, compiled: Compiled, out_dir: str) -> None:
+        pass  # the artifact is program.pt2; the mode lives in target.json
+
+    def load(self, out_dir: str, program) -> Compiled:
+        mode = "eager"
+        path = os.path.join(out_dir, "target.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                mode = (json.load(f).get("info") or {}).get("mode", "eager")
+        gm = self._module(program)
+        if mode == "compile":
+            return Compiled(torch.compile(gm, dynamic=any(program.dynamic_shapes or []) or None),
+                            {"device": self.device_type, "mode": mode})
+        return Compiled(gm, {"device": self.device_type, "mode": "eager"})
+
+
+class CudaTarget(TorchTarget):
+    name = "cuda"
+    device_type = "cuda"
+
+    def check(self, program):
+        if not torch.cuda.is_available():
+            raise UsageError("target cuda: no CUDA device here (torch.cuda.is_available() is False)",
+                             "use --target cpu, or install a CUDA build of torch on a GPU machine")
+        return []
+
+
+register_target("cpu", TorchTarget)
+register_target("cuda", CudaTarget)

@@ -1,0 +1,26 @@
+"""Every example script runs."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_example(name, *args, tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", name), *map(str, args)],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def test_tiny_gpt_example(tmp_path):
+    out = run_example("tiny_gpt.py", tmp_path=tmp_path)
+    assert out.strip()
+
+
+def test_python_api_example(tmp_path):
+    out = run_example("python_api.py", tmp_path / "OUT", tmp_path=tmp_path)
+    assert "fuse-attention" in out and "ok=True" in out
+    assert (tmp_path / "OUT" / "program.pt2").exists() and (tmp_path / "OUT" / "report.html").exists()
