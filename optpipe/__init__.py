@@ -25,17 +25,17 @@ def load(path: str, **kwargs) -> Program:
 
 
 def optimize(*args, **kwargs):
-    from .optimize import optimize as _optimize
+    from .optimization import optimize as _optimize
 
     return _optimize(*args, **kwargs)
 
 
-optimize.__doc__ = "See optpipe.optimize.optimize: capture, run the verified pipeline, compile, check."
+optimize.__doc__ = "See optpipe.optimization.optimize: capture, run the verified pipeline, compile, check."
 
 
 def diff(a: Program, b: Program) -> dict:
     """Semantic diff of two programs keyed by module path (the data of `optpipe diff --json`)."""
-    from .diff import diff_programs
+    from .graph_diff import diff_programs
 
     return diff_programs(a, b).to_dict()
 

@@ -89,8 +89,10 @@ def module_sort_key(path: str) -> tuple:
 
 def is_bookkeeping(node: torch.fx.Node) -> bool:
     """Shape arithmetic and runtime asserts: nodes that compute no tensor (excluded from op counts)."""
+    if node.op == "call_module":
+        return node.target == "_guards_fn"  # export's input-guard check
     if node.op != "call_function":
-        return node.op != "call_module" or node.target == "_guards_fn"
+        return True  # placeholders, get_attr, output
     val = node.meta.get("val")
     if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)):
         return True
@@ -137,7 +139,7 @@ class ModuleCost:
         return sum(self.ops.values())
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "type": self.type, "params": self.params, "flops": self.flops,
+        return {"module": self.path, "type": self.type, "params": self.params, "flops": self.flops,
                 "activation_bytes": self.activation_bytes, "nodes": self.nodes,
                 "ops": dict(sorted(self.ops.items())), "total_params": self.total_params,
                 "total_flops": self.total_flops, "total_activation_bytes": self.total_activation_bytes,
@@ -230,14 +232,19 @@ def analyze(program: Program) -> ProgramCosts:
 
 
 def _param_counts(gm: torch.nn.Module) -> dict[str, int]:
-    """Elements of parameters and buffers per owning module path (shared tensors counted once)."""
-    seen, counts = set(), Counter()
+    """Elements of parameters and buffers per owning module path. A tensor shared under several
+    names (tied embeddings) counts once, for the first of its names in tree order, so that the
+    attribution does not depend on the order attributes were registered in."""
+    names_by_tensor: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
     named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
     for name, t in named:
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        counts[name.rpartition(".")[0]] += t.numel()
+        names_by_tensor.setdefault(id(t), []).append(name)
+        tensors[id(t)] = t
+    counts = Counter()
+    for key, names in names_by_tensor.items():
+        owner = min(names, key=lambda n: module_sort_key(n.rpartition(".")[0]) + ((2, 0, n),))
+        counts[owner.rpartition(".")[0]] += tensors[key].numel()
     return dict(counts)
 
 
@@ -302,7 +309,7 @@ def concrete_shapes(gm: torch.fx.GraphModule, example_inputs) -> tuple[dict[torc
         if node.op == "output" or (node.op == "call_module" and node.target == "_guards_fn"):
             continue
         if node.op == "get_attr":
-            shapes[node] = _spec_tree(_fetch_attr(gm, node.target), bindings)
+            shapes[node] = _spec_tree(get_attribute(gm, node.target), bindings)
             continue
         val = node.meta.get("val", _MISSING)
         try:
@@ -322,7 +329,8 @@ def concrete_shapes(gm: torch.fx.GraphModule, example_inputs) -> tuple[dict[torc
 _MISSING = object()
 
 
-def _fetch_attr(gm: torch.nn.Module, target: str):
+def get_attribute(gm: torch.nn.Module, target: str):
+    """The object at dotted `target` under `gm` (a get_attr node's target), or None."""
     obj = gm
     for part in target.split("."):
         obj = getattr(obj, part, None)
@@ -346,9 +354,8 @@ def _concrete_int(d, bindings) -> int:
 def _spec_tree(val, bindings):
     if isinstance(val, torch.Tensor):
         return TensorSpec(tuple(_concrete_int(d, bindings) for d in val.shape), val.dtype)
-    if isinstance(val, (list, tuple)):
-        return type(val)(_spec_tree(v, bindings) for v in val) if not hasattr(val, "_fields") \
-            else type(val)(*(_spec_tree(v, bindings) for v in val))
+    if isinstance(val, (list, tuple)):  # plain tuples also for torch.return_types
+        return (list if isinstance(val, list) else tuple)(_spec_tree(v, bindings) for v in val)
     if isinstance(val, torch.SymInt):
         return _concrete_int(val, bindings)
     return val
@@ -382,8 +389,8 @@ def _fake_shapes(gm: torch.fx.GraphModule, example_inputs) -> dict:
 
 # -- per-node costs ---------------------------------------------------------------------------------
 def _resolve_args(node: torch.fx.Node, shapes: dict):
-    resolve = lambda n: shapes.get(n)  # noqa: E731
-    return torch.fx.node.map_arg(node.args, resolve), torch.fx.node.map_arg(node.kwargs, resolve)
+    """The node's arguments with every input node replaced by its concrete value/TensorSpec."""
+    return torch.fx.node.map_arg(node.args, shapes.get), torch.fx.node.map_arg(node.kwargs, shapes.get)
 
 
 def node_flops(node: torch.fx.Node, shapes: dict) -> int | None:

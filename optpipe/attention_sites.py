@@ -111,7 +111,7 @@ def skip_noop_slices(node):
     """`x[:, :, :]`-style slices that keep the whole dim (export leaves them around repeat_kv)."""
     while (isinstance(node, torch.fx.Node) and node.op == "call_function"
            and node.target is aten.slice.Tensor):
-        _, dim, start, end, step = (list(node.args) + [0, None, None, 1])[:5]
+        _, dim, start, end, step = list(node.args) + [0, None, None, 1][len(node.args) - 1:]
         src = val(node.args[0])
         if src is None or start not in (0, None) or step != 1:
             break
@@ -285,8 +285,9 @@ def classify_mask(gm: torch.fx.GraphModule, mask_node: torch.fx.Node,
         return "custom"
     data = reads_input_data(mask_node)
     hints = _size_hints(gm, example_inputs)
-    # The example shapes, then every dynamic dim at another size: static patterns must hold at all.
-    variants = [None] + [{s: 2 * h + 3 for s, h in hints.items()},
+    # The example shapes, then every dynamic dim larger and smaller: a static pattern must hold at
+    # all of them (a window wider than the example is caught; the growth is bounded for memory).
+    variants = [None] + [{s: min(2 * h + 3, h + 256) for s, h in hints.items()},
                          {s: max(h // 2, 2) for s, h in hints.items()}] * bool(hints)
     kinds = set()
     for i, sizes in enumerate(variants):

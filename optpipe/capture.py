@@ -161,9 +161,13 @@ def export_module(module: nn.Module, inputs: tuple, names: Sequence[str], dynami
         if not spec or not isinstance(val, torch.Tensor):
             kept.append(None)
             continue
-        dyn = {d: name for d, name in spec.items() if not isinstance(val.shape[d], int)}
+        dyn = {d: name for d, name in spec.items() if _is_symbolic(val.shape[d])}
         kept.append(dyn or None)
     return ep, kept
+
+
+def _is_symbolic(size) -> bool:
+    return isinstance(size, torch.SymInt) and bool(size.node.expr.free_symbols)
 
 
 def capture(model: nn.Module, example_inputs: Sequence | Mapping | torch.Tensor, *,
@@ -192,8 +196,13 @@ def capture(model: nn.Module, example_inputs: Sequence | Mapping | torch.Tensor,
     for flag, value in (("use_cache", False), ("return_dict", True)):
         if flag not in input_names and _accepts(model, flag) and hasattr(model, "config"):
             call_kwargs[flag] = value
-    with torch.no_grad():
-        out = model(**dict(zip(input_names, example_inputs)), **call_kwargs)
+    try:
+        with torch.no_grad():
+            out = model(**dict(zip(input_names, example_inputs)), **call_kwargs)
+    except Exception as e:  # the model's own error on these inputs: say so in one line
+        shapes = ", ".join(f"{n}:{_describe(x)}" for n, x in zip(input_names, example_inputs))
+        raise UsageError(f"{type(model).__name__} fails on the example inputs ({shapes}): {_first_line(e)}",
+                         "check the --input names, dtypes and shapes") from e
     key, description = _choose_output(out)
     meta.setdefault("output", description)
     if hasattr(model, "config") and hasattr(model.config, "to_dict") and "config" not in meta:
@@ -214,6 +223,12 @@ def capture(model: nn.Module, example_inputs: Sequence | Mapping | torch.Tensor,
                              "check that forward() runs on the example inputs; see torch.export docs") from first_error
     gm = ep.module()
     return Program(gm, example_inputs, input_names, kept, meta, [])
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{str(x.dtype).replace('torch.', '')}{list(x.shape)}"
+    return type(x).__name__
 
 
 def _first_line(e: BaseException) -> str:

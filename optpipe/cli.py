@@ -118,7 +118,7 @@ def optimize(model, target, pipeline, preset, recipe, inputs, arch, trust_pickle
              print_ir_after_change, no_verify, budget, mode, force, as_json):
     """Optimize MODEL with a pipeline of verified passes for a target; write OUT."""
     from .instruments import DumpIR, PassTiming, PrintAfterChange
-    from .optimize import optimize as run_optimize, resolve_pipeline
+    from .optimization import optimize as run_optimize, resolve_pipeline
     from .outdir import check_writable
     from .verify import Budget
 
@@ -214,7 +214,7 @@ def inspect(model, inputs, arch, trust_pickle, as_json):
 @click.option("--html", "html_path", metavar="FILE", help="Write a self-contained HTML page of the diff.")
 def diff(a, b, inputs, arch, trust_pickle, as_json, html_path):
     """Semantic graph diff of two models / programs / OUT folders, keyed by module path."""
-    from .diff import diff_programs
+    from .graph_diff import diff_programs
     from .outdir import write_text_atomic
 
     pa = _load(a, inputs, arch, trust_pickle)

@@ -95,7 +95,7 @@ def parse_input_spec(text: str) -> InputSpec:
             if dim_name:
                 if dim_name in dynamic.values():
                     raise UsageError(f"bad --input {text!r}: dim name {dim_name!r} used twice",
-                                     "give each dynamic dim of one input its own name")
+                                     f"expected {SPEC_FORM}, each dim name once")
                 dynamic[i] = dim_name
             shape.append(size)
     return InputSpec(name, dtype, tuple(shape), dynamic)

@@ -34,7 +34,8 @@ import torch.nn as nn
 
 from .capture import capture
 from .errors import UsageError
-from .inputs import InputSpec, check_specs, dtype_name, dynamic_shapes_of, make_example_inputs
+from .inputs import (InputSpec, check_specs, dtype_name, dynamic_shapes_of, make_example_inputs,
+                     parse_input_spec)
 from .program import Program, load_program
 
 # What `detect_format` returns.
@@ -56,42 +57,63 @@ CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 DEFAULT_SEQ = 128
 
 
-def load_model(spec: str, *, inputs: Sequence[InputSpec] | None = None, arch: str | None = None,
-               trust_pickle: bool = False) -> Program:
+def load_model(spec: str, *, inputs: Sequence[InputSpec | str] | Mapping | tuple | None = None,
+               arch: str | None = None, trust_pickle: bool = False) -> Program:
     """Load `spec` (a path or a Python spec) as a Program.
 
-    `inputs`: `--input` specs; they override the example inputs that come with the model.
+    `inputs`: `--input` specs (`InputSpec`s or their text); they override the example inputs that
+    come with the model. For the Python API, tensors (a dict by name, or a tuple) are taken too.
     `arch`: a Python spec that builds the model a state dict belongs to.
     `trust_pickle`: allow unpickling arbitrary objects (whole modules, pickle-only HF weights).
 
     >>> prog = load_model("examples/tiny_gpt.py:build")  # doctest: +SKIP
     >>> prog = load_model("gpt2-folder", inputs=[parse_input_spec("input_ids:int64[1,64]")])  # doctest: +SKIP
     """
-    specs = list(inputs or [])
-    check_specs(specs)
+    specs, tensors = _split_inputs(inputs)
     spec = os.fspath(spec)
     if not os.path.exists(spec) and _is_python_spec(spec):
         if arch is not None:
             raise UsageError(f"--arch is only used with a state dict, not with the Python spec {spec!r}",
                              "drop --arch; the factory builds the model")
         model, example = load_factory(spec)
-        return _capture(model, example, specs, source=spec, meta={"source": spec})
+        return _capture(model, _pick_example(tensors, example), specs, source=spec, meta={"source": spec})
 
     fmt = detect_format(spec)
     if arch is not None and fmt not in STATE_DICT_FORMATS:
         raise UsageError(f"--arch is only used with a state dict, but {spec} is a {fmt}",
                          "drop --arch")
     if fmt == EXPORT_ARCHIVE:
-        return _load_archive(spec, specs)
+        return _load_archive(spec, specs, tensors)
     if fmt == OPTPIPE_OUT:
-        return _load_archive(os.path.join(spec, "program.pt2"), specs)
+        return _load_archive(os.path.join(spec, "program.pt2"), specs, tensors)
     if fmt == HF_FOLDER:
-        return _load_hf_folder(spec, specs, trust_pickle)
+        return _load_hf_folder(spec, specs, tensors, trust_pickle)
     if fmt == TORCHSCRIPT:
         raise UsageError(f"{spec} is a TorchScript archive; optpipe captures models with torch.export, "
                          "which cannot take TorchScript", "give the Python model: file.py:factory, "
                          "or its state dict with --arch")
-    return _load_torch_file(spec, fmt, specs, arch, trust_pickle)
+    return _load_torch_file(spec, fmt, specs, tensors, arch, trust_pickle)
+
+
+def _split_inputs(inputs) -> tuple[list[InputSpec], dict | tuple | None]:
+    """(--input specs, example tensors given directly); at most one of them is non-empty."""
+    if inputs is None:
+        return [], None
+    if isinstance(inputs, torch.Tensor):
+        return [], (inputs,)
+    if isinstance(inputs, Mapping):
+        return [], dict(inputs)
+    items = list(inputs)
+    if items and all(isinstance(x, (InputSpec, str)) for x in items):
+        specs = [parse_input_spec(x) if isinstance(x, str) else x for x in items]
+        check_specs(specs)
+        return specs, None
+    return ([], tuple(items)) if items else ([], None)
+
+
+def _pick_example(tensors, example):
+    """Example tensors given to load_model win over those that came with the model."""
+    return tensors if tensors is not None else example
 
 
 # -- detecting the format -----------------------------------------------------------------------
@@ -145,7 +167,7 @@ def _zip_format(path: str) -> str:
 
 # -- torch.export archives and OUT folders ------------------------------------------------------
 
-def _load_archive(path: str, specs: list[InputSpec]) -> Program:
+def _load_archive(path: str, specs: list[InputSpec], tensors=None) -> Program:
     try:
         program = load_program(path)
     except UsageError:
@@ -154,23 +176,27 @@ def _load_archive(path: str, specs: list[InputSpec]) -> Program:
         raise UsageError(f"corrupt archive: cannot load the torch.export archive {path} ({_first_line(e)})",
                          "it may be truncated, or saved by another torch version; export it again") from e
     program.meta.setdefault("source", os.path.abspath(path))
-    if specs:
-        _override_inputs(program, specs, path)
+    if specs or tensors is not None:
+        _override_inputs(program, specs, tensors, path)
     elif not program.example_inputs and program.input_names:
         raise UsageError(f"{path} holds no example inputs",
                          f"give --input for each of: {', '.join(program.input_names)}")
     return program
 
 
-def _override_inputs(program: Program, specs: list[InputSpec], path: str) -> None:
-    """Replace the saved example inputs named by `specs`. The saved program's dynamic dims stay
-    what they are (re-capturing is not possible from an archive), so shapes are checked by running."""
-    unknown = [s.name for s in specs if s.name not in program.input_names]
+def _override_inputs(program: Program, specs: list[InputSpec], tensors, path: str) -> None:
+    """Replace the saved example inputs named by `specs` (or given as `tensors`). The saved
+    program's dynamic dims stay what they are (re-capturing is not possible from an archive), so
+    the new shapes are checked by running the program once."""
+    if isinstance(tensors, tuple):
+        tensors = dict(zip(program.input_names, tensors))
+    new = tensors or make_example_inputs(specs, vocab_size=_program_vocab_size(program))
+    unknown = [name for name in new if name not in program.input_names]
     if unknown:
         raise UsageError(f"{path} has no input {unknown[0]!r}",
                          f"its inputs are: {describe_inputs(program)}")
     example = dict(zip(program.input_names, program.example_inputs))
-    example.update(make_example_inputs(specs, vocab_size=_program_vocab_size(program)))
+    example.update(new)
     missing = [n for n in program.input_names if n not in example]
     if missing:
         raise UsageError(f"{path} holds no example for input {missing[0]!r}",
@@ -334,7 +360,7 @@ def _import_module(name: str, spec: str):
 
 # -- state dicts and pickles ---------------------------------------------------------------------
 
-def _load_torch_file(path: str, fmt: str, specs: list[InputSpec], arch: str | None,
+def _load_torch_file(path: str, fmt: str, specs: list[InputSpec], tensors, arch: str | None,
                      trust_pickle: bool) -> Program:
     obj = _read_safetensors(path) if fmt == SAFETENSORS else _torch_load(path, trust_pickle)
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), nn.Module):
@@ -342,7 +368,7 @@ def _load_torch_file(path: str, fmt: str, specs: list[InputSpec], arch: str | No
     if isinstance(obj, nn.Module):
         if arch is not None:
             raise UsageError(f"{path} holds a whole model, so --arch is not used", "drop --arch")
-        return _capture(obj, None, specs, source=path, meta={"source": os.path.abspath(path)})
+        return _capture(obj, tensors, specs, source=path, meta={"source": os.path.abspath(path)})
     state_dict = _find_state_dict(obj) if isinstance(obj, Mapping) else None
     if state_dict is None:
         what = (f"a dict with keys {', '.join(map(str, list(obj)[:5]))}" if isinstance(obj, Mapping)
@@ -354,7 +380,7 @@ def _load_torch_file(path: str, fmt: str, specs: list[InputSpec], arch: str | No
     model, example = load_factory(arch)
     _load_weights(model, state_dict, path, arch)
     meta = {"source": os.path.abspath(path), "arch": arch}
-    return _capture(model, example, specs, source=path, meta=meta)
+    return _capture(model, _pick_example(tensors, example), specs, source=path, meta=meta)
 
 
 def _torch_load(path: str, trust_pickle: bool):
@@ -440,7 +466,7 @@ def _first_keys(keys: list[str], n: int = 3) -> str:
 
 # -- Hugging Face folders ------------------------------------------------------------------------
 
-def _load_hf_folder(path: str, specs: list[InputSpec], trust_pickle: bool) -> Program:
+def _load_hf_folder(path: str, specs: list[InputSpec], tensors, trust_pickle: bool) -> Program:
     files = os.listdir(path)
     has_safetensors = any(f.endswith(".safetensors") for f in files)
     pickled = [f for f in files if f.endswith((".bin", ".pth", ".pt", ".ckpt"))]
@@ -481,6 +507,8 @@ def _load_hf_folder(path: str, specs: list[InputSpec], trust_pickle: bool) -> Pr
         meta["vocab_size"] = int(vocab_size)
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
         meta["tokenizer"] = os.path.abspath(path)
+    if tensors is not None:
+        return _capture(model, tensors, [], source=path, meta=meta)
     if not specs:
         if not vocab_size:
             raise UsageError(f"{path}: cannot make default inputs for a {config.model_type} model "

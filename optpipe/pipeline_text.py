@@ -37,7 +37,7 @@ class PipelineSyntaxError(UsageError):
 @dataclass(frozen=True)
 class RawElement:
     name: str
-    options: tuple[tuple[str, str, int], ...]  # (key, raw value, column of the value)
+    options: tuple[tuple[str, str, int, int], ...]  # (key, raw value, key column, value column)
     column: int
 
 
@@ -70,6 +70,7 @@ def tokenize_elements(text: str) -> list[RawElement]:
                 if i < n and text[i] == "}" and not options:
                     i += 1
                     break
+                kstart = i
                 key, i = expect_name(i, "an option name")
                 i = skip_ws(i)
                 if i >= n or text[i] != "=":
@@ -77,7 +78,7 @@ def tokenize_elements(text: str) -> list[RawElement]:
                 i = skip_ws(i + 1)
                 vstart = i
                 value, i = _scan_value(text, i)
-                options.append((key, value, vstart))
+                options.append((key, value, kstart, vstart))
                 i = skip_ws(i)
                 if i < n and text[i] == ",":
                     i = skip_ws(i + 1)
@@ -240,27 +241,27 @@ def build_config(info: PassInfo, options: dict[str, Any], *, text: str = "", col
     columns = columns or {}
     for key, value in options.items():
         attr = key.replace("-", "_")
-        col = columns.get(key, 0)
+        key_col, value_col = columns.get(key, (0, 0))
         if attr not in fields:
             names = [k.replace("_", "-") for k in fields]
             close = difflib.get_close_matches(key, names, n=1)
             hint = (f"did you mean {close[0]!r}? " if close else "") + \
                 (f"options of {info.name}: {', '.join(names)}" if names else f"{info.name} takes no options")
             if text:
-                raise PipelineSyntaxError(text, col, f"unknown option {key!r} of pass {info.name!r}", hint)
+                raise PipelineSyntaxError(text, key_col, f"unknown option {key!r} of pass {info.name!r}", hint)
             raise UsageError(f"unknown option {key!r} of pass {info.name!r}", hint)
         try:
             kwargs[attr] = convert_value(value, types[attr]) if isinstance(value, str) else value
         except ValueError as e:
             msg = f"bad value {value!r} for option {key!r} of {info.name}: {e}"
             if text:
-                raise PipelineSyntaxError(text, col, msg, f"see `optpipe passes {info.name}`") from None
+                raise PipelineSyntaxError(text, value_col, msg, f"see `optpipe passes {info.name}`") from None
             raise UsageError(msg, f"see `optpipe passes {info.name}`") from None
     try:
         return info.config_cls(**kwargs)
     except (ValueError, TypeError) as e:
         if text:
-            raise PipelineSyntaxError(text, columns.get("", 0), f"invalid options for {info.name}: {e}",
+            raise PipelineSyntaxError(text, columns.get("", (0, 0))[0], f"invalid options for {info.name}: {e}",
                                       f"see `optpipe passes {info.name}`") from None
         raise UsageError(f"invalid options for {info.name}: {e}", f"see `optpipe passes {info.name}`") from None
 
@@ -273,13 +274,13 @@ def parse_pipeline(text: str) -> list[PassSpec]:
         except UsageError as e:
             raise PipelineSyntaxError(text, el.column, f"unknown pass {el.name!r}", e.hint) from None
         seen = set()
-        for key, _, col in el.options:
+        for key, _, kcol, _ in el.options:
             if key in seen:
-                raise PipelineSyntaxError(text, col, f"option {key!r} given twice")
+                raise PipelineSyntaxError(text, kcol, f"option {key!r} given twice")
             seen.add(key)
-        columns = {k: c for k, _, c in el.options}
-        columns[""] = el.column
-        config = build_config(info, {k: v for k, v, _ in el.options}, text=text, columns=columns)
+        columns = {k: (kc, vc) for k, _, kc, vc in el.options}
+        columns[""] = (el.column, el.column)
+        config = build_config(info, {k: v for k, v, _, _ in el.options}, text=text, columns=columns)
         specs.append(PassSpec(info, config))
     return specs
 

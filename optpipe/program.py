@@ -81,12 +81,17 @@ class Program:
         """Write `path` (a .pt2 torch.export archive) atomically."""
         path = os.fspath(path)
         ep = self.export()
+        try:  # keep the user's example inputs, not the widened ones export traced with
+            ep.example_inputs = (tuple(self.example_inputs), {})
+        except Exception:  # noqa: BLE001 - an older torch without the setter keeps the traced ones
+            pass
         meta = {
             "format": "optpipe-program/1",
             "input_names": self.input_names,
             "dynamic_shapes": self.dynamic_shapes,
             "meta": self.meta,
             "history": self.history,
+            "tied": tied_weight_groups(self.gm),
         }
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=".program-", suffix=".pt2", dir=directory)
@@ -111,8 +116,32 @@ class Program:
         dyn = info.get("dynamic_shapes")
         if dyn is not None:
             dyn = [{int(k): v for k, v in d.items()} if d else None for d in dyn]
-        return cls(ep.module(), tuple(args), list(input_names), dyn, info.get("meta", {}),
+        gm = ep.module()
+        retie_weights(gm, info.get("tied") or [])
+        return cls(gm, tuple(args), list(input_names), dyn, info.get("meta", {}),
                    list(info.get("history", [])))
+
+
+def tied_weight_groups(module: torch.nn.Module) -> list[list[str]]:
+    """Names that share one tensor (tied embeddings): export archives store them apart."""
+    groups: dict[int, list[str]] = {}
+    for name, t in list(module.named_parameters(remove_duplicate=False)) + \
+            list(module.named_buffers(remove_duplicate=False)):
+        groups.setdefault(id(t), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def retie_weights(module: torch.nn.Module, groups: list[list[str]]) -> None:
+    for first, *others in groups:
+        try:
+            shared = module.get_parameter(first)
+        except AttributeError:
+            continue
+        for name in others:
+            owner_path, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_path) if owner_path else module
+            if isinstance(getattr(owner, attr, None), torch.nn.Parameter):
+                setattr(owner, attr, shared)
 
 
 def load_program(path: str | os.PathLike) -> Program:

@@ -25,7 +25,7 @@ def gpt2(attn: str = "eager", seq: int = SEQ):
 
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                        attn_implementation=attn)
+                        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1, attn_implementation=attn)
     return GPT2LMHeadModel(config).eval(), {"input_ids": _ids(1, seq)}
 
 
@@ -78,18 +78,3 @@ def minilm(attn: str = "eager"):
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     return model.eval(), inputs
-
-
-def with_seq(inputs: dict, seq: int, seed: int = 1) -> dict:
-    """`inputs` at another sequence length: fresh token ids, a padding mask that pads the last row."""
-    out = {}
-    for name, x in inputs.items():
-        batch = x.shape[0]
-        if name == "attention_mask":
-            mask = torch.ones(batch, seq, dtype=x.dtype)
-            if batch > 1:
-                mask[-1, seq // 2:] = 0
-            out[name] = mask
-        else:
-            out[name] = _ids(batch, seq, VOCAB if name == "input_ids" else 2, seed)
-    return out

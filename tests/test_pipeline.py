@@ -77,14 +77,15 @@ def test_pass_exception_is_wrapped_with_its_name(program):
 
 def test_instruments(program, tmp_path):
     stream, timing = io.StringIO(), io.StringIO()
-    Pipeline.parse("cse,dce,cse").run(program, instruments=[DumpIR(tmp_path), PrintAfterChange(stream),
-                                                            PassTiming(timing)])
+    _, records = Pipeline.parse("cse,dce,cse").run(program, instruments=[DumpIR(tmp_path), PrintAfterChange(stream),
+                                                                         PassTiming(timing)])
     names = sorted(os.listdir(tmp_path))
     assert names[:3] == ["000_cse.after.py", "000_cse.before.py", "000_cse.diff"] and len(names) == 9
     diff = (tmp_path / "000_cse.diff").read_text()
     assert diff.startswith("---") and "-" in diff
     printed = stream.getvalue()
-    assert printed.count("IR after") == 2  # the second cse changed nothing: not printed
+    assert records[0].modified and not records[2].modified
+    assert printed.count("IR after") == sum(r.modified for r in records)  # only passes that changed the IR
     assert "000 cse" in timing.getvalue() and " ms" in timing.getvalue()
 
 

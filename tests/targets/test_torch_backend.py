@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from optpipe import capture
 from optpipe.errors import UsageError
-from optpipe.optimize import check_target, optimize
+from optpipe.optimization import check_target, optimize
 from optpipe.registry import get_target
 
 

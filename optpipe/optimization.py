@@ -124,7 +124,7 @@ def optimize(model_or_program, example_inputs=None, pipeline: str | Pipeline | N
 
     pass_diffs = []
     if diffs:
-        from .diff import diff_programs
+        from .graph_diff import diff_programs
 
         for r in records:
             pass_diffs.append(diff_programs(r.before, _next_program(records, r, optimized)) if r.modified else None)
