@@ -249,9 +249,13 @@ def run(out, inputs, as_json):
     args = _run_inputs(program, inputs)
     tgt = get_target(target)
     compiled = tgt.load(out, program)
+    prepared = tgt.prepare_inputs(args)
+    if compiled.info.get("mode") == "compile":
+        with torch.no_grad():
+            compiled(*prepared)  # compile on a warm-up call; time the real one
     start = time.perf_counter()
     with torch.no_grad():
-        result = compiled(*tgt.prepare_inputs(args))
+        result = compiled(*prepared)
     seconds = time.perf_counter() - start
     leaves = [t.detach().cpu() for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor)]
     if as_json:
@@ -263,18 +267,20 @@ def run(out, inputs, as_json):
         click.echo(f"ran on {target} in {seconds * 1000:.1f} ms", err=True)
 
 
-def _run_inputs(program, specs) -> tuple:
-    from .inputs import make_example_inputs, parse_input_spec, parse_input_value
+def _run_inputs(program, texts) -> tuple:
+    """The program's example inputs, with those named on the command line replaced."""
+    from .inputs import InputValue, make_example_inputs, parse_input_arg
 
     given = {}
-    for text in specs:
-        if "=" in text.split(":", 1)[0] or ("=" in text and ":" not in text.split("=", 1)[0]):
-            name, value = parse_input_value(text)
-            given[name] = value
+    dtypes = {n: x.dtype for n, x in zip(program.input_names, program.example_inputs) if hasattr(x, "dtype")}
+    vocab = (program.meta.get("config") or {}).get("vocab_size") or program.meta.get("vocab_size")
+    for text in texts:
+        name = text.split("=", 1)[0].split(":", 1)[0]
+        arg = parse_input_arg(text, default_dtype=dtypes.get(name))
+        if isinstance(arg, InputValue):
+            given[arg.name] = arg.tensor
         else:
-            spec = parse_input_spec(text)
-            cfg = program.meta.get("config") or {}
-            given.update(make_example_inputs([spec], vocab_size=cfg.get("vocab_size")))
+            given.update(make_example_inputs([arg], vocab_size=vocab))
     unknown = set(given) - set(program.input_names)
     if unknown:
         raise UsageError(f"unknown input {sorted(unknown)[0]!r}", f"the program takes: {', '.join(program.input_names)}")

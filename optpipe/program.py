@@ -15,6 +15,7 @@ import copy
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +54,10 @@ class Program:
         """A copy whose graph can be rewritten without touching this one. Parameters are shared
         (passes replace weights rather than mutate them in place), so this is cheap."""
         gm = self.gm
-        new_gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+        with warnings.catch_warnings():  # deep-copying pytree specs trips a torch deprecation notice
+            warnings.simplefilter("ignore", FutureWarning)
+            graph = copy.deepcopy(gm.graph)
+        new_gm = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
         for attr in ("_in_spec", "_out_spec", "meta"):
             if hasattr(gm, attr):
                 setattr(new_gm, attr, copy.copy(getattr(gm, attr)))
