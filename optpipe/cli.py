@@ -100,7 +100,8 @@ def _load(model: str, inputs, arch, trust_pickle):
 
 @main.command()
 @click.argument("model")
-@click.option("--target", "-t", default="cpu", show_default=True, help="cpu, cuda (more in `optpipe targets`).")
+@click.option("--target", "-t", default="cpu", show_default=True,
+              help="cpu, cuda, onnxruntime, tvm or tvm-cuda.")
 @click.option("--pipeline", "-p", metavar="S", help="Pipeline, e.g. fuse-attention,dce")
 @click.option("--preset", metavar="NAME", help="A named pipeline (see `optpipe passes`).")
 @click.option("--recipe", metavar="FILE", type=click.Path(dir_okay=False), help="TOML recipe file.")
@@ -112,10 +113,12 @@ def _load(model: str, inputs, arch, trust_pickle):
 @click.option("--budget", multiple=True, metavar="K=V", help="Quality budget for lossy passes: sqnr=DB, cosine=X, top1=X.")
 @click.option("--mode", type=click.Choice(["auto", "eager", "compile"]), default="auto", show_default=True,
               help="torch targets: eager, torch.compile, or whichever is faster.")
+@click.option("--tune", type=click.IntRange(min=0), default=0, metavar="N",
+              help="tvm targets: tuning trials (MetaSchedule; dlight schedules for cuda). 0: untuned.")
 @click.option("--force", is_flag=True, help="Replace an existing OUT that optpipe did not write.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json on stdout.")
 def optimize(model, target, pipeline, preset, recipe, inputs, arch, trust_pickle, out, dump_ir,
-             print_ir_after_change, no_verify, budget, mode, force, as_json):
+             print_ir_after_change, no_verify, budget, mode, tune, force, as_json):
     """Optimize MODEL with a pipeline of verified passes for a target; write OUT."""
     from .instruments import DumpIR, PassTiming, PrintAfterChange
     from .optimization import optimize as run_optimize, resolve_pipeline
@@ -139,7 +142,8 @@ def optimize(model, target, pipeline, preset, recipe, inputs, arch, trust_pickle
     progress.say(f"captured output: {program.meta.get('output', 'tensor')}; dynamic dims: "
                  f"{_dims_text(program)}")
     res = run_optimize(program, pipeline=text, target=target, verify=not no_verify, budget=budget_obj,
-                       instruments=instruments, target_options={"mode": mode}, progress=progress)
+                       instruments=instruments, target_options={"mode": mode, "tune": tune},
+                       progress=progress)
     with progress(f"write {out}"):
         res.save(out, force=force, dump_ir=dump_ir)
     if as_json:

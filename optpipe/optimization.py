@@ -96,8 +96,8 @@ def optimize(model_or_program, example_inputs=None, pipeline: str | Pipeline | N
         budget = Budget(**{k: float(v) for k, v in budget.items()})
     tgt = get_target(target)
 
+    tgt.available()  # fails fast on e.g. a missing GPU, before any work
     program = _as_program(model_or_program, example_inputs, step)
-    unsupported_early = tgt.check(program)  # fails fast on e.g. a missing GPU
 
     before_costs = analyze(program)
     records: list[PassRecord] = []
@@ -108,7 +108,7 @@ def optimize(model_or_program, example_inputs=None, pipeline: str | Pipeline | N
                                       keep_before=diffs, on_pass=on_pass)
     after_costs = analyze(optimized)
 
-    unsupported = unsupported_early + [u for u in tgt.check(optimized) if u not in unsupported_early]
+    unsupported = tgt.check(optimized)  # before lowering: name every node the target cannot take
     if unsupported:
         listing = "; ".join(str(u) for u in unsupported[:10])
         more = f" and {len(unsupported) - 10} more" if len(unsupported) > 10 else ""

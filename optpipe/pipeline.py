@@ -73,6 +73,7 @@ class Pipeline:
             before = program.copy() if keep_before else None
             for inst in instruments:
                 inst.before_pass(index, spec, program)
+            nodes_before = set(program.gm.graph.nodes)
             start = time.perf_counter()
             try:
                 result = spec.info.fn(program, spec.config)
@@ -84,6 +85,7 @@ class Pipeline:
                 raise PassError(f"pass {spec} failed{_after(records)}: {type(e).__name__}: {e}",
                                 "rerun with --dump-ir DIR to see the graph it got") from e
             seconds = time.perf_counter() - start
+            tag_new_nodes(program.gm, nodes_before, spec.name)
             program.history.append(str(spec))
             metrics = None
             if verify:
@@ -101,6 +103,23 @@ class Pipeline:
             for inst in instruments:
                 inst.after_pass(index, spec, program, record)
         return program, records
+
+
+INTRODUCED_BY = "optpipe_pass"
+
+
+def tag_new_nodes(gm, nodes_before: set, pass_name: str) -> None:
+    """Record which pass introduced each new node (in meta["custom"], which torch.export keeps
+    through re-export and save/load), so a target's capability check can name it."""
+    for node in gm.graph.nodes:
+        if node not in nodes_before and node.op == "call_function":
+            custom = dict(node.meta.get("custom") or {})
+            custom.setdefault(INTRODUCED_BY, pass_name)
+            node.meta["custom"] = custom
+
+
+def introduced_by(node) -> str | None:
+    return (node.meta.get("custom") or {}).get(INTRODUCED_BY)
 
 
 def _after(records) -> str:

@@ -28,6 +28,9 @@ BUILTIN_PASSES: dict[str, str] = {
 BUILTIN_TARGETS: dict[str, str] = {
     "cpu": "optpipe.targets.torch_backend",
     "cuda": "optpipe.targets.torch_backend",
+    "onnxruntime": "optpipe.targets.onnxruntime_backend",
+    "tvm": "optpipe.targets.tvm_backend",
+    "tvm-cuda": "optpipe.targets.tvm_backend",
 }
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
+
 
 @dataclass
 class UnsupportedNode:
@@ -39,7 +41,11 @@ class Target:
     artifact: str | None = None
     """File or folder the target writes into OUT, besides program.pt2 (None: the program is it)."""
 
+    def available(self) -> None:
+        """Raise UsageError when this machine cannot run the target (no GPU, backend missing)."""
+
     def check(self, program) -> list[UnsupportedNode]:
+        """Nodes of `program` this target cannot take (empty: all of them lower)."""
         return []
 
     def compile(self, program, **options: Any) -> Compiled:
@@ -53,3 +59,32 @@ class Target:
 
     def prepare_inputs(self, inputs: tuple) -> tuple:
         return inputs
+
+
+def unsupported_nodes(program, target_name: str, supports: Callable[[Any], bool]) -> list[UnsupportedNode]:
+    """Every call_function node whose op `supports` rejects, except optpipe ops that lower to
+    `target_name` (natively or by decomposition). Listed with module path and introducing pass."""
+    from .ops import can_lower, is_optpipe_op
+    from .pipeline import introduced_by
+
+    found = []
+    for node in program.gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if is_optpipe_op(target):
+            ok = can_lower(target_name, target)
+        else:
+            ok = supports(target)
+        if not ok:
+            stack = node.meta.get("nn_module_stack") or {}
+            path = list(stack.values())[-1][0] if stack else ""
+            found.append(UnsupportedNode(node.name, _op_label(target), path, introduced_by(node)))
+    return found
+
+
+def _op_label(target) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._opname}" + ("" if target._overloadname == "default"
+                                                         else f".{target._overloadname}")
+    return getattr(target, "__name__", str(target))

@@ -64,6 +64,7 @@ class TorchTarget(Target):
         return retarget_device(program.gm, self.device()) if self.device_type != "cpu" else program.gm
 
     def compile(self, program, mode: str = "auto", iters: int = 5, **options) -> Compiled:
+        """`options` meant for other targets (e.g. tvm's `tune`) are ignored."""
         if mode not in MODES:
             raise UsageError(f"target {self.name}: unknown mode {mode!r}", f"modes: {', '.join(MODES)}")
         gm = self._module(program)
@@ -114,11 +115,10 @@ class CudaTarget(TorchTarget):
     name = "cuda"
     device_type = "cuda"
 
-    def check(self, program):
+    def available(self) -> None:
         if not torch.cuda.is_available():
             raise UsageError("target cuda: no CUDA device here (torch.cuda.is_available() is False)",
                              "use --target cpu, or install a CUDA build of torch on a GPU machine")
-        return []
 
 
 register_target("cpu", TorchTarget)
