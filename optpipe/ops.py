@@ -45,11 +45,12 @@ def define_op(name: str, impl: Callable, *, fake: Callable, decomposition: Calla
     custom.register_fake(fake)
     if backward is not None:
         custom.register_autograd(backward, setup_context=setup_context)
-    overload = getattr(torch.ops, NAMESPACE).__getattr__(name).default
+    packet = getattr(getattr(torch.ops, NAMESPACE), name)
+    overload = packet.default
     if flops is not None:
         from torch.utils.flop_counter import register_flop_formula
 
-        register_flop_formula(overload)(flops)
+        register_flop_formula(packet)(flops)
     _OPS[name] = OpDef(name, overload, decomposition, flops=flops)
     return overload
 
