@@ -10,6 +10,12 @@ module too, so adding an op never means editing a target module.
                    decomposition=scaled_gelu_decomposition)
     register_lowering(op, "onnxruntime", onnxscript_function)
 
+What a lowering is depends on the target: for "onnxruntime" an onnxscript function for the dynamo
+exporter's `custom_translation_table` — written as `@onnxscript.script(opset, default_opset=...)`
+WITH a return annotation (`-> TFloat`; without it the exporter emits a call with no outputs), which
+is also the only way to reach ORT contrib ops such as `com.microsoft::Gelu`; for "tvm" an entry of
+the Relax importer's custom convert map.
+
 Targets ask `lowerings_for(target)` for native translations and `decompositions(exclude=...)` for
 the rest, which they apply with `ExportedProgram.run_decompositions`.
 """

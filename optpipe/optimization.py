@@ -108,7 +108,7 @@ def optimize(model_or_program, example_inputs=None, pipeline: str | Pipeline | N
                                       keep_before=diffs, on_pass=on_pass)
     after_costs = analyze(optimized)
 
-    unsupported = tgt.check(optimized)  # before lowering: name every node the target cannot take
+    unsupported = tgt.check(optimized, **(target_options or {}))  # before lowering: name every node the target cannot take
     if unsupported:
         listing = "; ".join(str(u) for u in unsupported[:10])
         more = f" and {len(unsupported) - 10} more" if len(unsupported) > 10 else ""

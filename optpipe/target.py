@@ -44,8 +44,9 @@ class Target:
     def available(self) -> None:
         """Raise UsageError when this machine cannot run the target (no GPU, backend missing)."""
 
-    def check(self, program) -> list[UnsupportedNode]:
-        """Nodes of `program` this target cannot take (empty: all of them lower)."""
+    def check(self, program, **options: Any) -> list[UnsupportedNode]:
+        """Nodes of `program` this target cannot take (empty: all of them lower). `options` are the
+        compile options (targets ignore those meant for others)."""
         return []
 
     def compile(self, program, **options: Any) -> Compiled:
@@ -79,11 +80,11 @@ def unsupported_nodes(program, target_name: str, supports: Callable[[Any], bool]
         if not ok:
             stack = node.meta.get("nn_module_stack") or {}
             path = list(stack.values())[-1][0] if stack else ""
-            found.append(UnsupportedNode(node.name, _op_label(target), path, introduced_by(node)))
+            found.append(UnsupportedNode(node.name, op_label(target), path, introduced_by(node)))
     return found
 
 
-def _op_label(target) -> str:
+def op_label(target) -> str:
     if isinstance(target, torch._ops.OpOverload):
         return f"{target.namespace}.{target._opname}" + ("" if target._overloadname == "default"
                                                          else f".{target._overloadname}")

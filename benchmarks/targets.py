@@ -1,0 +1,132 @@
+"""Latency of one program on every target, side by side in one run, as ratios to torch eager.
+
+    python benchmarks/targets.py [--models minilm,gpt2] [--tune N] [--iters 10] [--json]
+
+Models: the real pretrained all-MiniLM-L6-v2 (batch 8, seq 128) and a GPT-2-small-sized decoder
+(124M params, random init; batch 1, seq 512). Each is captured once and run through
+`fuse-attention,dce`; every target then compiles that same program, is checked for parity
+against it, and is timed (median of --iters runs after a warm-up).
+
+Rows: eager, torch.compile, onnxruntime, tvm (untuned) and, with --tune N > 0, tvm tuned with N
+MetaSchedule trials.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+
+def minilm():
+    from tests.hf_models import minilm as load_minilm
+
+    model, inputs = load_minilm()
+    ids = torch.randint(1000, 20000, (8, 128))
+    mask = torch.ones(8, 128, dtype=torch.long)
+    mask[1::2, 96:] = 0  # some padded rows, as real batches have
+    return "MiniLM-L6 (pretrained) b8 s128", model, {"input_ids": ids, "attention_mask": mask}
+
+
+def gpt2_small():
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=1024)).eval()
+    return "GPT-2 small (124M) b1 s512", model, {"input_ids": torch.randint(0, 50257, (1, 512))}
+
+
+MODELS = {"minilm": minilm, "gpt2": gpt2_small}
+
+
+def time_ms(fn, inputs, iters: int) -> float:
+    with torch.no_grad():
+        fn(*inputs)
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn(*inputs)
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def bench_model(name, model, inputs, targets, iters: int, tune: int) -> list[dict]:
+    import optpipe
+    from optpipe.optimization import check_target
+    from optpipe.registry import get_target
+
+    program = optpipe.capture(model, inputs)
+    program, _ = optpipe.Pipeline.parse("fuse-attention,dce").run(program)
+    args = program.example_inputs
+    rows = []
+    eager_ms = None
+    for label, target, options in targets:
+        if label == "tvm tuned" and tune <= 0:
+            continue
+        row = {"model": name, "name": label}
+        try:
+            tgt = get_target(target)
+            tgt.available()
+            start = time.perf_counter()
+            compiled = tgt.compile(program, **dict(options, tune=tune if label == "tvm tuned" else 0))
+            row["compile_s"] = round(time.perf_counter() - start, 1)
+            check = check_target(tgt, compiled, program)
+            row["max_abs"] = check["max_abs"]
+            ms = time_ms(compiled, tgt.prepare_inputs(args), iters)
+        except Exception as e:  # a target that fails is a row that says so, not a crashed run
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+            rows.append(row)
+            print(f"  {label:<14} failed: {row['error']}", file=sys.stderr)
+            continue
+        if eager_ms is None:
+            eager_ms = ms
+        row.update(latency_ms=round(ms, 2), ratio_vs_eager=round(eager_ms / ms, 2))
+        rows.append(row)
+        print(f"  {label:<14} {ms:9.2f} ms  {eager_ms / ms:5.2f}x eager  (compile {row['compile_s']} s, "
+              f"max-abs {row['max_abs']:.1e})", file=sys.stderr)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="minilm,gpt2")
+    ap.add_argument("--targets", default="eager,compile,onnxruntime,tvm,tvm-tuned")
+    ap.add_argument("--tune", type=int, default=64, help="MetaSchedule trials for the 'tvm tuned' row")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    all_targets = {
+        "eager": ("eager", "cpu", {"mode": "eager"}),
+        "compile": ("torch.compile", "cpu", {"mode": "compile"}),
+        "onnxruntime": ("onnxruntime", "onnxruntime", {}),
+        "tvm": ("tvm", "tvm", {}),
+        "tvm-tuned": ("tvm tuned", "tvm", {}),
+    }
+    targets = [all_targets[t] for t in args.targets.split(",")]
+    rows = []
+    for key in args.models.split(","):
+        name, model, inputs = MODELS[key]()
+        print(f"{name} (torch {torch.__version__}, {torch.get_num_threads()} threads)", file=sys.stderr)
+        rows += bench_model(name, model, inputs, targets, args.iters, args.tune)
+    if args.json:
+        print(json.dumps({"rows": rows}))
+        return
+    print(f"| model | target | latency ms | vs eager | compile s | max-abs vs torch |\n|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['model']} | {r['name']} | failed: {r['error']} | | | |")
+        else:
+            print(f"| {r['model']} | {r['name']} | {r['latency_ms']} | {r['ratio_vs_eager']}x | "
+                  f"{r['compile_s']} | {r['max_abs']:.1e} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,491 @@
+"""Target `onnxruntime`: the program is exported to ONNX and run by an ONNX Runtime session.
+
+Lowering, in order:
+1. `program.export()` re-exports the rewritten graph as an ExportedProgram with its dynamic dims.
+2. `check` applies, in one `run_decompositions`, optpipe's op decompositions
+   (`optpipe.ops.decompositions`, minus the ops with a native `onnxruntime` lowering) and the ONNX
+   exporter's own table (every torch decomposition of an op torchlib cannot translate directly),
+   then dispatches every node of the result against the exporter's ONNX registry (torchlib at the
+   chosen opset), exactly as the exporter will, and maps failures back to the program's nodes:
+   module path and the pass that introduced them. optpipe ops are judged by
+   `optpipe.target.unsupported_nodes` (natively lowered or decomposable). `compile` reuses that
+   decomposed program (optimize() calls check then compile), else applies optpipe's table alone.
+3. `torch.onnx.export(ep, dynamo=True)` with an explicit opset (default 20; ORT 1.19 reads 18-21),
+   `custom_translation_table=lowerings_for("onnxruntime")` (onnxscript functions, e.g. ORT contrib
+   ops), named dynamic axes (batch/seq as captured) and the onnxscript graph optimizer. The IR
+   version is clamped to 10 (ORT 1.19 rejects newer files); weights stay inside `model.onnx` unless
+   they pass protobuf's 2 GB limit (then `model.onnx.data`).
+4. An `InferenceSession` (CUDAExecutionProvider first when torch sees a GPU and ORT has the
+   provider, always CPUExecutionProvider explicitly) with ORT_ENABLE_ALL; ORT writes the graph it
+   optimized to `model.optimized.onnx` for inspection.
+
+Failures past the check stay one line (TargetError): an exporter error names the FX node (op,
+module path) it failed on; ORT refusing the model names the op and the modules its nodes came from.
+
+Why the dynamo exporter and not the TorchScript one: only it reads an ExportedProgram (the IR we
+already hold, with symbolic batch/seq dims) and takes onnxscript translations for custom ops, which
+is how optpipe ops reach ORT natively. If the onnxscript optimizer fails on a graph, the
+unoptimized export is kept (ORT optimizes it on load anyway) and the report says so.
+
+`optpipe run OUT` loads the portable `OUT/model.onnx` (not the optimized file, which ORT marks as
+specific to the machine that wrote it), so running needs neither the model's Python code nor a
+re-export. Inputs are torch tensors in the program's order; outputs come back as torch tensors in
+the program's output structure.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+import weakref
+
+import torch
+import torch.utils._pytree as pytree
+
+from optpipe.errors import TargetError, UsageError
+from optpipe.ops import decompositions, is_optpipe_op, lowerings_for
+from optpipe.pipeline import introduced_by
+from optpipe.registry import register_target
+from optpipe.target import Compiled, Target, UnsupportedNode, op_label, unsupported_nodes
+
+TARGET = "onnxruntime"
+DEFAULT_OPSET = 20
+OPSETS = range(18, 22)  # torchlib is written at 18; ORT 1.19 reads up to 21
+MAX_IR_VERSION = 10  # ORT 1.19 cannot read IR version 11 (what onnx >= 1.18 writes)
+MODEL_FILE = "model.onnx"
+OPTIMIZED_FILE = "model.optimized.onnx"
+
+# Nodes the exporter drops before translating (runtime shape checks), so they need no ONNX op.
+_DROPPED = ("aten._assert", "aten.sym_constrain_range")
+
+
+def providers() -> list[str]:
+    """Execution providers to ask for: CUDA first when this process can use a GPU."""
+    import onnxruntime as ort
+
+    chosen = ["CPUExecutionProvider"]
+    if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
+        chosen.insert(0, "CUDAExecutionProvider")
+    return chosen
+
+
+@functools.lru_cache(maxsize=None)
+def onnx_registry(opset: int):
+    """The exporter's ATen -> ONNX registry (torchlib) at `opset`, or None if torch moved it."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+    except ImportError:  # a torch without the dynamo exporter internals: export errors still apply
+        return None
+    with _quiet_exporter():
+        return _registration.ONNXRegistry.from_torchlib(opset_version=opset)
+
+
+def _onnx_decomposition_table(registry) -> dict:
+    """What the exporter decomposes before translating: every torch decomposition of an op that
+    has no ONNX function of its own."""
+    from torch.onnx._internal.exporter import _decomp
+
+    return _decomp.create_onnx_friendly_decomposition_table(set(_decomp.get_onnx_implemented_overloads(registry)))
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs through `logging` (e.g. 'torchvision is not installed') and warns through
+    `warnings`; neither belongs on a user's terminal (nor on `--json`'s stdout)."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".strip()
+
+
+def _module_path(node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else ""
+    return "" if path.startswith("_empty_nn_module_stack") else path
+
+
+class OrtRunner:
+    """Runs an InferenceSession on torch tensors: `runner(*inputs) -> outputs` (torch, on CPU)."""
+
+    def __init__(self, session, input_names: list[str], out_spec=None, workdir: str | None = None):
+        self.session = session
+        self.input_names = list(input_names)
+        self.out_spec = out_spec
+        self.onnx_inputs = {i.name: i for i in session.get_inputs()}
+        self.workdir = workdir
+        if workdir:  # the exported files live until the runner goes
+            weakref.finalize(self, shutil.rmtree, workdir, True)
+
+    def __call__(self, *inputs):
+        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+        feeds = {}
+        for name, x in zip(self.input_names, inputs):
+            if name in self.onnx_inputs:  # static non-tensor inputs were folded into the graph
+                feeds[name] = self._to_numpy(name, x)
+        missing = [n for n in self.onnx_inputs if n not in feeds]
+        if missing:
+            raise UsageError(f"onnxruntime: missing input {missing[0]!r}", f"the model takes: {self._expected()}")
+        try:
+            outputs = self.session.run(None, feeds)
+        except InvalidArgument as e:  # shapes the graph rejects
+            raise UsageError(f"onnxruntime rejected the inputs: {_ort_message(e)}",
+                             f"the model takes: {self._expected()}") from None
+        except Exception as e:  # noqa: BLE001 - a kernel failure: one line, not a traceback
+            raise TargetError(f"onnxruntime failed to run the model: {_ort_message(e)}") from None
+        leaves = [torch.from_numpy(o.copy()) for o in outputs]
+        if self.out_spec is not None and self.out_spec.num_leaves == len(leaves):
+            return pytree.tree_unflatten(leaves, self.out_spec)
+        return leaves[0] if len(leaves) == 1 else tuple(leaves)
+
+    def _to_numpy(self, name: str, x):
+        if not isinstance(x, torch.Tensor):
+            raise UsageError(f"onnxruntime: input {name!r} must be a tensor, got {type(x).__name__}",
+                             f"the model takes: {self._expected()}")
+        spec = self.onnx_inputs[name]
+        expected = _ONNX_TO_TORCH.get(spec.type)
+        if expected is not None and x.dtype != expected:
+            raise UsageError(f"input {name!r} is {str(x.dtype).replace('torch.', '')} but the ONNX model takes "
+                             f"{str(expected).replace('torch.', '')}", f"the model takes: {self._expected()}")
+        if len(spec.shape) != x.dim():
+            raise UsageError(f"input {name!r} has {x.dim()} dims {list(x.shape)} but the ONNX model takes "
+                             f"{len(spec.shape)}", f"the model takes: {self._expected()}")
+        for d, (want, got) in enumerate(zip(spec.shape, x.shape)):
+            if isinstance(want, int) and want != got:
+                raise UsageError(f"input {name!r} dim {d} is {got} but the ONNX model fixes it at {want}",
+                                 f"the model takes: {self._expected()}")
+        return x.detach().cpu().contiguous().numpy()
+
+    def _expected(self) -> str:
+        return ", ".join(f"{i.name}:{i.type.replace('tensor(', '').rstrip(')')}"
+                         f"[{','.join(str(d) for d in i.shape)}]" for i in self.onnx_inputs.values())
+
+
+_ONNX_TO_TORCH = {
+    "tensor(float)": torch.float32, "tensor(double)": torch.float64, "tensor(float16)": torch.float16,
+    "tensor(bfloat16)": torch.bfloat16, "tensor(int64)": torch.int64, "tensor(int32)": torch.int32,
+    "tensor(int8)": torch.int8, "tensor(uint8)": torch.uint8, "tensor(bool)": torch.bool,
+}
+
+
+def _ort_message(e: BaseException) -> str:
+    # "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions ..." -> the last part
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    return re.sub(r"^Load model from \S+ failed: ?", "", text)
+
+
+# ORT names an op it has no kernel for as "com.microsoft:Foo(-1)" or "... for Foo(20) node with name"
+_ORT_OP = re.compile(r"(?:([\w.]+):)?(\w+)\((-?\d+)\)")
+
+
+def _onnx_origins(path: str, message: str, limit: int = 3) -> str:
+    """' (from module.path [fx node], ...)' for the ONNX nodes of the op an ORT error names: the
+    exporter records each node's module scopes in its metadata."""
+    import ast
+
+    import onnx
+
+    m = _ORT_OP.search(message)
+    if not m:
+        return ""
+    domain, op_type = m.group(1) or "", m.group(2)
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # noqa: BLE001 - only decoration for the error message
+        return ""
+    where = []
+    for node in model.graph.node:
+        if node.op_type == op_type and node.domain in ({domain} if domain else {"", "ai.onnx"}):
+            scopes = {p.key: p.value for p in node.metadata_props}.get("pkg.torch.onnx.name_scopes")
+            try:
+                names = ast.literal_eval(scopes) if scopes else []
+            except (ValueError, SyntaxError):
+                names = []
+            if len(names) >= 2:
+                where.append(f"{names[-2] or '<top>'} [{names[-1]}]")
+    if not where:
+        return ""
+    more = f" and {len(where) - limit} more" if len(where) > limit else ""
+    return f" (from {', '.join(where[:limit])}{more})"
+
+
+class OnnxRuntimeTarget(Target):
+    name = TARGET
+    artifact = MODEL_FILE
+
+    def __init__(self):
+        self._cache: tuple | None = None  # (weakref to program, key, decomposed ExportedProgram)
+
+    def available(self) -> None:
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError as e:
+            raise UsageError(f"target onnxruntime needs {e.name}, which is not installed",
+                             "pip install onnx onnxscript onnxruntime-training") from None
+
+    # -- capability check -----------------------------------------------------------------------
+    def check(self, program, opset: int = DEFAULT_OPSET, **options) -> list[UnsupportedNode]:
+        """Every node the exporter cannot translate at `opset` after decomposition, before export."""
+        opset = _check_opset(opset)
+        registry = onnx_registry(opset)
+        if registry is None:  # only optpipe ops can be judged; export errors still come as one line
+            return unsupported_nodes(program, TARGET, lambda t: True)
+        from torch.onnx._internal.exporter import _dispatching
+
+        ep = self._decomposed(program, opset)
+        failed: dict[str, torch.fx.Node] = {}  # op label in the program -> a failing decomposed node
+        for node in ep.graph.nodes:
+            if node.op != "call_function" or is_optpipe_op(node.target):
+                continue  # optpipe ops: judged by unsupported_nodes below (lowering or decomposition)
+            label = op_label(node.target)
+            if label.startswith(_DROPPED) or getattr(node.target, "namespace", None) == "onnx":
+                continue  # checks the exporter drops; torch.ops.onnx.* become ONNX nodes as they are
+            try:
+                fn, _ = _dispatching.dispatch(node, registry)
+            except Exception:  # noqa: BLE001 - the exporter would fail on this node too
+                fn = None
+            if fn is None:
+                origin = node.meta.get("original_aten") or node.target
+                failed.setdefault(op_label(origin), node)
+        found = unsupported_nodes(program, TARGET, lambda t: op_label(t) not in failed)
+        named = {u.op for u in found}
+        for label, node in failed.items():  # produced by a decomposition: name the decomposed node
+            if label not in named:
+                found.append(UnsupportedNode(node.name, op_label(node.target), _module_path(node),
+                                             introduced_by(node)))
+        return found
+
+    def _decomposed(self, program, opset: int):
+        """program.export() + optpipe's and the exporter's decompositions: what check inspects.
+        Kept for the compile that follows the check (optimize() calls them back to back)."""
+        key = (program.gm.code, opset, _native_key())
+        cached = self._cache
+        if cached and cached[0]() is program and cached[1] == key:
+            return cached[2]
+        registry = onnx_registry(opset)
+        table = _onnx_decomposition_table(registry) if registry is not None else {}
+        ep = _decompose(_reexport(program), table)
+        self._cache = (weakref.ref(program), key, ep)
+        return ep
+
+    def _exportable(self, program, opset: int):
+        """The ExportedProgram to hand the exporter: the checked one when check just ran on this
+        program, else a fresh export with optpipe's decompositions (the exporter runs its own)."""
+        cached, self._cache = self._cache, None
+        if cached and cached[0]() is program and cached[1] == (program.gm.code, opset, _native_key()):
+            return cached[2]
+        ep = _reexport(program)
+        table = decompositions(exclude=lowerings_for(TARGET))
+        return _decompose(ep, table) if table and _uses_any(program, table) else ep
+
+    # -- lowering ---------------------------------------------------------------------------------
+    def compile(self, program, opset: int = DEFAULT_OPSET, **options) -> Compiled:
+        """Export to ONNX and open a session. `options` meant for other targets (`mode`, `tune`)
+        are ignored."""
+        import onnxruntime as ort
+
+        opset = _check_opset(opset)
+        workdir = tempfile.mkdtemp(prefix="optpipe-ort-")
+        try:
+            start = time.perf_counter()
+            ep = self._exportable(program, opset)
+            onnx_program, optimizer_note = _export(ep, program, opset)
+            path = os.path.join(workdir, MODEL_FILE)
+            onnx_program.save(path, external_data=False)  # switches to external data past 2 GB
+            export_s = time.perf_counter() - start
+            model = onnx_program.model
+            start = time.perf_counter()
+            session = _session(path, os.path.join(workdir, OPTIMIZED_FILE))
+            session_s = time.perf_counter() - start
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        native = sorted(op_label(op) for op in lowerings_for(TARGET) if _uses(program, op))
+        decomposed = sorted({op_label(n.target) for n in program.gm.graph.nodes
+                             if n.op == "call_function" and is_optpipe_op(n.target)} - set(native))
+        info = {
+            "exporter": "torch.onnx.export(dynamo=True)",
+            "opset": model.opset_imports.get("", opset),
+            "ir_version": model.ir_version,
+            "providers": session.get_providers(),
+            "graph_optimization_level": "ORT_ENABLE_ALL",
+            "onnxruntime_version": ort.__version__,
+            "model_bytes": _size(workdir, MODEL_FILE),
+            "optimized_model_bytes": _size(workdir, OPTIMIZED_FILE),
+            "external_data": os.path.exists(path + ".data"),
+            "onnx_nodes": len(model.graph),
+            "inputs": [f"{i.name}:{i.type}{i.shape}" for i in session.get_inputs()],
+            "optpipe_ops_native": native,
+            "optpipe_ops_decomposed": decomposed,
+            "export_s": round(export_s, 2),
+            "session_s": round(session_s, 2),
+        }
+        if optimizer_note:
+            info["onnx_optimizer"] = optimizer_note
+        runner = OrtRunner(session, program.input_names, getattr(program.gm, "_out_spec", None), workdir)
+        return Compiled(runner, info)
+
+    def save(self, compiled: Compiled, out_dir: str) -> None:
+        workdir = getattr(compiled.fn, "workdir", None)
+        if not workdir:
+            raise TargetError("target onnxruntime: only a compiled program can be saved (this one was loaded)")
+        for name in sorted(os.listdir(workdir)):  # model.onnx, model.optimized.onnx (+ .data files)
+            shutil.copy2(os.path.join(workdir, name), os.path.join(out_dir, name))
+
+    def load(self, out_dir: str, program) -> Compiled:
+        path = os.path.join(out_dir, MODEL_FILE)
+        if not os.path.isfile(path):
+            raise UsageError(f"{out_dir} has no {MODEL_FILE}",
+                             "re-run `optpipe optimize ... --target onnxruntime -o OUT`")
+        session = _session(path, None)
+        info = {"providers": session.get_providers(), "graph_optimization_level": "ORT_ENABLE_ALL",
+                "model": MODEL_FILE}
+        return Compiled(OrtRunner(session, program.input_names, getattr(program.gm, "_out_spec", None)), info)
+
+
+def _check_opset(opset) -> int:
+    if int(opset) not in OPSETS:
+        raise UsageError(f"target onnxruntime: opset {opset} is not supported",
+                         f"onnxruntime 1.19 reads opsets {OPSETS[0]}-{OPSETS[-1]}; the default is {DEFAULT_OPSET}")
+    return int(opset)
+
+
+def _uses(program, op) -> bool:
+    return _uses_any(program, (op,))
+
+
+def _uses_any(program, ops) -> bool:
+    return any(n.op == "call_function" and n.target in ops for n in program.gm.graph.nodes)
+
+
+def _native_key() -> tuple:
+    return tuple(sorted(map(str, lowerings_for(TARGET))))
+
+
+def _reexport(program):
+    try:
+        return program.export()
+    except Exception as e:  # noqa: BLE001 - a graph torch.export rejects: one line
+        raise TargetError(f"target onnxruntime: torch.export could not re-export the program: {_first_line(e)}",
+                          "run the program on the cpu target, or drop the last pass") from None
+
+
+def _decompose(ep, table: dict):
+    """optpipe's decompositions (minus natively lowered ops) on top of `table`, in one retrace."""
+    from torch.fx.experimental import _config as fx_config
+
+    table = {**table, **decompositions(exclude=lowerings_for(TARGET))}
+    try:
+        # the exporter decomposes under the same flag (size-0/1 dims stay dynamic)
+        with fx_config.patch(backed_size_oblivious=True), _quiet_exporter():
+            return ep.run_decompositions(table)
+    except Exception as e:  # noqa: BLE001
+        raise TargetError(f"target onnxruntime: decomposition failed: {_first_line(e)}",
+                          "an optpipe op's decomposition does not trace; check the op that introduced it") from None
+
+
+def _size(workdir: str, name: str) -> int:
+    return sum(os.path.getsize(os.path.join(workdir, f)) for f in os.listdir(workdir)
+               if f == name or f == name + ".data")
+
+
+def _export(ep, program, opset: int):
+    """torch.onnx.export of the decomposed program; returns (ONNXProgram, optimizer note or None)."""
+    dynamic = None
+    if any(program.dynamic_shapes or []):
+        # named axes ("batch", "seq") instead of the exporter's s0, s1
+        dynamic = tuple(dict(d) if d else None for d in program.dynamic_shapes)
+    tensor_names = [n for n, x in zip(program.input_names, program.example_inputs) if isinstance(x, torch.Tensor)]
+    try:
+        with _quiet_exporter():
+            onnx_program = torch.onnx.export(
+                ep, (), dynamo=True, opset_version=opset, input_names=tensor_names,
+                output_names=_output_names(program), dynamic_shapes=dynamic,
+                custom_translation_table=lowerings_for(TARGET), optimize=False, verbose=False)
+    except Exception as e:  # noqa: BLE001
+        raise _export_error(e, ep) from None
+    note = None
+    try:  # the same optimizer optimize=True runs, separately so a failure in it is not fatal
+        with _quiet_exporter():
+            onnx_program.optimize()
+    except Exception as e:  # noqa: BLE001
+        note = f"skipped: {_first_line(e)}"
+    onnx_program.model.ir_version = min(onnx_program.model.ir_version, MAX_IR_VERSION)
+    return onnx_program, note
+
+
+def _output_names(program) -> list[str] | None:
+    spec = getattr(program.gm, "_out_spec", None)
+    if spec is None:
+        return None
+    n = spec.num_leaves
+    label = str(program.meta.get("output") or "")
+    if n == 1:
+        return [label if label.isidentifier() and label != "tensor" else "output"]
+    return [f"output_{i}" for i in range(n)]
+
+
+_NODE_IN_ERROR = re.compile(r"translating node %(\w+) : .*?target=([\w.:]+)")
+
+
+def _export_error(e: BaseException, ep) -> TargetError:
+    """A one-line TargetError naming the node the exporter failed on, its module path and cause."""
+    chain, seen = [], e
+    while seen is not None and len(chain) < 20:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    where = ""
+    for exc in chain:
+        m = _NODE_IN_ERROR.search(str(exc))
+        if m:
+            node = next((n for n in ep.graph.nodes if n.name == m.group(1)), None)
+            path = _module_path(node) if node is not None else ""
+            op = op_label(node.target) if node is not None else m.group(2)
+            where = f" at {op} in {path or '<top>'} [{m.group(1)}]"
+            break
+    cause = chain[-1]
+    return TargetError(f"target onnxruntime: ONNX export failed{where}: {_first_line(cause)}",
+                       "register an onnxruntime lowering or a decomposition for the op, or use another target")
+
+
+def _session(path: str, optimized_path: str | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # ORT warns on every save of an ENABLE_ALL graph; errors still show
+    if optimized_path:
+        options.optimized_model_filepath = optimized_path
+        if os.path.exists(path + ".data"):  # a > 2 GB model: the optimized copy needs external data too
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                             os.path.basename(optimized_path) + ".data")
+    try:
+        return ort.InferenceSession(path, options, providers=providers())
+    except Exception as e:  # noqa: BLE001 - e.g. NOT_IMPLEMENTED: no kernel for an op at this opset
+        message = _ort_message(e)
+        raise TargetError(f"target onnxruntime: ONNX Runtime cannot load {os.path.basename(path)}: {message}"
+                          f"{_onnx_origins(path, message)}",
+                          "ONNX Runtime has no kernel for that op: register an onnxruntime lowering for it "
+                          "or use another target") from None
+
+
+register_target(TARGET, OnnxRuntimeTarget)

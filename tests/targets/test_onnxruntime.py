@@ -1,0 +1,306 @@
+"""Target onnxruntime: parity with the torch program (example inputs and a second sequence length),
+the saved OUT run in a fresh process, the capability check, and optpipe ops lowered through their
+decomposition or a native onnxscript lowering."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+onnx = pytest.importorskip("onnx")
+onnxscript = pytest.importorskip("onnxscript")
+pytest.importorskip("onnxruntime")
+
+from click.testing import CliRunner  # noqa: E402
+from onnxscript import opset18 as op  # noqa: E402
+from onnxscript.function_libs.torch_lib.tensor_typing import TFloat  # noqa: E402
+
+from optpipe import capture  # noqa: E402
+from optpipe.cli import main  # noqa: E402
+from optpipe.errors import TargetError  # noqa: E402
+from optpipe.ops import define_op, opdef, register_lowering  # noqa: E402
+from optpipe.optimization import check_target, optimize  # noqa: E402
+from optpipe.pipeline import Pipeline  # noqa: E402
+from optpipe.registry import PassResult, get_target, register_pass  # noqa: E402
+from tests import hf_models  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(ROOT, "examples", "tiny_gpt.py") + ":build"
+aten = torch.ops.aten
+
+
+# ---- test-only optpipe ops, a native lowering, and the passes that introduce them -------------------
+
+def _scaled_gelu(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return F.gelu(x) * scale
+
+
+def _same_shape(x, scale):
+    return torch.empty_like(x)
+
+
+def _scaled_gelu_decomposition(x, scale):
+    return aten.gelu.default(x) * scale
+
+
+def _opaque_gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x)
+
+
+scaled_gelu = define_op("test_ort_scaled_gelu", _scaled_gelu, fake=_same_shape,
+                        decomposition=_scaled_gelu_decomposition)
+opaque_gelu = define_op("test_ort_opaque_gelu", _opaque_gelu, fake=lambda x: torch.empty_like(x))  # no way down
+
+MSFT = onnxscript.values.Opset("com.microsoft", 1)
+
+
+@onnxscript.script(onnxscript.values.Opset("optpipe.test", 1), default_opset=op)
+def scaled_gelu_ort(x: TFloat, scale: float) -> TFloat:
+    """ORT's contrib Gelu kernel (com.microsoft), where the decomposition gives ONNX's Gelu."""
+    return op.Mul(MSFT.Gelu(x), op.CastLike(scale, x))
+
+
+def replace_gelu(program, fn) -> int:
+    """Replace every aten.gelu with `fn(graph, x)`, keeping the node's metadata (module path)."""
+    graph, count = program.gm.graph, 0
+    for node in list(graph.nodes):
+        if node.target is aten.gelu.default:
+            with graph.inserting_after(node):
+                new = fn(graph, node.args[0])
+            new.meta = {k: v for k, v in node.meta.items() if k != "custom"}
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            count += 1
+    program.gm.recompile()
+    return count
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
+@register_pass("test-ort-opaque-gelu", NoOptions, exact=True)
+def opaque_gelu_pass(program, config):
+    """Rewrites gelu into an optpipe op that has neither a decomposition nor an onnxruntime lowering."""
+    n = replace_gelu(program, lambda g, x: g.call_function(opaque_gelu, (x,)))
+    return PassResult(n > 0, {"rewritten": n})
+
+
+# ---- fixtures ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def target():
+    return get_target("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny nanoGPT with its attention fused into SDPA and the dead mask buffers gone."""
+    from examples.tiny_gpt import build
+
+    model, inputs = build()
+    program, _ = Pipeline.parse("fuse-attention,dce").run(capture(model, inputs))
+    return model, program
+
+
+def assert_parity(target, compiled, program):
+    check = check_target(target, compiled, program)
+    assert check["inputs"] == 2  # the example inputs and another sequence length
+    assert check["ok"] and check["max_abs"] <= 1e-4, check
+    return check
+
+
+def onnx_ops(compiled) -> list[tuple[str, str]]:
+    model = onnx.load(os.path.join(compiled.fn.workdir, "model.onnx"))
+    return [(n.domain, n.op_type) for n in model.graph.node]
+
+
+# ---- parity ------------------------------------------------------------------------------------------
+
+def test_tiny_gpt_parity_and_model_file(target, tiny):
+    _, program = tiny
+    assert "scaled_dot_product_attention" in program.gm.code
+    assert target.check(program) == []
+    compiled = target.compile(program, mode="auto", tune=0)  # options for other targets are ignored
+    assert_parity(target, compiled, program)
+    info = compiled.info
+    assert info["exporter"].startswith("torch.onnx.export") and 18 <= info["opset"] <= 21
+    assert info["providers"][-1] == "CPUExecutionProvider" and info["graph_optimization_level"] == "ORT_ENABLE_ALL"
+    assert info["model_bytes"] > 0 and info["optimized_model_bytes"] > 0 and not info["external_data"]
+    model = onnx.load(os.path.join(compiled.fn.workdir, "model.onnx"))
+    onnx.checker.check_model(model)
+    assert model.ir_version <= 10
+    assert {o.domain: o.version for o in model.opset_import}[""] == info["opset"]
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "seq"]
+    assert len(model.graph.initializer) > 0  # weights inside the one file
+
+
+@pytest.mark.parametrize("name,attn", [("gpt2", "sdpa"), ("llama", "sdpa"), ("bert", "eager"),
+                                       ("minilm", "sdpa")])
+def test_hf_model_parity(target, name, attn):
+    model, inputs = getattr(hf_models, name)(attn=attn)
+    if "attention_mask" in inputs:
+        assert (inputs["attention_mask"] == 0).any()  # a padded batch: the mask matters
+    program = capture(model, inputs)
+    compiled = target.compile(program)
+    assert_parity(target, compiled, program)
+    x = program.example_inputs
+    with torch.no_grad():  # and against the Hugging Face model itself
+        ref = model(**dict(zip(program.input_names, x)))
+    ref = ref.logits if hasattr(ref, "logits") else ref.last_hidden_state
+    assert (compiled(*x) - ref).abs().max().item() <= 1e-4
+
+
+# ---- optpipe ops: decomposition, native lowering, neither ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def scaled(tiny):
+    program = tiny[1].copy()
+    n = replace_gelu(program, lambda g, x: g.call_function(scaled_gelu, (x, 2.0)))
+    assert n == 2 and "optpipe.test_ort_scaled_gelu" in program.gm.code
+    return program
+
+
+def test_optpipe_op_lowers_through_its_decomposition(target, scaled):
+    assert target.check(scaled) == []
+    compiled = target.compile(scaled)
+    assert_parity(target, compiled, scaled)
+    ops = onnx_ops(compiled)
+    assert ("", "Gelu") in ops and ("com.microsoft", "Gelu") not in ops
+    assert compiled.info["optpipe_ops_decomposed"] == ["optpipe.test_ort_scaled_gelu"]
+    assert compiled.info["optpipe_ops_native"] == []
+
+
+def test_optpipe_op_native_lowering_replaces_the_decomposition(target, scaled):
+    register_lowering(scaled_gelu, "onnxruntime", scaled_gelu_ort)
+    try:
+        assert target.check(scaled) == []
+        compiled = target.compile(scaled)
+    finally:
+        opdef(scaled_gelu).lowerings.pop("onnxruntime")
+    assert_parity(target, compiled, scaled)
+    ops = onnx_ops(compiled)
+    assert ops.count(("com.microsoft", "Gelu")) == 2 and ("", "Gelu") not in ops
+    assert compiled.info["optpipe_ops_native"] == ["optpipe.test_ort_scaled_gelu"]
+
+
+def test_op_without_lowering_is_a_capability_error(target, tiny):
+    with pytest.raises(TargetError) as err:
+        optimize(tiny[1], pipeline="test-ort-opaque-gelu", target="onnxruntime", diffs=False)
+    msg = err.value.one_line()
+    assert "cannot take 2 node(s)" in msg and "\n" not in msg
+    assert "optpipe.test_ort_opaque_gelu at transformer.h.0.mlp.gelu" in msg
+    assert "introduced by test-ort-opaque-gelu" in msg
+
+
+class RunningMax(nn.Module):
+    """cummax: an ATen op torchlib cannot translate and torch has no decomposition for."""
+
+    def forward(self, h):
+        return h - torch.cummax(h, dim=1).values
+
+
+class WithRunningMax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(32, 8)
+        self.norm = RunningMax()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, input_ids):
+        return self.proj(self.norm(self.emb(input_ids)))
+
+
+def test_aten_op_the_exporter_lacks_is_named_before_export(target):
+    program = capture(WithRunningMax(), (torch.randint(0, 32, (1, 8)),))
+    found = target.check(program)
+    assert [(u.op, u.module_path) for u in found] == [("aten.cummax", "norm")]
+    with pytest.raises(TargetError, match="aten.cummax") as err:  # and through optimize: one line
+        optimize(program, pipeline="cse", target="onnxruntime", diffs=False)
+    assert "\n" not in err.value.one_line()
+
+
+def test_export_failure_is_one_line_naming_the_node(target, scaled):
+    def broken(x: TFloat, scale: float) -> TFloat:  # a lowering that raises while translating
+        raise ValueError("no such kernel")
+
+    register_lowering(scaled_gelu, "onnxruntime", broken)
+    try:
+        with pytest.raises(TargetError) as err:
+            target.compile(scaled)
+    finally:
+        opdef(scaled_gelu).lowerings.pop("onnxruntime")
+    msg = err.value.one_line()
+    assert "\n" not in msg and "optpipe.test_ort_scaled_gelu" in msg and "transformer.h.0.mlp.gelu" in msg
+
+
+@onnxscript.script(onnxscript.values.Opset("optpipe.test", 1), default_opset=op)
+def scaled_gelu_unknown_to_ort(x: TFloat, scale: float) -> TFloat:
+    return MSFT.NoSuchGelu(x)
+
+
+def test_op_onnxruntime_has_no_kernel_for_is_one_line(target, scaled):
+    register_lowering(scaled_gelu, "onnxruntime", scaled_gelu_unknown_to_ort)  # exports, but ORT lacks it
+    try:
+        with pytest.raises(TargetError) as err:
+            target.compile(scaled)
+    finally:
+        opdef(scaled_gelu).lowerings.pop("onnxruntime")
+    msg = err.value.one_line()
+    assert "\n" not in msg and "NoSuchGelu" in msg and "transformer.h.0.mlp.gelu" in msg
+
+
+# ---- CLI: optimize -> OUT -> run in a fresh process -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ort") / "OUT"
+    r = CliRunner().invoke(main, ["optimize", TINY, "--target", "onnxruntime", "-p", "fuse-attention,dce",
+                                  "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_cli_optimize_writes_the_onnx_artifacts(out):
+    assert {"program.pt2", "model.onnx", "model.optimized.onnx", "target.json", "report.json"} <= set(os.listdir(out))
+    saved = json.loads((out / "target.json").read_text())
+    assert saved["target"] == "onnxruntime" and saved["info"]["opset"] == 20
+    report = json.loads((out / "report.json").read_text())
+    assert report["target_check"]["ok"] and report["target_check"]["max_abs"] <= 1e-4
+
+
+def test_run_in_a_fresh_process_matches_the_model(out, tiny):
+    ids = [[5, 17, 200, 3, 99, 42, 7]]
+    env = dict(os.environ, PYTHONPATH="")  # no model code: OUT alone
+    r = subprocess.run([sys.executable, "-m", "optpipe", "run", str(out), "--input", f"input_ids={ids}", "--json"],
+                       capture_output=True, text=True, cwd=out.parent, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    model, _ = tiny
+    with torch.no_grad():
+        ref = model(torch.tensor(ids))
+    assert (torch.tensor(doc["outputs"][0]) - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("spec,pattern", [("input_ids:int64[1,2,3]", "has 3 dims"),
+                                          ("input_ids:int32[1,4]", "int32")])
+def test_run_with_bad_input_is_one_line(out, spec, pattern):
+    r = CliRunner().invoke(main, ["run", str(out), "--input", spec])
+    assert r.exit_code == 2, r.output
+    errors = [line for line in r.stderr.splitlines() if line.startswith("optpipe: error:")]
+    assert len(errors) == 1 and pattern in errors[0] and "Traceback" not in r.stderr
+
+
+def test_example_script(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "onnxruntime_target.py"), str(tmp_path / "OUT")],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ok=True" in r.stdout and "plain onnxruntime" in r.stdout
+    assert (tmp_path / "OUT" / "model.onnx").exists() and (tmp_path / "OUT" / "model.optimized.onnx").exists()
