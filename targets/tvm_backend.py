@@ -1,0 +1,754 @@
+"""Targets `tvm` and `tvm-cuda`: the program compiled by Apache TVM Relax into a VM library.
+
+How it lowers
+1. `check`, before any lowering: every node that no import path takes, with its module path and
+   the pass that introduced it. The source of truth is the Relax torch importer's own convert map
+   (`ExportedProgramImporter().create_convert_map()`), looked up on the graph after the same
+   decomposition the import runs, plus optpipe ops with neither a decomposition nor a native `tvm`
+   lowering (`optpipe.target.unsupported_nodes`).
+2. Import: `program.export()` → `run_decompositions(core ATen + optpipe decompositions)` →
+   `relax.frontend.torch.from_exported_program`, with optpipe's native lowerings
+   (`register_lowering(op, "tvm", fn)`, `fn(node, importer) -> relax expr`; tvm-cuda uses them
+   too) in the custom convert map, so those ops are not decomposed. Batch/sequence dims stay
+   symbolic (torch's range constraints become TIR var bounds): one library serves every length.
+   Three fixes on the way in, each needed by a real model: a `view` of a non-contiguous tensor
+   (left by SDPA's decomposition, GPT-2) copies first instead of failing to re-trace; a slice torch
+   proved in bounds (nanoGPT's `mask[:, :, :T, :T]`) is imported as such, or its `min(T, 64)`
+   shape breaks broadcasting; gathers clamp indices (TVM's "fast" `take` reads out of bounds, and
+   can crash, on a bad token id where torch would raise).
+   ONNX fallback, taken only when the torch importer lacks converters for some ops (e.g.
+   `aten.amax`) and `torch.onnx.export` + `relax.frontend.onnx` convert every node; the report
+   says why. Native lowerings do not apply there, so optpipe ops must decompose.
+3. Build: LegalizeOps → FoldConstant → FuseOps/FuseTIR → Relax VM, for `{"kind": "llvm", "mcpu":
+   <this host>}`; tvm-cuda builds for the local GPU's arch with dlight's default GPU schedules.
+4. `tune=N` (llvm): N MetaSchedule trials on a copy of `main` specialised to the example input
+   shapes (`main_static`, called when the shapes match; other shapes run the untuned dynamic
+   `main`). Only float-input tasks are tuned (random-filled indices would read out of bounds);
+   builder and runner work in-process. Database, logs and summary: OUT/tvm/tuning/. tvm-cuda
+   keeps dlight's schedules.
+5. Save/load: OUT/tvm/model.so (weights embedded as VM constants) and OUT/tvm/model.json (inputs,
+   dtypes, named dims, target, functions); `optpipe run` loads them with `relax.VirtualMachine`,
+   without the model's Python code.
+
+Limits: checked in fp32; inference only. The library is built for this host's CPU (mcpu): rebuild
+for another machine. Weights live inside model.so. Untuned kernels are plain loop nests (the tiny
+GPT runs ~2.5x slower than torch eager); tuning helps the example shape only. MetaSchedule needs a
+TVM FFI whose `tvm.ir.save_json` works (apache-tvm-ffi 0.1.14.*; 0.1.15.* segfaults), and tuning
+is refused up front otherwise.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from optpipe import ops
+from optpipe.errors import TargetError, UsageError
+from optpipe.registry import register_target
+from optpipe.target import Compiled, Target, UnsupportedNode, op_label, unsupported_nodes
+
+ARTIFACT = "tvm"
+LOWERING_KEY = "tvm"  # native lowerings registered for "tvm" serve tvm and tvm-cuda alike
+FORMAT = "optpipe-tvm/1"
+STATIC_FN = "main_static"
+
+
+# -- the TVM side, imported lazily (the core reaches this module only through the registry) -------
+
+def _tvm():
+    try:
+        import tvm
+        from tvm import relax  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"target tvm: Apache TVM is not importable ({e})",
+                         "pip install apache-tvm==0.27.0.post1") from None
+    return tvm
+
+
+def host_cpu() -> str:
+    """The LLVM name of this machine's CPU (e.g. "rocketlake"), which the library is built for."""
+    return str(_tvm().target.codegen.llvm_get_system_cpu())
+
+
+def _cpu_target():
+    # num-cores is what MetaSchedule sizes its parallel loops by; codegen ignores it.
+    return _tvm().target.Target({"kind": "llvm", "mcpu": host_cpu(), "num-cores": os.cpu_count() or 1})
+
+
+@functools.lru_cache(maxsize=None)
+def torch_importer_ops() -> frozenset[str]:
+    """Names (`OpOverload.__name__`, e.g. "add.Tensor") the Relax torch importer converts."""
+    _tvm()
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    return frozenset(k for k in ExportedProgramImporter().create_convert_map() if isinstance(k, str))
+
+
+def _fn_name(target) -> str:
+    return getattr(target, "__name__", str(target))
+
+
+def _view_of_any_layout(x, size):
+    """`aten.view` that also takes a non-contiguous input (by copying it first).
+
+    Decomposing SDPA into math changes its output's strides, so a later `view` that was legal on
+    the fused kernel's output (GPT-2's `c_proj` input) fails to re-trace. The copy is correct
+    anywhere, and free in Relax, whose tensors have no strides."""
+    from torch._prims_common import is_contiguous_or_false
+
+    if is_contiguous_or_false(x):
+        return NotImplemented  # a plain view
+    aten = torch.ops.aten
+    return aten.view.default(aten.clone.default(x, memory_format=torch.contiguous_format), size)
+
+
+def decomposition_table(native=()) -> dict:
+    """Core ATen decompositions plus optpipe's own, except ops lowered natively."""
+    table = dict(torch.export.default_decompositions())
+    table[torch.ops.aten.view.default] = _view_of_any_layout
+    table.update(ops.decompositions(exclude=native))
+    return table
+
+
+def _one_line(e: BaseException) -> str:
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return f"{type(e).__name__}: {first[:300]}"
+
+
+# -- import ------------------------------------------------------------------------------------
+
+@dataclass
+class RelaxImport:
+    """An imported program: the Relax module and how it was obtained."""
+
+    mod: Any
+    importer: str  # "torch" or "onnx"
+    native: dict = field(default_factory=dict)  # optpipe op name -> nodes lowered natively
+    reason: str = ""
+
+
+def _symint_expr(x):
+    if isinstance(x, torch.SymInt):
+        return x.node.expr
+    if isinstance(x, torch.fx.Node) and isinstance(x.meta.get("val"), torch.SymInt):
+        return x.meta["val"].node.expr
+    return x if isinstance(x, int) else None
+
+
+def _slice_in_bounds(node, importer):
+    """`aten.slice` that torch proved in bounds (out size == end - start) → an in-bounds strided
+    slice, whose shape stays `T` rather than `min(T, size)`; anything else: the importer's own."""
+    from tvm import relax
+
+    args = list(node.args) + [None] * (5 - len(node.args))
+    src, dim, start, end, step = args[:5]
+    dim, start, step = dim or 0, start or 0, 1 if step is None else step
+    out = node.meta.get("val")
+    size = out.shape[dim] if isinstance(out, torch.Tensor) else None
+    end_expr = _symint_expr(end)
+    if (step == 1 and isinstance(start, int) and isinstance(end, torch.fx.Node) and end_expr is not None
+            and size is not None and _symint_expr(size) is not None
+            and (_symint_expr(size) - (end_expr - start)) == 0):
+        x = importer.env[src]
+        return importer.block_builder.emit(relax.op.strided_slice(
+            x, [dim], [start], [importer.env[end]], [1], assume_inbound=True))
+    return importer._slice(node)
+
+
+def _clamp_gathers(mod):
+    """`take` with mode "clip" instead of "fast": same values for valid indices, no stray reads."""
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    x, idx = wildcard(), wildcard()
+    pattern = is_op("relax.take")(x, idx)
+
+    def clip(call, m):
+        if call.attrs.mode != "fast":
+            return call
+        return relax.op.take(m[x], m[idx], axis=call.attrs.axis, mode="clip")
+
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = rewrite_call(pattern, clip, func)
+    return mod
+
+
+def _counted(name: str, fn, counts: dict):
+    def lower(node, importer):
+        counts[name] = counts.get(name, 0) + 1
+        return fn(node, importer)
+    return lower
+
+
+def _static_shapes(program) -> list[list[int]]:
+    return [list(x.shape) for x in program.example_inputs if isinstance(x, torch.Tensor)]
+
+
+# -- compiled artifact ---------------------------------------------------------------------------
+
+class TvmModule:
+    """A built Relax VM library, callable with the program's positional torch inputs."""
+
+    def __init__(self, executable, meta: dict, device: str, out_spec=None, tuning_dir=None):
+        tvm = _tvm()
+        from tvm import relax
+
+        self.executable = executable
+        self.meta = meta
+        self.device_type = device
+        self.device = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
+        self.vm = relax.VirtualMachine(executable, self.device)
+        self.out_spec = out_spec
+        self.tuning_dir = tuning_dir  # a TemporaryDirectory until save() copies it into OUT
+        self.static_shapes = meta["functions"].get(STATIC_FN)
+        self._functions: dict = {}
+
+    def _to_tvm(self, x: torch.Tensor, dtype: str):
+        tvm = _tvm()
+        want = getattr(torch, dtype)
+        x = x.detach().to(want).contiguous()
+        if x.device.type == self.device_type:
+            return tvm.runtime.from_dlpack(x)
+        return tvm.runtime.tensor(x.cpu().numpy(), device=self.device)
+
+    def _to_torch(self, t) -> torch.Tensor:
+        if self.device_type == "cpu" or torch.cuda.is_available():
+            return torch.from_dlpack(t)
+        return torch.from_numpy(t.numpy())  # a CPU-only torch beside a CUDA TVM
+
+    def function_for(self, inputs) -> str:
+        shapes = [list(x.shape) for x in inputs]
+        return STATIC_FN if self.static_shapes is not None and shapes == self.static_shapes else "main"
+
+    def __call__(self, *inputs):
+        tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
+        specs = self.meta["inputs"]
+        if len(tensors) != len(specs):
+            raise UsageError(f"target tvm: the library takes {len(specs)} input(s) "
+                             f"({', '.join(s['name'] for s in specs)}), got {len(tensors)}")
+        args = [self._to_tvm(x, s["dtype"]) for x, s in zip(tensors, specs)]
+        name = self.function_for(tensors)
+        if name not in self._functions:
+            self._functions[name] = self.vm[name]
+        out = self._functions[name](*args)
+        leaves = [self._to_torch(t) for t in _flatten(out)]
+        if self.out_spec is not None and self.out_spec.num_leaves == len(leaves):
+            return pytree.tree_unflatten(leaves, self.out_spec)
+        return leaves[0] if len(leaves) == 1 else tuple(leaves)
+
+
+def _flatten(value) -> list:
+    tvm = _tvm()
+    if isinstance(value, tvm.runtime.Tensor):
+        return [value]
+    return [t for item in value for t in _flatten(item)]
+
+
+# -- the targets ---------------------------------------------------------------------------------
+
+class TvmTarget(Target):
+    name = "tvm"
+    artifact = ARTIFACT
+    device_type = "cpu"
+
+    def __init__(self):
+        self._exported: tuple | None = None  # (gm, native ops, decomposed ExportedProgram)
+        self._plan: _ImportPlan | None = None  # decided by check(), used by import_program()
+
+    # -- capability ---------------------------------------------------------------------------
+    def available(self) -> None:
+        tvm = _tvm()
+        if not tvm.runtime.enabled("llvm"):
+            raise UsageError(f"target {self.name}: this TVM build has no LLVM backend",
+                             "install the apache-tvm wheel, which ships LLVM")
+
+    def check(self, program, tune: int = 0, **options) -> list[UnsupportedNode]:
+        """Nodes neither import path takes; also decides between the torch and ONNX importers.
+        A `tune` request this install cannot serve fails here too, before any work."""
+        if _trials(tune, self.name) and self.device_type == "cpu":
+            _require_metaschedule()
+        # optpipe ops on the program itself (where passes recorded who introduced them); ATen ops
+        # after the decomposition the import runs (export rewrites many on the way).
+        found = unsupported_nodes(program, LOWERING_KEY, lambda op: True)
+        try:
+            ep = self._decomposed(program)
+        except Exception as e:  # noqa: BLE001 - export itself failing is the user's first problem
+            if found:
+                return found
+            raise TargetError(f"target {self.name}: re-exporting the program failed: {_one_line(e)}",
+                              "run `optpipe inspect` on the model; the torch targets may still take it") from None
+        convert = torch_importer_ops()
+        missing = [n for n in ep.graph.nodes if n.op == "call_function" and not ops.is_optpipe_op(n.target)
+                   and _fn_name(n.target) not in convert]
+        if not missing and not found:
+            self._plan = _ImportPlan(program.gm, "torch")
+            return []
+        if missing and not found:
+            onnx_model = _onnx_if_complete(ep)
+            if onnx_model is not None:
+                lacks = ", ".join(sorted({op_label(n.target) for n in missing}))
+                self._plan = _ImportPlan(program.gm, "onnx", f"the Relax torch importer lacks {lacks}", onnx_model)
+                return []
+        return found + [_unsupported(n) for n in missing]
+
+    def _native_lowerings(self) -> dict:
+        return ops.lowerings_for(LOWERING_KEY)
+
+    def _decomposed(self, program):
+        """The re-exported program after decomposition (cached between check and compile)."""
+        native = tuple(self._native_lowerings())
+        if self._exported and self._exported[0] is program.gm and self._exported[1] == native:
+            return self._exported[2]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = program.export().run_decompositions(decomposition_table(native))
+        self._exported = (program.gm, native, ep)
+        return ep
+
+    # -- import ---------------------------------------------------------------------------------
+    def import_program(self, program) -> RelaxImport:
+        """The program as a Relax IRModule (function `main`), before any TVM optimisation."""
+        _tvm()
+        if self._plan is None or self._plan.gm is not program.gm:
+            unsupported = self.check(program)
+            if unsupported:
+                raise TargetError(f"target {self.name} cannot take {len(unsupported)} node(s): "
+                                  + "; ".join(str(u) for u in unsupported[:10]),
+                                  "choose another target or drop the pass that introduced them")
+        plan = self._plan
+        ep = self._decomposed(program)
+        try:
+            if plan.importer == "onnx":
+                from tvm.relax.frontend.onnx import from_onnx
+
+                model = plan.onnx_model
+                dtypes = {i.name: _onnx_dtype(i.type.tensor_type.elem_type) for i in model.graph.input}
+                mod = from_onnx(model, dtype_dict=dtypes, keep_params_in_input=False)
+                return RelaxImport(_clamp_gathers(mod), "onnx", reason=plan.reason)
+            from tvm.relax.frontend.torch import from_exported_program
+
+            counts: dict = {}
+            convert = {"slice.Tensor": _slice_in_bounds}
+            for op, fn in self._native_lowerings().items():
+                convert[_fn_name(op)] = _counted(ops.opdef(op).name, fn, counts)
+            mod = from_exported_program(ep, custom_convert_map=convert, run_ep_decomposition=False)
+            return RelaxImport(_clamp_gathers(mod), "torch", counts)
+        except (TargetError, UsageError):
+            raise
+        except Exception as e:  # noqa: BLE001 - an importer traceback helps nobody
+            raise TargetError(f"target {self.name}: Relax import ({plan.importer}) failed: {_one_line(e)}",
+                              "report it with `optpipe inspect` output; the torch targets may take it") from None
+
+    # -- build ------------------------------------------------------------------------------------
+    def build_target(self):
+        return _cpu_target()
+
+    def compile(self, program, tune: int = 0, **options) -> Compiled:
+        """`tune`: MetaSchedule trials (0: untuned). Options meant for other targets are ignored."""
+        tvm = _tvm()
+        tune = _trials(tune, self.name)
+        start = time.perf_counter()
+        imported = self.import_program(program)
+        mod = imported.mod
+        target = self.build_target()
+        info: dict = {"device": self.device_type, "target": json.loads(str(target)), "importer": imported.importer,
+                      "mode": "untuned", "tune": tune}
+        if imported.reason:
+            info["importer_reason"] = imported.reason
+        if imported.native:
+            info["native_lowerings"] = imported.native
+        inputs = _input_specs(mod, program)
+        functions: dict = {"main": None}
+        tuning_dir = database = None
+        if tune and self.device_type == "cuda":
+            info["tuning"] = "ignored: tvm-cuda uses dlight's default GPU schedules"
+        elif tune:
+            tuning_dir = tempfile.TemporaryDirectory(prefix="optpipe-tvm-tuning-")  # into OUT on save
+            try:
+                database, summary = tune_static(mod, program, target, tune, tuning_dir.name)
+            except (TargetError, UsageError):
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise TargetError(f"target {self.name}: MetaSchedule tuning failed: {_one_line(e)}",
+                                  "build untuned (--tune 0); the log is under the tuning logs/ folder") from None
+            info.update(mode=f"tuned ({summary['trials']} trials)", tuning=summary)
+            if summary["specialized"]:
+                mod[STATIC_FN] = _specialize(mod["main"], program, STATIC_FN)
+                functions[STATIC_FN] = _static_shapes(program)
+        try:
+            executable = build_relax(mod, target, database)
+        except Exception as e:  # noqa: BLE001
+            raise TargetError(f"target {self.name}: build failed: {_one_line(e)}",
+                              "rerun with OPTPIPE_DEBUG=1 for the traceback") from None
+        info["compile_s"] = round(time.perf_counter() - start, 2)
+        meta = {"format": FORMAT, "target": info["target"], "device": self.device_type, "cpu": host_cpu(),
+                "inputs": inputs, "functions": functions, "importer": imported.importer,
+                "tvm_version": tvm.__version__}
+        module = TvmModule(executable, meta, self.device_type, _out_spec(program), tuning_dir)
+        return Compiled(module, info)
+
+    # -- save / load ------------------------------------------------------------------------------
+    def save(self, compiled: Compiled, out_dir: str) -> None:
+        module: TvmModule = compiled.fn
+        folder = os.path.join(out_dir, ARTIFACT)
+        os.makedirs(folder, exist_ok=True)
+        module.executable.export_library(os.path.join(folder, "model.so"))
+        with open(os.path.join(folder, "model.json"), "w") as f:
+            json.dump(module.meta, f, indent=2)
+        if module.tuning_dir is not None:
+            shutil.copytree(module.tuning_dir.name, os.path.join(folder, "tuning"), dirs_exist_ok=True)
+
+    def load(self, out_dir: str, program) -> Compiled:
+        tvm = _tvm()
+        folder = os.path.join(out_dir, ARTIFACT)
+        lib_path, meta_path = os.path.join(folder, "model.so"), os.path.join(folder, "model.json")
+        if not (os.path.isfile(lib_path) and os.path.isfile(meta_path)):
+            raise UsageError(f"{out_dir} has no TVM library ({ARTIFACT}/model.so, {ARTIFACT}/model.json)",
+                             f"rerun `optpipe optimize ... --target {self.name} -o {out_dir}`")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("format") != FORMAT:
+            raise UsageError(f"{meta_path}: unknown format {meta.get('format')!r}", f"expected {FORMAT}")
+        if meta.get("device", "cpu") == "cpu" and meta.get("cpu") != host_cpu():
+            warnings.warn(f"{lib_path} was built for CPU {meta.get('cpu')!r}, this is {host_cpu()!r}: "
+                          "it may use instructions this CPU lacks; rebuild here if it fails")
+        module = TvmModule(tvm.runtime.load_module(lib_path), meta, meta.get("device", "cpu"),
+                           _out_spec(program))
+        return Compiled(module, {"device": module.device_type, "target": meta["target"],
+                                 "importer": meta.get("importer"), "mode": "loaded"})
+
+
+class TvmCudaTarget(TvmTarget):
+    name = "tvm-cuda"
+    device_type = "cuda"
+
+    def available(self) -> None:
+        tvm = _tvm()
+        if not tvm.runtime.enabled("cuda") or not tvm.cuda(0).exist:
+            raise UsageError("target tvm-cuda: no CUDA device here (tvm.cuda().exist is False)",
+                             "use --target tvm for this CPU, or run on a machine with an NVIDIA GPU "
+                             "and a CUDA-enabled TVM build")
+
+    def prepare_inputs(self, inputs: tuple) -> tuple:
+        if not torch.cuda.is_available():
+            return inputs  # TvmModule copies CPU tensors to the GPU itself
+        return tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in inputs)
+
+    def build_target(self):
+        return cuda_target()
+
+
+def cuda_target(arch: str | None = None):
+    """CUDA for `arch` (e.g. "sm_90"; default: the local GPU's), with this CPU as the host."""
+    tvm = _tvm()
+    device = tvm.target.Target.from_device(tvm.cuda(0)) if arch is None else {"kind": "cuda", "arch": arch}
+    return tvm.target.Target(device, host={"kind": "llvm", "mcpu": host_cpu()})
+
+
+def _trials(tune, target_name: str) -> int:
+    try:
+        trials = int(tune or 0)
+    except (TypeError, ValueError):
+        trials = -1
+    if trials < 0:
+        raise UsageError(f"target {target_name}: tune must be a number of trials >= 0, got {tune!r}",
+                         "e.g. --tune 64; 0 builds untuned")
+    return trials
+
+
+def _unsupported(node) -> UnsupportedNode:
+    from optpipe.pipeline import introduced_by
+
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else ""
+    return UnsupportedNode(node.name, op_label(node.target), path, introduced_by(node))
+
+
+def _out_spec(program):
+    return getattr(program.gm, "_out_spec", None)
+
+
+def _input_specs(mod, program) -> list[dict]:
+    """Name, dtype and dims (ints, or the symbolic var's name) of each `main` parameter."""
+    tvm = _tvm()
+    from tvm import relax
+
+    specs = []
+    params = mod["main"].params
+    num_input = mod["main"].attrs.get("num_input", len(params)) if mod["main"].attrs else len(params)
+    names = list(program.input_names) + [f"arg{i}" for i in range(len(program.input_names), len(params))]
+    dynamic = list(program.dynamic_shapes or []) + [None] * len(params)
+    for i, p in enumerate(params[:int(num_input)]):
+        shape = p.ty.shape.values if isinstance(p.ty.shape, relax.ShapeExpr) else []
+        dim_names = dynamic[i] or {}
+        # a symbolic dim is named as the program names it ("seq"), else by its TIR var ("s70")
+        dims = [int(d) if isinstance(d, tvm.tirx.IntImm) else dim_names.get(axis, str(d))
+                for axis, d in enumerate(shape)]
+        specs.append({"name": names[i], "dtype": str(p.ty.dtype), "shape": dims})
+    return specs
+
+
+def _example_binding(func, program) -> dict:
+    """{symbolic dim var: its size in the example inputs} over `func`'s parameters."""
+    tvm = _tvm()
+    from tvm import relax
+
+    binding = {}
+    for p, x in zip(func.params, [x for x in program.example_inputs if isinstance(x, torch.Tensor)]):
+        if isinstance(p.ty.shape, relax.ShapeExpr):
+            for d, size in zip(p.ty.shape.values, x.shape):
+                if isinstance(d, tvm.tirx.Var):
+                    binding[d] = int(size)
+    return binding
+
+
+def _specialize(func, program, name: str = "main"):
+    """`func` with its symbolic dims bound to the example inputs' sizes, exported as `name`."""
+    return func.bind_symbolic_vars(_example_binding(func, program)).with_attr("global_symbol", name)
+
+
+def _legalize_and_fuse(mod, target):
+    tvm = _tvm()
+    from tvm import relax
+
+    passes = [relax.transform.DecomposeOpsForInference(), relax.transform.LegalizeOps(),
+              relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+              relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()]
+    with target:
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def build_relax(mod, target, database=None):
+    """Build an imported Relax module into a VM executable for `target` (a `tvm.target.Target`),
+    applying MetaSchedule `database`'s schedules, or dlight's default ones on a GPU."""
+    tvm = _tvm()
+    from tvm import relax
+
+    gpu = "gpu" in target.keys
+    mod = _legalize_and_fuse(mod, target)
+    if database is not None:
+        with target, database:
+            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    if gpu:
+        from tvm.s_tir import dlight as dl
+
+        with target:
+            mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                          dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+    # the default_build pipeline: memory planning, shape lowering and VM codegen
+    return tvm.compile(mod, target, relax_pipeline=relax.get_pipeline("default_build"))
+
+
+# -- ONNX fallback -------------------------------------------------------------------------------
+
+@dataclass
+class _ImportPlan:
+    gm: Any  # the program graph the plan is for
+    importer: str  # "torch" or "onnx"
+    reason: str = ""
+    onnx_model: Any = None
+
+
+def _onnx_if_complete(ep):
+    """The program as ONNX if the Relax ONNX importer converts every node of it, else None."""
+    try:
+        import onnx
+        from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # optimize=True folds the exporter's `Constant(value_int=...)` nodes, which the Relax
+            # ONNX importer cannot read, into initializers
+            model = torch.onnx.export(ep, dynamo=True, opset_version=18, optimize=True,
+                                      external_data=False, verbose=False).model_proto
+        onnx.checker.check_model(model)
+    except Exception:  # noqa: BLE001 - no ONNX path: the torch importer's gaps get reported
+        return None
+    known = set(_get_convert_map())
+    ok = all(n.domain in ("", "ai.onnx") and n.op_type in known for n in model.graph.node)
+    return model if ok else None
+
+
+def _onnx_dtype(elem_type: int) -> str:
+    import onnx
+
+    return str(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+# -- MetaSchedule tuning -------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def metaschedule_blocker() -> str | None:
+    """Why MetaSchedule cannot run with this TVM install (None: it can).
+
+    MetaSchedule serialises TIR with `tvm.ir.save_json`, which segfaults with apache-tvm-ffi
+    0.1.15.*; probing in a child process keeps the crash out of ours."""
+    probe = "import tvm; tvm.ir.save_json(tvm.tirx.IntImm('int32', 1))"
+    try:
+        proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return "probing tvm.ir.save_json in a child process timed out"
+    if proc.returncode == 0:
+        return None
+    try:
+        from importlib.metadata import version
+
+        ffi = version("apache-tvm-ffi")
+    except Exception:  # noqa: BLE001
+        ffi = "?"
+    return (f"tvm.ir.save_json crashes with this install (apache-tvm-ffi {ffi}, exit {proc.returncode}), "
+            "and MetaSchedule needs it")
+
+
+def _require_metaschedule() -> None:
+    blocker = metaschedule_blocker()
+    if blocker:
+        raise TargetError(f"target tvm: cannot tune: {blocker}",
+                          "pin apache-tvm-ffi==0.1.14.post1, or build untuned (--tune 0)")
+
+
+def _x86_intrinsics_only():
+    """TuneContext imports every target's tensor intrinsics (~30 s of TVMScript parsing, most of
+    it CUDA's); llvm tuning needs only x86's. Register the package without its __init__ so that
+    import is a no-op, and load x86 alone."""
+    import importlib.util
+    import types
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    package = types.ModuleType(name)
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__spec__ = spec
+    sys.modules[name] = package
+    importlib.import_module(f"{name}.x86")
+
+
+def _in_process_measure():
+    """MetaSchedule builder/runner that work in this process: the stock ones need a popen pool
+    (cloudpickle, psutil) and are slow to start on a small machine."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build
+    from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner, RunnerFuture, RunnerResult
+    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common, run_evaluator_common
+
+    tvm = _tvm()
+    built: dict = {}
+
+    @derived_object
+    class InProcessBuilder(PyBuilder):
+        def build(self, build_inputs):
+            results = []
+            for inp in build_inputs:
+                try:
+                    key = f"in-process:{len(built)}"
+                    built[key] = default_build(inp.mod, inp.target, None)
+                    results.append(BuilderResult(key, None))
+                except Exception as e:  # noqa: BLE001 - a failed candidate is a tuning record
+                    results.append(BuilderResult(None, _one_line(e)))
+            return results
+
+    @derived_object
+    class InProcessRunner(PyRunner):
+        def __init__(self):
+            super().__init__()
+            self.config = EvaluatorConfig(number=3, repeat=1, min_repeat_ms=10)
+            self.fill = tvm.get_global_func("tvm.contrib.random.random_fill_for_measure")
+
+        def run(self, runner_inputs):
+            futures = []
+            for inp in runner_inputs:
+                try:
+                    rt_mod = built.pop(str(inp.artifact_path))
+                    dev = tvm.runtime.device(str(inp.device_type), 0)
+                    args = alloc_argument_common(self.fill, dev, [a.as_json() for a in inp.args_info], 1)
+                    result = RunnerResult(run_evaluator_common(rt_mod, dev, self.config, args), None)
+                except Exception as e:  # noqa: BLE001
+                    result = RunnerResult(None, _one_line(e))
+                futures.append(RunnerFuture(lambda: True, lambda r=result: r))
+            return futures
+
+    return InProcessBuilder(), InProcessRunner()
+
+
+def _float_only(task) -> bool:
+    """Tasks whose inputs are all floating point: random-filled integer inputs are out-of-range
+    indices, and a gather reading them would crash the in-process runner."""
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    args = [a.as_json() for a in ArgInfo.from_prim_func(task.dispatched[0]["main"])]
+    return all(kind == "TENSOR" and str(dtype).startswith(("float", "bfloat")) for kind, dtype, *_ in args)
+
+
+def tune_static(mod, program, target, trials: int, work_dir: str):
+    """MetaSchedule-tune `main` specialised to the example shapes; returns (database, summary)."""
+    _require_metaschedule()
+    tvm = _tvm()
+    from tvm.s_tir import meta_schedule as ms
+
+    _x86_intrinsics_only()
+    static = tvm.IRModule({"main": _specialize(mod["main"], program)})
+    specialized = bool(_example_binding(mod["main"], program))
+    static = _legalize_and_fuse(static, target)
+    tasks = [t for t in ms.relax_integration.extract_tasks(static, target) if _float_only(t)]
+    try:
+        import xgboost  # noqa: F401 - a learned cost model makes the evolutionary search worthwhile
+
+        cost_model, strategy = "xgb", "evolutionary"
+    except ImportError:
+        cost_model, strategy = "random", "replay-trace"
+    # MetaSchedule logs every step to stdout (where `--json` output goes): keep its console to
+    # warnings, on stderr; the full logs are written under work_dir/logs.
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    if ms_logger.level == logging.NOTSET:
+        ms_logger.setLevel(logging.WARNING)
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            tasks, work_dir, strategy=strategy, num_threads=int(target.attrs["num-cores"]), seed=0)
+        database = ms.database.JSONDatabase(work_dir=work_dir)
+        builder, runner = _in_process_measure()
+        per_task = max(1, -(-trials // max(1, len(contexts))))
+        if contexts:
+            ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir,
+                               max_trials_global=trials, max_trials_per_task=per_task,
+                               num_trials_per_iter=min(per_task, 64), builder=builder, runner=runner,
+                               database=database, cost_model=cost_model,
+                               measure_callbacks=[ms.measure_callback.AddToDatabase(),
+                                                  ms.measure_callback.UpdateCostModel()])
+    summary = {"trials": len(database), "tasks": len(contexts), "strategy": strategy,
+               "cost_model": cost_model, "specialized": specialized,
+               "shapes": _static_shapes(program), "seconds": round(time.perf_counter() - start, 2),
+               "best_us": _best_times(database, contexts)}
+    with open(os.path.join(work_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return database, summary
+
+
+def _best_times(database, contexts) -> dict:
+    best = {}
+    for ctx in contexts:
+        records = database.get_top_k(database.commit_workload(ctx.mod), 1)
+        if records and records[0].run_secs:
+            best[ctx.task_name] = round(float(records[0].run_secs[0]) * 1e6, 2)
+    return best
+
+
+register_target("tvm", TvmTarget)
+register_target("tvm-cuda", TvmCudaTarget)

@@ -1,0 +1,332 @@
+"""Targets tvm and tvm-cuda: parity with the torch program (at the example inputs and at a second
+sequence length), the saved library run in a fresh process, how optpipe ops lower (decomposition,
+native Relax lowering, capability error), the ONNX fallback and MetaSchedule tuning.
+
+TVM builds cost seconds each: models are tiny (1-2 layers, hidden 32-64) and each is built once.
+"""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.nn as nn
+
+pytest.importorskip("tvm")
+
+from examples.tiny_gpt import build  # noqa: E402
+from optpipe import capture  # noqa: E402
+from optpipe.errors import TargetError, UsageError  # noqa: E402
+from optpipe.ops import define_op, register_lowering  # noqa: E402
+from optpipe.optimization import check_target, optimize  # noqa: E402
+from optpipe.program import load_program  # noqa: E402
+from optpipe.registry import PassResult, get_target, register_pass  # noqa: E402
+from optpipe.targets import tvm_backend  # noqa: E402
+from tests import hf_models  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOL = 1e-4  # fp32 max-abs
+
+
+# -- test-only optpipe ops, and a pass that puts them in a graph ---------------------------------
+
+def _silu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x)
+
+
+def _silu_fake(x):
+    return torch.empty_like(x)
+
+
+def _relax_silu(node, importer):
+    from tvm import relax
+
+    return importer.block_builder.emit(relax.op.nn.silu(importer.env[node.args[0]]))
+
+
+def _broken_lowering(node, importer):
+    raise RuntimeError("this lowering is broken\nsecond line of detail")
+
+
+TEST_OPS = {
+    "decomposed": define_op("tvm_test_silu", _silu, fake=_silu_fake, decomposition=_silu),
+    "native": define_op("tvm_test_silu_native", _silu, fake=_silu_fake, decomposition=_silu),
+    "opaque": define_op("tvm_test_silu_opaque", _silu, fake=_silu_fake),  # no decomposition
+    "broken": define_op("tvm_test_silu_broken", _silu, fake=_silu_fake, decomposition=_silu),
+}
+register_lowering(TEST_OPS["native"], "tvm", _relax_silu)
+register_lowering(TEST_OPS["broken"], "tvm", _broken_lowering)
+
+
+@dataclass(frozen=True)
+class SwapSiluConfig:
+    op: str = field(default="decomposed", metadata={"help": "test op replacing aten.silu: " + ", ".join(TEST_OPS)})
+
+    def __post_init__(self):
+        if self.op not in TEST_OPS:
+            raise ValueError(f"op must be one of {', '.join(TEST_OPS)}")
+
+
+@register_pass("test-tvm-swap-silu", SwapSiluConfig, exact=True)
+def swap_silu(program, config):
+    """Replaces aten.silu with a test-only optpipe op."""
+    graph, n = program.gm.graph, 0
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.silu.default:
+            with graph.inserting_after(node):
+                new = graph.call_function(TEST_OPS[config.op], node.args)
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            n += 1
+    program.gm.recompile()
+    return PassResult(bool(n), {"rewritten": n})
+
+
+class SiluMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(64, 32)
+        self.fc1 = nn.Linear(32, 64)
+        self.act = nn.SiLU()
+        self.fc2 = nn.Linear(64, 32)
+
+    def forward(self, input_ids):
+        return self.fc2(self.act(self.fc1(self.emb(input_ids))))
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    torch.manual_seed(0)
+    return capture(SiluMLP().eval(), (torch.randint(0, 64, (1, 8)),))
+
+
+def _assert_parity(report):
+    check = report["target_check"]
+    assert check["ok"] and check["max_abs"] <= TOL, check
+    assert check["inputs"] == 2  # the example inputs and a second sequence length
+
+
+# -- the tiny GPT: `optpipe optimize` in one process, `optpipe run` in another -------------------
+
+def _optpipe(*args):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "optpipe", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def gpt_out(tmp_path_factory):
+    """OUT of `optpipe optimize examples/tiny_gpt.py:build --target tvm`, and its report."""
+    out = tmp_path_factory.mktemp("tvm") / "OUT"
+    report = json.loads(_optpipe("optimize", "examples/tiny_gpt.py:build", "--target", "tvm", "--pipeline",
+                                 "fuse-attention,dce", "-o", str(out), "--json"))
+    return out, report
+
+
+@pytest.fixture(scope="module")
+def gpt_loaded(gpt_out):
+    out, _ = gpt_out
+    return get_target("tvm").load(str(out), load_program(out / "program.pt2"))
+
+
+def test_tiny_gpt_parity(gpt_out, gpt_loaded):
+    out, report = gpt_out
+    _assert_parity(report)
+    info = report["target_info"]
+    assert info["importer"] == "torch" and info["mode"] == "untuned" and info["target"]["kind"] == "llvm"
+    assert info["target"]["mcpu"] == tvm_backend.host_cpu()
+    assert {p.name for p in (out / "tvm").iterdir()} == {"model.so", "model.json"}
+    # one library for every batch and length: the dims stay symbolic, named as the program names them
+    assert gpt_loaded.fn.meta["inputs"] == [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}]
+    model, _ = build()
+    ids = torch.randint(0, 256, (3, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(gpt_loaded(ids), model(ids), atol=TOL, rtol=0)
+
+
+def test_optpipe_run_in_a_fresh_process(gpt_out):
+    out, _ = gpt_out
+    ids = [[5, 17, 3, 250, 42]]  # a length the model was not captured at
+    result = json.loads(_optpipe("run", str(out), "--input", f"input_ids={json.dumps(ids)}", "--json"))
+    with torch.no_grad():
+        expected = load_program(out / "program.pt2").gm(torch.tensor(ids))
+    torch.testing.assert_close(torch.tensor(result["outputs"][0]), expected, atol=TOL, rtol=0)
+
+
+def test_out_of_range_token_is_clamped_not_a_crash(gpt_loaded):
+    # TVM's default gather reads out of bounds on a bad id; the backend clamps instead
+    out = gpt_loaded(torch.tensor([[1, 2, 10_000]]))
+    assert out.shape == (1, 3, 256) and torch.isfinite(out).all()
+
+
+@pytest.fixture(scope="module")
+def raw_gpt():
+    """nanoGPT's hand-written attention, unfused, compiled directly."""
+    model, inputs = build(n_layer=1)
+    program = capture(model, inputs)
+    tgt = get_target("tvm")
+    return tgt, program, tgt.compile(program)
+
+
+def test_hand_written_attention_imports_with_symbolic_dims(raw_gpt):
+    # `bias[:, :, :T, :T]` of nanoGPT's mask buffer: without the in-bounds slice the import fails
+    tgt, program, compiled = raw_gpt
+    assert check_target(tgt, compiled, program)["max_abs"] <= TOL
+    assert compiled.fn.meta["inputs"][0]["shape"] == ["batch", "seq"]
+
+
+def test_tvm_cuda_lowering_builds_with_dlight_schedules(raw_gpt):
+    # no GPU needed to build: every kernel must get a GPU schedule (thread bindings), or TVM's
+    # memory verification rejects it
+    tgt, program, _ = raw_gpt
+    executable = tvm_backend.build_relax(tgt.import_program(program).mod, tvm_backend.cuda_target("sm_90"))
+    assert executable is not None
+
+
+HF_MODELS = {"gpt2": hf_models.gpt2, "llama": hf_models.llama, "bert": hf_models.bert, "minilm": hf_models.minilm}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(HF_MODELS))
+def test_hf_model_parity(name):
+    model, inputs = HF_MODELS[name]()
+    res = optimize(model, inputs, pipeline="fuse-attention,dce", target="tvm", diffs=False)
+    _assert_parity(res.report)
+    if "attention_mask" in inputs:  # a padded batch at another length, beyond what optimize checks
+        ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(3))
+        mask = torch.ones(2, 11, dtype=torch.int64)
+        mask[0, 7:] = 0
+        with torch.no_grad():
+            torch.testing.assert_close(res.compiled(ids, mask), res.program.gm(ids, mask), atol=TOL, rtol=0)
+
+
+# -- the example ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_example_script(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "tvm_target.py"), "--out",
+                           str(tmp_path / "OUT")], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compiled for llvm" in proc.stdout and "reloaded" in proc.stdout
+    assert (tmp_path / "OUT" / "tvm" / "model.so").is_file()
+
+
+# -- optpipe ops ---------------------------------------------------------------------------------
+
+def _relax_text(program) -> str:
+    return get_target("tvm").import_program(program).mod.script(show_meta=False)
+
+
+def test_optpipe_op_lowers_by_decomposition(mlp):
+    res = optimize(mlp, pipeline="test-tvm-swap-silu{op=decomposed}", target="tvm", diffs=False)
+    assert res.records[0].stats == {"rewritten": 1}
+    _assert_parity(res.report)
+    assert "native_lowerings" not in res.report["target_info"]
+    text = _relax_text(res.program)
+    assert "R.sigmoid" in text and "R.nn.silu" not in text
+
+
+def test_optpipe_op_uses_its_native_tvm_lowering(mlp):
+    res = optimize(mlp, pipeline="test-tvm-swap-silu{op=native}", target="tvm", diffs=False)
+    _assert_parity(res.report)
+    assert res.report["target_info"]["native_lowerings"] == {"tvm_test_silu_native": 1}
+    text = _relax_text(res.program)
+    assert "R.nn.silu" in text and "R.sigmoid" not in text
+
+
+def test_optpipe_op_without_lowering_is_a_capability_error(mlp):
+    with pytest.raises(TargetError, match=r"optpipe\.tvm_test_silu_opaque at act .*introduced by "
+                                          r"test-tvm-swap-silu"):
+        optimize(mlp, pipeline="test-tvm-swap-silu{op=opaque}", target="tvm", diffs=False)
+
+
+def test_a_failing_lowering_is_a_one_line_target_error(mlp):
+    with pytest.raises(TargetError) as err:
+        optimize(mlp, pipeline="test-tvm-swap-silu{op=broken}", target="tvm", diffs=False)
+    assert "Relax import (torch) failed: RuntimeError: this lowering is broken" in str(err.value)
+    assert "\n" not in err.value.one_line()
+
+
+# -- ops the Relax torch importer lacks ----------------------------------------------------------
+
+class Erfinv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(32, 16)
+
+    def forward(self, input_ids):
+        return torch.special.erfinv(torch.tanh(self.emb(input_ids)))
+
+
+class Amax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(32, 16)
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, input_ids):
+        h = self.lin(self.emb(input_ids))
+        return h - h.amax(-1, keepdim=True)
+
+
+def test_aten_op_tvm_lacks_is_a_capability_error():
+    # neither the torch importer nor the ONNX path takes erfinv: named before any lowering
+    program = capture(Erfinv().eval(), (torch.randint(0, 32, (1, 8)),))
+    with pytest.raises(TargetError, match=r"cannot take 1 node\(s\): aten\.erfinv at <top>"):
+        optimize(program, pipeline="dce", target="tvm", diffs=False)
+
+
+def test_onnx_fallback_when_the_torch_importer_lacks_an_op():
+    torch.manual_seed(0)
+    program = capture(Amax().eval(), (torch.randint(0, 32, (1, 8)),))
+    res = optimize(program, pipeline="dce", target="tvm", diffs=False)
+    _assert_parity(res.report)
+    info = res.report["target_info"]
+    assert info["importer"] == "onnx" and "aten.amax" in info["importer_reason"]
+
+
+# -- options and devices -------------------------------------------------------------------------
+
+def test_bad_tune_value_is_a_usage_error(mlp):
+    with pytest.raises(UsageError, match="tune must be"):
+        get_target("tvm").check(mlp, tune=-3)
+
+
+@pytest.mark.skipif(tvm_backend.metaschedule_blocker() is None, reason="MetaSchedule works here")
+def test_tuning_refused_clearly_when_metaschedule_cannot_run(mlp):
+    with pytest.raises(TargetError, match="cannot tune: .*save_json") as err:
+        optimize(mlp, pipeline="dce", target="tvm", diffs=False, target_options={"tune": 4})
+    assert "apache-tvm-ffi" in err.value.hint
+
+
+@pytest.mark.skipif(tvm_backend.metaschedule_blocker() is not None,
+                    reason=f"MetaSchedule cannot run here: {tvm_backend.metaschedule_blocker()}")
+def test_tuning_specializes_tunes_and_saves_the_database(mlp, tmp_path):
+    # a few trials on the MLP's two matmuls: seconds, not minutes
+    res = optimize(mlp, pipeline="dce", target="tvm", diffs=False, target_options={"tune": 4})
+    _assert_parity(res.report)  # the example shape runs main_static, the other length main
+    info = res.report["target_info"]
+    assert info["mode"].startswith("tuned") and info["tuning"]["trials"] >= 1
+    assert info["tuning"]["specialized"] and info["tuning"]["shapes"] == [[1, 8]]
+    module = res.compiled.fn
+    assert module.function_for(mlp.example_inputs) == "main_static"
+    assert module.function_for((torch.zeros(1, 5, dtype=torch.int64),)) == "main"
+    res.save(tmp_path / "OUT")
+    tuning = tmp_path / "OUT" / "tvm" / "tuning"
+    saved = {p.name for p in tuning.iterdir()}
+    assert {"database_workload.json", "database_tuning_record.json", "summary.json"} <= saved
+    assert json.loads((tmp_path / "OUT" / "tvm" / "model.json").read_text())["functions"]["main_static"] == [[1, 8]]
+
+
+def test_tvm_cuda_without_a_gpu_is_a_clear_error(mlp):
+    import tvm
+
+    if tvm.runtime.enabled("cuda") and tvm.cuda(0).exist:
+        pytest.skip("checks the no-GPU error")
+    with pytest.raises(UsageError, match=r"no CUDA device.*tvm\.cuda\(\)\.exist"):
+        optimize(mlp, pipeline="dce", target="tvm-cuda", diffs=False)
