@@ -183,6 +183,8 @@ def format_value(v: Any) -> str:
     if isinstance(v, float) and v.is_integer():
         return repr(v)
     s = str(v)
+    if s.startswith("[") and s.endswith("]") and s.count("[") == 1 and not any(c in s for c in "{} "):
+        return s  # a bracketed list (e.g. a LayerSelection) reads back unquoted
     return f'"{s}"' if any(c in s for c in ",{}[] ") else s
 
 

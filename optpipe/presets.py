@@ -19,6 +19,8 @@ from .registry import suggest
 
 PRESETS: dict[str, tuple[str, str]] = {
     "canonicalize": ("fuse-attention,cse,dce", "canonical SDPA attention, shared subexpressions, no dead code"),
+    "long-context": ("fuse-attention,attention{kind=sliding-window,window=256,layers=1:-1},dce",
+                     "sliding-window attention in all but the first and last layers"),
 }
 
 

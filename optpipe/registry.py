@@ -24,6 +24,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "fuse-attention": "optpipe.passes.fuse_attention",
     "dce": "optpipe.passes.cleanup",
     "cse": "optpipe.passes.cleanup",
+    "attention": "optpipe.passes.attention",
 }
 BUILTIN_TARGETS: dict[str, str] = {
     "cpu": "optpipe.targets.torch_backend",

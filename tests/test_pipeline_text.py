@@ -15,6 +15,8 @@ def roundtrip(s):
     "fuse-attention,cse,dce",
     "test-add-noise{scale=0.5}",
     "test-add-noise{scale=0.5,min-sqnr=20.0},dce",
+    "fuse-attention,attention{kind=sliding-window,window=256,layers=2:}",
+    "attention{kind=block-sparse,layers=[0,11]}",
 ])
 def test_canonical_strings_round_trip(text):
     assert roundtrip(text) == text

@@ -1,0 +1,415 @@
+"""attention: dense `aten.scaled_dot_product_attention` -> sparse or linear attention (lossy).
+
+Rewrites every selected SDPA node into ONE `torch.ops.optpipe.*` node (see `attention_ops` for the
+ops, their kernels, autograd and decompositions):
+
+    kind=sliding-window  -> optpipe.sparse_attention(pattern="sliding-window", window=W)
+    kind=block-sparse    -> optpipe.sparse_attention(pattern="block-sparse", block=B, global_tokens=G)
+    kind=random          -> optpipe.sparse_attention(pattern="random", ..., random_blocks=R, seed=S)
+    kind=strided         -> optpipe.sparse_attention(pattern="strided", stride=S)
+    kind=linear          -> optpipe.linear_attention(feature_map=elu|relu, chunk=C)
+    kind=performer       -> optpipe.performer_attention(projection=<new buffer>, chunk=C)
+    kind=linformer       -> optpipe.linformer_attention(proj_key, proj_value=<new parameters>)
+    kind=dense           -> nothing (keep dense attention; with `layers`, choose where)
+
+`layers` selects sites by their order in the graph (0 = the first SDPA node), e.g. `layers=1:-1`
+keeps the first and last layers dense.
+
+Masks: a causal site (`is_causal=True`, or a mask that evaluates to the causal pattern) becomes a
+causal pattern; an encoder's padding mask (a mask that depends on an input and only on the key
+position, checked on the example inputs) becomes the op's `key_padding_mask`, honoured by every
+kind; causal+padding likewise. Any other mask (sliding windows already, ALiBi or other biases,
+per-head masks), dropout inside attention, cross-attention (query and key lengths that differ) and
+non-4-d inputs are REFUSED: the site stays dense and the result's details say why. Linformer refuses
+causal sites (its projections mix the whole sequence, so every token would see the future).
+
+New weights: linformer adds two trainable `(k, max_len)` projections per site (initialised to mean
+pooling over k segments, so at init it attends to segment averages; projected keys that see no
+token are ignored), performer a `(features, head_dim)` buffer of orthogonal random features drawn
+from `seed`; `redraw_projections(gm, step)` redraws them every `redraw` steps of a training loop.
+
+Preconditions: run after `fuse-attention` (which canonicalizes hand-written attention into SDPA
+nodes with an explicit scale, `is_causal` and un-repeated GQA K/V): this pass only looks at SDPA
+nodes. Stats: {"rewritten", "skipped" (not selected, or kind=dense), "refused", "sites"}; details:
+one entry per site, keyed by module path, and `notes` on lengths where a kind does not pay off.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+import torch
+import torch.fx
+from torch._guards import detect_fake_mode
+
+from optpipe.attention_sites import (SDPA, _mask_module, find_attention_sites, same_size,
+                                     sdpa_arguments, val)
+from optpipe.program import Program
+from optpipe.registry import PassResult, register_pass
+from optpipe.selection import LayerSelection
+
+from . import attention_ops as ops
+from .cleanup import eliminate_dead_code
+
+aten = torch.ops.aten
+
+KINDS = ("sliding-window", "block-sparse", "random", "strided", "linear", "performer", "linformer", "dense")
+Kind = Literal["sliding-window", "block-sparse", "random", "strided", "linear", "performer", "linformer", "dense"]
+_META_KEYS = ("nn_module_stack", "stack_trace")
+
+# Below these example lengths a kind is slower than dense SDPA on CPU (benchmarks/attention.py,
+# fp32, 8 heads x 64): reported in the pass's notes rather than hidden.
+BREAK_EVEN_LENGTH = {"sliding-window": 1024, "block-sparse": 1024, "random": 4096, "strided": 1024,
+                     "linear": 2048, "performer": 4096, "linformer": 1024}
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    kind: Kind = field(default="dense", metadata={
+        "help": "sliding-window | block-sparse | random | strided (exact attention over a subset of keys), "
+                "linear | performer | linformer (approximate, O(n)), dense (leave as is)"})
+    window: int = field(default=128, metadata={
+        "help": "sliding-window: keys at distance < window (causal: the window most recent keys)"})
+    block: int = field(default=64, metadata={
+        "help": "block-sparse/random: block size; a query attends its own and the neighbouring key blocks"})
+    global_tokens: int = field(default=0, metadata={
+        "help": "block-sparse/random: the first N tokens attend and are attended everywhere"})
+    random: int = field(default=2, metadata={"help": "random: random key blocks per query block"})
+    stride: int = field(default=64, metadata={
+        "help": "strided: keys at distance < stride plus every stride-th key (positions = stride-1 mod stride)"})
+    feature_map: Literal["elu", "relu"] = field(default="elu", metadata={
+        "help": "linear: feature map (elu+1 or relu)"})
+    chunk: int = field(default=64, metadata={"help": "linear/performer, causal: chunk of the prefix-sum form"})
+    features: int = field(default=128, metadata={"help": "performer: random features"})
+    redraw: int = field(default=0, metadata={
+        "help": "performer: redraw the random features every N training steps (0: fixed); "
+                "a training loop calls optpipe.passes.attention.redraw_projections(gm, step)"})
+    k: int = field(default=64, metadata={"help": "linformer: projected sequence length"})
+    max_len: int = field(default=0, metadata={
+        "help": "linformer: longest sequence the projections accept (0: the model's max positions)"})
+    seed: int = field(default=0, metadata={"help": "random/performer/linformer: seed of random draws"})
+    layers: LayerSelection = field(default=LayerSelection(), metadata={
+        "help": "which attention sites (graph order): a slice 2:, :-1, an index 3, or a list [0,11]"})
+    min_sqnr: float | None = field(default=None, metadata={
+        "help": "verification budget: stop the pipeline when output SQNR (dB) falls below this"})
+    min_cosine: float | None = field(default=None, metadata={
+        "help": "verification budget: stop the pipeline when output cosine similarity falls below this"})
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"attention: unknown kind {self.kind!r} (kinds: {', '.join(KINDS)})")
+        positive = {"window": 1, "block": 1, "random": 0, "stride": 2, "chunk": 1, "features": 1, "k": 1,
+                    "global_tokens": 0, "redraw": 0, "max_len": 0}
+        for name, least in positive.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"attention: {name.replace('_', '-')} must be an integer >= {least}, "
+                                 f"got {value!r}")
+        if self.feature_map not in ops.FEATURE_MAPS:
+            raise ValueError(f"attention: feature-map must be one of {', '.join(ops.FEATURE_MAPS)}")
+        if not isinstance(self.layers, LayerSelection):
+            object.__setattr__(self, "layers", LayerSelection.parse(str(self.layers)))
+        if self.kind == "random" and self.random < 1:
+            raise ValueError("attention: kind=random needs random >= 1 (random key blocks per query block)")
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# -- site analysis -------------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    node: torch.fx.Node
+    index: int
+    path: str
+    mask: str
+    causal: bool
+    key_mask: tuple | None = None
+    """(mask node, polarity "bool" or "additive") of a padding mask."""
+
+
+def _threshold(dtype: torch.dtype) -> float:
+    # additive masks: values at or below this block (attention_sites' convention: -inf, dtype-min, -1e9)
+    return max(torch.finfo(dtype).min / 2, -1e9)
+
+
+def _key_padding_source(gm, mask_node, causal: bool, example_inputs) -> tuple | str:
+    """(mask node, polarity) when `mask_node` is a key padding mask (each query row equal to the
+    last one, with the causal pattern on top when `causal`) on the example inputs; else why not."""
+    mv = val(mask_node)
+    if mv is None or mv.dim() < 2:
+        return "mask without a known shape"
+    if mv.dim() == 4 and not (isinstance(mv.shape[1], int) and mv.shape[1] == 1):
+        return "per-head mask (only masks shared by all heads map to a key padding mask)"
+    if mv.dim() > 4:
+        return f"{mv.dim()}-d mask"
+    polarity = "bool" if mv.dtype == torch.bool else "additive"
+    if polarity == "additive" and not mv.is_floating_point():
+        return f"mask of dtype {mv.dtype}"
+    try:
+        with torch.no_grad():
+            value = _mask_module(gm, mask_node)(*example_inputs)
+    except Exception as e:  # noqa: BLE001 - a mask we cannot evaluate is one we cannot vouch for
+        return f"mask could not be evaluated on the example inputs ({type(e).__name__})"
+    allowed = value if value.dtype == torch.bool else value > _threshold(value.dtype)
+    if allowed.shape[-2] == 1 and not causal:
+        return (mask_node, polarity)
+    keys = allowed[..., -1:, :]
+    expected = keys.expand_as(allowed)
+    if causal:
+        n = allowed.shape[-1]
+        expected = expected & torch.ones(allowed.shape[-2], n, dtype=torch.bool).tril(n - allowed.shape[-2])
+    if not torch.equal(allowed, expected):
+        return "mask varies per query beyond " + ("causality" if causal else "key padding") + \
+            " on the example inputs (a custom mask)"
+    return (mask_node, polarity)
+
+
+def _plan_site(gm, node, index, site, config: AttentionConfig, example_inputs) -> _Plan | str:
+    """A rewrite plan for one SDPA node, or the reason it is refused."""
+    args = sdpa_arguments(node)
+    q, k, v = (val(args[n]) for n in ("query", "key", "value"))
+    if q is None or k is None or v is None:
+        return "query/key/value without recorded shapes"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"{q.dim()}-d attention (the efficient forms take (batch, heads, seq, dim))"
+    if args["dropout_p"]:
+        return f"dropout_p={args['dropout_p']} inside attention cannot be preserved"
+    if not same_size(q.shape[-2], k.shape[-2]):
+        return "query and key lengths differ (cross-attention or a KV cache): positions do not line up"
+    if not (isinstance(q.shape[1], int) and isinstance(k.shape[1], int)) or q.shape[1] % k.shape[1]:
+        return f"{q.shape[1]} query heads do not group over {k.shape[1]} key/value heads"
+    if site.mask == "custom":
+        return "custom mask (a window, bias or per-query pattern) cannot be preserved: only causal and " \
+               "key-padding masks are"
+    causal = site.mask in ("causal", "causal+padding")
+    if causal and config.kind == "linformer":
+        return "linformer is bidirectional only: its projections mix the whole sequence, so a causal " \
+               "site would see the future (use sliding-window, linear or performer for decoders)"
+    plan = _Plan(node, index, site.module_path, site.mask, causal)
+    if site.mask in ("padding", "causal+padding"):
+        source = _key_padding_source(gm, args["attn_mask"], causal, example_inputs)
+        if isinstance(source, str):
+            return source
+        plan.key_mask = source
+    return plan
+
+
+# -- rewriting -------------------------------------------------------------------------------------
+def _insert(graph: torch.fx.Graph, op, args: tuple, like: torch.fx.Node, fake_mode, kwargs=None):
+    node = graph.call_function(op, args, kwargs or {})
+    for key in _META_KEYS:
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    fake_args = torch.fx.node.map_arg((args, kwargs or {}), lambda n: n.meta.get("val"))
+    if fake_mode is not None:
+        with fake_mode:
+            node.meta["val"] = op(*fake_args[0], **fake_args[1])
+    return node
+
+
+def _key_mask_node(graph, plan: _Plan, like, fake_mode):
+    """Graph nodes turning the site's mask into a (B|1, S) bool key padding mask."""
+    mask_node, polarity = plan.key_mask
+    # read the mask before its broadcast over queries: then nothing O(L·S) needs to stay alive
+    while (mask_node.op == "call_function" and mask_node.target is aten.expand.default
+           and val(mask_node.args[0]) is not None and val(mask_node.args[0]).dim() == val(mask_node).dim()
+           and val(mask_node.args[0]).shape[-2] == 1):
+        mask_node = mask_node.args[0]
+    mv = val(mask_node)
+    x = mask_node
+    if polarity == "additive":
+        x = _insert(graph, aten.gt.Scalar, (x, _threshold(mv.dtype)), like, fake_mode)
+    x = _insert(graph, aten.select.int, (x, -2, -1), like, fake_mode)        # the last query row
+    if mv.dim() == 4:
+        x = _insert(graph, aten.select.int, (x, 1, 0), like, fake_mode)      # the (size-1) head axis
+    elif mv.dim() == 2:
+        x = _insert(graph, aten.unsqueeze.default, (x, 0), like, fake_mode)
+    return x
+
+
+def _new_tensor_attr(gm: torch.fx.GraphModule, owner_path: str, name: str, tensor: torch.Tensor,
+                     parameter: bool) -> str:
+    """Register `tensor` on the submodule at `owner_path` (or the root); returns its attribute path."""
+    owner, prefix = gm, ""
+    if owner_path:
+        try:
+            owner, prefix = gm.get_submodule(owner_path), owner_path + "."
+        except AttributeError:
+            name = owner_path.replace(".", "_") + "_" + name
+    base, i = name, 1
+    while hasattr(owner, name):
+        name, i = f"{base}_{i}", i + 1
+    if parameter:
+        owner.register_parameter(name, torch.nn.Parameter(tensor))
+    else:
+        owner.register_buffer(name, tensor)
+    return prefix + name
+
+
+def _get_attr(gm, graph, target: str, like, fake_mode):
+    node = graph.get_attr(target)
+    for key in _META_KEYS:
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    tensor = gm.get_parameter(target) if _is_param(gm, target) else gm.get_buffer(target)
+    if fake_mode is not None:
+        node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
+    return node
+
+
+def _is_param(gm, target) -> bool:
+    try:
+        gm.get_parameter(target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _max_len(program: Program, config: AttentionConfig) -> int | None:
+    if config.max_len:
+        return config.max_len
+    cfg = program.meta.get("config") or {}
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "block_size"):
+        if isinstance(cfg.get(key), int) and cfg[key] > 0:
+            return cfg[key]
+    return None
+
+
+def mean_pooling_projection(k: int, max_len: int, dtype=torch.float32) -> torch.Tensor:
+    """(k, max_len): row r averages the r-th of k equal segments of the sequence."""
+    seg = -(-max_len // k)
+    rows = torch.arange(max_len) // seg
+    proj = torch.zeros(k, max_len, dtype=dtype)
+    proj[rows, torch.arange(max_len)] = 1.0 / seg
+    return proj
+
+
+def _rewrite(program: Program, plan: _Plan, config: AttentionConfig) -> dict:
+    gm, graph, node = program.gm, program.gm.graph, plan.node
+    args = sdpa_arguments(node)
+    q, k, v = args["query"], args["key"], args["value"]
+    qv = val(q)
+    fake_mode = detect_fake_mode([val(x) for x in (q, k, v)])
+    scale = args["scale"] if args["scale"] is not None else 1.0 / math.sqrt(qv.shape[-1])
+    with graph.inserting_before(node):
+        key_mask = _key_mask_node(graph, plan, node, fake_mode) if plan.key_mask else None
+        if config.kind in ops.SPARSE_PATTERNS:
+            op = ops.sparse_attention
+            op_args = (q, k, v, key_mask, config.kind, plan.causal, float(scale), config.window, config.block,
+                       config.global_tokens, config.random if config.kind == "random" else 0, config.stride,
+                       config.seed)
+        elif config.kind == "linear":
+            op = ops.linear_attention
+            op_args = (q, k, v, key_mask, config.feature_map, plan.causal, config.chunk)
+        elif config.kind == "performer":
+            op = ops.performer_attention
+            proj = ops.orthogonal_random_features(config.features, qv.shape[-1], config.seed + plan.index,
+                                                  dtype=qv.dtype)
+            target = _new_tensor_attr(gm, plan.path, "performer_projection", proj, parameter=False)
+            proj_node = _get_attr(gm, graph, target, node, fake_mode)
+            op_args = (q, k, v, key_mask, proj_node, plan.causal, config.chunk, float(scale), config.redraw)
+        else:  # linformer
+            op = ops.linformer_attention
+            max_len = _max_len(program, config)
+            init = mean_pooling_projection(config.k, max_len, dtype=qv.dtype)
+            targets = [_new_tensor_attr(gm, plan.path, f"linformer_proj_{which}", init.clone(), parameter=True)
+                       for which in ("key", "value")]
+            ek, ev = (_get_attr(gm, graph, t, node, fake_mode) for t in targets)
+            op_args = (q, k, v, key_mask, ek, ev, float(scale))
+        new = _insert(graph, op, op_args, node, fake_mode)
+    new.meta["val"] = node.meta.get("val", new.meta.get("val"))
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return {"index": plan.index, "module_path": plan.path, "node": new.name, "action": "rewritten",
+            "op": f"optpipe.{op._opname}", "mask": plan.mask, "causal": plan.causal,
+            "key_padding_mask": key_mask is not None}
+
+
+def _notes(config: AttentionConfig, lengths: set[int]) -> list[str]:
+    notes = []
+    if not lengths:
+        return notes
+    n = max(lengths)
+    even = BREAK_EVEN_LENGTH.get(config.kind)
+    if even and n < even:
+        notes.append(f"kind={config.kind} is slower than dense SDPA on CPU below about {even} tokens "
+                     f"(example length {n}); it pays off on longer sequences (benchmarks/attention.py)")
+    if config.kind == "sliding-window" and config.window >= n:
+        notes.append(f"window={config.window} >= example length {n}: at that length every query sees every "
+                     "(earlier) key, which the op computes as dense attention")
+    return notes
+
+
+@register_pass("attention", AttentionConfig, exact=False)
+def attention(program: Program, config: AttentionConfig) -> PassResult:
+    """Rewrite dense SDPA attention into sparse (sliding-window, block-sparse, random, strided) or
+    linear (linear, performer, linformer) attention ops; refuse sites whose mask it cannot keep."""
+    gm = program.gm
+    sites = find_attention_sites(gm, program.example_inputs)
+    by_name = {n.name: n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA}
+    total = len(sites)
+    details, plans = [], []
+    for index, site in enumerate(sites):
+        node = by_name[site.node]
+        entry = {"index": index, "module_path": site.module_path, "node": site.node, "mask": site.mask}
+        if config.kind == "dense":
+            details.append({**entry, "action": "skipped", "reason": "kind=dense keeps dense attention"})
+            continue
+        if not config.layers.selects(index, total):
+            details.append({**entry, "action": "skipped",
+                            "reason": f"layers={config.layers} does not select site {index} of {total}"})
+            continue
+        plan = _plan_site(gm, node, index, site, config, program.example_inputs)
+        if isinstance(plan, str):
+            details.append({**entry, "action": "refused", "reason": plan})
+            continue
+        if config.kind == "linformer" and _max_len(program, config) is None:
+            details.append({**entry, "action": "refused", "reason": "linformer needs max-len (the longest "
+                            "sequence its projections accept) and the model config names none"})
+            continue
+        plans.append(plan)
+        details.append(None)  # filled in after the rewrite, in site order
+    for plan in plans:
+        details[details.index(None)] = _rewrite(program, plan, config)
+    lengths = {int(x.shape[1]) for x in program.example_inputs if isinstance(x, torch.Tensor) and x.dim() >= 2}
+    if plans:
+        eliminate_dead_code(gm)
+        gm.graph.lint()
+        gm.recompile()
+    counts = {action: sum(1 for d in details if d["action"] == action)
+              for action in ("rewritten", "skipped", "refused")}
+    result_details = {"sites": details}
+    notes = _notes(config, lengths) if plans else []
+    if notes:
+        result_details["notes"] = notes
+    return PassResult(bool(plans), {**counts, "sites": total}, result_details)
+
+
+# -- training support ------------------------------------------------------------------------------------
+def redraw_projections(gm: torch.nn.Module, step: int, seed: int | None = None) -> int:
+    """Redraw the performer feature buffers whose `redraw` interval divides `step` (call once per
+    training step). Returns how many were redrawn. Deterministic for a given (seed, step)."""
+    count = 0
+    graph = getattr(gm, "graph", None)
+    if graph is None:
+        return 0
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not ops.performer_attention:
+            continue
+        interval = node.args[8] if len(node.args) > 8 else node.kwargs.get("redraw", 0)
+        proj_node = node.args[4] if len(node.args) > 4 else node.kwargs.get("projection")
+        if not interval or step % interval or not (isinstance(proj_node, torch.fx.Node)
+                                                   and proj_node.op == "get_attr"):
+            continue
+        buf = gm.get_buffer(proj_node.target)
+        draw_seed = zlib.crc32(f"{seed or 0}:{step}:{proj_node.target}".encode())
+        with torch.no_grad():
+            buf.copy_(ops.orthogonal_random_features(buf.shape[0], buf.shape[1], draw_seed, dtype=buf.dtype))
+        count += 1
+    return count
+
+
+__all__ = ["AttentionConfig", "attention", "redraw_projections", "mean_pooling_projection", "KINDS"]

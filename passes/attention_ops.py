@@ -1,0 +1,1105 @@
+"""Efficient attention operators that the `attention` pass puts in place of dense SDPA.
+
+    torch.ops.optpipe.sparse_attention(q, k, v, key_padding_mask, pattern, causal, scale,
+                                       window, block, global_tokens, random_blocks, stride, seed)
+    torch.ops.optpipe.linear_attention(q, k, v, key_padding_mask, feature_map, causal, chunk)
+    torch.ops.optpipe.performer_attention(q, k, v, key_padding_mask, projection, causal, chunk,
+                                          scale, redraw)
+    torch.ops.optpipe.linformer_attention(q, k, v, key_padding_mask, proj_key, proj_value, scale)
+
+Shapes follow SDPA: q `(B, H, L, D)`, k/v `(B, Hkv, S, D)` with `H % Hkv == 0` (grouped-query
+attention: K/V are never repeated on the fast paths), out `(B, H, L, Dv)`. `key_padding_mask` is
+None or a bool `(B|1, S)`, True where a key may be attended (an encoder's padding mask). A query
+row that may attend no key at all (a padded query whose whole window is padding) outputs zeros, on
+every path.
+
+Each op is defined once through `optpipe.ops.define_op`: eager kernels, fake impl, autograd, a FLOP
+formula and a decomposition into standard ATen ops that every target falls back on.
+
+Sparse patterns (exact softmax attention over a subset of keys; `SparsePattern.allowed` is THE
+definition, the decomposition builds exactly that mask):
+
+- `sliding-window`: keys at distance < `window` (causal: the `window` most recent keys, the query
+  itself included; bidirectional: up to 2·window−1 keys around it);
+- `block-sparse`: sequence cut into blocks of `block`; a query attends its own block and the one
+  before (and, bidirectional, the one after), plus `global_tokens` global tokens: the first tokens,
+  which every query attends and which (bidirectional) attend every key;
+- `random`: block-sparse plus `random_blocks` key blocks per query block, picked by a seeded
+  integer hash (deterministic, the same on every path and at every length);
+- `strided` (Sparse Transformer, "fixed" summary columns): keys at distance < `stride` plus every
+  key at a position ≡ stride−1 (mod stride).
+Causal patterns never attend a later key.
+
+Fast CPU path: block-banded. Queries are cut into blocks; block b attends the keys of an
+overlapping window (an `as_strided` view over one padded copy of K/V, so windows are not copied),
+and ATen's CPU flash kernel runs all blocks as one batch with a small per-block band mask. Extra key sets (global keys, strided
+summary keys, random blocks) are separate flash calls merged exactly through their log-sum-exp.
+The backward calls the flash backward kernel per key set with the merged output and log-sum-exp
+(saved on the output, recomputed if missing): nothing O(L·S) is ever held. Short sequences (and
+windows covering the whole sequence) take one dense flash call instead; with `window >= length` it
+is exactly causal SDPA.
+
+CUDA path: FlexAttention with a block mask made from the same pattern (compiled once per process);
+backward through FlexAttention's autograd. Written for CUDA machines, guarded by device; the CPU
+test suite does not run it.
+
+Kernel (linear) attention: `out_i = φ(q_i)·Σ_j φ(k_j)v_jᵀ / φ(q_i)·Σ_j φ(k_j)`, with φ = elu+1 or
+relu (`linear`), or FAVOR+ positive orthogonal random features (`performer`). Causal through the
+chunked prefix-sum form: within a chunk the masked quadratic form, across chunks the states
+Σφ(k)vᵀ (F, Dv) and Σφ(k) (F) of the chunks before — never an O(L·F·D) cumulative sum. (Traced with
+a symbolic length, as the decomposition is, causal kernel attention takes the masked quadratic form
+of the same sums: chunk padding needs length arithmetic export cannot prove.) Linformer projects K
+and V along the sequence with learned `(k, max_len)` matrices (`E[:, :S]`; projected keys that see
+no token are ignored), then runs dense attention over those k keys. The backward of these ops
+recomputes the forward from the saved inputs (no activations are kept between the two).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from optpipe.ops import define_op
+
+aten = torch.ops.aten
+
+SPARSE_PATTERNS = ("sliding-window", "block-sparse", "random", "strided")
+FEATURE_MAPS = ("elu", "relu")
+
+# Tuning of the CPU path (measured with benchmarks/attention.py on an AVX-512 CPU, fp32): ATen's
+# flash forward is fastest on short query blocks, its backward on long ones, so the two passes use
+# different blockings of the same pattern (the softmax statistics are per query, layout-free).
+FORWARD_BLOCK = 32
+BACKWARD_BLOCK = 256
+DENSE_MAX_LEN = 256
+"""Sequences up to this length run as one dense masked flash call (fewer, larger GEMMs win there)."""
+_MASK_CACHE_SIZE = 64
+_EPS = 1e-6
+
+
+# -- patterns ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SparsePattern:
+    """Which keys each query attends; `allowed(i, j, n)` is the definition every path follows."""
+
+    kind: str
+    causal: bool
+    window: int = 0
+    block: int = 64
+    global_tokens: int = 0
+    random_blocks: int = 0
+    stride: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.kind not in SPARSE_PATTERNS:
+            raise ValueError(f"unknown sparse pattern {self.kind!r} (known: {', '.join(SPARSE_PATTERNS)})")
+        if self.kind == "sliding-window" and self.window < 1:
+            raise ValueError(f"sliding-window needs window >= 1, got {self.window}")
+        if self.kind == "strided" and self.stride < 1:
+            raise ValueError(f"strided needs stride >= 1, got {self.stride}")
+        if self.kind in ("block-sparse", "random") and self.block < 1:
+            raise ValueError(f"{self.kind} needs block >= 1, got {self.block}")
+        if self.global_tokens < 0 or self.random_blocks < 0:
+            raise ValueError("global_tokens and random_blocks must be >= 0")
+
+    # token-level band for sliding-window / strided; None for the block-local kinds
+    @property
+    def band(self) -> int | None:
+        return self.window if self.kind == "sliding-window" else self.stride if self.kind == "strided" else None
+
+    @property
+    def global_keys(self) -> int:
+        return self.global_tokens if self.kind in ("block-sparse", "random") else 0
+
+    @property
+    def random_count(self) -> int:
+        return self.random_blocks if self.kind == "random" else 0
+
+    def local(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Local part of the pattern (causality included) for broadcastable position tensors."""
+        if self.band is not None:
+            d = i - j
+            return ((d >= 0) & (d < self.band)) if self.causal else ((d < self.band) & (d > -self.band))
+        d = _block_of(i, self.block) - _block_of(j, self.block)
+        return ((d >= 0) & (d <= 1) & (j <= i)) if self.causal else ((d >= -1) & (d <= 1))
+
+    def summary(self, j: torch.Tensor) -> torch.Tensor:
+        """Strided pattern's summary columns: j ≡ stride-1 (mod stride)."""
+        return torch.remainder(j, _const(self.stride, j)) == self.stride - 1
+
+    def random_picks(self, n_blocks, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(picks, valid), both (n_blocks, random_blocks): the key blocks each query block draws.
+
+        Causal picks come from the blocks before the local ones (b < qb-1); bidirectional ones from
+        all blocks. An integer hash of (seed, query block, draw) keeps them deterministic and
+        expressible in ATen ops at any (symbolic) length."""
+        r = self.random_count
+        qb = torch.arange(n_blocks, device=device).unsqueeze(1)
+        draw = torch.arange(r, device=device).unsqueeze(0)
+        m = 2147483648  # 2**31: keeps every product below 2**63
+        mod = _const(m, qb)  # int64 tensor constants: some importers type bare ints as int32
+        x = torch.remainder(qb * _const(40503, qb) + draw * _const(9973, qb)
+                            + _const((self.seed % m) * 69069 % m + 1, qb), mod)
+        for _ in range(3):
+            x = torch.remainder(x * _const(1103515245, qb) + _const(12345, qb), mod)
+        h = torch.div(x, _const(65536, qb), rounding_mode="floor")
+        if self.causal:
+            candidates = qb - 1
+            valid = (candidates > 0).expand(-1, r)
+            picks = torch.remainder(h, candidates.clamp(min=1))
+        else:
+            total = qb[-1:] + 1  # n_blocks as a tensor: exporters take tensor divisors, not symbolic ints
+            picks = torch.remainder(h, total)
+            valid = picks >= 0  # every draw is valid
+        return picks, valid
+
+    def random_table(self, n_blocks, device=None) -> torch.Tensor:
+        """(n_blocks, n_blocks) bool: key block kb is a random pick of query block qb."""
+        picks, valid = self.random_picks(n_blocks, device)
+        kb = torch.arange(n_blocks, device=device)
+        return ((picks.unsqueeze(-1) == kb) & valid.unsqueeze(-1)).any(1)
+
+    def allowed(self, i: torch.Tensor, j: torch.Tensor, n,
+                random_table: torch.Tensor | None = None) -> torch.Tensor:
+        """May query i attend key j (sequence length n)? Broadcastable integer position tensors."""
+        ok = self.local(i, j)
+        g = self.global_keys
+        if g:
+            ok = ok | (j < g) | ((i < g) if not self.causal else torch.zeros_like(ok))
+        if self.kind == "strided":
+            ok = ok | self.summary(j)
+        if self.random_count:
+            if random_table is None:
+                nb = (n + self.block - 1) // self.block
+                random_table = self.random_table(nb, device=i.device)
+            if i.dim() == 2 and j.dim() == 2 and i.shape[1] == 1 and j.shape[0] == 1:
+                # (L, 1) x (1, S) positions: two gathers (simpler for importers than 2-d indexing)
+                rows = random_table.index_select(0, _block_of(i[:, 0], self.block))
+                ok = ok | rows.index_select(1, _block_of(j[0], self.block))
+            else:
+                ok = ok | random_table[_block_of(i, self.block), _block_of(j, self.block)]
+        if self.causal:
+            ok = ok & (j <= i)
+        return ok & (j < n) & (i < n)
+
+    def covers_all(self, n: int) -> bool:
+        """The pattern allows every (causal) pair at length n: dense attention computes it exactly."""
+        if self.band is not None:
+            return self.band >= n
+        return (n + self.block - 1) // self.block <= 2
+
+    def keys_per_query(self, n: int) -> float:
+        """Average number of keys a query attends at length n (for FLOP counts)."""
+        if n <= 0:
+            return 0.0
+        if self.band is not None:
+            w = min(self.band, n)
+            if self.causal:
+                pairs = w * n - w * (w - 1) / 2
+            else:
+                pairs = n + 2 * (w - 1) * n - (w - 1) * w
+            keys = pairs / n
+            if self.kind == "strided":
+                keys += (n // self.stride) * (0.5 if self.causal else 1.0)
+            return min(keys, (n + 1) / 2 if self.causal else n)
+        local = (1.5 if self.causal else 3.0) * self.block
+        keys = local + self.global_keys + self.random_count * self.block * (0.5 if self.causal else 1.0)
+        return min(keys, (n + 1) / 2 if self.causal else float(n))
+
+
+def _const(value: int, like: torch.Tensor) -> torch.Tensor:
+    """A 0-d integer constant of `like`'s dtype. Made by `arange` rather than `full`: importers type
+    bare python ints as int32 (wrong next to int64 positions, and 2**31 overflows), and TVM cannot
+    legalize a 0-d `full`."""
+    return torch.arange(value, value + 1, dtype=like.dtype, device=like.device).reshape(())
+
+
+def _block_of(pos: torch.Tensor, block: int) -> torch.Tensor:
+    return torch.div(pos, _const(block, pos), rounding_mode="floor")
+
+
+def _pattern(pattern: str, causal: bool, window: int, block: int, global_tokens: int,
+             random_blocks: int, stride: int, seed: int) -> SparsePattern:
+    return SparsePattern(pattern, bool(causal), int(window), int(block), int(global_tokens),
+                         int(random_blocks), int(stride), int(seed))
+
+
+def _very_negative_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+# -- the reference: dense attention with the pattern's explicit mask ---------------------------------
+def dense_pattern_mask(pattern: SparsePattern, n, key_padding_mask: torch.Tensor | None = None,
+                       device=None) -> torch.Tensor:
+    """The pattern as an explicit bool mask `(L, S)` or `(B, 1, L, S)` with a key padding mask."""
+    pos = torch.arange(n, device=device)
+    allowed = pattern.allowed(pos.unsqueeze(1), pos.unsqueeze(0), n)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :].to(torch.bool)
+    return allowed
+
+
+def sparse_attention_reference(query, key, value, key_padding_mask, pattern: SparsePattern, scale: float):
+    """Dense SDPA with the pattern's explicit mask; rows that may attend nothing give zeros. This is
+    the op's decomposition (standard ATen ops only) and the semantics every fast path matches."""
+    n = query.shape[-2]
+    allowed = dense_pattern_mask(pattern, n, key_padding_mask, device=query.device)
+    alive = allowed.any(-1, keepdim=True)
+    # a dead row attends everything (no NaN anywhere, in forward or backward), then is zeroed
+    allowed = allowed | ~alive
+    key, value = _repeat_kv(query, key, value)
+    out = aten.scaled_dot_product_attention.default(query, key, value, attn_mask=allowed, scale=scale)
+    return torch.where(alive, out, torch.zeros_like(out))
+
+
+def _repeat_kv(query, key, value):
+    groups = query.shape[-3] // key.shape[-3]
+    if groups == 1:
+        return key, value
+    return key.repeat_interleave(groups, dim=-3), value.repeat_interleave(groups, dim=-3)
+
+
+# -- CPU: block-banded flash ---------------------------------------------------------------------------
+_flash = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_flash_backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _cpu_fast_path(query: torch.Tensor) -> bool:
+    return (query.device.type == "cpu" and _flash is not None and _flash_backward is not None
+            and query.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16))
+
+
+@dataclass
+class _Layout:
+    """Queries of (B, H, N, D) as (B·Hkv, nb, G·Bs, D): the G query heads sharing a K/V head are
+    stacked in each block's rows, so K/V are read once per group and never repeated."""
+
+    batch: int
+    kv_heads: int
+    groups: int
+    n: int
+    block: int
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.n // self.block)
+
+    @property
+    def padded(self) -> int:
+        return self.n_blocks * self.block
+
+    @property
+    def rows(self) -> int:
+        return self.groups * self.block
+
+    def to_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, ...) -> (B·Hkv, nb, G·Bs, ...)."""
+        tail = x.shape[3:]
+        if self.padded != self.n:
+            pad = [0, 0] * len(tail) + [0, self.padded - self.n]
+            x = F.pad(x, pad)
+        x = x.reshape(self.batch, self.kv_heads, self.groups, self.n_blocks, self.block, *tail)
+        if self.groups > 1:
+            x = x.transpose(2, 3)
+        return x.reshape(self.batch * self.kv_heads, self.n_blocks, self.rows, *tail)
+
+    def from_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """(B·Hkv, nb, G·Bs, ...) -> (B, H, N, ...)."""
+        tail = x.shape[3:]
+        x = x.reshape(self.batch, self.kv_heads, self.n_blocks, self.groups, self.block, *tail)
+        if self.groups > 1:
+            x = x.transpose(2, 3)
+        x = x.reshape(self.batch, self.kv_heads * self.groups, self.padded, *tail)
+        return x[:, :, :self.n] if self.padded != self.n else x
+
+    def row_positions(self, device) -> torch.Tensor:
+        """(nb, G·Bs) query position of each layout row."""
+        r = torch.arange(self.rows, device=device) % self.block
+        return torch.arange(self.n_blocks, device=device).unsqueeze(1) * self.block + r
+
+
+@dataclass
+class _KeySet:
+    """One flash call: a set of keys per query block, with its mask and where its K/V grads go."""
+
+    name: str
+    key: torch.Tensor          # (X, h, S, D) view
+    value: torch.Tensor
+    mask: torch.Tensor         # additive (X|1, h, L, S)
+    alive: torch.Tensor | None  # bool (X|1, h, L): rows with at least one allowed key here
+    flat: bool                  # rows are the whole layout flattened (h = 1) instead of per block
+    scatter: Callable[[torch.Tensor, torch.Tensor], None]
+
+    def rows(self, x: torch.Tensor, layout: _Layout) -> torch.Tensor:
+        if not self.flat:
+            return x
+        return x.reshape(x.shape[0], 1, layout.n_blocks * layout.rows, *x.shape[3:])
+
+    def unrows(self, x: torch.Tensor, layout: _Layout) -> torch.Tensor:
+        return x.reshape(x.shape[0], layout.n_blocks, layout.rows, *x.shape[3:]) if self.flat else x
+
+
+class _MaskCache:
+    """Band masks depend only on (pattern, length, blocking, dtype, device): layers and the
+    backward reuse them. Masks with a key padding mask are data and never cached."""
+
+    def __init__(self, size: int):
+        self.size, self.entries = size, OrderedDict()
+
+    def get(self, key, build):
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        value = build()
+        self.entries[key] = value
+        if len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return value
+
+
+_MASKS = _MaskCache(_MASK_CACHE_SIZE)
+
+
+def _pad_mask(key_padding_mask: torch.Tensor | None, before: int, total: int):
+    if key_padding_mask is None:
+        return None
+    kpm = key_padding_mask.to(torch.bool)
+    return F.pad(kpm, (before, total - before - kpm.shape[-1]), value=False)
+
+
+def _expand_rows(mask: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    """(Bk, ...) per-batch mask -> (Bk·Hkv, ...) to line up with the layout's first dim."""
+    if mask.shape[0] == 1:
+        return mask
+    return mask.unsqueeze(1).expand(mask.shape[0], layout.kv_heads, *mask.shape[1:]).reshape(
+        mask.shape[0] * layout.kv_heads, *mask.shape[1:])
+
+
+def _key_sets(pattern: SparsePattern, layout: _Layout, k: torch.Tensor, v: torch.Tensor,
+              key_padding_mask, dtype, dk: torch.Tensor | None = None, dv: torch.Tensor | None = None):
+    """The flash calls that together cover the pattern, each key attended exactly once.
+
+    `k`, `v` are the padded (X, before + nb·Bs + after, D) key/value copies; `dk`, `dv` (same
+    shape) receive the key/value gradients in the backward."""
+    bs, nb, n = layout.block, layout.n_blocks, layout.n
+    device = k.device
+    if pattern.band is not None:
+        reach = -(-(pattern.band - 1) // bs)
+        before, after = reach, (0 if pattern.causal else reach)
+    else:
+        before, after = 1, (0 if pattern.causal else 1)
+    span = (before + 1 + after) * bs
+    offset = before * bs
+    x = k.shape[0]
+    rows = layout.row_positions(device)                                       # (nb, R)
+    local_keys = (torch.arange(nb, device=device).unsqueeze(1) - before) * bs + torch.arange(span, device=device)
+    kpm = _pad_mask(key_padding_mask, offset, k.shape[1])                    # (Bk, total) or None
+    sets: list[_KeySet] = []
+
+    def additive(name, build_allowed, keys_of_kpm):
+        """(mask, alive): cached when there is no key padding mask."""
+        def build():
+            allowed = build_allowed()
+            return _very_negative_mask(allowed, dtype), allowed.any(-1)
+        if kpm is None:
+            key = (pattern, name, n, bs, layout.groups, dtype, str(device))
+            return _MASKS.get(key, build)
+        allowed = build_allowed() & keys_of_kpm()
+        allowed = _expand_rows(allowed, layout)
+        return _very_negative_mask(allowed, dtype), allowed.any(-1)
+
+    def window(first_block: int, blocks: int):
+        """Keys of `blocks` blocks starting `first_block` blocks after each query block's padded
+        start: an overlapping as_strided view, no copy."""
+        st, width = k.stride(), blocks * bs
+        start = first_block * bs
+        kw = k[:, start:].as_strided((x, nb, width, k.shape[-1]), (st[0], bs * st[1], st[1], st[2]))
+        vw = v[:, start:].as_strided((x, nb, width, v.shape[-1]), (v.stride(0), bs * v.stride(1), v.stride(1),
+                                                                      v.stride(2)))
+
+        def scatter(dkw, dvw):
+            for t in range(blocks):
+                lo = start + t * bs
+                dk[:, lo:lo + nb * bs].view(x, nb, bs, -1).add_(dkw[:, :, t * bs:(t + 1) * bs])
+                dv[:, lo:lo + nb * bs].view(x, nb, bs, -1).add_(dvw[:, :, t * bs:(t + 1) * bs])
+        return kw, vw, scatter
+
+    def local_mask(name, first_block: int, blocks: int):
+        keys = local_keys[:, first_block * bs:(first_block + blocks) * bs]   # (nb, width)
+
+        def allowed():
+            j = keys.unsqueeze(1)                                            # (nb, 1, width)
+            ok = pattern.local(rows.unsqueeze(-1), j) & (j >= 0) & (j < n)
+            return ok.unsqueeze(0)                                           # (1, nb, R, width)
+
+        def kpm_window():
+            return kpm.unfold(1, span, bs)[:, :, first_block * bs:(first_block + blocks) * bs].unsqueeze(2)
+        return additive(name, allowed, kpm_window)
+
+    # 1. local keys: a window of blocks around each query block
+    kw, vw, scatter_local = window(0, before + 1 + after)
+    mask, alive = local_mask("local", 0, before + 1 + after)
+    sets.append(_KeySet("local", kw, vw, mask, alive, False, scatter_local))
+    flat_rows = rows.reshape(1, -1)                                          # (1, nb·R)
+
+    # 2. global keys (block-sparse, random): the first g tokens, for queries not already local to them
+    g = min(pattern.global_keys, n)
+    if g:
+        gpos = torch.arange(g, device=device)
+
+        def global_allowed():
+            i = flat_rows.unsqueeze(-1)
+            ok = ~pattern.local(i, gpos) & ((gpos <= i) if pattern.causal else True)
+            return ok.unsqueeze(0)                                           # (1, 1, nb·R, g)
+
+        mask, alive = additive("global", global_allowed,
+                               lambda: kpm[:, offset:offset + g][:, None, None, :])
+
+        def scatter_global(dkg, dvg):
+            dk[:, offset:offset + g].add_(dkg[:, 0])
+            dv[:, offset:offset + g].add_(dvg[:, 0])
+
+        sets.append(_KeySet("global", k[:, offset:offset + g].unsqueeze(1), v[:, offset:offset + g].unsqueeze(1),
+                            mask, alive, True, scatter_global))
+
+    # 3. strided summary keys: every stride-th position, shared by all queries (a strided view)
+    if pattern.kind == "strided" and n // pattern.stride > 0:
+        s, count = pattern.stride, n // pattern.stride
+        first = offset + s - 1
+        spos = torch.arange(count, device=device) * s + s - 1
+        sel = slice(first, first + (count - 1) * s + 1, s)
+
+        def summary_allowed():
+            i = flat_rows.unsqueeze(-1)
+            ok = ~pattern.local(i, spos) & ((spos <= i) if pattern.causal else True)
+            return ok.unsqueeze(0)
+
+        mask, alive = additive("summary", summary_allowed, lambda: kpm[:, sel][:, None, None, :])
+
+        def scatter_summary(dks, dvs):
+            dk[:, sel].add_(dks[:, 0])
+            dv[:, sel].add_(dvs[:, 0])
+
+        sets.append(_KeySet("summary", k[:, sel].unsqueeze(1), v[:, sel].unsqueeze(1), mask, alive, True,
+                            scatter_summary))
+
+    # 4. random key blocks: gathered per query block (block kinds use the layout's own blocking)
+    r = pattern.random_count
+    if r:
+        picks, valid = pattern.random_picks(nb, device)
+        earlier = torch.ones(r, r, dtype=torch.bool, device=device).tril(-1)
+        duplicate = ((picks.unsqueeze(-1) == picks.unsqueeze(-2)) & earlier).any(-1)
+        valid = valid & ~duplicate
+        flat_picks = (picks * valid).reshape(-1)
+        kb = k[:, offset:offset + nb * bs].reshape(x, nb, bs, -1)
+        vb = v[:, offset:offset + nb * bs].reshape(x, nb, bs, -1)
+        k_rand = kb.index_select(1, flat_picks).reshape(x, nb, r * bs, -1)
+        v_rand = vb.index_select(1, flat_picks).reshape(x, nb, r * bs, -1)
+        rpos = (picks.unsqueeze(-1) * bs + torch.arange(bs, device=device)).reshape(nb, r * bs)
+        rvalid = valid.unsqueeze(-1).expand(nb, r, bs).reshape(nb, r * bs)
+
+        def random_allowed():
+            i, j = rows.unsqueeze(-1), rpos.unsqueeze(1)
+            ok = rvalid.unsqueeze(1) & ~pattern.local(i, j) & (j >= g) & (j < n)
+            if pattern.causal:
+                ok = ok & (j <= i)
+            return ok.unsqueeze(0)
+
+        def random_kpm():
+            keys = kpm[:, offset:offset + nb * bs].reshape(kpm.shape[0], nb, bs)
+            return keys.index_select(1, flat_picks).reshape(kpm.shape[0], nb, 1, r * bs)
+
+        mask, alive = additive("random", random_allowed, random_kpm)
+
+        def scatter_random(dkr, dvr):
+            for grads, blocks in ((dk, dkr), (dv, dvr)):
+                grads[:, offset:offset + nb * bs].view(x, nb, bs, -1).index_add_(
+                    1, flat_picks, blocks.reshape(x, nb * r, bs, -1))
+
+        sets.append(_KeySet("random", k_rand, v_rand, mask, alive, False, scatter_random))
+    return sets, offset, span
+
+
+def _blocking(pattern: SparsePattern, forward: bool) -> int:
+    if pattern.band is None:
+        return pattern.block
+    return FORWARD_BLOCK if forward else max(BACKWARD_BLOCK, -(-pattern.band // 32) * 32)
+
+
+def _padded_kv(t: torch.Tensor, layout: _Layout, before: int, total: int) -> torch.Tensor:
+    x = t.reshape(layout.batch * layout.kv_heads, t.shape[-2], t.shape[-1])
+    return F.pad(x, (0, 0, before, total - before - x.shape[1]))
+
+
+def _global_rows(pattern: SparsePattern, n: int) -> int:
+    return 0 if pattern.causal else min(pattern.global_keys, n)
+
+
+def _rows_attending_all(query, key, value, key_padding_mask, g, groups):
+    """Bidirectional global tokens (rows < g) attend every key: the inputs of one dense flash call,
+    with the G query heads of a K/V head stacked as rows (K/V not repeated)."""
+    b, hkv = key.shape[0], key.shape[1]
+    q = query[:, :, :g].reshape(b, hkv, groups * g, query.shape[-1])
+    mask = None
+    if key_padding_mask is not None:
+        allowed = key_padding_mask.to(torch.bool)[:, None, None, :].expand(-1, 1, q.shape[-2], -1)
+        mask = _very_negative_mask(allowed, query.dtype)
+    return q, key, value, mask
+
+
+def _sparse_forward_cpu(query, key, value, key_padding_mask, pattern: SparsePattern, scale: float):
+    """(out (B, H, N, Dv), lse (B, H, N) float32) on the CPU flash kernels."""
+    b, h, n, _ = query.shape
+    hkv = key.shape[1]
+    groups = h // hkv
+    if n <= DENSE_MAX_LEN or pattern.covers_all(n):
+        return _dense_forward_cpu(query, key, value, key_padding_mask, pattern, scale)
+    layout = _Layout(b, hkv, groups, n, _blocking(pattern, forward=True))
+    sets, out_blocks, lse_blocks = _run_key_sets(query, key, value, key_padding_mask, pattern, layout, scale)
+    out, lse = layout.from_blocks(out_blocks), layout.from_blocks(lse_blocks.unsqueeze(-1)).squeeze(-1)
+    g = _global_rows(pattern, n)
+    if g:
+        q, k4, v4, mask = _rows_attending_all(query, key, value, key_padding_mask, g, groups)
+        og, lg = _flash(q, k4, v4, attn_mask=mask, scale=scale)
+        out = out.clone()
+        lse = lse.clone()
+        out[:, :, :g] = og.reshape(b, h, g, -1)
+        lse[:, :, :g] = lg.reshape(b, h, g)
+    return out.contiguous(), lse.contiguous()
+
+
+def _run_key_sets(query, key, value, key_padding_mask, pattern, layout, scale):
+    probe = _key_sets_for(pattern, layout, key, value, key_padding_mask, query.dtype)
+    sets, offset = probe[0], probe[1]
+    q_blocks = layout.to_blocks(query)
+    outs, lses = [], []
+    for s in sets:
+        o, l = _flash(s.rows(q_blocks, layout), s.key, s.value, 0.0, False, attn_mask=s.mask, scale=scale)
+        outs.append(s.unrows(o, layout))
+        if len(sets) > 1:
+            l = l.masked_fill(~s.alive, float("-inf")) if s.alive is not None else l
+        lses.append(s.unrows(l, layout))
+    if len(sets) == 1:
+        return sets, outs[0], lses[0]
+    lse = torch.logsumexp(torch.stack(lses), dim=0)
+    finite = torch.isfinite(lse)
+    safe = torch.where(finite, lse, torch.zeros_like(lse))
+    out = torch.zeros_like(outs[0])
+    for o, l in zip(outs, lses):  # softmax over the union = each set's softmax weighted by its mass
+        w = torch.exp(l - safe).masked_fill_(~finite, 0.0)
+        out.addcmul_(o, w.unsqueeze(-1).to(o.dtype))
+    return sets, out, lse
+
+
+def _key_sets_for(pattern, layout, key, value, key_padding_mask, dtype, grads: bool = False):
+    bs = layout.block
+    if pattern.band is not None:
+        reach = -(-(pattern.band - 1) // bs)
+        before, after = reach, (0 if pattern.causal else reach)
+    else:
+        before, after = 1, (0 if pattern.causal else 1)
+    total = (before + layout.n_blocks + after) * bs
+    kp = _padded_kv(key, layout, before * bs, total)
+    vp = _padded_kv(value, layout, before * bs, total)
+    dk = torch.zeros_like(kp) if grads else None
+    dv = torch.zeros_like(vp) if grads else None
+    sets, offset, _ = _key_sets(pattern, layout, kp, vp, key_padding_mask, dtype, dk, dv)
+    return sets, offset, dk, dv
+
+
+def _sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: SparsePattern, scale,
+                         out, lse):
+    b, h, n, _ = query.shape
+    hkv = key.shape[1]
+    groups = h // hkv
+    if n <= DENSE_MAX_LEN or pattern.covers_all(n):
+        return _dense_backward_cpu(grad, query, key, value, key_padding_mask, pattern, scale, out, lse)
+    layout = _Layout(b, hkv, groups, n, _blocking(pattern, forward=False))
+    g = _global_rows(pattern, n)
+    grad_rest = grad
+    if g:
+        grad_rest = grad.clone()
+        grad_rest[:, :, :g] = 0
+    sets, offset, dkp, dvp = _key_sets_for(pattern, layout, key, value, key_padding_mask, query.dtype, grads=True)
+    q_blocks = layout.to_blocks(query)
+    g_blocks = layout.to_blocks(grad_rest.to(query.dtype))
+    o_blocks = layout.to_blocks(out)
+    l_blocks = layout.to_blocks(lse.unsqueeze(-1)).squeeze(-1)
+    # rows that attend nothing: any finite lse makes their probabilities exp(-inf) = 0
+    l_blocks = torch.where(torch.isfinite(l_blocks), l_blocks, torch.zeros_like(l_blocks))
+    dq_blocks = None
+    for s in sets:
+        dq_s, dk_s, dv_s = _flash_backward(s.rows(g_blocks, layout), s.rows(q_blocks, layout), s.key, s.value,
+                                           s.rows(o_blocks, layout), s.rows(l_blocks, layout), 0.0, False,
+                                           attn_mask=s.mask, scale=scale)
+        dq_s = s.unrows(dq_s, layout)
+        dq_blocks = dq_s if dq_blocks is None else dq_blocks.add_(dq_s)
+        s.scatter(dk_s, dv_s)
+    dq = layout.from_blocks(dq_blocks)
+    dk = dkp[:, offset:offset + n].reshape(key.shape)
+    dv = dvp[:, offset:offset + n].reshape(value.shape)
+    if g:
+        q, k4, v4, mask = _rows_attending_all(query, key, value, key_padding_mask, g, groups)
+        og = out[:, :, :g].reshape(q.shape[:-1] + (out.shape[-1],))
+        lg = lse[:, :, :g].reshape(q.shape[:-1])
+        gg = grad[:, :, :g].reshape(og.shape).to(query.dtype)
+        dqg, dkg, dvg = _flash_backward(gg, q, k4, v4, og, lg, 0.0, False, attn_mask=mask, scale=scale)
+        dq = dq.clone()
+        dq[:, :, :g] += dqg.reshape(b, h, g, -1)
+        dk = dk + dkg
+        dv = dv + dvg
+    return dq, dk, dv
+
+
+def _dense_inputs(query, key, value, key_padding_mask, pattern: SparsePattern):
+    """One flash call over the whole sequence: (key, value, attn_mask, is_causal)."""
+    n = query.shape[-2]
+    key, value = _repeat_kv(query, key, value)  # short sequences only: the copies are small
+    if pattern.covers_all(n) and key_padding_mask is None:
+        return key, value, None, pattern.causal
+    allowed = dense_pattern_mask(pattern, n, key_padding_mask, device=query.device)
+    if allowed.dim() == 2:
+        allowed = allowed[None, None]
+    return key, value, _very_negative_mask(allowed, query.dtype), False
+
+
+def _dense_forward_cpu(query, key, value, key_padding_mask, pattern, scale):
+    k, v, mask, causal = _dense_inputs(query, key, value, key_padding_mask, pattern)
+    return _flash(query, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+
+
+def _dense_backward_cpu(grad, query, key, value, key_padding_mask, pattern, scale, out, lse):
+    k, v, mask, causal = _dense_inputs(query, key, value, key_padding_mask, pattern)
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    dq, dk, dv = _flash_backward(grad.to(query.dtype), query, k, v, out, lse, 0.0, causal,
+                                 attn_mask=mask, scale=scale)
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        dk = dk.unflatten(1, (key.shape[1], groups)).sum(2)
+        dv = dv.unflatten(1, (key.shape[1], groups)).sum(2)
+    return dq, dk, dv
+
+
+# -- CUDA: FlexAttention ------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _sparse_flex(query, key, value, key_padding_mask, pattern: SparsePattern, scale: float):
+    """FlexAttention with a block mask built from `pattern` (CUDA; untested on the CPU-only CI)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    n = query.shape[-2]
+    device = query.device
+    table = pattern.random_table(-(-n // pattern.block), device) if pattern.random_count else None
+    kpm = key_padding_mask.to(torch.bool) if key_padding_mask is not None else None
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        ok = pattern.allowed(q_idx, kv_idx, n, random_table=table)
+        if kpm is not None:
+            ok = ok & kpm[b if kpm.shape[0] > 1 else 0, kv_idx]
+        return ok
+
+    batch = query.shape[0] if kpm is not None and kpm.shape[0] > 1 else None
+    block_mask = create_block_mask(mask_mod, batch, None, n, key.shape[-2], device=device)
+    groups = query.shape[1] // key.shape[1]
+    return _compiled_flex_attention()(query, key, value, block_mask=block_mask, scale=scale,
+                                      enable_gqa=groups > 1)
+
+
+# -- generic recompute-in-backward ---------------------------------------------------------------------
+def _recompute_backward(forward: Callable, ctx, grad, tensor_inputs: dict):
+    """Gradients of `forward(**inputs)` w.r.t. the differentiable inputs, recomputed from the saved
+    inputs alone (nothing else is kept between forward and backward)."""
+    names = [name for name in tensor_inputs if ctx.needs_grad.get(name)]
+    with torch.enable_grad():
+        inputs = {name: (t.detach().requires_grad_(True) if name in names else t)
+                  for name, t in tensor_inputs.items()}
+        out = forward(**inputs)
+        grads = torch.autograd.grad(out, [inputs[n] for n in names], grad, allow_unused=True)
+    return dict(zip(names, grads))
+
+
+# -- sparse_attention op -------------------------------------------------------------------------------
+_SPARSE_ARGS = ("query", "key", "value", "key_padding_mask", "pattern", "causal", "scale", "window", "block",
+                "global_tokens", "random_blocks", "stride", "seed")
+
+
+def _sparse_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 key_padding_mask: Optional[torch.Tensor], pattern: str, causal: bool, scale: float,
+                 window: int, block: int, global_tokens: int, random_blocks: int, stride: int,
+                 seed: int) -> torch.Tensor:
+    p = _pattern(pattern, causal, window, block, global_tokens, random_blocks, stride, seed)
+    _check_shapes("sparse_attention", query, key, value, key_padding_mask)
+    if query.is_cuda:
+        return _sparse_flex(query, key, value, key_padding_mask, p, scale)
+    if _cpu_fast_path(query):
+        out, lse = _sparse_forward_cpu(query, key, value, key_padding_mask, p, scale)
+        if query.requires_grad or key.requires_grad or value.requires_grad:
+            out._optpipe_lse = lse  # the backward's softmax statistics; recomputed when missing
+        return out
+    return sparse_attention_reference(query, key, value, key_padding_mask, p, scale).contiguous()
+
+
+def _check_shapes(op: str, query, key, value, key_padding_mask):
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError(f"optpipe.{op}: expected 4-d (B, H, L, D) query/key/value, got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    if query.shape[1] % key.shape[1] or key.shape[1] != value.shape[1]:
+        raise ValueError(f"optpipe.{op}: {query.shape[1]} query heads do not group over "
+                         f"{key.shape[1]} key / {value.shape[1]} value heads")
+    if key_padding_mask is not None and (key_padding_mask.dim() != 2
+                                         or key_padding_mask.shape[-1] != key.shape[-2]):
+        raise ValueError(f"optpipe.{op}: key_padding_mask must be (B, S) with S={key.shape[-2]}, "
+                         f"got {tuple(key_padding_mask.shape)}")
+
+
+def _attention_fake(query, key, value, *args, **kwargs):
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
+def _sparse_setup(ctx, inputs, output):
+    args = dict(zip(_SPARSE_ARGS, inputs))
+    ctx.pattern = _pattern(*(args[n] for n in ("pattern", "causal", "window", "block", "global_tokens",
+                                                 "random_blocks", "stride", "seed")))
+    ctx.scale = args["scale"]
+    ctx.needs_grad = {"query": ctx.needs_input_grad[0], "key": ctx.needs_input_grad[1],
+                      "value": ctx.needs_input_grad[2]}
+    lse = getattr(output, "_optpipe_lse", None)
+    saved = [args["query"], args["key"], args["value"], output]
+    ctx.has_mask = args["key_padding_mask"] is not None
+    if ctx.has_mask:
+        saved.append(args["key_padding_mask"])
+    if lse is not None:
+        saved.append(lse)
+    ctx.has_lse = lse is not None
+    ctx.save_for_backward(*saved)
+
+
+def _sparse_backward(ctx, grad):
+    saved = list(ctx.saved_tensors)
+    query, key, value, out = saved[:4]
+    kpm = saved[4] if ctx.has_mask else None
+    lse = saved[-1] if ctx.has_lse else None
+    p, scale = ctx.pattern, ctx.scale
+    if _cpu_fast_path(query) and not query.is_cuda:
+        if lse is None:
+            out, lse = _sparse_forward_cpu(query, key, value, kpm, p, scale)
+        dq, dk, dv = _sparse_backward_cpu(grad.contiguous(), query, key, value, kpm, p, scale, out, lse)
+    else:
+        fwd = _sparse_flex if query.is_cuda else sparse_attention_reference
+        grads = _recompute_backward(lambda query, key, value: fwd(query, key, value, kpm, p, scale), ctx, grad,
+                                    {"query": query, "key": key, "value": value})
+        dq, dk, dv = grads.get("query"), grads.get("key"), grads.get("value")
+    return (dq if ctx.needs_grad["query"] else None, dk if ctx.needs_grad["key"] else None,
+            dv if ctx.needs_grad["value"] else None) + (None,) * (len(_SPARSE_ARGS) - 3)
+
+
+def _sparse_decomposition(query, key, value, key_padding_mask, pattern, causal, scale, window, block,
+                          global_tokens, random_blocks, stride, seed):
+    p = _pattern(pattern, causal, window, block, global_tokens, random_blocks, stride, seed)
+    return sparse_attention_reference(query, key, value, key_padding_mask, p, scale)
+
+
+def _arg(args, kwargs, names, name, default=None):
+    i = names.index(name)
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+def _sparse_flops(*args, out_shape=None, **kwargs) -> int:
+    q, v = _arg(args, kwargs, _SPARSE_ARGS, "query"), _arg(args, kwargs, _SPARSE_ARGS, "value")
+    names = ("pattern", "causal", "window", "block", "global_tokens", "random_blocks", "stride", "seed")
+    p = _pattern(*(_arg(args, kwargs, _SPARSE_ARGS, n) for n in names))
+    b, h, n, d = q
+    keys = p.keys_per_query(n)
+    return int(2 * b * h * n * keys * (d + v[-1]))
+
+
+sparse_attention = define_op("sparse_attention", _sparse_impl, fake=_attention_fake,
+                             decomposition=_sparse_decomposition, backward=_sparse_backward,
+                             setup_context=_sparse_setup, flops=_sparse_flops)
+
+
+# -- kernel (linear) attention ---------------------------------------------------------------------------
+def _grouped(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, H, L, F) -> (B, Hkv, G, L, F)."""
+    b, h = query.shape[:2]
+    return query.reshape(b, kv_heads, h // kv_heads, *query.shape[2:])
+
+
+def _eager() -> bool:
+    """Running eagerly, not being traced into a graph (where decompositions must stay functional)."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return get_proxy_mode() is None and not torch.compiler.is_compiling()
+
+
+def kernel_attention(qf: torch.Tensor, kf: torch.Tensor, value: torch.Tensor, causal: bool, chunk: int,
+                     eps: float = _EPS) -> torch.Tensor:
+    """`φ(q)·Σφ(k)vᵀ / φ(q)·Σφ(k)` from feature maps qf (B, H, L, F), kf (B, Hkv, S, F).
+
+    Causal: chunked prefix sums — per chunk of `chunk` queries, the masked quadratic form inside
+    the chunk plus the state Σφ(k)vᵀ (F, Dv) and Σφ(k) (F) of all earlier chunks."""
+    b, h, n, f = qf.shape
+    hkv, dv = kf.shape[1], value.shape[-1]
+    groups = h // hkv
+    if not causal:
+        state = kf.transpose(-1, -2) @ value                                      # (B, Hkv, F, Dv)
+        z = kf.sum(-2)                                                            # (B, Hkv, F)
+        qg = _grouped(qf, hkv)                                                    # (B, Hkv, G, L, F)
+        num = qg @ state.unsqueeze(2)
+        den = (qg @ z[:, :, None, :, None]).squeeze(-1)
+        return (num / (den.unsqueeze(-1) + eps)).reshape(b, h, n, dv)
+    if not isinstance(n, int):
+        # symbolic length (export, decompositions for other targets): the masked quadratic form of
+        # the same sums — chunk padding would need length arithmetic that export cannot prove
+        scores = (_grouped(qf, hkv) @ kf.unsqueeze(2).transpose(-1, -2)).tril()   # (B, Hkv, G, L, S)
+        num = scores @ value.unsqueeze(2)
+        return (num / (scores.sum(-1, keepdim=True) + eps)).reshape(b, h, n, dv)
+    c = max(1, min(chunk, n))
+    nc = -(-n // c)
+    pad = nc * c - n
+    if pad:
+        qf, kf, value = (F.pad(t, (0, 0, 0, pad)) for t in (qf, kf, value))
+    qc = _grouped(qf, hkv).reshape(b, hkv, groups, nc, c, f).transpose(2, 3).reshape(b, hkv, nc, groups * c, f)
+    kc = kf.reshape(b, hkv, nc, c, f)
+    vc = value.reshape(b, hkv, nc, c, dv)
+    state = _exclusive_prefix(kc.transpose(-1, -2) @ vc)                         # (B, Hkv, nc, F, Dv)
+    z = _exclusive_prefix(kc.sum(-2))                                             # (B, Hkv, nc, F)
+    scores = qc @ kc.transpose(-1, -2)                                           # (B, Hkv, nc, G·c, c)
+    if _eager():  # in place on fresh matmul outputs (their backward reads the inputs only)
+        scores.view(b, hkv, nc, groups, c, c).tril_()                            # causal inside the chunk
+        num = (scores @ vc).add_(qc @ state)                                      # (B, Hkv, nc, G·c, Dv)
+        den = scores.sum(-1).add_((qc @ z.unsqueeze(-1)).squeeze(-1))             # (B, Hkv, nc, G·c)
+    else:  # traced graphs (decompositions) stay functional
+        scores = scores.reshape(b, hkv, nc, groups, c, c).tril().reshape(scores.shape)
+        num = scores @ vc + qc @ state
+        den = scores.sum(-1) + (qc @ z.unsqueeze(-1)).squeeze(-1)
+    out = num / (den.unsqueeze(-1) + eps)
+    return out.reshape(b, hkv, nc, groups, c, dv).transpose(2, 3).reshape(b, h, nc * c, dv)[:, :, :n]
+
+
+def _exclusive_prefix(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the chunks before each chunk (dim 2), as two small GEMMs with strictly lower-
+    triangular ones matrices: within groups of about √nc chunks, then across the groups' totals
+    (O(nc^1.5) work; a cumsum over dim 2 is a slow strided scan on CPU)."""
+    b, h, nc = x.shape[:3]
+    flat = x.reshape(b, h, nc, -1)
+    g = max(1, round(math.sqrt(nc)))
+    ng = -(-nc // g)
+    if ng * g != nc:
+        flat = F.pad(flat, (0, 0, 0, ng * g - nc))
+    blocks = flat.reshape(b, h, ng, g, -1)
+    tri = torch.ones(g, g, dtype=x.dtype, device=x.device).tril(-1)
+    out = tri @ blocks                                                          # within each group
+    if ng > 1:
+        totals = blocks.sum(3)                                                  # (b, h, ng, M)
+        tri_groups = torch.ones(ng, ng, dtype=x.dtype, device=x.device).tril(-1)
+        out = out + (tri_groups @ totals).unsqueeze(3)                          # groups before
+    return out.reshape(b, h, ng * g, -1)[:, :, :nc].reshape(x.shape)
+
+
+def feature_map(x: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "elu":  # in place on elu's fresh output (its backward reads the input)
+        return F.elu(x).add_(1) if _eager() else F.elu(x) + 1
+    if name == "relu":
+        return F.relu(x)
+    raise ValueError(f"unknown feature map {name!r} (known: {', '.join(FEATURE_MAPS)})")
+
+
+def _masked_keys(kf: torch.Tensor, key_padding_mask) -> torch.Tensor:
+    if key_padding_mask is None:
+        return kf
+    return kf * key_padding_mask.to(kf.dtype)[:, None, :, None]
+
+
+_LINEAR_ARGS = ("query", "key", "value", "key_padding_mask", "feature_map", "causal", "chunk")
+
+
+def linear_attention_math(query, key, value, key_padding_mask, feature_map_name: str, causal: bool, chunk: int):
+    qf, kf = feature_map(query, feature_map_name), feature_map(key, feature_map_name)
+    return kernel_attention(qf, _masked_keys(kf, key_padding_mask), value, causal, chunk)
+
+
+def _linear_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 key_padding_mask: Optional[torch.Tensor], feature_map: str, causal: bool,
+                 chunk: int) -> torch.Tensor:
+    _check_shapes("linear_attention", query, key, value, key_padding_mask)
+    return _math_forward(_linear_math_kw, _LINEAR_ARGS,
+                         (query, key, value, key_padding_mask, feature_map, causal, chunk))
+
+
+def _math_forward(math_fn, names, inputs) -> torch.Tensor:
+    return math_fn(**dict(zip(names, inputs))).contiguous()
+
+
+def _setup_recompute(names):
+    """Save the inputs only; the backward recomputes the forward (nothing but O(L) activations,
+    alive only during the backward)."""
+    def setup(ctx, inputs, output):
+        args = dict(zip(names, inputs))
+        ctx.args = {n: a for n, a in args.items() if not isinstance(a, torch.Tensor)}
+        ctx.tensor_names = [n for n, a in args.items() if isinstance(a, torch.Tensor)]
+        ctx.needs_grad = {n: ctx.needs_input_grad[i] for i, n in enumerate(names)}
+        ctx.names = names
+        ctx.save_for_backward(*(args[n] for n in ctx.tensor_names))
+    return setup
+
+
+def _backward_recompute(math_fn):
+    def backward(ctx, grad):
+        tensors = dict(zip(ctx.tensor_names, ctx.saved_tensors))
+        differentiable = {n: t for n, t in tensors.items() if t.is_floating_point()}
+        fixed = {n: t for n, t in tensors.items() if not t.is_floating_point()}
+
+        def forward(**diff):
+            return math_fn(**{**ctx.args, **fixed, **diff})
+
+        grads = _recompute_backward(forward, ctx, grad, differentiable)
+        return tuple(grads.get(n) if ctx.needs_grad[n] else None for n in ctx.names)
+    return backward
+
+
+def _linear_math_kw(query, key, value, key_padding_mask=None, feature_map="elu", causal=False, chunk=64):
+    return linear_attention_math(query, key, value, key_padding_mask, feature_map, causal, chunk)
+
+
+def _kernel_flops(n, b, h, hkv, f, d, dv, causal, chunk) -> int:
+    flops = 2 * b * hkv * n * f * (dv + 1) + 2 * b * h * n * f * (dv + 1)
+    if causal:
+        c = min(chunk, n)
+        flops += 2 * b * h * n * c * (f + dv + 1)
+    return int(flops)
+
+
+def _linear_flops(*args, out_shape=None, **kwargs) -> int:
+    q, k, v = (_arg(args, kwargs, _LINEAR_ARGS, n) for n in ("query", "key", "value"))
+    causal, chunk = _arg(args, kwargs, _LINEAR_ARGS, "causal"), _arg(args, kwargs, _LINEAR_ARGS, "chunk")
+    b, h, n, d = q
+    return _kernel_flops(n, b, h, k[1], d, d, v[-1], causal, chunk)
+
+
+linear_attention = define_op("linear_attention", _linear_impl, fake=_attention_fake,
+                             decomposition=_linear_math_kw, backward=_backward_recompute(_linear_math_kw),
+                             setup_context=_setup_recompute(_LINEAR_ARGS), flops=_linear_flops)
+
+
+# -- performer (FAVOR+) ------------------------------------------------------------------------------------
+def orthogonal_random_features(features: int, dim: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+    """FAVOR+ projection (features, dim): stacked random orthogonal blocks, rows scaled to the norms
+    of Gaussian vectors (so each row is marginally N(0, I)), drawn from `seed`."""
+    gen = torch.Generator().manual_seed(int(seed))
+    blocks = []
+    for _ in range(-(-features // dim)):
+        q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+        blocks.append(q.T)
+    w = torch.cat(blocks)[:features]
+    norms = torch.randn(features, dim, generator=gen, dtype=torch.float64).norm(dim=1, keepdim=True)
+    return (w * norms).to(dtype)
+
+
+def favor_features(x: torch.Tensor, projection: torch.Tensor, scale: float, is_query: bool,
+                   causal: bool) -> torch.Tensor:
+    """Positive random features φ(x) = exp(Wx' − |x'|²/2 − c)/√m with x' = x·√scale, so that
+    E[φ(q)·φ(k)] ∝ exp(q·k·scale). The stabiliser c cancels in the ratio: per row for queries, per
+    head for keys — except causal keys, where a shared maximum would read the future."""
+    x = x * math.sqrt(scale)
+    proj = x @ projection.to(x.dtype).T                                   # (B, H, L, m)
+    sq = (x * x).sum(-1, keepdim=True) / 2
+    logits = proj - sq
+    if is_query:
+        logits = logits - logits.amax(-1, keepdim=True).detach()
+    elif not causal:
+        logits = logits - logits.amax(dim=(-2, -1), keepdim=True).detach()
+    return torch.exp(logits) / math.sqrt(projection.shape[0]) + _EPS
+
+
+_PERFORMER_ARGS = ("query", "key", "value", "key_padding_mask", "projection", "causal", "chunk", "scale", "redraw")
+
+
+def performer_attention_math(query, key, value, key_padding_mask=None, projection=None, causal=False, chunk=64,
+                             scale=1.0, redraw=0):
+    qf = favor_features(query, projection, scale, True, causal)
+    kf = favor_features(key, projection, scale, False, causal)
+    return kernel_attention(qf, _masked_keys(kf, key_padding_mask), value, causal, chunk)
+
+
+def _performer_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    key_padding_mask: Optional[torch.Tensor], projection: torch.Tensor, causal: bool,
+                    chunk: int, scale: float, redraw: int) -> torch.Tensor:
+    _check_shapes("performer_attention", query, key, value, key_padding_mask)
+    return _math_forward(performer_attention_math, _PERFORMER_ARGS,
+                         (query, key, value, key_padding_mask, projection, causal, chunk, scale, redraw))
+
+
+def _performer_flops(*args, out_shape=None, **kwargs) -> int:
+    q, k, v, proj = (_arg(args, kwargs, _PERFORMER_ARGS, n) for n in ("query", "key", "value", "projection"))
+    causal, chunk = _arg(args, kwargs, _PERFORMER_ARGS, "causal"), _arg(args, kwargs, _PERFORMER_ARGS, "chunk")
+    b, h, n, d = q
+    m = proj[0]
+    return _kernel_flops(n, b, h, k[1], m, d, v[-1], causal, chunk) + 2 * (b * h * n + b * k[1] * n) * m * d
+
+
+performer_attention = define_op("performer_attention", _performer_impl, fake=_attention_fake,
+                                decomposition=performer_attention_math,
+                                backward=_backward_recompute(performer_attention_math),
+                                setup_context=_setup_recompute(_PERFORMER_ARGS), flops=_performer_flops)
+
+
+# -- linformer ---------------------------------------------------------------------------------------------
+_LINFORMER_ARGS = ("query", "key", "value", "key_padding_mask", "proj_key", "proj_value", "scale")
+
+
+def linformer_attention_math(query, key, value, key_padding_mask=None, proj_key=None, proj_value=None, scale=1.0):
+    s = key.shape[-2]
+    if key_padding_mask is not None:
+        keep = key_padding_mask.to(key.dtype)[:, None, :, None]
+        key, value = key * keep, value * keep
+    k_low = proj_key[:, :s].to(key.dtype) @ key                           # (B, Hkv, k, D)
+    v_low = proj_value[:, :s].to(value.dtype) @ value
+    b, h, n, d = query.shape
+    hkv = key.shape[1]
+    q = query.reshape(b, hkv, (h // hkv) * n, d)                         # groups share the projected K/V
+    seen = (proj_key[:, :s].abs().sum(-1) > 0).unsqueeze(0)              # projected keys that see a token
+    out = aten.scaled_dot_product_attention.default(q, k_low, v_low, attn_mask=seen, scale=scale)
+    return out.reshape(b, h, n, value.shape[-1])
+
+
+def _linformer_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    key_padding_mask: Optional[torch.Tensor], proj_key: torch.Tensor, proj_value: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    _check_shapes("linformer_attention", query, key, value, key_padding_mask)
+    if key.shape[-2] > proj_key.shape[-1]:
+        raise ValueError(f"optpipe.linformer_attention: sequence length {key.shape[-2]} exceeds the "
+                         f"projections' max length {proj_key.shape[-1]} (rerun the pass with a larger max-len)")
+    return _math_forward(linformer_attention_math, _LINFORMER_ARGS,
+                         (query, key, value, key_padding_mask, proj_key, proj_value, scale))
+
+
+def _linformer_flops(*args, out_shape=None, **kwargs) -> int:
+    q, k, v, e = (_arg(args, kwargs, _LINFORMER_ARGS, n) for n in ("query", "key", "value", "proj_key"))
+    b, h, n, d = q
+    kk = e[0]
+    return int(2 * 2 * b * k[1] * kk * k[2] * d + 2 * b * h * n * kk * (d + v[-1]))
+
+
+linformer_attention = define_op("linformer_attention", _linformer_impl, fake=_attention_fake,
+                                decomposition=linformer_attention_math,
+                                backward=_backward_recompute(linformer_attention_math),
+                                setup_context=_setup_recompute(_LINFORMER_ARGS), flops=_linformer_flops)
+
+ATTENTION_OPS = (sparse_attention, linear_attention, performer_attention, linformer_attention)
+
+__all__ = ["SparsePattern", "SPARSE_PATTERNS", "FEATURE_MAPS", "sparse_attention", "linear_attention",
+           "performer_attention", "linformer_attention", "ATTENTION_OPS", "sparse_attention_reference",
+           "dense_pattern_mask", "kernel_attention", "orthogonal_random_features", "favor_features",
+           "linear_attention_math", "performer_attention_math", "linformer_attention_math"]
