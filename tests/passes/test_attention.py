@@ -267,7 +267,7 @@ def test_pass_is_registered_with_documented_options():
     assert {"kind", "window", "block", "global-tokens", "random", "stride", "feature-map", "chunk", "features",
             "redraw", "k", "seed", "layers", "min-sqnr"} <= names
     assert all(o["help"] for o in info.options())
-    for text in ("attention{kind=sliding-window,window=256,layers=2:}", 'attention{kind=random,layers="[0,11]"}',
+    for text in ("attention{kind=sliding-window,window=256,layers=2:}", "attention{kind=random,layers=[0,11]}",
                  "attention{kind=linear,feature-map=relu,chunk=128}"):
         assert str(Pipeline.parse(text)) == text
     with pytest.raises(optpipe.UsageError, match="window"):
