@@ -58,9 +58,11 @@ class Program:
             warnings.simplefilter("ignore", FutureWarning)
             graph = copy.deepcopy(gm.graph)
         new_gm = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-        for attr in ("_in_spec", "_out_spec", "meta"):
+        for attr in ("_in_spec", "_out_spec"):  # immutable pytree specs: share them
             if hasattr(gm, attr):
-                setattr(new_gm, attr, copy.copy(getattr(gm, attr)))
+                setattr(new_gm, attr, getattr(gm, attr))
+        if hasattr(gm, "meta"):
+            new_gm.meta = dict(gm.meta)
         return Program(new_gm, self.example_inputs, list(self.input_names), self.dynamic_shapes,
                        copy.deepcopy(self.meta), list(self.history))
 
