@@ -174,7 +174,7 @@ def check_target(tgt, compiled, program: Program) -> dict:
             out = compiled(*tgt.prepare_inputs(inp))
             actual.append([t.detach().cpu() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)])
     m = compare(reference, actual)
-    tol = 1e-4 * max(1.0, getattr(m, "ref_max", 1.0))
+    tol = 1e-4 * max(1.0, m.ref_max)
     return {"ok": bool(m.ok and m.max_abs is not None and m.max_abs <= tol), "max_abs": m.max_abs,
             "cosine": m.cosine, "inputs": len(inputs), "tolerance": tol}
 

@@ -11,7 +11,7 @@ Exact passes must match within dtype tolerance. Lossy passes are measured — ma
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import torch
@@ -81,10 +81,12 @@ class Metrics:
     tolerance: float | None = None
     inputs: int = 0
     note: str | None = None
+    ref_max: float = field(default=0.0, repr=False)
+    """Largest reference magnitude: scales the exact-pass tolerance (not reported)."""
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None or k in
-                ("max_abs", "sqnr_db", "cosine", "top1_agreement", "ok")}
+        return {k: v for k, v in asdict(self).items() if k != "ref_max" and (v is not None or k in
+                ("max_abs", "sqnr_db", "cosine", "top1_agreement", "ok"))}
 
 
 def verification_inputs(program, *, seed: int = 0, extra: int = 1) -> list[tuple]:
@@ -202,15 +204,13 @@ def compare(reference: list[list[torch.Tensor]], actual: list[list[torch.Tensor]
                 total += r.argmax(-1).numel()
     sqnr = SQNR_CAP_DB if err == 0 else (10 * math.log10(sig / err) if sig > 0 else -math.inf)
     cosine = 1.0 if na == 0 and nb == 0 else (dot / math.sqrt(na * nb) if na > 0 and nb > 0 else 0.0)
-    m = Metrics(max_abs, round(min(sqnr, SQNR_CAP_DB), 3), round(cosine, 8),
-                agree / total if total else None, inputs=len(reference))
-    m.ref_max = ref_max  # used by the exact check
-    return m
+    return Metrics(max_abs, round(min(sqnr, SQNR_CAP_DB), 3), round(cosine, 8),
+                   agree / total if total else None, inputs=len(reference), ref_max=ref_max)
 
 
 def check_exact(m: Metrics, dtype: torch.dtype) -> Metrics:
     atol, rtol = EXACT_TOLERANCE.get(dtype, EXACT_TOLERANCE[torch.float32])
-    tol = atol + rtol * getattr(m, "ref_max", 0.0)
+    tol = atol + rtol * m.ref_max
     m.tolerance = tol
     m.ok = m.ok and m.max_abs is not None and m.max_abs <= tol
     return m

@@ -389,11 +389,7 @@ def _key_sets(pattern: SparsePattern, layout: _Layout, k: torch.Tensor, v: torch
     shape) receive the key/value gradients in the backward."""
     bs, nb, n = layout.block, layout.n_blocks, layout.n
     device = k.device
-    if pattern.band is not None:
-        reach = -(-(pattern.band - 1) // bs)
-        before, after = reach, (0 if pattern.causal else reach)
-    else:
-        before, after = 1, (0 if pattern.causal else 1)
+    before, after = _neighbour_blocks(pattern, bs)
     span = (before + 1 + after) * bs
     offset = before * bs
     x = k.shape[0]
@@ -597,13 +593,16 @@ def _run_key_sets(query, key, value, key_padding_mask, pattern, layout, scale):
     return sets, out, lse
 
 
+def _neighbour_blocks(pattern, block: int) -> tuple[int, int]:
+    """Key blocks a query block reaches before and after itself: enough to cover the band, or one
+    neighbour each way for block-local patterns (none after for causal ones)."""
+    reach = -(-(pattern.band - 1) // block) if pattern.band is not None else 1
+    return reach, (0 if pattern.causal else reach)
+
+
 def _key_sets_for(pattern, layout, key, value, key_padding_mask, dtype, grads: bool = False):
     bs = layout.block
-    if pattern.band is not None:
-        reach = -(-(pattern.band - 1) // bs)
-        before, after = reach, (0 if pattern.causal else reach)
-    else:
-        before, after = 1, (0 if pattern.causal else 1)
+    before, after = _neighbour_blocks(pattern, bs)
     total = (before + layout.n_blocks + after) * bs
     kp = _padded_kv(key, layout, before * bs, total)
     vp = _padded_kv(value, layout, before * bs, total)
