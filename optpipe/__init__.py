@@ -40,6 +40,14 @@ def diff(a: Program, b: Program) -> dict:
     return diff_programs(a, b).to_dict()
 
 
-__all__ = ["capture", "load", "load_program", "optimize", "diff", "Pipeline", "PassRecord", "Program",
+def generate(program: Program, prompts, max_new_tokens: int, **options):
+    """Generate from a program (a kv-cache step program, or a plain causal LM); see
+    optpipe.generation.generate for sampling, stop tokens and speculative decoding."""
+    from .generation import generate as _generate
+
+    return _generate(program, prompts, max_new_tokens, **options)
+
+
+__all__ = ["capture", "generate", "load", "load_program", "optimize", "diff", "Pipeline", "PassRecord", "Program",
            "PassResult", "register_pass", "register_target", "OptpipeError", "UsageError", "PassError",
            "VerificationError", "TargetError", "__version__"]

@@ -14,6 +14,8 @@ them to 2 for tracing only; the program still runs at size 1.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import inspect
 import warnings
 from collections.abc import Mapping
@@ -205,8 +207,12 @@ def capture(model: nn.Module, example_inputs: Sequence | Mapping | torch.Tensor,
                          "check the --input names, dtypes and shapes") from e
     key, description = _choose_output(out)
     meta.setdefault("output", description)
-    if hasattr(model, "config") and hasattr(model.config, "to_dict") and "config" not in meta:
-        meta["config"] = _jsonable(model.config.to_dict())
+    if "config" not in meta:
+        config = getattr(model, "config", None)
+        if hasattr(config, "to_dict"):  # transformers
+            meta["config"] = _jsonable(config.to_dict())
+        elif dataclasses.is_dataclass(config) and not isinstance(config, type):  # nanoGPT-style
+            meta["config"] = _jsonable(dataclasses.asdict(config))
     meta.setdefault("model_class", f"{type(model).__module__}.{type(model).__qualname__}")
     module = _output_selector(model, input_names, key, call_kwargs)
 

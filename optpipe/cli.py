@@ -239,20 +239,8 @@ def run(out, inputs, as_json):
     import torch
     import torch.utils._pytree as pytree
 
-    from .program import load_program
-    from .registry import get_target
-
-    if not os.path.isfile(os.path.join(out, "program.pt2")):
-        raise UsageError(f"{out} is not an optpipe OUT folder (no program.pt2)", "run `optpipe optimize ... -o OUT` first")
-    target = "cpu"
-    tpath = os.path.join(out, "target.json")
-    if os.path.isfile(tpath):
-        with open(tpath) as f:
-            target = json.load(f).get("target", "cpu")
-    program = load_program(os.path.join(out, "program.pt2"))
+    program, target, tgt, compiled = _load_out(out)
     args = _run_inputs(program, inputs)
-    tgt = get_target(target)
-    compiled = tgt.load(out, program)
     prepared = tgt.prepare_inputs(args)
     if compiled.info.get("mode") == "compile":
         with torch.no_grad():
@@ -269,6 +257,110 @@ def run(out, inputs, as_json):
             click.echo(f"output[{i}]: {str(t.dtype).replace('torch.', '')}{list(t.shape)}  "
                        f"mean {t.float().mean():.6g}  first {t.flatten()[:5].tolist()}")
         click.echo(f"ran on {target} in {seconds * 1000:.1f} ms", err=True)
+
+
+def _load_out(out: str):
+    """(program, target name, Target, Compiled) of an OUT folder."""
+    from .program import load_program
+    from .registry import get_target
+
+    if not os.path.isfile(os.path.join(out, "program.pt2")):
+        raise UsageError(f"{out} is not an optpipe OUT folder (no program.pt2)", "run `optpipe optimize ... -o OUT` first")
+    target = "cpu"
+    tpath = os.path.join(out, "target.json")
+    if os.path.isfile(tpath):
+        with open(tpath) as f:
+            target = json.load(f).get("target", "cpu")
+    program = load_program(os.path.join(out, "program.pt2"))
+    tgt = get_target(target)
+    return program, target, tgt, tgt.load(out, program)
+
+
+@main.command()
+@click.argument("out")
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+              help="Prompt text (repeatable: a batch), tokenized with OUT's tokenizer.json.")
+@click.option("--prompt-ids", "prompt_ids", multiple=True, metavar="IDS", help="Prompt token ids, e.g. 1,2,3 (repeatable).")
+@click.option("--max-new-tokens", type=click.IntRange(min=0), default=32, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0: off.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="1: off.")
+@click.option("--seed", type=int, default=None, help="Seed of the sampler.")
+@click.option("--stop-token", "stop_tokens", multiple=True, type=int, metavar="ID",
+              help="Stop a row at this token (repeatable; default: the model's eos token).")
+@click.option("--ignore-eos", is_flag=True, help="Do not stop at the model's eos token.")
+@click.option("--draft", metavar="OUT2", help="Speculative decoding with this smaller optimized program.")
+@click.option("--draft-tokens", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Tokens the draft proposes per target step.")
+@click.option("--json", "as_json", is_flag=True)
+def generate(out, prompts, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens,
+             ignore_eos, draft, draft_tokens, as_json):
+    """Generate tokens from the (kv-cache) program in OUT on its target."""
+    from .generation import Sampling, generate as run_generate
+
+    if bool(prompts) == bool(prompt_ids):
+        raise UsageError("give --prompt TEXT or --prompt-ids IDS (one of them)", "e.g. --prompt-ids 1,2,3")
+    program, target, tgt, compiled = _load_out(out)
+    tokenizer = _tokenizer(out, program) if prompts or not prompt_ids else _tokenizer(out, program, required=False)
+    rows = [tokenizer.encode(p).ids for p in prompts] if prompts else [_parse_ids(t) for t in prompt_ids]
+    stops = list(stop_tokens)
+    eos = (program.meta.get("config") or {}).get("eos_token_id")
+    if not stops and not ignore_eos and eos is not None:
+        stops = list(eos) if isinstance(eos, list) else [eos]
+    options = {}
+    if draft:
+        d_program, _, d_tgt, d_compiled = _load_out(draft)
+        options = {"draft": d_program, "draft_step": _target_step(d_tgt, d_compiled), "draft_tokens": draft_tokens}
+    result = run_generate(program, rows, max_new_tokens, step=_target_step(tgt, compiled),
+                          sampling=Sampling(temperature, top_k, top_p, seed), stop_tokens=stops, **options)
+    if tokenizer is not None:
+        result.text = [tokenizer.decode(r) for r in result.new_ids]
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    for i, row in enumerate(result.new_ids):
+        click.echo(result.text[i] if result.text else " ".join(map(str, row)))
+    extra = ""
+    if result.proposed:
+        extra = f"; draft acceptance {result.acceptance_rate:.1%} over {result.steps} target steps"
+    click.echo(f"{result.new_tokens} new tokens on {target} in {result.seconds:.2f} s "
+               f"({result.tokens_per_s:.1f} tokens/s){extra}", err=True)
+
+
+def _target_step(tgt, compiled):
+    import torch
+
+    def step(*inputs):
+        with torch.no_grad():
+            return tuple(compiled(*tgt.prepare_inputs(inputs)))
+    return step
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", ",").split(",") if t]
+    except ValueError:
+        raise UsageError(f"bad --prompt-ids {text!r}", "comma-separated token ids, e.g. --prompt-ids 464,2068,318") from None
+    if not ids:
+        raise UsageError("--prompt-ids is empty", "e.g. --prompt-ids 464,2068,318")
+    return ids
+
+
+def _tokenizer(out: str, program, required: bool = True):
+    """OUT/tokenizer.json (copied from the model folder at optimize time), via `tokenizers`."""
+    candidates = [os.path.join(out, "tokenizer.json")]
+    if program.meta.get("tokenizer"):
+        candidates.append(os.path.join(program.meta["tokenizer"], "tokenizer.json"))
+    path = next((c for c in candidates if os.path.isfile(c)), None)
+    if path is None:
+        if required:
+            raise UsageError(f"{out} has no tokenizer.json for --prompt", "give token ids with --prompt-ids")
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise UsageError("--prompt needs the `tokenizers` package", "pip install tokenizers, or use --prompt-ids") from None
+    return Tokenizer.from_file(path)
 
 
 def _run_inputs(program, texts) -> tuple:

@@ -52,6 +52,9 @@ class OptimizeResult:
                 json.dump(self.report, f, indent=2, default=str)
             with open(os.path.join(tmp, "report.html"), "w") as f:
                 f.write(render_report_html(self.report, self.diffs))
+            tokenizer = os.path.join(self.program.meta.get("tokenizer") or "", "tokenizer.json")
+            if self.program.meta.get("tokenizer") and os.path.isfile(tokenizer):
+                shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.json"))  # `optpipe generate --prompt`
             if dump_ir and os.path.isdir(dump_ir):
                 shutil.copytree(dump_ir, os.path.join(tmp, "ir"))
         return out
@@ -167,7 +170,7 @@ def check_target(tgt, compiled, program: Program) -> dict:
     """Compare the target's outputs with the torch program on the example inputs and at a second
     sequence length."""
     inputs = verification_inputs(program, extra=0)
-    reference = run_outputs(program.gm, inputs)
+    reference = run_outputs(program, inputs)
     actual = []
     with torch.no_grad():
         for inp in inputs:

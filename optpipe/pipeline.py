@@ -66,7 +66,7 @@ class Pipeline:
         budget = budget or Budget()
         records: list[PassRecord] = []
         inputs = verification_inputs(program) if verify else None
-        reference = run_outputs(program.gm, inputs) if verify else None
+        reference = run_outputs(program, inputs) if verify else None
         for index, spec in enumerate(self.specs):
             if on_pass:
                 on_pass(index, spec)
@@ -128,7 +128,7 @@ def _after(records) -> str:
 
 def _run_checked(program, inputs, spec, records):
     try:
-        return run_outputs(program.gm, inputs)
+        return run_outputs(program, inputs)
     except Exception as e:
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs[-1] if hasattr(x, "shape"))
         raise VerificationError(f"program after {spec}{_after(records)} fails to run: {type(e).__name__}: "

@@ -46,6 +46,13 @@ class Program:
         with torch.no_grad():
             return self.gm(*(self.example_inputs if inputs is None else inputs))
 
+    def generate(self, prompts, max_new_tokens: int, **options):
+        """Generate from token-id prompts; see `optpipe.generation.generate` for the options
+        (sampling, stop_tokens, draft, ...). Uses the KV cache when the program has one."""
+        from .generation import generate
+
+        return generate(self, prompts, max_new_tokens, **options)
+
     @property
     def pipeline(self) -> str:
         return ",".join(self.history)

@@ -25,6 +25,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "dce": "optpipe.passes.cleanup",
     "cse": "optpipe.passes.cleanup",
     "attention": "optpipe.passes.attention",
+    "kv-cache": "optpipe.passes.kv_cache",
 }
 BUILTIN_TARGETS: dict[str, str] = {
     "cpu": "optpipe.targets.torch_backend",

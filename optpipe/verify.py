@@ -90,7 +90,12 @@ class Metrics:
 
 
 def verification_inputs(program, *, seed: int = 0, extra: int = 1) -> list[tuple]:
-    """Example inputs plus random in-distribution ones (same shape, and another sequence length)."""
+    """Example inputs plus random in-distribution ones (same shape, and another sequence length).
+    A step program (kv-cache) gets a prefill and decode steps over random caches instead."""
+    if program.meta.get("kv_cache"):
+        from .generation import step_verification_inputs
+
+        return step_verification_inputs(program, seed=seed, extra=extra)
     g = torch.Generator().manual_seed(seed)
     base = tuple(program.example_inputs)
     sets = [base]
@@ -160,11 +165,24 @@ def _like(x, name: str, g: torch.Generator, vocab: int | None):
     return (torch.randn(x.shape, generator=g) * (std or 1.0) + mean).to(x.dtype)
 
 
-def run_outputs(gm, input_sets: list[tuple]) -> list[list[torch.Tensor]]:
+def run_outputs(program, input_sets: list[tuple]) -> list[list[torch.Tensor]]:
+    """Outputs of `program` (a Program or a GraphModule) on each input set.
+
+    A step program (kv-cache) given the inputs of the LM it was made from (token ids only) returns
+    the logits it computes through its cache, so it compares with the program before the pass; given
+    step inputs, it runs on copies (it updates its caches in place)."""
+    kv = getattr(program, "meta", {}).get("kv_cache") if not isinstance(program, torch.nn.Module) else None
+    gm = program if isinstance(program, torch.nn.Module) else program.gm
     outs = []
     with torch.no_grad():
         for inputs in input_sets:
-            leaves = pytree.tree_leaves(gm(*inputs))
+            if kv and len(inputs) == 1:
+                from .generation import cached_logits
+
+                result = cached_logits(gm, kv, inputs[0])
+            else:
+                result = gm(*(x.clone() if kv and isinstance(x, torch.Tensor) else x for x in inputs))
+            leaves = pytree.tree_leaves(result)
             outs.append([t.detach() for t in leaves if isinstance(t, torch.Tensor)])
     return outs
 

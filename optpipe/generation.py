@@ -1,0 +1,372 @@
+"""Generation from step programs (made by the `kv-cache` pass) and from plain causal LMs.
+
+A step program takes `(input_ids [B,T], position_ids [B,T], cache_position [T], key_mask [B,L],
+*caches)` and returns `(logits [B,T,V], *caches)`; `program.meta["kv_cache"]` describes its caches
+(`layers[i]["caches"]`: name, shape with None for the batch, dtype) and `max_len` L. This module
+builds those inputs, runs prefill and decode steps, samples, and does speculative decoding. It
+needs only the step callable, so the same loop drives the torch program, ONNX Runtime and TVM.
+
+    result = generate(program, [[1, 2, 3], [4, 5]], max_new_tokens=32)            # greedy
+    result = generate(program, prompts, 32, sampling=Sampling(temperature=0.8, top_p=0.9, seed=0))
+    result = generate(program, prompts, 32, draft=small_program, draft_tokens=4)   # speculative
+
+Batches of prompts of different lengths are left-padded: pad slots are masked out of every key set
+(`key_mask`), and positions count from each prompt's own first token, so every row gets the tokens
+it would get alone.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import UsageError
+
+STEP_INPUTS = ("input_ids", "position_ids", "cache_position", "key_mask")
+
+
+# -- step inputs --------------------------------------------------------------------------------------
+def empty_caches(kv: dict, batch: int, device="cpu") -> list[torch.Tensor]:
+    """Zeroed caches for a batch, in the step program's input order."""
+    return [torch.zeros(batch, *c["shape"][1:], dtype=getattr(torch, c["dtype"]), device=device)
+            for layer in kv["layers"] for c in layer["caches"]]
+
+
+def prefill_inputs(input_ids: torch.Tensor, max_len: int, lengths: Sequence[int] | None = None) -> tuple:
+    """Step inputs for a prefill of left-padded `input_ids` [B, P] (`lengths`: real tokens per row)."""
+    b, p = input_ids.shape
+    device = input_ids.device
+    lengths = [p] * b if lengths is None else list(lengths)
+    pad = torch.tensor([p - n for n in lengths], device=device)
+    steps = torch.arange(p, device=device)
+    position_ids = (steps[None, :] - pad[:, None]).clamp(min=0)
+    key_mask = torch.zeros(b, max_len, dtype=torch.bool, device=device)
+    key_mask[:, :p] = steps[None, :] >= pad[:, None]
+    return input_ids, position_ids, steps.clone(), key_mask
+
+
+def step_verification_inputs(program, *, seed: int = 0, extra: int = 1) -> list[tuple]:
+    """Inputs that exercise a step program: its example (a prefill from empty caches) and, per
+    `extra`, a decode step of 1 token and a chunk of 3 tokens at a random position over random caches."""
+    kv = program.meta["kv_cache"]
+    g = torch.Generator().manual_seed(seed)
+    ids = program.example_inputs[0]
+    b, vocab = ids.shape[0], int(_vocab(program) or int(ids.max()) + 1)
+    sets = [tuple(program.example_inputs)]
+    for t in [1, 3][: 2 * extra] if extra else []:
+        start = int(torch.randint(1, max(2, kv["max_len"] - t), (1,), generator=g))
+        new = torch.randint(0, vocab, (b, t), generator=g)
+        caches = [torch.randn(x.shape, generator=g).to(x.dtype) * 0.5 for x in empty_caches(kv, b)]
+        key_mask = torch.zeros(b, kv["max_len"], dtype=torch.bool)
+        key_mask[:, : start + t] = True
+        cache_position = torch.arange(start, start + t)
+        sets.append((new, cache_position[None, :].expand(b, t).clone(), cache_position, key_mask, *caches))
+    return sets
+
+
+def _vocab(program) -> int | None:
+    cfg = program.meta.get("config") or {}
+    return cfg.get("vocab_size") or program.meta.get("vocab_size")
+
+
+def cached_logits(step: Callable, kv: dict, input_ids: torch.Tensor, decode_last: int = 3) -> torch.Tensor:
+    """Logits of every position of `input_ids` computed through the cache: a prefill of all but the
+    last `decode_last` tokens, then one decode step per token (what verification compares with the
+    program without a cache)."""
+    b, n = input_ids.shape
+    split = max(1, n - decode_last)
+    caches = empty_caches(kv, b, input_ids.device)
+    ids, pos, cache_pos, key_mask = prefill_inputs(input_ids[:, :split], kv["max_len"])
+    logits, *caches = step(ids, pos, cache_pos, key_mask, *caches)
+    pieces = [logits]
+    for t in range(split, n):
+        key_mask[:, t] = True
+        slot = torch.tensor([t], device=input_ids.device)
+        logits, *caches = step(input_ids[:, t:t + 1], slot.expand(b, 1), slot, key_mask, *caches)
+        pieces.append(logits)
+    return torch.cat(pieces, dim=1)
+
+
+# -- sampling ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding rule. temperature 0 is greedy (the default); top_k 0 and top_p 1 switch those off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise UsageError(f"temperature must be >= 0, got {self.temperature}", "0 means greedy decoding")
+        if self.top_k < 0:
+            raise UsageError(f"top-k must be >= 0, got {self.top_k}", "0 switches top-k off")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"top-p must be in (0, 1], got {self.top_p}", "1 switches top-p off")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 and self.top_k == 0 and self.top_p == 1.0
+
+    def generator(self) -> torch.Generator:
+        g = torch.Generator()
+        if self.seed is not None:
+            g.manual_seed(self.seed)
+        else:
+            g.seed()
+        return g
+
+    def choose(self, logits: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Next token per row from logits [B, V]."""
+        if self.greedy:
+            return logits.argmax(-1)
+        logits = logits.float() / (self.temperature or 1.0)
+        if self.top_k:
+            kth = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            drop = probs.cumsum(-1) - probs > self.top_p  # keep the smallest prefix reaching top_p
+            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        return torch.multinomial(logits.softmax(-1).cpu(), 1, generator=g).squeeze(-1).to(logits.device)
+
+
+# -- generation -------------------------------------------------------------------------------------
+@dataclass
+class GenerationResult:
+    ids: list[list[int]]
+    """Prompt and new tokens, per row (no padding)."""
+    new_ids: list[list[int]]
+    seconds: float
+    prefill_seconds: float = 0.0
+    steps: int = 0
+    """Calls of the (target) program after the prefill."""
+    accepted: int | None = None
+    """Speculative decoding: draft tokens the target accepted (of `proposed`)."""
+    proposed: int | None = None
+    text: list[str] | None = None
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(r) for r in self.new_ids)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.proposed if self.proposed else None
+
+    def to_dict(self) -> dict:
+        out = {"ids": self.ids, "new_ids": self.new_ids, "tokens_per_s": round(self.tokens_per_s, 3),
+               "seconds": round(self.seconds, 6)}
+        if self.text is not None:
+            out["text"] = self.text
+        if self.proposed is not None:
+            out["speculative"] = {"accepted": self.accepted, "proposed": self.proposed,
+                                  "acceptance_rate": round(self.acceptance_rate or 0.0, 4),
+                                  "target_steps": self.steps}
+        return out
+
+
+def step_function(program) -> Callable:
+    """The torch program's step callable (no autograd)."""
+    def step(*inputs):
+        with torch.no_grad():
+            return program.gm(*inputs)
+    return step
+
+
+def generate(program, prompts, max_new_tokens: int, *, sampling: Sampling = Sampling(),
+             stop_tokens: Sequence[int] = (), step: Callable | None = None, draft=None,
+             draft_step: Callable | None = None, draft_tokens: int = 4, pad_id: int = 0) -> GenerationResult:
+    """Generate `max_new_tokens` per prompt (a list of token-id lists, or a [B, P] tensor).
+
+    `program` is a step program (kv-cache) or a plain causal LM (then every token recomputes the
+    whole prefix). `step` overrides how the step program is run (a target's compiled artifact).
+    `draft` (a smaller step program) turns on speculative decoding: it proposes `draft_tokens`
+    tokens, the target checks them in one call; greedy output is identical to the target's alone."""
+    rows = _prompt_rows(prompts)
+    if max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {max_new_tokens}", "e.g. --max-new-tokens 32")
+    stops = set(int(t) for t in stop_tokens)
+    kv = program.meta.get("kv_cache")
+    if draft is not None:
+        if kv is None or not draft.meta.get("kv_cache"):
+            raise UsageError("speculative decoding needs step programs (kv-cache) for the target and the draft",
+                             "optimize both with a pipeline ending in kv-cache{max-len=N}")
+        if not sampling.greedy:
+            raise UsageError("speculative decoding is greedy here", "drop --temperature/--top-k/--top-p with --draft")
+        return _speculative(program, draft, rows, max_new_tokens, stops, step or step_function(program),
+                            draft_step or step_function(draft), draft_tokens)
+    if kv is None:
+        return _generate_recompute(program, rows, max_new_tokens, sampling, stops, step)
+    return _generate_cached(kv, rows, max_new_tokens, sampling, stops, step or step_function(program), pad_id)
+
+
+def _prompt_rows(prompts) -> list[list[int]]:
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
+    rows = [[int(t) for t in row] for row in prompts]
+    if not rows or any(not r for r in rows):
+        raise UsageError("every prompt needs at least one token", "give --prompt TEXT or --prompt-ids 1,2,3")
+    return rows
+
+
+def _check_room(kv: dict, longest: int, max_new_tokens: int) -> None:
+    need = longest + max_new_tokens
+    if need > kv["max_len"]:
+        raise UsageError(f"prompt ({longest} tokens) + {max_new_tokens} new tokens exceed the cache "
+                         f"({kv['max_len']} slots)", f"fewer --max-new-tokens, or kv-cache{{max-len={need}}}")
+
+
+class _Rows:
+    """Per-row bookkeeping: new tokens, and which rows have stopped."""
+
+    def __init__(self, prompts: list[list[int]], stops: set[int]):
+        self.prompts, self.stops = prompts, stops
+        self.new: list[list[int]] = [[] for _ in prompts]
+        self.done = [False] * len(prompts)
+
+    def add(self, tokens: torch.Tensor) -> None:
+        for row, t in enumerate(tokens.tolist()):
+            if not self.done[row]:
+                self.new[row].append(int(t))
+                self.done[row] = int(t) in self.stops
+
+    def finished(self, limit: int) -> bool:
+        return all(d or len(n) >= limit for d, n in zip(self.done, self.new))
+
+    def result(self, seconds: float, **kw) -> GenerationResult:
+        return GenerationResult([p + n for p, n in zip(self.prompts, self.new)], self.new, seconds, **kw)
+
+
+def _generate_cached(kv, rows, max_new_tokens, sampling, stops, step, pad_id) -> GenerationResult:
+    lengths = [len(r) for r in rows]
+    longest = max(lengths)
+    _check_room(kv, longest, max_new_tokens)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        ids[i, longest - len(r):] = torch.tensor(r)
+    g = sampling.generator()
+    state = _Rows(rows, stops)
+    start = time.perf_counter()
+    caches = empty_caches(kv, len(rows))
+    inputs = prefill_inputs(ids, kv["max_len"], lengths)
+    key_mask = inputs[3]
+    logits, *caches = step(*inputs, *caches)
+    prefill = time.perf_counter() - start
+    steps = 0
+    next_pos = torch.tensor(lengths)[:, None]
+    while max_new_tokens and True:
+        token = sampling.choose(logits[:, -1], g)
+        state.add(token)
+        if state.finished(max_new_tokens):
+            break
+        slot = longest + steps
+        key_mask[:, slot] = True
+        cache_position = torch.tensor([slot])
+        logits, *caches = step(token[:, None], next_pos + steps, cache_position, key_mask, *caches)
+        steps += 1
+    return state.result(time.perf_counter() - start, prefill_seconds=prefill, steps=steps)
+
+
+def _generate_recompute(program, rows, max_new_tokens, sampling, stops, step) -> GenerationResult:
+    """No cache: every new token runs the whole sequence again. Rows of different lengths run one
+    by one (a plain LM has no padding input)."""
+    run = step or (lambda ids: program.gm(ids))
+    groups = [rows] if len({len(r) for r in rows}) == 1 else [[r] for r in rows]
+    g = sampling.generator()
+    start = time.perf_counter()
+    new: list[list[int]] = []
+    for group in groups:
+        state = _Rows(group, stops)
+        ids = torch.tensor(group, dtype=torch.int64)
+        with torch.no_grad():
+            while max_new_tokens:
+                logits = run(ids)
+                logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+                token = sampling.choose(logits[:, -1], g)
+                state.add(token)
+                if state.finished(max_new_tokens):
+                    break
+                ids = torch.cat([ids, token[:, None]], dim=1)
+        new += state.new
+    return GenerationResult([p + n for p, n in zip(rows, new)], new, time.perf_counter() - start)
+
+
+def _speculative(target, draft, rows, max_new_tokens, stops, step, draft_step, k) -> GenerationResult:
+    """Greedy speculative decoding (one prompt): the draft proposes k tokens one by one, the target
+    scores the last accepted token and the k proposals in one call; the longest prefix where they
+    agree with the target's own argmax is kept, plus the target's token after it. Stale cache
+    entries of rejected tokens sit in slots no query can see until they are overwritten."""
+    if len(rows) != 1:
+        raise UsageError("speculative decoding takes one prompt at a time", "give a single --prompt")
+    if k < 1:
+        raise UsageError(f"--draft-tokens must be >= 1, got {k}", "e.g. --draft-tokens 4")
+    tkv, dkv = target.meta["kv_cache"], draft.meta["kv_cache"]
+    for name, kv in (("target", tkv), ("draft", dkv)):
+        kinds = {layer["kind"] for layer in kv["layers"]}
+        if kinds != {"dense"}:
+            raise UsageError(f"speculative decoding needs dense KV caches; the {name} has {', '.join(sorted(kinds))}",
+                             "sliding-window and linear caches cannot roll back rejected tokens")
+    prompt = rows[0]
+    n = len(prompt)
+    _check_room(tkv, n, max_new_tokens + k + 1)
+    _check_room(dkv, n, max_new_tokens + k + 1)
+    state = _Rows(rows, stops)
+    start = time.perf_counter()
+    ids = torch.tensor([prompt])
+    t_caches, d_caches = empty_caches(tkv, 1), empty_caches(dkv, 1)
+    t_in, d_in = prefill_inputs(ids, tkv["max_len"]), prefill_inputs(ids, dkv["max_len"])
+    t_mask, d_mask = t_in[3], d_in[3]
+    logits, *t_caches = step(*t_in, *t_caches)
+    _, *d_caches = draft_step(*d_in, *d_caches)
+    prefill = time.perf_counter() - start
+    tokens = list(prompt) + [int(logits[0, -1].argmax())]  # the target's first token
+    state.add(torch.tensor(tokens[-1:]))
+    draft_done = n            # tokens the draft's cache holds (slots 0..draft_done-1)
+    accepted = proposed = steps = 0
+    while not state.finished(max_new_tokens):
+        room = max_new_tokens - len(state.new[0])
+        kk = max(1, min(k, room))
+        # draft: catch up on the tokens its cache lacks, then propose kk tokens greedily
+        proposal: list[int] = []
+        feed = tokens[draft_done:]
+        for _ in range(kk):
+            d_logits, *d_caches = _call(draft_step, feed, draft_done, d_mask, d_caches)
+            draft_done += len(feed)
+            proposal.append(int(d_logits[0, -1].argmax()))
+            feed = proposal[-1:]
+        # target: score [last token, proposal] in one call
+        base = len(tokens) - 1
+        t_logits, *t_caches = _call(step, tokens[-1:] + proposal, base, t_mask, t_caches)
+        steps += 1
+        choice = t_logits[0].argmax(-1).tolist()
+        j = 0
+        while j < kk and proposal[j] == choice[j]:
+            j += 1
+        accepted += j
+        proposed += kk
+        emitted = proposal[:j] + [choice[j]]
+        for t in emitted:
+            state.add(torch.tensor([t]))
+            if state.finished(max_new_tokens):
+                break
+        tokens += emitted
+        draft_done = min(draft_done, len(tokens) - 1)  # roll the draft back to the accepted prefix
+    return state.result(time.perf_counter() - start, prefill_seconds=prefill, steps=steps,
+                        accepted=accepted, proposed=proposed)
+
+
+def _call(step, tokens: list[int], first_slot: int, key_mask, caches):
+    """One step over `tokens` written at slots first_slot.. (batch of one, no padding)."""
+    t = len(tokens)
+    slots = torch.arange(first_slot, first_slot + t)
+    key_mask[:, first_slot:first_slot + t] = True
+    return step(torch.tensor([tokens]), slots[None, :], slots, key_mask, *caches)
