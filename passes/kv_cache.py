@@ -260,8 +260,8 @@ class _StepBuilder:
         v_cache = self._input(f"v_cache_{index}")
         with self.graph.inserting_before(site.node):
             if site.kind == "dense":
-                k_all = self._call(aten.index_copy_.default, k_cache, 2, self.cache_position, site.key)
-                v_all = self._call(aten.index_copy_.default, v_cache, 2, self.cache_position, site.value)
+                k_all = self._write(k_cache, site.key)
+                v_all = self._write(v_cache, site.value)
                 kwargs = {"attn_mask": self._mask(), "scale": site.scale}  # built before the first site
                 if site.gqa:
                     kwargs["enable_gqa"] = True
@@ -280,6 +280,21 @@ class _StepBuilder:
         caches = [{"name": f"k_cache_{index}", "shape": [None, kv_heads, slots, head_dim], "dtype": dtype},
                   {"name": f"v_cache_{index}", "shape": [None, kv_heads, slots, v_dim], "dtype": dtype}]
         return {"module": site.path, "kind": site.kind, "caches": caches}
+
+    def _write(self, cache: torch.fx.Node, new: torch.fx.Node) -> torch.fx.Node:
+        """cache[:, :, cache_position] = new, in place, as an `index_put_` with one broadcast index
+        tensor per dim (what every target's importer takes; TVM's cannot fill in omitted dims)."""
+        size = lambda d: self._call(aten.sym_size.int, new, d)  # noqa: E731
+        device = val(self.tokens).device
+        shapes = ([-1, 1, 1, 1], [1, -1, 1, 1], None, [1, 1, 1, -1])
+        index = []
+        for d, shape in enumerate(shapes):
+            if shape is None:
+                index.append(self._call(aten.view.default, self.cache_position, [1, 1, -1, 1]))
+            else:
+                steps = self._call(aten.arange.default, size(d), dtype=torch.int64, device=device)
+                index.append(self._call(aten.view.default, steps, shape))
+        return self._call(aten.index_put_.default, cache, index, new)
 
     def _cache_linear(self, index: int, site: _Site, dtype: str) -> dict:
         k_val, v_val = val(site.key), val(site.value)

@@ -32,7 +32,6 @@ def _window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                       v_ring: torch.Tensor, cache_position: torch.Tensor, key_mask: torch.Tensor, window: int,
                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     w = k_ring.shape[2]
-    t = key.shape[2]
     start, end = cache_position[:1], cache_position[-1:]
     ring = torch.arange(w, device=key.device)
     held = start - 1 - torch.remainder(start - 1 - ring, w)          # slot each ring entry holds (<0: none)
@@ -41,21 +40,17 @@ def _window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     values = torch.cat([v_ring, value], dim=2)
     q_slot = cache_position[:, None]                                  # [T, 1]
     in_window = (slots[None, :] <= q_slot) & (slots[None, :] > q_slot - window) & (slots[None, :] >= 0)
-    real = key_mask.gather(1, slots.clamp(min=0)[None, :].expand(key_mask.shape[0], -1))  # [B, W + T]
-    itself = torch.cat([torch.zeros(t, w, dtype=torch.bool, device=key.device),
-                        torch.eye(t, dtype=torch.bool, device=key.device)], dim=1)
+    real = key_mask.index_select(1, slots.clamp(min=0))               # [B, W + T]
+    itself = slots[None, :] == q_slot                                 # ring slots are all < start
     mask = (in_window[None] & real[:, None, :]) | itself[None]       # [B, T, W + T]
     out = torch.nn.functional.scaled_dot_product_attention(
         query, keys, values, attn_mask=mask[:, None], scale=scale, enable_gqa=query.shape[1] != key.shape[1])
     # the ring after these tokens: entry i holds the newest slot <= end with slot = i (mod W)
     newest = end - torch.remainder(end - ring, w)
-    from_new = newest >= start
-    source = (newest - start).clamp(min=0, max=t - 1)
-    pick = source[None, None, :, None]
-    new_k = torch.where(from_new[None, None, :, None], key.gather(2, pick.expand(*key.shape[:2], w, key.shape[-1])),
-                        k_ring)
-    new_v = torch.where(from_new[None, None, :, None],
-                        value.gather(2, pick.expand(*value.shape[:2], w, value.shape[-1])), v_ring)
+    from_new = (newest >= start)[:, None]
+    source = (newest - start).clamp(min=0)                          # newest <= end: never past the new tokens
+    new_k = torch.where(from_new, key.index_select(2, source), k_ring)
+    new_v = torch.where(from_new, value.index_select(2, source), v_ring)
     return out.contiguous(), new_k, new_v
 
 

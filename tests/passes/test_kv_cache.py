@@ -1,0 +1,242 @@
+"""kv-cache: a causal LM becomes a prefill + decode step program with static caches.
+
+Fired (stats) and IR (FileCheck) on tiny GPT, GPT-2 and Llama (GQA, RoPE) from transformers;
+greedy tokens identical to full recompute for 128 new tokens with logits within 1e-4 at every
+step; sliding-window ring buffers and linear-attention state give the swapped model's tokens with
+memory independent of the generated length; left-padded batches equal each prompt alone; sampling,
+stop tokens and speculative decoding; save/load; onnxruntime and tvm parity of the step program;
+refusals (bidirectional, masks, extra inputs, too short a cache) with clear errors.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.testing import FileCheck, assert_close
+
+import optpipe
+from examples import tiny_gpt
+from optpipe.errors import PassError, UsageError
+from optpipe.generation import Sampling, cached_logits, generate, step_function
+from optpipe.pipeline import Pipeline
+from optpipe.program import load_program
+from tests import hf_models
+
+NEW = 128
+PROMPTS = [[5, 17, 3, 99, 42, 7, 11, 64, 2, 8, 30, 1], [9, 8, 7], [4, 4, 100, 23, 56]]
+
+
+def gpt2(layers: int = 2):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=128, n_positions=256, n_embd=64, n_layer=layers, n_head=4,
+                        bos_token_id=127, eos_token_id=127)
+    return GPT2LMHeadModel(config).eval()
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny():
+    model, _ = tiny_gpt.build(block_size=256, vocab_size=128)
+    return model
+
+
+MODELS = {"tiny-gpt": tiny, "gpt2": gpt2, "llama": llama}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def programs(request):
+    """(plain LM program after fuse-attention, step program) for each model."""
+    model = MODELS[request.param]()
+    plain = optpipe.capture(model, {"input_ids": torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))})
+    plain, _ = Pipeline.parse("fuse-attention,dce").run(plain)
+    step, records = Pipeline.parse("kv-cache{max-len=160}").run(plain)
+    return request.param, plain, step, records[0]
+
+
+def test_fires_and_rewrites_the_graph(programs):
+    name, plain, step, record = programs
+    assert record.modified and record.stats["cached"] == record.stats["sites"] == 2
+    assert record.stats["dense"] == 2 and record.stats["positions"] >= 1
+    assert record.verify["ok"] and record.verify["max_abs"] < 1e-4
+    assert step.input_names[:4] == ["input_ids", "position_ids", "cache_position", "key_mask"]
+    assert step.input_names[4:] == ["k_cache_0", "v_cache_0", "k_cache_1", "v_cache_1"]
+    code = step.gm.code
+    FileCheck().check("def forward(self, input_ids, position_ids, cache_position, key_mask, k_cache_0") \
+        .check("index_put_.default(k_cache_0").check("scaled_dot_product_attention.default(") \
+        .check("index_put_.default(k_cache_1").run(code)
+    assert "is_causal = True" not in code  # the cache mask replaces the causal flag
+    assert "position_ids" in code.split("def forward", 1)[1].split("\n", 2)[2]  # positions read
+    kv = step.meta["kv_cache"]
+    heads = 2 if name == "llama" else 4  # Llama keeps its 2 K/V heads (GQA), not 4 repeated ones
+    assert kv["layers"][0]["caches"][0]["shape"] == [None, heads, 160, 16]
+    if name == "llama":
+        FileCheck().check("enable_gqa = True").run(code)
+
+
+def test_greedy_equals_full_recompute_for_128_tokens(programs):
+    _, plain, step, _ = programs
+    prompt = [PROMPTS[0]]
+    cached = generate(step, prompt, NEW)
+    recomputed = generate(plain, prompt, NEW)
+    assert len(cached.new_ids[0]) == NEW
+    assert cached.new_ids == recomputed.new_ids
+    # logits at every step: the cache path (prefill + 128 decode steps) vs one full forward
+    seq = torch.tensor(cached.ids)[:, :-1]
+    with torch.no_grad():
+        full = plain.gm(seq)
+        stepwise = cached_logits(step_function(step), step.meta["kv_cache"], seq, decode_last=NEW)
+    assert_close(stepwise, full, atol=1e-4, rtol=0)
+
+
+def test_left_padded_batch_equals_each_prompt_alone(programs):
+    _, _, step, _ = programs
+    batch = generate(step, PROMPTS, 12)
+    for row, prompt in enumerate(PROMPTS):
+        assert batch.new_ids[row] == generate(step, [prompt], 12).new_ids[0]
+        assert batch.ids[row][:len(prompt)] == prompt
+
+
+@pytest.mark.parametrize("attention, kind", [("attention{kind=sliding-window,window=8}", "sliding-window"),
+                                             ("attention{kind=linear}", "linear")])
+@pytest.mark.parametrize("model", ["tiny-gpt", "llama"])
+def test_efficient_caches_match_the_swapped_model(model, attention, kind):
+    plain = optpipe.capture(MODELS[model](), {"input_ids": torch.randint(0, 128, (1, 16))})
+    swapped, _ = Pipeline.parse(f"fuse-attention,dce,{attention}").run(plain)
+    step, records = Pipeline.parse("kv-cache{max-len=160}").run(swapped)
+    assert records[0].stats[kind] == 2 and records[0].verify["ok"]
+    FileCheck().check(f"optpipe.cached_{'window' if kind == 'sliding-window' else 'linear'}_attention") \
+        .run(step.gm.code)
+    cached = generate(step, PROMPTS, 40)
+    assert cached.new_ids == generate(swapped, PROMPTS, 40).new_ids
+    shapes = [c["shape"] for layer in step.meta["kv_cache"]["layers"] for c in layer["caches"]]
+    heads = 2 if model == "llama" else 4
+    if kind == "sliding-window":  # a ring of `window` slots, not max-len
+        assert shapes[0] == [None, heads, 8, 16]
+    else:  # recurrent state: Σφ(k)vᵀ and Σφ(k)
+        assert shapes[:2] == [[None, heads, 16, 16], [None, heads, 16]]
+
+
+def test_sampling_is_seeded_and_reduces_to_greedy(programs):
+    _, _, step, _ = programs
+    greedy = generate(step, PROMPTS[:1], 16)
+    assert generate(step, PROMPTS[:1], 16, sampling=Sampling(top_k=1, seed=3)).new_ids == greedy.new_ids
+    assert generate(step, PROMPTS[:1], 16, sampling=Sampling(temperature=1.0, top_p=1e-6, seed=3)).new_ids \
+        == greedy.new_ids
+    a = generate(step, PROMPTS, 16, sampling=Sampling(temperature=1.5, top_k=50, top_p=0.95, seed=7))
+    b = generate(step, PROMPTS, 16, sampling=Sampling(temperature=1.5, top_k=50, top_p=0.95, seed=7))
+    assert a.new_ids == b.new_ids and a.new_ids != greedy.new_ids * 3
+
+
+def test_stop_tokens_end_a_row(programs):
+    _, _, step, _ = programs
+    free = generate(step, PROMPTS, 10).new_ids
+    stop = free[0][3]
+    stopped = generate(step, PROMPTS, 10, stop_tokens=[stop]).new_ids
+    first = free[0].index(stop)
+    assert stopped[0] == free[0][:first + 1]
+    for row in range(1, 3):  # other rows run on (until they meet the stop token themselves)
+        cut = free[row].index(stop) + 1 if stop in free[row] else 10
+        assert stopped[row] == free[row][:cut]
+
+
+def test_speculative_decoding_is_identical_to_the_target_alone():
+    target_model = gpt2(layers=4)
+    draft_model = copy.deepcopy(target_model)
+    draft_model.transformer.h = draft_model.transformer.h[:2]
+    draft_model.config.n_layer = 2
+    example = {"input_ids": torch.randint(0, 128, (1, 16))}
+    pipeline = Pipeline.parse("fuse-attention,dce,kv-cache{max-len=120}")
+    target, _ = pipeline.run(optpipe.capture(target_model, example))
+    draft, _ = pipeline.run(optpipe.capture(draft_model, example))
+    alone = generate(target, PROMPTS[:1], 48)
+    for k in (1, 4):
+        spec = generate(target, PROMPTS[:1], 48, draft=draft, draft_tokens=k)
+        assert spec.new_ids == alone.new_ids
+        assert spec.proposed > 0 and 0 <= spec.accepted <= spec.proposed
+        assert spec.steps < 48  # fewer target calls than tokens whenever anything is accepted
+    itself = generate(target, PROMPTS[:1], 48, draft=target.copy(), draft_tokens=4)
+    assert itself.acceptance_rate == 1.0 and itself.new_ids == alone.new_ids
+
+
+def test_save_load_round_trip(programs, tmp_path):
+    _, _, step, _ = programs
+    step.save(tmp_path / "step.pt2")
+    loaded = load_program(tmp_path / "step.pt2")
+    assert loaded.meta["kv_cache"] == step.meta["kv_cache"]
+    assert loaded.input_names == step.input_names
+    assert generate(loaded, PROMPTS, 12).new_ids == generate(step, PROMPTS, 12).new_ids
+
+
+# -- targets ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target", ["onnxruntime", "tvm"])
+@pytest.mark.parametrize("attention", ["", ",attention{kind=sliding-window,window=8}", ",attention{kind=linear}"])
+def test_step_program_on_targets(target, attention, tmp_path):
+    if target == "tvm" and "sliding-window" in attention:
+        pytest.xfail("TVM build of the ring-buffer update: the fast-math pass meets a tensor without a "
+                     "static-rank shape (tracked in issue 5)")
+    from optpipe.cli import _target_step
+
+    res = optpipe.optimize(tiny(), (torch.randint(0, 128, (1, 16)),),
+                           pipeline=f"fuse-attention,dce{attention},kv-cache{{max-len=64}}", target=target)
+    check = res.report["target_check"]
+    # prefill and a decode step over random caches, within 1e-4 relative to the logits' magnitude
+    assert check["ok"] and check["inputs"] >= 2 and check["max_abs"] <= check["tolerance"]
+    on_target = generate(res.program, PROMPTS, 16, step=_target_step(res.target, res.compiled))
+    assert on_target.new_ids == generate(res.program, PROMPTS, 16).new_ids
+
+
+# -- refusals ---------------------------------------------------------------------------------------
+def test_refuses_bidirectional_models():
+    model, inputs = hf_models.bert()
+    program = optpipe.capture(model, inputs)
+    with pytest.raises(PassError, match="takes \\(input_ids, attention_mask\\)"):
+        Pipeline.parse("fuse-attention,kv-cache{max-len=64}").run(program)
+
+
+def test_refuses_non_causal_attention():
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(32, 16)
+            self.head = torch.nn.Linear(16, 32)
+
+        def forward(self, ids):
+            x = self.emb(ids)[:, None]
+            return self.head(torch.nn.functional.scaled_dot_product_attention(x, x, x)[:, 0])
+
+    program = optpipe.capture(Encoder(), (torch.randint(0, 32, (1, 8)),))
+    with pytest.raises(PassError, match="not plain causal attention .*bidirectional"):
+        Pipeline.parse("kv-cache{max-len=16}").run(program)
+
+
+def test_refuses_kinds_without_an_incremental_form():
+    plain = optpipe.capture(tiny(), {"input_ids": torch.randint(0, 128, (1, 16))})
+    swapped, _ = Pipeline.parse("fuse-attention,dce,attention{kind=strided,stride=4}").run(plain)
+    with pytest.raises(PassError, match="cannot cache the strided attention at transformer.h.0.attn"):
+        Pipeline.parse("kv-cache{max-len=64}").run(swapped)
+
+
+def test_max_len_must_hold_the_example_and_the_generation(programs):
+    _, plain, step, _ = programs
+    with pytest.raises(PassError, match="max-len 8 is shorter than the example"):
+        Pipeline.parse("kv-cache{max-len=8}").run(plain)
+    with pytest.raises(UsageError, match="exceed the cache \\(160 slots\\)"):
+        generate(step, PROMPTS[:1], 150)
+    with pytest.raises(UsageError, match="max-len must be an integer"):
+        Pipeline.parse("kv-cache{max-len=-1}")
+
+
+def test_a_cached_program_is_left_alone(programs):
+    _, _, step, _ = programs
+    again, records = Pipeline.parse("kv-cache{max-len=160}").run(step)
+    assert not records[0].modified and "already" in records[0].details["reason"]
