@@ -332,7 +332,8 @@ def _target_step(tgt, compiled):
 
     def step(*inputs):
         with torch.no_grad():
-            return tuple(compiled(*tgt.prepare_inputs(inputs)))
+            out = compiled(*tgt.prepare_inputs(inputs))
+        return tuple(out) if isinstance(out, (list, tuple)) else out
     return step
 
 

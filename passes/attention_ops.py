@@ -75,7 +75,7 @@ FEATURE_MAPS = ("elu", "relu")
 # flash forward is fastest on short query blocks, its backward on long ones, so the two passes use
 # different blockings of the same pattern (the softmax statistics are per query, layout-free).
 FORWARD_BLOCK = 32
-BACKWARD_BLOCK = 256
+BACKWARD_BLOCK = 64
 DENSE_MAX_LEN = 256
 """Sequences up to this length run as one dense masked flash call (fewer, larger GEMMs win there)."""
 _MASK_CACHE_SIZE = 64
@@ -152,7 +152,8 @@ class SparsePattern:
         if self.causal:
             candidates = qb - 1
             valid = (candidates > 0).expand(-1, r)
-            picks = torch.remainder(h, candidates.clamp(min=1))
+            picks = torch.remainder(h, torch.maximum(candidates, _const(1, candidates)))  # (no clamp: TVM legalizes an
+            # int64 clamp through an infinite bound)
         else:
             total = qb[-1:] + 1  # n_blocks as a tensor: exporters take tensor divisors, not symbolic ints
             picks = torch.remainder(h, total)
@@ -326,23 +327,31 @@ class _Layout:
 
 @dataclass
 class _KeySet:
-    """One flash call: a set of keys per query block, with its mask and where its K/V grads go."""
+    """One set of keys per query block. The sets of a pattern partition its keys (each allowed key is
+    in exactly one set), so their softmaxes merge exactly through the log-sum-exp. A set holds its
+    additive mask and says how to view its keys in one (padded) K/V head and where their grads go."""
 
     name: str
-    key: torch.Tensor          # (X, h, S, D) view
-    value: torch.Tensor
-    mask: torch.Tensor         # additive (X|1, h, L, S)
-    alive: torch.Tensor | None  # bool (X|1, h, L): rows with at least one allowed key here
-    flat: bool                  # rows are the whole layout flattened (h = 1) instead of per block
-    scatter: Callable[[torch.Tensor, torch.Tensor], None]
+    mask: torch.Tensor          # additive (Xm|1, nb, R, S); (Xm|1, 1, nb·R, S) when flat
+    alive: torch.Tensor         # bool (Xm|1, nb, R) / (Xm|1, 1, nb·R): rows with an allowed key here
+    flat: bool                  # one key list shared by every row (rows: the whole layout flattened)
+    kv: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    """(kp, vp) padded (T, D) rows of one K/V head -> (K, V) (nb|1, S, D), views where possible"""
+    scatter: Callable[..., None]
+    """(dkp, dvp, dK, dV): add the set's key/value grads into one head's padded grads"""
 
-    def rows(self, x: torch.Tensor, layout: _Layout) -> torch.Tensor:
-        if not self.flat:
-            return x
-        return x.reshape(x.shape[0], 1, layout.n_blocks * layout.rows, *x.shape[3:])
+    def head_mask(self, x: int) -> torch.Tensor:
+        return self.mask[x if self.mask.shape[0] > 1 else 0]
 
-    def unrows(self, x: torch.Tensor, layout: _Layout) -> torch.Tensor:
-        return x.reshape(x.shape[0], layout.n_blocks, layout.rows, *x.shape[3:]) if self.flat else x
+    def head_alive(self, x: int) -> torch.Tensor:
+        return self.alive[x if self.alive.shape[0] > 1 else 0]
+
+    def rows(self, t: torch.Tensor, layout: _Layout) -> torch.Tensor:
+        """(nb, R, ...) of one head -> this set's row batching."""
+        return t.reshape(1, layout.n_blocks * layout.rows, *t.shape[2:]) if self.flat else t
+
+    def unrows(self, t: torch.Tensor, layout: _Layout) -> torch.Tensor:
+        return t.reshape(layout.n_blocks, layout.rows, *t.shape[2:]) if self.flat else t
 
 
 class _MaskCache:
@@ -381,21 +390,23 @@ def _expand_rows(mask: torch.Tensor, layout: _Layout) -> torch.Tensor:
         mask.shape[0] * layout.kv_heads, *mask.shape[1:])
 
 
-def _key_sets(pattern: SparsePattern, layout: _Layout, k: torch.Tensor, v: torch.Tensor,
-              key_padding_mask, dtype, dk: torch.Tensor | None = None, dv: torch.Tensor | None = None):
-    """The flash calls that together cover the pattern, each key attended exactly once.
+def _windows(t: torch.Tensor, n_blocks: int, block: int, span: int) -> torch.Tensor:
+    """(T, D) rows -> (nb, span, D): block b's window starts at row b·block (overlapping, no copy)."""
+    return t.as_strided((n_blocks, span, t.shape[-1]), (block * t.stride(0), t.stride(0), t.stride(1)))
 
-    `k`, `v` are the padded (X, before + nb·Bs + after, D) key/value copies; `dk`, `dv` (same
-    shape) receive the key/value gradients in the backward."""
+
+def _key_sets(pattern: SparsePattern, layout: _Layout, key_padding_mask, dtype, device):
+    """(sets, offset, total): the key sets that together cover the pattern, each key attended
+    exactly once, over K/V heads padded to `total` rows with the sequence starting at `offset`."""
     bs, nb, n = layout.block, layout.n_blocks, layout.n
-    device = k.device
     before, after = _neighbour_blocks(pattern, bs)
     span = (before + 1 + after) * bs
     offset = before * bs
-    x = k.shape[0]
+    total = (before + nb + after) * bs
     rows = layout.row_positions(device)                                       # (nb, R)
     local_keys = (torch.arange(nb, device=device).unsqueeze(1) - before) * bs + torch.arange(span, device=device)
-    kpm = _pad_mask(key_padding_mask, offset, k.shape[1])                    # (Bk, total) or None
+    kpm = _pad_mask(key_padding_mask, offset, total)                         # (Bk, total) or None
+    flat_rows = rows.reshape(1, -1)                                          # (1, nb·R)
     sets: list[_KeySet] = []
 
     def additive(name, build_allowed, keys_of_kpm):
@@ -410,80 +421,52 @@ def _key_sets(pattern: SparsePattern, layout: _Layout, k: torch.Tensor, v: torch
         allowed = _expand_rows(allowed, layout)
         return _very_negative_mask(allowed, dtype), allowed.any(-1)
 
-    def window(first_block: int, blocks: int):
-        """Keys of `blocks` blocks starting `first_block` blocks after each query block's padded
-        start: an overlapping as_strided view, no copy."""
-        st, width = k.stride(), blocks * bs
-        start = first_block * bs
-        kw = k[:, start:].as_strided((x, nb, width, k.shape[-1]), (st[0], bs * st[1], st[1], st[2]))
-        vw = v[:, start:].as_strided((x, nb, width, v.shape[-1]), (v.stride(0), bs * v.stride(1), v.stride(1),
-                                                                      v.stride(2)))
+    # 1. local keys: a window of blocks around each query block (overlapping views of K/V)
+    def local_allowed():
+        j = local_keys.unsqueeze(1)                                          # (nb, 1, span)
+        ok = pattern.local(rows.unsqueeze(-1), j) & (j >= 0) & (j < n)
+        return ok.unsqueeze(0)                                               # (1, nb, R, span)
 
-        def scatter(dkw, dvw):
-            for t in range(blocks):
-                lo = start + t * bs
-                dk[:, lo:lo + nb * bs].view(x, nb, bs, -1).add_(dkw[:, :, t * bs:(t + 1) * bs])
-                dv[:, lo:lo + nb * bs].view(x, nb, bs, -1).add_(dvw[:, :, t * bs:(t + 1) * bs])
-        return kw, vw, scatter
+    def local_kv(kp, vp):
+        return _windows(kp, nb, bs, span), _windows(vp, nb, bs, span)
 
-    def local_mask(name, first_block: int, blocks: int):
-        keys = local_keys[:, first_block * bs:(first_block + blocks) * bs]   # (nb, width)
+    def local_scatter(dkp, dvp, dk, dv):
+        for t in range(before + 1 + after):  # window block t of query block b is key block b + t
+            lo = t * bs
+            dkp[lo:lo + nb * bs].view(nb, bs, -1).add_(dk[:, lo:lo + bs])
+            dvp[lo:lo + nb * bs].view(nb, bs, -1).add_(dv[:, lo:lo + bs])
 
+    mask, alive = additive("local", local_allowed, lambda: kpm.unfold(1, span, bs).unsqueeze(2))
+    sets.append(_KeySet("local", mask, alive, False, local_kv, local_scatter))
+
+    def shared(name, positions, sel, extra_allowed=None):
+        """A key list every query row may draw from (global tokens, strided summary columns)."""
         def allowed():
-            j = keys.unsqueeze(1)                                            # (nb, 1, width)
-            ok = pattern.local(rows.unsqueeze(-1), j) & (j >= 0) & (j < n)
-            return ok.unsqueeze(0)                                           # (1, nb, R, width)
+            i = flat_rows.unsqueeze(-1)
+            ok = ~pattern.local(i, positions) & ((positions <= i) if pattern.causal else True)
+            return ok.unsqueeze(0)                                           # (1, 1, nb·R, S)
 
-        def kpm_window():
-            return kpm.unfold(1, span, bs)[:, :, first_block * bs:(first_block + blocks) * bs].unsqueeze(2)
-        return additive(name, allowed, kpm_window)
+        mask, alive = additive(name, allowed, lambda: kpm[:, sel][:, None, None, :])
 
-    # 1. local keys: a window of blocks around each query block
-    kw, vw, scatter_local = window(0, before + 1 + after)
-    mask, alive = local_mask("local", 0, before + 1 + after)
-    sets.append(_KeySet("local", kw, vw, mask, alive, False, scatter_local))
-    flat_rows = rows.reshape(1, -1)                                          # (1, nb·R)
+        def kv(kp, vp):
+            return kp[sel].unsqueeze(0), vp[sel].unsqueeze(0)
+
+        def scatter(dkp, dvp, dk, dv):
+            dkp[sel].add_(dk[0])
+            dvp[sel].add_(dv[0])
+        sets.append(_KeySet(name, mask, alive, True, kv, scatter))
 
     # 2. global keys (block-sparse, random): the first g tokens, for queries not already local to them
     g = min(pattern.global_keys, n)
     if g:
-        gpos = torch.arange(g, device=device)
+        shared("global", torch.arange(g, device=device), slice(offset, offset + g))
 
-        def global_allowed():
-            i = flat_rows.unsqueeze(-1)
-            ok = ~pattern.local(i, gpos) & ((gpos <= i) if pattern.causal else True)
-            return ok.unsqueeze(0)                                           # (1, 1, nb·R, g)
-
-        mask, alive = additive("global", global_allowed,
-                               lambda: kpm[:, offset:offset + g][:, None, None, :])
-
-        def scatter_global(dkg, dvg):
-            dk[:, offset:offset + g].add_(dkg[:, 0])
-            dv[:, offset:offset + g].add_(dvg[:, 0])
-
-        sets.append(_KeySet("global", k[:, offset:offset + g].unsqueeze(1), v[:, offset:offset + g].unsqueeze(1),
-                            mask, alive, True, scatter_global))
-
-    # 3. strided summary keys: every stride-th position, shared by all queries (a strided view)
+    # 3. strided summary keys: every stride-th position (a strided view)
     if pattern.kind == "strided" and n // pattern.stride > 0:
         s, count = pattern.stride, n // pattern.stride
         first = offset + s - 1
-        spos = torch.arange(count, device=device) * s + s - 1
-        sel = slice(first, first + (count - 1) * s + 1, s)
-
-        def summary_allowed():
-            i = flat_rows.unsqueeze(-1)
-            ok = ~pattern.local(i, spos) & ((spos <= i) if pattern.causal else True)
-            return ok.unsqueeze(0)
-
-        mask, alive = additive("summary", summary_allowed, lambda: kpm[:, sel][:, None, None, :])
-
-        def scatter_summary(dks, dvs):
-            dk[:, sel].add_(dks[:, 0])
-            dv[:, sel].add_(dvs[:, 0])
-
-        sets.append(_KeySet("summary", k[:, sel].unsqueeze(1), v[:, sel].unsqueeze(1), mask, alive, True,
-                            scatter_summary))
+        shared("summary", torch.arange(count, device=device) * s + s - 1,
+               slice(first, first + (count - 1) * s + 1, s))
 
     # 4. random key blocks: gathered per query block (block kinds use the layout's own blocking)
     r = pattern.random_count
@@ -493,10 +476,6 @@ def _key_sets(pattern: SparsePattern, layout: _Layout, k: torch.Tensor, v: torch
         duplicate = ((picks.unsqueeze(-1) == picks.unsqueeze(-2)) & earlier).any(-1)
         valid = valid & ~duplicate
         flat_picks = (picks * valid).reshape(-1)
-        kb = k[:, offset:offset + nb * bs].reshape(x, nb, bs, -1)
-        vb = v[:, offset:offset + nb * bs].reshape(x, nb, bs, -1)
-        k_rand = kb.index_select(1, flat_picks).reshape(x, nb, r * bs, -1)
-        v_rand = vb.index_select(1, flat_picks).reshape(x, nb, r * bs, -1)
         rpos = (picks.unsqueeze(-1) * bs + torch.arange(bs, device=device)).reshape(nb, r * bs)
         rvalid = valid.unsqueeze(-1).expand(nb, r, bs).reshape(nb, r * bs)
 
@@ -513,24 +492,28 @@ def _key_sets(pattern: SparsePattern, layout: _Layout, k: torch.Tensor, v: torch
 
         mask, alive = additive("random", random_allowed, random_kpm)
 
-        def scatter_random(dkr, dvr):
-            for grads, blocks in ((dk, dkr), (dv, dvr)):
-                grads[:, offset:offset + nb * bs].view(x, nb, bs, -1).index_add_(
-                    1, flat_picks, blocks.reshape(x, nb * r, bs, -1))
+        def random_kv(kp, vp):
+            return tuple(t[offset:offset + nb * bs].view(nb, bs, -1).index_select(0, flat_picks)
+                         .reshape(nb, r * bs, -1) for t in (kp, vp))
 
-        sets.append(_KeySet("random", k_rand, v_rand, mask, alive, False, scatter_random))
-    return sets, offset, span
+        def random_scatter(dkp, dvp, dk, dv):
+            for grads, blocks in ((dkp, dk), (dvp, dv)):
+                grads[offset:offset + nb * bs].view(nb, bs, -1).index_add_(0, flat_picks,
+                                                                            blocks.reshape(nb * r, bs, -1))
+
+        sets.append(_KeySet("random", mask, alive, False, random_kv, random_scatter))
+    return sets, offset, total
 
 
 def _blocking(pattern: SparsePattern, forward: bool) -> int:
     if pattern.band is None:
         return pattern.block
-    return FORWARD_BLOCK if forward else max(BACKWARD_BLOCK, -(-pattern.band // 32) * 32)
+    return FORWARD_BLOCK if forward else BACKWARD_BLOCK
 
 
-def _padded_kv(t: torch.Tensor, layout: _Layout, before: int, total: int) -> torch.Tensor:
-    x = t.reshape(layout.batch * layout.kv_heads, t.shape[-2], t.shape[-1])
-    return F.pad(x, (0, 0, before, total - before - x.shape[1]))
+def _pad_rows(t: torch.Tensor, before: int, total: int) -> torch.Tensor:
+    """(S, D) -> (total, D) with `before` zero rows in front (one K/V head at a time: small)."""
+    return F.pad(t, (0, 0, before, total - before - t.shape[0]))
 
 
 def _global_rows(pattern: SparsePattern, n: int) -> int:
@@ -549,15 +532,52 @@ def _rows_attending_all(query, key, value, key_padding_mask, g, groups):
     return q, key, value, mask
 
 
+def _neighbour_blocks(pattern, block: int) -> tuple[int, int]:
+    """Key blocks a query block reaches before and after itself: enough to cover the band, or one
+    neighbour each way for block-local patterns (none after for causal ones)."""
+    reach = -(-(pattern.band - 1) // block) if pattern.band is not None else 1
+    return reach, (0 if pattern.causal else reach)
+
+
 def _sparse_forward_cpu(query, key, value, key_padding_mask, pattern: SparsePattern, scale: float):
-    """(out (B, H, N, Dv), lse (B, H, N) float32) on the CPU flash kernels."""
+    """(out (B, H, N, Dv), lse (B, H, N) float32): per K/V head, one ATen CPU flash call per key
+    set over all query blocks (as the heads of one batch), merged through the log-sum-exp."""
     b, h, n, _ = query.shape
     hkv = key.shape[1]
     groups = h // hkv
     if n <= DENSE_MAX_LEN or pattern.covers_all(n):
         return _dense_forward_cpu(query, key, value, key_padding_mask, pattern, scale)
     layout = _Layout(b, hkv, groups, n, _blocking(pattern, forward=True))
-    sets, out_blocks, lse_blocks = _run_key_sets(query, key, value, key_padding_mask, pattern, layout, scale)
+    sets, offset, total = _key_sets(pattern, layout, key_padding_mask, query.dtype, query.device)
+    q_blocks = layout.to_blocks(query)                                       # (X, nb, R, D)
+    x_count = b * hkv
+    k3, v3 = key.reshape(x_count, n, key.shape[-1]), value.reshape(x_count, n, value.shape[-1])
+    out_blocks = query.new_empty(x_count, layout.n_blocks, layout.rows, value.shape[-1])
+    lse_blocks = torch.empty(x_count, layout.n_blocks, layout.rows, dtype=torch.float32, device=query.device)
+    for x in range(x_count):  # one K/V head at a time: only its padded copy and scores are alive
+        kp, vp = _pad_rows(k3[x], offset, total), _pad_rows(v3[x], offset, total)
+        outs, lses = [], []
+        for s in sets:
+            k_s, v_s = s.kv(kp, vp)
+            o, l = _flash(s.rows(q_blocks[x], layout).unsqueeze(0), k_s.unsqueeze(0), v_s.unsqueeze(0), 0.0,
+                          False, attn_mask=s.head_mask(x).unsqueeze(0), scale=scale)
+            o, l = s.unrows(o[0], layout), s.unrows(l[0], layout)
+            if len(sets) > 1:
+                l = l.masked_fill(~s.unrows(s.head_alive(x), layout), float("-inf"))
+            outs.append(o)
+            lses.append(l)
+        if len(sets) == 1:
+            out_blocks[x] = outs[0]
+            lse_blocks[x] = lses[0]
+            continue
+        lse = torch.logsumexp(torch.stack(lses), dim=0)
+        finite = torch.isfinite(lse)
+        safe = torch.where(finite, lse, torch.zeros_like(lse))
+        acc = out_blocks[x].zero_()
+        for o, l in zip(outs, lses):  # softmax over the union = each set's softmax weighted by its mass
+            w = torch.exp(l - safe).masked_fill_(~finite, 0.0)
+            acc.addcmul_(o, w.unsqueeze(-1).to(o.dtype))
+        lse_blocks[x] = lse
     out, lse = layout.from_blocks(out_blocks), layout.from_blocks(lse_blocks.unsqueeze(-1)).squeeze(-1)
     g = _global_rows(pattern, n)
     if g:
@@ -570,51 +590,12 @@ def _sparse_forward_cpu(query, key, value, key_padding_mask, pattern: SparsePatt
     return out.contiguous(), lse.contiguous()
 
 
-def _run_key_sets(query, key, value, key_padding_mask, pattern, layout, scale):
-    probe = _key_sets_for(pattern, layout, key, value, key_padding_mask, query.dtype)
-    sets, offset = probe[0], probe[1]
-    q_blocks = layout.to_blocks(query)
-    outs, lses = [], []
-    for s in sets:
-        o, l = _flash(s.rows(q_blocks, layout), s.key, s.value, 0.0, False, attn_mask=s.mask, scale=scale)
-        outs.append(s.unrows(o, layout))
-        if len(sets) > 1:
-            l = l.masked_fill(~s.alive, float("-inf")) if s.alive is not None else l
-        lses.append(s.unrows(l, layout))
-    if len(sets) == 1:
-        return sets, outs[0], lses[0]
-    lse = torch.logsumexp(torch.stack(lses), dim=0)
-    finite = torch.isfinite(lse)
-    safe = torch.where(finite, lse, torch.zeros_like(lse))
-    out = torch.zeros_like(outs[0])
-    for o, l in zip(outs, lses):  # softmax over the union = each set's softmax weighted by its mass
-        w = torch.exp(l - safe).masked_fill_(~finite, 0.0)
-        out.addcmul_(o, w.unsqueeze(-1).to(o.dtype))
-    return sets, out, lse
-
-
-def _neighbour_blocks(pattern, block: int) -> tuple[int, int]:
-    """Key blocks a query block reaches before and after itself: enough to cover the band, or one
-    neighbour each way for block-local patterns (none after for causal ones)."""
-    reach = -(-(pattern.band - 1) // block) if pattern.band is not None else 1
-    return reach, (0 if pattern.causal else reach)
-
-
-def _key_sets_for(pattern, layout, key, value, key_padding_mask, dtype, grads: bool = False):
-    bs = layout.block
-    before, after = _neighbour_blocks(pattern, bs)
-    total = (before + layout.n_blocks + after) * bs
-    kp = _padded_kv(key, layout, before * bs, total)
-    vp = _padded_kv(value, layout, before * bs, total)
-    dk = torch.zeros_like(kp) if grads else None
-    dv = torch.zeros_like(vp) if grads else None
-    sets, offset, _ = _key_sets(pattern, layout, kp, vp, key_padding_mask, dtype, dk, dv)
-    return sets, offset, dk, dv
-
-
 def _sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: SparsePattern, scale,
                          out, lse):
-    b, h, n, _ = query.shape
+    """Flash-style backward from the saved (out, lse), as batched GEMMs per K/V head and key set:
+    P = exp(QKᵀ·scale + mask − lse), dV = PᵀdO, dS = P∘(dO·Vᵀ − rowsum(dO∘O)), dQ = dS·K·scale,
+    dK = dSᵀ·Q·scale. Only one head's (nb, R, S) scores are alive at a time."""
+    b, h, n, d = query.shape
     hkv = key.shape[1]
     groups = h // hkv
     if n <= DENSE_MAX_LEN or pattern.covers_all(n):
@@ -625,24 +606,42 @@ def _sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: Spa
     if g:
         grad_rest = grad.clone()
         grad_rest[:, :, :g] = 0
-    sets, offset, dkp, dvp = _key_sets_for(pattern, layout, key, value, key_padding_mask, query.dtype, grads=True)
-    q_blocks = layout.to_blocks(query)
-    g_blocks = layout.to_blocks(grad_rest.to(query.dtype))
-    o_blocks = layout.to_blocks(out)
-    l_blocks = layout.to_blocks(lse.unsqueeze(-1)).squeeze(-1)
+    cdt = query.dtype if query.dtype in (torch.float32, torch.float64) else torch.float32
+    sets, offset, total = _key_sets(pattern, layout, key_padding_mask, cdt, query.device)
+    q_blocks, g_blocks, o_blocks = (layout.to_blocks(t) for t in (query, grad_rest, out))
+    l_blocks = layout.to_blocks(lse.unsqueeze(-1))                           # (X, nb, R, 1)
     # rows that attend nothing: any finite lse makes their probabilities exp(-inf) = 0
-    l_blocks = torch.where(torch.isfinite(l_blocks), l_blocks, torch.zeros_like(l_blocks))
-    dq_blocks = None
-    for s in sets:
-        dq_s, dk_s, dv_s = _flash_backward(s.rows(g_blocks, layout), s.rows(q_blocks, layout), s.key, s.value,
-                                           s.rows(o_blocks, layout), s.rows(l_blocks, layout), 0.0, False,
-                                           attn_mask=s.mask, scale=scale)
-        dq_s = s.unrows(dq_s, layout)
-        dq_blocks = dq_s if dq_blocks is None else dq_blocks.add_(dq_s)
-        s.scatter(dk_s, dv_s)
-    dq = layout.from_blocks(dq_blocks)
-    dk = dkp[:, offset:offset + n].reshape(key.shape)
-    dv = dvp[:, offset:offset + n].reshape(value.shape)
+    l_blocks = torch.where(torch.isfinite(l_blocks), l_blocks, torch.zeros_like(l_blocks)).to(cdt)
+    x_count = b * hkv
+    k3, v3 = key.reshape(x_count, n, d), value.reshape(x_count, n, value.shape[-1])
+    dq_blocks = torch.empty(q_blocks.shape, dtype=cdt, device=query.device)
+    dk3 = torch.empty(k3.shape, dtype=key.dtype, device=key.device)
+    dv3 = torch.empty(v3.shape, dtype=value.dtype, device=value.device)
+    for x in range(x_count):
+        kp, vp = _pad_rows(k3[x].to(cdt), offset, total), _pad_rows(v3[x].to(cdt), offset, total)
+        dkp, dvp = torch.zeros_like(kp), torch.zeros_like(vp)
+        qx = q_blocks[x].to(cdt) * scale                                    # (nb, R, D)
+        gx = g_blocks[x].to(cdt)
+        deltax = (gx * o_blocks[x].to(cdt)).sum(-1, keepdim=True)            # rowsum(dO∘O)
+        dqx = dq_blocks[x]
+        for i, s in enumerate(sets):
+            k_s, v_s = s.kv(kp, vp)
+            qr, gr = s.rows(qx, layout), s.rows(gx, layout)
+            p = torch.baddbmm(s.head_mask(x), qr, k_s.transpose(1, 2)).sub_(s.rows(l_blocks[x], layout)).exp_()
+            dv_s = torch.bmm(p.transpose(1, 2), gr)
+            ds = torch.bmm(gr, v_s.transpose(1, 2)).sub_(s.rows(deltax, layout)).mul_(p)
+            del p
+            if i == 0:
+                torch.bmm(ds, k_s, out=s.rows(dqx, layout))
+            else:
+                s.rows(dqx, layout).baddbmm_(ds, k_s)
+            dk_s = torch.bmm(ds.transpose(1, 2), qr)
+            s.scatter(dkp, dvp, dk_s, dv_s)
+        dqx.mul_(scale)
+        dk3[x] = dkp[offset:offset + n]
+        dv3[x] = dvp[offset:offset + n]
+    dq = layout.from_blocks(dq_blocks).to(query.dtype)
+    dk, dv = dk3.reshape(key.shape), dv3.reshape(value.shape)
     if g:
         q, k4, v4, mask = _rows_attending_all(query, key, value, key_padding_mask, g, groups)
         og = out[:, :, :g].reshape(q.shape[:-1] + (out.shape[-1],))
@@ -654,7 +653,6 @@ def _sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: Spa
         dk = dk + dkg
         dv = dv + dvg
     return dq, dk, dv
-
 
 def _dense_inputs(query, key, value, key_padding_mask, pattern: SparsePattern):
     """One flash call over the whole sequence: (key, value, attn_mask, is_causal)."""
@@ -842,6 +840,113 @@ def _eager() -> bool:
     return get_proxy_mode() is None and not torch.compiler.is_compiling()
 
 
+def _chunk_mask(c: int, gq: int, gk: int, reverse: bool, dtype, device) -> torch.Tensor:
+    """(gq·c, gk·c) 0/1: causal (or anti-causal) inside a chunk, tiled over the stacked heads."""
+    def build():
+        tri = torch.ones(c, c, dtype=dtype, device=device)
+        return (tri.triu() if reverse else tri.tril()).repeat(gq, gk)
+    return _MASKS.get(("chunk", c, gq, gk, reverse, dtype, str(device)), build)
+
+
+def _to_chunks(t: torch.Tensor, c: int) -> torch.Tensor:
+    """(X, G, n, E) -> (X·nc, G·c, E): the G heads' rows of each chunk stacked (n a multiple of c)."""
+    x, g, n, e = t.shape
+    if g == 1:
+        return t.reshape(x * (n // c), c, e)
+    return t.reshape(x, g, n // c, c, e).transpose(1, 2).reshape(x * (n // c), g * c, e)
+
+
+def _from_chunks(t: torch.Tensor, x: int, g: int, nc: int, c: int) -> torch.Tensor:
+    e = t.shape[-1]
+    if g == 1:
+        return t.reshape(x, 1, nc * c, e)
+    return t.reshape(x, nc, g, c, e).transpose(1, 2).reshape(x, g, nc * c, e)
+
+
+def _exclusive_scan(chunks: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """(X, nc, M) -> sum over the chunks before each chunk (after it, when `reverse`). A running
+    in-place add over the nc chunk rows: ATen's cumsum over a middle dim is a slow strided scan."""
+    out = torch.empty_like(chunks)
+    nc = chunks.shape[1]
+    order = range(nc - 1, -1, -1) if reverse else range(nc)
+    prev = None
+    for i in order:
+        if prev is None:
+            out[:, i].zero_()
+        else:
+            torch.add(out[:, prev], chunks[:, prev], out=out[:, i])
+        prev = i
+    return out
+
+
+def chunked_causal_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int,
+                           reverse: bool = False) -> torch.Tensor:
+    """`Y[g, i] = Σ_g' Σ_{j ≤ i} (q[g, i]·k[g', j]) v[g', j]` (`j ≥ i` when `reverse`) for q
+    (X, Gq, n, F), k (X, Gk, n, F), v (X, Gk, n, E) -> (X, Gq, n, E), in chunks of `chunk`: inside
+    a chunk the masked quadratic form, across chunks the running sum of the chunks' kᵀv states
+    (nc states of F×E, never one per position). Every chunk of every head in one batched GEMM."""
+    x, gq, n, f = q.shape
+    gk, e = k.shape[1], v.shape[-1]
+    c = max(1, min(chunk, n))
+    nc = -(-n // c)
+    if nc * c != n:  # zero rows: padded keys add nothing, padded queries are cut off
+        q, k, v = (F.pad(t, (0, 0, 0, nc * c - n)) for t in (q, k, v))
+    qc, kc, vc = _to_chunks(q, c), _to_chunks(k, c), _to_chunks(v, c)
+    state = _exclusive_scan(torch.bmm(kc.transpose(1, 2), vc).view(x, nc, f * e), reverse)
+    y = torch.bmm(qc, state.view(x * nc, f, e))
+    scores = torch.bmm(qc, kc.transpose(1, 2)).mul_(_chunk_mask(c, gq, gk, reverse, q.dtype, q.device))
+    y.baddbmm_(scores, vc)
+    y = _from_chunks(y, x, gq, nc, c)
+    return y[:, :, :n] if nc * c != n else y
+
+
+def _causal_kernel_forward(qf, kf, value, chunk: int, eps: float):
+    """(out (B, H, L, Dv), den (B·Hkv, G, L, 1)): with v' = [v, 1], one
+    `chunked_causal_product(φq, φk, v')` gives the numerator and the normaliser together."""
+    b, h, n, f = qf.shape
+    hkv, dv = kf.shape[1], value.shape[-1]
+    x, groups = b * hkv, h // hkv
+    va = torch.cat([value.reshape(x, 1, n, dv), value.new_ones(x, 1, n, 1)], -1)
+    y = chunked_causal_product(qf.reshape(x, groups, n, f), kf.reshape(x, 1, n, f), va, chunk)
+    den = y[..., dv:] + eps
+    return (y[..., :dv] / den).reshape(b, h, n, dv), den
+
+
+def _causal_kernel_backward(grad, qf, kf, value, out, den, chunk: int, needs=(True, True, True)):
+    """(dφq, dφk, dv) of `_causal_kernel_forward` from its saved output and normaliser: with
+    dY' = [g/den, −(g·out)/den] (the grads of [numerator, normaliser]), three chunked products:
+    dφq = causal(dY', v', φk), dφk = anti-causal(v', dY', φq), dv = anti-causal(φk, φq, g/den)."""
+    b, h, n, f = qf.shape
+    hkv, dv = kf.shape[1], value.shape[-1]
+    x, groups = b * hkv, h // hkv
+    q4, k4 = qf.reshape(x, groups, n, f), kf.reshape(x, 1, n, f)
+    a = grad.reshape(x, groups, n, dv) / den
+    dy = torch.cat([a, -(a * out.reshape(a.shape)).sum(-1, keepdim=True)], -1)
+    va = torch.cat([value.reshape(x, 1, n, dv), value.new_ones(x, 1, n, 1)], -1)
+    dq = chunked_causal_product(dy, va, k4, chunk).reshape(qf.shape) if needs[0] else None
+    dk = chunked_causal_product(va, dy, q4, chunk, reverse=True).reshape(kf.shape) if needs[1] else None
+    dvalue = chunked_causal_product(k4, q4, a, chunk, reverse=True).reshape(value.shape) if needs[2] else None
+    return dq, dk, dvalue
+
+
+class _CausalKernelAttention(torch.autograd.Function):
+    """Eager causal kernel attention with the analytic backward above; saves φq, φk, v, out and
+    the normaliser: O(L·(F+D)), nothing per chunk pair or per position."""
+
+    @staticmethod
+    def forward(ctx, qf, kf, value, chunk: int, eps: float):
+        out, den = _causal_kernel_forward(qf, kf, value, chunk, eps)
+        ctx.chunk = chunk
+        ctx.save_for_backward(qf, kf, value, out, den)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        qf, kf, value, out, den = ctx.saved_tensors
+        return _causal_kernel_backward(grad, qf, kf, value, out, den, ctx.chunk, ctx.needs_input_grad[:3]) + (
+            None, None)
+
+
 def kernel_attention(qf: torch.Tensor, kf: torch.Tensor, value: torch.Tensor, causal: bool, chunk: int,
                      eps: float = _EPS) -> torch.Tensor:
     """`φ(q)·Σφ(k)vᵀ / φ(q)·Σφ(k)` from feature maps qf (B, H, L, F), kf (B, Hkv, S, F).
@@ -858,6 +963,8 @@ def kernel_attention(qf: torch.Tensor, kf: torch.Tensor, value: torch.Tensor, ca
         num = qg @ state.unsqueeze(2)
         den = (qg @ z[:, :, None, :, None]).squeeze(-1)
         return (num / (den.unsqueeze(-1) + eps)).reshape(b, h, n, dv)
+    if isinstance(n, int) and _eager():
+        return _CausalKernelAttention.apply(qf, kf, value, chunk, eps)
     if not isinstance(n, int):
         # symbolic length (export, decompositions for other targets): the masked quadratic form of
         # the same sums — chunk padding would need length arithmetic that export cannot prove
@@ -921,6 +1028,9 @@ def _masked_keys(kf: torch.Tensor, key_padding_mask) -> torch.Tensor:
     return kf * key_padding_mask.to(kf.dtype)[:, None, :, None]
 
 
+_feature_map = feature_map  # the linear op's `feature_map` argument shadows the function
+
+
 _LINEAR_ARGS = ("query", "key", "value", "key_padding_mask", "feature_map", "causal", "chunk")
 
 
@@ -933,8 +1043,53 @@ def _linear_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  key_padding_mask: Optional[torch.Tensor], feature_map: str, causal: bool,
                  chunk: int) -> torch.Tensor:
     _check_shapes("linear_attention", query, key, value, key_padding_mask)
+    if causal and _eager():
+        qf = _feature_map(query, feature_map)
+        kf = _masked_keys(_feature_map(key, feature_map), key_padding_mask)
+        out, den = _causal_kernel_forward(qf, kf, value, chunk, _EPS)
+        out = out.contiguous()
+        out._optpipe_den = den  # the backward's normaliser (saved by setup_context)
+        return out
     return _math_forward(_linear_math_kw, _LINEAR_ARGS,
                          (query, key, value, key_padding_mask, feature_map, causal, chunk))
+
+
+def _linear_setup(ctx, inputs, output):
+    den = getattr(output, "_optpipe_den", None)
+    ctx.fast = den is not None
+    if not ctx.fast:
+        return _setup_recompute(_LINEAR_ARGS)(ctx, inputs, output)
+    # the analytic backward keeps the inputs, the output and the normaliser: O(L·D)
+    args = dict(zip(_LINEAR_ARGS, inputs))
+    ctx.args = {n: a for n, a in args.items() if not isinstance(a, torch.Tensor)}
+    ctx.tensor_names = [n for n, a in args.items() if isinstance(a, torch.Tensor)]
+    ctx.needs_grad = {n: ctx.needs_input_grad[i] for i, n in enumerate(_LINEAR_ARGS)}
+    ctx.names = _LINEAR_ARGS
+    ctx.save_for_backward(*(args[n] for n in ctx.tensor_names), output, den)
+
+
+def _linear_backward(ctx, grad):
+    if not ctx.fast:
+        return _recompute_linear(ctx, grad)
+    *saved, out, den = ctx.saved_tensors
+    tensors = dict(zip(ctx.tensor_names, saved))
+    query, key, value = tensors["query"], tensors["key"], tensors["value"]
+    kpm, name, chunk = tensors.get("key_padding_mask"), ctx.args["feature_map"], ctx.args["chunk"]
+    need_q, need_k, need_v = (ctx.needs_grad[n] for n in ("query", "key", "value"))
+    with torch.enable_grad():  # the feature maps' own (elementwise) backward, through autograd
+        q = query.detach().requires_grad_(need_q)
+        k = key.detach().requires_grad_(need_k)
+        qf = feature_map(q, name)
+        kf = _masked_keys(feature_map(k, name), kpm)
+        with torch.no_grad():
+            dqf, dkf, dv = _causal_kernel_backward(grad.contiguous(), qf.detach(), kf.detach(), value.detach(), out,
+                                                   den, chunk, (need_q, need_k, need_v))
+        pairs = [(t, f, d) for t, f, d, need in ((q, qf, dqf, need_q), (k, kf, dkf, need_k)) if need]
+        grads = torch.autograd.grad([f for _, f, _ in pairs], [t for t, _, _ in pairs],
+                                    [d for _, _, d in pairs]) if pairs else ()
+    found = dict(zip([n for n, need in (("query", need_q), ("key", need_k)) if need], grads))
+    found["value"] = dv
+    return tuple(found.get(n) for n in _LINEAR_ARGS)
 
 
 def _math_forward(math_fn, names, inputs) -> torch.Tensor:
@@ -987,9 +1142,10 @@ def _linear_flops(*args, out_shape=None, **kwargs) -> int:
     return _kernel_flops(n, b, h, k[1], d, d, v[-1], causal, chunk)
 
 
+_recompute_linear = _backward_recompute(_linear_math_kw)
 linear_attention = define_op("linear_attention", _linear_impl, fake=_attention_fake,
-                             decomposition=_linear_math_kw, backward=_backward_recompute(_linear_math_kw),
-                             setup_context=_setup_recompute(_LINEAR_ARGS), flops=_linear_flops)
+                             decomposition=_linear_math_kw, backward=_linear_backward,
+                             setup_context=_linear_setup, flops=_linear_flops)
 
 
 # -- performer (FAVOR+) ------------------------------------------------------------------------------------
@@ -1015,10 +1171,11 @@ def favor_features(x: torch.Tensor, projection: torch.Tensor, scale: float, is_q
     proj = x @ projection.to(x.dtype).T                                   # (B, H, L, m)
     sq = (x * x).sum(-1, keepdim=True) / 2
     logits = proj - sq
+    # (max over a dim, not amax: TVM's Relax torch importer takes `max.dim` but not `amax`)
     if is_query:
-        logits = logits - logits.amax(-1, keepdim=True).detach()
+        logits = logits - logits.detach().max(-1, keepdim=True).values
     elif not causal:
-        logits = logits - logits.amax(dim=(-2, -1), keepdim=True).detach()
+        logits = logits - logits.detach().max(-1, keepdim=True).values.max(-2, keepdim=True).values
     return torch.exp(logits) / math.sqrt(projection.shape[0]) + _EPS
 
 

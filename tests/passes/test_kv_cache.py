@@ -159,7 +159,7 @@ def test_speculative_decoding_is_identical_to_the_target_alone():
     target, _ = pipeline.run(optpipe.capture(target_model, example))
     draft, _ = pipeline.run(optpipe.capture(draft_model, example))
     alone = generate(target, PROMPTS[:1], 48)
-    for k in (1, 4):
+    for k in (1, 3):
         spec = generate(target, PROMPTS[:1], 48, draft=draft, draft_tokens=k)
         assert spec.new_ids == alone.new_ids
         assert spec.proposed > 0 and 0 <= spec.accepted <= spec.proposed
@@ -186,7 +186,8 @@ def test_step_program_on_targets(target, attention, tmp_path):
                      "static-rank shape (tracked in issue 5)")
     from optpipe.cli import _target_step
 
-    res = optpipe.optimize(tiny(), (torch.randint(0, 128, (1, 16)),),
+    model, _ = tiny_gpt.build(block_size=256, vocab_size=128, n_layer=1)  # one layer: quick builds
+    res = optpipe.optimize(model, (torch.randint(0, 128, (1, 16)),),
                            pipeline=f"fuse-attention,dce{attention},kv-cache{{max-len=64}}", target=target)
     check = res.report["target_check"]
     # prefill and a decode step over random caches, within 1e-4 relative to the logits' magnitude
