@@ -24,3 +24,9 @@ def test_python_api_example(tmp_path):
     out = run_example("python_api.py", tmp_path / "OUT", tmp_path=tmp_path)
     assert "fuse-attention" in out and "ok=True" in out
     assert (tmp_path / "OUT" / "program.pt2").exists() and (tmp_path / "OUT" / "report.html").exists()
+
+
+def test_generate_example(tmp_path):
+    out = run_example("generate.py", tmp_path / "OUT", tmp_path=tmp_path)
+    assert "same tokens: True" in out and "identical to the target alone: True" in out
+    assert (tmp_path / "OUT" / "program.pt2").exists()
