@@ -8,7 +8,8 @@ Rows (tokens/s, and the ratio to the no-cache row):
       per token only grows with the length, so by default it runs the first --no-cache-tokens of
       the --new tokens (its tokens/s there is an upper bound for the full run; the ratios are
       lower bounds); --no-cache-tokens 0 runs all of them.
-  (b) optpipe: `fuse-attention,dce,kv-cache{max-len=prompt+new}`, the step program run eagerly.
+  (b) optpipe: `fuse-attention,dce,kv-cache{max-len=prompt+new}`, the step program run eagerly,
+      and (b') the same step program through torch.compile (what `--target cpu --mode compile` runs).
   (c) transformers' own `model.generate()` with its dynamic cache, same weights.
 Checks: (b) produces exactly the tokens of (c) and, over the tokens (a) ran, of (a).
 
@@ -82,21 +83,32 @@ def main() -> None:
     generate(step, prompt, 4)  # warm-up
     cached = generate(step, prompt, args.new)
     n_a = args.new if args.no_cache_tokens <= 0 else min(args.no_cache_tokens, args.new)
+    compiled_gm = torch.compile(step.gm, dynamic=True)
+
+    def compiled_step(*inputs):
+        with torch.no_grad():
+            return compiled_gm(*inputs)
+
+    generate(step, prompt, 4, step=compiled_step)  # compiles prefill and decode shapes
+    compiled = generate(step, prompt, args.new, step=compiled_step)
     plain = generate(base, prompt, n_a)
     rows.append({"name": f"(a) no cache (first {n_a} tokens)", "tokens": n_a, "seconds": plain.seconds,
                  "tokens_per_s": plain.tokens_per_s})
     rows.append({"name": "(b) optpipe kv-cache", "tokens": args.new, "seconds": cached.seconds,
                  "tokens_per_s": cached.tokens_per_s, "prefill_s": cached.prefill_seconds})
+    rows.append({"name": "(b') optpipe kv-cache, torch.compile", "tokens": args.new, "seconds": compiled.seconds,
+                 "tokens_per_s": compiled.tokens_per_s, "prefill_s": compiled.prefill_seconds})
     rows.append({"name": "(c) transformers generate()", "tokens": args.new, "seconds": hf_s,
                  "tokens_per_s": args.new / hf_s})
-    checks = {"b_equals_c": cached.new_ids[0] == hf_tokens,
+    checks = {"b_equals_c": cached.new_ids[0] == hf_tokens, "b_compiled_equals_c": compiled.new_ids[0] == hf_tokens,
               "b_equals_a": cached.new_ids[0][:n_a] == plain.new_ids[0]}
     a_rate = rows[0]["tokens_per_s"]
     for r in rows:
         r["vs_no_cache"] = r["tokens_per_s"] / a_rate
     result = {"model": "GPT-2 small (124M, random init)", "prompt": args.prompt, "new": args.new,
               "threads": torch.get_num_threads(), "rows": rows, "checks": checks,
-              "b_vs_c": rows[1]["tokens_per_s"] / rows[2]["tokens_per_s"]}
+              "b_vs_c": rows[1]["tokens_per_s"] / rows[3]["tokens_per_s"],
+              "b_compiled_vs_c": rows[2]["tokens_per_s"] / rows[3]["tokens_per_s"]}
     if args.speculative:
         result["speculative"] = speculative(model, prompt, args.new, max_len, cached)
     if args.linear:
@@ -109,7 +121,7 @@ def main() -> None:
     print(f"{'row':34s} {'tokens/s':>9s} {'vs (a)':>8s}")
     for r in rows:
         print(f"{r['name']:34s} {r['tokens_per_s']:9.2f} {r['vs_no_cache']:7.1f}x")
-    print(f"(b) / (c) = {result['b_vs_c']:.2f}x; checks: {checks}")
+    print(f"(b) / (c) = {result['b_vs_c']:.2f}x, (b') / (c) = {result['b_compiled_vs_c']:.2f}x; checks: {checks}")
     if "speculative" in result:
         s = result["speculative"]
         print(f"speculative (draft: first {s['draft_layers']} layers, k={s['k']}): acceptance "
@@ -142,7 +154,7 @@ def speculative(model, prompt, new, max_len, reference, k: int = 4) -> dict:
 def linear_decode(short: int = 256, long: int = 8192, steps: int = 32) -> dict:
     """Per-token decode latency with the linear-attention recurrent state, after a prompt of
     `short` vs `long` tokens (GPT-2-small-sized, all layers linear)."""
-    from optpipe.generation import empty_caches, prefill_inputs
+    from optpipe.generation import prefill
 
     model = gpt2_small(positions=long + steps)
     prompt = torch.randint(0, 50257, (1, 64))
@@ -151,11 +163,8 @@ def linear_decode(short: int = 256, long: int = 8192, steps: int = 32) -> dict:
     out = {"short": short, "long": long}
     for label, n in (("short", short), ("long", long)):
         ids = torch.randint(0, 50257, (1, n))
-        caches = empty_caches(kv, 1)
-        inputs = prefill_inputs(ids, kv["max_len"])
-        key_mask = inputs[3]
         with torch.no_grad():
-            _, *caches = step.gm(*inputs, *caches)
+            _, key_mask, caches = prefill(step.gm, kv, ids)
             times = []
             for i in range(steps):
                 key_mask[:, n + i] = True

@@ -47,6 +47,23 @@ def prefill_inputs(input_ids: torch.Tensor, max_len: int, lengths: Sequence[int]
     return input_ids, position_ids, steps.clone(), key_mask
 
 
+PREFILL_CHUNK = 512
+
+
+def prefill(step: Callable, kv: dict, input_ids: torch.Tensor, lengths: Sequence[int] | None = None,
+            chunk: int = PREFILL_CHUNK) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Run left-padded prompts [B, P] through a step program from empty caches, `chunk` tokens per
+    call (bounded memory for long prompts: linear attention's in-chunk form is quadratic in the
+    chunk). Returns (logits of the last chunk, key_mask, caches)."""
+    b, p = input_ids.shape
+    ids, position_ids, cache_position, key_mask = prefill_inputs(input_ids, kv["max_len"], lengths)
+    caches = empty_caches(kv, b, input_ids.device)
+    for start in range(0, p, chunk):
+        piece = slice(start, min(p, start + chunk))
+        logits, *caches = step(ids[:, piece], position_ids[:, piece], cache_position[piece], key_mask, *caches)
+    return logits, key_mask, caches
+
+
 def step_verification_inputs(program, *, seed: int = 0, extra: int = 1) -> list[tuple]:
     """Inputs that exercise a step program: its example (a prefill from empty caches), a decode step
     of 1 token and, with `extra`, a chunk of 3 tokens, at random positions over random caches."""
@@ -256,14 +273,11 @@ def _generate_cached(kv, rows, max_new_tokens, sampling, stops, step, pad_id) ->
     g = sampling.generator()
     state = _Rows(rows, stops)
     start = time.perf_counter()
-    caches = empty_caches(kv, len(rows))
-    inputs = prefill_inputs(ids, kv["max_len"], lengths)
-    key_mask = inputs[3]
-    logits, *caches = step(*inputs, *caches)
-    prefill = time.perf_counter() - start
+    logits, key_mask, caches = prefill(step, kv, ids, lengths)
+    prefill_s = time.perf_counter() - start
     steps = 0
     next_pos = torch.tensor(lengths)[:, None]
-    while max_new_tokens and True:
+    while max_new_tokens:
         token = sampling.choose(logits[:, -1], g)
         state.add(token)
         if state.finished(max_new_tokens):
@@ -273,7 +287,7 @@ def _generate_cached(kv, rows, max_new_tokens, sampling, stops, step, pad_id) ->
         cache_position = torch.tensor([slot])
         logits, *caches = step(token[:, None], next_pos + steps, cache_position, key_mask, *caches)
         steps += 1
-    return state.result(time.perf_counter() - start, prefill_seconds=prefill, steps=steps)
+    return state.result(time.perf_counter() - start, prefill_seconds=prefill_s, steps=steps)
 
 
 def _generate_recompute(program, rows, max_new_tokens, sampling, stops, step) -> GenerationResult:
@@ -322,12 +336,9 @@ def _speculative(target, draft, rows, max_new_tokens, stops, step, draft_step, k
     state = _Rows(rows, stops)
     start = time.perf_counter()
     ids = torch.tensor([prompt])
-    t_caches, d_caches = empty_caches(tkv, 1), empty_caches(dkv, 1)
-    t_in, d_in = prefill_inputs(ids, tkv["max_len"]), prefill_inputs(ids, dkv["max_len"])
-    t_mask, d_mask = t_in[3], d_in[3]
-    logits, *t_caches = step(*t_in, *t_caches)
-    _, *d_caches = draft_step(*d_in, *d_caches)
-    prefill = time.perf_counter() - start
+    logits, t_mask, t_caches = prefill(step, tkv, ids)
+    _, d_mask, d_caches = prefill(draft_step, dkv, ids)
+    prefill_s = time.perf_counter() - start
     tokens = list(prompt) + [int(logits[0, -1].argmax())]  # the target's first token
     state.add(torch.tensor(tokens[-1:]))
     draft_done = n            # tokens the draft's cache holds (slots 0..draft_done-1)
@@ -360,7 +371,7 @@ def _speculative(target, draft, rows, max_new_tokens, stops, step, draft_step, k
                 break
         tokens += emitted
         draft_done = min(draft_done, len(tokens) - 1)  # roll the draft back to the accepted prefix
-    return state.result(time.perf_counter() - start, prefill_seconds=prefill, steps=steps,
+    return state.result(time.perf_counter() - start, prefill_seconds=prefill_s, steps=steps,
                         accepted=accepted, proposed=proposed)
 
 
