@@ -26,6 +26,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "cse": "optpipe.passes.cleanup",
     "attention": "optpipe.passes.attention",
     "kv-cache": "optpipe.passes.kv_cache",
+    "quantize": "optpipe.passes.quantize",
 }
 BUILTIN_TARGETS: dict[str, str] = {
     "cpu": "optpipe.targets.torch_backend",
