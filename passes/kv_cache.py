@@ -250,36 +250,43 @@ class _StepBuilder:
 
     # caches --------------------------------------------------------------------------------------
     def cache_site(self, index: int, site: _Site) -> dict:
+        """Give `site` its cache inputs and replace it by its cached form; returns its cache spec."""
         k_val, v_val = val(site.key), val(site.value)
         kv_heads, head_dim, v_dim = k_val.shape[1], k_val.shape[-1], v_val.shape[-1]
         dtype = str(k_val.dtype).replace("torch.", "")
-        if site.kind == "linear":
-            return self._cache_linear(index, site, dtype)
-        slots = self.max_len if site.kind == "dense" else min(site.window, self.max_len)
-        k_cache = self._input(f"k_cache_{index}")
-        v_cache = self._input(f"v_cache_{index}")
+        if site.kind == "linear":  # recurrent state Σφ(k)vᵀ and Σφ(k), per K/V head
+            caches = [(f"kv_state_{index}", [None, kv_heads, head_dim, v_dim]),
+                      (f"k_sum_{index}", [None, kv_heads, head_dim])]
+        else:  # K/V: every slot (dense), or a ring of `window` slots
+            slots = self.max_len if site.kind == "dense" else min(site.window, self.max_len)
+            caches = [(f"k_cache_{index}", [None, kv_heads, slots, head_dim]),
+                      (f"v_cache_{index}", [None, kv_heads, slots, v_dim])]
+        first, second = (self._input(name) for name, _ in caches)
         with self.graph.inserting_before(site.node):
-            if site.kind == "dense":
-                k_all = self._write(k_cache, site.key)
-                v_all = self._write(v_cache, site.value)
-                kwargs = {"attn_mask": self._mask(), "scale": site.scale}  # built before the first site
-                if site.gqa:
-                    kwargs["enable_gqa"] = True
-                new = self._call(SDPA, site.query, k_all, v_all, **kwargs)
-                self.cache_outputs += [k_all, v_all]
-            else:
-                new = self._call(torch.ops.optpipe.cached_window_attention.default, site.query, site.key,
-                                 site.value, k_cache, v_cache, self.cache_position, self.key_mask,
-                                 site.window, site.scale)
-                result = new
-                new = self._call(_getitem, result, 0)
-                self.cache_outputs += [self._call(_getitem, result, 1), self._call(_getitem, result, 2)]
+            new, updated = self._cached_form(site, first, second)
+        self.cache_outputs += updated
         _copy_meta(site.node, new)
         site.node.replace_all_uses_with(new)
         self.graph.erase_node(site.node)
-        caches = [{"name": f"k_cache_{index}", "shape": [None, kv_heads, slots, head_dim], "dtype": dtype},
-                  {"name": f"v_cache_{index}", "shape": [None, kv_heads, slots, v_dim], "dtype": dtype}]
-        return {"module": site.path, "kind": site.kind, "caches": caches}
+        return {"module": site.path, "kind": site.kind,
+                "caches": [{"name": name, "shape": shape, "dtype": dtype} for name, shape in caches]}
+
+    def _cached_form(self, site: _Site, first: torch.fx.Node, second: torch.fx.Node):
+        """(attention output, [updated caches]) of the site over its caches."""
+        if site.kind == "dense":
+            k_all, v_all = self._write(first, site.key), self._write(second, site.value)
+            kwargs = {"attn_mask": self._mask(), "scale": site.scale}  # mask built before the first site
+            if site.gqa:
+                kwargs["enable_gqa"] = True
+            return self._call(SDPA, site.query, k_all, v_all, **kwargs), [k_all, v_all]
+        if site.kind == "sliding-window":
+            result = self._call(torch.ops.optpipe.cached_window_attention.default, site.query, site.key,
+                                site.value, first, second, self.cache_position, self.key_mask, site.window,
+                                site.scale)
+        else:
+            result = self._call(torch.ops.optpipe.cached_linear_attention.default, site.query, site.key,
+                                site.value, first, second, self.key_mask, self.cache_position, site.feature_map)
+        return self._call(_getitem, result, 0), [self._call(_getitem, result, i) for i in (1, 2)]
 
     def _write(self, cache: torch.fx.Node, new: torch.fx.Node) -> torch.fx.Node:
         """cache[:, :, cache_position] = new, in place, as an `index_put_` with one broadcast index
@@ -296,35 +303,16 @@ class _StepBuilder:
                 index.append(self._call(aten.view.default, steps, shape))
         return self._call(aten.index_put_.default, cache, index, new)
 
-    def _cache_linear(self, index: int, site: _Site, dtype: str) -> dict:
-        k_val, v_val = val(site.key), val(site.value)
-        heads, features, v_dim = k_val.shape[1], k_val.shape[-1], v_val.shape[-1]  # per K/V head
-        state = self._input(f"kv_state_{index}")
-        norm = self._input(f"k_sum_{index}")
-        with self.graph.inserting_before(site.node):
-            result = self._call(torch.ops.optpipe.cached_linear_attention.default, site.query, site.key,
-                                site.value, state, norm, self.key_mask, self.cache_position, site.feature_map)
-            new = self._call(_getitem, result, 0)
-            self.cache_outputs += [self._call(_getitem, result, 1), self._call(_getitem, result, 2)]
-        _copy_meta(site.node, new)
-        site.node.replace_all_uses_with(new)
-        self.graph.erase_node(site.node)
-        caches = [{"name": f"kv_state_{index}", "shape": [None, heads, features, v_dim], "dtype": dtype},
-                  {"name": f"k_sum_{index}", "shape": [None, heads, features], "dtype": dtype}]
-        return {"module": site.path, "kind": "linear", "caches": caches}
-
     def _mask(self) -> torch.fx.Node:
         """[B, 1, T, max_len] bool: slot <= the query's slot and a real token, or the query itself."""
-        if self._dense_mask is None:
-            if True:  # the caller's insertion point: just before the first dense site
-                slots = self._call(aten.arange.default, self.max_len, dtype=torch.int64,
-                                   device=val(self.tokens).device)
-                q_slot = self._call(aten.unsqueeze.default, self.cache_position, -1)
-                causal = self._call(aten.le.Tensor, slots, q_slot)
-                itself = self._call(aten.eq.Tensor, slots, q_slot)
-                keys = self._call(aten.view.default, self.key_mask, [-1, 1, 1, self.max_len])
-                allowed = self._call(aten.logical_and.default, causal, keys)
-                self._dense_mask = self._call(aten.logical_or.default, allowed, itself)
+        if self._dense_mask is None:  # at the caller's insertion point: before the first dense site
+            slots = self._call(aten.arange.default, self.max_len, dtype=torch.int64, device=val(self.tokens).device)
+            q_slot = self._call(aten.unsqueeze.default, self.cache_position, -1)
+            causal = self._call(aten.le.Tensor, slots, q_slot)
+            itself = self._call(aten.eq.Tensor, slots, q_slot)
+            keys = self._call(aten.view.default, self.key_mask, [-1, 1, 1, self.max_len])
+            allowed = self._call(aten.logical_and.default, causal, keys)
+            self._dense_mask = self._call(aten.logical_or.default, allowed, itself)
             for node in (slots, q_slot, causal, itself, keys, allowed, self._dense_mask):
                 node.meta["nn_module_stack"] = {}
         return self._dense_mask
