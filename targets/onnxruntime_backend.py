@@ -15,7 +15,17 @@ Lowering, in order:
    ops), named dynamic axes (batch/seq as captured) and the onnxscript graph optimizer. The IR
    version is clamped to 10 (ORT 1.19 rejects newer files); weights stay inside `model.onnx` unless
    they pass protobuf's 2 GB limit (then `model.onnx.data`).
-4. An `InferenceSession` (CUDAExecutionProvider first when torch sees a GPU and ORT has the
+4. Transformer fusions into ORT contrib ops (`fuse_for_onnxruntime`, the list is `ORT_FUSIONS`;
+   `compile(..., fuse=False)` skips them): the exporter writes attention as MatMul/Softmax/Transpose
+   and a linear as MatMul + Add, which ORT's load-time optimizer only partly fuses (its attention
+   fusion knows the TorchScript exporter's BERT pattern, not this one). onnxscript's ORT rewriter
+   recognises SDPA, multi-head attention with its Q/K/V projections, skip layer norms and bias-GELU
+   and rewrites them into `com.microsoft` ops: `Attention` (one packed QKV GEMM plus the attention
+   kernel), `MultiHeadAttention`, `SkipLayerNormalization`, `BiasGelu`. Only fusions whose ops ORT
+   1.19's CPU kernels run are applied, one onnxscript rule is tightened (`_mha_fusion`), and the
+   result is adapted to 1.19 (its attention bias needs one row per head). Same fp32 math; the
+   target check compares the result with the torch program as for any lowering.
+5. An `InferenceSession` (CUDAExecutionProvider first when torch sees a GPU and ORT has the
    provider, always CPUExecutionProvider explicitly) with ORT_ENABLE_ALL; ORT writes the graph it
    optimized to `model.optimized.onnx` for inspection.
 
@@ -24,8 +34,9 @@ module path) it failed on; ORT refusing the model names the op and the modules i
 
 Why the dynamo exporter and not the TorchScript one: only it reads an ExportedProgram (the IR we
 already hold, with symbolic batch/seq dims) and takes onnxscript translations for custom ops, which
-is how optpipe ops reach ORT natively. If the onnxscript optimizer fails on a graph, the
-unoptimized export is kept (ORT optimizes it on load anyway) and the report says so.
+is how optpipe ops reach ORT natively. If the onnxscript optimizer or the fusions fail on a graph,
+or ORT cannot load the fused graph, the unfused export is kept (ORT optimizes it on load anyway)
+and the report says so (`info["onnx_optimizer"]`, `info["ort_fusions"]`).
 
 `optpipe run OUT` loads the portable `OUT/model.onnx` (not the optimized file, which ORT marks as
 specific to the machine that wrote it), so running needs neither the model's Python code nor a
@@ -298,24 +309,18 @@ class OnnxRuntimeTarget(Target):
         return _decompose(ep, table) if table and _uses_any(program, table) else ep
 
     # -- lowering ---------------------------------------------------------------------------------
-    def compile(self, program, opset: int = DEFAULT_OPSET, **options) -> Compiled:
-        """Export to ONNX and open a session. `options` meant for other targets (`mode`, `tune`)
-        are ignored."""
+    def compile(self, program, opset: int = DEFAULT_OPSET, fuse: bool = True, **options) -> Compiled:
+        """Export to ONNX and open a session. `fuse=False` keeps the exporter's graph (no contrib-op
+        fusions; ORT still optimizes it on load). `options` meant for other targets (`mode`,
+        `tune`) are ignored."""
         import onnxruntime as ort
 
         opset = _check_opset(opset)
         workdir = tempfile.mkdtemp(prefix="optpipe-ort-")
         try:
-            start = time.perf_counter()
             ep = self._exportable(program, opset)
-            onnx_program, optimizer_note = _export(ep, program, opset)
-            path = os.path.join(workdir, MODEL_FILE)
-            onnx_program.save(path, external_data=False)  # switches to external data past 2 GB
-            export_s = time.perf_counter() - start
+            onnx_program, notes, session, seconds = _export_and_open(ep, program, opset, bool(fuse), workdir)
             model = onnx_program.model
-            start = time.perf_counter()
-            session = _session(path, os.path.join(workdir, OPTIMIZED_FILE))
-            session_s = time.perf_counter() - start
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
@@ -331,16 +336,15 @@ class OnnxRuntimeTarget(Target):
             "onnxruntime_version": ort.__version__,
             "model_bytes": _size(workdir, MODEL_FILE),
             "optimized_model_bytes": _size(workdir, OPTIMIZED_FILE),
-            "external_data": os.path.exists(path + ".data"),
+            "external_data": os.path.exists(os.path.join(workdir, MODEL_FILE + ".data")),
             "onnx_nodes": len(model.graph),
             "inputs": [f"{i.name}:{i.type}{i.shape}" for i in session.get_inputs()],
             "optpipe_ops_native": native,
             "optpipe_ops_decomposed": decomposed,
-            "export_s": round(export_s, 2),
-            "session_s": round(session_s, 2),
+            "export_s": round(seconds[0], 2),
+            "session_s": round(seconds[1], 2),
         }
-        if optimizer_note:
-            info["onnx_optimizer"] = optimizer_note
+        info.update(notes)
         runner = OrtRunner(session, program.input_names, getattr(program.gm, "_out_spec", None), workdir)
         return Compiled(runner, info)
 
@@ -403,13 +407,43 @@ def _decompose(ep, table: dict):
                           "an optpipe op's decomposition does not trace; check the op that introduced it") from None
 
 
+def _clear(workdir: str) -> None:
+    for name in os.listdir(workdir):
+        os.remove(os.path.join(workdir, name))
+
+
 def _size(workdir: str, name: str) -> int:
     return sum(os.path.getsize(os.path.join(workdir, f)) for f in os.listdir(workdir)
                if f == name or f == name + ".data")
 
 
-def _export(ep, program, opset: int):
-    """torch.onnx.export of the decomposed program; returns (ONNXProgram, optimizer note or None)."""
+def _export_and_open(ep, program, opset: int, fuse: bool, workdir: str):
+    """Export (and fuse) into `workdir`/model.onnx and open its session; returns (ONNXProgram, notes,
+    session, (export seconds, session seconds)). A fused graph ORT refuses is replaced by the
+    unfused export, so a fusion never costs the user a working model."""
+    path = os.path.join(workdir, MODEL_FILE)
+    start = time.perf_counter()
+    onnx_program, notes = _export(ep, program, opset, fuse=fuse)
+    onnx_program.save(path, external_data=False)  # switches to external data past 2 GB
+    export_s = time.perf_counter() - start
+    start = time.perf_counter()
+    try:
+        session = _session(path, os.path.join(workdir, OPTIMIZED_FILE))
+    except TargetError as e:
+        if not isinstance(notes.get("ort_fusions"), dict) or not notes["ort_fusions"]:
+            raise  # nothing was fused: the export itself is what ORT cannot take
+        _clear(workdir)
+        onnx_program, notes, session, (again_export_s, again_session_s) = _export_and_open(
+            ep, program, opset, False, workdir)
+        notes["ort_fusions"] = f"skipped: {e.message}"
+        return onnx_program, notes, session, (export_s + again_export_s,
+                                              time.perf_counter() - start - again_export_s)
+    return onnx_program, notes, session, (export_s, time.perf_counter() - start)
+
+
+def _export(ep, program, opset: int, fuse: bool = True):
+    """torch.onnx.export of the decomposed program, optimized and (with `fuse`) rewritten into ORT
+    contrib ops; returns (ONNXProgram, notes for the report: "onnx_optimizer", "ort_fusions")."""
     dynamic = None
     if any(program.dynamic_shapes or []):
         # named axes ("batch", "seq") instead of the exporter's s0, s1
@@ -423,14 +457,139 @@ def _export(ep, program, opset: int):
                 custom_translation_table=lowerings_for(TARGET), optimize=False, verbose=False)
     except Exception as e:  # noqa: BLE001
         raise _export_error(e, ep) from None
-    note = None
+    notes = {}
     try:  # the same optimizer optimize=True runs, separately so a failure in it is not fatal
         with _quiet_exporter():
             onnx_program.optimize()
     except Exception as e:  # noqa: BLE001
-        note = f"skipped: {_first_line(e)}"
+        notes["onnx_optimizer"] = f"skipped: {_first_line(e)}"
+    if fuse and "onnx_optimizer" not in notes:  # the fusions match the optimizer's canonical graph
+        try:
+            notes["ort_fusions"] = fuse_for_onnxruntime(onnx_program.model)
+        except Exception as e:  # noqa: BLE001 - a fusion is an optimization, never a reason to fail
+            # the graph may be half rewritten (e.g. fused attention without its bias fix): start over
+            onnx_program, notes = _export(ep, program, opset, fuse=False)
+            notes["ort_fusions"] = f"skipped: {_first_line(e)}"
     onnx_program.model.ir_version = min(onnx_program.model.ir_version, MAX_IR_VERSION)
-    return onnx_program, note
+    return onnx_program, notes
+
+
+# onnxscript's ORT fusions (onnxscript.rewriter.ort_fusions), in the order its `fuse_xformers`
+# applies them, limited to what ORT 1.19's CPU kernels run. Left out: GroupQueryAttention and
+# RotaryEmbedding/cos-sin caches (the fused forms follow newer ORT releases' op definitions), and
+# the RMS-norm fusions (not yet checked against ORT 1.19's kernels).
+ORT_FUSIONS = ("erf_gelu", "skip_layer_normalization", "sdpa", "mha1", "mha2", "mha_scale", "mha_bias",
+               "attention", "gelu", "bias_gelu", "sdpa_via_mha")
+
+
+def _fusion_rules() -> dict:
+    from onnxscript.rewriter.ort_fusions import (attention, bias_gelu, erfgelu, gelu, mha_bias, mha_scale, sdpa,
+                                                 sdpa_via_mha, skip_normalization)
+
+    return {"erf_gelu": erfgelu.fuse_erfgelu,
+            "skip_layer_normalization": skip_normalization.fuse_skip_layer_normalization,
+            "sdpa": functools.partial(sdpa.fuse_sdpa, apply_shape_inference=True),  # new nodes need shapes
+            "mha1": _mha_fusion(has_past_present=True), "mha2": _mha_fusion(has_past_present=False),
+            "mha_scale": mha_scale.fuse_mha_scale,
+            "mha_bias": mha_bias.fuse_mha_bias, "attention": attention.fuse_attention,
+            "gelu": gelu.fuse_gelu, "bias_gelu": bias_gelu.fuse_bias_gelu,
+            "sdpa_via_mha": sdpa_via_mha.replace_sdpa_by_mha}
+
+
+def _mha_fusion(has_past_present: bool):
+    """onnxscript's MultiHeadAttention fusion (`mha.fuse_mha1`/`fuse_mha2`), refusing a match whose
+    closing Reshape is not to (B, S, D).
+
+    Why: GPT-2's Conv1D flattens the merged heads straight to (B*S, D) for a Gemm; the exporter
+    folds both reshapes into one, onnxscript's check does not look at that Reshape's target, and
+    the fused node's (B, S, D) output then reaches the 2-D-only Gemm (ORT refuses the model)."""
+    from onnxscript.rewriter import _fusion_utils, pattern
+    from onnxscript.rewriter.ort_fusions import mha
+
+    class MultiHeadAttentionTo3D(mha.MultiHeadAttention):
+        def check(self, context, attention_reshaped=None, **bindings):
+            result = super().check(context, attention_reshaped=attention_reshaped, **bindings)
+            shape = attention_reshaped.shape if attention_reshaped is not None else None
+            if result and (shape is None or shape.rank() != 3):
+                return pattern.MatchResult().fail("attention output is not reshaped to (B, S, D)",
+                                                  attention_reshaped)
+            return result
+
+    rules = [MultiHeadAttentionTo3D.rule(f"MHA{'_Rotary' if rotary else ''}{'_Past' if has_past_present else ''}"
+                                         f"{'_CrossAttention' if cross else ''}", is_rotary=rotary,
+                                         has_past_present=has_past_present, is_cross_attention=cross)
+             for rotary in (False, True) for cross in ((False,) if has_past_present else (False, True))]
+    return _fusion_utils.apply_fusion_rules(pattern.RewriteRuleSet(rules))
+
+
+def fuse_for_onnxruntime(model) -> dict[str, int]:
+    """Rewrite transformer subgraphs of an exported `onnx_ir.Model` into ORT contrib ops, in place;
+    returns how often each fusion of `ORT_FUSIONS` fired (only those that did).
+
+    Why: ORT's load-time optimizer fuses attention only in the TorchScript exporter's old BERT
+    pattern, so the dynamo export runs attention as separate MatMul/Softmax/Transpose kernels and
+    every linear as MatMul + Add. The fused ops run each attention as one kernel with one packed
+    QKV GEMM, and fold biases into the LayerNorm/GELU kernels."""
+    import onnx_ir.passes.common as common_passes
+    from onnxscript.optimizer import optimize
+    from onnxscript.rewriter import rewrite
+    from onnxscript.rewriter.ort_fusions import shape_optimization
+    from onnxscript.rewriter.rules.common import gemm_to_matmul_add_rule
+
+    with _quiet_exporter():
+        # torchlib writes a linear on 3-D input as Reshape -> Gemm -> Reshape; the fusions match the
+        # MatMul + Add form (and ORT turns a 2-D MatMul + Add back into Gemm on load)
+        rewrite(model, [gemm_to_matmul_add_rule])
+        # the fusions check shapes: infer them, and fold the exporter's shape arithmetic first
+        common_passes.ShapeInferencePass()(model)
+        shape_optimization.rules.apply_to_model(model)
+        optimize(model)
+        rules = _fusion_rules()
+        counts = {name: rules[name](model) for name in ORT_FUSIONS}
+        optimize(model)  # inlines the fusions' intermediate functions that no later fusion took
+    counts["attention_bias_per_head"] = _attention_bias_per_head(model)
+    return {name: n for name, n in counts.items() if n}
+
+
+_BIAS_INPUT = {"Attention": 5, "MultiHeadAttention": 5}  # the attention bias ("relative_position_bias")
+
+
+def _attention_bias_per_head(model) -> int:
+    """Broadcast every attention bias of a fused Attention/MultiHeadAttention node to one row per
+    head; returns how many nodes needed it.
+
+    Why: the fusions pass a (B, 1, S, L) additive mask through as the attention bias, which newer
+    ORT releases broadcast over heads; ORT 1.19's CPU kernels refuse it at run time ("dimension 1
+    should be same as number of heads"). One Expand per distinct bias, shared by the layers."""
+    import numpy as np
+    import onnx_ir as ir
+
+    expanded: dict[int, ir.Value] = {}
+    count = 0
+    for node in list(model.graph):
+        index = _BIAS_INPUT.get(node.op_type)
+        if node.domain != "com.microsoft" or index is None or len(node.inputs) <= index:
+            continue
+        bias = node.inputs[index]
+        heads = node.attributes.get_int("num_heads", 0)
+        if bias is None or not heads:
+            continue
+        shape = bias.shape
+        if shape is not None and len(shape) == 4 and shape[1] == heads:
+            continue
+        if id(bias) not in expanded:
+            repeat = ir.Value(name=f"{bias.name}_heads", const_value=ir.tensor(np.array([1, heads, 1, 1], np.int64)))
+            model.graph.register_initializer(repeat)
+            expand = ir.node("Expand", [bias, repeat], name=f"{bias.name}_per_head")
+            producer = bias.producer()
+            if producer is not None and producer.graph is model.graph:
+                model.graph.insert_after(producer, expand)
+            else:  # a graph input or initializer
+                model.graph.insert_before(node, expand)
+            expanded[id(bias)] = expand.outputs[0]
+        node.replace_input_with(index, expanded[id(bias)])
+        count += 1
+    return count
 
 
 def _output_names(program) -> list[str] | None:

@@ -142,20 +142,93 @@ def test_tiny_gpt_parity_and_model_file(target, tiny):
     assert len(model.graph.initializer) > 0  # weights inside the one file
 
 
-@pytest.mark.parametrize("name,attn", [("gpt2", "sdpa"), ("llama", "sdpa"), ("bert", "eager"),
-                                       ("minilm", "sdpa")])
-def test_hf_model_parity(target, name, attn):
+BERT_FUSED = {"Attention", "SkipLayerNormalization", "BiasGelu"}  # QKV + attention in one op; biases folded
+
+
+@pytest.mark.parametrize("name,attn,contrib", [("gpt2", "sdpa", {"MultiHeadAttention", "SkipLayerNormalization"}),
+                                               ("llama", "sdpa", {"MultiHeadAttention"}),
+                                               ("bert", "eager", BERT_FUSED), ("minilm", "sdpa", BERT_FUSED)])
+def test_hf_model_parity(target, name, attn, contrib):
     model, inputs = getattr(hf_models, name)(attn=attn)
     if "attention_mask" in inputs:
         assert (inputs["attention_mask"] == 0).any()  # a padded batch: the mask matters
     program = capture(model, inputs)
     compiled = target.compile(program)
     assert_parity(target, compiled, program)
+    ops = onnx_ops(compiled)  # attention runs as an ORT contrib kernel, not MatMul/Softmax
+    assert {op for domain, op in ops if domain == "com.microsoft"} == contrib
+    assert ("", "Softmax") not in ops
     x = program.example_inputs
     with torch.no_grad():  # and against the Hugging Face model itself
         ref = model(**dict(zip(program.input_names, x)))
     ref = ref.logits if hasattr(ref, "logits") else ref.last_hidden_state
     assert (compiled(*x) - ref).abs().max().item() <= 1e-4
+
+
+# ---- contrib-op fusions -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bert_program():
+    model, inputs = hf_models.bert(attn="eager")
+    return capture(model, inputs)
+
+
+def test_bert_attention_fuses_into_contrib_ops(target, bert_program):
+    compiled = target.compile(bert_program)
+    assert_parity(target, compiled, bert_program)
+    fused = compiled.info["ort_fusions"]  # two layers: one fusion of each kind per layer
+    assert fused["attention"] == 2 and fused["bias_gelu"] == 2 and fused["skip_layer_normalization"] == 4
+    assert fused["attention_bias_per_head"] == 2  # the (B, 1, S, S) padding mask, one row per head for ORT 1.19
+    ops = onnx_ops(compiled)
+    assert ops.count(("com.microsoft", "Attention")) == 2
+    assert not {("", "Softmax"), ("", "Gelu"), ("", "Transpose")} & set(ops)
+
+
+def test_fuse_false_keeps_the_exported_graph(target, bert_program):
+    compiled = target.compile(bert_program, fuse=False)
+    assert_parity(target, compiled, bert_program)
+    assert "ort_fusions" not in compiled.info
+    assert not [op for domain, op in onnx_ops(compiled) if domain == "com.microsoft"]
+
+
+def test_gpt2_flattened_heads_are_not_fused_with_their_projection(target):
+    """GPT-2's Conv1D flattens the merged heads to (B*S, D) for a 2-D Gemm: the projection-fusing MHA
+    rule must not match there (its (B, S, D) output would reach the Gemm); attention still goes native."""
+    model, inputs = hf_models.gpt2(attn="sdpa")
+    program = capture(model, inputs)
+    compiled = target.compile(program)
+    assert_parity(target, compiled, program)
+    fused = compiled.info["ort_fusions"]
+    assert "mha2" not in fused and "attention" not in fused and fused["sdpa_via_mha"] == 2
+
+
+def test_fused_graph_onnxruntime_rejects_falls_back_to_the_export(target, bert_program, monkeypatch):
+    from optpipe.targets import onnxruntime_backend as backend
+
+    fuse = backend.fuse_for_onnxruntime
+
+    def fuse_into_an_unknown_op(model):
+        counts = fuse(model)
+        next(n for n in model.graph if n.op_type == "Attention").op_type = "NoSuchAttention"
+        return counts
+
+    monkeypatch.setattr(backend, "fuse_for_onnxruntime", fuse_into_an_unknown_op)
+    compiled = target.compile(bert_program)
+    assert compiled.info["ort_fusions"].startswith("skipped: ") and "NoSuchAttention" in compiled.info["ort_fusions"]
+    assert_parity(target, compiled, bert_program)
+    assert not [op for domain, op in onnx_ops(compiled) if domain == "com.microsoft"]
+
+
+def test_fusion_failure_is_a_note(target, tiny, monkeypatch):
+    from optpipe.targets import onnxruntime_backend as backend
+
+    def broken(model):
+        raise RuntimeError("no match today")
+
+    monkeypatch.setattr(backend, "fuse_for_onnxruntime", broken)
+    compiled = target.compile(tiny[1])
+    assert compiled.info["ort_fusions"] == "skipped: RuntimeError: no match today"
+    assert_parity(target, compiled, tiny[1])
 
 
 # ---- optpipe ops: decomposition, native lowering, neither ---------------------------------------------
@@ -170,7 +243,7 @@ def scaled(tiny):
 
 def test_optpipe_op_lowers_through_its_decomposition(target, scaled):
     assert target.check(scaled) == []
-    compiled = target.compile(scaled)
+    compiled = target.compile(scaled, fuse=False)  # the lowering itself, before contrib-op fusions
     assert_parity(target, compiled, scaled)
     ops = onnx_ops(compiled)
     assert ("", "Gelu") in ops and ("com.microsoft", "Gelu") not in ops
@@ -182,7 +255,7 @@ def test_optpipe_op_native_lowering_replaces_the_decomposition(target, scaled):
     register_lowering(scaled_gelu, "onnxruntime", scaled_gelu_ort)
     try:
         assert target.check(scaled) == []
-        compiled = target.compile(scaled)
+        compiled = target.compile(scaled, fuse=False)
     finally:
         opdef(scaled_gelu).lowerings.pop("onnxruntime")
     assert_parity(target, compiled, scaled)
