@@ -30,14 +30,18 @@ definition, the decomposition builds exactly that mask):
   key at a position ≡ stride−1 (mod stride).
 Causal patterns never attend a later key.
 
-Fast CPU path: block-banded. Queries are cut into blocks; block b attends the keys of an
-overlapping window (an `as_strided` view over one padded copy of K/V, so windows are not copied),
-and ATen's CPU flash kernel runs all blocks as one batch with a small per-block band mask. Extra key sets (global keys, strided
-summary keys, random blocks) are separate flash calls merged exactly through their log-sum-exp.
-The backward calls the flash backward kernel per key set with the merged output and log-sum-exp
-(saved on the output, recomputed if missing): nothing O(L·S) is ever held. Short sequences (and
-windows covering the whole sequence) take one dense flash call instead; with `window >= length` it
-is exactly causal SDPA.
+Fast CPU path: block-banded, one K/V head at a time. Queries are cut into blocks; block b attends
+the keys of an overlapping window (an `as_strided` view over the head's padded K/V, so windows are
+not copied). The forward runs ATen's CPU flash kernel over all blocks of the head as one batch with
+a small per-block band mask; extra key sets (global keys, strided summary keys, random blocks) are
+separate flash calls merged exactly through their log-sum-exp. The backward is flash-style from the
+saved output and log-sum-exp (kept on the output, recomputed if missing): per head and key set it
+recomputes P = exp(QKᵀ·scale + mask − lse) with batched GEMMs over the blocks and forms dV = PᵀdO,
+dS = P∘(dO·Vᵀ − rowsum(dO∘O)), dQ = dS·K·scale, dK = dSᵀ·Q·scale (ATen's flash backward is several
+times slower than GEMMs on these short, masked blocks). Autograd keeps q, k, v, out and lse only:
+O(L·D); the O(L·window) scores exist for one head at a time. Short sequences (and windows covering
+the whole sequence) take one dense flash call instead; with `window >= length` it is exactly
+causal SDPA.
 
 CUDA path: FlexAttention with a block mask made from the same pattern (compiled once per process);
 backward through FlexAttention's autograd. Written for CUDA machines, guarded by device; the CPU
@@ -48,10 +52,14 @@ relu (`linear`), or FAVOR+ positive orthogonal random features (`performer`). Ca
 chunked prefix-sum form: within a chunk the masked quadratic form, across chunks the states
 Σφ(k)vᵀ (F, Dv) and Σφ(k) (F) of the chunks before — never an O(L·F·D) cumulative sum. (Traced with
 a symbolic length, as the decomposition is, causal kernel attention takes the masked quadratic form
-of the same sums: chunk padding needs length arithmetic export cannot prove.) Linformer projects K
-and V along the sequence with learned `(k, max_len)` matrices (`E[:, :S]`; projected keys that see
-no token are ignored), then runs dense attention over those k keys. The backward of these ops
-recomputes the forward from the saved inputs (no activations are kept between the two).
+of the same sums: chunk padding needs length arithmetic export cannot prove.) Eagerly, the causal
+form is `chunked_causal_product` (every chunk of every head in one batched GEMM, the chunk states
+summed by a running add) with an analytic backward of three more such products; the linear op
+keeps its output and normaliser for it (O(L·D)), performer recomputes its features. Linformer
+projects K and V along the sequence with learned `(k, max_len)` matrices (`E[:, :S]`; projected
+keys that see no token are ignored), then runs dense attention over those k keys. The backward of
+the other ops recomputes the forward from the saved inputs (no activations are kept between the
+two).
 """
 from __future__ import annotations
 
@@ -71,12 +79,16 @@ aten = torch.ops.aten
 SPARSE_PATTERNS = ("sliding-window", "block-sparse", "random", "strided")
 FEATURE_MAPS = ("elu", "relu")
 
-# Tuning of the CPU path (measured with benchmarks/attention.py on an AVX-512 CPU, fp32): ATen's
-# flash forward is fastest on short query blocks, its backward on long ones, so the two passes use
-# different blockings of the same pattern (the softmax statistics are per query, layout-free).
+# Tuning of the CPU path (benchmarks/attention.py, AVX-512 CPU, fp32, one thread): ATen's flash
+# forward is fastest on short query blocks; the GEMM backward on 64-query blocks (a 256 window then
+# computes 320 keys per query: 78% useful). The softmax statistics are per query, so the two passes
+# may use different blockings of the same pattern.
 FORWARD_BLOCK = 32
 BACKWARD_BLOCK = 64
 DENSE_MAX_LEN = 256
+_BACKWARD_TILE = 1 << 18
+"""Score elements (1 MiB of fp32) per GEMM tile of the backward: query blocks are processed in
+tiles of about this many (rows x keys), so the scores, their grads and the K/V grads stay in cache."""
 """Sequences up to this length run as one dense masked flash call (fewer, larger GEMMs win there)."""
 _MASK_CACHE_SIZE = 64
 _EPS = 1e-6
@@ -155,7 +167,9 @@ class SparsePattern:
             picks = torch.remainder(h, torch.maximum(candidates, _const(1, candidates)))  # (no clamp: TVM legalizes an
             # int64 clamp through an infinite bound)
         else:
-            total = qb[-1:] + 1  # n_blocks as a tensor: exporters take tensor divisors, not symbolic ints
+            # n_blocks as a (1, 1) tensor (exporters take tensor divisors, not symbolic ints; a max,
+            # not `qb[-1:]`, whose sliced shape TVM cannot prove is 1)
+            total = qb.max(0, keepdim=True).values + 1
             picks = torch.remainder(h, total)
             valid = picks >= 0  # every draw is valid
         return picks, valid
@@ -338,7 +352,8 @@ class _KeySet:
     kv: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     """(kp, vp) padded (T, D) rows of one K/V head -> (K, V) (nb|1, S, D), views where possible"""
     scatter: Callable[..., None]
-    """(dkp, dvp, dK, dV): add the set's key/value grads into one head's padded grads"""
+    """(dkp, dvp, dK, dV, first): add the set's key/value grads of query blocks first.. (all rows
+    when flat) into one head's padded grads"""
 
     def head_mask(self, x: int) -> torch.Tensor:
         return self.mask[x if self.mask.shape[0] > 1 else 0]
@@ -430,11 +445,12 @@ def _key_sets(pattern: SparsePattern, layout: _Layout, key_padding_mask, dtype, 
     def local_kv(kp, vp):
         return _windows(kp, nb, bs, span), _windows(vp, nb, bs, span)
 
-    def local_scatter(dkp, dvp, dk, dv):
+    def local_scatter(dkp, dvp, dk, dv, first=0):
+        m = dk.shape[0]  # query blocks first .. first+m
         for t in range(before + 1 + after):  # window block t of query block b is key block b + t
-            lo = t * bs
-            dkp[lo:lo + nb * bs].view(nb, bs, -1).add_(dk[:, lo:lo + bs])
-            dvp[lo:lo + nb * bs].view(nb, bs, -1).add_(dv[:, lo:lo + bs])
+            lo = (first + t) * bs
+            dkp[lo:lo + m * bs].view(m, bs, -1).add_(dk[:, t * bs:(t + 1) * bs])
+            dvp[lo:lo + m * bs].view(m, bs, -1).add_(dv[:, t * bs:(t + 1) * bs])
 
     mask, alive = additive("local", local_allowed, lambda: kpm.unfold(1, span, bs).unsqueeze(2))
     sets.append(_KeySet("local", mask, alive, False, local_kv, local_scatter))
@@ -451,7 +467,7 @@ def _key_sets(pattern: SparsePattern, layout: _Layout, key_padding_mask, dtype, 
         def kv(kp, vp):
             return kp[sel].unsqueeze(0), vp[sel].unsqueeze(0)
 
-        def scatter(dkp, dvp, dk, dv):
+        def scatter(dkp, dvp, dk, dv, first=0):
             dkp[sel].add_(dk[0])
             dvp[sel].add_(dv[0])
         sets.append(_KeySet(name, mask, alive, True, kv, scatter))
@@ -492,14 +508,17 @@ def _key_sets(pattern: SparsePattern, layout: _Layout, key_padding_mask, dtype, 
 
         mask, alive = additive("random", random_allowed, random_kpm)
 
+        # (whole blocks as the rows of a 2-d view, gathered by `embedding`: a row copy, several
+        # times faster on CPU than index_select's element loop)
         def random_kv(kp, vp):
-            return tuple(t[offset:offset + nb * bs].view(nb, bs, -1).index_select(0, flat_picks)
-                         .reshape(nb, r * bs, -1) for t in (kp, vp))
+            return tuple(F.embedding(flat_picks, t[offset:offset + nb * bs].view(nb, -1))
+                         .view(nb, r * bs, t.shape[-1]) for t in (kp, vp))
 
-        def random_scatter(dkp, dvp, dk, dv):
+        def random_scatter(dkp, dvp, dk, dv, first=0):
+            m = dk.shape[0]
+            picks_here = flat_picks[first * r:(first + m) * r]
             for grads, blocks in ((dkp, dk), (dvp, dv)):
-                grads[offset:offset + nb * bs].view(nb, bs, -1).index_add_(0, flat_picks,
-                                                                            blocks.reshape(nb * r, bs, -1))
+                grads[offset:offset + nb * bs].view(nb, -1).index_add_(0, picks_here, blocks.reshape(m * r, -1))
 
         sets.append(_KeySet("random", mask, alive, False, random_kv, random_scatter))
     return sets, offset, total
@@ -540,8 +559,9 @@ def _neighbour_blocks(pattern, block: int) -> tuple[int, int]:
 
 
 def _sparse_forward_cpu(query, key, value, key_padding_mask, pattern: SparsePattern, scale: float):
-    """(out (B, H, N, Dv), lse (B, H, N) float32): per K/V head, one ATen CPU flash call per key
-    set over all query blocks (as the heads of one batch), merged through the log-sum-exp."""
+    """(out (B, H, N, Dv), lse (B, H, N); float32, float64 for float64 inputs): per K/V head, one
+    ATen CPU flash call per key set over all query blocks (as the heads of one batch), merged
+    through the log-sum-exp."""
     b, h, n, _ = query.shape
     hkv = key.shape[1]
     groups = h // hkv
@@ -553,7 +573,8 @@ def _sparse_forward_cpu(query, key, value, key_padding_mask, pattern: SparsePatt
     x_count = b * hkv
     k3, v3 = key.reshape(x_count, n, key.shape[-1]), value.reshape(x_count, n, value.shape[-1])
     out_blocks = query.new_empty(x_count, layout.n_blocks, layout.rows, value.shape[-1])
-    lse_blocks = torch.empty(x_count, layout.n_blocks, layout.rows, dtype=torch.float32, device=query.device)
+    lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32  # as ATen's flash kernel
+    lse_blocks = torch.empty(x_count, layout.n_blocks, layout.rows, dtype=lse_dtype, device=query.device)
     for x in range(x_count):  # one K/V head at a time: only its padded copy and scores are alive
         kp, vp = _pad_rows(k3[x], offset, total), _pad_rows(v3[x], offset, total)
         outs, lses = [], []
@@ -625,18 +646,29 @@ def _sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: Spa
         deltax = (gx * o_blocks[x].to(cdt)).sum(-1, keepdim=True)            # rowsum(dO∘O)
         dqx = dq_blocks[x]
         for i, s in enumerate(sets):
-            k_s, v_s = s.kv(kp, vp)
-            qr, gr = s.rows(qx, layout), s.rows(gx, layout)
-            p = torch.baddbmm(s.head_mask(x), qr, k_s.transpose(1, 2)).sub_(s.rows(l_blocks[x], layout)).exp_()
-            dv_s = torch.bmm(p.transpose(1, 2), gr)
-            ds = torch.bmm(gr, v_s.transpose(1, 2)).sub_(s.rows(deltax, layout)).mul_(p)
-            del p
-            if i == 0:
-                torch.bmm(ds, k_s, out=s.rows(dqx, layout))
-            else:
-                s.rows(dqx, layout).baddbmm_(ds, k_s)
-            dk_s = torch.bmm(ds.transpose(1, 2), qr)
-            s.scatter(dkp, dvp, dk_s, dv_s)
+            k_all, v_all = s.kv(kp, vp)
+            mask_all = s.head_mask(x)
+            # tiles of query blocks whose scores fit in cache (flat sets: all rows at once)
+            step = layout.n_blocks if s.flat else max(1, _BACKWARD_TILE // (layout.rows * k_all.shape[1]))
+            for b0 in range(0, layout.n_blocks, step):
+                b1 = min(b0 + step, layout.n_blocks)
+                if s.flat:
+                    k_s, v_s, mask = k_all, v_all, mask_all
+                    qr, gr, lr, dr, dqr = (s.rows(t, layout) for t in (qx, gx, l_blocks[x], deltax, dqx))
+                else:
+                    k_s, v_s = k_all[b0:b1], v_all[b0:b1]
+                    mask = mask_all[b0:b1] if mask_all.shape[0] > 1 else mask_all
+                    qr, gr, lr, dr, dqr = (t[b0:b1] for t in (qx, gx, l_blocks[x], deltax, dqx))
+                p = torch.baddbmm(mask, qr, k_s.transpose(1, 2)).sub_(lr).exp_()
+                dv_s = torch.bmm(p.transpose(1, 2), gr)
+                ds = torch.bmm(gr, v_s.transpose(1, 2)).sub_(dr).mul_(p)
+                del p
+                if i == 0:
+                    torch.bmm(ds, k_s, out=dqr)
+                else:
+                    dqr.baddbmm_(ds, k_s)
+                dk_s = torch.bmm(ds.transpose(1, 2), qr)
+                s.scatter(dkp, dvp, dk_s, dv_s, b0)
         dqx.mul_(scale)
         dk3[x] = dkp[offset:offset + n]
         dv3[x] = dvp[offset:offset + n]
