@@ -146,6 +146,9 @@ def optimize(model, target, pipeline, preset, recipe, inputs, arch, trust_pickle
                        progress=progress)
     with progress(f"write {out}"):
         res.save(out, force=force, dump_ir=dump_ir)
+    for p in res.report["passes"]:
+        for note in (p.get("details") or {}).get("notes") or []:
+            click.echo(f"note: {p['pipeline']}: {note}", err=True)
     if as_json:
         click.echo(json.dumps(res.report, default=str))
     else:

@@ -31,6 +31,8 @@ def inspect_program(program: Program) -> dict:
     """
     costs = analyze(program)
     attention, notes = attention_sites(program)
+    if attention:
+        notes += _attention_advice(program)
     if costs.uncounted_ops:
         notes.append("FLOPs not counted for: " + ", ".join(costs.uncounted_ops))
     modules = [{"module": m.path, "type": m.type, "depth": m.path.count(".") + 1 if m.path else 0,
@@ -64,6 +66,23 @@ def _describe_inputs(program: Program) -> list[dict]:
         else:
             rows.append({"name": name, "dtype": type(x).__name__, "shape": None, "spec": f"{name}={x!r}"})
     return rows
+
+
+def _attention_advice(program: Program) -> list[str]:
+    """What the `attention` pass would say at this program's sequence length (e.g. kinds that are
+    slower than dense SDPA there), through the pass module's `length_advice(n)`."""
+    import importlib
+
+    from .registry import get_pass
+
+    lengths = [x.shape[1] for x in program.example_inputs if hasattr(x, "shape") and len(x.shape) >= 2]
+    if not lengths:
+        return []
+    try:
+        advice = getattr(importlib.import_module(get_pass("attention").module), "length_advice", None)
+    except Exception:  # noqa: BLE001 - advice is optional
+        return []
+    return advice(max(lengths)) if advice else []
 
 
 def attention_sites(program: Program) -> tuple[list[dict], list[str]]:

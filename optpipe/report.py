@@ -108,6 +108,8 @@ def _passes_table(passes: list[dict]) -> str:
 def _pass_section(i: int, p: dict, diff: GraphDiff | None) -> str:
     title = p.get("pipeline") or p.get("name", "?")
     out = [f'<h3 id="pass-{i}">{i}. <code>{_e(title)}</code></h3>']
+    for note in (p.get("details") or {}).get("notes") or []:  # e.g. "slower than dense below N tokens"
+        out.append(f'<p class="note">note: {_e(note)}</p>')
     if diff is not None:
         out.append(f'<pre class="mono">{_e(diff.to_text())}</pre>')
         out.append(diff.html_section(id_prefix=f"p{i}-"))

@@ -328,6 +328,15 @@ def _rewrite(program: Program, plan: _Plan, config: AttentionConfig) -> dict:
             "key_padding_mask": key_mask is not None}
 
 
+def length_advice(n: int) -> list[str]:
+    """For `optpipe inspect`: the kinds that do not pay off at sequence length `n` on CPU."""
+    slower = [f"{kind} (below ~{even})" for kind, even in BREAK_EVEN_LENGTH.items() if n < even]
+    if not slower:
+        return []
+    return [f"at {n} tokens these attention kinds are slower than dense SDPA on CPU: {', '.join(slower)}; "
+            "they pay off on longer sequences (benchmarks/attention.py)"]
+
+
 def _notes(config: AttentionConfig, lengths: set[int]) -> list[str]:
     notes = []
     if not lengths:

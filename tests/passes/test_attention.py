@@ -603,3 +603,19 @@ def test_efficient_attention_example_runs(tmp_path):
     assert "rewritten" in r.stdout and "sqnr_db=" in r.stdout and "all finite=True" in r.stdout
     exact = [line for line in r.stdout.splitlines() if "covers the sequence" in line][0]
     assert float(exact.rsplit("=", 1)[1]) < 1e-4
+
+
+def test_slower_than_dense_at_short_lengths_is_said_not_hidden(tmp_path):
+    """`inspect` and the report (json, html, CLI) say when a kind does not pay off at the length."""
+    from optpipe.inspection import inspect_program
+    from optpipe.report import render_report_html
+
+    model, inputs = tiny_gpt.build()
+    notes = inspect_program(capture(model, inputs))["notes"]
+    assert any("slower than dense SDPA" in n and "sliding-window (below ~1024)" in n for n in notes)
+    res = optpipe.optimize(model, inputs, pipeline="fuse-attention,attention{kind=sliding-window,window=8}",
+                           target="cpu", target_options={"mode": "eager"})
+    pass_notes = res.report["passes"][1]["details"]["notes"]
+    assert any("kind=sliding-window is slower than dense SDPA" in n for n in pass_notes)
+    html = render_report_html(res.report, res.diffs)
+    assert "note: kind=sliding-window is slower than dense SDPA" in html
