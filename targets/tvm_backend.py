@@ -19,22 +19,29 @@ How it lowers
    ONNX fallback, taken only when the torch importer lacks converters for some ops (e.g.
    `aten.amax`) and `torch.onnx.export` + `relax.frontend.onnx` convert every node; the report
    says why. Native lowerings do not apply there, so optpipe ops must decompose.
-3. Build: LegalizeOps → FoldConstant → FuseOps/FuseTIR → Relax VM, for `{"kind": "llvm", "mcpu":
-   <this host>}`; tvm-cuda builds for the local GPU's arch with dlight's default GPU schedules.
+3. Build: (CPU: fast math) → LegalizeOps → FoldConstant → FuseOps/FuseTIR → default schedules →
+   Relax VM, for `{"kind": "llvm", "mcpu": <this host>, "num-cores": N}`. CPU default schedules
+   (`default_cpu_schedule`): matmuls register-tiled, parallel over column panels, vectorised along
+   the output row, epilogue fused (`schedule_matmul`); softmax/norms by dlight's CPU Reduction
+   rule; elementwise/layout kernels parallel and vectorised. Fast math (`fast_math_pass`): fp32
+   exp/erf/tanh/softmax/GELU use TOPI's polynomial versions, which vectorise (LLVM's libm calls
+   do not). tvm-cuda builds for the local GPU's arch with dlight's default GPU schedules.
 4. `tune=N` (llvm): N MetaSchedule trials on a copy of `main` specialised to the example input
-   shapes (`main_static`, called when the shapes match; other shapes run the untuned dynamic
-   `main`). Only float-input tasks are tuned (random-filled indices would read out of bounds);
-   builder and runner work in-process. Database, logs and summary: OUT/tvm/tuning/. tvm-cuda
-   keeps dlight's schedules.
+   shapes (`main_static`, called when the shapes match; other shapes run the dynamic `main`, with
+   default schedules). Only the heaviest float-input tasks are tuned (those holding 90% of the
+   FLOPs; random-filled indices would read out of bounds in gathers); a matmul's design space
+   holds `schedule_matmul`'s template (tile sizes as decisions) beside MetaSchedule's generic
+   ones; kernels without a tuning record keep their default schedules. Builder and runner work
+   in-process. Database, logs and summary: OUT/tvm/tuning/. tvm-cuda keeps dlight's schedules.
 5. Save/load: OUT/tvm/model.so (weights embedded as VM constants) and OUT/tvm/model.json (inputs,
    dtypes, named dims, target, functions); `optpipe run` loads them with `relax.VirtualMachine`,
    without the model's Python code.
 
 Limits: checked in fp32; inference only. The library is built for this host's CPU (mcpu): rebuild
-for another machine. Weights live inside model.so. Untuned kernels are plain loop nests (the tiny
-GPT runs ~2.5x slower than torch eager); tuning helps the example shape only. MetaSchedule needs a
-TVM FFI whose `tvm.ir.save_json` works (apache-tvm-ffi 0.1.14.*; 0.1.15.* segfaults), and tuning
-is refused up front otherwise.
+for another machine. Weights live inside model.so, unpacked (repacking them into column panels
+measured slower here). Tuning helps the example shape only. MetaSchedule needs a TVM FFI whose
+`tvm.ir.save_json` works (apache-tvm-ffi 0.1.14.*; 0.1.15.* segfaults), and tuning is refused up
+front otherwise.
 """
 from __future__ import annotations
 
@@ -522,35 +529,247 @@ def _specialize(func, program, name: str = "main"):
 
 
 def _legalize_and_fuse(mod, target):
+    """Relax ops → fused TIR kernels, still unscheduled; the same passes for tuning (task
+    extraction) and building, so the database's workloads match the built kernels."""
     tvm = _tvm()
     from tvm import relax
 
-    passes = [relax.transform.DecomposeOpsForInference(), relax.transform.LegalizeOps(),
+    cpu = "gpu" not in target.keys
+    passes = [relax.transform.DecomposeOpsForInference(),
+              *([fast_math_pass()] if cpu else []),
+              relax.transform.LegalizeOps(),
               relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
               relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()]
     with target:
         return tvm.transform.Sequential(passes)(mod)
 
 
-def build_relax(mod, target, database=None):
-    """Build an imported Relax module into a VM executable for `target` (a `tvm.target.Target`),
-    applying MetaSchedule `database`'s schedules, or dlight's default ones on a GPU."""
-    tvm = _tvm()
+def schedule_relax(mod, target, database=None):
+    """An imported Relax module legalized, fused and scheduled for `target`: MetaSchedule
+    `database`'s schedules first, then the default ones (dlight's on a GPU, `default_cpu_schedule`
+    on a CPU) for every kernel the database does not cover. What `build_relax` compiles."""
+    _tvm()
     from tvm import relax
 
-    gpu = "gpu" in target.keys
     mod = _legalize_and_fuse(mod, target)
     if database is not None:
         with target, database:
             mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-    if gpu:
+    if "gpu" in target.keys:
         from tvm.s_tir import dlight as dl
 
-        with target:
-            mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                          dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+        rules = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                        dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+    else:
+        rules = default_cpu_schedule()
+    with target:
+        return rules(mod)
+
+
+def build_relax(mod, target, database=None):
+    """Build an imported Relax module into a VM executable for `target` (a `tvm.target.Target`),
+    scheduled by `schedule_relax`."""
+    tvm = _tvm()
+    from tvm import relax
+
     # the default_build pipeline: memory planning, shape lowering and VM codegen
-    return tvm.compile(mod, target, relax_pipeline=relax.get_pipeline("default_build"))
+    return tvm.compile(schedule_relax(mod, target, database), target,
+                       relax_pipeline=relax.get_pipeline("default_build"))
+
+
+# -- default CPU schedules -----------------------------------------------------------------------
+# LegalizeOps leaves every kernel a plain serial loop nest: one core, scalar code, a matmul that
+# walks its weight column by column (MiniLM-L6 ran ~100x slower than torch). TVM 0.27's dlight has
+# CPU rules for reductions (softmax, layer norm) and GEMV, none for matmul or plain elementwise
+# kernels; the two rules below fill that gap, so an untuned build is within reach of torch eager.
+
+MATMUL_ROWS = (4, 8, 6, 2)  # register-tile heights to try, first that divides a static M wins
+MATMUL_VECTORS = 4  # register-tile width in vectors: 4 x 4 zmm accumulators with AVX-512
+
+
+def _vector_lanes(target, bits: int = 32) -> int:
+    from tvm.target.codegen import llvm_get_vector_width
+
+    width = llvm_get_vector_width(target)
+    return max((width if width > 0 else 128) // bits, 4)
+
+
+def _is_var(region, var) -> bool:
+    return isinstance(region.min, _tvm().tirx.Var) and region.min.same_as(var)
+
+
+def _normalized_blocks(sch):
+    """The function's blocks after inlining its elementwise pro/epilogues where possible."""
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+    from tvm.s_tir.dlight.base.common_schedules import try_inline_contiguous_spatial
+
+    infos = normalize_prim_func(sch)
+    return None if infos is None else try_inline_contiguous_spatial(sch, infos)
+
+
+def _matmul_schedule(func, target):
+    """The default register-tiled schedule of a matmul kernel (see `schedule_matmul`), or None."""
+    from tvm import s_tir
+    from tvm.s_tir.schedule import ScheduleError
+
+    sch = s_tir.Schedule(func)
+    try:
+        return sch if schedule_matmul(sch, target) else None
+    except ScheduleError:  # e.g. an epilogue that cannot be inlined: leave it to the other rules
+        return None
+
+
+def _choice(sch, options: list[int], tunable: bool):
+    """options[0], or with `tunable` a decision MetaSchedule samples among all of them."""
+    if not tunable or len(options) == 1:
+        return options[0]
+    return sch.sample_categorical(candidates=options, probs=[1.0 / len(options)] * len(options))
+
+
+def schedule_matmul(sch, target, tunable: bool = False) -> bool:
+    """Schedule `C[..., i, j] = sum_k A[..., i, k] * B[..., k, j]` (plus an elementwise epilogue)
+    in `sch`; False (with `sch` possibly inlined, otherwise untouched) when it is not such a kernel.
+
+    Each parallel task owns a column panel of B, which stays in cache while the task walks the
+    rows in tiles of `rows` rows; a tile's `rows` x `cols` accumulator lives in vector registers
+    across the whole k loop, and the epilogue (bias add, residual, ...) is applied on the way out.
+    `tunable`: the tile sizes become MetaSchedule decisions (the tuned design space)."""
+    from tvm.s_tir.dlight.base import get_extent
+
+    blocks = _normalized_blocks(sch)
+    if not blocks or blocks[0].is_injective() or any(not b.is_injective() for b in blocks[1:]):
+        return False
+    kinds = blocks[0].dom_kind()
+    if not kinds.endswith("SSR") or kinds.count("R") != 1 or "O" in kinds:
+        return False
+    block = blocks[0].block_rv
+    stmt = sch.get(block)
+    if len(stmt.reads) != 2 or len(stmt.writes) != 1:
+        return False
+    vj = stmt.iter_vars[-2].var
+    # j must be the contiguous (last) axis of the output and of one operand: that is the axis
+    # vectorised; a transposed operand (B[..., j, k]) would turn every vector load into a gather
+    if not _is_var(stmt.writes[0].region[-1], vj) or not any(_is_var(r.region[-1], vj) for r in stmt.reads):
+        return False
+    lanes = _vector_lanes(target)
+    *batch, i, j, k = sch.get_loops(block)
+    rows, cols = get_extent(sch, i), get_extent(sch, j)
+    # tile heights dividing a static M (no ragged last tile), the preferred one first
+    row_options = [m for m in MATMUL_ROWS if isinstance(rows, int) and rows % m == 0] or [MATMUL_ROWS[0]]
+    col_options = [lanes * v for v in (MATMUL_VECTORS, 2, 1) if not isinstance(cols, int) or cols % (lanes * v) == 0]
+    if isinstance(cols, int) and cols < lanes * MATMUL_VECTORS:
+        col_options = [cols if cols < lanes else cols // lanes * lanes]
+    elif isinstance(cols, int) and not col_options:
+        # no vector multiple divides N (GPT-2's vocabulary, 50257 = 29 * 1733): an odd-width tile
+        # that divides it (LLVM splits <29 x float> into 16+8+4+1) beats a ragged last tile,
+        # whose predicate would keep the whole loop from vectorising (~5x slower)
+        col_options = [d for d in range(lanes * MATMUL_VECTORS, lanes - 1, -1) if cols % d == 0][:1]
+    i0, i1 = sch.split(i, [None, _choice(sch, row_options, tunable)])
+    j0, j1 = sch.split(j, [None, _choice(sch, col_options or [lanes * MATMUL_VECTORS], tunable)])
+    sch.reorder(*batch, j0, i0, k, i1, j1)
+    sch.parallel(sch.fuse(*batch, j0) if batch else j0)
+    accumulator = sch.cache_write(block, 0, "local")
+    for epilogue in blocks[1:]:
+        sch.reverse_compute_inline(epilogue.block_rv)
+    sch.reverse_compute_at(accumulator, i0, preserve_unit_loops=True)
+    sch.unroll(i1)
+    sch.vectorize(j1)
+    init = sch.decompose_reduction(block, k)  # after vectorize: the split-off update is no reduction
+    for b in (init, accumulator):
+        sch.vectorize(sch.get_loops(b)[-1])
+    return True
+
+
+def _elementwise_schedule(func, target):
+    """One elementwise/layout loop nest (after inlining): outer loops fused and parallel, the
+    innermost vectorised when its static extent is a multiple of the vector width."""
+    from tvm import s_tir
+    from tvm.s_tir.dlight.base import get_extent
+
+    sch = s_tir.Schedule(func)
+    blocks = _normalized_blocks(sch)
+    if not blocks or len(blocks) != 1 or not blocks[0].is_injective():
+        return None
+    block = blocks[0].block_rv
+    loops = sch.get_loops(block)
+    if not loops:
+        return None
+    lanes, vector = _vector_lanes(target), None
+    extent = get_extent(sch, loops[-1])
+    if isinstance(extent, int) and extent % lanes == 0:
+        outer_inner, vector = sch.split(loops[-1], [None, lanes])
+        loops = [*loops[:-1], outer_inner]
+    sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+    if vector is not None:
+        sch.vectorize(vector)
+    return sch
+
+
+def default_cpu_schedule():
+    """ApplyDefaultSchedule with matmul, reduction (softmax, norms), GEMV and elementwise rules;
+    kernels none of them takes (and those a tuning database scheduled) are left as they are."""
+    from tvm.s_tir import dlight as dl
+    from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+
+    def rule(fn):
+        class _Rule(CPUScheduleRule):
+            def apply(self, func, target, _tunable):
+                if not isinstance(func, _tvm().tirx.PrimFunc) or not self.is_target_available(target):
+                    return None
+                return fn(func, target)
+        _Rule.__name__ = fn.__name__
+        return _Rule()
+
+    return dl.ApplyDefaultSchedule(rule(_matmul_schedule), dl.cpu.Reduction(), dl.cpu.GEMV(),
+                                   rule(_elementwise_schedule))
+
+
+# -- fast math -------------------------------------------------------------------------------------
+# LLVM has no vector exp/erf: `T.exp`/`T.erf` become one libm call per element, and MiniLM's GELU
+# alone took longer than all its matmuls. TOPI's polynomial versions (relative error ~1e-7) vectorise.
+
+def _fast_gelu(x):
+    from tvm import topi, tirx
+
+    half = tirx.const(0.5, x.dtype)
+    erf = topi.fast_erf(topi.multiply(x, tirx.const(0.7071067811865476, x.dtype)))
+    return topi.multiply(x, topi.add(topi.multiply(erf, half), half))
+
+
+def fast_math_pass():
+    """Relax pass: fp32 `exp`, `erf`, `tanh`, `nn.softmax` and `nn.gelu` (erf form) → TOPI's fast,
+    vectorisable approximations. Put it before LegalizeOps."""
+    tvm = _tvm()
+    from tvm import relax, topi
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    unary = {"relax.exp": topi.fast_exp, "relax.erf": topi.fast_erf, "relax.tanh": topi.fast_tanh}
+
+    @mutator
+    class FastMath(PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if (not isinstance(call.op, tvm.ir.Op) or not call.args
+                    or getattr(call.args[0].ty, "dtype", None) != "float32"):
+                return call
+            name, x = call.op.name, call.args[0]
+            if name == "relax.nn.gelu":
+                return self.builder_.call_te(_fast_gelu, x, primfunc_name_hint="fast_gelu")
+            if name == "relax.nn.softmax":
+                return self.builder_.call_te(topi.nn.fast_softmax, x, call.attrs.axis)
+            if name in unary:
+                return self.builder_.call_te(unary[name], x)
+            return call
+
+    @tvm.transform.module_pass(opt_level=0, name="FastMath")
+    def fast_math(mod, _ctx):
+        mutator_ = FastMath(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mutator_.builder_.update_func(gv, mutator_.visit_expr(func))
+        return mutator_.builder_.get()
+
+    return fast_math
 
 
 # -- ONNX fallback -------------------------------------------------------------------------------
@@ -696,6 +915,54 @@ def _float_only(task) -> bool:
     return all(kind == "TENSOR" and str(dtype).startswith(("float", "bfloat")) for kind, dtype, *_ in args)
 
 
+FLOP_SHARE_TUNED = 0.9  # tune the heaviest tasks that together hold this share of the FLOPs
+
+
+def _heavy_tasks(tasks) -> list:
+    """The tasks worth trials: heaviest first (FLOPs x calls), until FLOP_SHARE_TUNED of the
+    total; the rest keep their default schedules, which tuning would barely improve."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    def flops(task) -> float:
+        try:
+            return float(estimate_tir_flops(task.dispatched[0])) * task.weight
+        except Exception:  # noqa: BLE001 - an unanalysable kernel ranks last
+            return 0.0
+
+    ranked = sorted(((flops(t), t) for t in tasks), key=lambda ft: -ft[0])
+    total, covered, chosen = sum(f for f, _ in ranked), 0.0, []
+    for f, task in ranked:
+        if chosen and (covered >= FLOP_SHARE_TUNED * total or f == 0.0):
+            break
+        chosen.append(task)
+        covered += f
+    return chosen
+
+
+def _tune_contexts(tasks, target, work_dir: str, strategy: str):
+    """TuneContexts whose design space, for a matmul, also holds `schedule_matmul`'s template
+    (tile sizes as decisions) next to MetaSchedule's generic spaces: the search then starts
+    from a schedule at least as good as the untuned build's."""
+    from tvm.s_tir import meta_schedule as ms
+
+    def template(sch):
+        schedule_matmul(sch, target, tunable=True)
+        return sch
+
+    contexts, weights = [], []
+    for task in tasks:
+        matmul = _matmul_schedule(task.dispatched[0], target) is not None
+        space = (ms.space_generator.SpaceGeneratorUnion(
+            [ms.space_generator.PostOrderApply(), ms.space_generator.ScheduleFn(template)])
+            if matmul else "post-order-apply")
+        ctx, weight = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            [task], work_dir, space=space, strategy=strategy, num_threads=int(target.attrs["num-cores"]),
+            seed=0)
+        contexts += ctx
+        weights += weight
+    return contexts, weights
+
+
 def tune_static(mod, program, target, trials: int, work_dir: str):
     """MetaSchedule-tune `main` specialised to the example shapes; returns (database, summary)."""
     _require_metaschedule()
@@ -706,7 +973,7 @@ def tune_static(mod, program, target, trials: int, work_dir: str):
     static = tvm.IRModule({"main": _specialize(mod["main"], program)})
     specialized = bool(_example_binding(mod["main"], program))
     static = _legalize_and_fuse(static, target)
-    tasks = [t for t in ms.relax_integration.extract_tasks(static, target) if _float_only(t)]
+    tasks = _heavy_tasks([t for t in ms.relax_integration.extract_tasks(static, target) if _float_only(t)])
     try:
         import xgboost  # noqa: F401 - a learned cost model makes the evolutionary search worthwhile
 
@@ -720,8 +987,7 @@ def tune_static(mod, program, target, trials: int, work_dir: str):
         ms_logger.setLevel(logging.WARNING)
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            tasks, work_dir, strategy=strategy, num_threads=int(target.attrs["num-cores"]), seed=0)
+        contexts, weights = _tune_contexts(tasks, target, work_dir, strategy)
         database = ms.database.JSONDatabase(work_dir=work_dir)
         builder, runner = _in_process_measure()
         per_task = max(1, -(-trials // max(1, len(contexts))))
