@@ -8,7 +8,8 @@ Models: the real pretrained all-MiniLM-L6-v2 (batch 8, seq 128) and a GPT-2-smal
 against it, and is timed (median of --iters runs after a warm-up).
 
 Rows: eager, torch.compile, onnxruntime, tvm (untuned) and, with --tune N > 0, tvm tuned with N
-MetaSchedule trials.
+MetaSchedule trials. `--targets eager,onnxruntime,onnxruntime-unfused` adds ONNX Runtime without its
+contrib-op fusions (Attention, SkipLayerNormalization, BiasGelu) beside the fused row.
 """
 from __future__ import annotations
 
@@ -80,6 +81,8 @@ def bench_model(name, model, inputs, targets, iters: int, tune: int) -> list[dic
             row["compile_s"] = round(time.perf_counter() - start, 1)
             check = check_target(tgt, compiled, program)
             row["max_abs"] = check["max_abs"]
+            if "ort_fusions" in compiled.info:  # which attention/norm/GELU subgraphs became contrib ops
+                row["ort_fusions"] = compiled.info["ort_fusions"]
             ms = time_ms(compiled, tgt.prepare_inputs(args), iters)
         except Exception as e:  # a target that fails is a row that says so, not a crashed run
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
@@ -107,6 +110,8 @@ def main() -> None:
         "eager": ("eager", "cpu", {"mode": "eager"}),
         "compile": ("torch.compile", "cpu", {"mode": "compile"}),
         "onnxruntime": ("onnxruntime", "onnxruntime", {}),
+        # the exporter's graph without the contrib-op fusions, to see what they are worth
+        "onnxruntime-unfused": ("onnxruntime unfused", "onnxruntime", {"fuse": False}),
         "tvm": ("tvm", "tvm", {}),
         "tvm-tuned": ("tvm tuned", "tvm", {}),
     }

@@ -750,8 +750,10 @@ def fast_math_pass():
         def visit_call_(self, call):
             call = super().visit_call_(call)
             if (not isinstance(call.op, tvm.ir.Op) or not call.args
-                    or getattr(call.args[0].ty, "dtype", None) != "float32"):
-                return call
+                    or getattr(call.args[0].ty, "dtype", None) != "float32"
+                    or not isinstance(getattr(getattr(call.args[0], "struct_info", None), "shape", None),
+                                      relax.ShapeExpr)):
+                return call  # call_te needs a known-rank shape (a data-dependent one stays as it is)
             name, x = call.op.name, call.args[0]
             if name == "relax.nn.gelu":
                 return self.builder_.call_te(_fast_gelu, x, primfunc_name_hint="fast_gelu")
