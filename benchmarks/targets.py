@@ -5,7 +5,8 @@
 Models: the real pretrained all-MiniLM-L6-v2 (batch 8, seq 128) and a GPT-2-small-sized decoder
 (124M params, random init; batch 1, seq 512). Each is captured once and run through
 `fuse-attention,dce`; every target then compiles that same program, is checked for parity
-against it, and is timed (median of --iters runs after a warm-up).
+against it, and is timed: all compiled first, then --iters rounds calling each once, round-robin
+(median per target), so that a change of load on a shared machine hits every row alike.
 
 Rows: eager, torch.compile, onnxruntime, tvm (untuned) and, with --tune N > 0, tvm tuned with N
 MetaSchedule trials. `--targets eager,onnxruntime,onnxruntime-unfused` adds ONNX Runtime without its
@@ -48,18 +49,9 @@ def gpt2_small():
 MODELS = {"minilm": minilm, "gpt2": gpt2_small}
 
 
-def time_ms(fn, inputs, iters: int) -> float:
-    with torch.no_grad():
-        fn(*inputs)
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            fn(*inputs)
-            times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
 def bench_model(name, model, inputs, targets, iters: int, tune: int) -> list[dict]:
+    """Compile every target first, then time them round-robin (one call of each per round), so
+    that load changes on a shared machine hit every row alike; latency = median over rounds."""
     import optpipe
     from optpipe.optimization import check_target
     from optpipe.registry import get_target
@@ -67,12 +59,12 @@ def bench_model(name, model, inputs, targets, iters: int, tune: int) -> list[dic
     program = optpipe.capture(model, inputs)
     program, _ = optpipe.Pipeline.parse("fuse-attention,dce").run(program)
     args = program.example_inputs
-    rows = []
-    eager_ms = None
+    rows, runners = [], []
     for label, target, options in targets:
         if label == "tvm tuned" and tune <= 0:
             continue
         row = {"model": name, "name": label}
+        rows.append(row)
         try:
             tgt = get_target(target)
             tgt.available()
@@ -83,17 +75,25 @@ def bench_model(name, model, inputs, targets, iters: int, tune: int) -> list[dic
             row["max_abs"] = check["max_abs"]
             if "ort_fusions" in compiled.info:  # which attention/norm/GELU subgraphs became contrib ops
                 row["ort_fusions"] = compiled.info["ort_fusions"]
-            ms = time_ms(compiled, tgt.prepare_inputs(args), iters)
+            prepared = tgt.prepare_inputs(args)
+            with torch.no_grad():
+                compiled(*prepared)  # warm-up
+            runners.append((row, compiled, prepared))
         except Exception as e:  # a target that fails is a row that says so, not a crashed run
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-            rows.append(row)
             print(f"  {label:<14} failed: {row['error']}", file=sys.stderr)
-            continue
-        if eager_ms is None:
-            eager_ms = ms
+    times: dict[int, list[float]] = {id(r): [] for r, _, _ in runners}
+    with torch.no_grad():
+        for _ in range(iters):
+            for row, compiled, prepared in runners:
+                start = time.perf_counter()
+                compiled(*prepared)
+                times[id(row)].append((time.perf_counter() - start) * 1000)
+    eager_ms = statistics.median(times[id(runners[0][0])]) if runners else None
+    for row, _, _ in runners:
+        ms = statistics.median(times[id(row)])
         row.update(latency_ms=round(ms, 2), ratio_vs_eager=round(eager_ms / ms, 2))
-        rows.append(row)
-        print(f"  {label:<14} {ms:9.2f} ms  {eager_ms / ms:5.2f}x eager  (compile {row['compile_s']} s, "
+        print(f"  {row['name']:<14} {ms:9.2f} ms  {eager_ms / ms:5.2f}x eager  (compile {row['compile_s']} s, "
               f"max-abs {row['max_abs']:.1e})", file=sys.stderr)
     return rows
 

@@ -1,0 +1,159 @@
+"""Quantization side by side in one run: speed, saved size and error against fp32 eager.
+
+    python benchmarks/compress.py [--models minilm,gpt2] [--iters 10] [--threads 1] [--json]
+
+Models: the real pretrained all-MiniLM-L6-v2 (batch 8, seq 128, some rows padded) and a
+GPT-2-small-sized decoder (transformers GPT2LMHeadModel, random init, 124M params; batch 1, seq 128).
+
+Rows per model (latency: median of --iters rounds after a warm-up, the rows timed round-robin
+within each round so a shared machine's load hits them alike; CPU, fp32 activations):
+    fp32 eager            the nn.Module itself (the baseline every ratio is against)
+    fp32 program          the captured program before quantization (what the pass starts from)
+    optpipe int8-dynamic  quantize{scheme=int8-dynamic,embeddings=true}, the saved program reloaded
+    torch.ao dynamic      torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, qint8) (its
+                          default engine; HF Conv1D layers are not nn.Linear and stay fp32)
+    optpipe int4-weight   quantize{scheme=int4-weight,group=32,embeddings=true} (memory, not speed)
+Columns: latency ratio vs fp32 eager, saved size (program.pt2 for optpipe rows, torch.save of the
+module for torch.ao) and its ratio, and the output's error vs fp32 eager (SQNR dB, cosine).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+
+def minilm():
+    from tests.hf_models import minilm as load_minilm
+
+    model, _ = load_minilm()
+    ids = torch.randint(1000, 20000, (8, 128), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(8, 128, dtype=torch.long)
+    mask[1::2, 96:] = 0  # some padded rows, as real batches have
+    return "MiniLM-L6 (pretrained) b8 s128", model, {"input_ids": ids, "attention_mask": mask}
+
+
+def gpt2_small():
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=1024)).eval()
+    ids = torch.randint(0, 50257, (1, 128), generator=torch.Generator().manual_seed(0))
+    return "GPT-2 small (124M, random) b1 s128", model, {"input_ids": ids}
+
+
+MODELS = {"minilm": minilm, "gpt2": gpt2_small}
+PIPELINES = {"optpipe int8-dynamic": "quantize{scheme=int8-dynamic,embeddings=true}",
+             "optpipe int4-weight": "quantize{scheme=int4-weight,group=32,embeddings=true}"}
+
+
+def main_output(out) -> torch.Tensor:
+    """The tensor compared: logits or last_hidden_state (HF output objects, tuples, or a tensor)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        if hasattr(out, key):
+            return getattr(out, key)
+    return out[0]
+
+
+def interleaved_ms(fns: list, iters: int) -> list[float]:
+    """Median latency of each fn, timed round-robin (one run of each per round), so that load from
+    other processes on a shared machine hits every row alike."""
+    times = [[] for _ in fns]
+    with torch.no_grad():
+        for fn in fns:
+            fn()
+        for _ in range(iters):
+            for i, fn in enumerate(fns):
+                start = time.perf_counter()
+                fn()
+                times[i].append((time.perf_counter() - start) * 1000)
+    return [statistics.median(t) for t in times]
+
+
+def error(ref: torch.Tensor, out: torch.Tensor) -> dict:
+    ref, out = ref.float().flatten(), out.float().flatten()
+    noise = (ref - out).pow(2).mean().clamp(min=1e-30)
+    return {"sqnr_db": round(float(10 * torch.log10(ref.pow(2).mean() / noise)), 2),
+            "cosine": round(float(torch.nn.functional.cosine_similarity(ref, out, dim=0)), 5)}
+
+
+def bench_model(name, model, inputs, iters: int, tmp: str) -> list[dict]:
+    import optpipe
+    import optpipe.passes.quantize  # noqa: F401  (ops registered before loading saved programs)
+
+    args = tuple(inputs.values())
+    with torch.no_grad():
+        reference = main_output(model(**inputs))
+    program = optpipe.capture(model, inputs)
+    fp32_path = os.path.join(tmp, "fp32.pt2")
+    program.save(fp32_path)
+    fp32_bytes = os.path.getsize(fp32_path)
+    candidates = [("fp32 eager", lambda: model(**inputs), fp32_bytes, {}),
+                  ("fp32 program", lambda: program.gm(*args), fp32_bytes, {})]
+    for label, pipeline in PIPELINES.items():
+        quantized, records = optpipe.Pipeline.parse(pipeline).run(program.copy(), verify=False)
+        path = os.path.join(tmp, f"{label.split()[-1]}.pt2")
+        quantized.save(path)
+        loaded = optpipe.load_program(path)
+        candidates.append((label, functools.partial(loaded.gm, *args), os.path.getsize(path),
+                           {"quantized": records[-1].stats["quantized"]}))
+    candidates.insert(3, torch_ao_row(model, inputs, tmp))
+    latencies = interleaved_ms([c[1] for c in candidates], iters)
+    rows = []
+    for (label, fn, size, extra), ms in zip(candidates, latencies):
+        with torch.no_grad():
+            out = main_output(fn())
+        row = {"model": name, "name": label, "latency_ms": round(ms, 2), "speedup": round(latencies[0] / ms, 2),
+               "size_mb": round(size / 2**20, 1), "size_ratio": round(fp32_bytes / size, 2),
+               **error(reference, out), **extra}
+        rows.append(row)
+        print(f"  {label:<24} {ms:9.2f} ms {row['speedup']:5.2f}x  {row['size_mb']:8.1f} MB "
+              f"{row['size_ratio']:5.2f}x smaller  sqnr {row['sqnr_db']:6.2f} dB  cos {row['cosine']:.5f}",
+              file=sys.stderr)
+    return rows
+
+
+def torch_ao_row(model, inputs, tmp: str) -> tuple:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ao = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+        path = os.path.join(tmp, "ao.pt")
+        torch.save(ao, path)
+    return (f"torch.ao dynamic ({torch.backends.quantized.engine})", lambda: ao(**inputs), os.path.getsize(path), {})
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="minilm,gpt2")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the machine is shared)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in args.models.split(","):
+            name, model, inputs = MODELS[key]()
+            print(f"{name} ({args.threads} thread(s), median of {args.iters})", file=sys.stderr)
+            rows += bench_model(name, model, inputs, args.iters, tmp)
+    if args.json:
+        print(json.dumps({"rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

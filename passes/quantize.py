@@ -1,0 +1,339 @@
+"""quantize: linear layers (and optionally embeddings) -> int8 / int4 optpipe ops (lossy).
+
+Every selected linear becomes ONE `torch.ops.optpipe.*` node whose weights are new int8/uint8
+buffers on the same module; the fp32 weight is deleted from the module (unless something else still
+reads it), so the saved program shrinks with it:
+
+    before   linear(x, W, b)                  | addmm(b, x, Wc) / mm(x, Wc)   (HF Conv1D: Wc = Wᵀ)
+    after    scheme=int8-dynamic  -> optpipe.linear_int8_dynamic(x, W_q int8, W_scale[N], b)
+             scheme=int8-weight   -> optpipe.linear_int8_weight(x, W_q int8, W_scale[N], b)
+             scheme=int4-weight   -> optpipe.linear_int4_weight(x, W_q uint8[N,K/2], W_qparams[N,K/g,2], b, g)
+    with embeddings=true:
+    before   embedding(E, ids)
+    after    optpipe.embedding_int8(E_q int8, E_scale[V], ids)
+             (a tied LM head shares E_q/E_scale with the embedding: one int8 copy, no fp32 left)
+
+See `quantize_ops` for the numerics and kernels (int8-dynamic: per-output-channel int8 weights,
+per-token activation scales, oneDNN int8 on CPU). Selection: `modules` and `skip` are globs over
+the module path that owns the weight (`encoder.layer.0.attention.self.query`, `lm_head`); a pattern
+matches the whole path or any dotted tail of it (`skip=[lm_head,*embed*]`, `modules=[*.mlp.*]`).
+Skipped modules keep their nodes and fp32 weights untouched.
+
+Preconditions: none beyond a captured program; run it last among the rewrites that need fp32
+weights (fuse-attention, attention, prune). Stats: {"quantized", "skipped", "bytes_before",
+"bytes_after"}; details: one entry per linear/embedding, keyed by module path, with the op or the
+reason it was skipped.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+import torch
+import torch.fx
+from torch._guards import detect_fake_mode
+
+from optpipe.program import Program
+from optpipe.registry import PassResult, register_pass
+
+from . import quantize_ops as ops
+from .cleanup import eliminate_dead_code
+
+aten = torch.ops.aten
+
+SCHEMES = ("int8-dynamic", "int8-weight", "int4-weight")
+Scheme = Literal["int8-dynamic", "int8-weight", "int4-weight"]
+GROUPS = (32, 64, 128)
+_META_KEYS = ("nn_module_stack", "stack_trace")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    scheme: Scheme = field(default="int8-dynamic", metadata={
+        "help": "int8-dynamic (int8 weights per output channel, int8 activations per token: faster on "
+                "CPU), int8-weight / int4-weight (weight-only, dequantized on the fly: smaller)"})
+    group: int = field(default=128, metadata={
+        "help": "int4-weight: input channels per scale (32, 64 or 128; smaller is more accurate)"})
+    modules: tuple[str, ...] = field(default=("*",), metadata={
+        "help": "globs of module paths (or their dotted tails) to quantize, e.g. [*.mlp.*,*attn*]"})
+    skip: tuple[str, ...] = field(default=(), metadata={
+        "help": "globs of module paths (or dotted tails) to leave in fp32, e.g. [lm_head,*embed*]"})
+    embeddings: bool = field(default=False, metadata={
+        "help": "also store embedding tables as int8 with a scale per row (most of a small model's bytes)"})
+    min_sqnr: float | None = field(default=None, metadata={
+        "help": "verification budget: stop the pipeline when output SQNR (dB) falls below this"})
+    min_cosine: float | None = field(default=None, metadata={
+        "help": "verification budget: stop the pipeline when output cosine similarity falls below this"})
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"quantize: unknown scheme {self.scheme!r} (schemes: {', '.join(SCHEMES)})")
+        if self.group not in GROUPS or isinstance(self.group, bool):
+            raise ValueError(f"quantize: group must be one of {', '.join(map(str, GROUPS))}, got {self.group!r}")
+        for name in ("modules", "skip"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            elif not all(isinstance(p, str) and p for p in getattr(self, name)):
+                raise ValueError(f"quantize: {name} must be a list of module-path globs, got {value!r}")
+        if not self.modules:
+            raise ValueError("quantize: modules is empty; use [*] for every linear")
+        if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
+            raise ValueError(f"quantize: min-cosine must be in [-1, 1], got {self.min_cosine}")
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def path_matches(path: str, patterns: tuple[str, ...]) -> str | None:
+    """The first glob matching `path` or one of its dotted tails (`c_proj` matches `h.0.attn.c_proj`)."""
+    parts = path.split(".")
+    tails = [".".join(parts[i:]) for i in range(len(parts))] or [path]
+    for pattern in patterns:
+        if any(fnmatch.fnmatchcase(tail, pattern) for tail in tails):
+            return pattern
+    return None
+
+
+# -- finding sites ------------------------------------------------------------------------------------------
+@dataclass
+class _Site:
+    node: torch.fx.Node
+    kind: str                       # "linear" | "embedding"
+    weight: torch.fx.Node           # the get_attr node of the fp32 weight
+    transposed: bool                # weight stored [in, out] (addmm/mm, HF Conv1D)
+    x: torch.fx.Node | None = None
+    bias: torch.fx.Node | None = None
+
+    @property
+    def owner(self) -> str:
+        """Submodule holding the weight (where the quantized buffers go)."""
+        return self.weight.target.rpartition(".")[0]
+
+    @property
+    def path(self) -> str:
+        """Module that calls it (a tied weight has one owner name but several callers)."""
+        return _module_path(self.node) or self.owner
+
+
+def _tensor(gm: torch.fx.GraphModule, target: str) -> torch.Tensor | None:
+    try:
+        owner_path, _, name = target.rpartition(".")
+        value = getattr(gm.get_submodule(owner_path) if owner_path else gm, name)
+    except AttributeError:
+        return None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _weight_node(gm, arg) -> torch.fx.Node | None:
+    if not (isinstance(arg, torch.fx.Node) and arg.op == "get_attr"):
+        return None
+    t = _tensor(gm, arg.target)
+    return arg if t is not None and t.is_floating_point() and t.dim() == 2 else None
+
+
+def _site(gm, node: torch.fx.Node) -> _Site | str | None:
+    """A quantizable site, the reason a linear-like node is not one, or None for other nodes."""
+    if node.op != "call_function":
+        return None
+    t = node.target
+    if t is aten.linear.default:
+        w = _weight_node(gm, node.args[1])
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        return _Site(node, "linear", w, False, node.args[0], bias) if w is not None else None
+    if t is aten.addmm.default:
+        w = _weight_node(gm, node.args[2])
+        if w is None:
+            return None
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return "addmm with alpha/beta other than 1"
+        return _Site(node, "linear", w, True, node.args[1], node.args[0])
+    if t is aten.mm.default:
+        w = _weight_node(gm, node.args[1])
+        return _Site(node, "linear", w, True, node.args[0]) if w is not None else None
+    if t is aten.embedding.default:
+        w = _weight_node(gm, node.args[0])  # padding_idx/scale_grad_by_freq only affect gradients
+        return _Site(node, "embedding", w, False) if w is not None else None
+    return None
+
+
+def _linear_shape(gm, site: _Site) -> tuple[int, int]:
+    """(out_features N, in_features K) of a linear site."""
+    shape = tuple(_tensor(gm, site.weight.target).shape)
+    return (shape[1], shape[0]) if site.transposed else shape
+
+
+def _refusal(gm, site: _Site, config: QuantizeConfig) -> str | None:
+    if site.kind == "embedding":
+        return None
+    _, k = _linear_shape(gm, site)
+    if config.scheme == "int4-weight" and k % config.group:
+        return f"in_features {k} is not a multiple of group={config.group}"
+    xv = site.x.meta.get("val") if isinstance(site.x, torch.fx.Node) else None
+    if xv is None or not xv.is_floating_point():
+        return "input without a recorded floating-point value"
+    return None
+
+
+# -- rewriting -------------------------------------------------------------------------------------------------
+def _new_buffer(gm: torch.fx.GraphModule, owner_path: str, name: str, tensor: torch.Tensor) -> str:
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    base, i = name, 1
+    while hasattr(owner, name):
+        name, i = f"{base}_{i}", i + 1
+    owner.register_buffer(name, tensor)
+    return f"{owner_path}.{name}" if owner_path else name
+
+
+def _get_attr(gm, target: str, like: torch.fx.Node, fake_mode) -> torch.fx.Node:
+    node = gm.graph.get_attr(target)
+    for key in _META_KEYS:
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    if fake_mode is not None:
+        node.meta["val"] = fake_mode.from_tensor(_tensor(gm, target), static_shapes=True)
+    return node
+
+
+def _call(gm, op, args: tuple, like: torch.fx.Node) -> torch.fx.Node:
+    """The new node keeps the replaced node's module path, stack trace and value (same shape)."""
+    node = gm.graph.call_function(op, args)
+    for key in _META_KEYS:
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    if "val" in like.meta:
+        node.meta["val"] = like.meta["val"]
+    return node
+
+
+class _Quantizer:
+    """Quantizes each fp32 weight once (a tied weight read by a linear and an embedding is shared)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, config: QuantizeConfig):
+        self.gm, self.config = gm, config
+        self.done: dict[tuple[int, str, bool], tuple[str, str]] = {}
+
+    def buffers(self, site: _Site, layout: str) -> tuple[str, str]:
+        """Attribute paths of (quantized weight, scale) for `site` in `layout` (int8-rows | int4)."""
+        weight = _tensor(self.gm, site.weight.target)
+        key = (id(weight), layout, site.transposed)
+        if key in self.done:
+            return self.done[key]
+        w = weight.detach().t() if site.transposed else weight.detach()
+        if layout == "int4":
+            q, scale = ops.quantize_int4_grouped(w, self.config.group)
+        else:
+            q, scale = ops.quantize_int8_per_channel(w)
+        name = site.weight.target.rpartition(".")[2]
+        owner = site.owner
+        names = (_new_buffer(self.gm, owner, f"{name}_{layout.replace('-', '_')}", q),
+                 _new_buffer(self.gm, owner, f"{name}_{'qparams' if layout == 'int4' else 'scale'}", scale))
+        self.done[key] = names
+        return names
+
+
+def _rewrite(gm, site: _Site, config: QuantizeConfig, quantizer: _Quantizer) -> str:
+    node = site.node
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in node.all_input_nodes])
+    layout = "int4" if (site.kind == "linear" and config.scheme == "int4-weight") else "int8"
+    q_name, s_name = quantizer.buffers(site, layout)
+    with gm.graph.inserting_before(node):
+        q_node = _get_attr(gm, q_name, site.weight, fake_mode)
+        s_node = _get_attr(gm, s_name, site.weight, fake_mode)
+        if site.kind == "embedding":
+            op, args = ops.embedding_int8, (q_node, s_node, node.args[1])
+        elif config.scheme == "int4-weight":
+            op, args = ops.linear_int4_weight, (site.x, q_node, s_node, site.bias, config.group)
+        else:
+            op = ops.linear_int8_dynamic if config.scheme == "int8-dynamic" else ops.linear_int8_weight
+            args = (site.x, q_node, s_node, site.bias)
+        new = _call(gm, op, args, node)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return f"optpipe.{op._opname}"
+
+
+def _drop_unused_weights(gm: torch.fx.GraphModule, candidates: set[str]) -> list[str]:
+    """Delete fp32 weights that no graph node reads any more, under every name they have (a tied
+    embedding is registered under both of its names even when the graph reads only one)."""
+    read = {id(_tensor(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr"}
+    dead = {id(t) for t in map(lambda c: _tensor(gm, c), candidates) if t is not None and id(t) not in read}
+    named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    dropped = []
+    for target, tensor in named:
+        if id(tensor) in dead:
+            owner_path, _, name = target.rpartition(".")
+            delattr(gm.get_submodule(owner_path) if owner_path else gm, name)
+            dropped.append(target)
+    return dropped
+
+
+def state_bytes(module: torch.nn.Module) -> int:
+    """Bytes of distinct parameters and buffers (what the saved program stores)."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _decide(gm, site, config: QuantizeConfig) -> str | None:
+    """Why `site` stays as it is (None: quantize it)."""
+    if isinstance(site, str):
+        return site
+    if site.kind == "embedding" and not config.embeddings:
+        return "embeddings=false"
+    skipped_by = path_matches(site.path, config.skip)
+    if skipped_by:
+        return f"skip={skipped_by}"
+    if not path_matches(site.path, config.modules):
+        return f"not selected by modules={list(config.modules)}"
+    return _refusal(gm, site, config)
+
+
+@register_pass("quantize", QuantizeConfig, exact=False)
+def quantize(program: Program, config: QuantizeConfig) -> PassResult:
+    """Quantize linear layers (int8-dynamic, int8-weight or int4-weight) and, with embeddings=true,
+    embedding tables to int8 optpipe ops; fp32 weights no longer read are removed."""
+    gm = program.gm
+    bytes_before = state_bytes(gm)
+    quantizer = _Quantizer(gm, config)
+    details, weights = [], set()
+    for node in list(gm.graph.nodes):
+        site = _site(gm, node)
+        if site is None:
+            continue
+        path = site.path if isinstance(site, _Site) else _module_path(node)
+        entry = {"module_path": path, "node": node.name, "kind": getattr(site, "kind", "linear")}
+        reason = _decide(gm, site, config)
+        if reason is not None:
+            details.append({**entry, "action": "skipped", "reason": reason})
+            continue
+        weights.add(site.weight.target)
+        entry["op"] = _rewrite(gm, site, config, quantizer)
+        details.append({**entry, "action": "quantized"})
+    quantized = sum(1 for d in details if d["action"] == "quantized")
+    dropped = []
+    if quantized:
+        eliminate_dead_code(gm)
+        dropped = _drop_unused_weights(gm, weights)
+        gm.graph.lint()
+        gm.recompile()
+    kept = sorted(t for t in weights - set(dropped) if _tensor(gm, t) is not None)
+    stats = {"quantized": quantized, "skipped": len(details) - quantized,
+             "bytes_before": bytes_before, "bytes_after": state_bytes(gm)}
+    result = {"modules": details}
+    if kept:
+        result["fp32_weights_kept"] = {t: "still read by a node that was not quantized (tied or skipped)"
+                                       for t in kept}
+    return PassResult(bool(quantized), stats, result)
+
+
+def _module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+__all__ = ["QuantizeConfig", "quantize", "path_matches", "state_bytes", "SCHEMES"]

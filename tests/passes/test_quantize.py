@@ -1,0 +1,363 @@
+"""quantize: linears (and embeddings) -> int8-dynamic / int8-weight / int4-weight optpipe ops.
+
+Ops: the eager kernels (oneDNN int8 for int8-dynamic) match their ATen decompositions; int4 packing
+round-trips; gradients reach the activations and biases. Pass: fired (stats) and IR (FileCheck) on
+tiny BERT (aten.linear) and GPT-2 (Conv1D addmm, tied LM head), fp32 weights removed and bytes
+shrinking; numerics vs fp32 by SQNR; `skip` leaves the named modules bit-identical; `modules`
+selects; bad options are one-line errors; the budget gate stops a pass that loses too much;
+save/load; decompositions and ONNX Runtime / TVM parity; the real MiniLM's sentence embeddings over
+64 sentences; the example script runs.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+from torch.testing import FileCheck, assert_close
+
+import optpipe
+import optpipe.ops
+from optpipe.capture import capture
+from optpipe.errors import VerificationError
+from optpipe.pipeline_text import parse_pipeline
+from optpipe.passes import quantize as quantize_pass  # registers the `quantize` pass
+from optpipe.passes import quantize_ops as ops
+from tests import hf_models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+OP_CALL = {"int8-dynamic": "torch.ops.optpipe.linear_int8_dynamic.default(",
+           "int8-weight": "torch.ops.optpipe.linear_int8_weight.default(",
+           "int4-weight": "torch.ops.optpipe.linear_int4_weight.default("}
+SCHEMES = tuple(OP_CALL)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.lru_cache(maxsize=None)
+def captured(name: str):
+    model, inputs = getattr(hf_models, name)()
+    return model, capture(model, inputs)
+
+
+def rewrite(program, element: str):
+    """(copy of `program` after the pipeline element, its PassResult)."""
+    spec = parse_pipeline(element)[0]
+    program = program.copy()
+    result = spec.info.fn(program, spec.config)
+    return program, result
+
+
+def first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return (10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean().clamp(min=1e-30))).item()
+
+
+# -- ops -------------------------------------------------------------------------------------------------
+def _weights(n=48, k=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_dynamic_kernel_matches_decomposition(bias):
+    w, b = _weights()
+    q, scale = ops.quantize_int8_per_channel(w)
+    x = torch.randn(3, 7, 64) * torch.linspace(0.1, 10, 7)[:, None]  # token scales spanning 100x
+    b = b if bias else None
+    eager = ops.linear_int8_dynamic(x, q, scale, b)
+    reference = ops.int8_dynamic_reference(x, q, scale, b)
+    assert sqnr(reference, eager) > 60
+    exact = torch.nn.functional.linear(x, w, b)
+    assert sqnr(exact, eager) > 35  # per-token scales: small tokens keep their precision
+
+
+def test_int8_dynamic_prepacks_once_per_weight():
+    w, b = _weights(seed=1)
+    q, scale = ops.quantize_int8_per_channel(w)
+    x = torch.randn(4, 64)
+    ops.linear_int8_dynamic(x, q, scale, b)
+    size = len(ops.PREPACKED)
+    for _ in range(3):
+        ops.linear_int8_dynamic(x, q, scale, b)
+    assert len(ops.PREPACKED) == size
+    before = ops.linear_int8_dynamic(x, q, scale, None)
+    q.neg_()  # modified in place: repacked, not served stale
+    assert_close(ops.linear_int8_dynamic(x, q, scale, None), -before, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_pack_round_trip(group):
+    w, _ = _weights(n=8, k=256)
+    packed, qparams = ops.quantize_int4_grouped(w, group)
+    assert packed.dtype == torch.uint8 and packed.shape == (8, 128) and qparams.shape == (8, 256 // group, 2)
+    scale, zero = qparams[..., :1], qparams[..., 1:]
+    dense = ops.dequantize_int4(packed, qparams, group, torch.float32)
+    levels = dense.reshape(8, -1, group) / scale + zero
+    assert_close(levels, levels.round(), atol=1e-4, rtol=0)                 # integer levels
+    assert levels.round().min() >= 0 and levels.round().max() <= 15
+    assert sqnr(w, dense) > 15
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_gradients_reach_activations_and_bias(scheme):
+    w, b = _weights()
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    bias = b.clone().requires_grad_(True)
+    if scheme == "int4-weight":
+        q, scale = ops.quantize_int4_grouped(w, 32)
+        out = ops.linear_int4_weight(x, q, scale, bias, 32)
+        dense = ops.dequantize_int4(q, scale, 32, torch.float32)
+    else:
+        q, scale = ops.quantize_int8_per_channel(w)
+        op = ops.linear_int8_dynamic if scheme == "int8-dynamic" else ops.linear_int8_weight
+        out = op(x, q, scale, bias)
+        dense = ops.dequantize_int8(q, scale, torch.float32)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    assert_close(x.grad, grad @ dense, atol=1e-5, rtol=1e-5)
+    assert_close(bias.grad, grad.sum((0, 1)), atol=1e-5, rtol=1e-5)
+
+
+# -- the pass ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme, min_db", [("int8-dynamic", 35), ("int8-weight", 35), ("int4-weight", 20)])
+def test_bert_linears_rewritten(scheme, min_db):
+    _, program = captured("bert")
+    element = f"quantize{{scheme={scheme}}}" if scheme != "int4-weight" else "quantize{scheme=int4-weight,group=32}"
+    rewritten, result = rewrite(program, element)
+    assert result.modified
+    assert result.stats["quantized"] == 12 and result.stats["skipped"] == 3  # 2 x (q,k,v,o,up,down); 3 embeddings
+    assert result.stats["bytes_after"] < result.stats["bytes_before"]
+    code = rewritten.gm.code
+    FileCheck().check_count(OP_CALL[scheme], 12, exactly=True).check_not("aten.linear.default(").run(code)
+    names = dict(rewritten.gm.named_parameters())
+    assert not any(n.endswith(("query.weight", "dense.weight")) for n in names), "fp32 weights left behind"
+    ref, out = first(program.run()), first(rewritten.run())
+    assert sqnr(ref, out) > min_db
+    quantized = [d for d in result.details["modules"] if d["action"] == "quantized"]
+    assert {d["module_path"] for d in quantized} >= {"encoder.layer.0.attention.self.query",
+                                                     "encoder.layer.1.output.dense"}
+
+
+def test_gpt2_conv1d_and_tied_lm_head():
+    """GPT-2's Conv1D (addmm on a [in, out] weight) is caught; the LM head shares its weight with the
+    token embedding, so the fp32 table stays until embeddings=true, which then shares ONE int8 copy."""
+    _, program = captured("gpt2")
+    rewritten, result = rewrite(program, "quantize")
+    assert result.stats["quantized"] == 9  # 2 x (c_attn, c_proj, c_fc, c_proj) + lm_head
+    FileCheck().check_not("aten.addmm.default(").check(OP_CALL["int8-dynamic"]).run(rewritten.gm.code)
+    assert list(result.details["fp32_weights_kept"]) == ["lm_head.weight"]
+    assert sqnr(first(program.run()), first(rewritten.run())) > 30
+
+    both, result = rewrite(program, "quantize{embeddings=true}")
+    assert result.stats["quantized"] == 11 and "fp32_weights_kept" not in result.details
+    FileCheck().check("torch.ops.optpipe.embedding_int8.default(").run(both.gm.code)
+    vocab = hf_models.VOCAB
+    int8 = [t for t in both.gm.buffers() if t.dtype == torch.int8 and t.shape[0] == vocab]
+    assert len(int8) == 1  # the embedding and the head read the same buffer
+    assert not any(p.shape[0] == vocab for p in both.gm.parameters())
+    assert result.stats["bytes_after"] * 2.5 < result.stats["bytes_before"]
+    assert sqnr(first(program.run()), first(both.run())) > 30
+
+
+def test_skip_leaves_named_modules_bit_identical():
+    _, program = captured("bert")
+    rewritten, result = rewrite(program, "quantize{skip=[encoder.layer.0.*,*.output.dense]}")
+    skipped = {d["module_path"]: d["reason"] for d in result.details["modules"] if d["action"] == "skipped"}
+    assert skipped["encoder.layer.0.attention.self.query"] == "skip=encoder.layer.0.*"
+    assert skipped["encoder.layer.1.output.dense"] == "skip=*.output.dense"
+    assert result.stats["quantized"] == 4  # layer 1: q, k, v, intermediate
+    original = dict(program.gm.named_parameters())
+    kept = dict(rewritten.gm.named_parameters())
+    for name, tensor in original.items():
+        if name.startswith("encoder.layer.0.") or ".output.dense." in name:
+            assert kept[name] is tensor and torch.equal(kept[name], tensor), name
+    linears = lambda gm: {str(n.args[1].target) for n in gm.graph.nodes  # noqa: E731
+                          if n.op == "call_function" and n.target is torch.ops.aten.linear.default}
+    expected = {t for t in linears(program.gm) if t.startswith("encoder.layer.0.") or ".output.dense." in t}
+    assert linears(rewritten.gm) == expected and len(expected) == 8
+
+
+def test_modules_selects_and_nothing_selected_is_unmodified():
+    _, program = captured("bert")
+    _, result = rewrite(program, "quantize{modules=[*.intermediate.dense]}")
+    assert result.stats["quantized"] == 2
+    untouched, result = rewrite(program, "quantize{modules=[no_such_module]}")
+    assert not result.modified and result.stats["quantized"] == 0
+    assert untouched.gm.code == program.gm.code
+
+
+@pytest.mark.parametrize("element, message", [
+    ("quantize{scheme=int3}", "expected one of"),
+    ("quantize{scheme=int4-weight,group=48}", "group must be one of 32, 64, 128"),
+    ("quantize{modules=[]}", "modules is empty"),
+])
+def test_bad_options_are_one_line_errors(element, message):
+    with pytest.raises(Exception) as info:
+        parse_pipeline(element)
+    assert message in str(info.value) and "\n" not in str(info.value).strip().splitlines()[0]
+
+
+def test_pipeline_text_round_trips():
+    text = "quantize{scheme=int4-weight,group=32,skip=[lm_head,*embed*],min-cosine=0.99}"
+    specs = parse_pipeline(text)
+    assert parse_pipeline(str(specs[0]))[0].config == specs[0].config
+    assert specs[0].config.skip == ("lm_head", "*embed*")
+
+
+def test_budget_stops_a_pass_that_loses_too_much():
+    _, program = captured("bert")
+    with pytest.raises(VerificationError, match="over budget"):
+        optpipe.optimize(program, pipeline="quantize{scheme=int4-weight,group=128,min-sqnr=90}",
+                         target="cpu", diffs=False)
+    res = optpipe.optimize(program, pipeline="quantize{min-cosine=0.99}", target="cpu", diffs=False)
+    record = res.report["passes"][-1]
+    assert record["exact"] is False and record["verify"]["ok"] and record["verify"]["cosine"] > 0.99
+    assert record["stats"]["quantized"] == 12
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_save_load_round_trip(scheme, tmp_path):
+    _, program = captured("gpt2")
+    rewritten, result = rewrite(program, f"quantize{{scheme={scheme},embeddings=true}}")
+    fp32, path = tmp_path / "fp32.pt2", tmp_path / "program.pt2"
+    program.save(fp32)
+    rewritten.save(path)
+    saved = os.path.getsize(fp32) - os.path.getsize(path)  # tiny model: the graph is most of the file
+    assert saved > 0.9 * (result.stats["bytes_before"] - result.stats["bytes_after"])
+    loaded = optpipe.load_program(path)
+    FileCheck().check(OP_CALL[scheme]).run(loaded.gm.code)
+    ids = torch.randint(0, hf_models.VOCAB, (2, 11), generator=torch.Generator().manual_seed(3))
+    assert_close(first(loaded.gm(ids)), first(rewritten.gm(ids)))
+    plain = torch.export.load(str(path)).module()  # a real torch.export archive
+    assert_close(first(plain(ids)), first(rewritten.gm(ids)))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_decompositions_lower_to_aten_with_parity(scheme):
+    _, program = captured("bert")
+    rewritten, _ = rewrite(program, f"quantize{{scheme={scheme},embeddings=true}}")
+    ep = rewritten.export().run_decompositions(optpipe.ops.decompositions())
+    assert "optpipe" not in ep.graph_module.code
+    inputs = tuple(rewritten.example_inputs)
+    assert sqnr(first(rewritten.run(inputs)), first(ep.module()(*inputs))) > 60
+
+
+def _target_available(module: str) -> str | None:
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - not installed
+        return f"{module} not importable: {type(e).__name__}: {e}"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, module, scheme", [
+    ("onnxruntime", "optpipe.targets.onnxruntime_backend", "int8-dynamic"),
+    ("onnxruntime", "optpipe.targets.onnxruntime_backend", "int4-weight"),
+    ("tvm", "optpipe.targets.tvm_backend", "int8-dynamic"),
+    ("tvm", "optpipe.targets.tvm_backend", "int8-weight"),
+])
+def test_target_parity(target, module, scheme):
+    """The target takes the quantized program and matches the torch program (optimize's check)."""
+    reason = _target_available(module)
+    if reason:
+        pytest.skip(reason)
+    from optpipe.registry import get_target
+
+    tgt = get_target(target)
+    try:
+        tgt.available()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"{target} unavailable: {e}")
+    _, program = captured("bert")
+    element = f"quantize{{scheme={scheme},embeddings=true}}" if scheme != "int4-weight" else \
+        "quantize{scheme=int4-weight,group=32}"
+    res = optpipe.optimize(program, pipeline=element, target=target, diffs=False)
+    assert res.report["passes"][-1]["stats"]["quantized"] >= 12
+    assert res.report["target_check"]["ok"], res.report["target_check"]
+    if target == "onnxruntime" and scheme == "int8-dynamic":  # ORT's integer ops, not the fp32 decomposition
+        assert res.compiled.info["optpipe_ops_native"] == ["optpipe.linear_int8_dynamic"]
+        import onnx
+
+        with tempfile.TemporaryDirectory() as out:
+            res.save(os.path.join(out, "OUT"))
+            kinds = {n.op_type for n in onnx.load(os.path.join(out, "OUT", "model.onnx")).graph.node}
+        assert {"DynamicQuantizeLinear", "MatMulInteger"} <= kinds
+
+
+# -- real weights ---------------------------------------------------------------------------------------------
+SUBJECTS = ["The cat", "A senior engineer", "My grandmother", "The stock market", "This small robot",
+            "Our football team", "The new vaccine", "A quiet village", "The compiler", "Heavy rain"]
+PREDICATES = ["sat on the warm windowsill all afternoon.", "fixed the bug before the release went out.",
+              "bakes bread every Sunday morning for the neighbours.", "fell sharply after the announcement.",
+              "learned to sort recycling without any help.", "won the championship after extra time!",
+              "reduced hospital admissions by a third.", "floods every spring when the river rises."]
+QUESTIONS = ["How do I reset my password?", "Where is the nearest train station?", "Why is the sky blue?",
+             "What time does the museum open on Mondays?", "Can transformers run on a phone?",
+             "Is it going to snow tomorrow in Oslo?", "Who wrote the theory of general relativity?",
+             "What is the capital of Australia?"]
+
+
+def sentences(count: int = 64) -> list[str]:
+    """Varied sentences: statements mixing subjects and predicates, questions, short and long lines."""
+    out = [f"{s} {p}" for i, s in enumerate(SUBJECTS) for j, p in enumerate(PREDICATES) if (i + j) % 4 != 3]
+    out += QUESTIONS + ["Hi.", "ok", "Quantization makes large language models cheaper to serve.",
+                        "Int8 matrix multiplication with per-token activation scales keeps accuracy high "
+                        "while the weights take a quarter of the memory they used to."]
+    assert len(out) >= count
+    return out[:count]
+
+
+@pytest.fixture(scope="module")
+def minilm_batch():
+    model, _ = hf_models.minilm()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_models.minilm_path(), local_files_only=True)
+    batch = tokenizer(sentences(), padding=True, return_tensors="pt")
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    program = capture(model, {k: v[:4] for k, v in inputs.items()})
+    return program, (inputs["input_ids"], inputs["attention_mask"])
+
+
+def embed(program, inputs) -> torch.Tensor:
+    out = program.gm(*inputs)
+    hidden = out["last_hidden_state"] if isinstance(out, dict) else first(out)
+    mask = inputs[1].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("element, least", [("quantize{scheme=int8-dynamic}", 0.99),
+                                            ("quantize{scheme=int4-weight,group=32}", 0.97)])
+def test_minilm_sentence_embeddings_keep_cosine(minilm_batch, element, least):
+    program, inputs = minilm_batch
+    rewritten, result = rewrite(program, element)
+    assert result.stats["quantized"] == 37  # 6 layers x (q, k, v, o, up, down) + the pooler
+    with torch.no_grad():
+        cosine = torch.nn.functional.cosine_similarity(embed(program, inputs), embed(rewritten, inputs), dim=-1)
+    assert len(cosine) >= 64
+    assert cosine.mean() >= least, f"{element}: mean cosine {cosine.mean():.4f} (min {cosine.min():.4f})"
+
+
+@pytest.mark.slow
+def test_quantize_example_runs(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "quantize.py"), "--repeat", "2"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "int8-dynamic" in r.stdout and "smaller" in r.stdout
