@@ -51,3 +51,7 @@ def generate(program: Program, prompts, max_new_tokens: int, **options):
 __all__ = ["capture", "generate", "load", "load_program", "optimize", "diff", "Pipeline", "PassRecord", "Program",
            "PassResult", "register_pass", "register_target", "OptpipeError", "UsageError", "PassError",
            "VerificationError", "TargetError", "__version__"]
+
+from .registry import load_op_modules as _load_op_modules  # noqa: E402
+
+_load_op_modules()  # torch.ops.optpipe.*: saved programs that use them load after `import optpipe`

@@ -36,6 +36,9 @@ class OpDef:
     decomposition: Callable | None
     lowerings: dict[str, Any] = field(default_factory=dict)
     flops: Callable | None = None
+    exact_outputs: bool = True
+    """False for ops whose output jumps by a rounding step under tiny input differences (dynamic
+    activation quantization): targets are then checked by cosine/SQNR, not max-abs."""
 
 
 _OPS: dict[str, OpDef] = {}
@@ -43,7 +46,7 @@ _OPS: dict[str, OpDef] = {}
 
 def define_op(name: str, impl: Callable, *, fake: Callable, decomposition: Callable | None = None,
               backward: Callable | None = None, setup_context: Callable | None = None,
-              flops: Callable | None = None, mutates_args=()) -> Any:
+              flops: Callable | None = None, mutates_args=(), exact_outputs: bool = True) -> Any:
     """Define `torch.ops.optpipe.<name>` from a type-annotated `impl`; returns the OpOverload."""
     if name in _OPS:
         return _OPS[name].op
@@ -57,7 +60,7 @@ def define_op(name: str, impl: Callable, *, fake: Callable, decomposition: Calla
         from torch.utils.flop_counter import register_flop_formula
 
         register_flop_formula(packet)(flops)
-    _OPS[name] = OpDef(name, overload, decomposition, flops=flops)
+    _OPS[name] = OpDef(name, overload, decomposition, flops=flops, exact_outputs=exact_outputs)
     return overload
 
 
@@ -83,6 +86,12 @@ def _op_name(op) -> str:
     if isinstance(op, torch._ops.OpOverloadPacket):
         return op._qualified_op_name.split("::")[-1]
     return str(op)
+
+
+def rounds_activations(gm) -> bool:
+    """Whether `gm` calls an op declared with exact_outputs=False."""
+    return any(n.op == "call_function" and is_optpipe_op(n.target) and _op_name(n.target) in _OPS
+               and not _OPS[_op_name(n.target)].exact_outputs for n in gm.graph.nodes)
 
 
 def all_ops() -> list[OpDef]:

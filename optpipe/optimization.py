@@ -22,6 +22,7 @@ from .pipeline import PassRecord, Pipeline
 from .presets import load_recipe, preset_pipeline
 from .program import Program
 from .registry import get_target
+from .ops import rounds_activations
 from .verify import Budget, compare, run_outputs, verification_inputs
 
 
@@ -177,6 +178,12 @@ def check_target(tgt, compiled, program: Program) -> dict:
             out = compiled(*tgt.prepare_inputs(inp))
             actual.append([t.detach().cpu() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)])
     m = compare(reference, actual)
+    if rounds_activations(program.gm):
+        # dynamic activation quantization: a tiny upstream difference moves a value across a
+        # rounding step, so judge closeness as a whole rather than element by element
+        ok = m.cosine is not None and m.cosine >= 0.9999 and (m.sqnr_db is None or m.sqnr_db >= 40)
+        return {"ok": bool(ok), "max_abs": m.max_abs, "cosine": m.cosine, "sqnr_db": m.sqnr_db,
+                "inputs": len(inputs), "tolerance": "cosine >= 0.9999, SQNR >= 40 dB (quantized activations)"}
     tol = 1e-4 * max(1.0, m.ref_max)
     return {"ok": bool(m.ok and m.max_abs is not None and m.max_abs <= tol), "max_abs": m.max_abs,
             "cosine": m.cosine, "inputs": len(inputs), "tolerance": tol}

@@ -28,6 +28,10 @@ BUILTIN_PASSES: dict[str, str] = {
     "kv-cache": "optpipe.passes.kv_cache",
     "quantize": "optpipe.passes.quantize",
 }
+# Modules that define optpipe's own ops (`torch.ops.optpipe.*`): `import optpipe` imports them, so a
+# saved program that uses them loads in any process (`torch.export.load` needs the ops registered).
+OP_MODULES = ("optpipe.passes.attention_ops", "optpipe.passes.kv_cache_ops", "optpipe.passes.quantize_ops")
+
 BUILTIN_TARGETS: dict[str, str] = {
     "cpu": "optpipe.targets.torch_backend",
     "cuda": "optpipe.targets.torch_backend",
@@ -91,6 +95,11 @@ def register_pass(name: str, config: type, *, exact: bool, summary: str | None =
         return fn
 
     return wrap
+
+
+def load_op_modules() -> None:
+    for name in OP_MODULES:
+        importlib.import_module(name)
 
 
 def register_target(name: str, target_cls):
