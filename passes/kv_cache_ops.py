@@ -27,12 +27,17 @@ from optpipe.ops import define_op
 from .attention_ops import _EPS, feature_map as apply_feature_map
 
 
+def _non_negative(x: torch.Tensor) -> torch.Tensor:
+    """max(x, 0) for int64 without `clamp` (TVM legalizes an int64 clamp through an infinite bound)."""
+    return torch.maximum(x, torch.zeros_like(x))
+
+
 # -- sliding window ------------------------------------------------------------------------------------
 def _window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_ring: torch.Tensor,
                       v_ring: torch.Tensor, cache_position: torch.Tensor, key_mask: torch.Tensor, window: int,
                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     w = k_ring.shape[2]
-    start, end = cache_position[:1], cache_position[-1:]
+    start, end = cache_position.min(), cache_position.max()  # 0-d: shapes every importer can infer
     ring = torch.arange(w, device=key.device)
     held = start - 1 - torch.remainder(start - 1 - ring, w)          # slot each ring entry holds (<0: none)
     slots = torch.cat([held, cache_position])                         # [W + T]
@@ -40,7 +45,7 @@ def _window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     values = torch.cat([v_ring, value], dim=2)
     q_slot = cache_position[:, None]                                  # [T, 1]
     in_window = (slots[None, :] <= q_slot) & (slots[None, :] > q_slot - window) & (slots[None, :] >= 0)
-    real = key_mask.index_select(1, slots.clamp(min=0))               # [B, W + T]
+    real = key_mask.index_select(1, _non_negative(slots))             # [B, W + T]
     itself = slots[None, :] == q_slot                                 # ring slots are all < start
     mask = (in_window[None] & real[:, None, :]) | itself[None]       # [B, T, W + T]
     out = torch.nn.functional.scaled_dot_product_attention(
@@ -48,7 +53,7 @@ def _window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     # the ring after these tokens: entry i holds the newest slot <= end with slot = i (mod W)
     newest = end - torch.remainder(end - ring, w)
     from_new = (newest >= start)[:, None]
-    source = (newest - start).clamp(min=0)                          # newest <= end: never past the new tokens
+    source = _non_negative(newest - start)                           # newest <= end: never past the new tokens
     new_k = torch.where(from_new, key.index_select(2, source), k_ring)
     new_v = torch.where(from_new, value.index_select(2, source), v_ring)
     return out.contiguous(), new_k, new_v

@@ -748,7 +748,7 @@ def fast_math_pass():
     @mutator
     class FastMath(PyExprMutator):
         def visit_call_(self, call):
-            call = super().visit_call_(call)
+            call = self.builder_.normalize(super().visit_call_(call))  # shapes of rewritten args
             if (not isinstance(call.op, tvm.ir.Op) or not call.args
                     or getattr(call.args[0].ty, "dtype", None) != "float32"
                     or not isinstance(getattr(getattr(call.args[0], "struct_info", None), "shape", None),
