@@ -748,11 +748,10 @@ def fast_math_pass():
     @mutator
     class FastMath(PyExprMutator):
         def visit_call_(self, call):
-            call = self.builder_.normalize(super().visit_call_(call))  # shapes of rewritten args
+            call = super().visit_call_(call)
             if (not isinstance(call.op, tvm.ir.Op) or not call.args
                     or getattr(call.args[0].ty, "dtype", None) != "float32"
-                    or not isinstance(getattr(getattr(call.args[0], "struct_info", None), "shape", None),
-                                      relax.ShapeExpr)):
+                    or not isinstance(getattr(call.args[0].ty, "shape", None), relax.ShapeExpr)):
                 return call  # call_te needs a known-rank shape (a data-dependent one stays as it is)
             name, x = call.op.name, call.args[0]
             if name == "relax.nn.gelu":

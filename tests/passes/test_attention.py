@@ -571,8 +571,9 @@ def _target_available(module: str) -> str | None:
     ("onnxruntime", "optpipe.targets.onnxruntime_backend", "llama", "linear"),
     ("tvm", "optpipe.targets.tvm_backend", "bert", "strided"),
     ("tvm", "optpipe.targets.tvm_backend", "llama", "sliding-window"),
-    ("tvm", "optpipe.targets.tvm_backend", "bert", "random"),
-    ("tvm", "optpipe.targets.tvm_backend", "llama", "performer"),
+    # random (bert) and performer (llama) on tvm build too but take minutes: OPTPIPE_SLOW_TESTS=1
+    *([("tvm", "optpipe.targets.tvm_backend", "bert", "random"),
+       ("tvm", "optpipe.targets.tvm_backend", "llama", "performer")] if os.environ.get("OPTPIPE_SLOW_TESTS") else []),
 ])
 def test_target_parity(target, module, name, kind):
     """The target takes the rewritten program and matches the torch program (optimize's check)."""
