@@ -35,24 +35,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
+from benchmarks.models import gpt2_batch, minilm_batch  # noqa: E402
+
 
 def minilm():
-    from tests.hf_models import minilm as load_minilm
-
-    model, _ = load_minilm()
-    ids = torch.randint(1000, 20000, (8, 128), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(8, 128, dtype=torch.long)
-    mask[1::2, 96:] = 0  # some padded rows, as real batches have
-    return "MiniLM-L6 (pretrained) b8 s128", model, {"input_ids": ids, "attention_mask": mask}
+    return minilm_batch(8, 128)
 
 
 def gpt2_small():
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=1024)).eval()
-    ids = torch.randint(0, 50257, (1, 128), generator=torch.Generator().manual_seed(0))
-    return "GPT-2 small (124M, random) b1 s128", model, {"input_ids": ids}
+    return gpt2_batch(128)
 
 
 MODELS = {"minilm": minilm, "gpt2": gpt2_small}

@@ -32,13 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-
-def gpt2_small(layers: int = 12, positions: int = 1024):
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=layers, n_positions=positions)
-    return transformers.GPT2LMHeadModel(config).eval()
+from benchmarks.models import gpt2_small  # noqa: E402
 
 
 def cached_program(model, prompt: torch.Tensor, max_len: int, extra: str = ""):

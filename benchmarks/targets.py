@@ -27,23 +27,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
+from benchmarks.models import gpt2_batch, minilm_batch  # noqa: E402
+
 
 def minilm():
-    from tests.hf_models import minilm as load_minilm
-
-    model, inputs = load_minilm()
-    ids = torch.randint(1000, 20000, (8, 128))
-    mask = torch.ones(8, 128, dtype=torch.long)
-    mask[1::2, 96:] = 0  # some padded rows, as real batches have
-    return "MiniLM-L6 (pretrained) b8 s128", model, {"input_ids": ids, "attention_mask": mask}
+    return minilm_batch(8, 128)
 
 
 def gpt2_small():
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=1024)).eval()
-    return "GPT-2 small (124M) b1 s512", model, {"input_ids": torch.randint(0, 50257, (1, 512))}
+    return gpt2_batch(512)
 
 
 MODELS = {"minilm": minilm, "gpt2": gpt2_small}
