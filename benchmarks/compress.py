@@ -12,7 +12,17 @@ within each round so a shared machine's load hits them alike; CPU, fp32 activati
     optpipe int8-dynamic  quantize{scheme=int8-dynamic,embeddings=true}, the saved program reloaded
     torch.ao dynamic      torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, qint8) (its
                           default engine; HF Conv1D layers are not nn.Linear and stay fp32)
+    optpipe int8-static   quantize{scheme=int8-static,embeddings=true} (activation ranges calibrated
+                          on the verification inputs: no calibration data attached)
     optpipe int4-weight   quantize{scheme=int4-weight,group=32,embeddings=true} (memory, not speed)
+    fp32 fused program    fuse-attention only (the baseline of the prune row)
+    optpipe prune mlp 50% fuse-attention,prune{target=mlp,sparsity=0.5}: half of every MLP's channels
+                          physically removed; also its speed vs the fused program and the parameter
+                          count of the reloaded program against the pass's claim
+    ort fp32              the fp32 program through --target onnxruntime (its model.onnx)
+    ort quantize_dynamic  onnxruntime.quantization.quantize_dynamic on that same model.onnx
+    ort optpipe <scheme>  the optpipe rows' programs through --target onnxruntime; each also gets
+                          its speed and SQNR relative to ort quantize_dynamic (--no-onnxruntime: skip)
 Columns: latency ratio vs fp32 eager, saved size (program.pt2 for optpipe rows, torch.save of the
 module for torch.ao) and its ratio, and the output's error vs fp32 eager (SQNR dB, cosine).
 """
@@ -48,6 +58,7 @@ def gpt2_small():
 
 MODELS = {"minilm": minilm, "gpt2": gpt2_small}
 PIPELINES = {"optpipe int8-dynamic": "quantize{scheme=int8-dynamic,embeddings=true}",
+             "optpipe int8-static": "quantize{scheme=int8-static,embeddings=true}",
              "optpipe int4-weight": "quantize{scheme=int4-weight,group=32,embeddings=true}"}
 
 
@@ -104,6 +115,9 @@ def bench_model(name, model, inputs, iters: int, tmp: str) -> list[dict]:
         candidates.append((label, functools.partial(loaded.gm, *args), os.path.getsize(path),
                            {"quantized": records[-1].stats["quantized"]}))
     candidates.insert(3, torch_ao_row(model, inputs, tmp))
+    candidates += prune_rows(program, args, tmp)
+    if ONNXRUNTIME_ROWS:
+        candidates += onnxruntime_rows(program, tmp)
     latencies = interleaved_ms([c[1] for c in candidates], iters)
     rows = []
     for (label, fn, size, extra), ms in zip(candidates, latencies):
@@ -116,6 +130,8 @@ def bench_model(name, model, inputs, iters: int, tmp: str) -> list[dict]:
         print(f"  {label:<24} {ms:9.2f} ms {row['speedup']:5.2f}x  {row['size_mb']:8.1f} MB "
               f"{row['size_ratio']:5.2f}x smaller  sqnr {row['sqnr_db']:6.2f} dB  cos {row['cosine']:.5f}",
               file=sys.stderr)
+    compare_with_ort_quantize_dynamic(rows)
+    check_prune_claims(rows)
     return rows
 
 
@@ -128,14 +144,117 @@ def torch_ao_row(model, inputs, tmp: str) -> tuple:
     return (f"torch.ao dynamic ({torch.backends.quantized.engine})", lambda: ao(**inputs), os.path.getsize(path), {})
 
 
+# -- onnxruntime rows: optpipe's ONNX lowerings vs onnxruntime.quantization on the same model ----------------
+ONNXRUNTIME_ROWS = True
+PRUNE_PIPELINES = {"fp32 fused program": "fuse-attention",
+                   "optpipe prune mlp 50%": "fuse-attention,prune{target=mlp,sparsity=0.5}"}
+
+
+def prune_rows(program, args: tuple, tmp: str) -> list[tuple]:
+    """The fused fp32 program and the structured-pruned one (saved and reloaded), with the
+    parameter counts the pass claims and the reloaded program has."""
+    import optpipe
+    import optpipe.passes.prune  # noqa: F401
+
+    rows = []
+    for label, pipeline in PRUNE_PIPELINES.items():
+        pruned, records = optpipe.Pipeline.parse(pipeline).run(program.copy(), verify=False)
+        path = os.path.join(tmp, f"prune-{len(rows)}.pt2")
+        pruned.save(path)
+        loaded = optpipe.load_program(path)
+        extra = {"params": sum(p.numel() for p in loaded.gm.parameters())}
+        if records[-1].name == "prune":
+            stats = records[-1].stats
+            extra.update(params_claimed=stats["params_after"], params_before=stats["params_before"],
+                         pruned_channels=stats["pruned_channels"])
+        rows.append((label, functools.partial(loaded.gm, *args), os.path.getsize(path), extra))
+    return rows
+
+
+def check_prune_claims(rows: list[dict]) -> None:
+    """Speed of the pruned program against the fused one (what pruning alone buys), and whether
+    the reloaded program has the parameter count the pass reported."""
+    fused = next((r for r in rows if r["name"] == "fp32 fused program"), None)
+    for row in rows:
+        if "params_claimed" in row and fused is not None:
+            row["speedup_vs_fused"] = round(fused["latency_ms"] / row["latency_ms"], 2)
+            row["params_ok"] = row["params"] == row["params_claimed"]
+            print(f"  {row['name']}: {row['speedup_vs_fused']:.2f}x vs the fused program, "
+                  f"{row['speedup']:.2f}x vs fp32 eager; params {row['params_before'] / 1e6:.2f}M -> "
+                  f"{row['params'] / 1e6:.2f}M (claimed {row['params_claimed'] / 1e6:.2f}M, "
+                  f"{'matches' if row['params_ok'] else 'MISMATCH'})", file=sys.stderr)
+
+
+ORT_PIPELINES = {"ort fp32": "dce", "ort optpipe int8-dynamic": PIPELINES["optpipe int8-dynamic"],
+                 "ort optpipe int8-static": PIPELINES["optpipe int8-static"],
+                 "ort optpipe int4-weight": PIPELINES["optpipe int4-weight"]}
+ORT_QUANTIZE_DYNAMIC = "ort quantize_dynamic"
+
+
+def onnxruntime_rows(program, tmp: str) -> list[tuple]:
+    """Rows on ONNX Runtime: the fp32 program through `--target onnxruntime` (its model.onnx), that
+    same file through `onnxruntime.quantization.quantize_dynamic` (defaults: int8 weights per
+    tensor, uint8 activations per tensor), and optpipe's quantized programs through the target.
+    Every session: CPU provider, ORT_ENABLE_ALL, intra-op threads = torch's."""
+    try:
+        import onnxruntime as ort
+        from onnxruntime.quantization import quantize_dynamic
+    except ImportError as e:
+        print(f"  (onnxruntime rows skipped: {e})", file=sys.stderr)
+        return []
+    import optpipe
+
+    paths = {}
+    for label, pipeline in ORT_PIPELINES.items():
+        out = os.path.join(tmp, label.replace(" ", "_"))
+        optpipe.optimize(program, pipeline=pipeline, target="onnxruntime", diffs=False).save(out)
+        paths[label] = os.path.join(out, "model.onnx")
+        if label == "ort fp32":
+            paths[ORT_QUANTIZE_DYNAMIC] = os.path.join(tmp, "ort_quantize_dynamic.onnx")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_dynamic(paths[label], paths[ORT_QUANTIZE_DYNAMIC])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+    options.log_severity_level = 3
+    rows = []
+    for label, path in paths.items():
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        names = {i.name for i in session.get_inputs()}
+        feed = {n: x.numpy() for n, x in zip(program.input_names, program.example_inputs) if n in names}
+        rows.append((label, functools.partial(_first_output, session, feed), os.path.getsize(path), {}))
+    return rows
+
+
+def _first_output(session, feed) -> torch.Tensor:
+    return torch.from_numpy(session.run(None, feed)[0])
+
+
+def compare_with_ort_quantize_dynamic(rows: list[dict]) -> None:
+    """Adds to each optpipe ORT row its speed relative to onnxruntime's quantize_dynamic (>1: faster)
+    and whether its error is no worse (SQNR vs fp32 eager)."""
+    baseline = next((r for r in rows if r["name"] == ORT_QUANTIZE_DYNAMIC), None)
+    if baseline is None:
+        return
+    for row in rows:
+        if row["name"].startswith("ort optpipe"):
+            row["speed_vs_ort_qd"] = round(baseline["latency_ms"] / row["latency_ms"], 2)
+            row["sqnr_vs_ort_qd_db"] = round(row["sqnr_db"] - baseline["sqnr_db"], 2)
+            print(f"  {row['name']:<24} vs {ORT_QUANTIZE_DYNAMIC}: {row['speed_vs_ort_qd']:.2f}x speed, "
+                  f"{row['sqnr_vs_ort_qd_db']:+.2f} dB SQNR", file=sys.stderr)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="minilm,gpt2")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the machine is shared)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-onnxruntime", action="store_true", help="skip the onnxruntime rows (exports are slow)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global ONNXRUNTIME_ROWS
+    ONNXRUNTIME_ROWS = not args.no_onnxruntime
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models.split(","):

@@ -1,13 +1,15 @@
 """Quantize the real all-MiniLM-L6-v2 sentence encoder: size, speed and embedding quality.
 
-    python examples/quantize.py [--scheme int8-dynamic|int8-weight|int4-weight] [--group 32]
+    python examples/quantize.py [--scheme int8-dynamic|int8-static|int8-weight|int4-weight] [--group 32]
                                 [--batch 8] [--repeat 5] [--threads 1]
 
 Captures the model on a tokenized batch, runs the verified pipeline `quantize{...,embeddings=true}`
 through `optpipe.optimize` (target cpu, eager: quantized programs are checked against the
 torch program bit for bit, and torch.compile's fused fp32 arithmetic can flip a rounding), saves both programs, and prints: what the pass did, the
 verification numbers, the saved program sizes, fp32 vs quantized latency measured side by side, and
-the cosine of the mean-pooled sentence embeddings to the fp32 model. benchmarks/compress.py has the
+the cosine of the mean-pooled sentence embeddings to the fp32 model. int8-static calibrates its
+activation ranges on a second batch of sentences, attached with `optpipe.calibration.with_calibration`
+(the CLI's `--calibration-data FILE`). benchmarks/compress.py has the
 full comparison (GPT-2-sized decoder, torch.ao and ONNX Runtime quantizers).
 """
 from __future__ import annotations
@@ -32,6 +34,10 @@ SENTENCES = ["A man is playing a guitar on the street.", "The new phone has a be
              "How do I cook rice without a rice cooker?", "Stocks fell sharply after the report.",
              "Quantization makes transformer models cheaper to serve.", "It is raining again.",
              "Children were playing football in the park until it got dark.", "Where is the station?"]
+CALIBRATION = ["The weather was lovely for the whole weekend.", "Can you recommend a good book on compilers?",
+               "The team released a new version of the library today.", "My cat sleeps most of the afternoon.",
+               "Interest rates are expected to rise again next month.", "Turn left at the second traffic light.",
+               "She finished the marathon in under four hours.", "What is the best way to learn a language?"]
 
 
 def embed(module, ids, mask) -> torch.Tensor:
@@ -58,7 +64,8 @@ def latency_ms(fn, repeat: int) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scheme", default="int8-dynamic", choices=["int8-dynamic", "int8-weight", "int4-weight"])
+    parser.add_argument("--scheme", default="int8-dynamic", choices=["int8-dynamic", "int8-static", "int8-weight",
+                                                                      "int4-weight"])
     parser.add_argument("--group", type=int, default=32, help="int4-weight: input channels per scale")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per model (median reported)")
@@ -76,8 +83,14 @@ def main(argv=None) -> None:
 
     options = f"scheme={args.scheme},embeddings=true" + (f",group={args.group}" if args.scheme == "int4-weight" else "")
     pipeline = f"quantize{{{options}}}"
-    res = optpipe.optimize(model, {"input_ids": ids, "attention_mask": mask}, pipeline=pipeline, target="cpu",
-                           target_options={"mode": "eager"}, diffs=False)
+    fp32 = optpipe.capture(model, {"input_ids": ids, "attention_mask": mask})
+    if args.scheme == "int8-static":  # calibrate on other sentences than the ones measured below
+        from optpipe.calibration import with_calibration
+
+        calib = tokenizer(CALIBRATION, padding="max_length", max_length=ids.shape[1], truncation=True,
+                          return_tensors="pt")
+        with_calibration(fp32, [(calib["input_ids"], calib["attention_mask"])])
+    res = optpipe.optimize(fp32, pipeline=pipeline, target="cpu", target_options={"mode": "eager"}, diffs=False)
     record = res.report["passes"][-1]
     stats, verify = record["stats"], record["verify"]
     print(f"pipeline: {res.report['pipeline']}")
@@ -86,7 +99,6 @@ def main(argv=None) -> None:
     print(f"verification: sqnr {verify['sqnr_db']:.1f} dB, cosine {verify['cosine']:.5f}, ok={verify['ok']}")
 
     program = res.program
-    fp32 = optpipe.capture(model, {"input_ids": ids, "attention_mask": mask})
     with tempfile.TemporaryDirectory() as tmp:
         sizes = {}
         for name, prog in (("fp32", fp32), (args.scheme, program)):

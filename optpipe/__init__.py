@@ -48,8 +48,16 @@ def generate(program: Program, prompts, max_new_tokens: int, **options):
     return _generate(program, prompts, max_new_tokens, **options)
 
 
+def train(model, data, out: str, **options):
+    """Train `model` (an OUT folder, any MODEL form, or a Program) on text/JSONL `data`, writing
+    OUT2=`out`; see optpipe.training.train and TrainConfig for the options."""
+    from .training import train as _train
+
+    return _train(model, data, out, **options)
+
+
 __all__ = ["capture", "generate", "load", "load_program", "optimize", "diff", "Pipeline", "PassRecord", "Program",
-           "PassResult", "register_pass", "register_target", "OptpipeError", "UsageError", "PassError",
+           "PassResult", "register_pass", "train", "register_target", "OptpipeError", "UsageError", "PassError",
            "VerificationError", "TargetError", "__version__"]
 
 from .registry import load_op_modules as _load_op_modules  # noqa: E402

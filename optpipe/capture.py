@@ -15,6 +15,7 @@ them to 2 for tracing only; the program still runs at size 1.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import inspect
 import warnings
@@ -214,6 +215,10 @@ def capture(model: nn.Module, example_inputs: Sequence | Mapping | torch.Tensor,
         elif dataclasses.is_dataclass(config) and not isinstance(config, type):  # nanoGPT-style
             meta["config"] = _jsonable(dataclasses.asdict(config))
     meta.setdefault("model_class", f"{type(model).__module__}.{type(model).__qualname__}")
+    if "tokenizer" not in meta:  # a transformers model loaded from a local folder that has its tokenizer
+        folder = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+        if isinstance(folder, str) and folder and os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            meta["tokenizer"] = os.path.abspath(folder)
     module = _output_selector(model, input_names, key, call_kwargs)
 
     if dynamic_shapes is None:

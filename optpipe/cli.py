@@ -115,10 +115,14 @@ def _load(model: str, inputs, arch, trust_pickle):
               help="torch targets: eager, torch.compile, or whichever is faster.")
 @click.option("--tune", type=click.IntRange(min=0), default=0, metavar="N",
               help="tvm targets: tuning trials (MetaSchedule; dlight schedules for cuda). 0: untuned.")
+@click.option("--calibration-data", metavar="FILE",
+              help="Text/JSONL that calibrating passes (int8-static, wanda) measure activations on.")
+@click.option("--calibration-batches", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing OUT that optpipe did not write.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json on stdout.")
 def optimize(model, target, pipeline, preset, recipe, inputs, arch, trust_pickle, out, dump_ir,
-             print_ir_after_change, no_verify, budget, mode, tune, force, as_json):
+             print_ir_after_change, no_verify, budget, mode, tune, calibration_data, calibration_batches, force,
+             as_json):
     """Optimize MODEL with a pipeline of verified passes for a target; write OUT."""
     from .instruments import DumpIR, PassTiming, PrintAfterChange
     from .optimization import optimize as run_optimize, resolve_pipeline
@@ -141,9 +145,15 @@ def optimize(model, target, pipeline, preset, recipe, inputs, arch, trust_pickle
         program = _load(model, inputs, arch, trust_pickle)
     progress.say(f"captured output: {program.meta.get('output', 'tensor')}; dynamic dims: "
                  f"{_dims_text(program)}")
+    calibration = None
+    if calibration_data:
+        from .data import calibration_batches as read_calibration
+
+        with progress(f"read calibration data {calibration_data}"):
+            calibration = read_calibration(calibration_data, program, batches=calibration_batches)
     res = run_optimize(program, pipeline=text, target=target, verify=not no_verify, budget=budget_obj,
                        instruments=instruments, target_options={"mode": mode, "tune": tune},
-                       progress=progress)
+                       progress=progress, calibration=calibration)
     with progress(f"write {out}"):
         res.save(out, force=force, dump_ir=dump_ir)
     for p in res.report["passes"]:
@@ -328,6 +338,71 @@ def generate(out, prompts, prompt_ids, max_new_tokens, temperature, top_k, top_p
         extra = f"; draft acceptance {result.acceptance_rate:.1%} over {result.steps} target steps"
     click.echo(f"{result.new_tokens} new tokens on {target} in {result.seconds:.2f} s "
                f"({result.tokens_per_s:.1f} tokens/s){extra}", err=True)
+
+
+@main.command()
+@click.argument("model", metavar="OUT")
+@click.option("--data", "data", multiple=True, required=True, metavar="FILE",
+              help="Text or JSONL file(s) or folders (repeatable); tokenized with OUT's tokenizer, else bytes.")
+@click.option("--objective", type=click.Choice(["clm", "mlm"]), default="clm", show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Global batch in sequences (over ranks and accumulation).")
+@click.option("--seq-len", type=click.IntRange(min=2), default=None, help="Default: the program's example length.")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate (warmup, then cosine).")
+@click.option("--min-lr", type=float, default=None, help="End of the cosine schedule (default lr/10).")
+@click.option("--warmup", type=click.IntRange(min=0), default=None, help="Warmup steps (default 5%% of --steps).")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clipping (0: off).")
+@click.option("--layer-decay", type=float, default=None, help="Layer-wise lr decay, e.g. 0.8.")
+@click.option("--trainable", default="*", show_default=True, metavar="GLOBS",
+              help="Parameters to train: comma-separated globs over names, or `changed` (what passes rewrote).")
+@click.option("--distill-from", metavar="MODEL", help="Teacher (e.g. the model before the lossy passes).")
+@click.option("--temperature", type=float, default=2.0, show_default=True, help="Distillation temperature.")
+@click.option("--alpha", type=float, default=0.0, show_default=True, help="Weight of the task loss when distilling.")
+@click.option("--hidden-weight", type=float, default=1.0, show_default=True,
+              help="Weight of per-module hidden-state matching when distilling (0: logits only).")
+@click.option("--mask", type=click.Choice(["random", "whole-word", "span", "frequency"]), default="random",
+              show_default=True, help="MLM masking strategy.")
+@click.option("--mask-rate", type=float, default=0.15, show_default=True)
+@click.option("--val-fraction", type=float, default=0.05, show_default=True)
+@click.option("--val-batches", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--val-every", type=click.IntRange(min=1), default=None, help="Default: a quarter of the run.")
+@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, help="Steps between checkpoints.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--target", type=click.Choice(["cpu", "cuda", "onnxruntime"]), default="cpu", show_default=True)
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the program (cpu/cuda).")
+@click.option("--amp", is_flag=True, help="bf16 autocast (cuda).")
+@click.option("--text-key", default="text", show_default=True, help="JSONL field holding the text.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Data-parallel ranks (torchrun; gloo on CPU, NCCL on CUDA).")
+@click.option("--resume", is_flag=True, help="Continue the run in OUT2 from its latest checkpoint.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT2.")
+@click.option("-o", "--out", "out", required=True, metavar="OUT2")
+@click.option("--json", "as_json", is_flag=True)
+def train(model, data, objective, steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup, weight_decay, clip,
+          layer_decay, trainable, distill_from, temperature, alpha, hidden_weight, mask, mask_rate, val_fraction,
+          val_batches, val_every, log_every, checkpoint_every, seed, target, compile_, amp, text_key, nproc, resume,
+          force, out, as_json):
+    """Train (pre-train, fine-tune, or heal by distillation) the program in OUT; write OUT2."""
+    from .training import train as run_train
+
+    result = run_train(model, list(data), out, resume=resume, force=force, nproc=nproc, objective=objective,
+                       steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr,
+                       min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, clip=clip or None,
+                       layer_decay=layer_decay, trainable=trainable, distill_from=distill_from,
+                       temperature=temperature, alpha=alpha, hidden_weight=hidden_weight, mask=mask,
+                       mask_rate=mask_rate, val_fraction=val_fraction, val_batches=val_batches, val_every=val_every,
+                       log_every=log_every, checkpoint_every=checkpoint_every, seed=seed, target=target,
+                       compile=compile_, amp=amp, text_key=text_key)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    val = f", validation perplexity {result.val_ppl:.2f}" if result.val_ppl is not None else ""
+    click.echo(f"trained {result.steps} steps: loss {result.final_loss:.4f}{val}; "
+               f"{result.tokens_per_s:.0f} tokens/s; wrote {out}", err=True)
 
 
 def _target_step(tgt, compiled):

@@ -80,10 +80,13 @@ def resolve_pipeline(pipeline: str | None, preset: str | None, recipe: str | Non
 def optimize(model_or_program, example_inputs=None, pipeline: str | Pipeline | None = None, *,
              target: str = "cpu", preset: str | None = None, recipe: str | None = None,
              verify: bool = True, budget: Budget | dict | None = None, instruments: Sequence = (),
-             target_options: dict | None = None, diffs: bool = True, progress=None) -> OptimizeResult:
+             target_options: dict | None = None, diffs: bool = True, progress=None,
+             calibration=None) -> OptimizeResult:
     """Capture (if needed), run the verified pipeline, compile for `target` and check parity.
 
     `model_or_program`: an nn.Module (with `example_inputs`), a Program, or a MODEL path/spec.
+    `calibration`: input sets (or a text/JSONL file, tokenized like `optpipe.data.calibration_batches`)
+    that calibrating passes (int8-static, wanda) measure activations on.
     """
     from .analysis import analyze
 
@@ -102,6 +105,15 @@ def optimize(model_or_program, example_inputs=None, pipeline: str | Pipeline | N
 
     tgt.available()  # fails fast on e.g. a missing GPU, before any work
     program = _as_program(model_or_program, example_inputs, step)
+    if calibration is not None:
+        from .calibration import with_calibration
+
+        if isinstance(calibration, (str, os.PathLike)):
+            from .data import calibration_batches
+
+            with step(f"read calibration data {calibration}"):
+                calibration = calibration_batches(calibration, program)
+        program = with_calibration(program.copy(), calibration)
 
     before_costs = analyze(program)
     records: list[PassRecord] = []

@@ -37,6 +37,9 @@ class Program:
     of the model's output was captured), "vocab_size", ... JSON-serialisable."""
     history: list[str] = field(default_factory=list)
     """Canonical pipeline elements applied so far, in order."""
+    calibration: list[tuple] | None = field(default=None, repr=False)
+    """Input sets that passes calibrate activation statistics on (int8-static scales, wanda
+    importance); see `optpipe.calibration`. Not saved with the program."""
 
     # -- running -------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -71,7 +74,7 @@ class Program:
         if hasattr(gm, "meta"):
             new_gm.meta = dict(gm.meta)
         return Program(new_gm, self.example_inputs, list(self.input_names), self.dynamic_shapes,
-                       copy.deepcopy(self.meta), list(self.history))
+                       copy.deepcopy(self.meta), list(self.history), self.calibration)
 
     def num_params(self) -> int:
         seen, total = set(), 0

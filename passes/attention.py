@@ -323,6 +323,7 @@ def _rewrite(program: Program, plan: _Plan, config: AttentionConfig) -> dict:
     new.meta["val"] = node.meta.get("val", new.meta.get("val"))
     node.replace_all_uses_with(new)
     graph.erase_node(node)
+    _reshape_after(new)
     return {"index": plan.index, "module_path": plan.path, "node": new.name, "action": "rewritten",
             "op": f"optpipe.{op._opname}", "mask": plan.mask, "causal": plan.causal,
             "key_padding_mask": key_mask is not None}
@@ -350,6 +351,22 @@ def _notes(config: AttentionConfig, lengths: set[int]) -> list[str]:
         notes.append(f"window={config.window} >= example length {n}: at that length every query sees every "
                      "(earlier) key, which the op computes as dense attention")
     return notes
+
+
+def _reshape_after(node: torch.fx.Node) -> None:
+    """view -> reshape on the layout ops after a rewritten site. SDPA returns its output laid out
+    [B, S, H, D] (so `out.transpose(1, 2).view(B, S, H*D)` works without `.contiguous()`, and
+    export drops that call); the optpipe ops return a contiguous [B, H, S, D], which such a view
+    cannot take. reshape is the same view where one exists, a copy where not."""
+    stack = [node]
+    while stack:
+        for user in list(stack.pop().users):
+            if user.op != "call_function":
+                continue
+            if user.target is aten.view.default:
+                user.target = aten.reshape.default
+            elif user.target in (aten.transpose.int, aten.permute.default):
+                stack.append(user)
 
 
 @register_pass("attention", AttentionConfig, exact=False)

@@ -6,6 +6,7 @@ reads it), so the saved program shrinks with it:
 
     before   linear(x, W, b)                  | addmm(b, x, Wc) / mm(x, Wc)   (HF Conv1D: Wc = Wᵀ)
     after    scheme=int8-dynamic  -> optpipe.linear_int8_dynamic(x, W_q int8, W_scale[N], b)
+             scheme=int8-static   -> optpipe.linear_int8_static(x, W_q int8, W_scale[N], x_qparams[2], b)
              scheme=int8-weight   -> optpipe.linear_int8_weight(x, W_q int8, W_scale[N], b)
              scheme=int4-weight   -> optpipe.linear_int4_weight(x, W_q uint8[N,K/2], W_qparams[N,K/g,2], b, g)
     with embeddings=true:
@@ -14,13 +15,23 @@ reads it), so the saved program shrinks with it:
              (a tied LM head shares E_q/E_scale with the embedding: one int8 copy, no fp32 left)
 
 See `quantize_ops` for the numerics and kernels (int8-dynamic: per-output-channel int8 weights,
-per-token activation scales, oneDNN int8 on CPU). Selection: `modules` and `skip` are globs over
+per-token activation scales, oneDNN int8 on CPU).
+
+int8-static calibrates before it rewrites: the fp32 graph runs (an fx Interpreter) on
+`optpipe.calibration.calibration_inputs(program)` — the attached `--calibration-data`, else the
+verification inputs — at most `calibration_batches` sets, recording every selected linear's input:
+its min, max and a random sample. Each distinct input node gets ONE uint8 (scale, zero point) over
+its range (q, k and v share theirs): `mse` shrinks the range to the clip of least squared error on
+the sample, `minmax` keeps it whole, `percentile` takes the 99.99th percentile of each tail. The
+scales live in an `input_qparams` buffer next to each weight. details["calibration"] says which
+inputs were used. Selection: `modules` and `skip` are globs over
 the module path that owns the weight (`encoder.layer.0.attention.self.query`, `lm_head`); a pattern
 matches the whole path or any dotted tail of it (`skip=[lm_head,*embed*]`, `modules=[*.mlp.*]`).
 Skipped modules keep their nodes and fp32 weights untouched.
 
 Preconditions: none beyond a captured program; run it last among the rewrites that need fp32
-weights (fuse-attention, attention, prune). Stats: {"quantized", "skipped", "bytes_before",
+weights (fuse-attention, attention, prune), and for int8-static after every rewrite that changes
+the activations the linears read. Stats: {"quantized", "skipped", "bytes_before",
 "bytes_after"}; details: one entry per linear/embedding, keyed by module path, with the op or the
 reason it was skipped.
 """
@@ -42,8 +53,14 @@ from .cleanup import eliminate_dead_code
 
 aten = torch.ops.aten
 
-SCHEMES = ("int8-dynamic", "int8-weight", "int4-weight")
-Scheme = Literal["int8-dynamic", "int8-weight", "int4-weight"]
+SCHEMES = ("int8-dynamic", "int8-static", "int8-weight", "int4-weight")
+Scheme = Literal["int8-dynamic", "int8-static", "int8-weight", "int4-weight"]
+CALIBRATION_METHODS = ("mse", "minmax", "percentile")
+PERCENTILE = 99.99
+ROWS_PER_SET = 128
+"""Activation rows (tokens) kept per input node and calibration set for the range and smoothing searches."""
+SMOOTHING_ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9)
+SAMPLE = 1 << 18
 GROUPS = (32, 64, 128)
 _META_KEYS = ("nn_module_stack", "stack_trace")
 
@@ -52,7 +69,8 @@ _META_KEYS = ("nn_module_stack", "stack_trace")
 class QuantizeConfig:
     scheme: Scheme = field(default="int8-dynamic", metadata={
         "help": "int8-dynamic (int8 weights per output channel, int8 activations per token: faster on "
-                "CPU), int8-weight / int4-weight (weight-only, dequantized on the fly: smaller)"})
+                "CPU), int8-static (activation scales calibrated once, per tensor: fastest), int8-weight / "
+                "int4-weight (weight-only, dequantized on the fly: smaller)"})
     group: int = field(default=128, metadata={
         "help": "int4-weight: input channels per scale (32, 64 or 128; smaller is more accurate)"})
     modules: tuple[str, ...] = field(default=("*",), metadata={
@@ -61,6 +79,16 @@ class QuantizeConfig:
         "help": "globs of module paths (or dotted tails) to leave in fp32, e.g. [lm_head,*embed*]"})
     embeddings: bool = field(default=False, metadata={
         "help": "also store embedding tables as int8 with a scale per row (most of a small model's bytes)"})
+    calibration_batches: int = field(default=8, metadata={
+        "help": "int8-static: calibration input sets to measure activation ranges on (the attached "
+                "--calibration-data, else the verification inputs)"})
+    smoothing: float | None = field(default=None, metadata={
+        "help": "int8-static: SmoothQuant strength α in [0, 1): input channels are divided by "
+                "max|x|^α / max|W|^(1-α) and the weights multiplied by it; 0 turns it off; unset: chosen "
+                f"per input among {', '.join(map(str, SMOOTHING_ALPHAS))} by the linears' output error"})
+    calibration_method: Literal["mse", "minmax", "percentile"] = field(default="mse", metadata={
+        "help": "int8-static: activation range per input: mse (the clipping of least squared error), "
+                f"minmax (no clipping), percentile ({PERCENTILE}th of each tail)"})
     min_sqnr: float | None = field(default=None, metadata={
         "help": "verification budget: stop the pipeline when output SQNR (dB) falls below this"})
     min_cosine: float | None = field(default=None, metadata={
@@ -79,6 +107,15 @@ class QuantizeConfig:
                 raise ValueError(f"quantize: {name} must be a list of module-path globs, got {value!r}")
         if not self.modules:
             raise ValueError("quantize: modules is empty; use [*] for every linear")
+        if isinstance(self.calibration_batches, bool) or not isinstance(self.calibration_batches, int) \
+                or self.calibration_batches < 1:
+            raise ValueError(f"quantize: calibration-batches must be a positive integer, got {self.calibration_batches!r}")
+        if self.smoothing is not None and (isinstance(self.smoothing, bool) or not isinstance(
+                self.smoothing, (int, float)) or not 0 <= self.smoothing < 1):
+            raise ValueError(f"quantize: smoothing must be in [0, 1), got {self.smoothing!r}")
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise ValueError(f"quantize: unknown calibration-method {self.calibration_method!r} "
+                             f"(methods: {', '.join(CALIBRATION_METHODS)})")
         if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
             raise ValueError(f"quantize: min-cosine must be in [-1, 1], got {self.min_cosine}")
 
@@ -214,13 +251,16 @@ class _Quantizer:
         self.gm, self.config = gm, config
         self.done: dict[tuple[int, str, bool], tuple[str, str]] = {}
 
-    def buffers(self, site: _Site, layout: str) -> tuple[str, str]:
-        """Attribute paths of (quantized weight, scale) for `site` in `layout` (int8-rows | int4)."""
+    def buffers(self, site: _Site, layout: str, smooth: torch.Tensor | None = None) -> tuple[str, str]:
+        """Attribute paths of (quantized weight, scale) for `site` in `layout` (int8-rows | int4), of
+        the weight times `smooth` per input channel when given."""
         weight = _tensor(self.gm, site.weight.target)
-        key = (id(weight), layout, site.transposed)
+        key = (id(weight), layout, site.transposed, id(smooth))
         if key in self.done:
             return self.done[key]
         w = weight.detach().t() if site.transposed else weight.detach()
+        if smooth is not None:
+            w = w * smooth[None, :]
         if layout == "int4":
             q, scale = ops.quantize_int4_grouped(w, self.config.group)
         else:
@@ -233,11 +273,13 @@ class _Quantizer:
         return names
 
 
-def _rewrite(gm, site: _Site, config: QuantizeConfig, quantizer: _Quantizer) -> str:
+def _rewrite(gm, site: _Site, config: QuantizeConfig, quantizer: _Quantizer,
+             activation: tuple | None = None) -> str:
     node = site.node
     fake_mode = detect_fake_mode([n.meta.get("val") for n in node.all_input_nodes])
     layout = "int4" if (site.kind == "linear" and config.scheme == "int4-weight") else "int8"
-    q_name, s_name = quantizer.buffers(site, layout)
+    act_qparams, smooth = activation or (None, None)
+    q_name, s_name = quantizer.buffers(site, layout, smooth)
     with gm.graph.inserting_before(node):
         q_node = _get_attr(gm, q_name, site.weight, fake_mode)
         s_node = _get_attr(gm, s_name, site.weight, fake_mode)
@@ -245,6 +287,12 @@ def _rewrite(gm, site: _Site, config: QuantizeConfig, quantizer: _Quantizer) -> 
             op, args = ops.embedding_int8, (q_node, s_node, node.args[1])
         elif config.scheme == "int4-weight":
             op, args = ops.linear_int4_weight, (site.x, q_node, s_node, site.bias, config.group)
+        elif config.scheme == "int8-static":
+            a_node = _get_attr(gm, _new_buffer(gm, site.owner, "input_qparams", act_qparams.clone()),
+                               site.weight, fake_mode)
+            m_node = None if smooth is None else _get_attr(
+                gm, _new_buffer(gm, site.owner, "input_smooth", smooth.clone()), site.weight, fake_mode)
+            op, args = ops.linear_int8_static, (site.x, q_node, s_node, a_node, m_node, site.bias)
         else:
             op = ops.linear_int8_dynamic if config.scheme == "int8-dynamic" else ops.linear_int8_weight
             args = (site.x, q_node, s_node, site.bias)
@@ -293,6 +341,84 @@ def _decide(gm, site, config: QuantizeConfig) -> str | None:
     return _refusal(gm, site, config)
 
 
+# -- calibration (int8-static) ----------------------------------------------------------------------------
+class _RangeRecorder(torch.fx.Interpreter):
+    """Runs the fp32 graph, keeping per input channel of each watched node its min and max, and a
+    few random rows (tokens) of it."""
+
+    def __init__(self, gm, watched: set, generator: torch.Generator):
+        super().__init__(gm)
+        self.watched, self.g = watched, generator
+        self.stats: dict[torch.fx.Node, dict] = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n in self.watched and isinstance(out, torch.Tensor) and out.numel():
+            rows = out.detach().float().reshape(-1, out.shape[-1])
+            st = self.stats.setdefault(n, {"min": rows.amin(0), "max": rows.amax(0), "rows": []})
+            st["min"], st["max"] = torch.minimum(st["min"], rows.amin(0)), torch.maximum(st["max"], rows.amax(0))
+            keep = torch.randperm(rows.shape[0], generator=self.g)[:ROWS_PER_SET]
+            st["rows"].append(rows[keep])
+        return out
+
+
+def _dense_weights(gm, sites: list[_Site]) -> torch.Tensor:
+    """The [ΣN, K] fp32 weights of every linear reading the same input, stacked."""
+    return torch.cat([(_tensor(gm, s.weight.target).detach().float().t() if s.transposed
+                       else _tensor(gm, s.weight.target).detach().float()) for s in sites])
+
+
+def _activation_choice(st: dict, weight: torch.Tensor, alpha: float, method: str):
+    """(act_qparams, smoothing or None, output squared error on the kept rows) at SmoothQuant α."""
+    smooth = None
+    divisor = torch.ones_like(st["min"])
+    if alpha:
+        x_absmax = torch.maximum(st["max"], st["min"].neg())
+        smooth = divisor = ops.smoothing_factors(x_absmax, weight.abs().amax(0), alpha)
+    rows = torch.cat(st["rows"])
+    scaled = rows / divisor
+    lo, hi = float((st["min"] / divisor).min()), float((st["max"] / divisor).max())
+    sample = scaled.reshape(-1)
+    if sample.numel() > SAMPLE:
+        sample = sample[torch.randperm(sample.numel(), generator=torch.Generator().manual_seed(0))[:SAMPLE]]
+    if method == "mse":
+        lo, hi = ops.mse_range(sample, lo, hi)
+    elif method == "percentile":
+        lo, hi = (float(torch.quantile(sample, q)) for q in (1 - PERCENTILE / 100, PERCENTILE / 100))
+    qparams = ops.calibrated_qparams(lo, hi)
+    q, w_scale = ops.quantize_int8_per_channel(weight * divisor[None, :])
+    ref = rows @ weight.t()
+    out = ops.int8_static_reference(scaled, q, w_scale, qparams, None, None)
+    return qparams, smooth, float((out - ref).pow(2).sum())
+
+
+def _calibrate(program: Program, gm, sites: list[_Site], config: QuantizeConfig) -> tuple[dict, dict]:
+    """({input node: (act_qparams [2], smoothing [K] or None)}, details): one per-tensor uint8 range
+    and one smoothing per distinct input, so linears reading the same activation (q, k, v) share it."""
+    from optpipe.calibration import calibration_inputs
+
+    sets = calibration_inputs(program, limit=config.calibration_batches)
+    recorder = _RangeRecorder(gm, {site.x for site in sites}, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for inputs in sets:
+            recorder.run(*inputs)
+    by_input: dict[torch.fx.Node, list[_Site]] = {}
+    for site in sites:
+        by_input.setdefault(site.x, []).append(site)
+    alphas = SMOOTHING_ALPHAS if config.smoothing is None else (config.smoothing,)
+    activations, chosen = {}, {}
+    with torch.no_grad():
+        for node, st in recorder.stats.items():
+            weight = _dense_weights(gm, by_input[node])
+            options = [(_activation_choice(st, weight, a, config.calibration_method), a) for a in alphas]
+            (qparams, smooth, _), alpha = min(options, key=lambda o: o[0][2])
+            activations[node] = (qparams, smooth)
+            chosen[alpha] = chosen.get(alpha, 0) + 1
+    source = "attached calibration data" if program.calibration else "verification inputs"
+    return activations, {"source": source, "sets": len(sets), "method": config.calibration_method,
+                         "smoothing": {f"{a:g}": n for a, n in sorted(chosen.items())}, "inputs": len(activations)}
+
+
 @register_pass("quantize", QuantizeConfig, exact=False)
 def quantize(program: Program, config: QuantizeConfig) -> PassResult:
     """Quantize linear layers (int8-dynamic, int8-weight or int4-weight) and, with embeddings=true,
@@ -300,19 +426,29 @@ def quantize(program: Program, config: QuantizeConfig) -> PassResult:
     gm = program.gm
     bytes_before = state_bytes(gm)
     quantizer = _Quantizer(gm, config)
-    details, weights = [], set()
+    decided = []
     for node in list(gm.graph.nodes):
         site = _site(gm, node)
-        if site is None:
-            continue
+        if site is not None:
+            decided.append((node, site, _decide(gm, site, config)))
+    calibration, act_qparams = None, {}
+    linears = [site for _, site, reason in decided if reason is None and site.kind == "linear"]
+    if config.scheme == "int8-static" and linears:
+        act_qparams, calibration = _calibrate(program, gm, linears, config)
+    details, weights = [], set()
+    for node, site, reason in decided:
         path = site.path if isinstance(site, _Site) else _module_path(node)
         entry = {"module_path": path, "node": node.name, "kind": getattr(site, "kind", "linear")}
-        reason = _decide(gm, site, config)
+        if reason is None and site.kind == "linear" and config.scheme == "int8-static" and site.x not in act_qparams:
+            reason = "input not reached by the calibration inputs"
         if reason is not None:
             details.append({**entry, "action": "skipped", "reason": reason})
             continue
         weights.add(site.weight.target)
-        entry["op"] = _rewrite(gm, site, config, quantizer)
+        activation = act_qparams.get(site.x) if site.kind == "linear" else None
+        entry["op"] = _rewrite(gm, site, config, quantizer, activation)
+        if activation is not None:
+            entry["act_scale"], entry["act_zero_point"] = float(activation[0][0]), int(activation[0][1])
         details.append({**entry, "action": "quantized"})
     quantized = sum(1 for d in details if d["action"] == "quantized")
     dropped = []
@@ -325,6 +461,8 @@ def quantize(program: Program, config: QuantizeConfig) -> PassResult:
     stats = {"quantized": quantized, "skipped": len(details) - quantized,
              "bytes_before": bytes_before, "bytes_after": state_bytes(gm)}
     result = {"modules": details}
+    if calibration is not None:
+        result["calibration"] = calibration
     if kept:
         result["fp32_weights_kept"] = {t: "still read by a node that was not quantized (tied or skipped)"
                                        for t in kept}

@@ -30,3 +30,9 @@ def test_generate_example(tmp_path):
     out = run_example("generate.py", tmp_path / "OUT", tmp_path=tmp_path)
     assert "same tokens: True" in out and "identical to the target alone: True" in out
     assert (tmp_path / "OUT" / "program.pt2").exists()
+
+
+def test_prune_example(tmp_path):
+    out = run_example("prune.py", "--repeat", "2", "--batch", "4", "-o", tmp_path / "OUT", tmp_path=tmp_path)
+    assert "MLP channels; parameters" in out and "fewer" in out and "sentence-embedding cosine" in out
+    assert (tmp_path / "OUT" / "program.pt2").exists()

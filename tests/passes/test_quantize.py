@@ -1,7 +1,11 @@
-"""quantize: linears (and embeddings) -> int8-dynamic / int8-weight / int4-weight optpipe ops.
+"""quantize: linears (and embeddings) -> int8-dynamic / int8-static / int8-weight / int4-weight ops.
 
-Ops: the eager kernels (oneDNN int8 for int8-dynamic) match their ATen decompositions; int4 packing
-round-trips; gradients reach the activations and biases. Pass: fired (stats) and IR (FileCheck) on
+Ops: the eager kernels (oneDNN int8 for int8-dynamic and int8-static, torch._int_mm for CUDA, run
+here on the CPU; the CUDA dispatch checked by mocking) match their ATen decompositions; int4 packing
+round-trips; gradients reach the activations and biases. int8-static calibration: falls back to the
+verification inputs, attached sets change the scales, calibration-batches limits them, the methods
+clip in order. ONNX Runtime: int8-static and int4-weight (MatMulNBits) lower natively on a small MLP,
+with parity and the expected weight shrink. Pass: fired (stats) and IR (FileCheck) on
 tiny BERT (aten.linear) and GPT-2 (Conv1D addmm, tied LM head), fp32 weights removed and bytes
 shrinking; numerics vs fp32 by SQNR; `skip` leaves the named modules bit-identical; `modules`
 selects; bad options are one-line errors; the budget gate stops a pass that loses too much;
@@ -23,6 +27,7 @@ from torch.testing import FileCheck, assert_close
 
 import optpipe
 import optpipe.ops
+from optpipe.calibration import calibration_inputs, with_calibration
 from optpipe.capture import capture
 from optpipe.errors import VerificationError
 from optpipe.pipeline_text import parse_pipeline
@@ -32,6 +37,7 @@ from tests import hf_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OP_CALL = {"int8-dynamic": "torch.ops.optpipe.linear_int8_dynamic.default(",
+           "int8-static": "torch.ops.optpipe.linear_int8_static.default(",
            "int8-weight": "torch.ops.optpipe.linear_int8_weight.default(",
            "int4-weight": "torch.ops.optpipe.linear_int4_weight.default("}
 SCHEMES = tuple(OP_CALL)
@@ -100,6 +106,83 @@ def test_int8_dynamic_prepacks_once_per_weight():
     assert_close(ops.linear_int8_dynamic(x, q, scale, None), -before, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_int8_static_kernel_matches_decomposition(bias, smoothed):
+    w, b = _weights()
+    x = torch.randn(3, 7, 64)
+    smooth = None
+    if smoothed:  # an outlier channel, divided out of x and multiplied into W
+        x[..., 5] *= 30
+        smooth = ops.smoothing_factors(x.abs().amax((0, 1)), w.abs().amax(0), 0.7)
+    q, scale = ops.quantize_int8_per_channel(w * (smooth if smoothed else 1))
+    xs = x / smooth if smoothed else x
+    qparams = ops.calibrated_qparams(float(xs.min()), float(xs.max()))
+    b = b if bias else None
+    assert ops.int8_static_kernel(x, q) == ("onednn" if ops.HAS_ONEDNN_STATIC else "reference")
+    eager = ops.linear_int8_static(x, q, scale, qparams, smooth, b)
+    reference = ops.int8_static_reference(x, q, scale, qparams, smooth, b)
+    assert sqnr(reference, eager) > 60
+    assert sqnr(torch.nn.functional.linear(x, w, b), eager) > 30
+    zero = int(qparams[1])
+    assert 0 < zero < 255
+    assert ops.int8_static_reference(torch.zeros(1, 64), q, scale, qparams, smooth, None).abs().max() == 0
+
+
+def test_smoothing_tames_an_outlier_channel():
+    """SmoothQuant: with one input channel 50x the others, per-tensor activations lose the rest;
+    dividing the channels by max|x|^α / max|W|^(1-α) (and multiplying W) wins most of it back."""
+    w, _ = _weights(k=64)
+    x = torch.randn(256, 64)
+    x[:, 3] *= 50
+    exact = torch.nn.functional.linear(x, w)
+
+    def error(alpha):
+        smooth = ops.smoothing_factors(x.abs().amax(0), w.abs().amax(0), alpha) if alpha else None
+        xs = x / smooth if alpha else x
+        q, scale = ops.quantize_int8_per_channel(w * smooth if alpha else w)
+        qparams = ops.calibrated_qparams(float(xs.min()), float(xs.max()))
+        return sqnr(exact, ops.linear_int8_static(x, q, scale, qparams, smooth, None))
+
+    assert error(0.5) > error(0) + 6
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_int_mm_kernels_match_decompositions(bias):
+    """The CUDA paths (torch._int_mm) are device-agnostic: checked here on the CPU."""
+    w, b = _weights()
+    q, scale = ops.quantize_int8_per_channel(w)
+    x = torch.randn(4, 8, 64)  # 32 rows: _int_mm needs more than 16
+    b = b if bias else None
+    qparams = ops.calibrated_qparams(float(x.min()), float(x.max()))
+    smooth = torch.rand(64) + 0.5
+    for s in (None, smooth):
+        static = ops.int8_static_int_mm(x, q, scale, qparams, s, b)
+        assert static.shape == (4, 8, 48)
+        assert sqnr(ops.int8_static_reference(x, q, scale, qparams, s, b), static) > 60
+    dynamic = ops.int8_dynamic_int_mm(x, q, scale, b)  # symmetric int8 per token
+    assert sqnr(torch.nn.functional.linear(x, w, b), dynamic) > 35
+
+
+def test_cuda_tensors_dispatch_to_int_mm(monkeypatch):
+    """A CUDA input with _int_mm-friendly shapes takes the torch._int_mm kernel (mocked: no GPU)."""
+    w, b = _weights()
+    q, scale = ops.quantize_int8_per_channel(w)
+    calls = []
+    real_int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, m: calls.append(a.shape) or real_int_mm(a, m))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    big, small, odd = torch.randn(32, 64), torch.randn(8, 64), torch.randn(32, 60)
+    assert ops.int8_dynamic_kernel(big, q) == "int_mm" and ops.int8_static_kernel(big, q) == "int_mm"
+    assert ops.int8_dynamic_kernel(small, q) != "int_mm"  # M <= 16: cuBLAS int8 refuses it
+    assert ops.int8_dynamic_kernel(odd, q[:, :60]) != "int_mm"  # K not a multiple of 8
+    ops.linear_int8_dynamic_impl(big, q, scale, b)
+    ops.linear_int8_static_impl(big, q, scale, ops.calibrated_qparams(-4, 4), None, b)
+    assert calls == [(32, 64), (32, 64)]
+    ops.linear_int8_dynamic_impl(small, q, scale, b)
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_pack_round_trip(group):
     w, _ = _weights(n=8, k=256)
@@ -122,6 +205,11 @@ def test_gradients_reach_activations_and_bias(scheme):
         q, scale = ops.quantize_int4_grouped(w, 32)
         out = ops.linear_int4_weight(x, q, scale, bias, 32)
         dense = ops.dequantize_int4(q, scale, 32, torch.float32)
+    elif scheme == "int8-static":
+        q, scale = ops.quantize_int8_per_channel(w)
+        smooth = torch.rand(64) + 0.5
+        out = ops.linear_int8_static(x, q, scale, ops.calibrated_qparams(-1.0, 1.0), smooth, bias)
+        dense = ops.dequantize_int8(q, scale, torch.float32) / smooth
     else:
         q, scale = ops.quantize_int8_per_channel(w)
         op = ops.linear_int8_dynamic if scheme == "int8-dynamic" else ops.linear_int8_weight
@@ -134,7 +222,8 @@ def test_gradients_reach_activations_and_bias(scheme):
 
 
 # -- the pass ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("scheme, min_db", [("int8-dynamic", 35), ("int8-weight", 35), ("int4-weight", 20)])
+@pytest.mark.parametrize("scheme, min_db", [("int8-dynamic", 35), ("int8-static", 30), ("int8-weight", 35),
+                                            ("int4-weight", 20)])
 def test_bert_linears_rewritten(scheme, min_db):
     _, program = captured("bert")
     element = f"quantize{{scheme={scheme}}}" if scheme != "int4-weight" else "quantize{scheme=int4-weight,group=32}"
@@ -174,9 +263,10 @@ def test_gpt2_conv1d_and_tied_lm_head():
     assert sqnr(first(program.run()), first(both.run())) > 30
 
 
-def test_skip_leaves_named_modules_bit_identical():
+@pytest.mark.parametrize("scheme", ["int8-dynamic", "int8-static"])
+def test_skip_leaves_named_modules_bit_identical(scheme):
     _, program = captured("bert")
-    rewritten, result = rewrite(program, "quantize{skip=[encoder.layer.0.*,*.output.dense]}")
+    rewritten, result = rewrite(program, f"quantize{{scheme={scheme},skip=[encoder.layer.0.*,*.output.dense]}}")
     skipped = {d["module_path"]: d["reason"] for d in result.details["modules"] if d["action"] == "skipped"}
     assert skipped["encoder.layer.0.attention.self.query"] == "skip=encoder.layer.0.*"
     assert skipped["encoder.layer.1.output.dense"] == "skip=*.output.dense"
@@ -201,10 +291,120 @@ def test_modules_selects_and_nothing_selected_is_unmodified():
     assert untouched.gm.code == program.gm.code
 
 
+def _act_qparams(gm) -> dict[str, list[float]]:
+    return {name: t.tolist() for name, t in gm.named_buffers() if name.endswith("input_qparams")}
+
+
+def test_int8_static_calibrates_on_verification_inputs_without_data():
+    _, program = captured("bert")
+    rewritten, result = rewrite(program, "quantize{scheme=int8-static}")
+    calibration = result.details["calibration"]
+    expected_sets = len(calibration_inputs(program))
+    assert calibration["source"] == "verification inputs" and calibration["sets"] == expected_sets
+    assert calibration["method"] == "mse" and calibration["inputs"] == 8
+    assert sum(calibration["smoothing"].values()) == 8  # one α chosen per input
+    # 12 linears read 8 distinct activations (q, k, v share theirs): one range each, shared
+    scales = _act_qparams(rewritten.gm)
+    assert len(scales) == 12 and len({tuple(v) for v in scales.values()}) == 8
+    assert all(v[0] > 0 and 0 <= v[1] <= 255 and v[1] == int(v[1]) for v in scales.values())
+    # the same sets attached explicitly give the same scales: they are what it used
+    attached, result = rewrite(with_calibration(program.copy(), calibration_inputs(program)),
+                               "quantize{scheme=int8-static}")
+    assert result.details["calibration"]["source"] == "attached calibration data"
+    assert _act_qparams(attached.gm) == scales
+
+
+def test_int8_static_calibration_data_changes_the_scales():
+    _, program = captured("bert")
+    baseline, _ = rewrite(program, "quantize{scheme=int8-static}")
+    g = torch.Generator().manual_seed(7)
+    sets = [(torch.randint(0, 8, (3, 24), generator=g), torch.ones(3, 24, dtype=torch.int64)) for _ in range(5)]
+    calibrated, result = rewrite(with_calibration(program.copy(), sets), "quantize{scheme=int8-static,calibration-batches=2}")
+    assert result.details["calibration"]["source"] == "attached calibration data"
+    assert result.details["calibration"]["sets"] == 2
+    before, after = _act_qparams(baseline.gm), _act_qparams(calibrated.gm)
+    assert before.keys() == after.keys() and all(before[k] != after[k] for k in before)
+    quantized = [d for d in result.details["modules"] if d["action"] == "quantized"]
+    assert all(d["act_scale"] > 0 for d in quantized)
+    assert sqnr(first(program.run()), first(calibrated.run())) > 20
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
+def test_int8_static_methods_clip_in_order(method):
+    """minmax covers every calibration value; the others clip (mse chooses its clip by error)."""
+    _, program = captured("bert")
+    rewritten, result = rewrite(program, f"quantize{{scheme=int8-static,smoothing=0,calibration-method={method}}}")
+    assert result.details["calibration"]["method"] == method and result.details["calibration"]["smoothing"] == {"0": 8}
+    assert not any(name.endswith("input_smooth") for name, _ in rewritten.gm.named_buffers())
+    minmax, _ = rewrite(program, "quantize{scheme=int8-static,smoothing=0,calibration-method=minmax}")
+    widths = lambda gm: {k: v[0] for k, v in _act_qparams(gm).items()}  # noqa: E731  (scale = range / 255)
+    ours, widest = widths(rewritten.gm), widths(minmax.gm)
+    assert all(ours[k] <= widest[k] * (1 + 1e-6) for k in ours)
+    assert sqnr(first(program.run()), first(rewritten.run())) > 30
+
+
+class _MLP(torch.nn.Module):
+    """Linears with K = 96 and 256: int4 group 32 gives 3 blocks (odd: zero points padded) and 8."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = torch.nn.Linear(96, 256)
+        self.down = torch.nn.Linear(256, 128, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+@functools.lru_cache(maxsize=None)
+def _mlp_program():
+    x = torch.randn(2, 24, 96, generator=torch.Generator().manual_seed(0))
+    return capture(_MLP().eval(), (x,))
+
+
+@functools.lru_cache(maxsize=None)
+def _onnx_size(pipeline: str) -> tuple:
+    """(model.onnx initializer bytes, op types, report, native ops) of the MLP on onnxruntime."""
+    import onnx
+    import onnx.numpy_helper
+
+    res = optpipe.optimize(_mlp_program(), pipeline=pipeline, target="onnxruntime", diffs=False)
+    with tempfile.TemporaryDirectory() as out:
+        res.save(os.path.join(out, "OUT"))
+        path = os.path.join(out, "OUT", "model.onnx")
+        model = onnx.load(path)
+        kinds = {n.op_type for n in model.graph.node}
+        weights = sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+        return weights, kinds, res.report, res.compiled.info.get("optpipe_ops_native")
+
+
+@pytest.mark.parametrize("pipeline, native_ops, op, smaller", [
+    ("quantize{scheme=int8-static}", {"QuantizeLinear", "MatMulInteger"}, "optpipe.linear_int8_static", 3.6),
+    ("quantize{scheme=int4-weight,group=32}", {"MatMulNBits"}, "optpipe.linear_int4_weight", 6.0),
+])
+def test_onnxruntime_native_lowering(pipeline, native_ops, op, smaller):
+    """int8-static lowers to QuantizeLinear + MatMulInteger, int4-weight to com.microsoft::MatMulNBits
+    (ORT's block-wise int4 GEMM); both match the torch program on ORT and shrink the ONNX weights by
+    what their formats promise: int8 + a scale per channel (+ int8-static's smoothing per input channel)
+    ~3.7x, int4 + scale and zero point per 32 ~6.1x."""
+    reason = _target_available("optpipe.targets.onnxruntime_backend")
+    if reason:
+        pytest.skip(reason)
+    fp32_bytes, _, _, _ = _onnx_size("dce")
+    size, kinds, report, native = _onnx_size(pipeline)
+    assert native == [op] and native_ops <= kinds and "MatMul" not in kinds
+    assert report["target_check"]["ok"], report["target_check"]
+    assert report["target_check"].get("sqnr_db", 99) > 60 or report["target_check"]["max_abs"] < 1e-4
+    assert fp32_bytes / size > smaller, (fp32_bytes, size)
+
+
 @pytest.mark.parametrize("element, message", [
     ("quantize{scheme=int3}", "expected one of"),
     ("quantize{scheme=int4-weight,group=48}", "group must be one of 32, 64, 128"),
     ("quantize{modules=[]}", "modules is empty"),
+    ("quantize{scheme=int8-static,calibration-batches=0}", "calibration-batches must be a positive integer"),
+    ("quantize{calibration-method=kl}", "expected one of"),
+    ("quantize{scheme=int8-static,smoothing=1.5}", "smoothing must be in [0, 1)"),
 ])
 def test_bad_options_are_one_line_errors(element, message):
     with pytest.raises(Exception) as info:
@@ -230,14 +430,22 @@ def test_budget_stops_a_pass_that_loses_too_much():
     assert record["stats"]["quantized"] == 12
 
 
+@functools.lru_cache(maxsize=None)
+def saved_size(name: str) -> int:
+    """Bytes of the captured fp32 program's saved archive (saved once for every scheme)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "fp32.pt2")
+        captured(name)[1].save(path)
+        return os.path.getsize(path)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_save_load_round_trip(scheme, tmp_path):
     _, program = captured("gpt2")
     rewritten, result = rewrite(program, f"quantize{{scheme={scheme},embeddings=true}}")
-    fp32, path = tmp_path / "fp32.pt2", tmp_path / "program.pt2"
-    program.save(fp32)
+    path = tmp_path / "program.pt2"
     rewritten.save(path)
-    saved = os.path.getsize(fp32) - os.path.getsize(path)  # tiny model: the graph is most of the file
+    saved = saved_size("gpt2") - os.path.getsize(path)  # tiny model: the graph is most of the file
     assert saved > 0.9 * (result.stats["bytes_before"] - result.stats["bytes_after"])
     loaded = optpipe.load_program(path)
     FileCheck().check(OP_CALL[scheme]).run(loaded.gm.code)
@@ -269,6 +477,7 @@ def _target_available(module: str) -> str | None:
 @pytest.mark.parametrize("target, module, scheme", [
     ("onnxruntime", "optpipe.targets.onnxruntime_backend", "int8-dynamic"),
     ("onnxruntime", "optpipe.targets.onnxruntime_backend", "int4-weight"),
+    ("onnxruntime", "optpipe.targets.onnxruntime_backend", "int8-static"),
     ("tvm", "optpipe.targets.tvm_backend", "int8-dynamic"),
     ("tvm", "optpipe.targets.tvm_backend", "int8-weight"),
 ])
@@ -298,6 +507,8 @@ def test_target_parity(target, module, scheme):
             res.save(os.path.join(out, "OUT"))
             kinds = {n.op_type for n in onnx.load(os.path.join(out, "OUT", "model.onnx")).graph.node}
         assert {"DynamicQuantizeLinear", "MatMulInteger"} <= kinds
+    if target == "onnxruntime" and scheme != "int8-dynamic":
+        assert res.compiled.info["optpipe_ops_native"] == [f"optpipe.linear_{scheme.replace('-', '_')}"]
 
 
 # -- real weights ---------------------------------------------------------------------------------------------
@@ -344,6 +555,7 @@ def embed(program, inputs) -> torch.Tensor:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("element, least", [("quantize{scheme=int8-dynamic}", 0.99),
+                                            ("quantize{scheme=int8-static}", 0.99),
                                             ("quantize{scheme=int4-weight,group=32}", 0.97)])
 def test_minilm_sentence_embeddings_keep_cosine(minilm_batch, element, least):
     program, inputs = minilm_batch
@@ -361,3 +573,17 @@ def test_quantize_example_runs(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "int8-dynamic" in r.stdout and "smaller" in r.stdout
+
+
+@pytest.mark.slow
+def test_minilm_int8_static_calibrated_on_sentences(minilm_batch):
+    """Calibrated on real sentences (32 of them, attached as calibration data) instead of random
+    token ids, int8-static keeps int8-dynamic's quality on the other 32."""
+    program, (ids, mask) = minilm_batch
+    calibrated = with_calibration(program.copy(), [(ids[i:i + 8], mask[i:i + 8]) for i in range(32, 64, 8)])
+    rewritten, result = rewrite(calibrated, "quantize{scheme=int8-static}")
+    assert result.details["calibration"]["source"] == "attached calibration data"
+    held_out = (ids[:32], mask[:32])
+    with torch.no_grad():
+        cosine = torch.nn.functional.cosine_similarity(embed(program, held_out), embed(rewritten, held_out), dim=-1)
+    assert cosine.mean() >= 0.995, f"mean cosine {cosine.mean():.4f} (min {cosine.min():.4f})"

@@ -1,0 +1,140 @@
+"""Training throughput: dense vs optimized programs, and torch vs onnxruntime-training, in one run.
+
+    python benchmarks/train.py                         # seq 1024 and 4096; ORT at seq 256
+    python benchmarks/train.py --seqs 1024 --threads 1 --repeat 3
+    python benchmarks/train.py --quick                 # seq 256 only (a smoke run)
+
+Model: a byte-level GPT (examples/heal.py `build`: 4 layers, 256 wide, 4 heads of 64, vocab 259)
+captured by optpipe, then `attention{kind=sliding-window,window=256}` and `attention{kind=linear}`.
+One training step = forward, next-token loss, backward, AdamW step, batch 1, fp32 on CPU. The
+programs are timed round-robin (one step each per round, `--repeat` rounds, minimum kept), so load
+from other processes hits them alike; tokens/s = seq / step time, ratio = kind / dense.
+
+torch vs onnxruntime-training: the same dense program, same step (`OrtTrainer`: loss and AdamW in
+the ORT graph), at `--ort-seq`; ratio = torch step time / ORT step time (> 1: ORT is faster).
+
+Prints markdown tables; `--json FILE` also writes the rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import optpipe  # noqa: E402
+from examples.heal import build  # noqa: E402
+from optpipe.training import task_loss  # noqa: E402
+
+KINDS = {"dense": None, "sliding-window (256)": "attention{kind=sliding-window,window=256}",
+         "linear": "attention{kind=linear}"}
+
+
+def programs(seq: int, layers: int, width: int) -> dict:
+    model, _ = build(context=seq, layers=layers, width=width, heads=width // 64)
+    base = optpipe.capture(model, (torch.zeros(1, seq, dtype=torch.long),))
+    out = {}
+    for name, pipeline in KINDS.items():
+        out[name] = base if pipeline is None else optpipe.Pipeline.parse(pipeline).run(base.copy(), verify=False)[0]
+    return out
+
+
+def torch_step(program, seq: int):
+    gm = program.gm
+    opt = torch.optim.AdamW(gm.parameters(), lr=1e-4)
+    ids = torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = task_loss(gm(ids), ids, "clm")
+        loss.backward()
+        opt.step()
+        return float(loss)
+    return step
+
+
+def round_robin(steps: dict, repeat: int) -> dict:
+    for fn in steps.values():  # warm up: allocator, optimizer state, one-time kernels
+        fn()
+    best = {name: float("inf") for name in steps}
+    for _ in range(repeat):
+        for name, fn in steps.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
+def ort_rows(seq: int, layers: int, width: int, repeat: int) -> list[dict]:
+    from optpipe.targets.onnxruntime_backend import OrtTrainer
+
+    rows = []
+    progs = programs(seq, layers, width)
+    ids = torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(0))
+    for name, prog in progs.items():
+        steps = {"torch": torch_step(prog.copy(), seq)}
+        try:
+            trainer = OrtTrainer(prog, objective="clm", lr=1e-4)
+            steps["onnxruntime-training"] = lambda: trainer.step((ids,), ids)
+        except Exception as e:  # noqa: BLE001 - a program ORT cannot train is a row, not a crash
+            rows.append({"program": name, "seq": seq, "error": str(e).splitlines()[0][:120]})
+            continue
+        best = round_robin(steps, repeat)
+        rows.append({"program": name, "seq": seq, "torch_ms": best["torch"] * 1e3,
+                     "ort_ms": best["onnxruntime-training"] * 1e3,
+                     "torch_over_ort": best["torch"] / best["onnxruntime-training"]})
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seqs", default="1024,4096")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--ort-seq", type=int, default=256)
+    ap.add_argument("--no-ort", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", metavar="FILE")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seqs = [256] if args.quick else [int(s) for s in args.seqs.split(",")]
+    print(f"# training step, byte GPT {args.layers}x{args.width}, batch 1, fp32, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}\n")
+    print("| seq | program | step ms | tokens/s | vs dense |\n|---|---|---|---|---|")
+    rows = []
+    for seq in seqs:
+        progs = programs(seq, args.layers, args.width)
+        best = round_robin({name: torch_step(p, seq) for name, p in progs.items()}, args.repeat)
+        for name, t in best.items():
+            row = {"seq": seq, "program": name, "step_ms": t * 1e3, "tokens_per_s": seq / t,
+                   "ratio_vs_dense": best["dense"] / t}
+            rows.append(row)
+            print(f"| {seq} | {name} | {row['step_ms']:.1f} | {row['tokens_per_s']:.0f} | {row['ratio_vs_dense']:.2f}x |")
+    ort = []
+    if not args.no_ort:
+        ort = ort_rows(args.ort_seq if not args.quick else 64, args.layers, args.width, args.repeat)
+        print("\n| seq | program | torch step ms | onnxruntime-training step ms | torch / ORT |\n|---|---|---|---|---|")
+        for r in ort:
+            if "error" in r:
+                print(f"| {r['seq']} | {r['program']} | | not trainable on ORT: {r['error']} | |")
+            else:
+                print(f"| {r['seq']} | {r['program']} | {r['torch_ms']:.1f} | {r['ort_ms']:.1f} | {r['torch_over_ort']:.2f}x |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": rows, "onnxruntime": ort}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

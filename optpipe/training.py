@@ -1,0 +1,901 @@
+"""Training an optimized program where it runs: pre-training, fine-tuning, healing by distillation.
+
+    optpipe train OUT --data FILE --objective clm --steps 500 -o OUT2 [--distill-from MODEL]
+    optpipe.train("OUT", data="corpus.txt", objective="clm", steps=500, out="OUT2")
+
+The program's GraphModule is an ordinary `nn.Module` whose parameters are attributes, so the torch
+backend trains it directly (eager, or `torch.compile`d); onnxruntime trains artifacts generated from
+the same graph (`optpipe.targets.onnxruntime_backend.OrtTrainer`).
+
+Objectives (losses are means over the label tokens, `-100` ignored):
+- `clm`: next-token cross-entropy, logits[:, :-1] against ids[:, 1:];
+- `mlm`: cross-entropy at the masked positions (masking strategies in `optpipe.data`);
+- distillation (`distill_from`): `alpha·task + (1-alpha)·T²·KL(teacher_T ‖ student_T)` plus
+  `hidden_weight ×` the normalised MSE between student and teacher outputs of the same modules
+  (module paths from `nn_module_stack`): every transformer block, and the attention module of
+  each layer a pass rewrote (attention transfer for swapped layers).
+
+Runs a person can trust: a progress line (loss, tokens/s, ETA) on stderr, `metrics.jsonl`,
+validation perplexity, checkpoints written atomically every N steps, `resume=True` continuing
+bit-exactly after the process was killed, Ctrl-C saving a checkpoint first. Data parallelism runs
+one process per rank under torch.distributed (`nproc`): each rank takes its slice of the global
+batch and the loss is normalised by the global token count, so N ranks follow the 1-rank curve.
+
+OUT2 holds `program.pt2` (the trained program), `train.json`, `metrics.jsonl`, `checkpoints/`, and
+what `optpipe run`/`generate` need (`target.json`, `pipeline.txt`, `tokenizer.json`).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from .errors import OptpipeError, UsageError
+from .program import Program
+
+OBJECTIVES = ("clm", "mlm")
+TARGETS = ("cpu", "cuda", "onnxruntime")
+IGNORE = -100
+_LAYER_RE = re.compile(r"(?:^|\.)(?:h|layers?|blocks?)\.(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What `optpipe train` does; every field is a CLI option of the same name."""
+
+    objective: str = "clm"
+    steps: int = 100
+    batch_size: int = 8
+    """Global batch (sequences per optimizer step, over all ranks and accumulation steps)."""
+    seq_len: int | None = None
+    """Tokens per sequence (default: the program's example input length)."""
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr: float | None = None
+    """End of the cosine schedule (default lr/10)."""
+    warmup: int | None = None
+    """Linear warmup steps (default 5% of steps)."""
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    clip: float | None = 1.0
+    layer_decay: float | None = None
+    """Layer-wise lr decay: layer i of L gets lr·decay^(L-i); embeddings decay^(L+1)."""
+    trainable: tuple[str, ...] = ("*",)
+    """Globs over parameter names, or `changed`: the parameters of modules a pass rewrote or added."""
+    distill_from: str | None = None
+    temperature: float = 2.0
+    alpha: float = 0.0
+    """Weight of the task loss when distilling (the KL term gets 1-alpha)."""
+    hidden_weight: float = 1.0
+    """Weight of the per-module hidden-state matching when distilling (0: logits only)."""
+    mask: str = "random"
+    mask_rate: float = 0.15
+    val_fraction: float = 0.05
+    val_batches: int = 8
+    val_every: int | None = None
+    log_every: int = 10
+    checkpoint_every: int | None = None
+    seed: int = 0
+    target: str = "cpu"
+    compile: bool = False
+    amp: bool = False
+    """bf16 autocast (CUDA only)."""
+    text_key: str = "text"
+
+    def __post_init__(self):
+        def bad(what, hint):
+            raise UsageError(f"train: {what}", hint)
+
+        if self.objective not in OBJECTIVES:
+            bad(f"unknown objective {self.objective!r}", f"one of {', '.join(OBJECTIVES)}")
+        if self.target not in TARGETS:
+            bad(f"cannot train on target {self.target!r}", f"one of {', '.join(TARGETS)}")
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "val_batches"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(f"{name} must be a positive integer, got {getattr(self, name)!r}", f"e.g. --{name.replace('_', '-')} 1")
+        for name in ("seq_len", "checkpoint_every", "val_every", "warmup"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < (0 if name == "warmup" else 1)):
+                bad(f"{name} must be a positive integer, got {v!r}", f"e.g. --{name.replace('_', '-')} 100")
+        if self.batch_size % self.grad_accum:
+            bad(f"batch size {self.batch_size} is not divisible by grad-accum {self.grad_accum}",
+                "make --batch-size a multiple of --grad-accum")
+        if not self.lr > 0:
+            bad(f"lr must be > 0, got {self.lr}", "e.g. --lr 3e-4")
+        if not 0 <= self.alpha <= 1:
+            bad(f"alpha must be in [0, 1], got {self.alpha}", "e.g. --alpha 0.5")
+        if not 0 < self.mask_rate < 1:
+            bad(f"mask rate must be in (0, 1), got {self.mask_rate}", "e.g. --mask-rate 0.15")
+        if not 0 <= self.val_fraction < 1:
+            bad(f"val fraction must be in [0, 1), got {self.val_fraction}", "e.g. --val-fraction 0.05")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            bad(f"layer decay must be in (0, 1], got {self.layer_decay}", "e.g. --layer-decay 0.8")
+        if self.amp and self.target != "cuda":
+            bad("--amp (bf16 autocast) needs --target cuda", "drop --amp on CPU")
+        if isinstance(self.trainable, str):
+            object.__setattr__(self, "trainable", tuple(p for p in self.trainable.split(",") if p))
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.steps // 20 if self.warmup is None else self.warmup
+
+    def lr_at(self, step: int) -> float:
+        """Warmup then cosine to min_lr; `step` counts from 0."""
+        min_lr = self.lr / 10 if self.min_lr is None else self.min_lr
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(1, self.steps - self.warmup_steps)
+        t = min(1.0, (step - self.warmup_steps) / span)
+        return min_lr + 0.5 * (self.lr - min_lr) * (1 + math.cos(math.pi * t))
+
+
+# -- losses --------------------------------------------------------------------------------------
+def task_loss_sum(logits: torch.Tensor, labels: torch.Tensor, objective: str) -> tuple[torch.Tensor, int]:
+    """(sum of token cross-entropies, number of label tokens) for `objective`."""
+    if objective == "clm":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss, int((labels != IGNORE).sum())
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, objective: str) -> torch.Tensor:
+    """Mean cross-entropy over the label tokens (the loss every backend reports)."""
+    total, count = task_loss_sum(logits, labels, objective)
+    return total / max(count, 1)
+
+
+def distill_kl_sum(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, objective: str,
+                   temperature: float) -> torch.Tensor:
+    """Σ over label positions of T²·KL(softmax(teacher/T) ‖ softmax(student/T))."""
+    if objective == "clm":
+        student, teacher, labels = student[:, :-1], teacher[:, :-1], labels[:, 1:]
+    keep = labels.reshape(-1) != IGNORE
+    s = student.reshape(-1, student.shape[-1])[keep].float() / temperature
+    t = teacher.reshape(-1, teacher.shape[-1])[keep].float() / temperature
+    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
+    return kl * temperature ** 2
+
+
+# -- module taps (hidden-state matching) ---------------------------------------------------------
+def block_paths(program: Program) -> list[str]:
+    """Module paths of the transformer blocks (`…h.3`, `…layers.3`, `…layer.3`), in order."""
+    seen: dict[str, None] = {}
+    for node in program.gm.graph.nodes:
+        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+            m = _LAYER_RE.search(path)
+            if m and path[:m.end()].rstrip(".") == path:
+                seen.setdefault(path, None)
+    return list(seen)
+
+
+def rewritten_paths(program: Program) -> list[str]:
+    """Innermost module paths that own an optpipe op (what attention/quantize/... rewrote)."""
+    seen: dict[str, None] = {}
+    for node in program.gm.graph.nodes:
+        if node.op == "call_function" and str(getattr(node.target, "namespace", "")) == "optpipe":
+            stack = list((node.meta.get("nn_module_stack") or {}).values())
+            if stack and stack[-1][0]:
+                seen.setdefault(stack[-1][0], None)
+    return list(seen)
+
+
+def tapped_module(program: Program, paths: list[str]) -> tuple[torch.fx.GraphModule, list[str]]:
+    """A GraphModule returning (*outputs, *taps): each tap is the last float tensor computed inside
+    module `path` (its output). Parameters are shared with `program.gm`. Paths not found are
+    dropped; the second result lists the paths tapped."""
+    gm = program.gm
+    with warnings.catch_warnings():  # deep-copying pytree specs trips a torch deprecation notice
+        warnings.simplefilter("ignore", FutureWarning)
+        graph = copy.deepcopy(gm.graph)
+    last: dict[str, torch.fx.Node] = {}
+    wanted = set(paths)
+    for node in graph.nodes:
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or not val.is_floating_point() or val.dim() < 2:
+            continue
+        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+            if path in wanted:
+                last[path] = node
+    for node in list(graph.nodes):  # shape guards of the capture: the trainer feeds valid shapes
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    found = [p for p in paths if p in last]
+    out = graph.output_node()
+    flat = out.args[0]
+    flat = list(flat) if isinstance(flat, (tuple, list)) else [flat]
+    out.args = (tuple(flat) + tuple(last[p] for p in found),)
+    graph._codegen = torch.fx.graph.CodeGen()
+    new = torch.fx.GraphModule(gm, graph, class_name="Tapped")
+    return new, found
+
+
+# -- parameters ----------------------------------------------------------------------------------
+def select_trainable(program: Program, patterns, teacher: Program | None = None) -> list[str]:
+    """Names of the parameters to train (globs over names, or `changed`)."""
+    names = [n for n, _ in program.gm.named_parameters()]
+    chosen: dict[str, None] = {}
+    for pat in patterns:
+        if pat == "changed":
+            chosen.update(dict.fromkeys(changed_parameters(program, teacher)))
+        else:
+            chosen.update(dict.fromkeys(n for n in names if fnmatch.fnmatchcase(n, pat)))
+    if not chosen:
+        raise UsageError(f"train: no parameter matches --trainable {','.join(patterns)}",
+                         "use globs over parameter names (see `optpipe inspect`), or `changed`")
+    return [n for n in names if n in chosen]
+
+
+def changed_parameters(program: Program, teacher: Program | None) -> list[str]:
+    """Parameters of the modules a pass rewrote (they own optpipe ops), plus parameters that are
+    new or reshaped relative to `teacher`."""
+    prefixes = tuple(p + "." for p in rewritten_paths(program))
+    ref = dict(teacher.gm.named_parameters()) if teacher is not None else {}
+    out = []
+    for name, p in program.gm.named_parameters():
+        if name.startswith(prefixes) or (ref and (name not in ref or ref[name].shape != p.shape)):
+            out.append(name)
+    if not out:
+        raise UsageError("train: --trainable changed, but no pass changed any parameter of this program",
+                         "train all parameters, or give globs")
+    return out
+
+
+def layer_of(name: str) -> int | None:
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def param_groups(named: list[tuple[str, torch.nn.Parameter]], config: TrainConfig) -> list[dict]:
+    """AdamW groups: no weight decay on biases/norms/1-d tensors; layer-wise lr scale."""
+    layers = [layer_of(n) for n, _ in named]
+    num_layers = max((l for l in layers if l is not None), default=-1) + 1
+    groups: dict[tuple, dict] = {}
+    for (name, p), layer in zip(named, layers):
+        decay = config.weight_decay if p.dim() >= 2 else 0.0  # biases and norm scales are 1-d
+        scale = 1.0
+        if config.layer_decay is not None and num_layers:
+            if layer is not None:
+                scale = config.layer_decay ** (num_layers - layer)
+            elif any(k in name for k in ("embed", "wte", "wpe", "position")):
+                scale = config.layer_decay ** (num_layers + 1)
+        g = groups.setdefault((decay, scale), {"params": [], "names": [], "weight_decay": decay, "lr_scale": scale})
+        g["params"].append(p)
+        g["names"].append(name)
+    return list(groups.values())
+
+
+# -- the run -------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    out: str
+    steps: int
+    final_loss: float
+    val_loss: float | None
+    val_ppl: float | None
+    tokens_per_s: float
+    metrics: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("metrics")
+        return d
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def train(model: str | Program, data: str | list[str], out: str, *, resume: bool = False, force: bool = False,
+          nproc: int = 1, progress: bool | None = None, stop_after: int | None = None, **options) -> TrainResult:
+    """Train `model` (an OUT folder, any MODEL form, or a Program) on `data` and write OUT2=`out`.
+
+    `options` are `TrainConfig` fields. `nproc>1` launches that many ranks with torchrun (gloo on
+    CPU, NCCL on CUDA). `stop_after` ends the run after that many steps as if interrupted (tests)."""
+    config = TrainConfig(**options)
+    if nproc > 1 and not _distributed():
+        return _launch(model, data, out, config, resume=resume, force=force, nproc=nproc)
+    return Trainer(model, data, out, config, resume=resume, force=force, progress=progress).run(stop_after)
+
+
+class Trainer:
+    def __init__(self, model, data, out: str, config: TrainConfig, *, resume=False, force=False, progress=None):
+        self.config, self.out = config, os.path.abspath(out)
+        self.rank, self.world = _rank_world()
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if config.target == "cuda" else torch.device("cpu")
+        if config.target == "cuda" and not torch.cuda.is_available():
+            raise UsageError("train --target cuda: no CUDA device is available", "use --target cpu")
+        for source in (model, config.distill_from):
+            if isinstance(source, str) and os.path.abspath(source) == self.out:
+                raise UsageError(f"train: -o {out} is the model it reads", "write the trained program to another folder")
+        self.program, self.source_dir = _load_trainable(model)
+        _check_lm_head(self.program, model)
+        self.teacher = None
+        if config.distill_from:
+            self.teacher, _ = _load_trainable(config.distill_from)
+        _prepare_out(self.out, resume=resume, force=force, rank=self.rank)
+        self.resume = resume
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        seq_len = config.seq_len or int(self.program.example_inputs[0].shape[-1])
+        if self.world > 1 and (config.batch_size // config.grad_accum) % self.world:
+            raise UsageError(f"train: micro-batch {config.batch_size // config.grad_accum} is not divisible by "
+                             f"{self.world} ranks", "make --batch-size a multiple of --grad-accum × --nproc")
+        self.data = _training_data(self.program, self.source_dir, data, config, seq_len)
+        self.inputs_for = _input_builder(self.program)
+        self.names = select_trainable(self.program, config.trainable, self.teacher)
+        params = dict(self.program.gm.named_parameters())
+        trainable = set(self.names)
+        for name, p in params.items():
+            p.requires_grad_(name in trainable)
+        self._build_models()
+        named = [(n, params[n]) for n in self.names]
+        if config.target == "onnxruntime":
+            from .targets.onnxruntime_backend import OrtTrainer, check_trainable
+
+            check_trainable(self.program, config.objective)
+            self.ort = OrtTrainer(self.program, objective=config.objective, trainable=self.names, lr=config.lr,
+                                  betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+            self.optimizer = None
+        else:
+            self.ort = None
+            groups = param_groups(named, config)
+            self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
+                                               foreach=False)
+        self.step = 0
+        self.metrics_path = os.path.join(self.out, "metrics.jsonl")
+
+    # models ------------------------------------------------------------------------------------
+    def _build_models(self):
+        config = self.config
+        self.program.gm.to(self.device)
+        self.tap_paths: list[str] = []
+        self.tap_scale: list[float] | None = None
+        if self.teacher is not None and config.hidden_weight > 0:
+            wanted = block_paths(self.program) + [p for p in rewritten_paths(self.program)
+                                                   if any(k in p for k in ("attn", "attention"))]
+            student, found = tapped_module(self.program, wanted)
+            teacher, tfound = tapped_module(self.teacher, found)
+            keep = [p for p in found if p in tfound]
+            if keep != found:
+                student, found = tapped_module(self.program, keep)
+                teacher, _ = tapped_module(self.teacher, keep)
+            self.tap_paths = found
+            self.student_fn, self.teacher_fn = student, teacher
+        else:
+            self.student_fn, _ = tapped_module(self.program, [])
+            self.teacher_fn = tapped_module(self.teacher, [])[0] if self.teacher is not None else None
+        if self.teacher_fn is not None:
+            self.teacher_fn.to(self.device)
+            for p in self.teacher_fn.parameters():
+                p.requires_grad_(False)
+        self.model = self.student_fn
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(self.student_fn, device_ids=None if self.device.type == "cpu" else [self.device])
+        if config.compile:
+            self.model = torch.compile(self.model)
+
+    # one optimizer step --------------------------------------------------------------------------
+    def _micro_batches(self, batch: dict) -> Iterator[dict]:
+        """This rank's slices of one global batch, one per accumulation step."""
+        cfg = self.config
+        micro = cfg.batch_size // cfg.grad_accum
+        per_rank = micro // self.world
+        for a in range(cfg.grad_accum):
+            lo = a * micro + self.rank * per_rank
+            yield {k: v[lo:lo + per_rank] for k, v in batch.items()}
+
+    def _forward_loss(self, mb: dict, count: int) -> torch.Tensor:
+        """Loss of a micro-batch, normalised by the global label count `count`, times the world
+        size (DDP averages gradients over ranks)."""
+        cfg = self.config
+        inputs = self.inputs_for(mb["input_ids"].to(self.device))
+        labels = mb["labels"].to(self.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp):
+            outs = self.model(*inputs)
+            logits, taps = outs[0], outs[1:]
+            total, _ = task_loss_sum(logits, labels, cfg.objective)
+            if self.teacher_fn is not None:
+                with torch.no_grad():
+                    touts = self.teacher_fn(*inputs)
+                kd = distill_kl_sum(logits, touts[0], labels, cfg.objective, cfg.temperature)
+                total = cfg.alpha * total + (1 - cfg.alpha) * kd
+                if taps and cfg.hidden_weight:
+                    total = total + cfg.hidden_weight * self._hidden_loss_sum(taps, touts[1:])
+        return total / count * self.world
+
+    def _hidden_loss_sum(self, student_taps, teacher_taps) -> torch.Tensor:
+        """Σ over tokens of the mean over taps of ‖s - t‖² / (hidden · var_t): each module's output
+        matched in units of the teacher's spread (fixed per tap, so every rank uses the same scale)."""
+        if self.tap_scale is None:
+            batch = self.data.validation_batches(1, self.config.batch_size)
+            with torch.no_grad():
+                ref = (self.teacher_fn(*self.inputs_for(batch[0]["input_ids"].to(self.device)))[1:] if batch
+                       else teacher_taps)
+            self.tap_scale = [float(t.float().var().clamp_min(1e-6)) for t in ref]
+        total = sum(F.mse_loss(s.float(), t.float(), reduction="sum") / (scale * t.shape[-1])
+                    for s, t, scale in zip(student_taps, teacher_taps, self.tap_scale))
+        return total / len(student_taps)
+
+    def _label_count(self, batch: dict) -> int:
+        labels = batch["labels"]
+        if self.config.objective == "clm":
+            labels = labels[:, 1:]
+        return max(1, int((labels != IGNORE).sum()))
+
+    def train_step(self, batch: dict, lr: float) -> float:
+        """One optimizer step on one global batch; returns its mean loss over all ranks."""
+        if self.ort is not None:
+            return self._ort_step(batch, lr)
+        count = self._label_count(batch)  # every rank holds the whole global batch: no all-reduce needed
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        micro = list(self._micro_batches(batch))
+        for i, mb in enumerate(micro):
+            sync = i == len(micro) - 1
+            ctx = self.model.no_sync() if self.world > 1 and not sync and hasattr(self.model, "no_sync") else _null()
+            with ctx:
+                loss = self._forward_loss(mb, count)
+                loss.backward()
+            loss_sum += loss.detach().double().cpu() / self.world
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(loss_sum)
+        if self.config.clip:
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           self.config.clip, foreach=False)
+        self.optimizer.step()
+        return float(loss_sum)
+
+    def _ort_step(self, batch: dict, lr: float) -> float:
+        if self.world > 1 or self.teacher is not None:
+            raise UsageError("train --target onnxruntime: one process, no distillation",
+                             "distill or run data parallel on --target cpu/cuda")
+        cfg = self.config
+        count, losses = self._label_count(batch), 0.0
+        for mb in self._micro_batches(batch):
+            n = self._label_count(mb)
+            losses += self.ort.accumulate(self.inputs_for(mb["input_ids"]), mb["labels"], weight=n / count) * n / count
+        self.ort.optimizer_step(lr)
+        return losses
+
+    def evaluate(self) -> tuple[float, float] | None:
+        """(mean validation loss over the label tokens, perplexity) of the current weights."""
+        batches = self.data.validation_batches(self.config.val_batches, self.config.batch_size)
+        if self.ort is None:
+            return validation_loss(self.student_fn, self.inputs_for, batches, self.config.objective,
+                                   device=self.device, amp=self.config.amp)
+        if not batches:
+            return None
+        total, count = 0.0, 0
+        for batch in batches:
+            n = self._label_count(batch)
+            total += self.ort.eval_loss(self.inputs_for(batch["input_ids"]), batch["labels"]) * n
+            count += n
+        loss = total / max(count, 1)
+        return loss, math.exp(min(loss, 50.0))
+
+    # checkpoints ----------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        weights = (self.ort.state_dict() if self.ort is not None else
+                   {n: p.detach().cpu().clone() for n, p in self.program.gm.named_parameters()})
+        return {"step": self.step, "weights": weights,
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "data": self.data.state_dict(), "rng": torch.get_rng_state(),
+                "config": json.dumps(self.config.to_dict(), sort_keys=True)}
+
+    def save_checkpoint(self) -> str | None:
+        if self.rank != 0 or self.ort is not None and not hasattr(self.ort, "state_dict"):
+            return None
+        root = os.path.join(self.out, "checkpoints")
+        os.makedirs(root, exist_ok=True)
+        final = os.path.join(root, f"step-{self.step:07d}")
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        torch.save(self._state(), os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, "state.pt"), "rb") as f:
+            os.fsync(f.fileno())
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        with open(os.path.join(root, "latest.tmp"), "w") as f:
+            f.write(os.path.basename(final) + "\n")
+        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+        return final
+
+    def load_checkpoint(self) -> bool:
+        root = os.path.join(self.out, "checkpoints")
+        try:
+            with open(os.path.join(root, "latest")) as f:
+                path = os.path.join(root, f.read().strip(), "state.pt")
+        except FileNotFoundError:
+            return False
+        state = torch.load(path, weights_only=True)
+        saved = json.loads(state["config"])
+        mine = self.config.to_dict()
+        differ = [k for k in saved if k not in ("steps", "log_every", "checkpoint_every", "val_every")
+                  and json.dumps(saved[k]) != json.dumps(mine.get(k))]
+        if differ:
+            raise UsageError(f"train --resume: {', '.join(differ)} differ from the run in {self.out}",
+                             "resume with the same options (only --steps and logging may change)")
+        params = dict(self.program.gm.named_parameters())
+        with torch.no_grad():
+            for name, value in state["weights"].items():
+                params[name].copy_(value)
+        if self.ort is not None:
+            self.ort.load_state_dict(state["weights"])
+        if self.optimizer is not None and state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.data.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        _truncate_metrics(self.metrics_path, self.step)
+        return True
+
+    # the loop -----------------------------------------------------------------------------------
+    def run(self, stop_after: int | None = None) -> TrainResult:
+        cfg = self.config
+        if self.resume and not self.load_checkpoint() and self.rank == 0:
+            print(f"optpipe train: no checkpoint in {self.out}; starting from step 0", file=sys.stderr)
+        if self.rank == 0:
+            _write_json(os.path.join(self.out, "train.json"),
+                        {"config": cfg.to_dict(), "trainable": self.names, "taps": self.tap_paths,
+                         "world_size": self.world, "model": self.program.meta.get("source")})
+        val_every = cfg.val_every or max(1, cfg.steps // 4)
+        ckpt_every = cfg.checkpoint_every
+        tokens_per_step = cfg.batch_size * self.data.seq_len
+        rows, last_loss, val = [], float("nan"), None
+        started, start_step = time.perf_counter(), self.step
+        window_t, window_tokens = time.perf_counter(), 0
+        interrupted = False
+        previous = signal.getsignal(signal.SIGINT)
+        if self.rank == 0 and self.world == 1:
+            signal.signal(signal.SIGINT, _raise_interrupted)
+        try:
+            while self.step < cfg.steps:
+                if stop_after is not None and self.step - start_step >= stop_after:
+                    raise _Interrupted
+                batch = self.data.next_batch(cfg.batch_size)
+                lr = cfg.lr_at(self.step)
+                last_loss = self.train_step(batch, lr)
+                if not math.isfinite(last_loss):
+                    raise OptpipeError(f"train: loss is {last_loss} at step {self.step + 1}",
+                                       "lower --lr, or use --clip")
+                self.step += 1
+                window_tokens += tokens_per_step
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    now = time.perf_counter()
+                    tps = window_tokens / max(now - window_t, 1e-9)
+                    window_t, window_tokens = now, 0
+                    row = {"step": self.step, "loss": round(last_loss, 6), "lr": lr, "tokens_per_s": round(tps, 1)}
+                    if self.step % val_every == 0 or self.step == cfg.steps:
+                        val = self.evaluate()
+                        if val:
+                            row.update(val_loss=round(val[0], 6), val_ppl=round(val[1], 4))
+                    rows.append(row)
+                    self._log(row, started, start_step)
+                if ckpt_every and self.step % ckpt_every == 0:
+                    self.save_checkpoint()
+        except (_Interrupted, KeyboardInterrupt):
+            interrupted = True
+        finally:
+            signal.signal(signal.SIGINT, previous) if self.rank == 0 and self.world == 1 else None
+        if interrupted:
+            path = self.save_checkpoint()
+            if self.progress:
+                print(file=sys.stderr)
+            raise TrainingInterrupted(self.step, path)
+        if self.progress and self.rank == 0:
+            print(file=sys.stderr)
+        if ckpt_every and self.step % ckpt_every:
+            self.save_checkpoint()
+        self._finish()
+        elapsed = time.perf_counter() - started
+        return TrainResult(self.out, self.step, last_loss, val[0] if val else None, val[1] if val else None,
+                           (self.step - start_step) * tokens_per_step / max(elapsed, 1e-9), rows)
+
+    def _log(self, row: dict, started: float, start_step: int) -> None:
+        if self.rank != 0:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        done = self.step - start_step
+        eta = (time.perf_counter() - started) / max(done, 1) * (self.config.steps - self.step)
+        line = (f"step {self.step}/{self.config.steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+                f"{row['tokens_per_s']:.0f} tok/s  ETA {_duration(eta)}")
+        if "val_ppl" in row:
+            line += f"  val ppl {row['val_ppl']:.2f}"
+        if self.progress:
+            print("\r" + line.ljust(100), end="", file=sys.stderr, flush=True)
+            if "val_ppl" in row:
+                print(file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def _finish(self) -> None:
+        if self.ort is not None:
+            self.ort.load_into(self.program)
+        if self.rank != 0:
+            return
+        self.program.gm.to("cpu")
+        for p in self.program.gm.parameters():
+            p.requires_grad_(True)
+        self.program.history = list(self.program.history)
+        self.program.save(os.path.join(self.out, "program.pt2"))
+        target = "cuda" if self.config.target == "cuda" else "cpu"
+        _write_json(os.path.join(self.out, "target.json"), {"target": target, "info": {"trained_on": self.config.target}})
+        with open(os.path.join(self.out, "pipeline.txt"), "w") as f:
+            f.write(self.program.pipeline + "\n")
+        tok = getattr(self.data.tokenizer, "path", "")
+        if tok and os.path.isfile(tok):
+            shutil.copyfile(tok, os.path.join(self.out, "tokenizer.json"))
+
+
+@torch.no_grad()
+def validation_loss(fn, inputs_for, batches, objective: str, *, device=None,
+                    amp: bool = False) -> tuple[float, float] | None:
+    """(mean loss over the label tokens of `batches`, perplexity) of module `fn` (outputs[0]: logits)."""
+    if not batches:
+        return None
+    total, count = 0.0, 0
+    for batch in batches:
+        inputs = tuple(x.to(device) if device is not None else x for x in inputs_for(batch["input_ids"]))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            out = fn(*inputs)
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+        s, n = task_loss_sum(logits, batch["labels"].to(logits.device), objective)
+        total += float(s)
+        count += n
+    loss = total / max(count, 1)
+    return loss, math.exp(min(loss, 50.0))
+
+
+def evaluate(model, data, **options) -> dict:
+    """Validation loss and perplexity of `model` on the validation split of `data`, with the same
+    split, packing and masking `train` would use for these options (TrainConfig fields)."""
+    config = TrainConfig(**options)
+    program, folder = _load_trainable(model)
+    seq_len = config.seq_len or int(program.example_inputs[0].shape[-1])
+    tdata = _training_data(program, folder, data, config, seq_len)
+    fn, _ = tapped_module(program, [])
+    res = validation_loss(fn, _input_builder(program), tdata.validation_batches(config.val_batches, config.batch_size),
+                          config.objective)
+    if res is None:
+        raise UsageError("evaluate: the data has no validation split", "use a val fraction > 0")
+    return {"val_loss": res[0], "val_ppl": res[1]}
+
+
+class TrainingInterrupted(OptpipeError):
+    """The run was stopped (Ctrl-C); a checkpoint was written and `--resume` continues it."""
+
+    exit_code = 130
+
+    def __init__(self, step: int, checkpoint: str | None):
+        super().__init__(f"training interrupted at step {step}; checkpoint {checkpoint or 'not written'}",
+                         "rerun the same command with --resume to continue")
+        self.step, self.checkpoint = step, checkpoint
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _raise_interrupted(signum, frame):
+    raise _Interrupted
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(rows)
+    os.replace(tmp, path)
+
+
+def _prepare_out(out: str, *, resume: bool, force: bool, rank: int) -> None:
+    from .outdir import MARKER, check_writable
+
+    if resume:
+        if not os.path.isdir(out):
+            raise UsageError(f"train --resume: {out} does not exist", "start the run without --resume")
+        return
+    if rank != 0:
+        return
+    check_writable(out, force)
+    if os.path.isdir(out) and os.listdir(out):
+        if os.path.isdir(os.path.join(out, "checkpoints")) and not force:
+            raise UsageError(f"{out} holds a training run", "continue it with --resume, or pass --force to start over")
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, MARKER), "w") as f:
+        f.write("written by optpipe; safe to replace with a new optpipe run\n")
+
+
+def _load_trainable(model) -> tuple[Program, str | None]:
+    """(Program, folder it came from) for an OUT folder, any MODEL form, or a Program."""
+    if isinstance(model, Program):
+        return model, None
+    from .loading import load_model
+
+    program = load_model(model)
+    if program.meta.get("kv_cache"):
+        raise UsageError(f"{model} is a kv-cache step program (generation only)",
+                         "train the program before the kv-cache pass, then add kv-cache")
+    folder = model if os.path.isdir(model) else None
+    return program, folder
+
+
+def _training_data(program: Program, folder: str | None, data, config: TrainConfig, seq_len: int):
+    from .data import TrainingData, tokenizer_for_program
+
+    return TrainingData(data, tokenizer_for_program(program, folder), seq_len=seq_len,
+                        objective=config.objective, seed=config.seed,
+                        val_fraction=config.val_fraction, mask=config.mask, mask_rate=config.mask_rate,
+                        text_key=config.text_key, vocab_size=_vocab(program))
+
+
+def _check_lm_head(program: Program, source) -> None:
+    """The first output must be logits over the vocabulary (not hidden states or an embedding)."""
+    out = program.gm.graph.output_node().args[0]
+    first = out[0] if isinstance(out, (tuple, list)) else out
+    val = first.meta.get("val") if isinstance(first, torch.fx.Node) else None
+    vocab = _vocab(program)
+    if val is None or vocab is None:
+        return
+    if val.dim() != 3 or val.shape[-1] != vocab:
+        raise UsageError(f"train: {source if isinstance(source, str) else 'the program'} outputs "
+                         f"{list(val.shape)}, not logits over its {vocab}-token vocabulary",
+                         "train a model with a language-model head (e.g. AutoModelForCausalLM, BertForMaskedLM)")
+
+
+def _vocab(program: Program) -> int | None:
+    cfg = program.meta.get("config") or {}
+    return cfg.get("vocab_size") or program.meta.get("vocab_size")
+
+
+def _input_builder(program: Program) -> Callable[[torch.Tensor], tuple]:
+    """input_ids -> the program's positional inputs (attention mask of ones, token types of zeros)."""
+    names = [n.lower() for n in program.input_names]
+    if not names or "ids" not in names[0] and "input" not in names[0]:
+        raise UsageError(f"train: the program's first input is {program.input_names[0]!r}, not token ids",
+                         "train language models whose first input is input_ids")
+    refs = program.example_inputs
+
+    def build(ids: torch.Tensor) -> tuple:
+        out = [ids]
+        for name, ref in zip(names[1:], refs[1:]):
+            if "mask" in name:
+                out.append(torch.ones(ids.shape, dtype=ref.dtype, device=ids.device))
+            elif "type" in name:
+                out.append(torch.zeros(ids.shape, dtype=ref.dtype, device=ids.device))
+            elif "position" in name:
+                out.append(torch.arange(ids.shape[1], device=ids.device).expand(ids.shape).to(ref.dtype))
+            else:
+                raise UsageError(f"train: cannot build the program input {name!r} from token ids",
+                                 "train programs that take input_ids (and masks / token types)")
+        return tuple(out)
+
+    return build
+
+
+# -- data parallel ---------------------------------------------------------------------------------
+def _distributed() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _rank_world() -> tuple[int, int]:
+    if not _distributed():
+        return 0, 1
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("OPTPIPE_TRAIN_TARGET") == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(os.environ.get("OPTPIPE_DIST_TIMEOUT", 120))))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _launch(model, data, out, config: TrainConfig, *, resume, force, nproc) -> TrainResult:
+    """Run this training under torchrun with `nproc` ranks; returns rank 0's result."""
+    import subprocess
+    import tempfile
+
+    if isinstance(model, Program):
+        raise UsageError("train with nproc > 1 needs a model path (each rank loads it)", "save the program first")
+    spec = {"model": model, "data": data, "out": out, "resume": resume, "force": force, "config": config.to_dict()}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path = os.path.join(tmp, "spec.json")
+        result_path = os.path.join(tmp, "result.json")
+        _write_json(spec_path, spec)
+        env = dict(os.environ, OPTPIPE_TRAIN_TARGET=config.target, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "--max-restarts=0", "-m", "optpipe.training", spec_path, result_path]
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            lines = [l for l in proc.stderr.splitlines() if l.startswith(("optpipe", "error:")) or "Error" in l]
+            raise OptpipeError(f"data-parallel training failed (exit {proc.returncode}): "
+                               f"{lines[-1] if lines else proc.stderr.strip().splitlines()[-1:]}",
+                               "a rank died; the others were stopped; see the messages above")
+        with open(result_path) as f:
+            res = json.load(f)
+    return TrainResult(**res, metrics=_read_metrics(os.path.join(out, "metrics.jsonl")))
+
+
+def _read_metrics(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _rank_main(spec_path: str, result_path: str) -> int:
+    with open(spec_path) as f:
+        spec = json.load(f)
+    cfg = spec["config"]
+    cfg["betas"] = tuple(cfg["betas"])
+    cfg["trainable"] = tuple(cfg["trainable"])
+    try:
+        trainer = Trainer(spec["model"], spec["data"], spec["out"], TrainConfig(**cfg), resume=spec["resume"],
+                          force=spec["force"], progress=False)
+        result = trainer.run()
+    except OptpipeError as e:
+        print(f"optpipe train (rank {os.environ.get('RANK')}): {e.one_line()}", file=sys.stderr)
+        return e.exit_code
+    import torch.distributed as dist
+
+    if trainer.rank == 0:
+        _write_json(result_path, result.to_dict())
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":  # a torchrun rank (see _launch)
+    sys.exit(_rank_main(sys.argv[1], sys.argv[2]))
