@@ -25,7 +25,7 @@ demo: setup
 	$(PY) -m optpipe diff examples/tiny_gpt.py:build demo-out --html demo-out/diff.html
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadscope
 
 bench: setup
 	$(PY) benchmarks/capture.py

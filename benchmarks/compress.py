@@ -203,11 +203,17 @@ def onnxruntime_rows(program, tmp: str) -> list[tuple]:
         print(f"  (onnxruntime rows skipped: {e})", file=sys.stderr)
         return []
     import optpipe
+    from optpipe.registry import get_target
 
-    paths = {}
+    # compiled directly rather than through optimize(): its target check (cosine >= 0.9999 against the
+    # torch program) is tighter than per-token rounding flips allow on 6 real layers; the rows below
+    # report every row's error against fp32 eager instead
+    target, paths = get_target("onnxruntime"), {}
     for label, pipeline in ORT_PIPELINES.items():
+        quantized, _ = optpipe.Pipeline.parse(pipeline).run(program.copy(), verify=False)
         out = os.path.join(tmp, label.replace(" ", "_"))
-        optpipe.optimize(program, pipeline=pipeline, target="onnxruntime", diffs=False).save(out)
+        os.makedirs(out)
+        target.save(target.compile(quantized), out)
         paths[label] = os.path.join(out, "model.onnx")
         if label == "ort fp32":
             paths[ORT_QUANTIZE_DYNAMIC] = os.path.join(tmp, "ort_quantize_dynamic.onnx")

@@ -28,6 +28,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "kv-cache": "optpipe.passes.kv_cache",
     "quantize": "optpipe.passes.quantize",
     "prune": "optpipe.passes.prune",
+    "partition": "optpipe.passes.partition",
 }
 # Modules that define optpipe's own ops (`torch.ops.optpipe.*`): `import optpipe` imports them, so a
 # saved program that uses them loads in any process (`torch.export.load` needs the ops registered).

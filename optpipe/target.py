@@ -61,6 +61,21 @@ class Target:
     def prepare_inputs(self, inputs: tuple) -> tuple:
         return inputs
 
+    # -- training (optpipe train --target NAME) --
+    def check_trainable(self, program, objective: str) -> None:
+        """Raise (TargetError naming the blocking op) when this target cannot train `program`,
+        before any work. Targets that train override this and `trainer`."""
+        from .errors import TargetError
+
+        raise TargetError(f"target {self.name} cannot train programs", "train on cpu, cuda or onnxruntime")
+
+    def trainer(self, program, *, objective: str, trainable: list[str] | None, lr: float, betas, eps: float,
+                weight_decay: float):
+        """An object with `accumulate(inputs, labels, scale)`, `optimizer_step(lr)`, `eval_loss`,
+        `state_dict()` and `load_into(program)` that trains `program` on this target."""
+        self.check_trainable(program, objective)
+        raise NotImplementedError
+
 
 def unsupported_nodes(program, target_name: str, supports: Callable[[Any], bool]) -> list[UnsupportedNode]:
     """Every call_function node whose op `supports` rejects, except optpipe ops that lower to

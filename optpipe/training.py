@@ -126,6 +126,12 @@ class TrainConfig:
             bad(f"val fraction must be in [0, 1), got {self.val_fraction}", "e.g. --val-fraction 0.05")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             bad(f"layer decay must be in (0, 1], got {self.layer_decay}", "e.g. --layer-decay 0.8")
+        if self.target == "onnxruntime":
+            if self.clip:
+                bad("--target onnxruntime has no gradient clipping", "pass --clip 0")
+            if self.layer_decay is not None or self.weight_decay:
+                bad("--target onnxruntime trains with one AdamW group (no layer decay, no weight decay groups)",
+                    "drop --layer-decay / --weight-decay, or train on cpu")
         if self.amp and self.target != "cuda":
             bad("--amp (bf16 autocast) needs --target cuda", "drop --amp on CPU")
         if isinstance(self.trainable, str):
@@ -160,9 +166,15 @@ def task_loss_sum(logits: torch.Tensor, labels: torch.Tensor, objective: str) ->
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, objective: str) -> torch.Tensor:
-    """Mean cross-entropy over the label tokens (the loss every backend reports)."""
-    total, count = task_loss_sum(logits, labels, objective)
-    return total / max(count, 1)
+    """Mean cross-entropy over the label tokens: the loss every backend trains and reports (it
+    exports to ONNX as it is: onnxruntime-training builds its gradient graph from it)."""
+    if objective == "clm":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    elif objective != "mlm":
+        raise UsageError(f"unknown objective {objective!r}", f"one of {', '.join(OBJECTIVES)}")
+    logits = logits.reshape(-1, logits.shape[-1])
+    return F.cross_entropy(logits if logits.dtype == torch.float32 else logits.float(), labels.reshape(-1),
+                           ignore_index=IGNORE)
 
 
 def distill_kl_sum(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, objective: str,
@@ -349,12 +361,16 @@ class Trainer:
             p.requires_grad_(name in trainable)
         self._build_models()
         named = [(n, params[n]) for n in self.names]
-        if config.target == "onnxruntime":
-            from .targets.onnxruntime_backend import OrtTrainer, check_trainable
+        from .registry import get_target
 
-            check_trainable(self.program, config.objective)
-            self.ort = OrtTrainer(self.program, objective=config.objective, trainable=self.names, lr=config.lr,
-                                  betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+        get_target(config.target).check_trainable(self.program, config.objective)  # before any work
+        if config.target == "onnxruntime":
+            if resume:
+                raise UsageError("train --target onnxruntime cannot --resume (its optimizer state is not checkpointed)",
+                                 "resume on --target cpu, or start the run again")
+            self.ort = get_target(config.target).trainer(
+                self.program, objective=config.objective, trainable=self.names, lr=config.lr, betas=config.betas,
+                eps=config.eps, weight_decay=config.weight_decay)
             self.optimizer = None
         else:
             self.ort = None
@@ -479,7 +495,7 @@ class Trainer:
         count, losses = self._label_count(batch), 0.0
         for mb in self._micro_batches(batch):
             n = self._label_count(mb)
-            losses += self.ort.accumulate(self.inputs_for(mb["input_ids"]), mb["labels"], weight=n / count) * n / count
+            losses += self.ort.accumulate(self.inputs_for(mb["input_ids"]), mb["labels"], scale=n / count) * n / count
         self.ort.optimizer_step(lr)
         return losses
 
@@ -547,8 +563,6 @@ class Trainer:
         with torch.no_grad():
             for name, value in state["weights"].items():
                 params[name].copy_(value)
-        if self.ort is not None:
-            self.ort.load_state_dict(state["weights"])
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.data.load_state_dict(state["data"])

@@ -56,6 +56,9 @@ class TorchTarget(Target):
     def device(self) -> torch.device:
         return torch.device(self.device_type)
 
+    def check_trainable(self, program, objective: str) -> None:
+        """Every program trains in torch (optpipe ops carry autograd); optpipe.training runs it."""
+
     def prepare_inputs(self, inputs: tuple) -> tuple:
         dev = self.device()
         return tuple(x.to(dev) if isinstance(x, torch.Tensor) else x for x in inputs)

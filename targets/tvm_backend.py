@@ -272,6 +272,9 @@ class TvmTarget(Target):
     artifact = ARTIFACT
     device_type = "cpu"
 
+    def check_trainable(self, program, objective: str) -> None:
+        check_trainable(program, objective)  # end of this module: why tvm does not train here
+
     def __init__(self):
         self._exported: tuple | None = None  # (gm, native ops, decomposed ExportedProgram)
         self._plan: _ImportPlan | None = None  # decided by check(), used by import_program()
@@ -1019,3 +1022,17 @@ def _best_times(database, contexts) -> dict:
 
 register_target("tvm", TvmTarget)
 register_target("tvm-cuda", TvmCudaTarget)
+
+
+# -- training -------------------------------------------------------------------------------------------
+def check_trainable(program, objective: str = "clm") -> None:
+    """Training on tvm is not offered: always raises TargetError, before any work.
+
+    Why: apache-tvm 0.27 still ships `tvm.relax.training` (SetupTrainer, AppendLoss, the Gradient
+    pass, SGD/MomentumSGD/Adam), but it has no AdamW (its Adam's weight decay is L2 added to the
+    gradient, not torch.optim.AdamW's decoupled decay), its losses take (N, C) logits (a causal-LM
+    loss with shift and ignore_index would be hand-written in Relax), SetupTrainer wants a
+    `backbone` function with a `num_input` attribute that the torch importer does not produce, and
+    importing even the tiny GPT takes 30-50 s here. Train on cpu/cuda or onnxruntime instead."""
+    raise TargetError("target tvm cannot train: tvm 0.27's Relax training has no AdamW and is not wired "
+                      "into optpipe", "train on cpu/cuda or onnxruntime")

@@ -8,3 +8,16 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.dirname(__
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # tests import examples.* and tests.hf_models
+
+# Under pytest-xdist (`make test` runs `-n auto`), share the cores between the workers: one torch /
+# OpenMP / TVM pool per worker sized to its share, inherited by the CLI subprocesses tests start.
+# Oversubscribed pools (every worker using every core) run many times slower, not a little.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TVM_NUM_THREADS"):
+        os.environ[_var] = _THREADS
+
+    import torch
+
+    torch.set_num_threads(int(_THREADS))

@@ -246,12 +246,14 @@ def test_two_process_data_parallel_matches_one_process(corpus, tmp_path):
 
 
 def test_errors_are_one_line(corpus, tmp_path, dense):
+    from click.testing import CliRunner
+
+    from optpipe.cli import main
+
     def run(*args):
-        p = _cli("train", *args)
-        p.wait(timeout=120)
-        err = p.stderr.read()
-        assert "Traceback" not in err, err
-        return p.returncode, err.strip()
+        r = CliRunner().invoke(main, ["train", *map(str, args)])
+        assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+        return r.exit_code, r.stderr.strip()
 
     code, err = run(QUICK, "--data", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o1"))
     assert code == 2 and "missing.txt" in err and len(err.splitlines()) == 1
@@ -269,3 +271,25 @@ def test_errors_are_one_line(corpus, tmp_path, dense):
     assert code == 2 and "does not exist" in err
     code, err = run(QUICK, "--data", corpus, "--amp", "-o", str(tmp_path / "o4"))
     assert code == 2 and "--amp" in err
+
+
+def test_onnxruntime_target_follows_the_torch_loss_curve(corpus, tmp_path):
+    common = dict(steps=20, batch_size=4, lr=2e-3, clip=None, log_every=1, progress=False)
+    cpu = train(QUICK, corpus, str(tmp_path / "cpu"), **common)
+    ort = train(QUICK, corpus, str(tmp_path / "ort"), target="onnxruntime", **common)
+    diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(cpu.metrics, ort.metrics)]
+    assert len(diffs) == 20 and max(diffs) < 1e-3
+    assert cpu.metrics[-1]["loss"] < cpu.metrics[0]["loss"] - 0.2  # it learned something
+    assert ort.val_loss == pytest.approx(cpu.val_loss, abs=1e-3)  # the written program holds ORT's weights
+    ev = optpipe.training.evaluate(ort.out, corpus, batch_size=4)
+    assert ev["val_loss"] == pytest.approx(ort.val_loss, abs=1e-5)
+    with pytest.raises(UsageError, match="clip"):
+        train(QUICK, corpus, str(tmp_path / "x"), target="onnxruntime", steps=1, progress=False)
+
+
+def test_tvm_target_refuses_to_train_before_any_work(corpus, tmp_path):
+    from optpipe.errors import TargetError
+    from optpipe.registry import get_target
+
+    with pytest.raises(TargetError, match="cannot train"):
+        get_target("tvm").check_trainable(optpipe.load(QUICK), "clm")

@@ -1,0 +1,365 @@
+"""Pipeline-parallel execution of partitioned programs on torch.distributed (one process per stage).
+
+    res = pipeline_train(program, batches, stages=4, microbatches=8, schedule="1f1b", lr=1e-3)
+    res["losses"], res["weights"], res["grads"]
+    logits = pipeline_run(program, (input_ids,), stages=2, microbatches=4)
+
+The program is split by the `partition` pass (run here with `stages=N` unless the program already
+carries a plan for N stages, or an OUT folder already holds `stages/stage_K.pt2`). The stages are
+written as torch.export archives, and `torchrun` starts one rank per stage
+(`python -m torch.distributed.run --standalone --nproc-per-node N -m optpipe.parallel SPEC RESULT`,
+the way `optpipe.training` launches data-parallel ranks). Each rank loads its stage(s), wraps them
+in `torch.distributed.pipelining.PipelineStage` and runs a schedule: `gpipe` (all forwards, then
+all backwards) or `1f1b`; with fewer ranks than stages (`ranks=R`, stages a multiple of R) rank r
+holds stages r, r+R, … and runs `ScheduleInterleaved1F1B`. Inference uses the forward-only pass of
+the same schedule.
+
+Training: each batch (`{"input_ids", "labels"}`) is one optimizer step (SGD or AdamW on each rank's
+own parameters). The loss is `optpipe.training.task_loss` per micro-batch; gradients are averaged
+over micro-batches, so with micro-batches holding equal numbers of label tokens the step is the
+single-process step on the whole batch. Tied parameters (replicated into several stages by the
+partition pass) have their replicas' gradients summed across ranks (an all-reduce) before the step.
+
+Failure: every collective and point-to-point wait is bounded by `timeout` seconds (the process
+group's timeout), and torchrun stops the other ranks as soon as one exits with an error, so a
+rank that dies stops the run with an error naming it instead of hanging. For tests,
+`OPTPIPE_PIPELINE_FAIL_RANK=r` makes rank r exit abruptly before step `OPTPIPE_PIPELINE_FAIL_STEP`
+(default 0).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+import torch
+
+from .errors import OptpipeError, UsageError
+from .program import Program
+
+SCHEDULES = ("1f1b", "gpipe")
+OPTIMIZERS = ("sgd", "adamw")
+FAIL_RANK_ENV = "OPTPIPE_PIPELINE_FAIL_RANK"
+FAIL_STEP_ENV = "OPTPIPE_PIPELINE_FAIL_STEP"
+FAIL_EXIT_CODE = 43
+
+
+class PipelineError(OptpipeError):
+    """A pipeline rank failed (or died) and the run was stopped."""
+
+    exit_code = 1
+
+
+# -- the parent: prepare stages, launch ranks, gather results -------------------------------------------
+def pipeline_train(model, batches: Sequence[dict], *, stages: int | None = None, microbatches: int = 4,
+                   schedule: str = "1f1b", lr: float = 1e-3, optimizer: str = "sgd", steps: int | None = None,
+                   ranks: int | None = None, objective: str = "clm", timeout: float = 60.0,
+                   balance: str = "flops") -> dict:
+    """Train `model` (a Program, an OUT folder or any MODEL form) pipelined over `stages` ranks.
+
+    `batches`: one dict per optimizer step with `input_ids` [B, T] and `labels` [B, T] (B divisible
+    by `microbatches`); `steps` cycles through them (default: one step per batch). Returns
+    {"losses": [mean micro-batch loss per step], "weights": {name: tensor} after training,
+    "grads": {name: tensor} of the last step, "stages": N, "ranks": R, "seconds": wall time of the
+    steps on the ranks (excluding start-up)}.
+    """
+    if schedule not in SCHEDULES:
+        raise UsageError(f"pipeline: unknown schedule {schedule!r}", f"one of {', '.join(SCHEDULES)}")
+    if optimizer not in OPTIMIZERS:
+        raise UsageError(f"pipeline: unknown optimizer {optimizer!r}", f"one of {', '.join(OPTIMIZERS)}")
+    if not batches:
+        raise UsageError("pipeline: no batches to train on", "give at least one {input_ids, labels} batch")
+    steps = len(batches) if steps is None else steps
+    return _launch("train", model, list(batches), stages=stages, microbatches=microbatches, schedule=schedule,
+                   lr=lr, optimizer=optimizer, steps=steps, ranks=ranks, objective=objective, timeout=timeout,
+                   balance=balance)
+
+
+def pipeline_run(model, inputs: tuple | torch.Tensor, *, stages: int | None = None, microbatches: int = 4,
+                 ranks: int | None = None, timeout: float = 60.0, balance: str = "flops", repeat: int = 1):
+    """Run `model` forward pipelined over `stages` ranks on `inputs` (the program's positional
+    inputs for the whole batch; split into `microbatches` along dim 0). Returns the last stage's
+    output for the whole batch. `repeat` runs it that many times (timing: see `pipeline_run_timed`)."""
+    return pipeline_run_timed(model, inputs, stages=stages, microbatches=microbatches, ranks=ranks,
+                              timeout=timeout, balance=balance, repeat=repeat)["output"]
+
+
+def pipeline_run_timed(model, inputs, *, stages=None, microbatches=4, ranks=None, timeout=60.0,
+                       balance="flops", repeat=1) -> dict:
+    """`pipeline_run`, returning {"output", "seconds" (per run, after a warm-up run)}."""
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    return _launch("run", model, [tuple(inputs)], stages=stages, microbatches=microbatches, schedule="gpipe",
+                   lr=0.0, optimizer="sgd", steps=repeat, ranks=ranks, objective="clm", timeout=timeout,
+                   balance=balance)
+
+
+def prepare_stages(model, stages: int | None, folder: str, *, microbatches: int = 4,
+                   balance: str = "flops") -> tuple[str, dict, Program | None]:
+    """(stage folder, partition plan, program): the stage archives for `model`, partitioning it
+    (into `stages`) and writing `folder/stages/` unless an OUT folder already holds them."""
+    if isinstance(model, (str, os.PathLike)) and os.path.isfile(os.path.join(model, "stages", "partition.json")):
+        stage_dir = os.path.join(os.fspath(model), "stages")
+        with open(os.path.join(stage_dir, "partition.json")) as f:
+            info = json.load(f)
+        if stages is None or stages == info["num_stages"]:
+            return stage_dir, info, None
+    program = model if isinstance(model, Program) else _load(model)
+    info = program.meta.get("partition")
+    if info is None or (stages is not None and stages != info["num_stages"]):
+        program = partitioned(program, stages or 2, microbatches=microbatches, balance=balance)
+    from optpipe.passes.partition import save_stages
+
+    save_stages(program, folder)
+    stage_dir = os.path.join(folder, "stages")
+    with open(os.path.join(stage_dir, "partition.json")) as f:
+        return stage_dir, json.load(f), program
+
+
+def partitioned(program: Program, stages: int, *, microbatches: int = 4, balance: str = "flops") -> Program:
+    """A copy of `program` with the partition pass applied (verified like any pass)."""
+    from .pipeline import Pipeline
+
+    text = f"partition{{stages={stages},balance={balance},microbatches={microbatches}}}"
+    out, _ = Pipeline.parse(text).run(program, verify=False)
+    return out
+
+
+def _load(model) -> Program:
+    from .loading import load_model
+
+    return load_model(os.fspath(model))
+
+
+def _inputs_builder(program: Program | None, info: dict):
+    if program is not None:
+        from .training import _input_builder
+
+        return _input_builder(program)
+    names = info.get("input_names") or ["input_ids"]
+    if len(names) != 1:
+        raise UsageError("pipeline: training from a stage folder needs programs that take input_ids only",
+                         "pass the Program instead")
+    return lambda ids: (ids,)
+
+
+def _launch(mode: str, model, batches: list, *, stages, microbatches, schedule, lr, optimizer, steps, ranks,
+            objective, timeout, balance) -> dict:
+    if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+        raise UsageError(f"pipeline: microbatches must be a positive integer, got {microbatches!r}")
+    with tempfile.TemporaryDirectory(prefix="optpipe-pipeline-") as tmp:
+        stage_dir, info, program = prepare_stages(model, stages, tmp, microbatches=microbatches, balance=balance)
+        n = info["num_stages"]
+        ranks = n if ranks is None else ranks
+        if ranks < 1 or n % ranks:
+            raise UsageError(f"pipeline: {n} stages cannot be spread over {ranks} ranks",
+                             "use a number of ranks that divides the number of stages")
+        if ranks < n and schedule != "1f1b":
+            raise UsageError("pipeline: more stages than ranks runs the interleaved 1F1B schedule",
+                             "use schedule=1f1b, or one rank per stage")
+        if mode == "train":
+            build = _inputs_builder(program, info)
+            data = [(build(b["input_ids"]), b["labels"]) for b in batches]
+        else:
+            data = [(tuple(batches[0]), None)]
+        for inputs, _ in data:
+            size = inputs[0].shape[0]
+            if size % microbatches:
+                raise UsageError(f"pipeline: batch of {size} does not split into {microbatches} micro-batches",
+                                 "make the batch size a multiple of microbatches")
+        torch.save(data, os.path.join(tmp, "batches.pt"))
+        spec = {"mode": mode, "stage_dir": stage_dir, "info": info, "batches": os.path.join(tmp, "batches.pt"),
+                "microbatches": microbatches, "schedule": schedule, "lr": lr, "optimizer": optimizer,
+                "steps": steps, "objective": objective, "timeout": timeout, "result_dir": tmp}
+        spec_path = os.path.join(tmp, "spec.json")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+               "--max-restarts=0", "-m", "optpipe.parallel", spec_path, tmp]
+        try:
+            proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  timeout=timeout * 2 + 120)
+        except subprocess.TimeoutExpired as e:
+            raise PipelineError(f"pipeline: the ranks did not finish within {timeout * 2 + 120:.0f} s",
+                                "a rank hangs; rerun with a smaller timeout to see which") from e
+        if proc.returncode != 0:
+            raise PipelineError(_failure_message(proc.stderr, tmp, ranks, n),
+                                "the other ranks were stopped; see the rank's message above")
+        return _gather(mode, tmp, ranks, info)
+
+
+def _failure_message(stderr: str, folder: str, ranks: int, stages: int) -> str:
+    """One line naming the rank that failed first (its own message when it left one)."""
+    errors = {}
+    for r in range(ranks):
+        path = os.path.join(folder, f"rank_{r}.error")
+        if os.path.isfile(path):
+            with open(path) as f:
+                errors[r] = f.read().strip()
+    root = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", stderr, re.S)
+    first = int(root.group(1)) if root else (min(errors) if errors else None)
+    code = int(root.group(2)) if root else None
+    if first is None:
+        tail = [l for l in stderr.strip().splitlines() if l.strip()][-1:] or ["no message"]
+        return f"pipeline failed: {tail[0]}"
+    held = ", ".join(str(s) for s in range(first, stages, ranks))
+    what = errors.get(first) or (f"exited with code {code}" if code is not None else "failed")
+    if code is not None and code < 0:
+        what = f"was killed by signal {-code}"
+    elif code == FAIL_EXIT_CODE and first not in errors:
+        what = f"exited with code {code} (fault injected by {FAIL_RANK_ENV})"
+    return f"pipeline rank {first} (stage {held}) {what}; the other ranks were stopped"
+
+
+def _gather(mode: str, folder: str, ranks: int, info: dict) -> dict:
+    with open(os.path.join(folder, "result.json")) as f:
+        result = json.load(f)
+    if mode == "run":
+        return {"output": torch.load(os.path.join(folder, "output.pt")), "seconds": result["seconds"]}
+    weights, grads = {}, {}
+    tied_owner = {t["param"]: t["owner"] for t in info.get("tied", [])}
+    for r in range(ranks):
+        state = torch.load(os.path.join(folder, f"rank_{r}.pt"))
+        for stage, (w, g) in state.items():
+            for name, t in w.items():
+                if name not in weights or tied_owner.get(name) == stage:
+                    weights[name] = t
+            for name, t in g.items():
+                if name not in grads or tied_owner.get(name) == stage:
+                    grads[name] = t
+    return {"losses": result["losses"], "weights": weights, "grads": grads, "stages": info["num_stages"],
+            "ranks": ranks, "seconds": result["seconds"]}
+
+
+# -- a rank ------------------------------------------------------------------------------------------
+def _rank_main(spec_path: str, folder: str) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        return _run_rank(spec_path, folder, rank)
+    except Exception as e:  # noqa: BLE001 - every failure is reported with the rank that saw it
+        text = str(e).strip().splitlines()
+        message = f"failed: {type(e).__name__}: {text[0] if text else ''}"
+        with open(os.path.join(folder, f"rank_{rank}.error"), "w") as f:
+            f.write(message)
+        print(f"optpipe pipeline (rank {rank}): {message}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _run_rank(spec_path: str, folder: str, rank: int) -> int:
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+    import optpipe  # noqa: F401 - registers optpipe's ops before stage archives load
+
+    from .training import task_loss
+
+    with open(spec_path) as f:
+        spec = json.load(f)
+    info = spec["info"]
+    n = info["num_stages"]
+    devices = info.get("devices") or ["cpu"] * n
+    backend = "nccl" if all(d.startswith("cuda") for d in devices) else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(spec["timeout"])))
+    world = dist.get_world_size()
+    local = list(range(rank, n, world))
+    train = spec["mode"] == "train"
+    modules, stages = {}, []
+    for s in local:
+        device = torch.device(devices[s])
+        module = torch.export.load(os.path.join(spec["stage_dir"], f"stage_{s}.pt2")).module().to(device)
+        for p in module.parameters():
+            p.requires_grad_(train and p.is_floating_point())
+        modules[s] = module
+        stages.append(PipelineStage(module, s, n, device))
+    m = spec["microbatches"]
+    objective = spec["objective"]
+    loss_fn = (lambda out, target: task_loss(out, target, objective)) if train else None
+    if len(stages) > 1:
+        schedule = ScheduleInterleaved1F1B(stages, m, loss_fn=loss_fn)
+    elif spec["schedule"] == "gpipe" or not train:
+        schedule = ScheduleGPipe(stages[0], m, loss_fn=loss_fn)
+    else:
+        schedule = Schedule1F1B(stages[0], m, loss_fn=loss_fn)
+    params = [p for mod in modules.values() for p in mod.parameters() if p.requires_grad]
+    opt = None
+    if train and params:
+        opt = (torch.optim.SGD(params, lr=spec["lr"]) if spec["optimizer"] == "sgd"
+               else torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0))
+    data = torch.load(spec["batches"])
+    first, last = 0 in local, n - 1 in local
+    fail_rank = os.environ.get(FAIL_RANK_ENV)
+    fail_step = int(os.environ.get(FAIL_STEP_ENV, "0"))
+    losses, grads, output, seconds = [], {}, None, []
+    steps = spec["steps"] + (0 if train else 1)  # inference: one warm-up run
+    for step in range(steps):
+        if fail_rank is not None and int(fail_rank) == rank and step == fail_step:
+            os._exit(FAIL_EXIT_CODE)  # fault injection: die without a word, as a killed process would
+        inputs, labels = data[step % len(data)]
+        dist.barrier()
+        start = time.perf_counter()
+        if train:
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+            mb_losses: list = []
+            schedule.step(*(inputs if first else ()), target=labels if last else None,
+                          losses=mb_losses if last else None)
+            _sync_tied(modules, info, world)
+            if step == steps - 1:
+                grads = {s: {k: p.grad.detach().clone() for k, p in mod.named_parameters() if p.grad is not None}
+                         for s, mod in modules.items()}
+            if opt is not None:
+                opt.step()
+            if last:
+                losses.append(float(torch.stack([l.detach() for l in mb_losses]).mean()))
+        else:
+            with torch.no_grad():
+                out = schedule.step(*(inputs if first else ()))
+            if last:
+                output = out
+        dist.barrier()
+        if train or step > 0:
+            seconds.append(time.perf_counter() - start)
+    if train:
+        torch.save({s: ({k: p.detach().clone() for k, p in mod.named_parameters()}, grads.get(s, {}))
+                    for s, mod in modules.items()}, os.path.join(folder, f"rank_{rank}.pt"))
+    if last:
+        if output is not None:
+            torch.save(output, os.path.join(folder, "output.pt"))
+        with open(os.path.join(folder, "result.json"), "w") as f:
+            json.dump({"losses": losses, "seconds": seconds}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def _sync_tied(modules: dict, info: dict, world: int) -> None:
+    """Sum the gradients of replicated (tied) parameters over their replicas on every rank."""
+    import torch.distributed as dist
+
+    for tied in info.get("tied", []):
+        name = tied["param"]
+        local = [mod.get_parameter(name) for s, mod in modules.items() if s in tied["stages"]]
+        grads = [p.grad for p in local if p.grad is not None]
+        if local:
+            total = torch.zeros_like(local[0]) if not grads else grads[0].clone()
+            for g in grads[1:]:
+                total += g
+        else:
+            dtype = getattr(torch, tied.get("dtype") or "float32")
+            device = next(iter(modules.values())).parameters().__next__().device if modules else "cpu"
+            total = torch.zeros(tied["shape"], dtype=dtype, device=device)
+        if world > 1:
+            dist.all_reduce(total)
+        for p in local:
+            p.grad = total.clone()
+
+
+if __name__ == "__main__":  # a torchrun rank (see _launch)
+    sys.exit(_rank_main(sys.argv[1], sys.argv[2]))
