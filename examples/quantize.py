@@ -4,13 +4,14 @@
                                 [--batch 8] [--repeat 5] [--threads 1]
 
 Captures the model on a tokenized batch, runs the verified pipeline `quantize{...,embeddings=true}`
-through `optpipe.optimize` (target cpu, eager: quantized programs are checked against the
-torch program bit for bit, and torch.compile's fused fp32 arithmetic can flip a rounding), saves both programs, and prints: what the pass did, the
-verification numbers, the saved program sizes, fp32 vs quantized latency measured side by side, and
-the cosine of the mean-pooled sentence embeddings to the fp32 model. int8-static calibrates its
-activation ranges on a second batch of sentences, attached with `optpipe.calibration.with_calibration`
-(the CLI's `--calibration-data FILE`). benchmarks/compress.py has the
-full comparison (GPT-2-sized decoder, torch.ao and ONNX Runtime quantizers).
+through `optpipe.optimize` (target cpu, eager: quantized programs are checked against the torch
+program bit for bit, and torch.compile's fused fp32 arithmetic can flip a rounding), saves both
+programs, and prints: what the pass did, the verification numbers, the saved program sizes, fp32
+vs quantized latency measured side by side, and the cosine of the mean-pooled sentence embeddings
+to the fp32 model. int8-static calibrates its activation ranges on a second batch of sentences,
+attached with `optpipe.calibration.with_calibration` (the CLI's `--calibration-data FILE`).
+benchmarks/compress.py has the full comparison (GPT-2-sized decoder, torch.ao and ONNX Runtime
+quantizers).
 """
 from __future__ import annotations
 

@@ -20,9 +20,11 @@ over micro-batches, so with micro-batches holding equal numbers of label tokens 
 single-process step on the whole batch. Tied parameters (replicated into several stages by the
 partition pass) have their replicas' gradients summed across ranks (an all-reduce) before the step.
 
-Failure: every collective and point-to-point wait is bounded by `timeout` seconds (the process
-group's timeout), and torchrun stops the other ranks as soon as one exits with an error, so a
-rank that dies stops the run with an error naming it instead of hanging. For tests,
+Failure: every collective and point-to-point wait of the run is bounded by `timeout` seconds (the
+pipeline's process group; start-up and rendezvous get `STARTUP_TIMEOUT`), and torchrun stops the
+other ranks as soon as one exits with an error, so a rank that dies stops the run with an error
+naming it instead of hanging; a rank that stays alive but stuck is named as the silent neighbour
+of the ranks whose waits timed out. For tests,
 `OPTPIPE_PIPELINE_FAIL_RANK=r` makes rank r exit abruptly before step `OPTPIPE_PIPELINE_FAIL_STEP`
 (default 0).
 """
@@ -36,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -47,7 +49,10 @@ SCHEDULES = ("1f1b", "gpipe")
 OPTIMIZERS = ("sgd", "adamw")
 FAIL_RANK_ENV = "OPTPIPE_PIPELINE_FAIL_RANK"
 FAIL_STEP_ENV = "OPTPIPE_PIPELINE_FAIL_STEP"
+FAIL_MODE_ENV = "OPTPIPE_PIPELINE_FAIL_MODE"
 FAIL_EXIT_CODE = 43
+STARTUP_TIMEOUT = 120.0
+"""Seconds the ranks may take to start and meet (imports on a busy machine); `timeout` bounds the rest."""
 
 
 class PipelineError(OptpipeError):
@@ -60,7 +65,8 @@ class PipelineError(OptpipeError):
 def pipeline_train(model, batches: Sequence[dict], *, stages: int | None = None, microbatches: int = 4,
                    schedule: str = "1f1b", lr: float = 1e-3, optimizer: str = "sgd", steps: int | None = None,
                    ranks: int | None = None, objective: str = "clm", timeout: float = 60.0,
-                   balance: str = "flops") -> dict:
+                   balance: str = "flops", betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                   weight_decay: float = 0.0) -> dict:
     """Train `model` (a Program, an OUT folder or any MODEL form) pipelined over `stages` ranks.
 
     `batches`: one dict per optimizer step with `input_ids` [B, T] and `labels` [B, T] (B divisible
@@ -78,7 +84,7 @@ def pipeline_train(model, batches: Sequence[dict], *, stages: int | None = None,
     steps = len(batches) if steps is None else steps
     return _launch("train", model, list(batches), stages=stages, microbatches=microbatches, schedule=schedule,
                    lr=lr, optimizer=optimizer, steps=steps, ranks=ranks, objective=objective, timeout=timeout,
-                   balance=balance)
+                   balance=balance, adamw={"betas": list(betas), "eps": eps, "weight_decay": weight_decay})
 
 
 def pipeline_run(model, inputs: tuple | torch.Tensor, *, stages: int | None = None, microbatches: int = 4,
@@ -114,16 +120,24 @@ def prepare_stages(model, stages: int | None, folder: str, *, microbatches: int 
     info = program.meta.get("partition")
     if info is None or (stages is not None and stages != info["num_stages"]):
         program = partitioned(program, stages or 2, microbatches=microbatches, balance=balance)
-    from optpipe.passes.partition import save_stages
-
-    save_stages(program, folder)
+    _partition_module().save_stages(program, folder)
     stage_dir = os.path.join(folder, "stages")
     with open(os.path.join(stage_dir, "partition.json")) as f:
         return stage_dir, json.load(f), program
 
 
+def _partition_module():
+    """The module of the `partition` pass (the core reaches passes only through the registry)."""
+    import importlib
+
+    from .registry import get_pass
+
+    return importlib.import_module(get_pass("partition").module)
+
+
 def partitioned(program: Program, stages: int, *, microbatches: int = 4, balance: str = "flops") -> Program:
-    """A copy of `program` with the partition pass applied (verified like any pass)."""
+    """A copy of `program` with the partition pass applied (the pass itself checks that the stages
+    compose to the program on the example inputs)."""
     from .pipeline import Pipeline
 
     text = f"partition{{stages={stages},balance={balance},microbatches={microbatches}}}"
@@ -150,6 +164,7 @@ def _inputs_builder(program: Program | None, info: dict):
 
 
 def _launch(mode: str, model, batches: list, *, stages, microbatches, schedule, lr, optimizer, steps, ranks,
+            adamw: dict | None = None,
             objective, timeout, balance) -> dict:
     if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
         raise UsageError(f"pipeline: microbatches must be a positive integer, got {microbatches!r}")
@@ -163,6 +178,12 @@ def _launch(mode: str, model, batches: list, *, stages, microbatches, schedule, 
         if ranks < n and schedule != "1f1b":
             raise UsageError("pipeline: more stages than ranks runs the interleaved 1F1B schedule",
                              "use schedule=1f1b, or one rank per stage")
+        if mode == "train" and schedule == "1f1b" and microbatches < ranks:
+            raise UsageError(f"pipeline: 1F1B needs at least as many micro-batches as ranks "
+                             f"({microbatches} < {ranks})", "use more microbatches, or schedule=gpipe")
+        if mode == "train" and schedule == "1f1b" and ranks == n and microbatches < n:
+            raise UsageError(f"pipeline: 1F1B needs at least as many micro-batches as stages "
+                             f"({microbatches} < {n})", "use more microbatches, or schedule=gpipe")
         if mode == "train":
             build = _inputs_builder(program, info)
             data = [(build(b["input_ids"]), b["labels"]) for b in batches]
@@ -175,7 +196,7 @@ def _launch(mode: str, model, batches: list, *, stages, microbatches, schedule, 
                                  "make the batch size a multiple of microbatches")
         torch.save(data, os.path.join(tmp, "batches.pt"))
         spec = {"mode": mode, "stage_dir": stage_dir, "info": info, "batches": os.path.join(tmp, "batches.pt"),
-                "microbatches": microbatches, "schedule": schedule, "lr": lr, "optimizer": optimizer,
+                "microbatches": microbatches, "schedule": schedule, "lr": lr, "optimizer": optimizer, "adamw": adamw or {},
                 "steps": steps, "objective": objective, "timeout": timeout, "result_dir": tmp}
         spec_path = os.path.join(tmp, "spec.json")
         with open(spec_path, "w") as f:
@@ -190,8 +211,11 @@ def _launch(mode: str, model, batches: list, *, stages, microbatches, schedule, 
             raise PipelineError(f"pipeline: the ranks did not finish within {timeout * 2 + 120:.0f} s",
                                 "a rank hangs; rerun with a smaller timeout to see which") from e
         if proc.returncode != 0:
-            raise PipelineError(_failure_message(proc.stderr, tmp, ranks, n),
-                                "the other ranks were stopped; see the rank's message above")
+            message = _failure_message(proc.stderr, tmp, ranks, n)
+            hint = ("the stuck rank is alive but not communicating (a deadlock, or a rank far slower than "
+                    "the others: raise timeout)" if "stopped responding" in message else
+                    "a rank that leaves no message crashed or was killed (out of memory?)")
+            raise PipelineError(message, hint)
         return _gather(mode, tmp, ranks, info)
 
 
@@ -209,13 +233,30 @@ def _failure_message(stderr: str, folder: str, ranks: int, stages: int) -> str:
     if first is None:
         tail = [l for l in stderr.strip().splitlines() if l.strip()][-1:] or ["no message"]
         return f"pipeline failed: {tail[0]}"
-    held = ", ".join(str(s) for s in range(first, stages, ranks))
+
+    def held(r: int) -> str:
+        return ", ".join(str(s) for s in range(r, stages, ranks))
+
+    timed_out = sorted(r for r, e in errors.items() if "timed out" in e.lower())
+    if timed_out and first in timed_out:
+        # ranks blocked on a peer that is alive but stuck: the silent neighbour is the culprit
+        def neighbours(r: int) -> set[int]:
+            if stages == ranks:
+                return {p for p in (r - 1, r + 1) if 0 <= p < ranks}
+            return {(r - 1) % ranks, (r + 1) % ranks} - {r}  # interleaved stages wrap around
+
+        suspects = {p for r in timed_out for p in neighbours(r) if p not in errors}
+        if len(suspects) == 1:
+            stuck = suspects.pop()
+            waiting = ", ".join(map(str, timed_out))
+            return (f"pipeline rank {stuck} (stage {held(stuck)}) stopped responding: rank(s) {waiting} timed "
+                    f"out waiting for it; all ranks were stopped")
     what = errors.get(first) or (f"exited with code {code}" if code is not None else "failed")
     if code is not None and code < 0:
         what = f"was killed by signal {-code}"
     elif code == FAIL_EXIT_CODE and first not in errors:
         what = f"exited with code {code} (fault injected by {FAIL_RANK_ENV})"
-    return f"pipeline rank {first} (stage {held}) {what}; the other ranks were stopped"
+    return f"pipeline rank {first} (stage {held(first)}) {what}; the other ranks were stopped"
 
 
 def _gather(mode: str, folder: str, ranks: int, info: dict) -> dict:
@@ -245,7 +286,7 @@ def _rank_main(spec_path: str, folder: str) -> int:
         return _run_rank(spec_path, folder, rank)
     except Exception as e:  # noqa: BLE001 - every failure is reported with the rank that saw it
         text = str(e).strip().splitlines()
-        message = f"failed: {type(e).__name__}: {text[0] if text else ''}"
+        message = f"failed: {type(e).__name__}: {text[0].rstrip('.') if text else ''}"
         with open(os.path.join(folder, f"rank_{rank}.error"), "w") as f:
             f.write(message)
         print(f"optpipe pipeline (rank {rank}): {message}", file=sys.stderr, flush=True)
@@ -266,9 +307,14 @@ def _run_rank(spec_path: str, folder: str, rank: int) -> int:
     n = info["num_stages"]
     devices = info.get("devices") or ["cpu"] * n
     backend = "nccl" if all(d.startswith("cuda") for d in devices) else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(spec["timeout"])))
-    world = dist.get_world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     local = list(range(rank, n, world))
+    if backend == "nccl":  # NCCL wants each rank on its own current device
+        torch.cuda.set_device(torch.device(devices[local[0]]))
+    # start-up (imports, rendezvous) gets a generous bound; every wait of the run gets `timeout`
+    timeout = float(spec["timeout"])
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=max(STARTUP_TIMEOUT, timeout)))
+    group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
     train = spec["mode"] == "train"
     modules, stages = {}, []
     for s in local:
@@ -277,7 +323,7 @@ def _run_rank(spec_path: str, folder: str, rank: int) -> int:
         for p in module.parameters():
             p.requires_grad_(train and p.is_floating_point())
         modules[s] = module
-        stages.append(PipelineStage(module, s, n, device))
+        stages.append(PipelineStage(module, s, n, device, group=group))
     m = spec["microbatches"]
     objective = spec["objective"]
     loss_fn = (lambda out, target: task_loss(out, target, objective)) if train else None
@@ -291,7 +337,9 @@ def _run_rank(spec_path: str, folder: str, rank: int) -> int:
     opt = None
     if train and params:
         opt = (torch.optim.SGD(params, lr=spec["lr"]) if spec["optimizer"] == "sgd"
-               else torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0))
+               else torch.optim.AdamW(params, lr=spec["lr"], betas=tuple(spec["adamw"].get("betas", (0.9, 0.999))),
+                                      eps=spec["adamw"].get("eps", 1e-8),
+                                      weight_decay=spec["adamw"].get("weight_decay", 0.0)))
     data = torch.load(spec["batches"])
     first, last = 0 in local, n - 1 in local
     fail_rank = os.environ.get(FAIL_RANK_ENV)
@@ -300,19 +348,22 @@ def _run_rank(spec_path: str, folder: str, rank: int) -> int:
     steps = spec["steps"] + (0 if train else 1)  # inference: one warm-up run
     for step in range(steps):
         if fail_rank is not None and int(fail_rank) == rank and step == fail_step:
+            if os.environ.get(FAIL_MODE_ENV) == "hang":  # alive but stuck: the others' waits time out
+                time.sleep(10 * float(spec["timeout"]) + 600)
             os._exit(FAIL_EXIT_CODE)  # fault injection: die without a word, as a killed process would
         inputs, labels = data[step % len(data)]
-        dist.barrier()
+        inputs = tuple(x.to(stages[0].device) for x in inputs) if first else ()
+        labels = labels.to(stages[-1].device) if last and labels is not None else None
+        dist.barrier(group=group)
         start = time.perf_counter()
         if train:
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
             mb_losses: list = []
-            schedule.step(*(inputs if first else ()), target=labels if last else None,
-                          losses=mb_losses if last else None)
-            _sync_tied(modules, info, world)
+            schedule.step(*inputs, target=labels, losses=mb_losses if last else None)
+            _sync_tied(modules, info, world, group)
             if step == steps - 1:
-                grads = {s: {k: p.grad.detach().clone() for k, p in mod.named_parameters() if p.grad is not None}
+                grads = {s: {k: p.grad.detach().cpu().clone() for k, p in mod.named_parameters() if p.grad is not None}
                          for s, mod in modules.items()}
             if opt is not None:
                 opt.step()
@@ -320,43 +371,42 @@ def _run_rank(spec_path: str, folder: str, rank: int) -> int:
                 losses.append(float(torch.stack([l.detach() for l in mb_losses]).mean()))
         else:
             with torch.no_grad():
-                out = schedule.step(*(inputs if first else ()))
+                out = schedule.step(*inputs)
             if last:
-                output = out
-        dist.barrier()
+                output = out.cpu()
+        dist.barrier(group=group)
         if train or step > 0:
             seconds.append(time.perf_counter() - start)
     if train:
-        torch.save({s: ({k: p.detach().clone() for k, p in mod.named_parameters()}, grads.get(s, {}))
+        torch.save({s: ({k: p.detach().cpu().clone() for k, p in mod.named_parameters()}, grads.get(s, {}))
                     for s, mod in modules.items()}, os.path.join(folder, f"rank_{rank}.pt"))
     if last:
         if output is not None:
             torch.save(output, os.path.join(folder, "output.pt"))
         with open(os.path.join(folder, "result.json"), "w") as f:
             json.dump({"losses": losses, "seconds": seconds}, f)
-    dist.barrier()
+    dist.barrier(group=group)
     dist.destroy_process_group()
     return 0
 
 
-def _sync_tied(modules: dict, info: dict, world: int) -> None:
+def _sync_tied(modules: dict, info: dict, world: int, group) -> None:
     """Sum the gradients of replicated (tied) parameters over their replicas on every rank."""
     import torch.distributed as dist
 
     for tied in info.get("tied", []):
-        name = tied["param"]
-        local = [mod.get_parameter(name) for s, mod in modules.items() if s in tied["stages"]]
+        names = tied.get("names") or {str(s): tied["param"] for s in tied["stages"]}
+        local = [mod.get_parameter(names[str(s)]) for s, mod in modules.items() if str(s) in names]
         grads = [p.grad for p in local if p.grad is not None]
         if local:
             total = torch.zeros_like(local[0]) if not grads else grads[0].clone()
             for g in grads[1:]:
                 total += g
         else:
-            dtype = getattr(torch, tied.get("dtype") or "float32")
-            device = next(iter(modules.values())).parameters().__next__().device if modules else "cpu"
-            total = torch.zeros(tied["shape"], dtype=dtype, device=device)
+            total = torch.zeros(tied["shape"], dtype=getattr(torch, tied.get("dtype") or "float32"),
+                                device=next(next(iter(modules.values())).parameters()).device)
         if world > 1:
-            dist.all_reduce(total)
+            dist.all_reduce(total, group=group)
         for p in local:
             p.grad = total.clone()
 

@@ -319,12 +319,18 @@ class _Interrupted(Exception):
 
 
 def train(model: str | Program, data: str | list[str], out: str, *, resume: bool = False, force: bool = False,
-          nproc: int = 1, progress: bool | None = None, stop_after: int | None = None, **options) -> TrainResult:
+          nproc: int = 1, stages: int | None = None, microbatches: int = 4, schedule: str = "1f1b",
+          progress: bool | None = None, stop_after: int | None = None, **options) -> TrainResult:
     """Train `model` (an OUT folder, any MODEL form, or a Program) on `data` and write OUT2=`out`.
 
     `options` are `TrainConfig` fields. `nproc>1` launches that many ranks with torchrun (gloo on
-    CPU, NCCL on CUDA). `stop_after` ends the run after that many steps as if interrupted (tests)."""
+    CPU, NCCL on CUDA). `stages=N` trains pipeline-parallel over N ranks (`optpipe.parallel`,
+    `microbatches` per step, `schedule` 1f1b or gpipe). `stop_after` ends the run after that many
+    steps as if interrupted (tests)."""
     config = TrainConfig(**options)
+    if stages:
+        return _train_pipelined(model, data, out, config, stages=stages, microbatches=microbatches,
+                                schedule=schedule, force=force, resume=resume, nproc=nproc)
     if nproc > 1 and not _distributed():
         return _launch(model, data, out, config, resume=resume, force=force, nproc=nproc)
     return Trainer(model, data, out, config, resume=resume, force=force, progress=progress).run(stop_after)
@@ -839,6 +845,64 @@ def _input_builder(program: Program) -> Callable[[torch.Tensor], tuple]:
 
 
 # -- data parallel ---------------------------------------------------------------------------------
+def _train_pipelined(model, data, out: str, config: TrainConfig, *, stages: int, microbatches: int, schedule: str,
+                     force: bool, resume: bool, nproc: int) -> TrainResult:
+    """Pipeline-parallel training (one rank per stage, torch.distributed.pipelining). AdamW at the
+    scheduled lr of each step is not available there: the run uses AdamW at constant `lr`, and
+    has no checkpoints, distillation or data parallelism (yet): those options are refused."""
+    from .parallel import pipeline_train
+
+    unsupported = [name for name, on in (("--resume", resume), ("--nproc", nproc > 1),
+                                         ("--distill-from", config.distill_from),
+                                         ("--checkpoint-every", config.checkpoint_every),
+                                         ("--grad-accum", config.grad_accum > 1),
+                                         ("--trainable", config.trainable != ("*",)),
+                                         ("--target", config.target != "cpu")) if on]
+    if unsupported:
+        raise UsageError(f"train --stages does not take {', '.join(unsupported)} yet",
+                         "train pipelined with the plain options, or without --stages")
+    if config.batch_size % microbatches:
+        raise UsageError(f"train --stages: batch size {config.batch_size} is not divisible by {microbatches} "
+                         "micro-batches", "make --batch-size a multiple of --microbatches")
+    program, folder = _load_trainable(model)
+    _check_lm_head(program, model)
+    out = os.path.abspath(out)
+    if isinstance(model, str) and os.path.abspath(model) == out:
+        raise UsageError(f"train: -o {out} is the model it reads", "write the trained program to another folder")
+    _prepare_out(out, resume=False, force=force, rank=0)
+    seq_len = config.seq_len or int(program.example_inputs[0].shape[-1])
+    data_ = _training_data(program, folder, data, config, seq_len)
+    batches = [data_.next_batch(config.batch_size) for _ in range(config.steps)]
+    started = time.perf_counter()
+    res = pipeline_train(program, batches, stages=stages, microbatches=microbatches, schedule=schedule,
+                         lr=config.lr, optimizer="adamw", objective=config.objective, betas=config.betas,
+                         eps=config.eps, weight_decay=config.weight_decay)
+    elapsed = time.perf_counter() - started
+    params = dict(program.gm.named_parameters(remove_duplicate=False))  # tied weights under each name
+    with torch.no_grad():
+        for name, value in res["weights"].items():
+            if name in params:
+                params[name].copy_(value)
+    tokens = config.batch_size * seq_len
+    rows = [{"step": i + 1, "loss": round(float(l), 6), "lr": config.lr, "tokens_per_s": round(tokens / max(t, 1e-9), 1)}
+            for i, (l, t) in enumerate(zip(res["losses"], res["seconds"]))]
+    val = validation_loss(tapped_module(program, [])[0], _input_builder(program),
+                          data_.validation_batches(config.val_batches, config.batch_size), config.objective)
+    if val:
+        rows[-1].update(val_loss=round(val[0], 6), val_ppl=round(val[1], 4))
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    _write_json(os.path.join(out, "train.json"), {"config": config.to_dict(), "stages": stages,
+                                                  "microbatches": microbatches, "schedule": schedule,
+                                                  "model": program.meta.get("source")})
+    program.save(os.path.join(out, "program.pt2"))
+    _write_json(os.path.join(out, "target.json"), {"target": "cpu", "info": {"trained_on": f"{stages} pipeline stages"}})
+    with open(os.path.join(out, "pipeline.txt"), "w") as f:
+        f.write(program.pipeline + "\n")
+    return TrainResult(out, config.steps, rows[-1]["loss"], val[0] if val else None, val[1] if val else None,
+                       tokens * config.steps / max(elapsed, 1e-9), rows)
+
+
 def _distributed() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 

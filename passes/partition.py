@@ -353,7 +353,8 @@ def stage_plans(view: GraphView, boundaries: list[int]) -> list[StagePlan]:
     edges = [0] + list(boundaries) + [len(view.compute)]
     plans, inputs = [], placeholders
     extra: dict[int, set] = {}
-    while True:
+    order = {n: i for i, n in enumerate(view.gm.graph.nodes)}
+    for _ in range(len(view.compute) + 1):  # each round passes at least one more tensor along
         plans, inputs = [], placeholders
         for k in range(len(edges) - 1):
             start, end = edges[k], edges[k + 1]
@@ -364,7 +365,6 @@ def stage_plans(view: GraphView, boundaries: list[int]) -> list[StagePlan]:
             for v in extra.get(end, ()):  # a tensor whose size a later stage reads
                 if v not in outs:
                     outs.append(v)
-            order = {n: i for i, n in enumerate(view.gm.graph.nodes)}
             outs.sort(key=order.__getitem__)
             plans.append(StagePlan(k, start, end, inputs, outs))
             inputs = outs
@@ -375,6 +375,7 @@ def stage_plans(view: GraphView, boundaries: list[int]) -> list[StagePlan]:
             for b in edges[1:k + 1]:
                 if _defined_at(view, v) < b:
                     extra.setdefault(b, set()).add(v)
+    raise PassError("partition: could not route the sizes the stages read", "report this program")
 
 
 def _unresolved_sizes(view: GraphView, plans: list[StagePlan]) -> list[tuple[int, torch.fx.Node]]:
@@ -383,7 +384,7 @@ def _unresolved_sizes(view: GraphView, plans: list[StagePlan]) -> list[tuple[int
         available = set(plan.inputs) | set(view.compute[plan.start:plan.end])
         for node in _needed_sizes(view, plan):
             x = node.args[0]
-            if x not in available and _substitute(node, plan.inputs) is None:
+            if x not in available and _static_size(node) is None and _substitute(node, plan.inputs) is None:
                 missing.append((plan.index, x))
     return missing
 
@@ -408,6 +409,11 @@ def _needed_sizes(view: GraphView, plan: StagePlan) -> list[torch.fx.Node]:
     for a in roots:
         walk(a)
     return found
+
+
+def _static_size(size_node: torch.fx.Node) -> int | None:
+    val = size_node.meta.get("val")
+    return int(val) if isinstance(val, int) and not isinstance(val, bool) else None
 
 
 def _substitute(size_node: torch.fx.Node, inputs: list[torch.fx.Node]) -> tuple[torch.fx.Node, int] | None:
@@ -445,6 +451,8 @@ def build_stage(view: GraphView, plan: StagePlan) -> torch.fx.GraphModule:
             return env[arg]
         if arg in view.free:
             if arg.target is aten.sym_size.int and arg.args[0] not in env:
+                if _static_size(arg) is not None:  # a dim export specialised: the number itself
+                    return _static_size(arg)
                 sub = _substitute(arg, plan.inputs)
                 if sub is None:  # stage_plans passes the tensor along in that case
                     raise PassError(f"partition: stage {plan.index} needs the size of {arg.args[0].name}, "
@@ -521,14 +529,14 @@ def partition(program: Program, config: PartitionConfig) -> PassResult:
     boundaries = [view.segments[i][1] for i in cuts]
     plans = stage_plans(view, boundaries)
 
-    owners: dict[int, tuple[str, int]] = {}
-    holders: dict[int, list[int]] = {}
+    holders: dict[int, dict[int, str]] = {}  # tensor -> {stage: the name it reads it by}
+    tensors: dict[int, torch.Tensor] = {}
     rows = []
     for plan in plans:
         params = _stage_params(view, plan)
         for name, t in params.items():
-            owners.setdefault(id(t), (name, plan.index))
-            holders.setdefault(id(t), []).append(plan.index)
+            holders.setdefault(id(t), {}).setdefault(plan.index, name)
+            tensors[id(t)] = t
         keys = list(dict.fromkeys(view.keys[plan.start:plan.end]))
         cost = sum(costs[plan.start:plan.end])
         sends = [_spec(shapes, v) for v in plan.outputs] if plan.outputs is not None else []
@@ -540,12 +548,13 @@ def partition(program: Program, config: PartitionConfig) -> PassResult:
                      "param_names": sorted(params), "inputs": [x.name for x in plan.inputs],
                      "send_bytes": sum(s["bytes"] for s in sends)})
     tied = []
-    for key, stages in holders.items():
-        if len(stages) > 1:
-            name, owner = owners[key]
-            t = next(p for p in _stage_params(view, plans[owner]).values() if id(p) == key)
-            tied.append({"param": name, "stages": stages, "owner": owner, "shape": list(t.shape),
-                         "dtype": str(t.dtype).replace("torch.", "")})
+    for key, names in holders.items():
+        if len(names) > 1:
+            owner = min(names)
+            t = tensors[key]
+            tied.append({"param": names[owner], "stages": sorted(names), "owner": owner,
+                         "names": {str(k): v for k, v in sorted(names.items())},
+                         "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")})
     cut_rows = []
     for plan in plans[:-1]:
         tensors = [_spec(shapes, v) for v in plan.outputs]
@@ -590,15 +599,16 @@ def stage_plans_for(program: Program) -> tuple[GraphView, list[StagePlan]]:
     if not info:
         raise PassError("the program is not partitioned", "add partition{stages=N} to the pipeline")
     view = graph_view(program.gm)
-    starts = {}
+    starts: dict[str, list[int]] = {}
     for s, _, key in view.segments[1:]:
-        starts.setdefault(key, s)
+        starts.setdefault(key, []).append(s)
     boundaries = []
     for cut in info["cuts"]:
         if cut["before"] not in starts:
             raise PassError(f"the partition plan cuts before {cut['before']!r}, which is no longer a block "
                             "boundary of the program", "run partition last in the pipeline")
-        boundaries.append(starts[cut["before"]])
+        found = starts[cut["before"]]  # the recorded position when the segment still starts there
+        boundaries.append(cut["position"] if cut.get("position") in found else found[0])
     return view, stage_plans(view, boundaries)
 
 

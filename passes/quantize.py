@@ -20,12 +20,17 @@ per-token activation scales, oneDNN int8 on CPU).
 int8-static calibrates before it rewrites: the fp32 graph runs (an fx Interpreter) on
 `optpipe.calibration.calibration_inputs(program)` — the attached `--calibration-data`, else the
 verification inputs — at most `calibration_batches` sets, recording every selected linear's input:
-its min, max and a random sample. Each distinct input node gets ONE uint8 (scale, zero point) over
-its range (q, k and v share theirs): `mse` shrinks the range to the clip of least squared error on
-the sample, `minmax` keeps it whole, `percentile` takes the 99.99th percentile of each tail. The
-scales live in an `input_qparams` buffer next to each weight. details["calibration"] says which
-inputs were used. Selection: `modules` and `skip` are globs over
-the module path that owns the weight (`encoder.layer.0.attention.self.query`, `lm_head`); a pattern
+its min and max per channel and a few random rows. Each distinct input node gets ONE uint8 (scale,
+zero point) and one SmoothQuant smoothing (q, k and v share theirs): x is divided per input channel
+by s = max|x|^α / max|W|^(1-α) and the weights multiplied by s (outlier channels, e.g. after a
+LayerNorm, stop eating the per-tensor range); α is the one of `SMOOTHING_ALPHAS` whose linears'
+output error on the kept rows is least (or `smoothing` when given; 0 = off; a weight tied to an
+embedding or another input is not smoothed). Then `mse` shrinks the range of x/s to the clip of
+least squared error, `minmax` keeps it whole, `percentile` takes the 99.99th percentile of each
+tail. The buffers `input_qparams` [2] and `input_smooth` [K] sit next to each weight.
+details["calibration"] says which inputs were used and how many inputs chose each α.
+
+Selection: `modules` and `skip` are globs over the module path that owns the weight (`encoder.layer.0.attention.self.query`, `lm_head`); a pattern
 matches the whole path or any dotted tail of it (`skip=[lm_head,*embed*]`, `modules=[*.mlp.*]`).
 Skipped modules keep their nodes and fp32 weights untouched.
 
@@ -57,8 +62,9 @@ SCHEMES = ("int8-dynamic", "int8-static", "int8-weight", "int4-weight")
 Scheme = Literal["int8-dynamic", "int8-static", "int8-weight", "int4-weight"]
 CALIBRATION_METHODS = ("mse", "minmax", "percentile")
 PERCENTILE = 99.99
-ROWS_PER_SET = 128
-"""Activation rows (tokens) kept per input node and calibration set for the range and smoothing searches."""
+CALIBRATION_ROWS = 1024
+"""Activation rows (tokens) kept per input node, spread over the calibration sets, for the range and
+smoothing searches."""
 SMOOTHING_ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9)
 SAMPLE = 1 << 18
 GROUPS = (32, 64, 128)
@@ -109,7 +115,8 @@ class QuantizeConfig:
             raise ValueError("quantize: modules is empty; use [*] for every linear")
         if isinstance(self.calibration_batches, bool) or not isinstance(self.calibration_batches, int) \
                 or self.calibration_batches < 1:
-            raise ValueError(f"quantize: calibration-batches must be a positive integer, got {self.calibration_batches!r}")
+            raise ValueError("quantize: calibration-batches must be a positive integer, "
+                             f"got {self.calibration_batches!r}")
         if self.smoothing is not None and (isinstance(self.smoothing, bool) or not isinstance(
                 self.smoothing, (int, float)) or not 0 <= self.smoothing < 1):
             raise ValueError(f"quantize: smoothing must be in [0, 1), got {self.smoothing!r}")
@@ -346,9 +353,9 @@ class _RangeRecorder(torch.fx.Interpreter):
     """Runs the fp32 graph, keeping per input channel of each watched node its min and max, and a
     few random rows (tokens) of it."""
 
-    def __init__(self, gm, watched: set, generator: torch.Generator):
+    def __init__(self, gm, watched: set, generator: torch.Generator, rows_per_set: int):
         super().__init__(gm)
-        self.watched, self.g = watched, generator
+        self.watched, self.g, self.rows_per_set = watched, generator, rows_per_set
         self.stats: dict[torch.fx.Node, dict] = {}
 
     def run_node(self, n):
@@ -357,7 +364,7 @@ class _RangeRecorder(torch.fx.Interpreter):
             rows = out.detach().float().reshape(-1, out.shape[-1])
             st = self.stats.setdefault(n, {"min": rows.amin(0), "max": rows.amax(0), "rows": []})
             st["min"], st["max"] = torch.minimum(st["min"], rows.amin(0)), torch.maximum(st["max"], rows.amax(0))
-            keep = torch.randperm(rows.shape[0], generator=self.g)[:ROWS_PER_SET]
+            keep = torch.randperm(rows.shape[0], generator=self.g)[:self.rows_per_set]
             st["rows"].append(rows[keep])
         return out
 
@@ -392,13 +399,15 @@ def _activation_choice(st: dict, weight: torch.Tensor, alpha: float, method: str
     return qparams, smooth, float((out - ref).pow(2).sum())
 
 
-def _calibrate(program: Program, gm, sites: list[_Site], config: QuantizeConfig) -> tuple[dict, dict]:
+def _calibrate(program: Program, gm, sites: list[_Site], config: QuantizeConfig,
+               all_sites: list[_Site]) -> tuple[dict, dict]:
     """({input node: (act_qparams [2], smoothing [K] or None)}, details): one per-tensor uint8 range
     and one smoothing per distinct input, so linears reading the same activation (q, k, v) share it."""
     from optpipe.calibration import calibration_inputs
 
     sets = calibration_inputs(program, limit=config.calibration_batches)
-    recorder = _RangeRecorder(gm, {site.x for site in sites}, torch.Generator().manual_seed(0))
+    recorder = _RangeRecorder(gm, {site.x for site in sites}, torch.Generator().manual_seed(0),
+                              max(1, CALIBRATION_ROWS // len(sets)))
     with torch.no_grad():
         for inputs in sets:
             recorder.run(*inputs)
@@ -406,11 +415,18 @@ def _calibrate(program: Program, gm, sites: list[_Site], config: QuantizeConfig)
     for site in sites:
         by_input.setdefault(site.x, []).append(site)
     alphas = SMOOTHING_ALPHAS if config.smoothing is None else (config.smoothing,)
+    readers: dict[int, set] = {}  # weight tensor -> the inputs it is applied to (embedding: None)
+    for site in all_sites:
+        readers.setdefault(id(_tensor(gm, site.weight.target)), set()).add(site.x)
     activations, chosen = {}, {}
     with torch.no_grad():
         for node, st in recorder.stats.items():
             weight = _dense_weights(gm, by_input[node])
-            options = [(_activation_choice(st, weight, a, config.calibration_method), a) for a in alphas]
+            # a weight shared with another input or an embedding (a tied LM head) keeps one int8 copy:
+            # smoothing it for this input would need a second
+            tied = any(readers[id(_tensor(gm, s.weight.target))] != {node} for s in by_input[node])
+            options = [(_activation_choice(st, weight, a, config.calibration_method), a)
+                       for a in ((0.0,) if tied else alphas)]
             (qparams, smooth, _), alpha = min(options, key=lambda o: o[0][2])
             activations[node] = (qparams, smooth)
             chosen[alpha] = chosen.get(alpha, 0) + 1
@@ -421,8 +437,8 @@ def _calibrate(program: Program, gm, sites: list[_Site], config: QuantizeConfig)
 
 @register_pass("quantize", QuantizeConfig, exact=False)
 def quantize(program: Program, config: QuantizeConfig) -> PassResult:
-    """Quantize linear layers (int8-dynamic, int8-weight or int4-weight) and, with embeddings=true,
-    embedding tables to int8 optpipe ops; fp32 weights no longer read are removed."""
+    """Quantize linear layers (int8-dynamic, int8-static, int8-weight or int4-weight) and, with
+    embeddings=true, embedding tables to int8 optpipe ops; fp32 weights no longer read are removed."""
     gm = program.gm
     bytes_before = state_bytes(gm)
     quantizer = _Quantizer(gm, config)
@@ -432,9 +448,10 @@ def quantize(program: Program, config: QuantizeConfig) -> PassResult:
         if site is not None:
             decided.append((node, site, _decide(gm, site, config)))
     calibration, act_qparams = None, {}
-    linears = [site for _, site, reason in decided if reason is None and site.kind == "linear"]
+    chosen = [site for _, site, reason in decided if reason is None]
+    linears = [site for site in chosen if site.kind == "linear"]
     if config.scheme == "int8-static" and linears:
-        act_qparams, calibration = _calibrate(program, gm, linears, config)
+        act_qparams, calibration = _calibrate(program, gm, linears, config, chosen)
     details, weights = [], set()
     for node, site, reason in decided:
         path = site.path if isinstance(site, _Site) else _module_path(node)

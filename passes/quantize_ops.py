@@ -24,6 +24,8 @@ int8-static activations: one calibrated per-tensor uint8 (scale, zero point) per
 (act_qparams = [scale, zero point], fp32), xq = clamp(round(x / scale) + zero, 0, 255) as ONNX
 QuantizeLinear, int32 accumulation, rescaled by scale · weight scale. No reduction over x at run
 time: on this CPU (1 thread, 1024x384x1536) 1.5 ms vs 3.1 ms for int8-dynamic and 9.8 ms fp32.
+With SmoothQuant smoothing (act_smooth[K], chosen by the pass) x is divided by it first, and the
+weight was multiplied by it before quantization.
 
 Kernels: `linear_int8_dynamic` runs `torch.ops.quantized.linear_dynamic` on weights prepacked once
 for oneDNN (cached per weight tensor, so the saved program stores plain int8 buffers only);
@@ -31,8 +33,8 @@ for oneDNN (cached per weight tensor, so the saved program stores plain int8 buf
 `onednn.qlinear_pointwise` (u8 x s8, fp32 output, weight scales and bias in its epilogue). On CUDA
 both run `torch._int_mm` (int8 x int8 -> int32; int8-dynamic symmetric per token, int8-static with
 the zero point folded in through the weight's row sums) when there are more than 16 rows and K, N
-are multiples of 8. Other devices/dtypes/shapes, or a torch without oneDNN, run the decomposition. The weight-only ops dequantize
-on the fly in plain torch (their point is memory, not CPU speed: torch's int4/int8 packed CPU
+are multiples of 8. Other devices/dtypes/shapes, or a torch without oneDNN, run the decomposition.
+The weight-only ops dequantize on the fly in plain torch (their point is memory, not CPU speed: torch's int4/int8 packed CPU
 kernels were 30-100x slower than fp32 here). Every op's decomposition is plain ATen (no amax, no
 bit shifts: TVM's importer lacks them) and is what ONNX Runtime and TVM lower; for ONNX Runtime,
 `linear_int8_dynamic` has a native lowering to DynamicQuantizeLinear + MatMulInteger,

@@ -53,3 +53,10 @@ def test_heal_example(tmp_path):
         import optpipe
 
         assert op in optpipe.load(str(healed)).gm.code  # healing keeps the efficient attention
+
+
+def test_partition_example(tmp_path):
+    out = run_example("partition.py", tmp_path / "OUT", "--stages", "2", "--steps", "2", tmp_path=tmp_path)
+    assert "same training: True" in out and "cut after stage 0" in out
+    assert "max |pipeline - program| = 0" in out
+    assert (tmp_path / "OUT" / "stages" / "stage_1.pt2").exists()

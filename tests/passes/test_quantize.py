@@ -263,6 +263,16 @@ def test_gpt2_conv1d_and_tied_lm_head():
     assert sqnr(first(program.run()), first(both.run())) > 30
 
 
+def test_int8_static_tied_lm_head_keeps_one_int8_copy():
+    """The tied LM head is not smoothed (that would need a second int8 copy of the table)."""
+    _, program = captured("gpt2")
+    rewritten, result = rewrite(program, "quantize{scheme=int8-static,embeddings=true}")
+    assert result.stats["quantized"] == 11
+    assert len([t for t in rewritten.gm.buffers() if t.dtype == torch.int8 and t.shape[0] == hf_models.VOCAB]) == 1
+    assert result.details["calibration"]["smoothing"].get("0", 0) >= 1
+    assert sqnr(first(program.run()), first(rewritten.run())) > 30
+
+
 @pytest.mark.parametrize("scheme", ["int8-dynamic", "int8-static"])
 def test_skip_leaves_named_modules_bit_identical(scheme):
     _, program = captured("bert")
@@ -319,7 +329,8 @@ def test_int8_static_calibration_data_changes_the_scales():
     baseline, _ = rewrite(program, "quantize{scheme=int8-static}")
     g = torch.Generator().manual_seed(7)
     sets = [(torch.randint(0, 8, (3, 24), generator=g), torch.ones(3, 24, dtype=torch.int64)) for _ in range(5)]
-    calibrated, result = rewrite(with_calibration(program.copy(), sets), "quantize{scheme=int8-static,calibration-batches=2}")
+    calibrated, result = rewrite(with_calibration(program.copy(), sets),
+                                 "quantize{scheme=int8-static,calibration-batches=2}")
     assert result.details["calibration"]["source"] == "attached calibration data"
     assert result.details["calibration"]["sets"] == 2
     before, after = _act_qparams(baseline.gm), _act_qparams(calibrated.gm)

@@ -1,0 +1,119 @@
+"""Pipeline-parallel training throughput vs one process, against the bubble model, in one run.
+
+    python benchmarks/partition.py                      # 2 and 4 stages, 4 and 8 micro-batches
+    python benchmarks/partition.py --stages 2 --microbatches 4 8 16 --steps 6 --layers 8
+
+Model: the nanoGPT-style GPT of examples/tiny_gpt.py at `--layers` x `--width` (vocab 256,
+`--seq` tokens), captured by optpipe and split by `partition{stages=p}` (FLOP-balanced). One
+training step = forward, next-token loss, backward, SGD step on a batch of `--batch` sequences.
+
+- one process: the unsplit program, whole batch at once, `torch.set_num_threads(1)`;
+- pipeline: `optpipe.parallel.pipeline_train` with p ranks (torchrun, gloo, OMP_NUM_THREADS=1 each),
+  1F1B over m micro-batches; step time measured on the ranks between barriers (start-up and the
+  first step, which infers the stage metadata, excluded; median of the rest).
+
+The bubble model: with balanced stages and free communication a p-stage pipeline over m micro-batches
+is idle (p-1)/(m+p-1) of the time, so its ideal speedup over one process is p·m/(m+p-1). Measured
+speedup = one-process step / pipelined step; efficiency = measured / ideal. Each rank is one
+thread, so p ranks need p cores: on a machine with fewer cores than ranks the processes share them
+and the measured speedup is capped near the core count (the table says how many cores there were).
+Prints a markdown table; `--json FILE` also writes the rows.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import optpipe  # noqa: E402
+from examples.tiny_gpt import build  # noqa: E402
+from optpipe.parallel import partitioned, pipeline_train  # noqa: E402
+from optpipe.training import task_loss  # noqa: E402
+
+
+def batches(n: int, batch: int, seq: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 256, (batch, seq), generator=g)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def one_process_step(program, data: list[dict]) -> float:
+    torch.set_num_threads(1)
+    gm = copy.deepcopy(program.gm)
+    for p in gm.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(gm.parameters(), lr=1e-3)
+    times = []
+    for b in data:
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        task_loss(gm(b["input_ids"]), b["labels"], "clm").backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stages", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--microbatches", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    model, _ = build(n_layer=args.layers, n_embd=args.width, n_head=max(1, args.width // 64),
+                     block_size=args.seq)
+    program = optpipe.capture(model, (torch.zeros(1, args.seq, dtype=torch.long),))
+    data = batches(args.steps, args.batch, args.seq)
+    base = one_process_step(program, data)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    rows = []
+    for p in args.stages:
+        split = partitioned(program, p)
+        imbalance = split.meta["partition"]["imbalance"]
+        for m in args.microbatches:
+            res = pipeline_train(split, data, stages=p, microbatches=m, lr=1e-3, timeout=300)
+            step = statistics.median(res["seconds"][1:])
+            ideal = p * m / (m + p - 1)
+            rows.append({"stages": p, "microbatches": m, "bubble": (p - 1) / (m + p - 1), "imbalance": imbalance,
+                         "step_ms": step * 1e3, "one_process_ms": base * 1e3, "speedup": base / step,
+                         "ideal_speedup": ideal, "efficiency": base / step / ideal})
+            print(f"  p={p} m={m}: {step * 1e3:.1f} ms/step", file=sys.stderr)
+
+    print(f"GPT {args.layers}x{args.width}, batch {args.batch} x seq {args.seq}, SGD step, fp32; "
+          f"{cores} CPU core(s) available, torch {torch.__version__}\n")
+    print("| stages p | micro-batches m | bubble (p-1)/(m+p-1) | stage imbalance (max/mean FLOPs) | "
+          "pipeline step ms | one process ms | speedup | ideal p·m/(m+p-1) | efficiency |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['stages']} | {r['microbatches']} | {r['bubble']:.1%} | {r['imbalance']:.3f} | "
+              f"{r['step_ms']:.1f} | {r['one_process_ms']:.1f} | {r['speedup']:.2f}x | "
+              f"{r['ideal_speedup']:.2f}x | {r['efficiency']:.0%} |")
+    if any(r["stages"] > cores for r in rows):
+        print(f"\nNote: rows with more stages than the {cores} available core(s) oversubscribe the CPU "
+              "(one single-threaded process per stage); their speedup is bounded by the core count, not "
+              "by the bubble.")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
