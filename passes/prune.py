@@ -59,7 +59,11 @@ from optpipe.attention_sites import SDPA, concrete, module_path, sdpa_arguments,
 from optpipe.program import Program
 from optpipe.registry import PassResult, register_pass
 
-from .quantize import _linear_shape, _Site, _site, _tensor, path_matches
+from optpipe.weight_sites import WeightSite as _Site
+from optpipe.weight_sites import linear_shape as _linear_shape
+from optpipe.weight_sites import path_matches
+from optpipe.weight_sites import weight_site as _site
+from optpipe.weight_sites import weight_tensor as _tensor
 
 aten = torch.ops.aten
 

@@ -42,7 +42,6 @@ reason it was skipped.
 """
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -51,6 +50,12 @@ import torch.fx
 from torch._guards import detect_fake_mode
 
 from optpipe.program import Program
+from optpipe.attention_sites import module_path as _module_path
+from optpipe.weight_sites import WeightSite as _Site
+from optpipe.weight_sites import linear_shape as _linear_shape
+from optpipe.weight_sites import path_matches
+from optpipe.weight_sites import weight_site as _site
+from optpipe.weight_sites import weight_tensor as _tensor
 from optpipe.registry import PassResult, register_pass
 
 from . import quantize_ops as ops
@@ -128,84 +133,6 @@ class QuantizeConfig:
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-def path_matches(path: str, patterns: tuple[str, ...]) -> str | None:
-    """The first glob matching `path` or one of its dotted tails (`c_proj` matches `h.0.attn.c_proj`)."""
-    parts = path.split(".")
-    tails = [".".join(parts[i:]) for i in range(len(parts))] or [path]
-    for pattern in patterns:
-        if any(fnmatch.fnmatchcase(tail, pattern) for tail in tails):
-            return pattern
-    return None
-
-
-# -- finding sites ------------------------------------------------------------------------------------------
-@dataclass
-class _Site:
-    node: torch.fx.Node
-    kind: str                       # "linear" | "embedding"
-    weight: torch.fx.Node           # the get_attr node of the fp32 weight
-    transposed: bool                # weight stored [in, out] (addmm/mm, HF Conv1D)
-    x: torch.fx.Node | None = None
-    bias: torch.fx.Node | None = None
-
-    @property
-    def owner(self) -> str:
-        """Submodule holding the weight (where the quantized buffers go)."""
-        return self.weight.target.rpartition(".")[0]
-
-    @property
-    def path(self) -> str:
-        """Module that calls it (a tied weight has one owner name but several callers)."""
-        return _module_path(self.node) or self.owner
-
-
-def _tensor(gm: torch.fx.GraphModule, target: str) -> torch.Tensor | None:
-    try:
-        owner_path, _, name = target.rpartition(".")
-        value = getattr(gm.get_submodule(owner_path) if owner_path else gm, name)
-    except AttributeError:
-        return None
-    return value if isinstance(value, torch.Tensor) else None
-
-
-def _weight_node(gm, arg) -> torch.fx.Node | None:
-    if not (isinstance(arg, torch.fx.Node) and arg.op == "get_attr"):
-        return None
-    t = _tensor(gm, arg.target)
-    return arg if t is not None and t.is_floating_point() and t.dim() == 2 else None
-
-
-def _site(gm, node: torch.fx.Node) -> _Site | str | None:
-    """A quantizable site, the reason a linear-like node is not one, or None for other nodes."""
-    if node.op != "call_function":
-        return None
-    t = node.target
-    if t is aten.linear.default:
-        w = _weight_node(gm, node.args[1])
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        return _Site(node, "linear", w, False, node.args[0], bias) if w is not None else None
-    if t is aten.addmm.default:
-        w = _weight_node(gm, node.args[2])
-        if w is None:
-            return None
-        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
-            return "addmm with alpha/beta other than 1"
-        return _Site(node, "linear", w, True, node.args[1], node.args[0])
-    if t is aten.mm.default:
-        w = _weight_node(gm, node.args[1])
-        return _Site(node, "linear", w, True, node.args[0]) if w is not None else None
-    if t is aten.embedding.default:
-        w = _weight_node(gm, node.args[0])  # padding_idx/scale_grad_by_freq only affect gradients
-        return _Site(node, "embedding", w, False) if w is not None else None
-    return None
-
-
-def _linear_shape(gm, site: _Site) -> tuple[int, int]:
-    """(out_features N, in_features K) of a linear site."""
-    shape = tuple(_tensor(gm, site.weight.target).shape)
-    return (shape[1], shape[0]) if site.transposed else shape
 
 
 def _refusal(gm, site: _Site, config: QuantizeConfig) -> str | None:
@@ -484,11 +411,6 @@ def quantize(program: Program, config: QuantizeConfig) -> PassResult:
         result["fp32_weights_kept"] = {t: "still read by a node that was not quantized (tied or skipped)"
                                        for t in kept}
     return PassResult(bool(quantized), stats, result)
-
-
-def _module_path(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
 
 
 __all__ = ["QuantizeConfig", "quantize", "path_matches", "state_bytes", "SCHEMES"]
