@@ -4,10 +4,14 @@ On text nobody here wrote (the documentation topics that ship with Python, `pydo
 1. pre-train a small byte-level GPT with dense attention (`optpipe train`, clm);
 2. swap its attention for sliding-window (a window well below the context) and for linear
    attention (`optpipe optimize --pipeline attention{...}`) and measure the validation perplexity;
-3. heal each swapped program by distillation from the dense one (`optpipe train --distill-from`)
-   and measure again: the share of the perplexity gap recovered.
+3. heal each swapped program by distillation from the dense one (`optpipe train --distill-from`,
+   `--alpha` of the task loss mixed in) and measure again: the share of the perplexity gap
+   recovered. `--control` also trains the dense model as many more steps, which shows how much of
+   the healing is just more training.
 
-    python examples/heal.py                    # the full run (a few minutes on a CPU)
+    python examples/heal.py                    # the full run (~15 minutes on one CPU core)
+    python examples/heal.py --alpha 0 --control
+    python examples/heal.py --minilm           # the real MiniLM, mlm, 25% of MLP channels pruned
     python examples/heal.py --quick            # a smoke run (seconds)
 
 `build()` is also a MODEL factory: `optpipe train examples/heal.py:build --data corpus.txt ...`.
@@ -76,8 +80,8 @@ def _recovered(r: dict) -> str:
     return "no gap to recover" if r["recovered"] is None else f"{r['recovered']:.0%} of the gap recovered"
 
 
-def run(workdir: str, *, quick: bool = False, pretrain_steps: int = 1500, heal_steps: int = 400,
-        window: int = 16, seed: int = 0) -> dict:
+def run(workdir: str, *, quick: bool = False, pretrain_steps: int = 1500, heal_steps: int = 800,
+        window: int = 16, alpha: float = 0.5, control: bool = False, seed: int = 0) -> dict:
     import optpipe
     from optpipe.data import pydoc_corpus
     from optpipe.training import evaluate
@@ -104,10 +108,15 @@ def run(workdir: str, *, quick: bool = False, pretrain_steps: int = 1500, heal_s
         before = evaluate(swapped, corpus, **ev)["val_ppl"]
         healed_dir = os.path.join(workdir, f"{kind}-healed")
         optpipe.train(swapped, corpus, healed_dir, steps=heal_steps, lr=5e-4, warmup=10 if not quick else 2,
-                      distill_from=dense, **common, progress=False)
+                      distill_from=dense, alpha=alpha, **common, progress=False)
         healed = evaluate(healed_dir, corpus, **ev)["val_ppl"]
         results[kind] = {"swapped": before, "healed": healed,
                          "recovered": gap_recovered(results["dense"], before, healed)}
+    if control:  # the dense model trained as many more steps: how much of healing is just more training
+        more = os.path.join(workdir, "dense-continued")
+        optpipe.train(dense, corpus, more, steps=heal_steps, lr=5e-4, warmup=10 if not quick else 2, **common,
+                      progress=False)
+        results["dense-continued"] = evaluate(more, corpus, **ev)["val_ppl"]
     return results
 
 
@@ -150,6 +159,10 @@ def main(argv=None) -> int:
     ap.add_argument("--pretrain-steps", type=int, default=None)
     ap.add_argument("--heal-steps", type=int, default=None)
     ap.add_argument("--window", type=int, default=None)
+    ap.add_argument("--alpha", type=float, default=0.5,
+                    help="weight of the task loss while healing (0: distillation alone)")
+    ap.add_argument("--control", action="store_true",
+                    help="also train the dense model --heal-steps more steps (what more training alone gives)")
     ap.add_argument("--workdir", default=None, help="keep the OUT folders here (default: a temporary folder)")
     ap.add_argument("--minilm", action="store_true",
                     help="instead: the real MiniLM (mlm), 25%% structured MLP pruning healed by distillation")
@@ -169,17 +182,20 @@ def main(argv=None) -> int:
         print(f"  {int(r['sparsity'] * 100)}% MLP channels pruned  {r['swapped']:8.3f} -> healed {r['healed']:8.3f}  "
               f"({_recovered(r)}; params {r['params'][0]:,} -> {r['params'][1]:,})")
         return 0
-    steps = (args.pretrain_steps or (30 if args.quick else 1500), args.heal_steps or (10 if args.quick else 400))
+    steps = (args.pretrain_steps or (30 if args.quick else 1500), args.heal_steps or (10 if args.quick else 800))
     window = args.window or (8 if args.quick else 16)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or tmp
         os.makedirs(workdir, exist_ok=True)
-        res = run(workdir, quick=args.quick, pretrain_steps=steps[0], heal_steps=steps[1], window=window)
+        res = run(workdir, quick=args.quick, pretrain_steps=steps[0], heal_steps=steps[1], window=window,
+                  alpha=args.alpha, control=args.control)
     if args.json:
         print(json.dumps(res))
         return 0
     print(f"validation perplexity (pydoc_data topics, byte-level, context {32 if args.quick else CONTEXT}):")
     print(f"  dense                     {res['dense']:8.3f}")
+    if "dense-continued" in res:
+        print(f"  dense, {steps[1]} more steps   {res['dense-continued']:8.3f}  (control: more training alone)")
     for kind in ("sliding-window", "linear"):
         r = res[kind]
         label = f"{kind} (window {window})" if kind == "sliding-window" else kind

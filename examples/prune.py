@@ -29,22 +29,8 @@ import optpipe  # noqa: E402
 import optpipe.passes.prune  # noqa: E402,F401  (registers the pass)
 from tests import hf_models  # noqa: E402
 
-SENTENCES = ["A man is playing a guitar on the street.", "The new phone has a better camera.",
-             "How do I cook rice without a rice cooker?", "Stocks fell sharply after the report.",
-             "Pruning removes whole channels, so the matrix multiplications get smaller.", "It is raining again.",
-             "Children were playing football in the park until it got dark.", "Where is the station?"]
-CALIBRATION = ["The train to Berlin leaves at seven.", "She painted the fence a bright shade of blue.",
-               "What is the best way to learn a new language?", "The committee postponed its decision.",
-               "Transformers attend to every token in the sequence.", "My cat sleeps most of the day.",
-               "The river flooded the lower part of the town last spring.", "Is the museum open today?"]
-
-
-def embed(module, ids, mask) -> torch.Tensor:
-    out = module(ids, mask)
-    hidden = out if isinstance(out, torch.Tensor) else (
-        out["last_hidden_state"] if isinstance(out, dict) else out[0])
-    weights = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(1) / weights.sum(1)
+SENTENCES, CALIBRATION = hf_models.EVAL_SENTENCES, hf_models.CALIBRATION_SENTENCES
+embed = hf_models.sentence_embedding
 
 
 def latency_ms(fns, repeat: int) -> list[float]:

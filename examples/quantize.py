@@ -31,25 +31,8 @@ import optpipe  # noqa: E402
 import optpipe.passes.quantize  # noqa: E402,F401  (registers the pass and its ops for load/save)
 from tests import hf_models  # noqa: E402
 
-SENTENCES = ["A man is playing a guitar on the street.", "The new phone has a better camera.",
-             "How do I cook rice without a rice cooker?", "Stocks fell sharply after the report.",
-             "Quantization makes transformer models cheaper to serve.", "It is raining again.",
-             "Children were playing football in the park until it got dark.", "Where is the station?"]
-CALIBRATION = ["The weather was lovely for the whole weekend.", "Can you recommend a good book on compilers?",
-               "The team released a new version of the library today.", "My cat sleeps most of the afternoon.",
-               "Interest rates are expected to rise again next month.", "Turn left at the second traffic light.",
-               "She finished the marathon in under four hours.", "What is the best way to learn a language?"]
-
-
-def embed(module, ids, mask) -> torch.Tensor:
-    """Mean-pooled last hidden state over real tokens (the sentence-transformers recipe)."""
-    out = module(ids, mask)
-    if isinstance(out, torch.Tensor):  # a captured encoder returns last_hidden_state alone
-        hidden = out
-    else:
-        hidden = out["last_hidden_state"] if isinstance(out, dict) else out[0]
-    weights = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(1) / weights.sum(1)
+SENTENCES, CALIBRATION = hf_models.EVAL_SENTENCES, hf_models.CALIBRATION_SENTENCES
+embed = hf_models.sentence_embedding
 
 
 def latency_ms(fn, repeat: int) -> float:

