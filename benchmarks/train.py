@@ -57,7 +57,7 @@ def torch_step(program, seq: int):
         loss = task_loss(gm(ids), ids, "clm")
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
     return step
 
 

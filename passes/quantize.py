@@ -42,6 +42,7 @@ reason it was skipped.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -236,6 +237,69 @@ def _rewrite(gm, site: _Site, config: QuantizeConfig, quantizer: _Quantizer,
     return f"optpipe.{op._opname}"
 
 
+def fuse_shared_input_linears(gm: torch.fx.GraphModule) -> tuple[int, set[str]]:
+    """int8-dynamic linears reading the same activation (q, k, v) -> ONE call on their weights
+    stacked by output rows, then a split: the activation is quantized once, not once per linear,
+    and the GEMM is wider. Exact: per-output-channel weight scales and per-token activation scales
+    are the same rows either way. Returns (linears fused, buffer targets no longer read)."""
+    op = ops.linear_int8_dynamic
+    groups: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (op, getattr(op, "default", None)):
+            groups.setdefault(node.args[0], []).append(node)
+    fused, replaced = 0, set()
+    for x, members in groups.items():
+        if len(members) < 2 or any(not all(isinstance(a, torch.fx.Node) for a in m.args[1:3]) for m in members):
+            continue
+        weights = [_tensor(gm, m.args[1].target) for m in members]
+        scales = [_tensor(gm, m.args[2].target) for m in members]
+        if any(w is None or w.dim() != 2 for w in weights) or len({w.shape[1] for w in weights}) != 1:
+            continue
+        rows = [w.shape[0] for w in weights]
+        biases = [(_tensor(gm, m.args[3].target) if isinstance(m.args[3], torch.fx.Node) else None)
+                  if len(m.args) > 3 else None for m in members]
+        if any(isinstance(m.args[3], torch.fx.Node) and b is None for m, b in zip(members, biases) if len(m.args) > 3):
+            continue  # a bias computed in the graph, not a stored one
+        paths = [m.args[1].target.rpartition(".")[0].split(".") for m in members]
+        common = []
+        for parts in zip(*paths):
+            if len(set(parts)) != 1:
+                break
+            common.append(parts[0])
+        owner = ".".join(common)
+        q_name = _new_buffer(gm, owner, "fused_weight_int8", torch.cat(weights))
+        s_name = _new_buffer(gm, owner, "fused_weight_scale", torch.cat(scales))
+        b_name = None
+        if any(b is not None for b in biases):
+            b_name = _new_buffer(gm, owner, "fused_bias", torch.cat(
+                [b if b is not None else torch.zeros(n, dtype=scales[0].dtype) for b, n in zip(biases, rows)]))
+        first = min(members, key=lambda n: list(gm.graph.nodes).index(n))
+        fake_mode = detect_fake_mode([n.meta.get("val") for n in first.all_input_nodes])
+        with gm.graph.inserting_before(first):
+            args = [x] + [_get_attr(gm, t, first.args[1], fake_mode) for t in (q_name, s_name)]
+            args.append(_get_attr(gm, b_name, first.args[1], fake_mode) if b_name else None)
+            new = gm.graph.call_function(op, tuple(args))
+            parts = gm.graph.call_function(aten.split_with_sizes.default, (new, rows, -1))
+            outs = [gm.graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
+        for node in (new, parts, *outs):
+            for key in _META_KEYS:
+                if key in first.meta:
+                    node.meta[key] = first.meta[key]
+        if fake_mode is not None:
+            with fake_mode:
+                vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in args]
+                new.meta["val"] = op(*vals)
+                parts.meta["val"] = list(torch.split(new.meta["val"], rows, -1))
+            for i, o in enumerate(outs):
+                o.meta["val"] = parts.meta["val"][i]
+        for member, out in zip(members, outs):
+            replaced.update(a.target for a in member.args[1:] if isinstance(a, torch.fx.Node) and a.op == "get_attr")
+            member.replace_all_uses_with(out)
+            gm.graph.erase_node(member)
+        fused += len(members)
+    return fused, replaced
+
+
 def _drop_unused_weights(gm: torch.fx.GraphModule, candidates: set[str]) -> list[str]:
     """Delete fp32 weights that no graph node reads any more, under every name they have (a tied
     embedding is registered under both of its names even when the graph reads only one)."""
@@ -395,14 +459,17 @@ def quantize(program: Program, config: QuantizeConfig) -> PassResult:
             entry["act_scale"], entry["act_zero_point"] = float(activation[0][0]), int(activation[0][1])
         details.append({**entry, "action": "quantized"})
     quantized = sum(1 for d in details if d["action"] == "quantized")
-    dropped = []
+    dropped, fused = [], 0
     if quantized:
+        if config.scheme == "int8-dynamic":
+            fused, unread = fuse_shared_input_linears(gm)
+            weights |= unread
         eliminate_dead_code(gm)
         dropped = _drop_unused_weights(gm, weights)
         gm.graph.lint()
         gm.recompile()
     kept = sorted(t for t in weights - set(dropped) if _tensor(gm, t) is not None)
-    stats = {"quantized": quantized, "skipped": len(details) - quantized,
+    stats = {"quantized": quantized, "skipped": len(details) - quantized, "fused": fused,
              "bytes_before": bytes_before, "bytes_after": state_bytes(gm)}
     result = {"modules": details}
     if calibration is not None:

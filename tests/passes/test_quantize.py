@@ -232,7 +232,8 @@ def test_bert_linears_rewritten(scheme, min_db):
     assert result.stats["quantized"] == 12 and result.stats["skipped"] == 3  # 2 x (q,k,v,o,up,down); 3 embeddings
     assert result.stats["bytes_after"] < result.stats["bytes_before"]
     code = rewritten.gm.code
-    FileCheck().check_count(OP_CALL[scheme], 12, exactly=True).check_not("aten.linear.default(").run(code)
+    calls = 8 if scheme == "int8-dynamic" else 12  # int8-dynamic: q, k, v fused into one call per layer
+    FileCheck().check_count(OP_CALL[scheme], calls, exactly=True).check_not("aten.linear.default(").run(code)
     names = dict(rewritten.gm.named_parameters())
     assert not any(n.endswith(("query.weight", "dense.weight")) for n in names), "fp32 weights left behind"
     ref, out = first(program.run()), first(rewritten.run())
@@ -240,6 +241,24 @@ def test_bert_linears_rewritten(scheme, min_db):
     quantized = [d for d in result.details["modules"] if d["action"] == "quantized"]
     assert {d["module_path"] for d in quantized} >= {"encoder.layer.0.attention.self.query",
                                                      "encoder.layer.1.output.dense"}
+
+
+def test_int8_dynamic_fuses_linears_that_share_an_input(monkeypatch):
+    """q, k and v read the same activation: one int8 call on their stacked weights, then a split.
+    Exact against the unfused calls, and no bytes added to the saved program."""
+    _, program = captured("bert")
+    fused, result = rewrite(program, "quantize{scheme=int8-dynamic}")
+    assert result.stats["fused"] == 6  # 2 layers x (q, k, v)
+    FileCheck().check("fused_weight_int8").check(OP_CALL["int8-dynamic"]).check("split_with_sizes") \
+        .check_count("getitem", 3).run(fused.gm.code)
+    assert not any(n.endswith("query.bias") for n, _ in fused.gm.named_parameters())
+    monkeypatch.setattr(quantize_pass, "fuse_shared_input_linears", lambda gm: (0, set()))
+    separate, plain = rewrite(program, "quantize{scheme=int8-dynamic}")
+    assert plain.stats["fused"] == 0
+    assert_close(first(fused.run()), first(separate.run()), rtol=0, atol=0)
+    assert result.stats["bytes_after"] == plain.stats["bytes_after"]
+    # different inputs (o, up, down) are never merged
+    assert fused.gm.code.count(OP_CALL["int8-dynamic"]) == 8
 
 
 def test_gpt2_conv1d_and_tied_lm_head():
