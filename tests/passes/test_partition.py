@@ -261,3 +261,21 @@ def test_a_rank_that_dies_or_hangs_stops_the_others(monkeypatch, mode):
     message = e.value.one_line()
     assert "pipeline rank 1 (stage 1)" in message
     assert ("stopped responding: rank(s) 0 timed out" in message) == (mode == "hang")
+
+
+@pytest.mark.parametrize("before", ["attention{kind=sliding-window,window=8},prune{method=structured,target=mlp,sparsity=0.5}",
+                                    "quantize{scheme=int8-dynamic,skip=[lm_head]}"])
+def test_partitions_after_lossy_passes(before):
+    """An attention-swapped and pruned (or quantized) program splits, and its stages compose to it;
+    balance uses the cost after compression."""
+    program = captured("build_flash")
+    squeezed, _ = optpipe.Pipeline.parse(f"fuse-attention,{before}").run(program)
+    out, record = partitioned(squeezed, "partition{stages=2}")
+    assert record.modified and record.verify["ok"] and record.stats["stages"] == 2
+    stages = partition_pass.stage_modules(out)
+    ids = program.example_inputs[0]
+    torch.testing.assert_close(partition_pass.run_stages(stages, (ids,)), out.gm(ids), rtol=0, atol=0)
+    dense, _ = partitioned(program, "partition{stages=2}")
+    cost = lambda p: sum(s["cost"] for s in p.meta["partition"]["stages"])  # noqa: E731
+    if "prune" in before:  # half the MLP channels gone: the stages are balanced on the smaller cost
+        assert cost(out) < 0.9 * cost(dense)
