@@ -191,3 +191,19 @@ def test_atomic_folder_cleans_up_on_interrupt(tmp_path):
             (open(os.path.join(tmp, "half"), "w")).write("x")
             raise KeyboardInterrupt
     assert os.listdir(tmp_path) == []
+
+
+def test_calibration_data_reaches_the_calibrating_pass(tmp_path):
+    """`--calibration-data FILE`: text tokenized like the model's inputs, what int8-static calibrates on."""
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(f"Calibration paragraph {i}: compilers rewrite graphs." for i in range(40)))
+    quick = os.path.join(ROOT, "examples", "heal.py") + ":build_quick"  # byte-level vocab (259)
+    out = tmp_path / "OUT"
+    r = cli("optimize", quick, "--pipeline", "quantize{scheme=int8-static}", "--calibration-data", text,
+            "--calibration-batches", "2", "--mode", "eager", "-o", out, "--json")
+    assert r.exit_code == 0, r.output
+    calib = json.loads(r.stdout)["passes"][0]["details"]["calibration"]
+    assert calib["source"] == "attached calibration data"
+    r = cli("optimize", quick, "--pipeline", "quantize{scheme=int8-static}", "--calibration-data",
+            tmp_path / "missing.txt", "-o", tmp_path / "OUT2")
+    assert r.exit_code == 2 and "missing.txt" in r.output and "Traceback" not in r.output
