@@ -352,7 +352,7 @@ class Trainer:
         self.teacher = None
         if config.distill_from:
             self.teacher, _ = _load_trainable(config.distill_from)
-        _prepare_out(self.out, resume=resume, force=force, rank=self.rank)
+        _prepare_out(self.out, resume=resume, force=force, rank=self.rank, check_only=True)  # before any work
         self.resume = resume
         self.progress = sys.stderr.isatty() if progress is None else progress
         seq_len = config.seq_len or int(self.program.example_inputs[0].shape[-1])
@@ -384,6 +384,7 @@ class Trainer:
             groups = param_groups(named, config)
             self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
                                                foreach=False)
+        _prepare_out(self.out, resume=resume, force=force, rank=self.rank)  # everything checked: now write
         self.step = 0
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
 
@@ -752,7 +753,8 @@ def _truncate_metrics(path: str, step: int) -> None:
     os.replace(tmp, path)
 
 
-def _prepare_out(out: str, *, resume: bool, force: bool, rank: int) -> None:
+def _prepare_out(out: str, *, resume: bool, force: bool, rank: int, check_only: bool = False) -> None:
+    """Refuse an OUT2 that must not be replaced; unless `check_only`, (re)create it for a new run."""
     from .outdir import MARKER, check_writable
 
     if resume:
@@ -762,9 +764,11 @@ def _prepare_out(out: str, *, resume: bool, force: bool, rank: int) -> None:
     if rank != 0:
         return
     check_writable(out, force)
+    if os.path.isdir(out) and os.path.isdir(os.path.join(out, "checkpoints")) and not force:
+        raise UsageError(f"{out} holds a training run", "continue it with --resume, or pass --force to start over")
+    if check_only:
+        return
     if os.path.isdir(out) and os.listdir(out):
-        if os.path.isdir(os.path.join(out, "checkpoints")) and not force:
-            raise UsageError(f"{out} holds a training run", "continue it with --resume, or pass --force to start over")
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, MARKER), "w") as f:

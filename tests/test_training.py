@@ -257,6 +257,7 @@ def test_errors_are_one_line(corpus, tmp_path, dense):
 
     code, err = run(QUICK, "--data", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o1"))
     assert code == 2 and "missing.txt" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o1").exists()  # refused before anything was written
     small = os.path.join(ROOT, "examples", "tiny_gpt.py") + ":build"  # vocab 256: bytes need 259
     code, err = run(small, "--data", corpus, "--steps", "1", "-o", str(tmp_path / "o2"))
     assert code == 2 and "vocab size is 256" in err
