@@ -344,9 +344,7 @@ class Trainer:
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if config.target == "cuda" else torch.device("cpu")
         if config.target == "cuda" and not torch.cuda.is_available():
             raise UsageError("train --target cuda: no CUDA device is available", "use --target cpu")
-        for source in (model, config.distill_from):
-            if isinstance(source, str) and os.path.abspath(source) == self.out:
-                raise UsageError(f"train: -o {out} is the model it reads", "write the trained program to another folder")
+        _refuse_writing_into(self.out, model, config.distill_from)
         self.program, self.source_dir = _load_trainable(model)
         _check_lm_head(self.program, model)
         self.teacher = None
@@ -668,15 +666,8 @@ class Trainer:
         self.program.gm.to("cpu")
         for p in self.program.gm.parameters():
             p.requires_grad_(True)
-        self.program.history = list(self.program.history)
-        self.program.save(os.path.join(self.out, "program.pt2"))
-        target = "cuda" if self.config.target == "cuda" else "cpu"
-        _write_json(os.path.join(self.out, "target.json"), {"target": target, "info": {"trained_on": self.config.target}})
-        with open(os.path.join(self.out, "pipeline.txt"), "w") as f:
-            f.write(self.program.pipeline + "\n")
-        tok = getattr(self.data.tokenizer, "path", "")
-        if tok and os.path.isfile(tok):
-            shutil.copyfile(tok, os.path.join(self.out, "tokenizer.json"))
+        _write_trained(self.program, self.out, target="cuda" if self.config.target == "cuda" else "cpu",
+                       trained_on=self.config.target, tokenizer=self.data.tokenizer)
 
 
 @torch.no_grad()
@@ -751,6 +742,24 @@ def _truncate_metrics(path: str, step: int) -> None:
     with open(tmp, "w") as f:
         f.writelines(rows)
     os.replace(tmp, path)
+
+
+def _refuse_writing_into(out: str, *sources) -> None:
+    """The trained program never overwrites the model (or teacher) it was read from."""
+    for source in sources:
+        if isinstance(source, str) and os.path.abspath(source) == out:
+            raise UsageError(f"train: -o {out} is the model it reads", "write the trained program to another folder")
+
+
+def _write_trained(program: Program, out: str, *, target: str, trained_on: str, tokenizer) -> None:
+    """What makes OUT2 an OUT folder: program.pt2, target.json, pipeline.txt, tokenizer.json."""
+    program.save(os.path.join(out, "program.pt2"))
+    _write_json(os.path.join(out, "target.json"), {"target": target, "info": {"trained_on": trained_on}})
+    with open(os.path.join(out, "pipeline.txt"), "w") as f:
+        f.write(program.pipeline + "\n")
+    tok = getattr(tokenizer, "path", "")
+    if tok and os.path.isfile(tok):
+        shutil.copyfile(tok, os.path.join(out, "tokenizer.json"))
 
 
 def _prepare_out(out: str, *, resume: bool, force: bool, rank: int, check_only: bool = False) -> None:
@@ -865,8 +874,7 @@ def _train_pipelined(model, data, out: str, config: TrainConfig, *, stages: int,
     program, folder = _load_trainable(model)
     _check_lm_head(program, model)
     out = os.path.abspath(out)
-    if isinstance(model, str) and os.path.abspath(model) == out:
-        raise UsageError(f"train: -o {out} is the model it reads", "write the trained program to another folder")
+    _refuse_writing_into(out, model)
     _prepare_out(out, resume=False, force=force, rank=0)
     seq_len = config.seq_len or int(program.example_inputs[0].shape[-1])
     data_ = _training_data(program, folder, data, config, seq_len)
@@ -893,10 +901,7 @@ def _train_pipelined(model, data, out: str, config: TrainConfig, *, stages: int,
     _write_json(os.path.join(out, "train.json"), {"config": config.to_dict(), "stages": stages,
                                                   "microbatches": microbatches, "schedule": schedule,
                                                   "model": program.meta.get("source")})
-    program.save(os.path.join(out, "program.pt2"))
-    _write_json(os.path.join(out, "target.json"), {"target": "cpu", "info": {"trained_on": f"{stages} pipeline stages"}})
-    with open(os.path.join(out, "pipeline.txt"), "w") as f:
-        f.write(program.pipeline + "\n")
+    _write_trained(program, out, target="cpu", trained_on=f"{stages} pipeline stages", tokenizer=data_.tokenizer)
     return TrainResult(out, config.steps, rows[-1]["loss"], val[0] if val else None, val[1] if val else None,
                        tokens * config.steps / max(elapsed, 1e-9), rows)
 
