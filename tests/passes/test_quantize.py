@@ -43,12 +43,7 @@ OP_CALL = {"int8-dynamic": "torch.ops.optpipe.linear_int8_dynamic.default(",
 SCHEMES = tuple(OP_CALL)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @functools.lru_cache(maxsize=None)
