@@ -29,7 +29,6 @@ import optpipe  # noqa: E402
 import optpipe.passes.prune  # noqa: E402,F401  (registers the pass)
 from tests import hf_models  # noqa: E402
 
-SENTENCES, CALIBRATION = hf_models.EVAL_SENTENCES, hf_models.CALIBRATION_SENTENCES
 embed = hf_models.sentence_embedding
 
 
@@ -59,20 +58,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    model, _ = hf_models.minilm()
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(hf_models.minilm_path(), local_files_only=True)
-    texts = (SENTENCES * (args.batch // len(SENTENCES) + 1))[:args.batch]
-    batch = tokenizer(texts, padding=True, return_tensors="pt")
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+    model, tokenizer, ids, mask = hf_models.minilm_sentences(args.batch)
     program = optpipe.capture(model, {"input_ids": ids, "attention_mask": mask})
     if args.calibrate:
         from optpipe.calibration import with_calibration
 
-        calib = tokenizer(CALIBRATION, padding="max_length", max_length=ids.shape[1], truncation=True,
-                          return_tensors="pt")
-        with_calibration(program, [(calib["input_ids"], calib["attention_mask"])])
+        with_calibration(program, [hf_models.calibration_set(tokenizer, ids.shape[1])])
 
     pipeline = f"fuse-attention,prune{{target={args.target},sparsity={args.sparsity}}}"
     res = optpipe.optimize(program, pipeline=pipeline, target="cpu", target_options={"mode": "eager"}, diffs=False)

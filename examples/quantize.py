@@ -31,7 +31,6 @@ import optpipe  # noqa: E402
 import optpipe.passes.quantize  # noqa: E402,F401  (registers the pass and its ops for load/save)
 from tests import hf_models  # noqa: E402
 
-SENTENCES, CALIBRATION = hf_models.EVAL_SENTENCES, hf_models.CALIBRATION_SENTENCES
 embed = hf_models.sentence_embedding
 
 
@@ -57,13 +56,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    model, _ = hf_models.minilm()
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(hf_models.minilm_path(), local_files_only=True)
-    texts = (SENTENCES * (args.batch // len(SENTENCES) + 1))[:args.batch]
-    batch = tokenizer(texts, padding=True, return_tensors="pt")
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+    model, tokenizer, ids, mask = hf_models.minilm_sentences(args.batch)
 
     options = f"scheme={args.scheme},embeddings=true" + (f",group={args.group}" if args.scheme == "int4-weight" else "")
     pipeline = f"quantize{{{options}}}"
@@ -71,9 +64,7 @@ def main(argv=None) -> None:
     if args.scheme == "int8-static":  # calibrate on other sentences than the ones measured below
         from optpipe.calibration import with_calibration
 
-        calib = tokenizer(CALIBRATION, padding="max_length", max_length=ids.shape[1], truncation=True,
-                          return_tensors="pt")
-        with_calibration(fp32, [(calib["input_ids"], calib["attention_mask"])])
+        with_calibration(fp32, [hf_models.calibration_set(tokenizer, ids.shape[1])])
     res = optpipe.optimize(fp32, pipeline=pipeline, target="cpu", target_options={"mode": "eager"}, diffs=False)
     record = res.report["passes"][-1]
     stats, verify = record["stats"], record["verify"]

@@ -102,3 +102,22 @@ def sentence_embedding(module, ids, mask):
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(1) / weights.sum(1)
 
+
+def minilm_sentences(batch: int):
+    """(MiniLM, its tokenizer, input_ids, attention_mask) for `batch` of EVAL_SENTENCES, padded."""
+    from transformers import AutoTokenizer
+
+    model, _ = minilm()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    texts = (EVAL_SENTENCES * (batch // len(EVAL_SENTENCES) + 1))[:batch]
+    encoded = tokenizer(texts, padding=True, return_tensors="pt")
+    return model, tokenizer, encoded["input_ids"], encoded["attention_mask"]
+
+
+def calibration_set(tokenizer, length: int) -> tuple:
+    """(input_ids, attention_mask) of CALIBRATION_SENTENCES padded to `length`: one input set for
+    `optpipe.calibration.with_calibration`, disjoint from the sentences measured."""
+    encoded = tokenizer(CALIBRATION_SENTENCES, padding="max_length", max_length=length, truncation=True,
+                        return_tensors="pt")
+    return encoded["input_ids"], encoded["attention_mask"]
+
