@@ -384,6 +384,8 @@ def generate(out, prompts, prompt_ids, max_new_tokens, temperature, top_k, top_p
               help="Micro-batches per step with --stages.")
 @click.option("--schedule", type=click.Choice(["1f1b", "gpipe"]), default="1f1b", show_default=True,
               help="Pipeline schedule with --stages.")
+@click.option("--tensor-parallel", type=click.IntRange(min=2), default=None, metavar="N",
+              help="Shard every attention and MLP block over N ranks (DTensor); --nproc replicas of that.")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT2 from its latest checkpoint.")
 @click.option("--force", is_flag=True, help="Replace an existing OUT2.")
 @click.option("-o", "--out", "out", required=True, metavar="OUT2")
@@ -391,12 +393,13 @@ def generate(out, prompts, prompt_ids, max_new_tokens, temperature, top_k, top_p
 def train(model, data, objective, steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup, weight_decay, clip,
           layer_decay, trainable, distill_from, temperature, alpha, hidden_weight, mask, mask_rate, val_fraction,
           val_batches, val_every, log_every, checkpoint_every, seed, target, compile_, amp, text_key, nproc, stages,
-          microbatches, schedule, resume, force, out, as_json):
+          microbatches, schedule, tensor_parallel, resume, force, out, as_json):
     """Train (pre-train, fine-tune, or heal by distillation) the program in OUT; write OUT2."""
     from .training import train as run_train
 
     result = run_train(model, list(data), out, resume=resume, force=force, nproc=nproc, stages=stages,
-                       microbatches=microbatches, schedule=schedule, objective=objective,
+                       microbatches=microbatches, schedule=schedule, tensor_parallel=tensor_parallel,
+                       objective=objective,
                        steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr,
                        min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, clip=clip or None,
                        layer_decay=layer_decay, trainable=trainable, distill_from=distill_from,

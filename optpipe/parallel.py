@@ -30,6 +30,7 @@ of the ranks whose waits timed out. For tests,
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -201,25 +202,44 @@ def _launch(mode: str, model, batches: list, *, stages, microbatches, schedule, 
         spec_path = os.path.join(tmp, "spec.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-               "--max-restarts=0", "-m", "optpipe.parallel", spec_path, tmp]
-        try:
-            proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  timeout=timeout * 2 + 120)
-        except subprocess.TimeoutExpired as e:
-            raise PipelineError(f"pipeline: the ranks did not finish within {timeout * 2 + 120:.0f} s",
-                                "a rank hangs; rerun with a smaller timeout to see which") from e
-        if proc.returncode != 0:
-            message = _failure_message(proc.stderr, tmp, ranks, n)
-            hint = ("the stuck rank is alive but not communicating (a deadlock, or a rank far slower than "
-                    "the others: raise timeout)" if "stopped responding" in message else
-                    "a rank that leaves no message crashed or was killed (out of memory?)")
-            raise PipelineError(message, hint)
+        _torchrun(spec_path, tmp, ranks, timeout, describe=lambda r: f"rank {r} (stage {_held(r, ranks, n)})",
+                  neighbours=lambda r: _pipeline_neighbours(r, ranks, n))
         return _gather(mode, tmp, ranks, info)
 
 
-def _failure_message(stderr: str, folder: str, ranks: int, stages: int) -> str:
+def _held(r: int, ranks: int, stages: int) -> str:
+    return ", ".join(str(s) for s in range(r, stages, ranks))
+
+
+def _pipeline_neighbours(r: int, ranks: int, stages: int) -> set[int]:
+    """The ranks that rank r waits on: the previous and next stage's (interleaved stages wrap)."""
+    if stages == ranks:
+        return {p for p in (r - 1, r + 1) if 0 <= p < ranks}
+    return {(r - 1) % ranks, (r + 1) % ranks} - {r}
+
+
+def _torchrun(spec_path: str, folder: str, ranks: int, timeout: float, *, describe, neighbours,
+              what: str = "pipeline") -> None:
+    """Run `python -m optpipe.parallel SPEC FOLDER` on `ranks` torchrun ranks; PipelineError naming
+    the rank that failed first (`describe(r)`: "rank 1 (stage 1)") when the run fails."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+           "--max-restarts=0", "-m", "optpipe.parallel", spec_path, folder]
+    try:
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              timeout=timeout * 2 + 120)
+    except subprocess.TimeoutExpired as e:
+        raise PipelineError(f"{what}: the ranks did not finish within {timeout * 2 + 120:.0f} s",
+                            "a rank hangs; rerun with a smaller timeout to see which") from e
+    if proc.returncode != 0:
+        message = _failure_message(proc.stderr, folder, ranks, describe, neighbours, what)
+        hint = ("the stuck rank is alive but not communicating (a deadlock, or a rank far slower than "
+                "the others: raise timeout)" if "stopped responding" in message else
+                "a rank that leaves no message crashed or was killed (out of memory?)")
+        raise PipelineError(message, hint)
+
+
+def _failure_message(stderr: str, folder: str, ranks: int, describe, neighbours, what: str = "pipeline") -> str:
     """One line naming the rank that failed first (its own message when it left one)."""
     errors = {}
     for r in range(ranks):
@@ -232,31 +252,22 @@ def _failure_message(stderr: str, folder: str, ranks: int, stages: int) -> str:
     code = int(root.group(2)) if root else None
     if first is None:
         tail = [l for l in stderr.strip().splitlines() if l.strip()][-1:] or ["no message"]
-        return f"pipeline failed: {tail[0]}"
-
-    def held(r: int) -> str:
-        return ", ".join(str(s) for s in range(r, stages, ranks))
-
+        return f"{what} failed: {tail[0]}"
     timed_out = sorted(r for r, e in errors.items() if "timed out" in e.lower())
     if timed_out and first in timed_out:
         # ranks blocked on a peer that is alive but stuck: the silent neighbour is the culprit
-        def neighbours(r: int) -> set[int]:
-            if stages == ranks:
-                return {p for p in (r - 1, r + 1) if 0 <= p < ranks}
-            return {(r - 1) % ranks, (r + 1) % ranks} - {r}  # interleaved stages wrap around
-
         suspects = {p for r in timed_out for p in neighbours(r) if p not in errors}
         if len(suspects) == 1:
             stuck = suspects.pop()
             waiting = ", ".join(map(str, timed_out))
-            return (f"pipeline rank {stuck} (stage {held(stuck)}) stopped responding: rank(s) {waiting} timed "
+            return (f"{what} {describe(stuck)} stopped responding: rank(s) {waiting} timed "
                     f"out waiting for it; all ranks were stopped")
-    what = errors.get(first) or (f"exited with code {code}" if code is not None else "failed")
+    message = errors.get(first) or (f"exited with code {code}" if code is not None else "failed")
     if code is not None and code < 0:
-        what = f"was killed by signal {-code}"
+        message = f"was killed by signal {-code}"
     elif code == FAIL_EXIT_CODE and first not in errors:
-        what = f"exited with code {code} (fault injected by {FAIL_RANK_ENV})"
-    return f"pipeline rank {first} (stage {held(first)}) {what}; the other ranks were stopped"
+        message = f"exited with code {code} (fault injected by {FAIL_RANK_ENV})"
+    return f"{what} {describe(first)} {message}; the other ranks were stopped"
 
 
 def _gather(mode: str, folder: str, ranks: int, info: dict) -> dict:
@@ -279,11 +290,221 @@ def _gather(mode: str, folder: str, ranks: int, info: dict) -> dict:
             "ranks": ranks, "seconds": result["seconds"]}
 
 
+# -- tensor parallelism -----------------------------------------------------------------------------------
+_TP_MESH = None
+
+
+@contextlib.contextmanager
+def tensor_parallel_mesh(mesh):
+    """Within this block, `tp_copy`/`tp_reduce` (the collectives in a tensor-parallel rank's graph)
+    communicate over `mesh`, a 1-d DeviceMesh of the ranks that share each block."""
+    global _TP_MESH
+    previous, _TP_MESH = _TP_MESH, mesh
+    try:
+        yield mesh
+    finally:
+        _TP_MESH = previous
+
+
+def _tp_mesh():
+    if _TP_MESH is None:
+        raise PipelineError("a tensor-parallel rank program ran outside optpipe.parallel.tensor_parallel_mesh",
+                            "run it with optpipe.parallel.tensor_run / tensor_train")
+    return _TP_MESH
+
+
+def tp_copy(x: torch.Tensor) -> torch.Tensor:
+    """Megatron's `f` on DTensor: the replicated input of column-wise projections. Identity forward;
+    backward all-reduces the gradient (a Partial sum over the ranks' heads)."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    mesh = _tp_mesh()
+    return DTensor.from_local(x, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+
+
+def tp_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Megatron's `g` on DTensor: the row-wise projection's partial sums redistributed Partial ->
+    Replicate (an all-reduce) forward; backward passes the replicated gradient through."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    mesh = _tp_mesh()
+    return DTensor.from_local(x, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()]).to_local()
+
+
+def tensor_train(model, batches: Sequence[dict], *, ways: int | None = None, data_parallel: int = 1,
+                 lr: float = 1e-3, optimizer: str = "sgd", steps: int | None = None, objective: str = "clm",
+                 timeout: float = 60.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0) -> dict:
+    """Train `model` tensor-parallel: every block sharded over `ways` ranks, times `data_parallel`
+    replicas that each take a slice of the batch (ranks = ways × data_parallel, a 2-d DeviceMesh
+    ("dp", "tp")). Batches as in `pipeline_train`. Returns {"losses", "weights" (full tensors,
+    reassembled from the shards), "grads" (of the last step), "ways", "data_parallel", "ranks",
+    "seconds"}."""
+    if optimizer not in OPTIMIZERS:
+        raise UsageError(f"tensor parallel: unknown optimizer {optimizer!r}", f"one of {', '.join(OPTIMIZERS)}")
+    if not batches:
+        raise UsageError("tensor parallel: no batches to train on", "give at least one {input_ids, labels} batch")
+    return _launch_tensor("tensor-train", model, list(batches), ways=ways, dp=data_parallel, lr=lr,
+                          optimizer=optimizer, steps=len(batches) if steps is None else steps, objective=objective,
+                          timeout=timeout, adamw={"betas": list(betas), "eps": eps, "weight_decay": weight_decay})
+
+
+def tensor_run(model, inputs: tuple | torch.Tensor, *, ways: int | None = None, data_parallel: int = 1,
+               timeout: float = 60.0, repeat: int = 1) -> dict:
+    """Run `model` forward tensor-parallel on `inputs` (the program's positional inputs; the batch is
+    split over `data_parallel` replicas). Returns {"output", "seconds" (per run after a warm-up)}."""
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    return _launch_tensor("tensor-run", model, [tuple(inputs)], ways=ways, dp=data_parallel, lr=0.0,
+                          optimizer="sgd", steps=repeat, objective="clm", timeout=timeout, adamw={})
+
+
+def tensor_partitioned(program: Program, ways: int) -> Program:
+    """`program` with a tensor-parallel plan for `ways` ranks (kept when it already has one)."""
+    info = program.meta.get("partition") or {}
+    if info.get("strategy") == "tensor" and info.get("ways") == ways:
+        return program
+    if info:
+        raise UsageError(f"tensor parallel: the program already carries a {info.get('strategy', 'pipeline')} "
+                         "partition plan", "partition the program before that pass, with strategy=tensor")
+    from .pipeline import Pipeline
+
+    # fuse-attention (exact; a no-op on SDPA programs) so hand-written attention shards by heads too
+    out, _ = Pipeline.parse(f"fuse-attention,partition{{strategy=tensor,ways={ways}}}").run(program, verify=False)
+    return out
+
+
+def _launch_tensor(mode: str, model, batches: list, *, ways, dp, lr, optimizer, steps, objective, timeout,
+                   adamw) -> dict:
+    program = model if isinstance(model, Program) else _load(model)
+    planned = (program.meta.get("partition") or {}).get("ways")
+    ways = ways or planned or 2
+    for name, value in (("ways", ways), ("data_parallel", dp)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"tensor parallel: {name} must be a positive integer, got {value!r}")
+    program = tensor_partitioned(program, ways)
+    info = program.meta["partition"]
+    with tempfile.TemporaryDirectory(prefix="optpipe-tensor-") as tmp:
+        if mode == "tensor-train":
+            build = _inputs_builder(program, info)
+            data = [(build(b["input_ids"]), b["labels"]) for b in batches]
+        else:
+            data = [(tuple(batches[0]), None)]
+        for inputs, _ in data:
+            if inputs[0].shape[0] % dp:
+                raise UsageError(f"tensor parallel: batch of {inputs[0].shape[0]} does not split over {dp} "
+                                 "data-parallel replicas", "make the batch size a multiple of data_parallel")
+        program.save(os.path.join(tmp, "program.pt2"))
+        torch.save(data, os.path.join(tmp, "batches.pt"))
+        spec = {"mode": mode, "program": os.path.join(tmp, "program.pt2"), "ways": ways, "dp": dp,
+                "devices": info.get("devices") or ["cpu"] * ways, "batches": os.path.join(tmp, "batches.pt"),
+                "lr": lr, "optimizer": optimizer, "adamw": adamw, "steps": steps, "objective": objective,
+                "timeout": timeout}
+        spec_path = os.path.join(tmp, "spec.json")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        ranks = ways * dp
+        _torchrun(spec_path, tmp, ranks, timeout, what="tensor parallel",
+                  describe=lambda r: f"rank {r} (shard {r % ways} of {ways}, replica {r // ways})",
+                  neighbours=lambda r: set(range(ranks)) - {r} if ranks == 2 else set())
+        with open(os.path.join(tmp, "result.json")) as f:
+            result = json.load(f)
+        if mode == "tensor-run":
+            outputs = [torch.load(os.path.join(tmp, f"output_{d}.pt")) for d in range(dp)]
+            return {"output": torch.cat(outputs) if dp > 1 else outputs[0], "seconds": result["seconds"]}
+        states = [torch.load(os.path.join(tmp, f"rank_{r}.pt")) for r in range(ways)]  # replica 0
+        layout = _partition_tensor_module()
+        return {"losses": result["losses"], "weights": layout.full_parameters(program, [w for w, _ in states]),
+                "grads": layout.full_parameters(program, [g for _, g in states]), "ways": ways,
+                "data_parallel": dp, "ranks": ranks, "seconds": result["seconds"]}
+
+
+def _partition_tensor_module():
+    import importlib
+
+    return importlib.import_module(_partition_module().__name__.rpartition(".")[0] + ".partition_tensor")
+
+
+def _run_tensor_rank(spec_path: str, folder: str, rank: int) -> int:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import optpipe  # noqa: F401 - registers optpipe's ops and passes before the program loads
+
+    from .program import load_program
+    from .training import task_loss
+
+    with open(spec_path) as f:
+        spec = json.load(f)
+    ways, dp = spec["ways"], spec["dp"]
+    device = torch.device(spec["devices"][rank % ways])
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    timeout = float(spec["timeout"])
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=max(STARTUP_TIMEOUT, timeout)))
+    mesh = init_device_mesh(device.type, (dp, ways), mesh_dim_names=("dp", "tp"))
+    tp_rank, replica = mesh["tp"].get_local_rank(), mesh["dp"].get_local_rank()
+    train = spec["mode"] == "tensor-train"
+    program = load_program(spec["program"])
+    gm = _partition_tensor_module().rank_module(program, tp_rank, ways).to(device)
+    del program
+    params = [p for p in gm.parameters() if p.is_floating_point()]
+    for p in params:
+        p.requires_grad_(train)
+    opt = _optimizer(params, spec) if train and params else None
+    data = torch.load(spec["batches"])
+    dp_group = mesh["dp"].get_group() if dp > 1 else None
+    losses, grads, output, seconds = [], {}, None, []
+    steps = spec["steps"] + (0 if train else 1)  # inference: one warm-up run
+    with tensor_parallel_mesh(mesh["tp"]):
+        for step in range(steps):
+            _fault_point(rank, step, timeout)
+            inputs, labels = data[step % len(data)]
+            inputs = tuple(x.chunk(dp)[replica].to(device) for x in inputs)
+            dist.barrier()
+            start = time.perf_counter()
+            if train:
+                opt.zero_grad(set_to_none=True)
+                loss = task_loss(gm(*inputs), labels.chunk(dp)[replica].to(device), spec["objective"])
+                loss.backward()
+                total = loss.detach().clone()
+                if dp_group is not None:  # data parallel: average gradients (and the loss) over replicas
+                    for p in params:
+                        dist.all_reduce(p.grad, group=dp_group)
+                        p.grad /= dp
+                    dist.all_reduce(total, group=dp_group)
+                    total /= dp
+                if step == steps - 1:
+                    grads = {k: p.grad.detach().cpu().clone() for k, p in gm.named_parameters() if p.grad is not None}
+                opt.step()
+                losses.append(float(total))
+            else:
+                with torch.no_grad():
+                    output = gm(*inputs)
+            dist.barrier()
+            if train or step > 0:
+                seconds.append(time.perf_counter() - start)
+    if train and replica == 0:
+        torch.save(({k: p.detach().cpu().clone() for k, p in gm.named_parameters()}, grads),
+                   os.path.join(folder, f"rank_{rank}.pt"))
+    if not train and tp_rank == 0:
+        torch.save(output.cpu(), os.path.join(folder, f"output_{replica}.pt"))
+    if rank == 0:
+        with open(os.path.join(folder, "result.json"), "w") as f:
+            json.dump({"losses": losses, "seconds": seconds}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
 # -- a rank ------------------------------------------------------------------------------------------
 def _rank_main(spec_path: str, folder: str) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
-        return _run_rank(spec_path, folder, rank)
+        with open(spec_path) as f:
+            mode = json.load(f)["mode"]
+        return (_run_tensor_rank if mode.startswith("tensor") else _run_rank)(spec_path, folder, rank)
     except Exception as e:  # noqa: BLE001 - every failure is reported with the rank that saw it
         text = str(e).strip().splitlines()
         message = f"failed: {type(e).__name__}: {text[0].rstrip('.') if text else ''}"
@@ -334,23 +555,13 @@ def _run_rank(spec_path: str, folder: str, rank: int) -> int:
     else:
         schedule = Schedule1F1B(stages[0], m, loss_fn=loss_fn)
     params = [p for mod in modules.values() for p in mod.parameters() if p.requires_grad]
-    opt = None
-    if train and params:
-        opt = (torch.optim.SGD(params, lr=spec["lr"]) if spec["optimizer"] == "sgd"
-               else torch.optim.AdamW(params, lr=spec["lr"], betas=tuple(spec["adamw"].get("betas", (0.9, 0.999))),
-                                      eps=spec["adamw"].get("eps", 1e-8),
-                                      weight_decay=spec["adamw"].get("weight_decay", 0.0)))
+    opt = _optimizer(params, spec) if train and params else None
     data = torch.load(spec["batches"])
     first, last = 0 in local, n - 1 in local
-    fail_rank = os.environ.get(FAIL_RANK_ENV)
-    fail_step = int(os.environ.get(FAIL_STEP_ENV, "0"))
     losses, grads, output, seconds = [], {}, None, []
     steps = spec["steps"] + (0 if train else 1)  # inference: one warm-up run
     for step in range(steps):
-        if fail_rank is not None and int(fail_rank) == rank and step == fail_step:
-            if os.environ.get(FAIL_MODE_ENV) == "hang":  # alive but stuck: the others' waits time out
-                time.sleep(10 * float(spec["timeout"]) + 600)
-            os._exit(FAIL_EXIT_CODE)  # fault injection: die without a word, as a killed process would
+        _fault_point(rank, step, timeout)
         inputs, labels = data[step % len(data)]
         inputs = tuple(x.to(stages[0].device) for x in inputs) if first else ()
         labels = labels.to(stages[-1].device) if last and labels is not None else None
@@ -390,6 +601,23 @@ def _run_rank(spec_path: str, folder: str, rank: int) -> int:
     return 0
 
 
+def _optimizer(params: list, spec: dict) -> torch.optim.Optimizer:
+    if spec["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=spec["lr"])
+    adamw = spec["adamw"]
+    return torch.optim.AdamW(params, lr=spec["lr"], betas=tuple(adamw.get("betas", (0.9, 0.999))),
+                             eps=adamw.get("eps", 1e-8), weight_decay=adamw.get("weight_decay", 0.0))
+
+
+def _fault_point(rank: int, step: int, timeout: float) -> None:
+    """Fault injection for tests (`OPTPIPE_PIPELINE_FAIL_RANK` / `_STEP` / `_MODE`)."""
+    fail_rank = os.environ.get(FAIL_RANK_ENV)
+    if fail_rank is not None and int(fail_rank) == rank and step == int(os.environ.get(FAIL_STEP_ENV, "0")):
+        if os.environ.get(FAIL_MODE_ENV) == "hang":  # alive but stuck: the others' waits time out
+            time.sleep(10 * timeout + 600)
+        os._exit(FAIL_EXIT_CODE)  # die without a word, as a killed process would
+
+
 def _sync_tied(modules: dict, info: dict, world: int, group) -> None:
     """Sum the gradients of replicated (tied) parameters over their replicas on every rank."""
     import torch.distributed as dist
@@ -411,5 +639,7 @@ def _sync_tied(modules: dict, info: dict, world: int, group) -> None:
             p.grad = total.clone()
 
 
-if __name__ == "__main__":  # a torchrun rank (see _launch)
-    sys.exit(_rank_main(sys.argv[1], sys.argv[2]))
+if __name__ == "__main__":  # a torchrun rank (see _torchrun); run as optpipe.parallel, the module the
+    from optpipe.parallel import _rank_main as _main  # ranks' graphs call tp_copy/tp_reduce from
+
+    sys.exit(_main(sys.argv[1], sys.argv[2]))

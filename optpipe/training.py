@@ -321,14 +321,21 @@ class _Interrupted(Exception):
 
 def train(model: str | Program, data: str | list[str], out: str, *, resume: bool = False, force: bool = False,
           nproc: int = 1, stages: int | None = None, microbatches: int = 4, schedule: str = "1f1b",
-          progress: bool | None = None, stop_after: int | None = None, **options) -> TrainResult:
+          tensor_parallel: int | None = None, progress: bool | None = None, stop_after: int | None = None, **options) -> TrainResult:
     """Train `model` (an OUT folder, any MODEL form, or a Program) on `data` and write OUT2=`out`.
 
     `options` are `TrainConfig` fields. `nproc>1` launches that many ranks with torchrun (gloo on
     CPU, NCCL on CUDA). `stages=N` trains pipeline-parallel over N ranks (`optpipe.parallel`,
-    `microbatches` per step, `schedule` 1f1b or gpipe). `stop_after` ends the run after that many
+    `microbatches` per step, `schedule` 1f1b or gpipe). `tensor_parallel=N` shards every block over
+    N ranks (DTensor), times `nproc` data-parallel replicas. `stop_after` ends the run after that many
     steps as if interrupted (tests)."""
     config = TrainConfig(**options)
+    if stages and tensor_parallel:
+        raise UsageError("train: --stages and --tensor-parallel together are not supported yet",
+                         "choose one; --nproc adds data parallelism to --tensor-parallel")
+    if tensor_parallel:
+        return _train_tensor_parallel(model, data, out, config, ways=tensor_parallel, force=force, resume=resume,
+                                      nproc=nproc)
     if stages:
         return _train_pipelined(model, data, out, config, stages=stages, microbatches=microbatches,
                                 schedule=schedule, force=force, resume=resume, nproc=nproc)
@@ -854,23 +861,58 @@ def _input_builder(program: Program) -> Callable[[torch.Tensor], tuple]:
 # -- data parallel ---------------------------------------------------------------------------------
 def _train_pipelined(model, data, out: str, config: TrainConfig, *, stages: int, microbatches: int, schedule: str,
                      force: bool, resume: bool, nproc: int) -> TrainResult:
-    """Pipeline-parallel training (one rank per stage, torch.distributed.pipelining). AdamW at the
-    scheduled lr of each step is not available there: the run uses AdamW at constant `lr`, and
-    has no checkpoints, distillation or data parallelism (yet): those options are refused."""
+    """Pipeline-parallel training (one rank per stage, torch.distributed.pipelining)."""
     from .parallel import pipeline_train
 
-    unsupported = [name for name, on in (("--resume", resume), ("--nproc", nproc > 1),
-                                         ("--distill-from", config.distill_from),
+    if config.batch_size % microbatches:
+        raise UsageError(f"train --stages: batch size {config.batch_size} is not divisible by {microbatches} "
+                         "micro-batches", "make --batch-size a multiple of --microbatches")
+
+    def run(program, batches):
+        res = pipeline_train(program, batches, stages=stages, microbatches=microbatches, schedule=schedule,
+                             lr=config.lr, optimizer="adamw", objective=config.objective, betas=config.betas,
+                             eps=config.eps, weight_decay=config.weight_decay)
+        return res, {"stages": stages, "microbatches": microbatches, "schedule": schedule}
+
+    return _train_parallel("--stages", run, f"{stages} pipeline stages", model, data, out, config, force=force,
+                           refused=(("--resume", resume), ("--nproc", nproc > 1)))
+
+
+def _train_tensor_parallel(model, data, out: str, config: TrainConfig, *, ways: int, force: bool, resume: bool,
+                           nproc: int) -> TrainResult:
+    """Tensor-parallel training: every block sharded over `ways` ranks (DTensor), times `nproc`
+    data-parallel replicas."""
+    from .parallel import tensor_train
+
+    if config.batch_size % nproc:
+        raise UsageError(f"train --tensor-parallel: batch size {config.batch_size} does not split over {nproc} "
+                         "data-parallel replicas", "make --batch-size a multiple of --nproc")
+
+    def run(program, batches):
+        res = tensor_train(program, batches, ways=ways, data_parallel=nproc, lr=config.lr, optimizer="adamw",
+                           objective=config.objective, betas=config.betas, eps=config.eps,
+                           weight_decay=config.weight_decay)
+        return res, {"tensor_parallel": ways, "data_parallel": nproc}
+
+    where = f"{ways}-way tensor parallel" + (f" x {nproc} data-parallel replicas" if nproc > 1 else "")
+    return _train_parallel("--tensor-parallel", run, where, model, data, out, config, force=force,
+                           refused=(("--resume", resume),))
+
+
+def _train_parallel(flag: str, run, trained_on: str, model, data, out: str, config: TrainConfig, *, force: bool,
+                    refused) -> TrainResult:
+    """Model-parallel training through optpipe.parallel (`run(program, batches) -> (result, info)`).
+    AdamW at the scheduled lr of each step is not available there: the run uses AdamW at constant
+    `lr`, and has no checkpoints, distillation, gradient accumulation or frozen parameters (yet):
+    those options are refused."""
+    unsupported = [name for name, on in (*refused, ("--distill-from", config.distill_from),
                                          ("--checkpoint-every", config.checkpoint_every),
                                          ("--grad-accum", config.grad_accum > 1),
                                          ("--trainable", config.trainable != ("*",)),
                                          ("--target", config.target != "cpu")) if on]
     if unsupported:
-        raise UsageError(f"train --stages does not take {', '.join(unsupported)} yet",
-                         "train pipelined with the plain options, or without --stages")
-    if config.batch_size % microbatches:
-        raise UsageError(f"train --stages: batch size {config.batch_size} is not divisible by {microbatches} "
-                         "micro-batches", "make --batch-size a multiple of --microbatches")
+        raise UsageError(f"train {flag} does not take {', '.join(unsupported)} yet",
+                         f"train with the plain options, or without {flag}")
     program, folder = _load_trainable(model)
     _check_lm_head(program, model)
     out = os.path.abspath(out)
@@ -880,9 +922,7 @@ def _train_pipelined(model, data, out: str, config: TrainConfig, *, stages: int,
     data_ = _training_data(program, folder, data, config, seq_len)
     batches = [data_.next_batch(config.batch_size) for _ in range(config.steps)]
     started = time.perf_counter()
-    res = pipeline_train(program, batches, stages=stages, microbatches=microbatches, schedule=schedule,
-                         lr=config.lr, optimizer="adamw", objective=config.objective, betas=config.betas,
-                         eps=config.eps, weight_decay=config.weight_decay)
+    res, info = run(program, batches)
     elapsed = time.perf_counter() - started
     params = dict(program.gm.named_parameters(remove_duplicate=False))  # tied weights under each name
     with torch.no_grad():
@@ -898,10 +938,9 @@ def _train_pipelined(model, data, out: str, config: TrainConfig, *, stages: int,
         rows[-1].update(val_loss=round(val[0], 6), val_ppl=round(val[1], 4))
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    _write_json(os.path.join(out, "train.json"), {"config": config.to_dict(), "stages": stages,
-                                                  "microbatches": microbatches, "schedule": schedule,
+    _write_json(os.path.join(out, "train.json"), {"config": config.to_dict(), **info,
                                                   "model": program.meta.get("source")})
-    _write_trained(program, out, target="cpu", trained_on=f"{stages} pipeline stages", tokenizer=data_.tokenizer)
+    _write_trained(program, out, target="cpu", trained_on=trained_on, tokenizer=data_.tokenizer)
     return TrainResult(out, config.steps, rows[-1]["loss"], val[0] if val else None, val[1] if val else None,
                        tokens * config.steps / max(elapsed, 1e-9), rows)
 

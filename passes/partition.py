@@ -1,6 +1,7 @@
 """partition: split a program into N pipeline stages of balanced cost (exact; the graph is kept).
 
     partition{stages=4,balance=flops,microbatches=8}
+    partition{strategy=tensor,ways=2}      tensor parallelism instead: see passes/partition_tensor.py
 
 The program's graph is cut at N-1 places along its topological order into N stage programs. Stage 0
 takes the program's inputs; stage k>0 takes the tensors crossing cut k-1 and returns those crossing
@@ -62,6 +63,7 @@ from optpipe.registry import PassResult, register_pass
 aten = torch.ops.aten
 
 BALANCES = ("flops", "params", "memory", "measured")
+STRATEGIES = ("pipeline", "tensor")
 _DEVICE_RE = re.compile(r"^(cpu|meta|(cuda|xpu|mps)(:\d+)?)$")
 _LAYER_RE = re.compile(r"(?:^|\.)(?:h|layers?|blocks?)\.(\d+)(?:\.|$)")
 DEFAULT_PENALTY = {"flops": 100.0, "measured": 1e-9, "params": 0.0, "memory": 0.0}
@@ -72,7 +74,11 @@ MEASURE_RUNS = 3
 
 @dataclass(frozen=True)
 class PartitionConfig:
+    strategy: Literal["pipeline", "tensor"] = field(default="pipeline", metadata={
+        "help": "pipeline (cut into stages run one after the other) or tensor (shard every attention and "
+                "MLP block over `ways` ranks; see passes/partition_tensor.py)"})
     stages: int = field(default=2, metadata={"help": "number of pipeline stages (one process each)"})
+    ways: int = field(default=2, metadata={"help": "strategy=tensor: number of ranks each block is sharded over"})
     balance: Literal["flops", "params", "memory", "measured"] = field(default="flops", metadata={
         "help": "what the stages balance: flops (static), params (parameter bytes), memory (parameter "
                 "plus activation bytes), measured (node times on the example inputs)"})
@@ -88,6 +94,12 @@ class PartitionConfig:
                 "outputs exactly"})
 
     def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"partition: unknown strategy {self.strategy!r} (one of {', '.join(STRATEGIES)})")
+        if isinstance(self.ways, bool) or not isinstance(self.ways, int) or self.ways < 1:
+            raise ValueError(f"partition: ways must be a positive integer, got {self.ways!r}")
+        if self.strategy == "tensor" and self.stages != 2:
+            raise ValueError("partition: stages is for strategy=pipeline; strategy=tensor takes ways=N")
         if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 1:
             raise ValueError(f"partition: stages must be a positive integer, got {self.stages!r}")
         if self.balance not in BALANCES:
@@ -98,8 +110,9 @@ class PartitionConfig:
             raise ValueError(f"partition: cut-penalty must be >= 0, got {self.cut_penalty!r}")
         devices = (self.devices,) if isinstance(self.devices, str) else tuple(self.devices)
         object.__setattr__(self, "devices", devices)
-        if devices and len(devices) != self.stages:
-            raise ValueError(f"partition: {len(devices)} devices for {self.stages} stages; give one per stage")
+        ranks, what = (self.ways, "ways") if self.strategy == "tensor" else (self.stages, "stages")
+        if devices and len(devices) != ranks:
+            raise ValueError(f"partition: {len(devices)} devices for {ranks} {what}; give one per rank")
         for d in devices:
             check_device(d)
 
@@ -515,7 +528,12 @@ def bubble(stages: int, microbatches: int) -> float:
 @register_pass("partition", PartitionConfig, exact=True)
 def partition(program: Program, config: PartitionConfig) -> PassResult:
     """Split the program into pipeline stages of balanced FLOPs/params/memory/measured time, cutting
-    between transformer blocks; the stage plan goes into program.meta["partition"]."""
+    between transformer blocks (or, strategy=tensor, shard the blocks over `ways` ranks); the plan
+    goes into program.meta["partition"]."""
+    if config.strategy == "tensor":
+        from .partition_tensor import plan_tensor
+
+        return plan_tensor(program, config.ways, config.devices, config.check and not _on_meta(program))
     view = graph_view(program.gm)
     if config.stages - 1 > view.places:
         raise PassError(f"partition: {config.stages} stages but the program has only {view.places} "
@@ -598,6 +616,9 @@ def stage_plans_for(program: Program) -> tuple[GraphView, list[StagePlan]]:
     info = program.meta.get("partition")
     if not info:
         raise PassError("the program is not partitioned", "add partition{stages=N} to the pipeline")
+    if info.get("strategy") == "tensor":
+        raise PassError("the program is planned for tensor parallelism, not pipeline stages",
+                        "run it with optpipe.parallel.tensor_run / tensor_train")
     view = graph_view(program.gm)
     starts: dict[str, list[int]] = {}
     for s, _, key in view.segments[1:]:
@@ -651,9 +672,13 @@ def stage_example_inputs(program: Program, stages) -> list[tuple]:
 
 def save_stages(program: Program, out: str | os.PathLike) -> list[str]:
     """Write `out/stages/stage_K.pt2` (one torch.export archive per stage, dynamic where the program
-    is) and `out/stages/partition.json`; returns the archive paths. The core's save hook."""
+    is) and `out/stages/partition.json`; returns the archive paths. The core's save hook. A
+    tensor-parallel plan writes nothing: it lives in program.pt2's metadata, and each rank builds
+    its share from the program."""
     from optpipe.capture import export_module
 
+    if program.meta["partition"].get("strategy") == "tensor":
+        return []
     folder = os.path.join(os.fspath(out), "stages")
     os.makedirs(folder, exist_ok=True)
     view, plans = stage_plans_for(program)

@@ -392,6 +392,11 @@ def _producer(split_view, sites: dict, nodes: set) -> tuple[_Site, int]:
             raise _Refused(f"head split reads {node.name}, not a projection")
 
 
+def _same_shape(a: torch.fx.Node, b: torch.fx.Node) -> bool:
+    va, vb = val(a), val(b)
+    return va is not None and vb is not None and tuple(va.shape) == tuple(vb.shape)
+
+
 def _output_consumer(sdpa, heads: int, head_dim: int, sites: dict, nodes: set) -> _Site:
     node, axis, merged = sdpa, 1, False
     while True:
@@ -409,7 +414,7 @@ def _output_consumer(sdpa, heads: int, head_dim: int, sites: dict, nodes: set) -
             axis = b if axis == a else a if axis == b else axis
         elif t is aten.permute.default and not merged:
             axis = list(p % 4 for p in user.args[1]).index(axis)
-        elif t in _FREE:
+        elif t in _FREE or (t in _VIEWS and _same_shape(user, node)):  # HF's reshape(B, -1, S, D)
             pass
         elif t in _VIEWS and not merged:
             if axis != 2 or _last(user) != heads * head_dim:
