@@ -1,7 +1,8 @@
-"""Pipeline-parallel training throughput vs one process, against the bubble model, in one run.
+"""Pipeline- and tensor-parallel training throughput vs one process, in one run.
 
-    python benchmarks/partition.py                      # 2 and 4 stages, 4 and 8 micro-batches
+    python benchmarks/partition.py                      # 2 and 4 stages, 4 and 8 micro-batches; 2-way tensor
     python benchmarks/partition.py --stages 2 --microbatches 4 8 16 --steps 6 --layers 8
+    python benchmarks/partition.py --stages --tensor-ways 2 4   # tensor parallelism only
 
 Model: the nanoGPT-style GPT of examples/tiny_gpt.py at `--layers` x `--width` (vocab 256,
 `--seq` tokens), captured by optpipe and split by `partition{stages=p}` (FLOP-balanced). One
@@ -11,6 +12,9 @@ training step = forward, next-token loss, backward, SGD step on a batch of `--ba
 - pipeline: `optpipe.parallel.pipeline_train` with p ranks (torchrun, gloo, OMP_NUM_THREADS=1 each),
   1F1B over m micro-batches; step time measured on the ranks between barriers (start-up and the
   first step, which infers the stage metadata, excluded; median of the rest).
+
+- tensor: `optpipe.parallel.tensor_train` with t ranks (`partition{strategy=tensor,ways=t}`: heads
+  and MLP channels sharded, two all-reduces per block each way), the whole batch on every rank.
 
 The bubble model: with balanced stages and free communication a p-stage pipeline over m micro-batches
 is idle (p-1)/(m+p-1) of the time, so its ideal speedup over one process is p·m/(m+p-1). Measured
@@ -37,7 +41,7 @@ if ROOT not in sys.path:
 
 import optpipe  # noqa: E402
 from examples.tiny_gpt import build  # noqa: E402
-from optpipe.parallel import partitioned, pipeline_train  # noqa: E402
+from optpipe.parallel import partitioned, pipeline_train, tensor_partitioned, tensor_train  # noqa: E402
 from optpipe.training import task_loss  # noqa: E402
 
 
@@ -68,7 +72,8 @@ def one_process_step(program, data: list[dict]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stages", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--stages", type=int, nargs="*", default=[2, 4])
+    ap.add_argument("--tensor-ways", type=int, nargs="*", default=[2])
     ap.add_argument("--microbatches", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--width", type=int, default=256)
@@ -106,13 +111,33 @@ def main() -> None:
         print(f"| {r['stages']} | {r['microbatches']} | {r['bubble']:.1%} | {r['imbalance']:.3f} | "
               f"{r['step_ms']:.1f} | {r['one_process_ms']:.1f} | {r['speedup']:.2f}x | "
               f"{r['ideal_speedup']:.2f}x | {r['efficiency']:.0%} |")
-    if any(r["stages"] > cores for r in rows):
-        print(f"\nNote: rows with more stages than the {cores} available core(s) oversubscribe the CPU "
-              "(one single-threaded process per stage); their speedup is bounded by the core count, not "
-              "by the bubble.")
+    tensor_rows = []
+    for t in args.tensor_ways:
+        res = tensor_train(program, data, ways=t, lr=1e-3, timeout=300)
+        step = statistics.median(res["seconds"][1:])
+        plan = tensor_partitioned(program, t).meta["partition"]
+        tensor_rows.append({"ways": t, "params_per_rank": plan["params_per_rank"], "params": plan["params"],
+                            "all_reduce_bytes": 2 * plan["all_reduce_bytes"] * args.batch // max(1, _batch(program)),
+                            "step_ms": step * 1e3, "one_process_ms": base * 1e3, "speedup": base / step})
+        print(f"  tensor t={t}: {step * 1e3:.1f} ms/step", file=sys.stderr)
+    if tensor_rows:
+        print("\n| tensor ways t | params per rank | all-reduced per step (fwd + bwd) | tensor step ms | "
+              "one process ms | speedup | ideal |")
+        print("|---|---|---|---|---|---|---|")
+        for r in tensor_rows:
+            print(f"| {r['ways']} | {r['params_per_rank'] / 1e6:.2f}M of {r['params'] / 1e6:.2f}M | "
+                  f"{r['all_reduce_bytes'] / 2**20:.1f} MiB | {r['step_ms']:.1f} | {r['one_process_ms']:.1f} | "
+                  f"{r['speedup']:.2f}x | {r['ways']}x |")
+    if any(r["stages"] > cores for r in rows) or any(r["ways"] > cores for r in tensor_rows):
+        print(f"\nNote: rows with more ranks than the {cores} available core(s) oversubscribe the CPU "
+              "(one single-threaded process per rank); their speedup is bounded by the core count.")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump({"pipeline": rows, "tensor": tensor_rows}, f, indent=2)
+
+
+def _batch(program) -> int:
+    return int(program.example_inputs[0].shape[0])
 
 
 if __name__ == "__main__":

@@ -296,14 +296,22 @@ def test_tvm_target_refuses_to_train_before_any_work(corpus, tmp_path):
         get_target("tvm").check_trainable(optpipe.load(QUICK), "clm")
 
 
-def test_pipelined_training_with_stages_matches_one_process(corpus, tmp_path):
-    """`optpipe train --stages 2`: the same AdamW steps as one process (constant lr)."""
+def test_model_parallel_training_matches_one_process(corpus, tmp_path):
+    """`optpipe train --stages 2` and `--tensor-parallel 2 --nproc 2` (2-way tensor x 2-way data
+    parallel, 4 ranks): the same AdamW steps as one process (constant lr)."""
     common = dict(steps=3, batch_size=4, lr=1e-3, warmup=0, min_lr=1e-3, clip=None, log_every=1)
     one = train(QUICK, corpus, str(tmp_path / "one"), progress=False, **common)
     two = train(QUICK, corpus, str(tmp_path / "two"), stages=2, microbatches=2, **common)
-    assert [r["loss"] for r in two.metrics] == pytest.approx([r["loss"] for r in one.metrics], abs=1e-5)
-    wa, wb = _weights(one.out), _weights(two.out)
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=1e-4)
+    tp = train(QUICK, corpus, str(tmp_path / "tp"), tensor_parallel=2, nproc=2, **common)
+    wa = _weights(one.out)
+    for run in (two, tp):
+        assert [r["loss"] for r in run.metrics] == pytest.approx([r["loss"] for r in one.metrics], abs=1e-5)
+        wb = _weights(run.out)
+        for name in wa:
+            torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=1e-4)
+    info = json.loads((tmp_path / "tp" / "train.json").read_text())
+    assert (info["tensor_parallel"], info["data_parallel"]) == (2, 2)
     with pytest.raises(UsageError, match="does not take --distill-from"):
         train(QUICK, corpus, str(tmp_path / "x"), stages=2, distill_from=QUICK, steps=1)
+    with pytest.raises(UsageError, match="--tensor-parallel does not take --resume"):
+        train(QUICK, corpus, str(tmp_path / "x"), tensor_parallel=2, resume=True, steps=1)
