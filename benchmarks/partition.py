@@ -104,13 +104,15 @@ def main() -> None:
 
     print(f"GPT {args.layers}x{args.width}, batch {args.batch} x seq {args.seq}, SGD step, fp32; "
           f"{cores} CPU core(s) available, torch {torch.__version__}\n")
-    print("| stages p | micro-batches m | bubble (p-1)/(m+p-1) | stage imbalance (max/mean FLOPs) | "
-          "pipeline step ms | one process ms | speedup | ideal p·m/(m+p-1) | efficiency |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['stages']} | {r['microbatches']} | {r['bubble']:.1%} | {r['imbalance']:.3f} | "
-              f"{r['step_ms']:.1f} | {r['one_process_ms']:.1f} | {r['speedup']:.2f}x | "
-              f"{r['ideal_speedup']:.2f}x | {r['efficiency']:.0%} |")
+    if rows:
+        print("| stages p | micro-batches m | bubble (p-1)/(m+p-1) | stage imbalance (max/mean FLOPs) | "
+              "pipeline step ms | one process ms | speedup | ideal p·m/(m+p-1) | efficiency |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['stages']} | {r['microbatches']} | {r['bubble']:.1%} | {r['imbalance']:.3f} | "
+                  f"{r['step_ms']:.1f} | {r['one_process_ms']:.1f} | {r['speedup']:.2f}x | "
+                  f"{r['ideal_speedup']:.2f}x | {r['efficiency']:.0%} |")
+
     tensor_rows = []
     for t in args.tensor_ways:
         res = tensor_train(program, data, ways=t, lr=1e-3, timeout=300)

@@ -438,6 +438,8 @@ def _run_tensor_rank(spec_path: str, folder: str, rank: int) -> int:
         spec = json.load(f)
     ways, dp = spec["ways"], spec["dp"]
     device = torch.device(spec["devices"][rank % ways])
+    if device.type == "cuda" and dp > 1:  # every rank needs a GPU of its own: the node's local rank's
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(device)
