@@ -57,12 +57,28 @@ def _groups(gm: torch.fx.GraphModule) -> tuple[list, list[dict]]:
     groups, refused = _prune.find_groups(gm, _prune.PruneConfig(method="structured", target="all"))
     kept, replicated = [], [dict(r, action="replicated") for r in refused]
     for g in groups:
+        reason = None
         if any(_prune._tied(gm, s) for s in g.linears()):
-            replicated.append({"module_path": g.path, "kind": g.kind, "action": "replicated",
-                               "reason": "a weight is tied to another module"})
+            reason = "a weight is tied to another module"
+        elif _shared_parameter(gm, g):
+            reason = (f"the attention reads {_shared_parameter(gm, g)}, a parameter of all heads (its "
+                      "gradient would need another all-reduce)")
+        if reason:
+            replicated.append({"module_path": g.path, "kind": g.kind, "action": "replicated", "reason": reason})
         else:
             kept.append(g)
     return kept, replicated
+
+
+def _shared_parameter(gm, g) -> str | None:
+    """A trainable parameter read inside the head-parallel region (linformer's sequence projections)."""
+    own = {t.target for s in g.linears() for t in (s.weight, s.bias) if t is not None}
+    for n in g.nodes:
+        for a in n.all_input_nodes:
+            if a.op == "get_attr" and a.target not in own and isinstance(weight_tensor(gm, a.target),
+                                                                           torch.nn.Parameter):
+                return a.target
+    return None
 
 
 def _group_key(g) -> str:

@@ -39,7 +39,8 @@ or a dotted tail); a structured group is pruned only when every linear in it is 
 Tied weights (an LM head sharing the embedding table) are never pruned. Unstructured masks are
 not enforced during later training (fine-tuning regrows the zeros): prune again after training.
 
-Preconditions: run after `fuse-attention` (head pruning looks only at SDPA nodes) and before
+Preconditions: run after `fuse-attention` (head pruning looks at SDPA nodes and the `attention`
+pass's ops, not at hand-written softmax(q @ kᵀ) @ v) and before
 `quantize`. Stats: structured {"pruned_heads", "pruned_channels", "groups", "refused",
 "params_before", "params_after"}; unstructured {"pruned", "skipped", "weights_zeroed",
 "params_before", "params_after", "nonzero_after"}. Details: one entry per group / linear, keyed
@@ -427,8 +428,27 @@ def _output_consumer(sdpa, heads: int, head_dim: int, sites: dict, nodes: set) -
         node = user
 
 
+HEAD_PARALLEL_OPS = ("sparse_attention", "linear_attention", "performer_attention", "linformer_attention")
+"""optpipe's attention ops (the `attention` pass's kinds): like SDPA, each head attends on its own
+(q, k, v are the first three arguments; masks and projections are shared by all heads)."""
+
+
+def attention_nodes(gm) -> list[torch.fx.Node]:
+    """SDPA nodes and nodes of optpipe's head-parallel attention ops, in graph order."""
+    ops = {SDPA} | {getattr(torch.ops.optpipe, name).default for name in HEAD_PARALLEL_OPS
+                    if hasattr(torch.ops.optpipe, name)}
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ops]
+
+
+def _attention_arguments(node: torch.fx.Node) -> dict:
+    if node.target is SDPA:
+        return sdpa_arguments(node)
+    return {"query": node.args[0], "key": node.args[1], "value": node.args[2], "dropout_p": 0.0,
+            "attn_mask": None}
+
+
 def _head_group(gm, sdpa, sites: dict) -> _Group:
-    args = sdpa_arguments(sdpa)
+    args = _attention_arguments(sdpa)
     q, k, v = val(args["query"]), val(args["key"]), val(args["value"])
     if q is None or q.dim() != 4 or k is None or k.dim() != 4:
         raise _Refused("attention inputs are not 4-d")
@@ -470,13 +490,12 @@ def find_groups(gm, config: PruneConfig) -> tuple[list[_Group], list[dict]]:
     sites = _sites_by_node(gm)
     groups, refused = [], []
     if config.target in ("all", "heads"):
-        for node in gm.graph.nodes:
-            if node.op == "call_function" and node.target is SDPA:
-                try:
-                    groups.append(_head_group(gm, node, sites))
-                except _Refused as e:
-                    refused.append({"module_path": module_path(node), "kind": "heads", "action": "refused",
-                                    "reason": str(e)})
+        for node in attention_nodes(gm):
+            try:
+                groups.append(_head_group(gm, node, sites))
+            except _Refused as e:
+                refused.append({"module_path": module_path(node), "kind": "heads", "action": "refused",
+                                "reason": str(e)})
     if config.target in ("all", "mlp"):
         in_heads = {n for g in groups for n in g.nodes}
         for node, site in sites.items():

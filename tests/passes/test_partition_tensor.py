@@ -6,7 +6,9 @@ addmm, fused QKV), Llama (GQA: a unit is a K/V head with its query heads; gated 
 program): `tp_copy` before the column-wise projections, head counts and widths halved, `tp_reduce`
 after the row-wise projection and before its bias. Numerics: the rank programs run in lock step
 (the all-reduce a sum across them) reproduce the program, at the example and at another sequence
-length. After structured pruning the pruned program shards; the plan survives save/load.
+length. After structured pruning the pruned program shards; after an attention swap (sliding
+window, linear, performer) the swapped attention shards by heads; int8 attention stays replicated
+with the reason; the plan survives save/load.
 Execution (torchrun, gloo): 2-way tensor-parallel training, and 2-way tensor x 2-way data parallel,
 follow the single-process run (losses, gradients within 1e-5; SGD weights within 1e-5); inference
 matches. Errors: heads not divisible by ways, nothing to shard, a pipeline-only option, a rank that
@@ -117,6 +119,25 @@ def test_pruned_program_shards_and_plan_survives_save_and_load(tmp_path):
     loaded = optpipe.load(str(tmp_path / "program.pt2"))
     ranks = [rank_module(loaded, r) for r in range(2)]
     assert_close(run_lockstep(ranks, loaded.example_inputs)[0], out.run(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("before", ["attention{kind=sliding-window,window=8}", "attention{kind=linear}",
+                                    "attention{kind=performer}"])
+def test_swapped_attention_shards_by_heads(before):
+    program = captured("build")
+    out, record = sharded(program, before=before + ",")  # the pass's lock-step check ran
+    assert record.stats["sharded_blocks"] == 4
+    swapped = out.run()
+    ranks = [rank_module(out, r) for r in range(2)]
+    FileCheck().check("tp_copy").check("torch.ops.optpipe").check("tp_reduce").run(ranks[0].code)
+    assert_close(run_lockstep(ranks, out.example_inputs)[1], swapped, rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_attention_stays_replicated_with_the_reason():
+    out, record = sharded(captured("build"), before="quantize{scheme=int8-dynamic,modules=[*.attn.*]},")
+    assert {b["kind"] for b in record.details["blocks"]} == {"mlp"}
+    assert [r["module_path"] for r in record.details["replicated"]] == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    assert all("not a projection" in r["reason"] for r in record.details["replicated"])
 
 
 def test_errors_are_one_line():
