@@ -10,7 +10,9 @@ Rows (tokens/s, and the ratio to the no-cache row):
       lower bounds); --no-cache-tokens 0 runs all of them.
   (b) optpipe: `fuse-attention,dce,kv-cache{max-len=prompt+new}`, the step program run eagerly,
       and (b') the same step program through torch.compile (what `--target cpu --mode compile` runs).
+      Its caches are static (prompt+new slots); each step attends over the filled slots only.
   (c) transformers' own `model.generate()` with its dynamic cache, same weights.
+(b), (b') and (c) each get a short warm-up generation first.
 Checks: (b) produces exactly the tokens of (c) and, over the tokens (a) ran, of (a).
 
 Also, with --linear: per-token decode latency of the linear-attention cache (recurrent state) at
@@ -73,6 +75,7 @@ def main() -> None:
     base, step = cached_program(model, prompt, max_len)
     rows = []
 
+    hf_generate(model, prompt, 4)  # warm-up, as (b) gets
     hf_tokens, hf_s = hf_generate(model, prompt, args.new)
     generate(step, prompt, 4)  # warm-up
     cached = generate(step, prompt, args.new)
@@ -148,7 +151,7 @@ def speculative(model, prompt, new, max_len, reference, k: int = 4) -> dict:
 def linear_decode(short: int = 256, long: int = 8192, steps: int = 32) -> dict:
     """Per-token decode latency with the linear-attention recurrent state, after a prompt of
     `short` vs `long` tokens (GPT-2-small-sized, all layers linear)."""
-    from optpipe.generation import prefill
+    from optpipe.generation import filled, prefill
 
     model = gpt2_small(positions=long + steps)
     prompt = torch.randint(0, 50257, (1, 64))
@@ -164,7 +167,7 @@ def linear_decode(short: int = 256, long: int = 8192, steps: int = 32) -> dict:
                 key_mask[:, n + i] = True
                 slot = torch.tensor([n + i])
                 start = time.perf_counter()
-                _, *caches = step.gm(ids[:, :1], slot[None], slot, key_mask, *caches)
+                _, *caches = step.gm(ids[:, :1], slot[None], slot, filled(key_mask, n + i + 1), *caches)
                 times.append(time.perf_counter() - start)
         out[f"{label}_ms"] = 1000 * sorted(times)[len(times) // 2]
     out["ratio"] = out["long_ms"] / out["short_ms"]

@@ -2,7 +2,10 @@
 
 A step program takes `(input_ids [B,T], position_ids [B,T], cache_position [T], key_mask [B,L],
 *caches)` and returns `(logits [B,T,V], *caches)`; `program.meta["kv_cache"]` describes its caches
-(`layers[i]["caches"]`: name, shape with None for the batch, dtype) and `max_len` L. This module
+(`layers[i]["caches"]`: name, shape with None for the batch, dtype) and `max_len`. Dense layers
+attend over the first L cache slots only, so the runner passes the mask of the slots filled so far
+(`key_mask[:, :last slot + 1]`, a view of one [B, max_len] buffer): a decode step's cost grows
+with the context, not with max_len. This module
 builds those inputs, runs prefill and decode steps, samples, and does speculative decoding. It
 needs only the step callable, so the same loop drives the torch program, ONNX Runtime and TVM.
 
@@ -35,7 +38,8 @@ def empty_caches(kv: dict, batch: int, device="cpu") -> list[torch.Tensor]:
 
 
 def prefill_inputs(input_ids: torch.Tensor, max_len: int, lengths: Sequence[int] | None = None) -> tuple:
-    """Step inputs for a prefill of left-padded `input_ids` [B, P] (`lengths`: real tokens per row)."""
+    """Step inputs for a prefill of left-padded `input_ids` [B, P] (`lengths`: real tokens per row).
+    The key mask is the whole [B, max_len] buffer (valid as is; runners pass `filled(key_mask, n)`)."""
     b, p = input_ids.shape
     device = input_ids.device
     lengths = [p] * b if lengths is None else list(lengths)
@@ -45,6 +49,12 @@ def prefill_inputs(input_ids: torch.Tensor, max_len: int, lengths: Sequence[int]
     key_mask = torch.zeros(b, max_len, dtype=torch.bool, device=device)
     key_mask[:, :p] = steps[None, :] >= pad[:, None]
     return input_ids, position_ids, steps.clone(), key_mask
+
+
+def filled(key_mask: torch.Tensor, n: int) -> torch.Tensor:
+    """The mask of the first `n` slots: what a step whose last token goes to slot n-1 attends over."""
+    view = key_mask[:, :n]
+    return view if view.is_contiguous() else view.contiguous()  # batch 1: a view; else a small copy
 
 
 PREFILL_CHUNK = 512
@@ -60,7 +70,8 @@ def prefill(step: Callable, kv: dict, input_ids: torch.Tensor, lengths: Sequence
     caches = empty_caches(kv, b, input_ids.device)
     for start in range(0, p, chunk):
         piece = slice(start, min(p, start + chunk))
-        logits, *caches = step(ids[:, piece], position_ids[:, piece], cache_position[piece], key_mask, *caches)
+        logits, *caches = step(ids[:, piece], position_ids[:, piece], cache_position[piece],
+                               filled(key_mask, piece.stop), *caches)
     return logits, key_mask, caches
 
 
@@ -76,8 +87,7 @@ def step_verification_inputs(program, *, seed: int = 0, extra: int = 1) -> list[
         start = int(torch.randint(1, max(2, kv["max_len"] - t), (1,), generator=g))
         new = torch.randint(0, vocab, (b, t), generator=g)
         caches = [torch.randn(x.shape, generator=g).to(x.dtype) * 0.5 for x in empty_caches(kv, b)]
-        key_mask = torch.zeros(b, kv["max_len"], dtype=torch.bool)
-        key_mask[:, : start + t] = True
+        key_mask = torch.ones(b, start + t, dtype=torch.bool)  # the slots filled after these tokens
         cache_position = torch.arange(start, start + t)
         sets.append((new, cache_position[None, :].expand(b, t).clone(), cache_position, key_mask, *caches))
     return sets
@@ -96,12 +106,12 @@ def cached_logits(step: Callable, kv: dict, input_ids: torch.Tensor, decode_last
     split = max(1, n - decode_last)
     caches = empty_caches(kv, b, input_ids.device)
     ids, pos, cache_pos, key_mask = prefill_inputs(input_ids[:, :split], kv["max_len"])
-    logits, *caches = step(ids, pos, cache_pos, key_mask, *caches)
+    logits, *caches = step(ids, pos, cache_pos, filled(key_mask, split), *caches)
     pieces = [logits]
     for t in range(split, n):
         key_mask[:, t] = True
         slot = torch.tensor([t], device=input_ids.device)
-        logits, *caches = step(input_ids[:, t:t + 1], slot.expand(b, 1), slot, key_mask, *caches)
+        logits, *caches = step(input_ids[:, t:t + 1], slot.expand(b, 1), slot, filled(key_mask, t + 1), *caches)
         pieces.append(logits)
     return torch.cat(pieces, dim=1)
 
@@ -267,6 +277,8 @@ def _generate_cached(kv, rows, max_new_tokens, sampling, stops, step, pad_id) ->
     lengths = [len(r) for r in rows]
     longest = max(lengths)
     _check_room(kv, longest, max_new_tokens)
+    if not max_new_tokens:  # nothing to compute (and a prompt as long as the cache never runs)
+        return _Rows(rows, stops).result(0.0)
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.int64)
     for i, r in enumerate(rows):
         ids[i, longest - len(r):] = torch.tensor(r)
@@ -277,15 +289,16 @@ def _generate_cached(kv, rows, max_new_tokens, sampling, stops, step, pad_id) ->
     prefill_s = time.perf_counter() - start
     steps = 0
     next_pos = torch.tensor(lengths)[:, None]
+    key_mask[:, longest:longest + max_new_tokens] = True  # every generated slot holds a real token
     while max_new_tokens:
         token = sampling.choose(logits[:, -1], g)
         state.add(token)
         if state.finished(max_new_tokens):
             break
         slot = longest + steps
-        key_mask[:, slot] = True
-        cache_position = torch.tensor([slot])
-        logits, *caches = step(token[:, None], next_pos + steps, cache_position, key_mask, *caches)
+        # fresh (not offset views): some runtimes take only 64-byte-aligned buffers
+        logits, *caches = step(token[:, None], next_pos + steps, torch.tensor([slot]), filled(key_mask, slot + 1),
+                               *caches)
         steps += 1
     return state.result(time.perf_counter() - start, prefill_seconds=prefill_s, steps=steps)
 
@@ -380,4 +393,4 @@ def _call(step, tokens: list[int], first_slot: int, key_mask, caches):
     t = len(tokens)
     slots = torch.arange(first_slot, first_slot + t)
     key_mask[:, first_slot:first_slot + t] = True
-    return step(torch.tensor([tokens]), slots[None, :], slots, key_mask, *caches)
+    return step(torch.tensor([tokens]), slots[None, :], slots, filled(key_mask, first_slot + t), *caches)

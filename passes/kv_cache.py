@@ -11,15 +11,25 @@ After:
 - `input_ids [B, T]`: the new tokens (the prompt at prefill, one token per decode step);
 - `position_ids [B, T]`: their positions in their own sequence (differs per row under left padding);
 - `cache_position [T]`: the cache slots they are written to (shared by the batch);
-- `key_mask [B, max_len]` (bool): which slots hold real tokens (False for left padding);
+- `key_mask [B, L]` (bool): which of the first L slots hold real tokens (False for left padding).
+  L is a dynamic dim: the slots filled once this step's tokens are written (`cache_position[-1]
+  + 1`); dense sites attend over those L slots only (see below);
 - one pair of caches per attention site, updated in place (the updated tensors are also returned,
   so exporters see them as outputs).
 
 Per site kind:
 - dense SDPA: static `[B, kv_heads, max_len, head_dim]` K/V buffers. New K/V are written at
-  `cache_position` (`index_copy_`), and the query attends over the whole buffer under the mask
-  `slot <= its slot and key_mask` (each query also sees itself, so the rows of padding stay
-  finite). Grouped-query attention keeps its smaller K/V (`enable_gqa`).
+  `cache_position` (`index_put_`), then the buffers are narrowed to their first L slots (L =
+  `key_mask.shape[1]`, an `aten.slice` view, no copy) and the query attends over those under the
+  mask `slot <= its slot and key_mask` (each query also sees itself, so the rows of padding stay
+  finite): a decode step at context n costs O(n), not O(max_len), like a cache that grows. The
+  narrowing is a slice with a symbolic end, which onnxruntime (Slice) and TVM (`strided_slice`)
+  take as is, so every target runs this same program, with L dynamic. The eager program takes any
+  L up to max_len (a longer mask than needed gives the same result); a re-exported one
+  (`program.pt2`, and what targets import) carries a guard L != max_len that torch.export derives
+  from the narrowed view's strides, so runners pass L < max_len there: every step of a generation
+  does (the last token is never written to the cache).
+  Grouped-query attention keeps its smaller K/V (`enable_gqa`).
 - sliding-window (`optpipe.sparse_attention`, causal, pattern sliding-window): a ring buffer of
   `window` slots (memory O(window), independent of the generated length); see `cached_window_attention`.
 - linear (`optpipe.linear_attention`, causal): its recurrent state (`[B, H, F, Dv]` sum of
@@ -110,7 +120,7 @@ def kv_cache(program: Program, config: KVCacheConfig) -> PassResult:
                                 "token_input": program.input_names[0]}
     program.example_inputs = _example_step_inputs(program, batch, example_len)
     program.input_names = list(STEP_INPUTS) + [c["name"] for layer in layers for c in layer["caches"]]
-    program.dynamic_shapes = ([{0: "batch", 1: "seq"}, {0: "batch", 1: "seq"}, {0: "seq"}, {0: "batch"}]
+    program.dynamic_shapes = ([{0: "batch", 1: "seq"}, {0: "batch", 1: "seq"}, {0: "seq"}, {0: "batch", 1: "kv_len"}]
                               + [{0: "batch"}] * (len(program.input_names) - len(STEP_INPUTS)))
     _propagate_meta(gm, program)
     kinds = [s.kind for s in sites]
@@ -209,7 +219,8 @@ class _StepBuilder:
         self.cache_position = self._input("cache_position")
         self.key_mask = self._input("key_mask")
         self._dense_mask = None
-        self._seq_len = None
+        self._kv_len = None
+        self._write_index: dict = {}
 
     def _input(self, name: str) -> torch.fx.Node:
         with self.graph.inserting_after(self._last_input):
@@ -231,20 +242,23 @@ class _StepBuilder:
             start, end, step = _arange_bounds(node)
             if start != 0 or step != 1 or not _same_sym(end, seq):
                 continue
-            chain, offset = node, 0
-            while len(chain.users) == 1:
-                user = next(iter(chain.users))
-                if user.target is aten.add.Tensor and user.args[0] is chain and isinstance(user.args[1], int):
+            chain, offset = [node], 0
+            while len(chain[-1].users) == 1:
+                user = next(iter(chain[-1].users))
+                if user.target is aten.add.Tensor and user.args[0] is chain[-1] and isinstance(user.args[1], int):
                     offset += user.args[1]
-                    chain = user
+                    chain.append(user)
                     continue
                 if user.target is aten.unsqueeze.default and user.args[1] == 0:
-                    chain = user  # [1, T]: the batch dim position_ids already has
+                    chain.append(user)  # [1, T]: the batch dim position_ids already has
                 break
-            with self.graph.inserting_before(chain):
+            with self.graph.inserting_before(chain[-1]):
                 positions = self.position_ids if offset == 0 else self._call(aten.add.Tensor, self.position_ids,
                                                                            offset)
-            chain.replace_all_uses_with(positions)
+            chain[-1].replace_all_uses_with(positions)
+            for dead in reversed(chain):  # no step should still compute arange(T)
+                if not dead.users:
+                    self.graph.erase_node(dead)
             count += 1
         return count
 
@@ -278,7 +292,9 @@ class _StepBuilder:
             kwargs = {"attn_mask": self._mask(), "scale": site.scale}  # mask built before the first site
             if site.gqa:
                 kwargs["enable_gqa"] = True
-            return self._call(SDPA, site.query, k_all, v_all, **kwargs), [k_all, v_all]
+            # attend over the filled slots only: k_all[:, :, :L] (a view; the full buffers are the outputs)
+            k_used, v_used = (self._call(aten.slice.Tensor, c, 2, 0, self._filled()) for c in (k_all, v_all))
+            return self._call(SDPA, site.query, k_used, v_used, **kwargs), [k_all, v_all]
         if site.kind == "sliding-window":
             result = self._call(torch.ops.optpipe.cached_window_attention.default, site.query, site.key,
                                 site.value, first, second, self.cache_position, self.key_mask, site.window,
@@ -290,30 +306,43 @@ class _StepBuilder:
 
     def _write(self, cache: torch.fx.Node, new: torch.fx.Node) -> torch.fx.Node:
         """cache[:, :, cache_position] = new, in place, as an `index_put_` with one broadcast index
-        tensor per dim (what every target's importer takes; TVM's cannot fill in omitted dims)."""
-        size = lambda d: self._call(aten.sym_size.int, new, d)  # noqa: E731
-        device = val(self.tokens).device
-        shapes = ([-1, 1, 1, 1], [1, -1, 1, 1], None, [1, 1, 1, -1])
-        index = []
-        for d, shape in enumerate(shapes):
-            if shape is None:
-                index.append(self._call(aten.view.default, self.cache_position, [1, 1, -1, 1]))
-            else:
-                steps = self._call(aten.arange.default, size(d), dtype=torch.int64, device=device)
-                index.append(self._call(aten.view.default, steps, shape))
-        return self._call(aten.index_put_.default, cache, index, new)
+        tensor per dim (what every target's importer takes; TVM's cannot fill in omitted dims).
+        The index tensors are built once per shape of `new` and shared by every site that has it."""
+        shape = tuple(str(s) for s in val(new).shape)
+        if shape not in self._write_index:
+            size = lambda d: self._call(aten.sym_size.int, new, d)  # noqa: E731
+            device = val(self.tokens).device
+            shapes = ([-1, 1, 1, 1], [1, -1, 1, 1], None, [1, 1, 1, -1])
+            index = []
+            for d, view in enumerate(shapes):
+                if view is None:
+                    index.append(self._call(aten.view.default, self.cache_position, [1, 1, -1, 1]))
+                else:
+                    steps = self._call(aten.arange.default, size(d), dtype=torch.int64, device=device)
+                    index.append(self._call(aten.view.default, steps, view))
+            self._write_index[shape] = index
+        return self._call(aten.index_put_.default, cache, self._write_index[shape], new)
+
+    def _filled(self) -> torch.fx.Node:
+        """L = key_mask.shape[1]: the slots a step attends over (built before the first dense site)."""
+        if self._kv_len is None:
+            self._kv_len = self._call(aten.sym_size.int, self.key_mask, 1)
+            self._kv_len.meta["nn_module_stack"] = {}
+        return self._kv_len
 
     def _mask(self) -> torch.fx.Node:
-        """[B, 1, T, max_len] bool: slot <= the query's slot and a real token, or the query itself."""
+        """[B, 1, T, L] bool: slot <= the query's slot and a real token, or the query itself."""
         if self._dense_mask is None:  # at the caller's insertion point: before the first dense site
-            slots = self._call(aten.arange.default, self.max_len, dtype=torch.int64, device=val(self.tokens).device)
+            slots = self._call(aten.arange.default, self._filled(), dtype=torch.int64,
+                               device=val(self.tokens).device)
             q_slot = self._call(aten.unsqueeze.default, self.cache_position, -1)
             causal = self._call(aten.le.Tensor, slots, q_slot)
             itself = self._call(aten.eq.Tensor, slots, q_slot)
-            keys = self._call(aten.view.default, self.key_mask, [-1, 1, 1, self.max_len])
+            # unsqueeze, not view: a runner may pass a narrowed (strided) view of a longer mask
+            keys = self._call(aten.unsqueeze.default, self._call(aten.unsqueeze.default, self.key_mask, 1), 1)
             allowed = self._call(aten.logical_and.default, causal, keys)
             self._dense_mask = self._call(aten.logical_or.default, allowed, itself)
-            for node in (slots, q_slot, causal, itself, keys, allowed, self._dense_mask):
+            for node in (slots, q_slot, causal, itself, keys.args[0], keys, allowed, self._dense_mask):
                 node.meta["nn_module_stack"] = {}
         return self._dense_mask
 
@@ -367,23 +396,39 @@ def _copy_meta(old: torch.fx.Node, new: torch.fx.Node) -> None:
 
 
 def _example_step_inputs(program: Program, batch: int, length: int) -> tuple:
-    from optpipe.generation import empty_caches, prefill_inputs
+    """A prefill of the example tokens from empty caches, its mask narrowed to the tokens written.
+    That length must not equal max_len: an export traced there would fix L to max_len (the slice
+    of the whole buffer), so a prompt as long as the cache is shortened by one token."""
+    from optpipe.generation import empty_caches, filled, prefill_inputs
 
     ids = program.example_inputs[0]
+    max_len = program.meta["kv_cache"]["max_len"]
+    if ids.shape[1] >= max_len > 1:
+        ids = ids[:, :max_len - 1]
     caches = empty_caches(program.meta["kv_cache"], batch, device=ids.device)
-    return prefill_inputs(ids, program.meta["kv_cache"]["max_len"]) + tuple(caches)
+    ids, position_ids, cache_position, key_mask = prefill_inputs(ids, max_len)
+    return (ids, position_ids, cache_position, filled(key_mask, ids.shape[1])) + tuple(caches)
 
 
 def _propagate_meta(gm: torch.fx.GraphModule, program: Program) -> None:
-    """Fake-tensor metadata (with the symbolic batch and sequence) for the new and changed nodes."""
+    """Fake-tensor metadata (with the symbolic batch, sequence and filled length) for the new and
+    changed nodes."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic
+
     tokens = next(n for n in gm.graph.nodes if n.op == "placeholder")
     mode = detect_fake_mode([tokens.meta["val"]])
     batch, seq = tokens.meta["val"].shape
+    kv_len = hint = program.example_inputs[3].shape[1]
+    if mode.shape_env is not None:  # L: its own symbol (hinted below max_len, where slicing would fix it)
+        env = mode.shape_env
+        kv_len = env.create_symintnode(env.create_symbol(hint, ConstantSource("kv_len"),
+                                                         dynamic_dim=DimDynamic.DYNAMIC), hint=hint)
     fakes = [tokens.meta["val"]]
     with mode:
         fakes.append(torch.empty(batch, seq, dtype=torch.int64))
         fakes.append(torch.empty(seq, dtype=torch.int64))
-        fakes.append(torch.empty(batch, program.meta["kv_cache"]["max_len"], dtype=torch.bool))
+        fakes.append(torch.empty(batch, kv_len, dtype=torch.bool))
         for layer in program.meta["kv_cache"]["layers"]:
             for cache in layer["caches"]:
                 fakes.append(torch.empty(batch, *cache["shape"][1:], dtype=getattr(torch, cache["dtype"])))
@@ -396,5 +441,3 @@ def _propagate_meta(gm: torch.fx.GraphModule, program: Program) -> None:
                         "rerun with --dump-ir DIR to see the graph") from e
     for node, fake in zip([n for n in gm.graph.nodes if n.op == "placeholder"], fakes):
         node.meta["val"] = fake
-
-

@@ -78,6 +78,30 @@ def test_generate_ids_json_matches_the_program(outs):
     assert json.loads(r2.stdout)["new_ids"][0] == doc["new_ids"][0]
 
 
+def test_saved_step_program_takes_the_filled_length(outs):
+    """program.pt2 keeps key_mask's length L dynamic (a plain torch.export.load runs it with any
+    L < max-len): the generation loop passes only the filled slots, with the logits of a longer
+    mask."""
+    import optpipe  # noqa: F401 - registers optpipe's ops
+    from optpipe.generation import empty_caches
+
+    cached, _ = outs
+    ep = torch.export.load(str(cached / "program.pt2"))
+    key_mask = next(n for n in ep.graph.nodes if n.name == "key_mask")
+    assert isinstance(key_mask.meta["val"].shape[1], torch.SymInt)
+    kv = load_program(cached / "program.pt2").meta["kv_cache"]
+    ids = torch.tensor([[2, 4, 6, 3, 5]])
+    slots = torch.arange(5)
+    logits = []
+    for length in (5, 9, 95):
+        mask = torch.zeros(1, length, dtype=torch.bool)
+        mask[:, :5] = True
+        with torch.no_grad():
+            logits.append(ep.module()(ids, slots[None], slots, mask, *empty_caches(kv, 1))[0])
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[0], logits[2], atol=1e-5, rtol=0)
+
+
 def test_generate_text_through_the_tokenizer(outs):
     cached, _ = outs
     assert (cached / "tokenizer.json").exists()  # copied from the model folder at optimize time

@@ -1,9 +1,11 @@
 """kv-cache: a causal LM becomes a prefill + decode step program with static caches.
 
 Fired (stats) and IR (FileCheck) on tiny GPT, GPT-2 and Llama (GQA, RoPE) from transformers;
-greedy tokens identical to full recompute for 128 new tokens with logits within 1e-4 at every
-step; sliding-window ring buffers and linear-attention state give the swapped model's tokens with
-memory independent of the generated length; left-padded batches equal each prompt alone; sampling,
+dense sites attend over the filled slots only (L = key_mask.shape[1]; the same logits as with the
+full mask and as the whole sequence; not on window/linear sites); greedy tokens identical to full
+recompute for 128 new tokens with logits within 1e-4 at every step; sliding-window ring buffers
+and linear-attention state give the swapped model's tokens with memory independent of the
+generated length; left-padded batches equal each prompt alone; sampling,
 stop tokens and speculative decoding; save/load; onnxruntime and tvm parity of the step program;
 refusals (bidirectional, masks, extra inputs, too short a cache) with clear errors.
 """
@@ -18,7 +20,7 @@ from torch.testing import FileCheck, assert_close
 import optpipe
 from examples import tiny_gpt
 from optpipe.errors import PassError, UsageError
-from optpipe.generation import Sampling, cached_logits, generate, step_function
+from optpipe.generation import Sampling, cached_logits, generate, prefill, step_function
 from optpipe.pipeline import Pipeline
 from optpipe.program import load_program
 from tests import hf_models
@@ -83,6 +85,51 @@ def test_fires_and_rewrites_the_graph(programs):
         FileCheck().check("enable_gqa = True").run(code)
 
 
+def _key_lengths_seen(step, inputs) -> list[int]:
+    """The key length each SDPA of one step call attends over."""
+    seen = []
+
+    class Spy(torch.fx.Interpreter):
+        def call_function(self, target, args, kwargs):
+            if target is torch.ops.aten.scaled_dot_product_attention.default:
+                seen.append(args[1].shape[2])
+            return super().call_function(target, args, kwargs)
+
+    with torch.no_grad():
+        out = Spy(step.gm).run(*inputs)
+    return seen, out[0]
+
+
+def test_dense_sites_attend_over_the_filled_slots_only(programs):
+    _, plain, step, _ = programs
+    code = step.gm.code
+    # L = key_mask.shape[1]; each cache written in full, then narrowed to L for SDPA (a view)
+    FileCheck().check("index_put_.default(k_cache_0").check("sym_size.int(key_mask, 1)") \
+        .check("aten.slice.Tensor(index_put_").check("aten.slice.Tensor(index_put_") \
+        .check("scaled_dot_product_attention.default(").run(code)
+    FileCheck().check_count("aten.slice.Tensor(index_put_", 4, exactly=True).run(code)
+    assert step.dynamic_shapes[3] == {0: "batch", 1: "kv_len"}
+    key_mask = next(n for n in step.gm.graph.nodes if n.target == "key_mask")
+    assert isinstance(key_mask.meta["val"].shape[1], torch.SymInt)
+    # a decode step at slot 20: keys of 21 slots, not 160; the full [B, max_len] mask (what a
+    # static-shape runner passes) gives the same logits, and both those of the whole sequence
+    seq = torch.tensor([PROMPTS[0] + PROMPTS[2] + PROMPTS[1] + [1]])  # 21 tokens
+    kv = step.meta["kv_cache"]
+    with torch.no_grad():
+        _, key_mask, caches = prefill(step_function(step), kv, seq[:, :20])
+        full = plain.gm(seq)[:, -1]
+    slot = torch.tensor([20])
+    key_mask[:, 20] = True
+    narrow_in = (seq[:, 20:], slot[None], slot, key_mask[:, :21].clone(), *[c.clone() for c in caches])
+    wide_in = (seq[:, 20:], slot[None], slot, key_mask.clone(), *[c.clone() for c in caches])
+    lengths, narrow = _key_lengths_seen(step, narrow_in)
+    assert lengths == [21, 21]
+    lengths, wide = _key_lengths_seen(step, wide_in)
+    assert lengths == [160, 160]
+    assert_close(narrow[:, -1], wide[:, -1], atol=1e-5, rtol=0)
+    assert_close(narrow[:, -1], full, atol=1e-4, rtol=0)
+
+
 def test_greedy_equals_full_recompute_for_128_tokens(programs):
     _, plain, step, _ = programs
     prompt = [PROMPTS[0]]
@@ -115,7 +162,7 @@ def test_efficient_caches_match_the_swapped_model(model, attention, kind):
     step, records = Pipeline.parse("kv-cache{max-len=160}").run(swapped)
     assert records[0].stats[kind] == 2 and records[0].verify["ok"]
     FileCheck().check(f"optpipe.cached_{'window' if kind == 'sliding-window' else 'linear'}_attention") \
-        .run(step.gm.code)
+        .check_not("sym_size.int(key_mask, 1)").run(step.gm.code)  # nothing dense to narrow
     cached = generate(step, PROMPTS, 40)
     assert cached.new_ids == generate(swapped, PROMPTS, 40).new_ids
     shapes = [c["shape"] for layer in step.meta["kv_cache"]["layers"] for c in layer["caches"]]
@@ -124,6 +171,18 @@ def test_efficient_caches_match_the_swapped_model(model, attention, kind):
         assert shapes[0] == [None, heads, 8, 16]
     else:  # recurrent state: Σφ(k)vᵀ and Σφ(k)
         assert shapes[:2] == [[None, heads, 16, 16], [None, heads, 16]]
+
+
+def test_mixed_dense_and_window_layers_narrow_only_the_dense_one():
+    plain = optpipe.capture(tiny(), {"input_ids": torch.randint(0, 128, (1, 16))})
+    swapped, _ = Pipeline.parse("fuse-attention,dce,attention{kind=sliding-window,window=8,layers=1:}").run(plain)
+    step, records = Pipeline.parse("kv-cache{max-len=160}").run(swapped)
+    assert records[0].stats["dense"] == records[0].stats["sliding-window"] == 1 and records[0].verify["ok"]
+    code = step.gm.code
+    FileCheck().check("index_put_.default(k_cache_0").check_count("aten.slice.Tensor(index_put_", 2, exactly=True) \
+        .check("optpipe.cached_window_attention").run(code)
+    assert "index_put_.default(k_cache_1" not in code  # the ring is written by its own op, whole
+    assert generate(step, PROMPTS, 40).new_ids == generate(swapped, PROMPTS, 40).new_ids
 
 
 def test_sampling_is_seeded_and_reduces_to_greedy(programs):
