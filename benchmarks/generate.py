@@ -1,6 +1,7 @@
 """Generation speed, side by side in one run: no cache vs optpipe's kv-cache vs transformers' generate().
 
     python benchmarks/generate.py [--prompt 128] [--new 512] [--no-cache-tokens 64] [--json]
+    python benchmarks/generate.py --prompt 128 --new 512 --no-cache-sample 16 --threads 1
 
 Model: GPT-2 small (124M params, random init from its config), greedy decoding, batch 1.
 Rows (tokens/s, and the ratio to the no-cache row):
@@ -8,12 +9,26 @@ Rows (tokens/s, and the ratio to the no-cache row):
       per token only grows with the length, so by default it runs the first --no-cache-tokens of
       the --new tokens (its tokens/s there is an upper bound for the full run; the ratios are
       lower bounds); --no-cache-tokens 0 runs all of them.
+      --no-cache-sample K instead estimates (a) over the whole run without running every step:
+      step i of (a) is one full forward over the prompt + the first i generated tokens, then an
+      argmax, at context length prompt+i (prompt .. prompt+new-1). That step is timed (median of
+      --no-cache-repeats runs) at every K-th context length, and at the last one; the prefixes are
+      taken from (b)'s generated tokens, so they are exactly what (a) would see, and each sampled
+      step's argmax is checked against the token (b) produced at that position (the count of
+      agreements is reported). (a)'s total time is then an ESTIMATE: the sampled per-step times
+      are linearly interpolated over context length and summed over all `new` context lengths
+      (the trapezoid rule over context length, exact if the per-step time is piecewise linear
+      between samples). (a)'s tokens/s = new / that estimated total, and the "vs (a)" ratios use
+      it. With --no-cache-sample, (a) is not run for real unless --no-cache-tokens N > 0 is given;
+      then (a) also runs over the first N tokens, an extra row shown next to the estimate for
+      the same stretch.
   (b) optpipe: `fuse-attention,dce,kv-cache{max-len=prompt+new}`, the step program run eagerly,
       and (b') the same step program through torch.compile (what `--target cpu --mode compile` runs).
       Its caches are static (prompt+new slots); each step attends over the filled slots only.
   (c) transformers' own `model.generate()` with its dynamic cache, same weights.
 (b), (b') and (c) each get a short warm-up generation first.
-Checks: (b) produces exactly the tokens of (c) and, over the tokens (a) ran, of (a).
+Checks: (b) produces exactly the tokens of (c) and, over the tokens (a) ran, of (a) (with
+--no-cache-sample: at the sampled positions).
 
 Also, with --linear: per-token decode latency of the linear-attention cache (recurrent state) at
 context 256 vs 8192 (a GPT-2-small-sized model with all layers `attention{kind=linear}`), and with
@@ -55,11 +70,54 @@ def hf_generate(model, prompt: torch.Tensor, new: int):
     return out[0, prompt.shape[1]:].tolist(), seconds
 
 
+def sample_no_cache(base, prompt: torch.Tensor, new_ids: list[int], every: int, repeats: int) -> dict:
+    """Time (a)'s per-token step (full forward over the prefix + argmax) at every `every`-th context
+    length from prompt to prompt+new-1 (plus the last), with prefixes from `new_ids` ((b)'s tokens).
+    Estimates (a)'s total over all `new` steps by linear interpolation of the sampled times over
+    context length, summed at every context length (trapezoid rule)."""
+    p, new = prompt.shape[1], len(new_ids)
+    full = torch.cat([prompt, torch.tensor([new_ids], dtype=prompt.dtype)], dim=1)
+    offsets = sorted(set(range(0, new, every)) | {new - 1})  # step i runs at context p + i
+    contexts, times, agree = [], [], 0
+    with torch.no_grad():
+        base.gm(full[:, :p])  # warm-up, as the other rows get
+        for i in offsets:
+            ids = full[:, :p + i].clone()
+            runs = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                logits = base.gm(ids)
+                logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+                token = int(logits[:, -1].argmax(-1))
+                runs.append(time.perf_counter() - start)
+            agree += token == new_ids[i]
+            contexts.append(p + i)
+            times.append(sorted(runs)[len(runs) // 2])
+    per_step = interpolate(contexts, times)  # one estimate per context length p .. p+new-1
+    total = sum(per_step)
+    return {"every": every, "repeats": repeats, "samples": len(offsets), "agree": agree,
+            "contexts": contexts, "step_seconds": times, "per_step_estimate": per_step,
+            "estimated_seconds": total, "tokens_per_s": new / total}
+
+
+def interpolate(xs: list[int], ys: list[float]) -> list[float]:
+    """ys linearly interpolated at every integer from xs[0] to xs[-1] (xs increasing)."""
+    out = []
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        out += [y0 + (y1 - y0) * (x - x0) / (x1 - x0) for x in range(x0, x1)]
+    return out + [ys[-1]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=512)
-    ap.add_argument("--no-cache-tokens", type=int, default=64)
+    ap.add_argument("--no-cache-tokens", type=int, default=None,
+                    help="run (a) for real over the first N tokens (default 64; 0: all). With "
+                         "--no-cache-sample: not run by default or with 0")
+    ap.add_argument("--no-cache-sample", type=int, default=0, metavar="K",
+                    help="estimate (a) over the whole run from its step timed at every K-th context length")
+    ap.add_argument("--no-cache-repeats", type=int, default=3, help="timed runs per sampled context (median)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--linear", action="store_true", help="linear-attention decode latency at 256 vs 8192")
     ap.add_argument("--speculative", action="store_true", help="speculative decoding with a half-depth draft")
@@ -79,7 +137,12 @@ def main() -> None:
     hf_tokens, hf_s = hf_generate(model, prompt, args.new)
     generate(step, prompt, 4)  # warm-up
     cached = generate(step, prompt, args.new)
-    n_a = args.new if args.no_cache_tokens <= 0 else min(args.no_cache_tokens, args.new)
+    if args.no_cache_tokens is None:
+        n_a = 0 if args.no_cache_sample > 0 else min(64, args.new)
+    elif args.no_cache_sample > 0:
+        n_a = min(max(args.no_cache_tokens, 0), args.new)  # 0 here: skip the real run
+    else:
+        n_a = args.new if args.no_cache_tokens <= 0 else min(args.no_cache_tokens, args.new)
     compiled_gm = torch.compile(step.gm, dynamic=True)
 
     def compiled_step(*inputs):
@@ -88,24 +151,40 @@ def main() -> None:
 
     generate(step, prompt, 4, step=compiled_step)  # compiles prefill and decode shapes
     compiled = generate(step, prompt, args.new, step=compiled_step)
-    plain = generate(base, prompt, n_a)
-    rows.append({"name": f"(a) no cache (first {n_a} tokens)", "tokens": n_a, "seconds": plain.seconds,
-                 "tokens_per_s": plain.tokens_per_s})
+    checks = {}
+    if args.no_cache_sample > 0:
+        sampled = sample_no_cache(base, prompt, cached.new_ids[0], args.no_cache_sample,
+                                  max(1, args.no_cache_repeats))
+        rows.append({"name": f"(a) no cache (all {args.new}, estimated)", "tokens": args.new,
+                     "seconds": sampled["estimated_seconds"], "tokens_per_s": sampled["tokens_per_s"],
+                     "estimated": True})
+        checks["a_sampled_agrees_with_b"] = f"{sampled['agree']}/{sampled['samples']}"
+    if n_a:
+        plain = generate(base, prompt, n_a)
+        real = {"name": f"(a) no cache (first {n_a} tokens)", "tokens": n_a, "seconds": plain.seconds,
+                "tokens_per_s": plain.tokens_per_s}
+        if args.no_cache_sample > 0:  # the estimate for the same stretch, as a cross-check
+            real["estimate_same_tokens_s"] = sum(sampled["per_step_estimate"][:n_a])
+        rows.append(real)
+        checks["b_equals_a"] = cached.new_ids[0][:n_a] == plain.new_ids[0]
     rows.append({"name": "(b) optpipe kv-cache", "tokens": args.new, "seconds": cached.seconds,
                  "tokens_per_s": cached.tokens_per_s, "prefill_s": cached.prefill_seconds})
     rows.append({"name": "(b') optpipe kv-cache, torch.compile", "tokens": args.new, "seconds": compiled.seconds,
                  "tokens_per_s": compiled.tokens_per_s, "prefill_s": compiled.prefill_seconds})
     rows.append({"name": "(c) transformers generate()", "tokens": args.new, "seconds": hf_s,
                  "tokens_per_s": args.new / hf_s})
-    checks = {"b_equals_c": cached.new_ids[0] == hf_tokens, "b_compiled_equals_c": compiled.new_ids[0] == hf_tokens,
-              "b_equals_a": cached.new_ids[0][:n_a] == plain.new_ids[0]}
+    checks.update({"b_equals_c": cached.new_ids[0] == hf_tokens,
+                   "b_compiled_equals_c": compiled.new_ids[0] == hf_tokens})
     a_rate = rows[0]["tokens_per_s"]
     for r in rows:
         r["vs_no_cache"] = r["tokens_per_s"] / a_rate
+    b, b_compiled, c = rows[-3], rows[-2], rows[-1]
     result = {"model": "GPT-2 small (124M, random init)", "prompt": args.prompt, "new": args.new,
               "threads": torch.get_num_threads(), "rows": rows, "checks": checks,
-              "b_vs_c": rows[1]["tokens_per_s"] / rows[3]["tokens_per_s"],
-              "b_compiled_vs_c": rows[2]["tokens_per_s"] / rows[3]["tokens_per_s"]}
+              "b_vs_c": b["tokens_per_s"] / c["tokens_per_s"],
+              "b_compiled_vs_c": b_compiled["tokens_per_s"] / c["tokens_per_s"]}
+    if args.no_cache_sample > 0:
+        result["no_cache_sample"] = {k: v for k, v in sampled.items() if k != "per_step_estimate"}
     if args.speculative:
         result["speculative"] = speculative(model, prompt, args.new, max_len, cached)
     if args.linear:
@@ -115,9 +194,21 @@ def main() -> None:
         return
     print(f"{result['model']}, prompt {args.prompt}, {args.new} new tokens, greedy, batch 1, "
           f"{result['threads']} threads")
-    print(f"{'row':34s} {'tokens/s':>9s} {'vs (a)':>8s}")
+    if args.no_cache_sample > 0:
+        s = result["no_cache_sample"]
+        print(f"(a) over all {args.new} tokens is an ESTIMATE: its step (full forward + argmax) timed at "
+              f"{s['samples']} context lengths ({s['contexts'][0]}, {s['contexts'][0] + s['every']}, ... , "
+              f"{s['contexts'][-1]}; median of {s['repeats']}), {s['step_seconds'][0] * 1000:.0f} ms at "
+              f"{s['contexts'][0]} to {s['step_seconds'][-1] * 1000:.0f} ms at {s['contexts'][-1]}, "
+              f"interpolated linearly and summed over every context length (trapezoid rule): "
+              f"{s['estimated_seconds']:.1f} s in all; sampled next tokens equal to (b)'s: {s['agree']}/{s['samples']}")
+    width = max(34, *(len(r["name"]) for r in rows))
+    print(f"{'row':{width}s} {'tokens/s':>9s} {'vs (a)':>8s}")
     for r in rows:
-        print(f"{r['name']:34s} {r['tokens_per_s']:9.2f} {r['vs_no_cache']:7.1f}x")
+        print(f"{r['name']:{width}s} {r['tokens_per_s']:9.2f} {r['vs_no_cache']:7.1f}x")
+        if "estimate_same_tokens_s" in r:
+            print(f"{'':{width}s} (measured {r['seconds']:.1f} s; the estimate for the same {r['tokens']} "
+                  f"tokens: {r['estimate_same_tokens_s']:.1f} s)")
     print(f"(b) / (c) = {result['b_vs_c']:.2f}x, (b') / (c) = {result['b_compiled_vs_c']:.2f}x; checks: {checks}")
     if "speculative" in result:
         s = result["speculative"]
