@@ -372,7 +372,8 @@ def generate(out, prompts, prompt_ids, max_new_tokens, temperature, top_k, top_p
 @click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, help="Steps between checkpoints.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--target", type=click.Choice(["cpu", "cuda", "onnxruntime"]), default="cpu", show_default=True)
+@click.option("--target", type=click.Choice(["cpu", "cuda", "onnxruntime", "tvm"]), default="cpu", show_default=True,
+              help="Where to train: torch on cpu/cuda, onnxruntime-training, or TVM (Relax autodiff).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the program (cpu/cuda).")
 @click.option("--amp", is_flag=True, help="bf16 autocast (cuda).")
 @click.option("--text-key", default="text", show_default=True, help="JSONL field holding the text.")

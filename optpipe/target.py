@@ -70,11 +70,28 @@ class Target:
         raise TargetError(f"target {self.name} cannot train programs", "train on cpu, cuda or onnxruntime")
 
     def trainer(self, program, *, objective: str, trainable: list[str] | None, lr: float, betas, eps: float,
-                weight_decay: float):
+                weight_decay: float, clip: float | None = None, lr_scales: dict | None = None,
+                weight_decays: dict | None = None):
         """An object with `accumulate(inputs, labels, scale)`, `optimizer_step(lr)`, `eval_loss`,
-        `state_dict()` and `load_into(program)` that trains `program` on this target."""
+        `state_dict()` and `load_into(program)` that trains `program` on this target (AdamW;
+        `clip`: max global gradient norm; `lr_scales` / `weight_decays`: per parameter name). With
+        `optimizer_state()` and `load_state(weights, optimizer_state)` too, runs can resume."""
         self.check_trainable(program, objective)
         raise NotImplementedError
+
+
+def token_input(program) -> int:
+    """Index of the input the labels are shaped like: the first 2-D integer tensor (the token ids);
+    UsageError naming the inputs when there is none (training needs one)."""
+    from .errors import UsageError
+
+    for i, x in enumerate(program.example_inputs):
+        if isinstance(x, torch.Tensor) and x.dim() == 2 and not x.is_floating_point() and x.dtype != torch.bool:
+            return i
+    raise UsageError("training needs a token-id input (an integer [batch, seq] tensor); the program takes "
+                     + ", ".join(f"{n}:{str(getattr(x, 'dtype', type(x).__name__)).replace('torch.', '')}"
+                                 f"{list(getattr(x, 'shape', []))}"
+                                 for n, x in zip(program.input_names, program.example_inputs)))
 
 
 def unsupported_nodes(program, target_name: str, supports: Callable[[Any], bool]) -> list[UnsupportedNode]:

@@ -50,7 +50,9 @@ from .errors import OptpipeError, UsageError
 from .program import Program
 
 OBJECTIVES = ("clm", "mlm")
-TARGETS = ("cpu", "cuda", "onnxruntime")
+TARGETS = ("cpu", "cuda", "onnxruntime", "tvm")
+BACKEND_TRAINED = ("onnxruntime", "tvm")
+"""Targets that train through their own trainer (Target.trainer): forward, backward and AdamW there."""
 IGNORE = -100
 _LAYER_RE = re.compile(r"(?:^|\.)(?:h|layers?|blocks?)\.(\d+)(?:\.|$)")
 
@@ -376,16 +378,19 @@ class Trainer:
         from .registry import get_target
 
         get_target(config.target).check_trainable(self.program, config.objective)  # before any work
-        if config.target == "onnxruntime":
-            if resume:
-                raise UsageError("train --target onnxruntime cannot --resume (its optimizer state is not checkpointed)",
-                                 "resume on --target cpu, or start the run again")
-            self.ort = get_target(config.target).trainer(
+        if config.target in BACKEND_TRAINED:
+            groups = param_groups(named, config)
+            self.backend = get_target(config.target).trainer(
                 self.program, objective=config.objective, trainable=self.names, lr=config.lr, betas=config.betas,
-                eps=config.eps, weight_decay=config.weight_decay)
+                eps=config.eps, weight_decay=config.weight_decay, clip=config.clip or None,
+                lr_scales={n: g["lr_scale"] for g in groups for n in g["names"]},
+                weight_decays={n: g["weight_decay"] for g in groups for n in g["names"]})
+            if resume and not hasattr(self.backend, "optimizer_state"):
+                raise UsageError(f"train --target {config.target} cannot --resume (its optimizer state is not "
+                                 "checkpointed)", "resume on --target cpu, or start the run again")
             self.optimizer = None
         else:
-            self.ort = None
+            self.backend = None
             groups = param_groups(named, config)
             self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
                                                foreach=False)
@@ -475,8 +480,8 @@ class Trainer:
 
     def train_step(self, batch: dict, lr: float) -> float:
         """One optimizer step on one global batch; returns its mean loss over all ranks."""
-        if self.ort is not None:
-            return self._ort_step(batch, lr)
+        if self.backend is not None:
+            return self._backend_step(batch, lr)
         count = self._label_count(batch)  # every rank holds the whole global batch: no all-reduce needed
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g["lr_scale"]
@@ -501,22 +506,21 @@ class Trainer:
         self.optimizer.step()
         return float(loss_sum)
 
-    def _ort_step(self, batch: dict, lr: float) -> float:
+    def _backend_step(self, batch: dict, lr: float) -> float:
         if self.world > 1 or self.teacher is not None:
-            raise UsageError("train --target onnxruntime: one process, no distillation",
+            raise UsageError(f"train --target {self.config.target}: one process, no distillation",
                              "distill or run data parallel on --target cpu/cuda")
-        cfg = self.config
         count, losses = self._label_count(batch), 0.0
         for mb in self._micro_batches(batch):
             n = self._label_count(mb)
-            losses += self.ort.accumulate(self.inputs_for(mb["input_ids"]), mb["labels"], scale=n / count) * n / count
-        self.ort.optimizer_step(lr)
+            losses += self.backend.accumulate(self.inputs_for(mb["input_ids"]), mb["labels"], scale=n / count) * n / count
+        self.backend.optimizer_step(lr)
         return losses
 
     def evaluate(self) -> tuple[float, float] | None:
         """(mean validation loss over the label tokens, perplexity) of the current weights."""
         batches = self.data.validation_batches(self.config.val_batches, self.config.batch_size)
-        if self.ort is None:
+        if self.backend is None:
             return validation_loss(self.student_fn, self.inputs_for, batches, self.config.objective,
                                    device=self.device, amp=self.config.amp)
         if not batches:
@@ -524,17 +528,18 @@ class Trainer:
         total, count = 0.0, 0
         for batch in batches:
             n = self._label_count(batch)
-            total += self.ort.eval_loss(self.inputs_for(batch["input_ids"]), batch["labels"]) * n
+            total += self.backend.eval_loss(self.inputs_for(batch["input_ids"]), batch["labels"]) * n
             count += n
         loss = total / max(count, 1)
         return loss, math.exp(min(loss, 50.0))
 
     # checkpoints ----------------------------------------------------------------------------------
     def _state(self) -> dict:
-        weights = (self.ort.state_dict() if self.ort is not None else
+        weights = (self.backend.state_dict() if self.backend is not None else
                    {n: p.detach().cpu().clone() for n, p in self.program.gm.named_parameters()})
-        return {"step": self.step, "weights": weights,
-                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+        optimizer = (self.optimizer.state_dict() if self.optimizer is not None else
+                     self.backend.optimizer_state() if hasattr(self.backend, "optimizer_state") else None)
+        return {"step": self.step, "weights": weights, "optimizer": optimizer,
                 "data": self.data.state_dict(), "rng": torch.get_rng_state(),
                 "config": json.dumps(self.config.to_dict(), sort_keys=True)}
 
@@ -573,12 +578,14 @@ class Trainer:
         if differ:
             raise UsageError(f"train --resume: {', '.join(differ)} differ from the run in {self.out}",
                              "resume with the same options (only --steps and logging may change)")
-        params = dict(self.program.gm.named_parameters())
+        params = dict(self.program.gm.named_parameters(remove_duplicate=False))  # tied: every name
         with torch.no_grad():
             for name, value in state["weights"].items():
                 params[name].copy_(value)
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+        if self.backend is not None:
+            self.backend.load_state(state["weights"], state["optimizer"])
         self.data.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"])
         self.step = int(state["step"])
@@ -666,8 +673,8 @@ class Trainer:
             print(line, file=sys.stderr, flush=True)
 
     def _finish(self) -> None:
-        if self.ort is not None:
-            self.ort.load_into(self.program)
+        if self.backend is not None:
+            self.backend.load_into(self.program)
         if self.rank != 0:
             return
         self.program.gm.to("cpu")

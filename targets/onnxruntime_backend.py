@@ -63,7 +63,7 @@ from optpipe.errors import TargetError, UsageError
 from optpipe.ops import decompositions, is_optpipe_op, lowerings_for
 from optpipe.pipeline import introduced_by
 from optpipe.registry import register_target
-from optpipe.target import Compiled, Target, UnsupportedNode, op_label, unsupported_nodes
+from optpipe.target import Compiled, Target, UnsupportedNode, op_label, token_input, unsupported_nodes
 from optpipe.training import task_loss
 
 TARGET = "onnxruntime"
@@ -732,17 +732,6 @@ class _LossModule(torch.nn.Module):
         return training_loss(logits, labels, self.objective) * loss_scale
 
 
-def _token_input(program) -> int:
-    """Index of the input the labels are shaped like: the first 2-D integer tensor (the token ids)."""
-    for i, x in enumerate(program.example_inputs):
-        if isinstance(x, torch.Tensor) and x.dim() == 2 and not x.is_floating_point() and x.dtype != torch.bool:
-            return i
-    raise UsageError("training needs a token-id input (an integer [batch, seq] tensor); the program takes "
-                     + ", ".join(f"{n}:{str(getattr(x, 'dtype', type(x).__name__)).replace('torch.', '')}"
-                                 f"{list(getattr(x, 'shape', []))}"
-                                 for n, x in zip(program.input_names, program.example_inputs)))
-
-
 def _split_as_slices(x, split_size, dim=0):
     size, out, start = x.shape[dim], [], 0
     while start < size:  # split sizes are static here (the exporter needs them so anyway)
@@ -814,7 +803,7 @@ class _LossExport:
 
         from optpipe.capture import export_module
 
-        self.token = _token_input(program)
+        self.token = token_input(program)
         inputs = tuple(program.example_inputs)
         labels, scale = inputs[self.token].clone(), torch.tensor(1.0)
         dynamic = list(program.dynamic_shapes or [None] * len(inputs))
@@ -927,7 +916,7 @@ def check_trainable(program, objective: str = "clm") -> None:
         raise UsageError("training on onnxruntime needs onnxruntime-training (onnxruntime.training is missing)",
                          "pip install onnxruntime-training (and not the plain onnxruntime, which replaces it)") \
             from None
-    _token_input(program)
+    token_input(program)
     wrong = [(n, p.dtype) for n, p in program.gm.named_parameters() if p.dtype != torch.float32]
     if wrong:
         name, dtype = wrong[0]
@@ -1044,13 +1033,20 @@ class OrtTrainer:
 
     `trainable`: program.gm parameter names to train (None: all); the rest stay frozen.
     `lr`, `betas`, `eps`, `weight_decay`: as torch.optim.AdamW (same update; see the section notes).
+    `clip`, `lr_scales`, `weight_decays` (the Target.trainer contract) must stay off: ORT's AdamW
+    has one group and no clipping.
     `workdir`: where the artifacts go (training_model.onnx, eval_model.onnx, optimizer_model.onnx,
     checkpoint); default a temporary folder removed with the trainer.
     """
 
     def __init__(self, program, *, objective: str = "clm", trainable: list[str] | None = None,
                  lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 clip: float | None = None, lr_scales: dict | None = None, weight_decays: dict | None = None,
                  workdir: str | None = None):
+        if clip or any(v != 1.0 for v in (lr_scales or {}).values()) or \
+                any(v != weight_decay for v in (weight_decays or {}).values() if v):
+            raise UsageError("target onnxruntime trains with one AdamW group and no gradient clipping",
+                             "drop --clip / --layer-decay / per-parameter weight decay, or train on cpu or tvm")
         names = dict(program.gm.named_parameters(remove_duplicate=False))
         if trainable is not None:
             unknown = [n for n in trainable if n not in names]

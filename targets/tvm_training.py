@@ -1,0 +1,422 @@
+"""Training on tvm (`optpipe train --target tvm`): forward, loss and backward compiled by TVM Relax.
+
+The program wrapped with its loss is exported (torch.export, core ATen decompositions) and
+imported with Relax's `from_exported_program`, parameters as function inputs. Relax's own autodiff
+(`relax.transform.Gradient`) turns that into `main_adjoint(inputs, targets, weights, *params) ->
+(loss, grads)`; AdamW (torch.optim.AdamW's update: decoupled weight decay, bias corrections, eps
+outside the square root), gradient clipping by global norm, per-parameter learning-rate scales
+(layer decay) and weight decay (none on 1-d tensors) are a second Relax function, `adamw`. Both
+are built for the host CPU (llvm with the default CPU schedules of targets/tvm_backend.py) and
+run on TVM's VM; parameters and the optimizer state live as TVM tensors between steps.
+
+The loss is written for Relax's gradient rules: the mean token cross-entropy of
+`optpipe.training.task_loss` as `-Σ log_softmax(logits) · onehot(targets) · weights`, where the
+host shifts the labels (clm), marks ignored tokens with weight 0 and folds 1/count and the
+micro-batch's share of the batch into `weights`. A module is compiled per input shape (the
+training micro-batch and the validation batch: two builds of a few seconds each).
+
+Before any work, `check_trainable` imports the program and runs the Gradient pass; an op Relax
+cannot differentiate is named (with the torch op it came from when the name tells) as a
+TargetError. `relax.nn.gelu` has no gradient in TVM 0.27: this module registers one (exact erf
+GELU). Relax's `layer_norm` is decomposed (`DecomposeOpsForTraining`) into ops that have one.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+import warnings
+
+import torch
+
+from optpipe.errors import TargetError, UsageError
+
+IGNORE = -100
+
+
+def _tvm():
+    from .tvm_backend import _tvm as load
+
+    return load()
+
+
+@torch.no_grad()
+def loss_targets(labels: torch.Tensor, objective: str, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, weights) for `_LossModule`: per position the label it predicts (0 where ignored)
+    and its weight (scale / number of counted tokens; 0 where ignored)."""
+    if objective == "clm":
+        labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)
+    elif objective != "mlm":
+        raise UsageError(f"unknown objective {objective!r}", "one of clm, mlm")
+    valid = labels != IGNORE
+    count = int(valid.sum())
+    weights = valid.float() * (scale / max(count, 1))
+    return torch.where(valid, labels, torch.zeros_like(labels)), weights
+
+
+class _LossModule(torch.nn.Module):
+    """`(*program inputs, targets, weights) -> -Σ log p(target) · weight`: what Relax differentiates."""
+
+    def __init__(self, gm):
+        super().__init__()
+        self.model = gm
+
+    def forward(self, *args):
+        *inputs, targets, weights = args
+        logits = self.model(*inputs)
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        vocab = torch.arange(logits.shape[-1], device=targets.device)
+        onehot = (targets.unsqueeze(-1) == vocab).to(logp.dtype)
+        return -((logp * onehot).sum(-1) * weights).sum()
+
+
+_GELU_REGISTERED = False
+
+
+def _register_gradients() -> None:
+    """Relax gradient rules TVM 0.27 lacks and optpipe's programs need (registered once)."""
+    global _GELU_REGISTERED
+    if _GELU_REGISTERED:
+        return
+    _tvm()
+    from tvm import relax
+    from tvm.relax import op as R
+    from tvm.relax.op.base import register_gradient
+
+    @register_gradient("relax.nn.gelu")
+    def _gelu_grad(orig_var, orig_call, output_grad, ctx):  # noqa: ARG001 - the registry's signature
+        x = orig_call.args[0]
+        dtype = x.ty.dtype
+        const = lambda v: relax.const(v, dtype)  # noqa: E731
+        cdf = const(0.5) * (const(1.0) + R.erf(x * const(1 / math.sqrt(2))))
+        pdf = R.exp(const(-0.5) * x * x) * const(1 / math.sqrt(2 * math.pi))
+        return [output_grad * (cdf + x * pdf)]
+
+    _GELU_REGISTERED = True
+
+
+def _scalar_main(mod):
+    """`main` returning its loss tensor instead of the importer's 1-tuple (Gradient's target)."""
+    from tvm import relax
+
+    main = mod["main"]
+    blocks = list(main.body.blocks)
+    out_var = main.body.body
+    last = blocks[-1]
+    bound = next((b for b in last.bindings if b.var.same_as(out_var)), None)
+    if bound is None or not isinstance(bound.value, relax.Tuple) or len(bound.value.fields) != 1:
+        raise TargetError("target tvm: unexpected Relax output structure for the loss", "report it")
+    loss = bound.value.fields[0]
+    out = relax.Var("loss", loss.ty)
+    blocks[-1] = relax.DataflowBlock([b for b in last.bindings if not b.var.same_as(out_var)]
+                                     + [relax.VarBinding(out, loss)])
+    mod["main"] = relax.Function(main.params, relax.SeqExpr(blocks, out), loss.ty, attrs=main.attrs)
+    return relax.transform.Normalize()(mod)
+
+
+_NO_GRADIENT = re.compile(r"(relax\.[\w.]+)\W.*(?:gradient|FPrimalGradient)|(?:gradient|FPrimalGradient).*?(relax\.[\w.]+)",
+                          re.I | re.S)
+
+
+class _Compiled:
+    """One input shape's Relax module: its VM, and which parameter each Relax input is."""
+
+    def __init__(self, vm, user_inputs: int, keys: list, grad_ids: list):
+        self.vm, self.user_inputs, self.keys, self.grad_ids = vm, user_inputs, keys, grad_ids
+
+
+def _relax_training_module(program, example: tuple, trainable_ids: set):
+    """(Relax IRModule with `main` (loss) and `main_adjoint`, [(kind, program name or None, tensor)]
+    per non-user input, the ids of tensors that get gradients in `main_adjoint` order)."""
+    _tvm()
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from .tvm_backend import decomposition_table
+
+    _register_gradients()
+    module = _LossModule(program.gm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(module, example, strict=False)
+        ep = ep.run_decompositions(decomposition_table(()))
+    mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False)
+    mod = _scalar_main(mod)
+    mod = relax.transform.DecomposeOpsForTraining()(mod)
+    kinds = torch.export.graph_signature.InputKind
+    state = dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers(remove_duplicate=False))
+    by_arg = {}
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind == kinds.USER_INPUT:
+            continue
+        if spec.kind in (kinds.PARAMETER, kinds.BUFFER) and spec.target in state:
+            value = state[spec.target]
+        else:
+            value = ep.constants.get(spec.target, ep.state_dict.get(spec.target))
+        by_arg[spec.arg.name] = value
+    params = list(mod["main"].params)
+    user = len(example)
+    inputs = []
+    for var in params[user:]:
+        if var.name not in by_arg:
+            raise TargetError(f"target tvm: Relax input {var.name} matches no parameter of the program",
+                              "report it; train on cpu or onnxruntime meanwhile")
+        inputs.append(by_arg[var.name])
+    require = [v for v, t in zip(params[user:], inputs)
+               if isinstance(t, torch.nn.Parameter) and id(t) in trainable_ids]
+    if not require:
+        raise UsageError("train --target tvm: no trainable parameter reaches the loss", "check --trainable")
+    try:
+        mod = relax.transform.Gradient("main", require_grads=require)(mod)
+    except Exception as e:  # noqa: BLE001 - name the op Relax cannot differentiate
+        text = str(e)
+        found = _NO_GRADIENT.search(text)
+        op = next((g for g in (found.groups() if found else ()) if g), None)
+        raise TargetError(f"target tvm cannot train this program: Relax has no gradient for "
+                          f"{op or 'an op of it'}" + ("" if op else f" ({text.strip().splitlines()[-1][:200]})"),
+                          "train on cpu/cuda or onnxruntime, or drop the pass that introduced the op") from None
+    mod, _ = relax.frontend.detach_params(mod)
+    var_index = {v.name: i for i, v in enumerate(params[user:])}
+    grad_ids = [id(inputs[var_index[v.name]]) for v in require]
+    return mod, inputs, grad_ids
+
+
+def check_trainable(program, objective: str = "clm") -> None:
+    """TargetError before any training when tvm cannot train `program`: fp32 parameters only, and
+    every op between the parameters and the loss must have a Relax gradient (checked by importing
+    the program at its example shape and running the Gradient pass)."""
+    if objective not in ("clm", "mlm"):
+        raise UsageError(f"unknown objective {objective!r}", "one of clm, mlm")
+    bad = [n for n, p in program.gm.named_parameters() if p.dtype != torch.float32]
+    if bad:
+        raise TargetError(f"target tvm trains fp32 parameters; {bad[0]} is {program.gm.get_parameter(bad[0]).dtype}",
+                          "train before quantizing, or on cpu")
+    example = _example(program)
+    _relax_training_module(program, example, {id(p) for p in program.gm.parameters()})
+
+
+def _example(program) -> tuple:
+    from optpipe.target import token_input
+
+    inputs = tuple(program.example_inputs)
+    ids = inputs[token_input(program)]
+    targets, weights = loss_targets(ids, "mlm")
+    return (*inputs, targets, weights)
+
+
+class TvmTrainer:
+    """Train `program` on TVM: `accumulate` runs forward + backward (Relax `main_adjoint`) and
+    sums gradients, `optimizer_step` runs the Relax AdamW (clip, weight decay, lr scales).
+
+    `trainable`: program parameter names (None: all). `lr_scales` / `weight_decays`: per name
+    (default 1 / `weight_decay` for tensors with 2+ dims, 0 for 1-d ones). `clip`: max global
+    gradient norm (None: no clipping)."""
+
+    def __init__(self, program, *, objective: str = "clm", trainable: list[str] | None = None, lr: float = 1e-3,
+                 betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, clip: float | None = None,
+                 lr_scales: dict | None = None, weight_decays: dict | None = None):
+        tvm = _tvm()
+        names = dict(program.gm.named_parameters(remove_duplicate=False))
+        wanted = set(names) if trainable is None else set(trainable)
+        unknown = sorted(wanted - set(names))
+        if unknown:
+            raise UsageError(f"trainable: no parameter named {unknown[0]!r} in the program",
+                             f"parameters look like: {', '.join(list(names)[:5])}")
+        self.program, self.objective = program, objective
+        self.lr, self.betas, self.eps, self.clip = float(lr), tuple(betas), float(eps), clip
+        self.info: dict = {}
+        self._first: dict[int, str] = {}  # tensor id -> its first name
+        for name, p in names.items():
+            self._first.setdefault(id(p), name)
+        self._trainable = [i for i, n in self._first.items() if n in wanted or any(
+            m in wanted for m, q in names.items() if id(q) == i)]
+        if not self._trainable:
+            raise UsageError("trainable names no parameter: nothing to train", "pass trainable=None to train all")
+        self._tensors = {id(p): p for p in names.values()}
+        self._device = tvm.cpu()
+        self._values: dict[int, object] = {}   # tensor id -> tvm tensor (parameters and buffers)
+        self._compiled: dict[tuple, _Compiled] = {}
+        self._grads: dict[int, object] | None = None
+        self.step_count = 0
+        self._m = {i: self._zeros(self._tensors[i]) for i in self._trainable}
+        self._v = {i: self._zeros(self._tensors[i]) for i in self._trainable}
+        scales = lr_scales or {}
+        decays = weight_decays or {}
+        self._scale = [float(scales.get(self._first[i], 1.0)) for i in self._trainable]
+        self._decay = [float(decays.get(self._first[i], weight_decay if self._tensors[i].dim() >= 2 else 0.0))
+                       for i in self._trainable]
+        start = time.perf_counter()
+        self._adamw = self._build_adamw()
+        self.info["optimizer_build_s"] = round(time.perf_counter() - start, 2)
+
+    # -- tensors ----------------------------------------------------------------------------------
+    def _to_tvm(self, x: torch.Tensor):
+        tvm = _tvm()
+        return tvm.runtime.tensor(x.detach().cpu().contiguous().numpy(), self._device)
+
+    def _zeros(self, like: torch.Tensor):
+        return self._to_tvm(torch.zeros_like(like, dtype=torch.float32))
+
+    @staticmethod
+    def _to_torch(t) -> torch.Tensor:
+        return torch.from_numpy(t.numpy().copy())
+
+    def _value(self, t: torch.Tensor):
+        key = id(t)
+        if key not in self._values:
+            self._values[key] = self._to_tvm(t)
+        return self._values[key]
+
+    # -- building -----------------------------------------------------------------------------------
+    def _module_for(self, inputs: tuple, targets, weights) -> _Compiled:
+        key = tuple((tuple(x.shape), str(x.dtype)) for x in (*inputs, targets, weights))
+        if key not in self._compiled:
+            from .tvm_backend import _cpu_target, build_relax
+
+            start = time.perf_counter()
+            mod, values, grad_ids = _relax_training_module(self.program, (*inputs, targets, weights),
+                                                           set(self._trainable))
+            executable = build_relax(mod, _cpu_target())
+            vm = _tvm().relax.VirtualMachine(executable, self._device)
+            for v in values:
+                self._tensors.setdefault(id(v), v)
+            self._compiled[key] = _Compiled(vm, len(inputs) + 2, [id(v) for v in values], grad_ids)
+            self.info.setdefault("build_s", []).append(round(time.perf_counter() - start, 2))
+        return self._compiled[key]
+
+    def _build_adamw(self):
+        """The Relax AdamW: (params, grads, m, v, lr, 1/bc1, 1/sqrt(bc2)) -> (params', m', v')."""
+        tvm = _tvm()
+        from tvm import relax
+        from tvm.relax import op as R
+
+        from .tvm_backend import _cpu_target, build_relax
+
+        shapes = [tuple(self._tensors[i].shape) for i in self._trainable]
+        b1, b2 = self.betas
+        f32 = lambda v: relax.const(v, "float32")  # noqa: E731
+
+        def tensors(prefix):
+            return [relax.Var(f"{prefix}{k}", relax.TensorType(s, "float32")) for k, s in enumerate(shapes)]
+
+        ps, gs, ms, vs = tensors("p"), tensors("g"), tensors("m"), tensors("v")
+        lr, inv_bc1, inv_bc2_sqrt = (relax.Var(n, relax.TensorType((), "float32"))
+                                     for n in ("lr", "inv_bc1", "inv_bc2_sqrt"))
+        bb = relax.BlockBuilder()
+        with bb.function("adamw", [*ps, *gs, *ms, *vs, lr, inv_bc1, inv_bc2_sqrt]):
+            with bb.dataflow():
+                grads = list(gs)
+                if self.clip:  # torch.nn.utils.clip_grad_norm_: one global norm, coefficient capped at 1
+                    total = None
+                    for g in gs:
+                        sq = bb.emit(R.sum(R.multiply(g, g)))
+                        total = sq if total is None else bb.emit(R.add(total, sq))
+                    norm = bb.emit(R.sqrt(total))
+                    coef = bb.emit(R.minimum(R.divide(f32(float(self.clip)), R.add(norm, f32(1e-6))), f32(1.0)))
+                    grads = [bb.emit(R.multiply(g, coef)) for g in gs]
+                new_p, new_m, new_v = [], [], []
+                for p, g, m, v, scale, decay in zip(ps, grads, ms, vs, self._scale, self._decay):
+                    lr_p = bb.emit(R.multiply(lr, f32(scale)))
+                    if decay:
+                        p = bb.emit(R.multiply(p, R.subtract(f32(1.0), R.multiply(lr_p, f32(decay)))))
+                    m1 = bb.emit(R.add(R.multiply(m, f32(b1)), R.multiply(g, f32(1 - b1))))
+                    v1 = bb.emit(R.add(R.multiply(v, f32(b2)), R.multiply(R.multiply(g, g), f32(1 - b2))))
+                    denom = bb.emit(R.add(R.multiply(R.sqrt(v1), inv_bc2_sqrt), f32(self.eps)))
+                    step = bb.emit(R.multiply(lr_p, inv_bc1))
+                    new_p.append(bb.emit(R.subtract(p, R.multiply(step, R.divide(m1, denom)))))
+                    new_m.append(m1)
+                    new_v.append(v1)
+                out = bb.emit_output(relax.Tuple([*new_p, *new_m, *new_v]))
+            bb.emit_func_output(out)
+        executable = build_relax(bb.get(), _cpu_target())
+        return tvm.relax.VirtualMachine(executable, self._device)
+
+    # -- training -----------------------------------------------------------------------------------
+    def _run(self, inputs: tuple, labels: torch.Tensor, scale: float, fn: str):
+        targets, weights = loss_targets(labels, self.objective, scale)
+        compiled = self._module_for(tuple(inputs), targets, weights)
+        args = [self._to_tvm(x) for x in (*inputs, targets, weights)]
+        args += [self._value(self._tensors[k]) for k in compiled.keys]
+        return compiled, compiled.vm[fn](*args)
+
+    def accumulate(self, inputs: tuple, labels: torch.Tensor, scale: float = 1.0) -> float:
+        """Forward + backward on one micro-batch (its gradients weighted by `scale`, its share of
+        the batch) and add them to the pending gradients; returns the micro-batch's mean loss."""
+        compiled, (loss, grads) = self._run(inputs, labels, scale, "main_adjoint")
+        summed: dict[int, object] = {}
+        for key, g in zip(compiled.grad_ids, grads):  # a tied tensor read under two names: add them
+            summed[key] = g if key not in summed else _tvm().runtime.tensor(summed[key].numpy() + g.numpy())
+        if self._grads is None:
+            self._grads = summed
+        else:
+            tvm = _tvm()
+            for key, g in summed.items():
+                self._grads[key] = tvm.runtime.tensor(self._grads[key].numpy() + g.numpy()) \
+                    if key in self._grads else g
+        return float(loss.numpy()) / scale if scale else 0.0
+
+    def optimizer_step(self, lr: float | None = None) -> None:
+        """One AdamW step with the pending gradients (then cleared); `lr` overrides the constructor's."""
+        if self._grads is None:
+            return
+        self.step_count += 1
+        b1, b2 = self.betas
+        scalars = [torch.tensor(float(self.lr if lr is None else lr)),
+                   torch.tensor(1.0 / (1.0 - b1 ** self.step_count)),
+                   torch.tensor(1.0 / math.sqrt(1.0 - b2 ** self.step_count))]
+        keys = self._trainable
+        grads = [self._grads.get(k) or self._zeros(self._tensors[k]) for k in keys]
+        out = self._adamw["adamw"](*[self._value(self._tensors[k]) for k in keys], *grads,
+                                   *[self._m[k] for k in keys], *[self._v[k] for k in keys],
+                                   *[self._to_tvm(s.float()) for s in scalars])
+        n = len(keys)
+        for i, k in enumerate(keys):
+            self._values[k], self._m[k], self._v[k] = out[i], out[n + i], out[2 * n + i]
+        self._grads = None
+
+    def step(self, inputs: tuple, labels: torch.Tensor, lr: float | None = None) -> float:
+        loss = self.accumulate(inputs, labels)
+        self.optimizer_step(lr)
+        return loss
+
+    def eval_loss(self, inputs: tuple, labels: torch.Tensor) -> float:
+        _, loss = self._run(inputs, labels, 1.0, "main")
+        return float(loss.numpy())
+
+    # -- state --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The program's parameters as trained (every name of a tied tensor)."""
+        out = {}
+        for name, p in self.program.gm.named_parameters(remove_duplicate=False):
+            value = self._values.get(id(p))
+            out[name] = self._to_torch(value) if value is not None else p.detach().clone()
+        return out
+
+    def load_into(self, program) -> None:
+        params = dict(program.gm.named_parameters(remove_duplicate=False))
+        with torch.no_grad():
+            for name, value in self.state_dict().items():
+                if name in params:
+                    params[name].copy_(value)
+
+    def optimizer_state(self) -> dict:
+        """AdamW's state by parameter name (for checkpoints)."""
+        return {"step": self.step_count,
+                "m": {self._first[k]: self._to_torch(self._m[k]) for k in self._trainable},
+                "v": {self._first[k]: self._to_torch(self._v[k]) for k in self._trainable}}
+
+    def load_state(self, weights: dict[str, torch.Tensor], optimizer: dict | None) -> None:
+        """Resume: parameters (by name) and the AdamW state of `optimizer_state()`."""
+        names = dict(self.program.gm.named_parameters(remove_duplicate=False))
+        for name, value in weights.items():
+            if name in names:
+                self._values[id(names[name])] = self._to_tvm(value)
+        if optimizer:
+            by_name = {self._first[k]: k for k in self._trainable}
+            for name, value in optimizer["m"].items():
+                self._m[by_name[name]] = self._to_tvm(value)
+            for name, value in optimizer["v"].items():
+                self._v[by_name[name]] = self._to_tvm(value)
+            self.step_count = int(optimizer["step"])
