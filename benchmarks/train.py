@@ -1,4 +1,4 @@
-"""Training throughput: dense vs optimized programs, and torch vs onnxruntime-training, in one run.
+"""Training throughput: dense vs optimized programs, and torch vs onnxruntime-training vs tvm, in one run.
 
     python benchmarks/train.py                         # seq 1024 and 4096; ORT at seq 256
     python benchmarks/train.py --seqs 1024 --threads 1 --repeat 3
@@ -10,14 +10,16 @@ One training step = forward, next-token loss, backward, AdamW step, batch 1, fp3
 programs are timed round-robin (one step each per round, `--repeat` rounds, minimum kept), so load
 from other processes hits them alike; tokens/s = seq / step time, ratio = kind / dense.
 
-torch vs onnxruntime-training: the same dense program, same step (`OrtTrainer`: loss and AdamW in
-the ORT graph), at `--ort-seq`; ratio = torch step time / ORT step time (> 1: ORT is faster).
+torch vs the target trainers: the same programs, same step (`OrtTrainer`: loss and AdamW in the ORT
+graph; `TvmTrainer`: Relax autodiff and a Relax AdamW, built for the host CPU), at `--ort-seq`;
+ratio = torch step time / target step time (> 1: the target is faster).
 
 Prints markdown tables; `--json FILE` also writes the rows.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -73,24 +75,31 @@ def round_robin(steps: dict, repeat: int) -> dict:
     return best
 
 
-def ort_rows(seq: int, layers: int, width: int, repeat: int) -> list[dict]:
-    from optpipe.targets.onnxruntime_backend import OrtTrainer
+TRAINERS = {"onnxruntime-training": ("optpipe.targets.onnxruntime_backend", "OrtTrainer"),
+            "tvm": ("optpipe.targets.tvm_training", "TvmTrainer")}
+
+
+def target_rows(seq: int, layers: int, width: int, repeat: int, targets: list[str]) -> list[dict]:
+    """Per program: torch's step and each target trainer's step on the same batch, round-robin."""
+    import importlib
 
     rows = []
     progs = programs(seq, layers, width)
     ids = torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(0))
     for name, prog in progs.items():
-        steps = {"torch": torch_step(prog.copy(), seq)}
-        try:
-            trainer = OrtTrainer(prog, objective="clm", lr=1e-4)
-            steps["onnxruntime-training"] = lambda: trainer.step((ids,), ids)
-        except Exception as e:  # noqa: BLE001 - a program ORT cannot train is a row, not a crash
-            rows.append({"program": name, "seq": seq, "error": str(e).splitlines()[0][:120]})
-            continue
+        steps, row = {"torch": torch_step(prog.copy(), seq)}, {"program": name, "seq": seq, "errors": {}}
+        for target in targets:
+            module, cls = TRAINERS[target]
+            try:
+                trainer = getattr(importlib.import_module(module), cls)(prog, objective="clm", lr=1e-4)
+                trainer.step((ids,), ids)  # builds (TVM compiles per input shape) outside the timing
+                steps[target] = functools.partial(trainer.step, (ids,), ids)
+            except Exception as e:  # noqa: BLE001 - a program a target cannot train is a cell, not a crash
+                row["errors"][target] = str(e).splitlines()[0][:120]
         best = round_robin(steps, repeat)
-        rows.append({"program": name, "seq": seq, "torch_ms": best["torch"] * 1e3,
-                     "ort_ms": best["onnxruntime-training"] * 1e3,
-                     "torch_over_ort": best["torch"] / best["onnxruntime-training"]})
+        row.update({f"{k}_ms": v * 1e3 for k, v in best.items()})
+        row.update({f"torch_over_{k}": best["torch"] / v for k, v in best.items() if k != "torch"})
+        rows.append(row)
     return rows
 
 
@@ -101,7 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--ort-seq", type=int, default=256)
-    ap.add_argument("--no-ort", action="store_true")
+    ap.add_argument("--targets", default="onnxruntime-training,tvm",
+                    help="target trainers to time against torch at --ort-seq (comma-separated; empty: none)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", metavar="FILE")
@@ -121,18 +131,23 @@ def main(argv=None) -> int:
                    "ratio_vs_dense": best["dense"] / t}
             rows.append(row)
             print(f"| {seq} | {name} | {row['step_ms']:.1f} | {row['tokens_per_s']:.0f} | {row['ratio_vs_dense']:.2f}x |")
-    ort = []
-    if not args.no_ort:
-        ort = ort_rows(args.ort_seq if not args.quick else 64, args.layers, args.width, args.repeat)
-        print("\n| seq | program | torch step ms | onnxruntime-training step ms | torch / ORT |\n|---|---|---|---|---|")
-        for r in ort:
-            if "error" in r:
-                print(f"| {r['seq']} | {r['program']} | | not trainable on ORT: {r['error']} | |")
-            else:
-                print(f"| {r['seq']} | {r['program']} | {r['torch_ms']:.1f} | {r['ort_ms']:.1f} | {r['torch_over_ort']:.2f}x |")
+    backends = []
+    targets = [t for t in args.targets.split(",") if t]
+    if targets:
+        backends = target_rows(args.ort_seq if not args.quick else 64, args.layers, args.width, args.repeat, targets)
+        print("\n| seq | program | torch step ms | " + " | ".join(f"{t} step ms | torch / {t}" for t in targets)
+              + " |\n|---|---|---|" + "---|---|" * len(targets))
+        for r in backends:
+            cells = []
+            for t in targets:
+                if t in r["errors"]:
+                    cells += [f"cannot train: {r['errors'][t]}", ""]
+                else:
+                    cells += [f"{r[t + '_ms']:.1f}", f"{r['torch_over_' + t]:.2f}x"]
+            print(f"| {r['seq']} | {r['program']} | {r['torch_ms']:.1f} | " + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"torch": rows, "onnxruntime": ort}, f, indent=2)
+            json.dump({"torch": rows, "targets": backends}, f, indent=2)
     return 0
 
 

@@ -17,8 +17,8 @@ training micro-batch and the validation batch: two builds of a few seconds each)
 
 Before any work, `check_trainable` imports the program and runs the Gradient pass; an op Relax
 cannot differentiate is named (with the torch op it came from when the name tells) as a
-TargetError. `relax.nn.gelu` has no gradient in TVM 0.27: this module registers one (exact erf
-GELU). Relax's `layer_norm` is decomposed (`DecomposeOpsForTraining`) into ops that have one.
+TargetError. `relax.nn.gelu` and `relax.squeeze` have no gradient in TVM 0.27: this module
+registers them (exact erf GELU; squeeze's is a reshape back). Relax's `layer_norm` is decomposed (`DecomposeOpsForTraining`) into ops that have one.
 """
 from __future__ import annotations
 
@@ -72,13 +72,13 @@ class _LossModule(torch.nn.Module):
         return -((logp * onehot).sum(-1) * weights).sum()
 
 
-_GELU_REGISTERED = False
+_RULES_REGISTERED = False
 
 
 def _register_gradients() -> None:
     """Relax gradient rules TVM 0.27 lacks and optpipe's programs need (registered once)."""
-    global _GELU_REGISTERED
-    if _GELU_REGISTERED:
+    global _RULES_REGISTERED
+    if _RULES_REGISTERED:
         return
     _tvm()
     from tvm import relax
@@ -94,7 +94,11 @@ def _register_gradients() -> None:
         pdf = R.exp(const(-0.5) * x * x) * const(1 / math.sqrt(2 * math.pi))
         return [output_grad * (cdf + x * pdf)]
 
-    _GELU_REGISTERED = True
+    @register_gradient("relax.squeeze")
+    def _squeeze_grad(orig_var, orig_call, output_grad, ctx):  # noqa: ARG001
+        return [R.reshape(output_grad, orig_call.args[0].ty.shape)]
+
+    _RULES_REGISTERED = True
 
 
 def _scalar_main(mod):
