@@ -11,7 +11,9 @@ within each round so a shared machine's load hits them alike; CPU, fp32 activati
     fp32 program          the captured program before quantization (what the pass starts from)
     optpipe int8-dynamic  quantize{scheme=int8-dynamic,embeddings=true}, the saved program reloaded
     torch.ao dynamic      torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, qint8) (its
-                          default engine; HF Conv1D layers are not nn.Linear and stay fp32)
+                          default engine; HF Conv1D layers are not nn.Linear and stay fp32), and for
+                          GPT-2 again with its Conv1D layers converted to nn.Linear first (so torch.ao
+                          quantizes the same linears as optpipe: the row to compare errors with)
     optpipe int8-static   quantize{scheme=int8-static,embeddings=true} (activation ranges calibrated
                           on the verification inputs: no calibration data attached)
     optpipe int4-weight   quantize{scheme=int4-weight,group=32,embeddings=true} (memory, not speed)
@@ -114,7 +116,7 @@ def bench_model(name, model, inputs, iters: int, tmp: str) -> list[dict]:
         loaded = optpipe.load_program(path)
         candidates.append((label, functools.partial(loaded.gm, *args), os.path.getsize(path),
                            {"quantized": records[-1].stats["quantized"]}))
-    candidates.insert(3, torch_ao_row(model, inputs, tmp))
+    candidates[3:3] = torch_ao_rows(model, inputs, tmp)
     candidates += prune_rows(program, args, tmp)
     if ONNXRUNTIME_ROWS:
         candidates += onnxruntime_rows(program, tmp)
@@ -135,13 +137,44 @@ def bench_model(name, model, inputs, iters: int, tmp: str) -> list[dict]:
     return rows
 
 
-def torch_ao_row(model, inputs, tmp: str) -> tuple:
+def torch_ao_rows(model, inputs, tmp: str) -> list[tuple]:
+    """torch.ao's quantize_dynamic on the model as it is and, when it has HF Conv1D layers (GPT-2),
+    on a copy with those converted to nn.Linear, so that torch.ao quantizes the same linears
+    optpipe does (the fair error comparison)."""
+    rows = [_torch_ao_row(copy.deepcopy(model), inputs, tmp, "")]
+    converted = _conv1d_as_linear(copy.deepcopy(model))
+    if converted is not None:
+        rows.append(_torch_ao_row(converted, inputs, tmp, "; Conv1D as nn.Linear"))
+    return rows
+
+
+def _torch_ao_row(model, inputs, tmp: str, note: str) -> tuple:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ao = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
-        path = os.path.join(tmp, "ao.pt")
+        ao = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        path = os.path.join(tmp, f"ao{len(note)}.pt")
         torch.save(ao, path)
-    return (f"torch.ao dynamic ({torch.backends.quantized.engine})", lambda: ao(**inputs), os.path.getsize(path), {})
+    return (f"torch.ao dynamic ({torch.backends.quantized.engine}{note})", lambda: ao(**inputs),
+            os.path.getsize(path), {})
+
+
+def _conv1d_as_linear(model):
+    """`model` with every transformers Conv1D replaced by the equivalent nn.Linear (None: it has none)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    found = False
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, Conv1D):
+                linear = torch.nn.Linear(child.weight.shape[0], child.weight.shape[1])
+                with torch.no_grad():
+                    linear.weight.copy_(child.weight.t())
+                    linear.bias.copy_(child.bias)
+                setattr(module, child_name, linear)
+                found = True
+    return model if found else None
 
 
 # -- onnxruntime rows: optpipe's ONNX lowerings vs onnxruntime.quantization on the same model ----------------
