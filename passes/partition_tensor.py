@@ -58,7 +58,7 @@ def _groups(gm: torch.fx.GraphModule) -> tuple[list, list[dict]]:
     kept, replicated = [], [dict(r, action="replicated") for r in refused]
     for g in groups:
         reason = None
-        if any(_prune._tied(gm, s) for s in g.linears()):
+        if any(_prune.is_tied(gm, s) for s in g.linears()):
             reason = "a weight is tied to another module"
         elif _shared_parameter(gm, g):
             reason = (f"the attention reads {_shared_parameter(gm, g)}, a parameter of all heads (its "
@@ -171,8 +171,8 @@ def rank_module(program: Program, rank: int, ways: int | None = None) -> torch.f
         kept = _units(g, rank, ways)
         plan.append((g, kept, [u for u in range(g.units) if u not in kept]))
     try:
-        _prune._apply_groups(local, plan)
-    except _prune._Refused as e:
+        _prune.apply_groups(local, plan)
+    except _prune.Refused as e:
         raise PassError(f"tensor parallel: cannot shard the program's sizes ({e})",
                         "a view or split takes its size from the inputs; file a bug with --dump-ir") from e
     _insert_collectives(local.gm, chosen)

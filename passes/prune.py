@@ -136,7 +136,7 @@ class PruneConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-class _Refused(Exception):
+class Refused(Exception):
     """A site that cannot be pruned; the message goes into the details."""
 
 
@@ -196,7 +196,7 @@ def _selected(path: str, config: PruneConfig) -> str | None:
     return None
 
 
-def _tied(gm: torch.fx.GraphModule, site: _Site) -> bool:
+def is_tied(gm: torch.fx.GraphModule, site: _Site) -> bool:
     """Whether the weight is shared: read by another node or registered under another name."""
     weight = _tensor(gm, site.weight.target)
     readers = [n for n in gm.graph.nodes if n.op == "get_attr" and _tensor(gm, n.target) is weight]
@@ -276,7 +276,7 @@ def _last(node) -> int | None:
 
 
 def _mlp_group(gm, consumer: _Site, sites: dict) -> _Group:
-    """The linears feeding `consumer` through channel-wise ops (an MLP), or _Refused."""
+    """The linears feeding `consumer` through channel-wise ops (an MLP), or Refused."""
     k = _linear_shape(gm, consumer)[1]
     interior, producers, stack = set(), [], [consumer.x]
     while stack:
@@ -284,15 +284,15 @@ def _mlp_group(gm, consumer: _Site, sites: dict) -> _Group:
         if node in interior or any(p.node is node for p in producers):
             continue
         if not isinstance(node, torch.fx.Node) or _last(node) != k:
-            raise _Refused("input is not computed channel-wise from other linears")
+            raise Refused("input is not computed channel-wise from other linears")
         if node in sites:
             if _linear_shape(gm, sites[node])[0] != k:
-                raise _Refused("a producing linear has a different width")
+                raise Refused("a producing linear has a different width")
             producers.append(sites[node])
             continue
         t = node.target
         if node.op != "call_function":
-            raise _Refused(f"input reaches {node.op} {node.name}")
+            raise Refused(f"input reaches {node.op} {node.name}")
         interior.add(node)
         if t in _VIEWS or t in _UNARY:
             stack.append(node.args[0])
@@ -303,13 +303,13 @@ def _mlp_group(gm, consumer: _Site, sites: dict) -> _Group:
                         continue  # per-token broadcast
                     stack.append(a)
         else:
-            raise _Refused(f"input goes through {t} ({node.name})")
+            raise Refused(f"input goes through {t} ({node.name})")
     if not producers:
-        raise _Refused("no producing linear")
+        raise Refused("no producing linear")
     group_nodes = interior | {p.node for p in producers}
     for n in group_nodes:
         if not set(n.users) <= group_nodes | {consumer.node}:
-            raise _Refused(f"{n.name} is also read outside the MLP")
+            raise Refused(f"{n.name} is also read outside the MLP")
     paths = [s.path for s in producers] + [consumer.path]
     return _Group("mlp", _common_prefix(paths), k, "channel",
                   [_Slice(p, 0, 1) for p in producers], _Slice(consumer, 0, 1), group_nodes)
@@ -336,13 +336,13 @@ def _head_path(start, heads: int, nodes: set) -> torch.fx.Node:
         seen.add((node, axis))
         v = val(node)
         if v is None or v.dim() != 4 or concrete(v.shape[axis]) != heads or node.op != "call_function":
-            raise _Refused(f"unexpected value on the head path at {getattr(node, 'name', node)}")
+            raise Refused(f"unexpected value on the head path at {getattr(node, 'name', node)}")
         nodes.add(node)
         t = node.target
         src = val(node.args[0]) if node.args and isinstance(node.args[0], torch.fx.Node) else None
         if t in _VIEWS and src is not None and src.dim() == 3:
             if axis != 2:
-                raise _Refused(f"head split {node.name} does not put heads at dim 2")
+                raise Refused(f"head split {node.name} does not put heads at dim 2")
             splits.add(node)
         elif t is aten.transpose.int:
             a, b = node.args[1] % 4, node.args[2] % 4
@@ -353,7 +353,7 @@ def _head_path(start, heads: int, nodes: set) -> torch.fx.Node:
             if t in (aten.slice.Tensor, aten.cat.default):
                 dim = (node.args[1] if len(node.args) > 1 else 0) % 4
                 if dim == axis:
-                    raise _Refused(f"{node.name} slices or concatenates across heads")
+                    raise Refused(f"{node.name} slices or concatenates across heads")
             args = node.args[0] if t is aten.cat.default else node.args
             for a in list(args):
                 av = val(a)
@@ -364,9 +364,9 @@ def _head_path(start, heads: int, nodes: set) -> torch.fx.Node:
                     continue  # broadcast over heads (RoPE cos/sin, masks)
                 stack.append((a, axis))
         else:
-            raise _Refused(f"{t} ({node.name}) between projection and attention")
+            raise Refused(f"{t} ({node.name}) between projection and attention")
     if len(splits) != 1:
-        raise _Refused("q/k/v does not come from a single head split")
+        raise Refused("q/k/v does not come from a single head split")
     return splits.pop()
 
 
@@ -385,12 +385,12 @@ def _producer(split_view, sites: dict, nodes: set) -> tuple[_Site, int]:
             split = node.args[0]
             dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
             if dim not in (-1, val(split.args[0]).dim() - 1):
-                raise _Refused("projection split along a non-channel dim")
+                raise Refused("projection split along a non-channel dim")
             offset += node.args[1] * split.args[1]
             nodes.add(split)
             node = split.args[0]
         else:
-            raise _Refused(f"head split reads {node.name}, not a projection")
+            raise Refused(f"head split reads {node.name}, not a projection")
 
 
 def _same_shape(a: torch.fx.Node, b: torch.fx.Node) -> bool:
@@ -402,11 +402,11 @@ def _output_consumer(sdpa, heads: int, head_dim: int, sites: dict, nodes: set) -
     node, axis, merged = sdpa, 1, False
     while True:
         if len(node.users) != 1:
-            raise _Refused(f"attention output {node.name} has {len(node.users)} readers")
+            raise Refused(f"attention output {node.name} has {len(node.users)} readers")
         user = next(iter(node.users))
         if user in sites and sites[user].x is node:
             if not merged:
-                raise _Refused("output projection reads unmerged heads")
+                raise Refused("output projection reads unmerged heads")
             return sites[user]
         nodes.add(user)
         t = user.target
@@ -419,12 +419,12 @@ def _output_consumer(sdpa, heads: int, head_dim: int, sites: dict, nodes: set) -
             pass
         elif t in _VIEWS and not merged:
             if axis != 2 or _last(user) != heads * head_dim:
-                raise _Refused("heads are not merged into the channel dim")
+                raise Refused("heads are not merged into the channel dim")
             merged = True
         elif t in _VIEWS and merged and _last(user) == heads * head_dim:
             pass
         else:
-            raise _Refused(f"{t} ({user.name}) between attention and its output projection")
+            raise Refused(f"{t} ({user.name}) between attention and its output projection")
         node = user
 
 
@@ -451,18 +451,18 @@ def _head_group(gm, sdpa, sites: dict) -> _Group:
     args = _attention_arguments(sdpa)
     q, k, v = val(args["query"]), val(args["key"]), val(args["value"])
     if q is None or q.dim() != 4 or k is None or k.dim() != 4:
-        raise _Refused("attention inputs are not 4-d")
+        raise Refused("attention inputs are not 4-d")
     heads, kv_heads, head_dim = concrete(q.shape[1]), concrete(k.shape[1]), concrete(q.shape[-1])
     if None in (heads, kv_heads, head_dim) or heads % kv_heads or concrete(v.shape[1]) != kv_heads:
-        raise _Refused("head counts are not static, or K/V heads do not divide the query heads")
+        raise Refused("head counts are not static, or K/V heads do not divide the query heads")
     if concrete(v.shape[-1]) != head_dim:
-        raise _Refused("value head_dim differs from query head_dim")
+        raise Refused("value head_dim differs from query head_dim")
     if args["dropout_p"]:
-        raise _Refused("dropout inside attention")
+        raise Refused("dropout inside attention")
     mask = args["attn_mask"]
     mv = val(mask) if mask is not None else None
     if mv is not None and mv.dim() == 4 and mv.shape[1] != 1:
-        raise _Refused("per-head attention mask")
+        raise Refused("per-head attention mask")
     rep = heads // kv_heads
     nodes = {sdpa}
     slices = []
@@ -475,12 +475,12 @@ def _head_group(gm, sdpa, sites: dict) -> _Group:
     for site in {id(s.site): s.site for s in slices}.values():
         rows = sum(len(s.indices(range(kv_heads))) for s in slices if s.site is site)
         if rows != _linear_shape(gm, site)[0]:
-            raise _Refused(f"projection {site.path} has rows the attention does not read")
+            raise Refused(f"projection {site.path} has rows the attention does not read")
     if _linear_shape(gm, consumer)[1] != heads * head_dim:
-        raise _Refused("output projection width is not heads * head_dim")
+        raise Refused("output projection width is not heads * head_dim")
     for n in nodes:
         if not set(n.users) <= nodes | {consumer.node}:
-            raise _Refused(f"{n.name} is also read outside the attention")
+            raise Refused(f"{n.name} is also read outside the attention")
     return _Group("heads", module_path(sdpa), kv_heads, "kv-group" if rep > 1 else "head", slices,
                   _Slice(consumer, 0, rep * head_dim), nodes, rep)
 
@@ -493,7 +493,7 @@ def find_groups(gm, config: PruneConfig) -> tuple[list[_Group], list[dict]]:
         for node in attention_nodes(gm):
             try:
                 groups.append(_head_group(gm, node, sites))
-            except _Refused as e:
+            except Refused as e:
                 refused.append({"module_path": module_path(node), "kind": "heads", "action": "refused",
                                 "reason": str(e)})
     if config.target in ("all", "mlp"):
@@ -503,7 +503,7 @@ def find_groups(gm, config: PruneConfig) -> tuple[list[_Group], list[dict]]:
                 continue
             try:
                 groups.append(_mlp_group(gm, site, sites))
-            except _Refused:
+            except Refused:
                 continue  # most linears are not the end of an MLP; not worth reporting
     return groups, refused
 
@@ -572,7 +572,7 @@ def _regroup(old_in, old_out):
         while pi != pj:
             if (pi < pj and i < len(old_in)) or j >= len(old_out):
                 if i >= len(old_in):
-                    raise _Refused("view dims do not pair up")
+                    raise Refused("view dims do not pair up")
                 gi.append(i)
                 pi *= old_in[i]
                 i += 1
@@ -596,7 +596,7 @@ def _new_view_sizes(old_in, old_out, new_in) -> list[int]:
                 new_out[j] = old_out[j] * new_p // old_p
                 break
         else:
-            raise _Refused(f"cannot resize a view from {old_in} -> {old_out} for input {new_in}")
+            raise Refused(f"cannot resize a view from {old_in} -> {old_out} for input {new_in}")
     return new_out
 
 
@@ -641,7 +641,7 @@ class _Resizer(torch.fx.Interpreter):
                 if o == nw or (isinstance(sizes[d], int) and sizes[d] == -1):
                     continue
                 if not isinstance(sizes[d], int):
-                    raise _Refused(f"{n.name}: size {d} comes from the inputs but would change")
+                    raise Refused(f"{n.name}: size {d} comes from the inputs but would change")
                 sizes[d] = nw
             if sizes != list(n.args[1]):
                 self._patch(n, (n.args[0], sizes, *n.args[2:]))
@@ -649,7 +649,7 @@ class _Resizer(torch.fx.Interpreter):
             dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
             pieces = len(self.old[n])
             if old_in[dim] != n.args[1] * pieces or new_in[dim] % pieces:
-                raise _Refused(f"{n.name}: uneven split of a pruned dim")
+                raise Refused(f"{n.name}: uneven split of a pruned dim")
             self._patch(n, (n.args[0], new_in[dim] // pieces, *n.args[2:]))
         elif t in (aten.slice.Tensor, aten.narrow.default, aten.split_with_sizes.default):
             dim = n.args[1] if t is not aten.split_with_sizes.default else (n.args[2] if len(n.args) > 2 else 0)
@@ -658,7 +658,7 @@ class _Resizer(torch.fx.Interpreter):
                     (len(n.args) < 4 or n.args[3] is None or n.args[3] >= old_in[dim]) and \
                     (len(n.args) < 5 or n.args[4] == 1)
                 if not full:
-                    raise _Refused(f"{n.name} slices a pruned dim")
+                    raise Refused(f"{n.name} slices a pruned dim")
 
     def undo(self):
         for n, args in reversed(self.patched):
@@ -708,7 +708,7 @@ def _compensated_bias(gm, group: _Group, removed: list[int], means: dict | None)
     return b + (w.index_select(1, cols).double() @ means[c.site.x].double()[cols]).to(b.dtype)
 
 
-def _apply_groups(program: Program, plan: list[tuple[_Group, list[int], list[int]]],
+def apply_groups(program: Program, plan: list[tuple[_Group, list[int], list[int]]],
                   means: dict | None = None) -> None:
     """Shrink the linears of every (group, kept units) and the graph's sizes; all or nothing."""
     gm = program.gm
@@ -749,7 +749,7 @@ def _apply_groups(program: Program, plan: list[tuple[_Group, list[int], list[int
             resizer.run(*program.example_inputs)
         output = next(n for n in gm.graph.nodes if n.op == "output")
         if resizer.new[output] != old_shapes[output]:
-            raise _Refused(f"output shapes changed from {old_shapes[output]} to {resizer.new[output]}")
+            raise Refused(f"output shapes changed from {old_shapes[output]} to {resizer.new[output]}")
     except Exception:
         resizer.undo()
         for target, old in reversed(replaced):
@@ -767,7 +767,7 @@ def _structured(program: Program, config: PruneConfig) -> PassResult:
     chosen = []
     for g in groups:
         reason = next((r for r in (_selected(s.path, config) for s in g.linears()) if r), None)
-        if reason is None and any(_tied(gm, s) for s in g.linears()):
+        if reason is None and any(is_tied(gm, s) for s in g.linears()):
             reason = "a weight is tied to another module"
         if reason:
             details.append({"module_path": g.path, "kind": g.kind, "action": "skipped", "reason": reason})
@@ -804,8 +804,8 @@ def _structured(program: Program, config: PruneConfig) -> PassResult:
             plan.append((g, kept, removed))
     if plan:
         try:
-            _apply_groups(program, plan, means)
-        except _Refused as e:
+            apply_groups(program, plan, means)
+        except Refused as e:
             for entry in entries:
                 entry.update(action="refused", reason=f"graph resize failed: {e}")
             plan = []
@@ -867,7 +867,7 @@ def _unstructured(program: Program, config: PruneConfig) -> PassResult:
         entry = {"module_path": site.path, "node": node.name}
         n, k = _linear_shape(gm, site)
         reason = _selected(site.path, config)
-        if reason is None and _tied(gm, site):
+        if reason is None and is_tied(gm, site):
             reason = "weight tied to another module"
         if reason is None and config.method == "2:4" and k % 4:
             reason = f"in_features {k} is not a multiple of 4"
