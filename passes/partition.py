@@ -91,7 +91,7 @@ class PartitionConfig:
                 "measured, 0 for params/memory)"})
     check: bool = field(default=True, metadata={
         "help": "run the stages one after the other on the example inputs and require the program's "
-                "outputs exactly"})
+                "outputs exactly (strategy=tensor: the rank programs in lock step, outputs fp32-close)"})
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
