@@ -69,3 +69,11 @@ def test_tensor_parallel_example(tmp_path):
     err = float(out.split("max |ranks - program| = ")[1].split()[0])
     assert err <= 1e-5
     assert (tmp_path / "OUT" / "program.pt2").exists()
+
+
+def test_train_on_target_example(tmp_path):
+    out = run_example("train_on_target.py", tmp_path / "runs", "--steps", "6", tmp_path=tmp_path)
+    for target in ("onnxruntime", "tvm"):
+        diff = float(out.split(f"{target}: max |loss - cpu loss| over 6 steps = ")[1].split()[0])
+        assert diff < 1e-3, out
+    assert (tmp_path / "runs" / "tvm" / "program.pt2").exists()
