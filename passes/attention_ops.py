@@ -30,18 +30,20 @@ definition, the decomposition builds exactly that mask):
   key at a position ≡ stride−1 (mod stride).
 Causal patterns never attend a later key.
 
-Fast CPU path: block-banded, one K/V head at a time. Queries are cut into blocks; block b attends
-the keys of an overlapping window (an `as_strided` view over the head's padded K/V, so windows are
-not copied). The forward runs ATen's CPU flash kernel over all blocks of the head as one batch with
-a small per-block band mask; extra key sets (global keys, strided summary keys, random blocks) are
-separate flash calls merged exactly through their log-sum-exp. The backward is flash-style from the
-saved output and log-sum-exp (kept on the output, recomputed if missing): per head and key set it
-recomputes P = exp(QKᵀ·scale + mask − lse) with batched GEMMs over the blocks and forms dV = PᵀdO,
-dS = P∘(dO·Vᵀ − rowsum(dO∘O)), dQ = dS·K·scale, dK = dSᵀ·Q·scale (ATen's flash backward is several
-times slower than GEMMs on these short, masked blocks). Autograd keeps q, k, v, out and lse only:
-O(L·D); the O(L·window) scores exist for one head at a time. Short sequences (and windows covering
-the whole sequence) take one dense flash call instead; with `window >= length` it is exactly
-causal SDPA.
+Fast CPU path: block-banded. Queries are cut into blocks; block b attends the keys of an
+overlapping window (an `as_strided` view over the padded K/V, so windows are not copied). One K/V
+head at a time (its padded K/V in a buffer reused across heads), the forward runs ATen's CPU flash
+kernel over all query blocks as the heads of one batch with a small per-block band mask; extra key
+sets (global keys, strided summary keys, random blocks) are separate flash calls merged exactly
+through their log-sum-exp. The backward is flash-style
+from the saved output and log-sum-exp (kept on the output, recomputed if missing): per head and key
+set it recomputes P = exp(QKᵀ·scale + mask − lse) with batched GEMMs over tiles of blocks and forms
+dV = PᵀdO, dS = P∘(dO·Vᵀ − rowsum(dO∘O)), dQ = dS·K·scale, dK = dSᵀ·Q·scale (ATen's flash backward
+is several times slower than GEMMs on these short, masked blocks). The tiles' scores and grads live
+in per-call buffers reused across heads and tiles: large allocations come as fresh mmap pages, and
+faulting them in cost as much as the GEMMs. Autograd keeps q, k, v, out and lse only: O(L·D); the
+O(L·window) scores exist for one tile at a time. Short sequences (and windows covering the whole
+sequence) take one dense flash call instead; with `window >= length` it is exactly causal SDPA.
 
 CUDA path: FlexAttention with a block mask made from the same pattern (compiled once per process);
 backward through FlexAttention's autograd. Written for CUDA machines, guarded by device; the CPU
@@ -53,9 +55,14 @@ chunked prefix-sum form: within a chunk the masked quadratic form, across chunks
 Σφ(k)vᵀ (F, Dv) and Σφ(k) (F) of the chunks before — never an O(L·F·D) cumulative sum. (Traced with
 a symbolic length, as the decomposition is, causal kernel attention takes the masked quadratic form
 of the same sums: chunk padding needs length arithmetic export cannot prove.) Eagerly, the causal
-form is `chunked_causal_product` (every chunk of every head in one batched GEMM, the chunk states
-summed by a running add) with an analytic backward of three more such products; the linear op
-keeps its output and normaliser for it (O(L·D)), performer recomputes its features. Linformer
+form runs head by head (`_causal_heads_forward`): batched GEMMs over the chunks for the states, one
+GEMM with a triangular ones matrix for their exclusive prefix sums (a running add past 64
+chunks), the feature map applied per
+head into reused buffers and the output written in place, so nothing full-size but the output is
+allocated. Its analytic backward (`_causal_heads_backward`) shares each intra-chunk score matrix
+between two products and applies φ' itself (elu+1: min(φ, 1)); the linear op keeps its output and
+normaliser for it (O(L·D)), performer recomputes its features. (`chunked_causal_product` is the
+same product with stacked heads, every chunk in one batched GEMM.) Linformer
 projects K and V along the sequence with learned `(k, max_len)` matrices (`E[:, :S]`; projected
 keys that see no token are ignored), then runs dense attention over those k keys. The backward of
 the other ops recomputes the forward from the saved inputs (no activations are kept between the
@@ -530,9 +537,32 @@ def _blocking(pattern: SparsePattern, forward: bool) -> int:
     return FORWARD_BLOCK if forward else BACKWARD_BLOCK
 
 
-def _pad_rows(t: torch.Tensor, before: int, total: int) -> torch.Tensor:
-    """(S, D) -> (total, D) with `before` zero rows in front (one K/V head at a time: small)."""
-    return F.pad(t, (0, 0, before, total - before - t.shape[0]))
+class _Workspace:
+    """Per-call scratch buffers, reused across heads and tiles: a large fresh tensor faults its
+    pages in on first write (glibc serves big allocations by mmap), which on these loops cost as
+    much as the GEMMs that fill them."""
+
+    def __init__(self, dtype, device):
+        self.dtype, self.device, self.bufs = dtype, device, {}
+
+    def get(self, name: str, shape) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = self.bufs[name] = torch.empty(numel, dtype=self.dtype, device=self.device)
+        return buf[:numel].view(shape)
+
+    def padded(self, name: str, t: torch.Tensor, before: int, total: int) -> torch.Tensor:
+        """(S, D) rows -> (total, D) with `before` zero rows in front, in a reused buffer (one K/V head
+        at a time: small; the zero rows are written once)."""
+        old = self.bufs.get(name)
+        out = self.get(name, (total, t.shape[-1]))
+        fresh = self.bufs[name] is not old
+        if fresh:
+            out[:before].zero_()
+            out[before + t.shape[0]:].zero_()
+        out[before:before + t.shape[0]].copy_(t)
+        return out
 
 
 def _global_rows(pattern: SparsePattern, n: int) -> int:
@@ -561,7 +591,8 @@ def _neighbour_blocks(pattern, block: int) -> tuple[int, int]:
 def _sparse_forward_cpu(query, key, value, key_padding_mask, pattern: SparsePattern, scale: float):
     """(out (B, H, N, Dv), lse (B, H, N); float32, float64 for float64 inputs): per K/V head, one
     ATen CPU flash call per key set over all query blocks (as the heads of one batch), merged
-    through the log-sum-exp."""
+    through the log-sum-exp. (One call over all K/V heads as the batch measured slower: it pads
+    every head's K/V into fresh memory at once.)"""
     b, h, n, _ = query.shape
     hkv = key.shape[1]
     groups = h // hkv
@@ -575,8 +606,9 @@ def _sparse_forward_cpu(query, key, value, key_padding_mask, pattern: SparsePatt
     out_blocks = query.new_empty(x_count, layout.n_blocks, layout.rows, value.shape[-1])
     lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32  # as ATen's flash kernel
     lse_blocks = torch.empty(x_count, layout.n_blocks, layout.rows, dtype=lse_dtype, device=query.device)
+    ws = _Workspace(query.dtype, query.device)
     for x in range(x_count):  # one K/V head at a time: only its padded copy and scores are alive
-        kp, vp = _pad_rows(k3[x], offset, total), _pad_rows(v3[x], offset, total)
+        kp, vp = ws.padded("kp", k3[x], offset, total), ws.padded("vp", v3[x], offset, total)
         outs, lses = [], []
         for s in sets:
             k_s, v_s = s.kv(kp, vp)
@@ -637,13 +669,15 @@ def _sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: Spa
     k3, v3 = key.reshape(x_count, n, d), value.reshape(x_count, n, value.shape[-1])
     dq_blocks = torch.empty(q_blocks.shape, dtype=cdt, device=query.device)
     dk3 = torch.empty(k3.shape, dtype=key.dtype, device=key.device)
+    ws = _Workspace(cdt, query.device)
     dv3 = torch.empty(v3.shape, dtype=value.dtype, device=value.device)
     for x in range(x_count):
-        kp, vp = _pad_rows(k3[x].to(cdt), offset, total), _pad_rows(v3[x].to(cdt), offset, total)
-        dkp, dvp = torch.zeros_like(kp), torch.zeros_like(vp)
-        qx = q_blocks[x].to(cdt) * scale                                    # (nb, R, D)
+        kp, vp = ws.padded("kp", k3[x], offset, total), ws.padded("vp", v3[x], offset, total)
+        dkp, dvp = ws.get("dkp", kp.shape).zero_(), ws.get("dvp", vp.shape).zero_()
+        qx = torch.mul(q_blocks[x].to(cdt), scale, out=ws.get("qx", q_blocks.shape[1:]))    # (nb, R, D)
         gx = g_blocks[x].to(cdt)
-        deltax = (gx * o_blocks[x].to(cdt)).sum(-1, keepdim=True)            # rowsum(dO∘O)
+        prod = torch.mul(gx, o_blocks[x].to(cdt), out=ws.get("prod", gx.shape))
+        deltax = torch.sum(prod, -1, keepdim=True, out=ws.get("delta", gx.shape[:-1] + (1,)))  # rowsum(dO∘O)
         dqx = dq_blocks[x]
         for i, s in enumerate(sets):
             k_all, v_all = s.kv(kp, vp)
@@ -659,15 +693,16 @@ def _sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: Spa
                     k_s, v_s = k_all[b0:b1], v_all[b0:b1]
                     mask = mask_all[b0:b1] if mask_all.shape[0] > 1 else mask_all
                     qr, gr, lr, dr, dqr = (t[b0:b1] for t in (qx, gx, l_blocks[x], deltax, dqx))
-                p = torch.baddbmm(mask, qr, k_s.transpose(1, 2)).sub_(lr).exp_()
-                dv_s = torch.bmm(p.transpose(1, 2), gr)
-                ds = torch.bmm(gr, v_s.transpose(1, 2)).sub_(dr).mul_(p)
-                del p
+                m, r, keys = qr.shape[0], qr.shape[1], k_s.shape[1]
+                # (mask − lse) first: one pass over the tile, then the GEMM accumulates into it
+                p = torch.sub(mask, lr, out=ws.get("p", (m, r, keys))).baddbmm_(qr, k_s.transpose(1, 2)).exp_()
+                dv_s = torch.bmm(p.transpose(1, 2), gr, out=ws.get("dv_s", (m, keys, gr.shape[-1])))
+                ds = torch.bmm(gr, v_s.transpose(1, 2), out=ws.get("ds", (m, r, keys))).sub_(dr).mul_(p)
                 if i == 0:
                     torch.bmm(ds, k_s, out=dqr)
                 else:
                     dqr.baddbmm_(ds, k_s)
-                dk_s = torch.bmm(ds.transpose(1, 2), qr)
+                dk_s = torch.bmm(ds.transpose(1, 2), qr, out=ws.get("dk_s", (m, keys, qr.shape[-1])))
                 s.scatter(dkp, dvp, dk_s, dv_s, b0)
         dqx.mul_(scale)
         dk3[x] = dkp[offset:offset + n]
@@ -932,33 +967,241 @@ def chunked_causal_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ch
     return y[:, :, :n] if nc * c != n else y
 
 
+class _HeadFeatures:
+    """Writes one head's features φ(x) (keys: times the key padding mask) into a reused (P, F)
+    buffer whose rows past the sequence stay zero, and gives φ' from φ for the backward: elu+1 has
+    φ' = min(φ, 1) (φ = x+1 > 1 for x > 0, φ = eˣ ≤ 1 otherwise), relu φ' = [φ > 0]; None: the
+    inputs are the features already (φ' = 1)."""
+
+    def __init__(self, name: str | None):
+        if name is not None and name not in FEATURE_MAPS:
+            raise ValueError(f"unknown feature map {name!r} (known: {', '.join(FEATURE_MAPS)})")
+        self.name = name
+
+    def __call__(self, x: torch.Tensor, buf: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        n = x.shape[0]
+        out = buf[:n]
+        if self.name == "elu":
+            torch._C._nn.elu(x, out=out).add_(1)
+        elif self.name == "relu":
+            torch.clamp(x, min=0, out=out)
+        else:
+            out.copy_(x)
+        if mask is not None:
+            out.mul_(mask)
+        return buf
+
+    def chain(self, dphi: torch.Tensor, phi: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor):
+        """out = dφ·φ'(x)·mask, with φ the unmasked features of x."""
+        if self.name == "elu":
+            torch.clamp(phi, max=1, out=out).mul_(dphi)
+        elif self.name == "relu":
+            torch.mul(phi > 0, dphi, out=out)
+        else:
+            out.copy_(dphi)
+        if mask is not None:
+            out.mul_(mask)
+
+
+def _head_layout(n: int, chunk: int):
+    c = max(1, min(chunk, n))
+    nc = -(-n // c)
+    return c, nc, nc * c
+
+
+def _prefix_matrix(nc: int, reverse: bool, dtype, device) -> torch.Tensor:
+    """(nc, nc) strictly lower (upper, `reverse`) ones: one GEMM gives every chunk the sum of the
+    chunks before (after) it."""
+    def build():
+        tri = torch.ones(nc, nc, dtype=dtype, device=device)
+        return tri.triu(1) if reverse else tri.tril(-1)
+    return _MASKS.get(("prefix", nc, reverse, dtype, str(device)), build)
+
+
+def _chunk_prefix(states: torch.Tensor, out: torch.Tensor, reverse: bool) -> None:
+    """out[i] = Σ states[j] over the chunks j before i (after i, `reverse`): one GEMM with a
+    triangular ones matrix for up to 64 chunks, a running add beyond (the GEMM's nc² work grows)."""
+    nc = states.shape[0]
+    flat, acc = states.view(nc, -1), out.view(nc, -1)
+    if nc <= 64:
+        torch.mm(_prefix_matrix(nc, reverse, states.dtype, states.device), flat, out=acc)
+        return
+    order = range(nc - 1, -1, -1) if reverse else range(nc)
+    prev = None
+    for i in order:
+        if prev is None:
+            acc[i].zero_()
+        else:
+            torch.add(acc[prev], flat[prev], out=acc[i])
+        prev = i
+
+
+def _causal_heads_forward(query, key, value, key_padding_mask, fmap: str | None, chunk: int, eps: float):
+    """(out (B, H, L, Dv), den (B·Hkv, G, L, 1)) of causal kernel attention with features φ = `fmap`
+    (None: query/key are the features), one head at a time through reused (L, ·) buffers: per K/V
+    head the chunk states φkᵀv, Σφk (batched GEMMs) and their exclusive prefix sums (one GEMM with
+    a triangular ones matrix), then per query head, in the chunk layout,
+    num = φq·state + tril(φq φkᵀ)·v and den = φq·Σφk + rowsum(tril(φq φkᵀ)), written straight into
+    the output. Every intermediate is one head's size and reused: a fresh large allocation faults
+    its pages in, which costs more than the arithmetic that fills it."""
+    b, h, n, f = query.shape
+    hkv, dv = key.shape[1], value.shape[-1]
+    groups = h // hkv
+    c, nc, p = _head_layout(n, chunk)
+    phi = _HeadFeatures(fmap)
+    dt = query.dtype
+    kbuf = query.new_zeros(p, f)
+    qbuf = query.new_zeros(p, f)
+    vbuf = query.new_zeros(p, dv) if p != n else None
+    ybuf = query.new_empty(p, dv) if p != n else None
+    states = query.new_empty(nc, f, dv)
+    prefix = query.new_empty(nc, f, dv)
+    zsum = query.new_empty(nc, f, 1)
+    zpre = query.new_empty(nc, f, 1)
+    scores = query.new_empty(nc, c, c)
+    dsum = query.new_empty(nc, c, 1)
+    out = query.new_empty(b, h, n, dv)
+    den = query.new_empty(b * hkv, groups, n, 1)
+    dpad = query.new_empty(p, 1) if p != n else None
+    kc, qc = kbuf.view(nc, c, f), qbuf.view(nc, c, f)
+    for bi in range(b):
+        mask = None
+        if key_padding_mask is not None:
+            mask = key_padding_mask[bi if key_padding_mask.shape[0] > 1 else 0].to(dt).unsqueeze(-1)
+        for hk in range(hkv):
+            phi(key[bi, hk], kbuf, mask)
+            if vbuf is None:
+                vc = value[bi, hk].contiguous().view(nc, c, dv)
+            else:
+                vbuf[:n].copy_(value[bi, hk])
+                vc = vbuf.view(nc, c, dv)
+            torch.bmm(kc.transpose(1, 2), vc, out=states)
+            torch.sum(kc, 1, keepdim=True, out=zsum.view(nc, 1, f))
+            _chunk_prefix(states, prefix, False)
+            _chunk_prefix(zsum, zpre, False)
+            for g in range(groups):
+                hq = hk * groups + g
+                phi(query[bi, hq], qbuf)
+                y = (out[bi, hq] if ybuf is None else ybuf).view(nc, c, dv)
+                torch.bmm(qc, prefix, out=y)
+                torch.bmm(qc, kc.transpose(1, 2), out=scores).tril_()
+                y.baddbmm_(scores, vc)
+                d = den[bi * hkv + hk, g]
+                dfull = (d if dpad is None else dpad).view(nc, c, 1)
+                torch.sum(scores, -1, keepdim=True, out=dsum)
+                torch.baddbmm(dsum, qc, zpre, out=dfull).add_(eps)
+                if ybuf is None:
+                    out[bi, hq].div_(d)
+                else:
+                    d.copy_(dpad[:n])
+                    torch.div(ybuf[:n], d, out=out[bi, hq])
+    return out, den
+
+
+def _causal_heads_backward(grad, query, key, value, key_padding_mask, fmap: str | None, out, den, chunk: int,
+                           needs=(True, True, True)):
+    """(dq, dk, dv) of `_causal_heads_forward` from its saved output and normaliser (grads w.r.t. the
+    raw query/key: through φ when `fmap` is set), one head at a time. With a = g/den,
+    dY = [a, −rowsum(a∘out)] (the grads of [numerator, normaliser]) and v' = [v, 1], per chunk:
+      dφq = dY·Σ_before v'ᵀφk + tril(dY v'ᵀ)·φk
+      dφk = v'·Σ_after dYᵀφq  + tril(dY v'ᵀ)ᵀ·φq
+      dv  = φk·Σ_after φqᵀa   + tril(φq φkᵀ)ᵀ·a
+    — the intra-chunk score matrices are shared by two products each, and Σ φqᵀa is the first Dv
+    columns of Σ φqᵀdY."""
+    b, h, n, f = query.shape
+    hkv, dv = key.shape[1], value.shape[-1]
+    groups = h // hkv
+    c, nc, p = _head_layout(n, chunk)
+    phi = _HeadFeatures(fmap)
+    dt = query.dtype
+    need_q, need_k, need_v = needs
+    kbuf, qbuf = query.new_zeros(p, f), query.new_zeros(p, f)
+    vbuf = query.new_zeros(p, dv + 1)
+    vbuf[:n, dv] = 1
+    dybuf = query.new_zeros(p, dv + 1)
+    kv_states = query.new_empty(nc, dv + 1, f)       # v'ᵀφk per chunk
+    before = query.new_empty(nc, dv + 1, f)
+    qy_states = query.new_empty(nc, f, dv + 1)       # φqᵀdY per chunk (summed over the group)
+    after = query.new_empty(nc, f, dv + 1)
+    s_dy = query.new_empty(nc, c, c)
+    s_qk = query.new_empty(nc, c, c)
+    dphiq = query.new_empty(nc, c, f)
+    dphik = query.new_empty(nc, c, f)
+    dvbuf = query.new_empty(nc, c, dv) if need_v and p != n else None
+    scratch = query.new_empty(n, dv)
+    phik_raw = query.new_empty(n, f) if need_k and fmap is not None and key_padding_mask is not None else None
+    dq = torch.empty_like(query) if need_q else None
+    dk = torch.empty_like(key) if need_k else None
+    dvalue = torch.empty_like(value) if need_v else None
+    kc, qc, vc, dyc = (t.view(nc, c, -1) for t in (kbuf, qbuf, vbuf, dybuf))
+    for bi in range(b):
+        mask = None
+        if key_padding_mask is not None:
+            mask = key_padding_mask[bi if key_padding_mask.shape[0] > 1 else 0].to(dt).unsqueeze(-1)
+        for hk in range(hkv):
+            phi(key[bi, hk], kbuf)                       # unmasked φk first (φ' of the keys) ...
+            if phik_raw is not None:                     # (without a mask: φk itself)
+                phik_raw.copy_(kbuf[:n])
+            if mask is not None:
+                kbuf[:n].mul_(mask)                      # ... then the masked features
+            vbuf[:n, :dv].copy_(value[bi, hk])
+            if need_q:
+                torch.bmm(vc.transpose(1, 2), kc, out=kv_states)
+                _chunk_prefix(kv_states, before, False)
+            for g in range(groups):
+                hq = hk * groups + g
+                d = den[bi * hkv + hk, g]
+                a = dybuf[:n, :dv]
+                torch.div(grad[bi, hq], d, out=a)
+                torch.sum(torch.mul(a, out[bi, hq], out=scratch), -1, keepdim=True, out=dybuf[:n, dv:]).neg_()
+                phi(query[bi, hq], qbuf)
+                if need_v:  # dv straight into the gradient (a buffer only when chunks pad the length)
+                    dvc = (dvalue[bi, hk] if dvbuf is None else dvbuf).view(nc, c, dv)
+                torch.bmm(dyc, vc.transpose(1, 2), out=s_dy).tril_()
+                if need_q:
+                    torch.bmm(dyc, before, out=dphiq).baddbmm_(s_dy, kc)
+                    phi.chain(dphiq.view(p, f)[:n], qbuf[:n], None, dq[bi, hq])
+                if (need_k or need_v) and g == 0:
+                    torch.bmm(qc.transpose(1, 2), dyc, out=qy_states)
+                elif need_k or need_v:
+                    qy_states.baddbmm_(qc.transpose(1, 2), dyc)
+                if need_k:
+                    if g == 0:
+                        torch.bmm(s_dy.transpose(1, 2), qc, out=dphik)
+                    else:
+                        dphik.baddbmm_(s_dy.transpose(1, 2), qc)
+                if need_v:
+                    torch.bmm(qc, kc.transpose(1, 2), out=s_qk).tril_()
+                    if g == 0:
+                        torch.bmm(s_qk.transpose(1, 2), dyc[..., :dv], out=dvc)
+                    else:
+                        dvc.baddbmm_(s_qk.transpose(1, 2), dyc[..., :dv])
+            if need_k or need_v:
+                _chunk_prefix(qy_states, after, True)
+            if need_k:
+                dphik.baddbmm_(vc, after.transpose(1, 2))
+                if fmap is None:
+                    torch.mul(dphik.view(p, f)[:n], mask, out=dk[bi, hk]) if mask is not None else \
+                        dk[bi, hk].copy_(dphik.view(p, f)[:n])
+                else:
+                    phi.chain(dphik.view(p, f)[:n], kbuf[:n] if phik_raw is None else phik_raw, mask, dk[bi, hk])
+            if need_v:
+                dvc.baddbmm_(kc, after[..., :dv])
+                if dvbuf is not None:
+                    dvalue[bi, hk].copy_(dvbuf.view(p, dv)[:n])
+    return dq, dk, dvalue
+
+
 def _causal_kernel_forward(qf, kf, value, chunk: int, eps: float):
-    """(out (B, H, L, Dv), den (B·Hkv, G, L, 1)): with v' = [v, 1], one
-    `chunked_causal_product(φq, φk, v')` gives the numerator and the normaliser together."""
-    b, h, n, f = qf.shape
-    hkv, dv = kf.shape[1], value.shape[-1]
-    x, groups = b * hkv, h // hkv
-    va = torch.cat([value.reshape(x, 1, n, dv), value.new_ones(x, 1, n, 1)], -1)
-    y = chunked_causal_product(qf.reshape(x, groups, n, f), kf.reshape(x, 1, n, f), va, chunk)
-    den = y[..., dv:] + eps
-    return (y[..., :dv] / den).reshape(b, h, n, dv), den
+    """(out (B, H, L, Dv), den (B·Hkv, G, L, 1)) from features qf (B, H, L, F), kf (B, Hkv, L, F):
+    with v' = [v, 1], one chunked causal product φq·Σφkᵀv' gives the numerator and the normaliser
+    together (`_causal_heads_forward`, head by head)."""
+    return _causal_heads_forward(qf, kf, value, None, None, chunk, eps)
 
 
 def _causal_kernel_backward(grad, qf, kf, value, out, den, chunk: int, needs=(True, True, True)):
-    """(dφq, dφk, dv) of `_causal_kernel_forward` from its saved output and normaliser: with
-    dY' = [g/den, −(g·out)/den] (the grads of [numerator, normaliser]), three chunked products:
-    dφq = causal(dY', v', φk), dφk = anti-causal(v', dY', φq), dv = anti-causal(φk, φq, g/den)."""
-    b, h, n, f = qf.shape
-    hkv, dv = kf.shape[1], value.shape[-1]
-    x, groups = b * hkv, h // hkv
-    q4, k4 = qf.reshape(x, groups, n, f), kf.reshape(x, 1, n, f)
-    a = grad.reshape(x, groups, n, dv) / den
-    dy = torch.cat([a, -(a * out.reshape(a.shape)).sum(-1, keepdim=True)], -1)
-    va = torch.cat([value.reshape(x, 1, n, dv), value.new_ones(x, 1, n, 1)], -1)
-    dq = chunked_causal_product(dy, va, k4, chunk).reshape(qf.shape) if needs[0] else None
-    dk = chunked_causal_product(va, dy, q4, chunk, reverse=True).reshape(kf.shape) if needs[1] else None
-    dvalue = chunked_causal_product(k4, q4, a, chunk, reverse=True).reshape(value.shape) if needs[2] else None
-    return dq, dk, dvalue
+    """(dφq, dφk, dv) of `_causal_kernel_forward` from its saved output and normaliser."""
+    return _causal_heads_backward(grad, qf, kf, value, None, None, out, den, chunk, needs)
 
 
 class _CausalKernelAttention(torch.autograd.Function):
@@ -1075,11 +1318,8 @@ def _linear_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  key_padding_mask: Optional[torch.Tensor], feature_map: str, causal: bool,
                  chunk: int) -> torch.Tensor:
     _check_shapes("linear_attention", query, key, value, key_padding_mask)
-    if causal and _eager():
-        qf = _feature_map(query, feature_map)
-        kf = _masked_keys(_feature_map(key, feature_map), key_padding_mask)
-        out, den = _causal_kernel_forward(qf, kf, value, chunk, _EPS)
-        out = out.contiguous()
+    if causal and _eager():  # the feature maps applied head by head inside (no full-size φq, φk)
+        out, den = _causal_heads_forward(query, key, value, key_padding_mask, feature_map, chunk, _EPS)
         out._optpipe_den = den  # the backward's normaliser (saved by setup_context)
         return out
     return _math_forward(_linear_math_kw, _LINEAR_ARGS,
@@ -1107,20 +1347,9 @@ def _linear_backward(ctx, grad):
     tensors = dict(zip(ctx.tensor_names, saved))
     query, key, value = tensors["query"], tensors["key"], tensors["value"]
     kpm, name, chunk = tensors.get("key_padding_mask"), ctx.args["feature_map"], ctx.args["chunk"]
-    need_q, need_k, need_v = (ctx.needs_grad[n] for n in ("query", "key", "value"))
-    with torch.enable_grad():  # the feature maps' own (elementwise) backward, through autograd
-        q = query.detach().requires_grad_(need_q)
-        k = key.detach().requires_grad_(need_k)
-        qf = feature_map(q, name)
-        kf = _masked_keys(feature_map(k, name), kpm)
-        with torch.no_grad():
-            dqf, dkf, dv = _causal_kernel_backward(grad.contiguous(), qf.detach(), kf.detach(), value.detach(), out,
-                                                   den, chunk, (need_q, need_k, need_v))
-        pairs = [(t, f, d) for t, f, d, need in ((q, qf, dqf, need_q), (k, kf, dkf, need_k)) if need]
-        grads = torch.autograd.grad([f for _, f, _ in pairs], [t for t, _, _ in pairs],
-                                    [d for _, _, d in pairs]) if pairs else ()
-    found = dict(zip([n for n, need in (("query", need_q), ("key", need_k)) if need], grads))
-    found["value"] = dv
+    needs = tuple(ctx.needs_grad[n] for n in ("query", "key", "value"))
+    dq, dk, dv = _causal_heads_backward(grad.contiguous(), query, key, value, kpm, name, out, den, chunk, needs)
+    found = {"query": dq, "key": dk, "value": dv}
     return tuple(found.get(n) for n in _LINEAR_ARGS)
 
 

@@ -252,6 +252,27 @@ def test_causal_linear_analytic_backward_matches_quadratic_form(feature, n):
         assert_close(a, b, atol=1e-9, rtol=1e-9)
 
 
+@pytest.mark.parametrize("wrt", ["q", "k", "v", "kv"])
+@pytest.mark.parametrize("n, chunk", [(64, 16), (45, 8)], ids=["whole-chunks", "padded-chunk"])
+def test_causal_linear_head_by_head_partial_gradients(wrt, n, chunk):
+    """The head-by-head kernels (grouped heads, per-batch key padding, outputs written in place when
+    the chunks tile the length, buffers when they pad it) give the quadratic form's gradients for
+    any subset of inputs that need them."""
+    q, k, v = (x.detach().double() for x in qkv(n=n, seed=3))
+    needs = {"q": q, "k": k, "v": v}
+    for name in ("q", "k", "v"):
+        needs[name].requires_grad_(name in wrt)
+    kpm = torch.ones(2, n, dtype=torch.bool)
+    kpm[0, n - 5:] = False
+    out = ops.linear_attention(q, k, v, kpm, "elu", True, chunk)
+    ref = naive_kernel_attention(F.elu(q) + 1, (F.elu(k) + 1) * kpm[:, None, :, None], v, True)
+    assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    inputs = [needs[name] for name in ("q", "k", "v") if name in wrt]
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
+        assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
 def naive_kernel_attention(qf, kf, v, causal):
     rep = qf.shape[1] // kf.shape[1]
     kf, v = kf.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
