@@ -96,8 +96,14 @@ def main() -> None:
     ap.add_argument("--targets", default="eager,compile,onnxruntime,tvm,tvm-tuned")
     ap.add_argument("--tune", type=int, default=64, help="MetaSchedule trials for the 'tvm tuned' row")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads for every runtime: torch, ONNX Runtime (it follows torch's setting) and "
+                         "TVM (TVM_NUM_THREADS); 0: each runtime's default (the physical cores)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts
     all_targets = {
         "eager": ("eager", "cpu", {"mode": "eager"}),
         "compile": ("torch.compile", "cpu", {"mode": "compile"}),

@@ -638,6 +638,7 @@ def _session(path: str, optimized_path: str | None):
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = max(1, torch.get_num_threads())  # as many threads as torch uses
     options.log_severity_level = 3  # ORT warns on every save of an ENABLE_ALL graph; errors still show
     if optimized_path:
         options.optimized_model_filepath = optimized_path
