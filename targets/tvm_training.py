@@ -124,6 +124,18 @@ _NO_GRADIENT = re.compile(r"(relax\.[\w.]+)\W.*(?:gradient|FPrimalGradient)|(?:g
                           re.I | re.S)
 
 
+_BUILDS: dict = {}
+"""Built training modules of this process by (program structure, input shapes, trainable names):
+weights are inputs of the Relax functions, so a module serves every program with the same graph."""
+
+
+def _structure_key(program) -> tuple:
+    gm = program.gm
+    tensors = [(n, tuple(t.shape), str(t.dtype)) for n, t in
+               [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]]
+    return gm.code, tuple(tensors)
+
+
 class _Compiled:
     """One input shape's Relax module: its VM, and which parameter each Relax input is."""
 
@@ -132,8 +144,9 @@ class _Compiled:
 
 
 def _relax_training_module(program, example: tuple, trainable_ids: set):
-    """(Relax IRModule with `main` (loss) and `main_adjoint`, [(kind, program name or None, tensor)]
-    per non-user input, the ids of tensors that get gradients in `main_adjoint` order)."""
+    """(Relax IRModule with `main` (loss) and `main_adjoint`, per non-user Relax input its source:
+    ("state", name in `_LossModule(program.gm)`) or ("const", tensor), and the names of the
+    parameters `main_adjoint` returns gradients for, in order)."""
     _tvm()
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
@@ -151,15 +164,14 @@ def _relax_training_module(program, example: tuple, trainable_ids: set):
     mod = relax.transform.DecomposeOpsForTraining()(mod)
     kinds = torch.export.graph_signature.InputKind
     state = dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers(remove_duplicate=False))
-    by_arg = {}
+    by_arg = {}  # Relax input name -> ("state", module name) or ("const", tensor)
     for spec in ep.graph_signature.input_specs:
         if spec.kind == kinds.USER_INPUT:
             continue
         if spec.kind in (kinds.PARAMETER, kinds.BUFFER) and spec.target in state:
-            value = state[spec.target]
+            by_arg[spec.arg.name] = ("state", spec.target)
         else:
-            value = ep.constants.get(spec.target, ep.state_dict.get(spec.target))
-        by_arg[spec.arg.name] = value
+            by_arg[spec.arg.name] = ("const", ep.constants.get(spec.target, ep.state_dict.get(spec.target)))
     params = list(mod["main"].params)
     user = len(example)
     inputs = []
@@ -168,8 +180,8 @@ def _relax_training_module(program, example: tuple, trainable_ids: set):
             raise TargetError(f"target tvm: Relax input {var.name} matches no parameter of the program",
                               "report it; train on cpu or onnxruntime meanwhile")
         inputs.append(by_arg[var.name])
-    require = [v for v, t in zip(params[user:], inputs)
-               if isinstance(t, torch.nn.Parameter) and id(t) in trainable_ids]
+    require = [v for v, (kind, ref) in zip(params[user:], inputs)
+               if kind == "state" and isinstance(state[ref], torch.nn.Parameter) and id(state[ref]) in trainable_ids]
     if not require:
         raise UsageError("train --target tvm: no trainable parameter reaches the loss", "check --trainable")
     try:
@@ -183,8 +195,8 @@ def _relax_training_module(program, example: tuple, trainable_ids: set):
                           "train on cpu/cuda or onnxruntime, or drop the pass that introduced the op") from None
     mod, _ = relax.frontend.detach_params(mod)
     var_index = {v.name: i for i, v in enumerate(params[user:])}
-    grad_ids = [id(inputs[var_index[v.name]]) for v in require]
-    return mod, inputs, grad_ids
+    grads = [inputs[var_index[v.name]][1] for v in require]
+    return mod, inputs, grads
 
 
 def check_trainable(program, objective: str = "clm") -> None:
@@ -280,13 +292,21 @@ class TvmTrainer:
             from .tvm_backend import _cpu_target, build_relax
 
             start = time.perf_counter()
-            mod, values, grad_ids = _relax_training_module(self.program, (*inputs, targets, weights),
-                                                           set(self._trainable))
-            executable = build_relax(mod, _cpu_target())
-            vm = _tvm().relax.VirtualMachine(executable, self._device)
+            cache_key = (_structure_key(self.program), key,
+                         tuple(sorted(self._first[i] for i in self._trainable)))
+            if cache_key not in _BUILDS:  # a resumed run or a second trainer of the same program reuses it
+                mod, refs, grad_names = _relax_training_module(self.program, (*inputs, targets, weights),
+                                                               set(self._trainable))
+                _BUILDS[cache_key] = (build_relax(mod, _cpu_target()), refs, grad_names)
+            executable, refs, grad_names = _BUILDS[cache_key]
+            state = dict(_LossModule(self.program.gm).named_parameters(remove_duplicate=False)) | \
+                dict(_LossModule(self.program.gm).named_buffers(remove_duplicate=False))
+            values = [state[ref] if kind == "state" else ref for kind, ref in refs]
             for v in values:
                 self._tensors.setdefault(id(v), v)
-            self._compiled[key] = _Compiled(vm, len(inputs) + 2, [id(v) for v in values], grad_ids)
+            vm = _tvm().relax.VirtualMachine(executable, self._device)
+            self._compiled[key] = _Compiled(vm, len(inputs) + 2, [id(v) for v in values],
+                                            [id(state[n]) for n in grad_names])
             self.info.setdefault("build_s", []).append(round(time.perf_counter() - start, 2))
         return self._compiled[key]
 
@@ -300,6 +320,9 @@ class TvmTrainer:
 
         shapes = [tuple(self._tensors[i].shape) for i in self._trainable]
         b1, b2 = self.betas
+        key = ("adamw", tuple(shapes), self.betas, self.eps, self.clip, tuple(self._scale), tuple(self._decay))
+        if key in _BUILDS:
+            return tvm.relax.VirtualMachine(_BUILDS[key], self._device)
         f32 = lambda v: relax.const(v, "float32")  # noqa: E731
 
         def tensors(prefix):
@@ -334,8 +357,8 @@ class TvmTrainer:
                     new_v.append(v1)
                 out = bb.emit_output(relax.Tuple([*new_p, *new_m, *new_v]))
             bb.emit_func_output(out)
-        executable = build_relax(bb.get(), _cpu_target())
-        return tvm.relax.VirtualMachine(executable, self._device)
+        _BUILDS[key] = build_relax(bb.get(), _cpu_target())
+        return tvm.relax.VirtualMachine(_BUILDS[key], self._device)
 
     # -- training -----------------------------------------------------------------------------------
     def _run(self, inputs: tuple, labels: torch.Tensor, scale: float, fn: str):

@@ -9,9 +9,10 @@ after the row-wise projection and before its bias. Numerics: the rank programs r
 length. After structured pruning the pruned program shards; after an attention swap (sliding
 window, linear, performer) the swapped attention shards by heads; int8 attention stays replicated
 with the reason; the plan survives save/load.
-Execution (torchrun, gloo): 2-way tensor-parallel training, and 2-way tensor x 2-way data parallel,
-follow the single-process run (losses, gradients within 1e-5; SGD weights within 1e-5); inference
-matches. Errors: heads not divisible by ways, nothing to shard, a pipeline-only option, a rank that
+Execution (torchrun, gloo): 2-way tensor-parallel training (tiny GPT, SGD), and 2-way tensor x 2-way
+data parallel (GPT-2: Conv1D weights stored [in, out], AdamW), follow the single-process run (losses,
+gradients within 1e-5; weights within 1e-5 with SGD, 1e-4 with AdamW); inference matches. Llama's
+GQA sharding is checked in lock step above. Errors: heads not divisible by ways, nothing to shard, a pipeline-only option, a rank that
 dies. `optpipe train --tensor-parallel` is in tests/test_training.py, examples/partition.py runs
 tensor-parallel inference (tests/test_examples.py).
 """
@@ -188,7 +189,7 @@ def _single_process(program, batches, optimizer: str, lr: float):
     return gm, losses, grads  # grads under every name of a tied weight
 
 
-@pytest.mark.parametrize("name,dp,optimizer", [("build", 1, "sgd"), ("llama", 1, "adamw"), ("gpt2", 2, "sgd")])
+@pytest.mark.parametrize("name,dp,optimizer", [("build", 1, "sgd"), ("gpt2", 2, "adamw")])
 def test_tensor_parallel_training_matches_one_process(name, dp, optimizer):
     program = captured(name)
     batches = _batches()
