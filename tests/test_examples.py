@@ -53,27 +53,3 @@ def test_heal_example(tmp_path):
         import optpipe
 
         assert op in optpipe.load(str(healed)).gm.code  # healing keeps the efficient attention
-
-
-def test_partition_example(tmp_path):
-    out = run_example("partition.py", tmp_path / "OUT", "--stages", "2", "--steps", "2", tmp_path=tmp_path)
-    assert "same training: True" in out and "cut after stage 0" in out
-    assert "max |pipeline - program| = 0" in out
-    assert (tmp_path / "OUT" / "stages" / "stage_1.pt2").exists()
-
-
-def test_tensor_parallel_example(tmp_path):
-    out = run_example("tensor_parallel.py", tmp_path / "OUT", "--ways", "2", "--steps", "2", tmp_path=tmp_path)
-    assert "same training: True" in out and "'sharded_blocks': 4" in out
-    assert "| transformer.h.0.attn | heads | 4 heads | 2 |" in out
-    err = float(out.split("max |ranks - program| = ")[1].split()[0])
-    assert err <= 1e-5
-    assert (tmp_path / "OUT" / "program.pt2").exists()
-
-
-def test_train_on_target_example(tmp_path):
-    out = run_example("train_on_target.py", tmp_path / "runs", "--steps", "6", tmp_path=tmp_path)
-    for target in ("onnxruntime", "tvm"):
-        diff = float(out.split(f"{target}: max |loss - cpu loss| over 6 steps = ")[1].split()[0])
-        assert diff < 1e-3, out
-    assert (tmp_path / "runs" / "tvm" / "program.pt2").exists()
