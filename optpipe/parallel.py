@@ -164,6 +164,14 @@ def _inputs_builder(program: Program | None, info: dict):
     return lambda ids: (ids,)
 
 
+def _rank_data(train: bool, program: Program | None, info: dict, batches: list) -> list[tuple]:
+    """What the ranks load: (program inputs, labels) per training batch, or (inputs, None) to run."""
+    if not train:
+        return [(tuple(batches[0]), None)]
+    build = _inputs_builder(program, info)
+    return [(build(b["input_ids"]), b["labels"]) for b in batches]
+
+
 def _launch(mode: str, model, batches: list, *, stages, microbatches, schedule, lr, optimizer, steps, ranks,
             adamw: dict | None = None,
             objective, timeout, balance) -> dict:
@@ -185,11 +193,7 @@ def _launch(mode: str, model, batches: list, *, stages, microbatches, schedule, 
         if mode == "train" and schedule == "1f1b" and ranks == n and microbatches < n:
             raise UsageError(f"pipeline: 1F1B needs at least as many micro-batches as stages "
                              f"({microbatches} < {n})", "use more microbatches, or schedule=gpipe")
-        if mode == "train":
-            build = _inputs_builder(program, info)
-            data = [(build(b["input_ids"]), b["labels"]) for b in batches]
-        else:
-            data = [(tuple(batches[0]), None)]
+        data = _rank_data(mode == "train", program, info, batches)
         for inputs, _ in data:
             size = inputs[0].shape[0]
             if size % microbatches:
@@ -385,11 +389,7 @@ def _launch_tensor(mode: str, model, batches: list, *, ways, dp, lr, optimizer, 
     program = tensor_partitioned(program, ways)
     info = program.meta["partition"]
     with tempfile.TemporaryDirectory(prefix="optpipe-tensor-") as tmp:
-        if mode == "tensor-train":
-            build = _inputs_builder(program, info)
-            data = [(build(b["input_ids"]), b["labels"]) for b in batches]
-        else:
-            data = [(tuple(batches[0]), None)]
+        data = _rank_data(mode == "tensor-train", program, info, batches)
         for inputs, _ in data:
             if inputs[0].shape[0] % dp:
                 raise UsageError(f"tensor parallel: batch of {inputs[0].shape[0]} does not split over {dp} "

@@ -139,8 +139,8 @@ def _structure_key(program) -> tuple:
 class _Compiled:
     """One input shape's Relax module: its VM, and which parameter each Relax input is."""
 
-    def __init__(self, vm, user_inputs: int, keys: list, grad_ids: list):
-        self.vm, self.user_inputs, self.keys, self.grad_ids = vm, user_inputs, keys, grad_ids
+    def __init__(self, vm, keys: list, grad_ids: list):
+        self.vm, self.keys, self.grad_ids = vm, keys, grad_ids
 
 
 def _relax_training_module(program, example: tuple, trainable_ids: set):
@@ -246,8 +246,7 @@ class TvmTrainer:
         self._first: dict[int, str] = {}  # tensor id -> its first name
         for name, p in names.items():
             self._first.setdefault(id(p), name)
-        self._trainable = [i for i, n in self._first.items() if n in wanted or any(
-            m in wanted for m, q in names.items() if id(q) == i)]
+        self._trainable = list(dict.fromkeys(id(p) for name, p in names.items() if name in wanted))
         if not self._trainable:
             raise UsageError("trainable names no parameter: nothing to train", "pass trainable=None to train all")
         self._tensors = {id(p): p for p in names.values()}
@@ -299,13 +298,14 @@ class TvmTrainer:
                                                                set(self._trainable))
                 _BUILDS[cache_key] = (build_relax(mod, _cpu_target()), refs, grad_names)
             executable, refs, grad_names = _BUILDS[cache_key]
-            state = dict(_LossModule(self.program.gm).named_parameters(remove_duplicate=False)) | \
-                dict(_LossModule(self.program.gm).named_buffers(remove_duplicate=False))
+            module = _LossModule(self.program.gm)
+            state = dict(module.named_parameters(remove_duplicate=False)) | \
+                dict(module.named_buffers(remove_duplicate=False))
             values = [state[ref] if kind == "state" else ref for kind, ref in refs]
             for v in values:
                 self._tensors.setdefault(id(v), v)
             vm = _tvm().relax.VirtualMachine(executable, self._device)
-            self._compiled[key] = _Compiled(vm, len(inputs) + 2, [id(v) for v in values],
+            self._compiled[key] = _Compiled(vm, [id(v) for v in values],
                                             [id(state[n]) for n in grad_names])
             self.info.setdefault("build_s", []).append(round(time.perf_counter() - start, 2))
         return self._compiled[key]
@@ -372,16 +372,12 @@ class TvmTrainer:
         """Forward + backward on one micro-batch (its gradients weighted by `scale`, its share of
         the batch) and add them to the pending gradients; returns the micro-batch's mean loss."""
         compiled, (loss, grads) = self._run(inputs, labels, scale, "main_adjoint")
-        summed: dict[int, object] = {}
-        for key, g in zip(compiled.grad_ids, grads):  # a tied tensor read under two names: add them
-            summed[key] = g if key not in summed else _tvm().runtime.tensor(summed[key].numpy() + g.numpy())
         if self._grads is None:
-            self._grads = summed
-        else:
-            tvm = _tvm()
-            for key, g in summed.items():
-                self._grads[key] = tvm.runtime.tensor(self._grads[key].numpy() + g.numpy()) \
-                    if key in self._grads else g
+            self._grads = {}
+        tvm = _tvm()
+        # gradients of a tied tensor (read under two names) add up, and so do micro-batches
+        for key, g in zip(compiled.grad_ids, grads):
+            self._grads[key] = g if key not in self._grads else tvm.runtime.tensor(self._grads[key].numpy() + g.numpy())
         return float(loss.numpy()) / scale if scale else 0.0
 
     def optimizer_step(self, lr: float | None = None) -> None:
