@@ -40,18 +40,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import optpipe  # noqa: E402
-from examples.tiny_gpt import build  # noqa: E402
+from examples.tiny_gpt import build, lm_batches  # noqa: E402
 from optpipe.parallel import partitioned, pipeline_train, tensor_partitioned, tensor_train  # noqa: E402
 from optpipe.training import task_loss  # noqa: E402
-
-
-def batches(n: int, batch: int, seq: int) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, 256, (batch, seq), generator=g)
-        out.append({"input_ids": ids, "labels": ids})
-    return out
 
 
 def one_process_step(program, data: list[dict]) -> float:
@@ -86,7 +77,7 @@ def main() -> None:
     model, _ = build(n_layer=args.layers, n_embd=args.width, n_head=max(1, args.width // 64),
                      block_size=args.seq)
     program = optpipe.capture(model, (torch.zeros(1, args.seq, dtype=torch.long),))
-    data = batches(args.steps, args.batch, args.seq)
+    data = lm_batches(args.steps, args.batch, args.seq)
     base = one_process_step(program, data)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     rows = []

@@ -12,7 +12,6 @@ steps against the same steps in one process.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import tempfile
@@ -24,11 +23,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import optpipe  # noqa: E402
-from examples.tiny_gpt import build  # noqa: E402
+from examples.tiny_gpt import build, check_against_one_process, lm_batches  # noqa: E402
 from optpipe.analysis import format_count  # noqa: E402
 from optpipe.parallel import pipeline_run, pipeline_train  # noqa: E402
 from optpipe.passes.partition import save_stages  # noqa: E402
-from optpipe.training import task_loss  # noqa: E402
 
 
 def main() -> None:
@@ -64,32 +62,14 @@ def main() -> None:
     paths = save_stages(split, out)
     print(f"wrote program.pt2 and {len(paths)} stage programs to {os.path.join(out, 'stages')}")
 
-    g = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(args.steps):
-        ids = torch.randint(0, 256, (args.microbatches * 2, 32), generator=g)
-        batches.append({"input_ids": ids, "labels": ids})
+    batches = lm_batches(args.steps, args.microbatches * 2)
     logits = pipeline_run(out, (batches[0]["input_ids"],), microbatches=args.microbatches)  # the saved stages
     with torch.no_grad():
         reference = program.gm(batches[0]["input_ids"])
     print(f"pipelined inference: max |pipeline - program| = {(logits - reference).abs().max().item():.3g}")
 
     res = pipeline_train(split, batches, microbatches=args.microbatches, lr=0.05, optimizer="sgd")
-    gm = copy.deepcopy(program.gm)
-    for p in gm.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.SGD(gm.parameters(), lr=0.05)
-    losses = []
-    for b in batches:
-        opt.zero_grad()
-        loss = task_loss(gm(b["input_ids"]), b["labels"], "clm")
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    worst = max((w - gm.get_parameter(n).detach()).abs().max().item() for n, w in res["weights"].items())
-    print(f"pipelined losses {[round(l, 6) for l in res['losses']]} vs one process {[round(l, 6) for l in losses]}")
-    same = all(abs(a - b) <= 1e-5 for a, b in zip(res["losses"], losses)) and worst <= 1e-5
-    print(f"max weight difference after {args.steps} steps: {worst:.3g}; same training: {same}")
+    check_against_one_process(program.gm, res, batches, 0.05, "pipelined")
 
 
 if __name__ == "__main__":

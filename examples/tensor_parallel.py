@@ -12,7 +12,6 @@ the unsharded program, and a few SGD steps against the same steps in one process
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import tempfile
@@ -24,10 +23,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import optpipe  # noqa: E402
-from examples.tiny_gpt import build  # noqa: E402
+from examples.tiny_gpt import build, check_against_one_process, lm_batches  # noqa: E402
 from optpipe.analysis import format_count  # noqa: E402
 from optpipe.parallel import tensor_run, tensor_train  # noqa: E402
-from optpipe.training import task_loss  # noqa: E402
 
 
 def main() -> None:
@@ -58,11 +56,7 @@ def main() -> None:
     sharded.save(os.path.join(out, "program.pt2"))
     print(f"wrote {os.path.join(out, 'program.pt2')}")
 
-    g = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(args.steps):
-        ids = torch.randint(0, 256, (4 * args.data_parallel, 32), generator=g)
-        batches.append({"input_ids": ids, "labels": ids})
+    batches = lm_batches(args.steps, 4 * args.data_parallel)
     ids = batches[0]["input_ids"]
     res = tensor_run(os.path.join(out, "program.pt2"), (ids,), data_parallel=args.data_parallel)
     with torch.no_grad():
@@ -70,22 +64,7 @@ def main() -> None:
     print(f"tensor-parallel inference: max |ranks - program| = {(res['output'] - reference).abs().max().item():.3g}")
 
     res = tensor_train(sharded, batches, data_parallel=args.data_parallel, lr=0.05, optimizer="sgd")
-    gm = copy.deepcopy(program.gm)
-    for p in gm.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.SGD(gm.parameters(), lr=0.05)
-    losses = []
-    for b in batches:
-        opt.zero_grad()
-        loss = task_loss(gm(b["input_ids"]), b["labels"], "clm")
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    worst = max((w - gm.get_parameter(n).detach()).abs().max().item() for n, w in res["weights"].items())
-    print(f"{res['ranks']} ranks: losses {[round(l, 6) for l in res['losses']]} vs one process "
-          f"{[round(l, 6) for l in losses]}")
-    same = all(abs(a - b) <= 1e-5 for a, b in zip(res["losses"], losses)) and worst <= 1e-5
-    print(f"max weight difference after {args.steps} steps: {worst:.3g}; same training: {same}")
+    check_against_one_process(program.gm, res, batches, 0.05, f"{res['ranks']} ranks:")
 
 
 if __name__ == "__main__":

@@ -131,6 +131,43 @@ def _example_inputs(config: GPTConfig, seq: int = 32) -> tuple[torch.Tensor]:
     return (torch.randint(0, config.vocab_size, (1, seq), dtype=torch.int64, generator=gen),)
 
 
+def lm_batches(steps: int, batch: int, seq: int = 32, vocab: int = 256, seed: int = 0) -> list[dict]:
+    """`steps` random next-token batches {"input_ids", "labels"} of [batch, seq] (the parallel examples')."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def check_against_one_process(gm: torch.fx.GraphModule, res: dict, batches: list[dict], lr: float,
+                              label: str) -> bool:
+    """Train a copy of `gm` with SGD on `batches` in this process and print how the distributed run's
+    result `res` ({"losses", "weights"}) compares: the losses, the largest weight difference and
+    whether both are within 1e-5 ("same training: True")."""
+    import copy
+
+    from optpipe.training import task_loss
+
+    gm = copy.deepcopy(gm)
+    for p in gm.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(gm.parameters(), lr=lr)
+    losses = []
+    for b in batches:
+        opt.zero_grad()
+        loss = task_loss(gm(b["input_ids"]), b["labels"], "clm")
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    worst = max((w - gm.get_parameter(n).detach()).abs().max().item() for n, w in res["weights"].items())
+    print(f"{label} losses {[round(l, 6) for l in res['losses']]} vs one process {[round(l, 6) for l in losses]}")
+    same = all(abs(a - b) <= 1e-5 for a, b in zip(res["losses"], losses)) and worst <= 1e-5
+    print(f"max weight difference after {len(batches)} steps: {worst:.3g}; same training: {same}")
+    return same
+
+
 def build(**overrides):
     """The hand-written-attention GPT (eval mode) and its example inputs `(input_ids int64[1,32],)`."""
     config = GPTConfig(**overrides)
