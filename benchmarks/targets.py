@@ -1,12 +1,16 @@
 """Latency of one program on every target, side by side in one run, as ratios to torch eager.
 
-    python benchmarks/targets.py [--models minilm,gpt2] [--tune N] [--iters 10] [--json]
+    python benchmarks/targets.py [--models minilm,gpt2] [--tune N] [--iters 20] [--block 5] [--json]
 
 Models: the real pretrained all-MiniLM-L6-v2 (batch 8, seq 128) and a GPT-2-small-sized decoder
 (124M params, random init; batch 1, seq 512). Each is captured once and run through
 `fuse-attention,dce`; every target then compiles that same program, is checked for parity
-against it, and is timed: all compiled first, then --iters rounds calling each once, round-robin
-(median per target), so that a change of load on a shared machine hits every row alike.
+against it, and is timed: all compiled first, then rounds in which each target runs `--block`
+calls in a row (median per target over all its calls, `--iters` in all), so that a change of load
+on a shared machine hits every row alike. Calls come in blocks rather than one target at a time
+because every runtime keeps its own thread pool spinning for a while after a call: alternating
+call by call, each runtime ran while another's idle workers still held the cores (MiniLM eager
+254 ms that way vs ~200 ms alone).
 
 Rows: eager, torch.compile, onnxruntime, tvm (untuned) and, with --tune N > 0, tvm tuned with N
 MetaSchedule trials. `--targets eager,onnxruntime,onnxruntime-unfused` adds ONNX Runtime without its
@@ -41,9 +45,9 @@ def gpt2_small():
 MODELS = {"minilm": minilm, "gpt2": gpt2_small}
 
 
-def bench_model(name, model, inputs, targets, iters: int, tune: int) -> list[dict]:
-    """Compile every target first, then time them round-robin (one call of each per round), so
-    that load changes on a shared machine hit every row alike; latency = median over rounds."""
+def bench_model(name, model, inputs, targets, iters: int, tune: int, block: int = 5) -> list[dict]:
+    """Compile every target first, then time them in rounds of `block` consecutive calls per
+    target, so that load changes on a shared machine hit every row alike; latency = median."""
     import optpipe
     from optpipe.optimization import check_target
     from optpipe.registry import get_target
@@ -76,11 +80,12 @@ def bench_model(name, model, inputs, targets, iters: int, tune: int) -> list[dic
             print(f"  {label:<14} failed: {row['error']}", file=sys.stderr)
     times: dict[int, list[float]] = {id(r): [] for r, _, _ in runners}
     with torch.no_grad():
-        for _ in range(iters):
+        for _ in range(max(1, -(-iters // block))):
             for row, compiled, prepared in runners:
-                start = time.perf_counter()
-                compiled(*prepared)
-                times[id(row)].append((time.perf_counter() - start) * 1000)
+                for _ in range(block):
+                    start = time.perf_counter()
+                    compiled(*prepared)
+                    times[id(row)].append((time.perf_counter() - start) * 1000)
     eager_ms = statistics.median(times[id(runners[0][0])]) if runners else None
     for row, _, _ in runners:
         ms = statistics.median(times[id(row)])
@@ -95,10 +100,11 @@ def main() -> None:
     ap.add_argument("--models", default="minilm,gpt2")
     ap.add_argument("--targets", default="eager,compile,onnxruntime,tvm,tvm-tuned")
     ap.add_argument("--tune", type=int, default=64, help="MetaSchedule trials for the 'tvm tuned' row")
-    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=20, help="timed calls per target")
+    ap.add_argument("--block", type=int, default=5, help="consecutive calls per target in each round")
     ap.add_argument("--threads", type=int, default=0,
                     help="threads for every runtime: torch, ONNX Runtime (it follows torch's setting) and "
-                         "TVM (TVM_NUM_THREADS); 0: each runtime's default (the physical cores)")
+                         "TVM (TVM_NUM_THREADS); 0: torch's default (the cores), which the other two follow")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.threads:
@@ -118,7 +124,7 @@ def main() -> None:
     for key in args.models.split(","):
         name, model, inputs = MODELS[key]()
         print(f"{name} (torch {torch.__version__}, {torch.get_num_threads()} threads)", file=sys.stderr)
-        rows += bench_model(name, model, inputs, targets, args.iters, args.tune)
+        rows += bench_model(name, model, inputs, targets, args.iters, args.tune, args.block)
     if args.json:
         print(json.dumps({"rows": rows}))
         return
