@@ -99,6 +99,15 @@ tiles of about this many (rows x keys), so the scores, their grads and the K/V g
 """Sequences up to this length run as one dense masked flash call (fewer, larger GEMMs win there)."""
 _MASK_CACHE_SIZE = 64
 _EPS = 1e-6
+_LOG2E = 1.0 / math.log(2.0)
+
+
+def _exp_(t: torch.Tensor) -> torch.Tensor:
+    """`t.exp_()` computed as exp2(t·log2 e), for the eager CPU kernels: ATen's CPU exp runs ~3x
+    slower than its exp2 (1.1 vs 0.33 ns per fp32 element here, AVX-512). Rounding t·log2 e costs
+    a relative error of at most ~|t|·6e-8 (8e-7 for the |t| < 14 where softmax weights exceed
+    1e-6; exp(-inf) stays 0)."""
+    return t.mul_(_LOG2E).exp2_()
 
 
 # -- patterns ----------------------------------------------------------------------------------------
@@ -695,7 +704,7 @@ def _sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: Spa
                     qr, gr, lr, dr, dqr = (t[b0:b1] for t in (qx, gx, l_blocks[x], deltax, dqx))
                 m, r, keys = qr.shape[0], qr.shape[1], k_s.shape[1]
                 # (mask − lse) first: one pass over the tile, then the GEMM accumulates into it
-                p = torch.sub(mask, lr, out=ws.get("p", (m, r, keys))).baddbmm_(qr, k_s.transpose(1, 2)).exp_()
+                p = _exp_(torch.sub(mask, lr, out=ws.get("p", (m, r, keys))).baddbmm_(qr, k_s.transpose(1, 2)))
                 dv_s = torch.bmm(p.transpose(1, 2), gr, out=ws.get("dv_s", (m, keys, gr.shape[-1])))
                 ds = torch.bmm(gr, v_s.transpose(1, 2), out=ws.get("ds", (m, r, keys))).sub_(dr).mul_(p)
                 if i == 0:
@@ -977,12 +986,15 @@ class _HeadFeatures:
         if name is not None and name not in FEATURE_MAPS:
             raise ValueError(f"unknown feature map {name!r} (known: {', '.join(FEATURE_MAPS)})")
         self.name = name
+        self._relu: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, buf: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         n = x.shape[0]
         out = buf[:n]
-        if self.name == "elu":
-            torch._C._nn.elu(x, out=out).add_(1)
+        if self.name == "elu":  # elu(x) + 1 = exp(min(x, 0)) + max(x, 0): 2.5x faster than ATen's elu
+            if self._relu is None or self._relu.shape != x.shape:
+                self._relu = torch.empty_like(x, memory_format=torch.contiguous_format)
+            _exp_(torch.clamp(x, max=0, out=out)).add_(torch.clamp(x, min=0, out=self._relu))
         elif self.name == "relu":
             torch.clamp(x, min=0, out=out)
         else:
