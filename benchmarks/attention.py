@@ -14,7 +14,11 @@ and for forward and forward+backward:
   /proc/self/clear_refs before each call) over its resident set before the call, with glibc told to
   serve every allocation above 128 KiB by mmap (`mallopt(M_MMAP_THRESHOLD)`) so freed tensors
   leave the resident set at once. Inputs, and their gradients kept from an earlier call, are not
-  counted; outputs and gradients made by the call are. ratio = kind / dense (< 1: less memory);
+  counted; outputs and gradients made by the call are. ratio = kind / dense (< 1: less memory).
+  Memory is measured after every latency (and the whole model): the fixed mmap threshold makes
+  each large allocation fault in fresh pages, which is not what a program sees under glibc's
+  default, adaptive threshold, and it slowed the kernels that allocate more (linear at 4096:
+  6.97x dense with it, 9.34x without, in one back-to-back pair);
 - keys: the average number of keys a query attends (dense causal: (n+1)/2); `1/keys` is the
   FLOP-limit speedup of the sparse kinds.
 
@@ -130,7 +134,8 @@ def keys_per_query(kind: str, n: int) -> float:
     return float("nan")
 
 
-def bench_length(n: int, kinds: list[str], repeat: int, with_math: bool) -> list[dict]:
+def length_candidates(n: int, kinds: list[str], with_math: bool):
+    """(names, {train: {name: fn}}) for one sequence length: dense baselines first."""
     g = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, generator=g) for _ in range(3))
     grad_out = torch.randn(1, HEADS, n, HEAD_DIM, generator=g)
@@ -162,25 +167,41 @@ def bench_length(n: int, kinds: list[str], repeat: int, with_math: bool) -> list
                 t.grad = None
         return step
 
-    names = ["dense", "dense (bidir)"] + kinds
+    names = ["dense", "dense (bidir)"] + kinds + (["dense-math"] if with_math else [])
+    return names, {train: {name: make(name, train) for name in names} for train in (False, True)}
+
+
+def time_length(n: int, kinds: list[str], repeat: int, with_math: bool) -> list[dict]:
+    """Latency rows of one length (the n x n `dense-math` row timed once, outside the rounds)."""
+    names, cands = length_candidates(n, kinds, with_math)
     rows = []
-    for train in (False, True):
-        cands = {name: make(name, train) for name in names}
-        times = interleaved_min(cands, repeat)
-        mems = {name: peak_memory_mb(fn) for name, fn in cands.items()}
+    for train, fns in cands.items():
+        times = interleaved_min({k: f for k, f in fns.items() if k != "dense-math"}, repeat)
         if with_math:
-            math = make("dense-math", train)
-            times["dense-math"] = interleaved_min({"m": math}, 1)["m"]
-            mems["dense-math"] = peak_memory_mb(math)
-        for name in names + (["dense-math"] if with_math else []):
+            times["dense-math"] = interleaved_min({"m": fns["dense-math"]}, 1)["m"]
+        for name in names:
             base = "dense (bidir)" if "bidir" in name else "dense"
             rows.append({"seq": n, "mode": "fwd+bwd" if train else "fwd", "kind": name,
                          "ms": times[name] * 1e3, "speedup": times[base] / times[name],
-                         "peak_mb": mems[name],
-                         "mem_ratio": (mems[name] / mems[base]) if mems[name] is not None and mems[base] else None,
                          "keys": (n + 1) / 2 if name in ("dense", "dense-math") else
                          float(n) if name == "dense (bidir)" else keys_per_query(name, n)})
     return rows
+
+
+def measure_memory(n: int, kinds: list[str], with_math: bool, rows: list[dict]) -> None:
+    """Adds peak_mb / mem_ratio to `rows` of length n (call after `_malloc_returns_memory`)."""
+    names, cands = length_candidates(n, kinds, with_math)
+    for train, fns in cands.items():
+        for fn in fns.values():  # warm-up: lazily built masks and caches are not the call's memory
+            fn()
+        mems = {name: peak_memory_mb(fn) for name, fn in fns.items()}
+        mode = "fwd+bwd" if train else "fwd"
+        for row in rows:
+            if row["seq"] == n and row["mode"] == mode:
+                name = row["kind"]
+                base = mems["dense (bidir)" if "bidir" in name else "dense"]
+                row["peak_mb"] = mems[name]
+                row["mem_ratio"] = mems[name] / base if mems[name] is not None and base else None
 
 
 # -- whole model --------------------------------------------------------------------------------------
@@ -243,8 +264,8 @@ def attention_table(rows: list[dict]) -> str:
             f = next(r for r in rows if r["seq"] == n and r["mode"] == "fwd" and r["kind"] == kind)
             b = next(r for r in rows if r["seq"] == n and r["mode"] == "fwd+bwd" and r["kind"] == kind)
             out.append(f"| {kind} | {_fmt(f['keys'], '.0f')} | {f['ms']:.1f} | {f['speedup']:.2f}x | "
-                       f"{_fmt(f['peak_mb'], '.1f')} | {_fmt(f['mem_ratio'], '.2f')} | {b['ms']:.1f} | "
-                       f"{b['speedup']:.2f}x | {_fmt(b['peak_mb'], '.1f')} | {_fmt(b['mem_ratio'], '.2f')} |")
+                       f"{_fmt(f.get('peak_mb'), '.1f')} | {_fmt(f.get('mem_ratio'), '.2f')} | {b['ms']:.1f} | "
+                       f"{b['speedup']:.2f}x | {_fmt(b.get('peak_mb'), '.1f')} | {_fmt(b.get('mem_ratio'), '.2f')} |")
     return "\n".join(out)
 
 
@@ -274,26 +295,34 @@ def main(argv=None) -> None:
         args.seqs, args.repeat, args.model_layers = "1024", 1, 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    mmap = _malloc_returns_memory()
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         parser.error(f"unknown kinds {unknown}; known: {', '.join(KINDS)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"{platform.processor() or platform.machine()}, cpu capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, mmap threshold set: {mmap}, "
+          f"{torch.backends.cpu.get_cpu_capability()}, "
           f"load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "")
+    seqs = [int(s) for s in args.seqs.split(",") if s]
     rows = []
-    for n in (int(s) for s in args.seqs.split(",") if s):
+    for n in seqs:
         started = time.perf_counter()
-        rows += bench_length(n, kinds, args.repeat, with_math=n <= 4096)
-        print(f"seq {n}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    print(attention_table(rows))
+        rows += time_length(n, kinds, args.repeat, with_math=n <= 4096)
+        print(f"seq {n} latency: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     model_rows = []
     if args.model_layers:
         started = time.perf_counter()
         model_rows = bench_model(args.model_layers, args.model_seq, args.model_repeat)
         print(f"whole model: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    mmap = _malloc_returns_memory()  # from here on: memory only (see the module docstring)
+    for n in seqs:
+        started = time.perf_counter()
+        measure_memory(n, kinds, n <= 4096, rows)
+        print(f"seq {n} memory: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    print(f"(peak memory with the mmap threshold set: {mmap}; load average {os.getloadavg()[0]:.2f} at the end)"
+          if hasattr(os, "getloadavg") else "")
+    print(attention_table(rows))
+    if model_rows:
         print(model_table(model_rows))
     if args.json:
         with open(args.json, "w") as f:
