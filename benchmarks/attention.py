@@ -15,10 +15,11 @@ and for forward and forward+backward:
   serve every allocation above 128 KiB by mmap (`mallopt(M_MMAP_THRESHOLD)`) so freed tensors
   leave the resident set at once. Inputs, and their gradients kept from an earlier call, are not
   counted; outputs and gradients made by the call are. ratio = kind / dense (< 1: less memory).
-  Memory is measured after every latency (and the whole model): the fixed mmap threshold makes
-  each large allocation fault in fresh pages, which is not what a program sees under glibc's
-  default, adaptive threshold, and it slowed the kernels that allocate more (linear at 4096:
-  6.97x dense with it, 9.34x without, in one back-to-back pair);
+  Memory is measured in a child process of its own, after every latency (and the whole model):
+  the fixed mmap threshold makes each large allocation fault in fresh pages, which is not what a
+  program sees under glibc's default, adaptive threshold, and it slowed the kernels that allocate
+  more (linear at 4096: 6.97x dense with it, 9.34x without, in one back-to-back pair); and in the
+  timing process the heap keeps what earlier calls freed, so no call would grow the resident set;
 - keys: the average number of keys a query attends (dense causal: (n+1)/2); `1/keys` is the
   FLOP-limit speedup of the sparse kinds.
 
@@ -41,6 +42,7 @@ import gc
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -54,6 +56,7 @@ if ROOT not in sys.path:
 from optpipe.passes import attention_ops as ops  # noqa: E402
 
 HEADS, HEAD_DIM = 8, 64
+MATH_MAX_LEN = 4096  # the n x n `dense-math` row up to this length (16384 would hold 8 GiB of scores)
 
 
 # -- measurement ---------------------------------------------------------------------------------------
@@ -188,20 +191,33 @@ def time_length(n: int, kinds: list[str], repeat: int, with_math: bool) -> list[
     return rows
 
 
-def measure_memory(n: int, kinds: list[str], with_math: bool, rows: list[dict]) -> None:
-    """Adds peak_mb / mem_ratio to `rows` of length n (call after `_malloc_returns_memory`)."""
-    names, cands = length_candidates(n, kinds, with_math)
-    for train, fns in cands.items():
-        for fn in fns.values():  # warm-up: lazily built masks and caches are not the call's memory
-            fn()
-        mems = {name: peak_memory_mb(fn) for name, fn in fns.items()}
-        mode = "fwd+bwd" if train else "fwd"
-        for row in rows:
-            if row["seq"] == n and row["mode"] == mode:
-                name = row["kind"]
-                base = mems["dense (bidir)" if "bidir" in name else "dense"]
-                row["peak_mb"] = mems[name]
-                row["mem_ratio"] = mems[name] / base if mems[name] is not None and base else None
+def peak_memory_rows(seqs: list[int], kinds: list[str]) -> list[dict]:
+    """[{seq, mode, kind, peak_mb}] in this process: call it in a fresh one (`--memory-child`)."""
+    mmap = _malloc_returns_memory()
+    out = []
+    for n in seqs:
+        started = time.perf_counter()
+        names, cands = length_candidates(n, kinds, n <= MATH_MAX_LEN)
+        for train, fns in cands.items():
+            for fn in fns.values():  # warm-up: lazily built masks and caches are not the call's memory
+                fn()
+            out += [{"seq": n, "mode": "fwd+bwd" if train else "fwd", "kind": name,
+                     "peak_mb": peak_memory_mb(fn) if mmap else None} for name, fn in fns.items()]
+        print(f"seq {n} memory: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return out
+
+
+def measure_memory(seqs: list[int], kinds: list[str], threads: int | None, rows: list[dict]) -> None:
+    """Adds peak_mb / mem_ratio to the latency `rows`, measured by a child process."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", "--seqs", ",".join(map(str, seqs)),
+           "--kinds", ",".join(kinds)] + (["--threads", str(threads)] if threads else [])
+    child = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+    mems = {(r["seq"], r["mode"], r["kind"]): r["peak_mb"] for r in json.loads(child.stdout)}
+    for row in rows:
+        key = (row["seq"], row["mode"], row["kind"])
+        base = mems.get((row["seq"], row["mode"], "dense (bidir)" if "bidir" in row["kind"] else "dense"))
+        row["peak_mb"] = mems.get(key)
+        row["mem_ratio"] = row["peak_mb"] / base if row["peak_mb"] is not None and base else None
 
 
 # -- whole model --------------------------------------------------------------------------------------
@@ -290,6 +306,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model-repeat", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="seq 1024, one repeat, no whole model")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.seqs, args.repeat, args.model_layers = "1024", 1, 0
@@ -299,28 +316,27 @@ def main(argv=None) -> None:
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         parser.error(f"unknown kinds {unknown}; known: {', '.join(KINDS)}")
+    seqs = [int(s) for s in args.seqs.split(",") if s]
+    if args.memory_child:
+        print(json.dumps(peak_memory_rows(seqs, kinds)))
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"{platform.processor() or platform.machine()}, cpu capability "
           f"{torch.backends.cpu.get_cpu_capability()}, "
           f"load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "")
-    seqs = [int(s) for s in args.seqs.split(",") if s]
     rows = []
     for n in seqs:
         started = time.perf_counter()
-        rows += time_length(n, kinds, args.repeat, with_math=n <= 4096)
+        rows += time_length(n, kinds, args.repeat, with_math=n <= MATH_MAX_LEN)
         print(f"seq {n} latency: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     model_rows = []
     if args.model_layers:
         started = time.perf_counter()
         model_rows = bench_model(args.model_layers, args.model_seq, args.model_repeat)
         print(f"whole model: {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    mmap = _malloc_returns_memory()  # from here on: memory only (see the module docstring)
-    for n in seqs:
-        started = time.perf_counter()
-        measure_memory(n, kinds, n <= 4096, rows)
-        print(f"seq {n} memory: {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    print(f"(peak memory with the mmap threshold set: {mmap}; load average {os.getloadavg()[0]:.2f} at the end)"
-          if hasattr(os, "getloadavg") else "")
+    measure_memory(seqs, kinds, args.threads, rows)
+    if hasattr(os, "getloadavg"):
+        print(f"(load average {os.getloadavg()[0]:.2f} at the end)")
     print(attention_table(rows))
     if model_rows:
         print(model_table(model_rows))
