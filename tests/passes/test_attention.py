@@ -634,7 +634,7 @@ def test_slower_than_dense_at_short_lengths_is_said_not_hidden(tmp_path):
 
     model, inputs = tiny_gpt.build()
     notes = inspect_program(capture(model, inputs))["notes"]
-    assert any("slower than dense SDPA" in n and "sliding-window (below ~1024)" in n for n in notes)
+    assert any("slower than dense SDPA" in n and "sliding-window (below ~512)" in n for n in notes)
     res = optpipe.optimize(model, inputs, pipeline="fuse-attention,attention{kind=sliding-window,window=8}",
                            target="cpu", target_options={"mode": "eager"})
     pass_notes = res.report["passes"][1]["details"]["notes"]
