@@ -137,8 +137,9 @@ def keys_per_query(kind: str, n: int) -> float:
     return float("nan")
 
 
-def length_candidates(n: int, kinds: list[str], with_math: bool):
-    """(names, {train: {name: fn}}) for one sequence length: dense baselines first."""
+def length_candidates(n: int, kinds: list[str]):
+    """(names, {train: {name: fn}}) for one sequence length: dense baselines first, the n x n
+    `dense-math` row last (up to MATH_MAX_LEN)."""
     g = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, generator=g) for _ in range(3))
     grad_out = torch.randn(1, HEADS, n, HEAD_DIM, generator=g)
@@ -170,17 +171,17 @@ def length_candidates(n: int, kinds: list[str], with_math: bool):
                 t.grad = None
         return step
 
-    names = ["dense", "dense (bidir)"] + kinds + (["dense-math"] if with_math else [])
+    names = ["dense", "dense (bidir)"] + kinds + (["dense-math"] if n <= MATH_MAX_LEN else [])
     return names, {train: {name: make(name, train) for name in names} for train in (False, True)}
 
 
-def time_length(n: int, kinds: list[str], repeat: int, with_math: bool) -> list[dict]:
+def time_length(n: int, kinds: list[str], repeat: int) -> list[dict]:
     """Latency rows of one length (the n x n `dense-math` row timed once, outside the rounds)."""
-    names, cands = length_candidates(n, kinds, with_math)
+    names, cands = length_candidates(n, kinds)
     rows = []
     for train, fns in cands.items():
         times = interleaved_min({k: f for k, f in fns.items() if k != "dense-math"}, repeat)
-        if with_math:
+        if "dense-math" in fns:
             times["dense-math"] = interleaved_min({"m": fns["dense-math"]}, 1)["m"]
         for name in names:
             base = "dense (bidir)" if "bidir" in name else "dense"
@@ -197,7 +198,7 @@ def peak_memory_rows(seqs: list[int], kinds: list[str]) -> list[dict]:
     out = []
     for n in seqs:
         started = time.perf_counter()
-        names, cands = length_candidates(n, kinds, n <= MATH_MAX_LEN)
+        _, cands = length_candidates(n, kinds)
         for train, fns in cands.items():
             for fn in fns.values():  # warm-up: lazily built masks and caches are not the call's memory
                 fn()
@@ -327,7 +328,7 @@ def main(argv=None) -> None:
     rows = []
     for n in seqs:
         started = time.perf_counter()
-        rows += time_length(n, kinds, args.repeat, with_math=n <= MATH_MAX_LEN)
+        rows += time_length(n, kinds, args.repeat)
         print(f"seq {n} latency: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     model_rows = []
     if args.model_layers:

@@ -43,9 +43,9 @@ How it lowers
    without the model's Python code.
 
 Limits: checked in fp32; inference only. The library is built for this host's CPU (mcpu): rebuild
-for another machine. Weights live inside model.so in their own layout (repacking them into column panels at
-build time measured slower here); each matmul task copies its panel into a contiguous buffer
-at run time instead. Tuning helps the example shape only. MetaSchedule needs a TVM FFI whose
+for another machine. Weights live inside model.so in their own layout (repacking them into
+column panels at build time measured slower here); each matmul task copies its panel into a
+contiguous buffer at run time instead. Tuning helps the example shape only. MetaSchedule needs a TVM FFI whose
 `tvm.ir.save_json` works (apache-tvm-ffi 0.1.14.*; 0.1.15.* segfaults), and tuning is refused up
 front otherwise.
 """
@@ -695,21 +695,22 @@ def schedule_matmul(sch, target, tunable: bool = False) -> bool:
     # tile heights dividing a static M (no ragged last tile), the preferred one first
     row_options = [m for m in MATMUL_ROWS if isinstance(rows, int) and rows % m == 0] or [MATMUL_ROWS[0]]
     col_options = [lanes * v for v in (MATMUL_VECTORS, 2, 1) if not isinstance(cols, int) or cols % (lanes * v) == 0]
-    if isinstance(cols, int) and cols < lanes * MATMUL_VECTORS:
+    if isinstance(cols, int) and cols < width:
         col_options = [cols if cols < lanes else cols // lanes * lanes]
     elif isinstance(cols, int) and not col_options:
         # no vector multiple divides N (GPT-2's vocabulary, 50257 = 29 * 1733): an odd-width tile
         # that divides it (LLVM splits <29 x float> into 16+8+4+1) beats a ragged last tile,
         # whose predicate would keep the whole loop from vectorising (~5x slower)
-        col_options = [d for d in range(lanes * MATMUL_VECTORS, lanes - 1, -1) if cols % d == 0][:1]
+        col_options = [d for d in range(width, lanes - 1, -1) if cols % d == 0][:1]
     i0, i1 = sch.split(i, [None, _choice(sch, row_options, tunable)])
-    j0, j1 = sch.split(j, [None, _choice(sch, col_options or [lanes * MATMUL_VECTORS], tunable)])
+    j0, j1 = sch.split(j, [None, _choice(sch, col_options or [width], tunable)])
     sch.reorder(*batch, j0, i0, k, i1, j1)
     task = sch.fuse(*batch, j0) if batch else j0
     sch.parallel(task)
-    # the panel copy: the padding block where N was padded, else a cache read of B
-    b_read = next(n for n, r in enumerate(stmt.reads) if _is_var(r.region[-1], vj))
-    panels = padded_in or (sch.cache_read(block, b_read, "global"),)
+    # the panel copy: the padding block where N was padded, else a cache read of B (the operand
+    # whose last axis is j)
+    panels = padded_in or (sch.cache_read(block, next(n for n, r in enumerate(stmt.reads)
+                                                       if _is_var(r.region[-1], vj)), "global"),)
     for panel in panels:
         sch.compute_at(panel, task)
     accumulator = sch.cache_write(block, 0, "local")
