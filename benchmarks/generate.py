@@ -125,7 +125,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from optpipe.generation import generate
+    from optpipe.runtime.generation import generate
 
     model = gpt2_small()
     prompt = torch.randint(0, 50257, (1, args.prompt), generator=torch.Generator().manual_seed(0))
@@ -225,7 +225,7 @@ def speculative(model, prompt, new, max_len, reference, k: int = 4) -> dict:
     """Draft: the same weights with only the first half of the layers."""
     import copy
 
-    from optpipe.generation import generate
+    from optpipe.runtime.generation import generate
 
     draft_model = copy.deepcopy(model)
     half = len(draft_model.transformer.h) // 2
@@ -242,7 +242,7 @@ def speculative(model, prompt, new, max_len, reference, k: int = 4) -> dict:
 def linear_decode(short: int = 256, long: int = 8192, steps: int = 32) -> dict:
     """Per-token decode latency with the linear-attention recurrent state, after a prompt of
     `short` vs `long` tokens (GPT-2-small-sized, all layers linear)."""
-    from optpipe.generation import filled, prefill
+    from optpipe.kv_step import filled, prefill
 
     model = gpt2_small(positions=long + steps)
     prompt = torch.randint(0, 50257, (1, 64))

@@ -9,11 +9,11 @@ Model: the nanoGPT-style GPT of examples/tiny_gpt.py at `--layers` x `--width` (
 training step = forward, next-token loss, backward, SGD step on a batch of `--batch` sequences.
 
 - one process: the unsplit program, whole batch at once, `torch.set_num_threads(1)`;
-- pipeline: `optpipe.parallel.pipeline_train` with p ranks (torchrun, gloo, OMP_NUM_THREADS=1 each),
+- pipeline: `optpipe.runtime.parallel.pipeline_train` with p ranks (torchrun, gloo, OMP_NUM_THREADS=1 each),
   1F1B over m micro-batches; step time measured on the ranks between barriers (start-up and the
   first step, which infers the stage metadata, excluded; median of the rest).
 
-- tensor: `optpipe.parallel.tensor_train` with t ranks (`partition{strategy=tensor,ways=t}`: heads
+- tensor: `optpipe.runtime.parallel.tensor_train` with t ranks (`partition{strategy=tensor,ways=t}`: heads
   and MLP channels sharded, two all-reduces per block each way), the whole batch on every rank.
 
 The bubble model: with balanced stages and free communication a p-stage pipeline over m micro-batches
@@ -41,8 +41,8 @@ if ROOT not in sys.path:
 
 import optpipe  # noqa: E402
 from examples.tiny_gpt import build, lm_batches  # noqa: E402
-from optpipe.parallel import partitioned, pipeline_train, tensor_partitioned, tensor_train  # noqa: E402
-from optpipe.training import task_loss  # noqa: E402
+from optpipe.runtime.parallel import partitioned, pipeline_train, tensor_partitioned, tensor_train  # noqa: E402
+from optpipe.losses import task_loss  # noqa: E402
 
 
 def one_process_step(program, data: list[dict]) -> float:

@@ -34,7 +34,7 @@ if ROOT not in sys.path:
 
 import optpipe  # noqa: E402
 from examples.heal import build  # noqa: E402
-from optpipe.training import task_loss  # noqa: E402
+from optpipe.losses import task_loss  # noqa: E402
 
 KINDS = {"dense": None, "sliding-window (256)": "attention{kind=sliding-window,window=256}",
          "linear": "attention{kind=linear}"}

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 import optpipe  # noqa: E402
 from examples.tiny_gpt import build  # noqa: E402
-from optpipe.generation import Sampling  # noqa: E402
+from optpipe.runtime.generation import Sampling  # noqa: E402
 
 PROMPTS = [[3, 14, 15, 92, 65, 35, 89, 79], [2, 71, 82], [18, 28, 18, 28, 45]]
 
@@ -39,19 +39,19 @@ def main(out: str) -> None:
     print(f"step program inputs: {', '.join(step.input_names)}")
     print(f"caches: {len(layers)} layers x {layers[0]['caches'][0]['shape'][1:]} ({layers[0]['kind']})")
 
-    cached = step.generate(PROMPTS, 128)
-    recomputed = plain.generate(PROMPTS, 128)
+    cached = optpipe.generate(step, PROMPTS, 128)
+    recomputed = optpipe.generate(plain, PROMPTS, 128)
     assert cached.new_ids == recomputed.new_ids, "the cache changed the greedy tokens"
     print(f"greedy, 3 prompts x 128 tokens: cache {cached.tokens_per_s:.0f} tokens/s, recompute "
           f"{recomputed.tokens_per_s:.0f} tokens/s ({cached.tokens_per_s / recomputed.tokens_per_s:.1f}x), "
           f"same tokens: True")
-    sampled = step.generate(PROMPTS, 16, sampling=Sampling(temperature=0.8, top_p=0.9, seed=0))
+    sampled = optpipe.generate(step, PROMPTS, 16, sampling=Sampling(temperature=0.8, top_p=0.9, seed=0))
     print(f"sampled (T=0.8, top-p 0.9, seed 0): {sampled.new_ids[0]}")
 
     window, _ = optpipe.Pipeline.parse("attention{kind=sliding-window,window=16},kv-cache{max-len=192}").run(plain)
     swapped, _ = optpipe.Pipeline.parse("attention{kind=sliding-window,window=16}").run(plain)
     ring = window.meta["kv_cache"]["layers"][0]["caches"][0]["shape"]
-    same = window.generate(PROMPTS, 64).new_ids == swapped.generate(PROMPTS, 64).new_ids
+    same = optpipe.generate(window, PROMPTS, 64).new_ids == optpipe.generate(swapped, PROMPTS, 64).new_ids
     print(f"sliding-window 16: ring cache {ring[1:]} per layer, same tokens as without a cache: {same}")
     assert same
 
@@ -59,8 +59,8 @@ def main(out: str) -> None:
     draft_model.transformer.h = draft_model.transformer.h[:1]
     draft, _ = optpipe.Pipeline.parse("fuse-attention,dce,kv-cache{max-len=192}").run(
         optpipe.capture(draft_model, example))
-    spec = step.generate(PROMPTS[:1], 64, draft=draft, draft_tokens=4)
-    alone = step.generate(PROMPTS[:1], 64)
+    spec = optpipe.generate(step, PROMPTS[:1], 64, draft=draft, draft_tokens=4)
+    alone = optpipe.generate(step, PROMPTS[:1], 64)
     assert spec.new_ids == alone.new_ids
     print(f"speculative (1-layer draft, 4 tokens/step): acceptance {spec.acceptance_rate:.0%}, "
           f"{spec.steps} target steps for 64 tokens, identical to the target alone: True")

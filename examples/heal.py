@@ -32,7 +32,7 @@ if __package__ in (None, ""):
 from examples.tiny_gpt import GPT, GPTConfig  # noqa: E402
 
 CONTEXT = 128
-BYTE_VOCAB = 259  # optpipe.data.ByteTokenizer: 256 bytes + eos, pad, mask
+BYTE_VOCAB = 259  # optpipe.runtime.data.ByteTokenizer: 256 bytes + eos, pad, mask
 
 
 def build(context: int = CONTEXT, layers: int = 4, width: int = 128, heads: int = 4):
@@ -83,8 +83,8 @@ def _recovered(r: dict) -> str:
 def run(workdir: str, *, quick: bool = False, pretrain_steps: int = 1500, heal_steps: int = 800,
         window: int = 16, alpha: float = 0.5, control: bool = False, seed: int = 0) -> dict:
     import optpipe
-    from optpipe.data import pydoc_corpus
-    from optpipe.training import evaluate
+    from optpipe.runtime.data import pydoc_corpus
+    from optpipe.runtime.training import evaluate
 
     factory = "examples/heal.py:build_quick" if quick else "examples/heal.py:build"
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,8 +125,8 @@ def run_minilm(workdir: str, *, head_steps: int = 300, heal_steps: int = 300, sp
     """The real MiniLM, masked-LM objective: train the LM head (encoder frozen) to get the dense
     reference, prune `sparsity` of every MLP's channels, heal by distillation from the reference."""
     import optpipe
-    from optpipe.data import pydoc_corpus
-    from optpipe.training import evaluate
+    from optpipe.runtime.data import pydoc_corpus
+    from optpipe.runtime.training import evaluate
 
     corpus = os.path.join(workdir, "pydoc.txt")
     if not os.path.isfile(corpus):

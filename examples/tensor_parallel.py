@@ -25,7 +25,7 @@ if ROOT not in sys.path:
 import optpipe  # noqa: E402
 from examples.tiny_gpt import build, check_against_one_process, lm_batches  # noqa: E402
 from optpipe.analysis import format_count  # noqa: E402
-from optpipe.parallel import tensor_run, tensor_train  # noqa: E402
+from optpipe.runtime.parallel import tensor_run, tensor_train  # noqa: E402
 
 
 def main() -> None:

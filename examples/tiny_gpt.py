@@ -148,7 +148,7 @@ def check_against_one_process(gm: torch.fx.GraphModule, res: dict, batches: list
     whether both are within 1e-5 ("same training: True")."""
     import copy
 
-    from optpipe.training import task_loss
+    from optpipe.losses import task_loss
 
     gm = copy.deepcopy(gm)
     for p in gm.parameters():

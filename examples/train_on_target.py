@@ -3,7 +3,7 @@
     python examples/train_on_target.py [--steps 20] [--targets cpu,onnxruntime,tvm] [OUT_ROOT]
 
 A byte-level GPT (examples/heal.py `build_quick`: 2 layers, 32 wide, context 32) is trained on
-Python's own documentation (`pydoc_data`, written out by `optpipe.data.pydoc_corpus`) with the
+Python's own documentation (`pydoc_data`, written out by `optpipe.runtime.data.pydoc_corpus`) with the
 same options on every target: `optpipe.train(..., target=T)`, the API of `optpipe train --target T`.
 onnxruntime-training runs loss, gradients and AdamW inside ORT (one AdamW group, no clipping);
 TVM imports the program and its loss into Relax, takes gradients with Relax's autodiff and runs a
@@ -24,7 +24,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 import optpipe  # noqa: E402
-from optpipe.data import pydoc_corpus  # noqa: E402
+from optpipe.runtime.data import pydoc_corpus  # noqa: E402
 
 MODEL = os.path.join(ROOT, "examples", "heal.py") + ":build_quick"
 

@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 
 from .capture import capture
 from .errors import OptpipeError, PassError, TargetError, UsageError, VerificationError
@@ -24,13 +24,20 @@ def load(path: str, **kwargs) -> Program:
     return load_model(path, **kwargs)
 
 
-def optimize(*args, **kwargs):
+def optimize(*args, calibration=None, **kwargs):
+    """Capture, run the verified pipeline, compile and check; see `optpipe.optimization.optimize`.
+    `calibration` may also be a text/JSONL file, tokenized for the program like
+    `optpipe.runtime.data.calibration_batches`."""
+    import os
+
     from .optimization import optimize as _optimize
 
-    return _optimize(*args, **kwargs)
+    if isinstance(calibration, (str, os.PathLike)):
+        from .runtime.data import calibration_batches
 
-
-optimize.__doc__ = "See optpipe.optimization.optimize: capture, run the verified pipeline, compile, check."
+        path = calibration
+        calibration = lambda program: calibration_batches(path, program)  # noqa: E731
+    return _optimize(*args, calibration=calibration, **kwargs)
 
 
 def diff(a: Program, b: Program) -> dict:
@@ -42,16 +49,16 @@ def diff(a: Program, b: Program) -> dict:
 
 def generate(program: Program, prompts, max_new_tokens: int, **options):
     """Generate from a program (a kv-cache step program, or a plain causal LM); see
-    optpipe.generation.generate for sampling, stop tokens and speculative decoding."""
-    from .generation import generate as _generate
+    optpipe.runtime.generation.generate for sampling, stop tokens and speculative decoding."""
+    from .runtime.generation import generate as _generate
 
     return _generate(program, prompts, max_new_tokens, **options)
 
 
 def train(model, data, out: str, **options):
     """Train `model` (an OUT folder, any MODEL form, or a Program) on text/JSONL `data`, writing
-    OUT2=`out`; see optpipe.training.train and TrainConfig for the options."""
-    from .training import train as _train
+    OUT2=`out`; see optpipe.runtime.training.train and TrainConfig for the options."""
+    from .runtime.training import train as _train
 
     return _train(model, data, out, **options)
 

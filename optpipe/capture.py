@@ -18,16 +18,14 @@ import dataclasses
 import os
 
 import inspect
-import warnings
 from collections.abc import Mapping
 from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-from torch.export import Dim
 
 from .errors import UsageError
-from .program import Program
+from .program import Program, export_module
 
 OUTPUT_PREFERENCE = ("logits", "last_hidden_state", "prediction_logits", "start_logits")
 
@@ -132,45 +130,6 @@ def guess_dynamic_dims(inputs: Sequence, names: Sequence[str]) -> list[dict[int,
         else:
             spec.append({0: "batch"})
     return spec
-
-
-def _widen(x: torch.Tensor, dims) -> torch.Tensor:
-    for d in dims or {}:
-        if x.shape[d] == 1:
-            x = torch.cat([x, x], dim=d)
-    return x
-
-
-def export_module(module: nn.Module, inputs: tuple, names: Sequence[str], dynamic, *,
-                  strict_dims: bool = False):
-    """torch.export `module` (non-strict) with `dynamic` dims as Dim.AUTO.
-
-    Returns (exported_program, dims that stayed dynamic). The example inputs are widened on size-1
-    dynamic dims for tracing only.
-    """
-    dynamic = list(dynamic) if dynamic else [None] * len(inputs)
-    trace_inputs = tuple(_widen(x, d) if isinstance(x, torch.Tensor) else x
-                         for x, d in zip(inputs, dynamic))
-    shapes = tuple({d: Dim.AUTO for d in spec} if spec else None for spec in dynamic)
-    if any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(module.forward).parameters.values()):
-        shapes = (shapes,)  # forward(*args): the spec of the one varargs tuple
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ep = torch.export.export(module, trace_inputs, dynamic_shapes=shapes, strict=False)
-    kept = []
-    user_inputs = [n for n in ep.graph.nodes if n.op == "placeholder"][-len(inputs):] if inputs else []
-    for node, spec in zip(user_inputs, dynamic):
-        val = node.meta.get("val")
-        if not spec or not isinstance(val, torch.Tensor):
-            kept.append(None)
-            continue
-        dyn = {d: name for d, name in spec.items() if _is_symbolic(val.shape[d])}
-        kept.append(dyn or None)
-    return ep, kept
-
-
-def _is_symbolic(size) -> bool:
-    return isinstance(size, torch.SymInt) and bool(size.node.expr.free_symbols)
 
 
 def capture(model: nn.Module, example_inputs: Sequence | Mapping | torch.Tensor, *,

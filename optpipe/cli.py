@@ -147,7 +147,7 @@ def optimize(model, target, pipeline, preset, recipe, inputs, arch, trust_pickle
                  f"{_dims_text(program)}")
     calibration = None
     if calibration_data:
-        from .data import calibration_batches as read_calibration
+        from .runtime.data import calibration_batches as read_calibration
 
         with progress(f"read calibration data {calibration_data}"):
             calibration = read_calibration(calibration_data, program, batches=calibration_batches)
@@ -309,7 +309,7 @@ def _load_out(out: str):
 def generate(out, prompts, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens,
              ignore_eos, draft, draft_tokens, as_json):
     """Generate tokens from the (kv-cache) program in OUT on its target."""
-    from .generation import Sampling, generate as run_generate
+    from .runtime.generation import Sampling, generate as run_generate
 
     if bool(prompts) == bool(prompt_ids):
         raise UsageError("give --prompt TEXT or --prompt-ids IDS (one of them)", "e.g. --prompt-ids 1,2,3")
@@ -396,7 +396,7 @@ def train(model, data, objective, steps, batch_size, seq_len, grad_accum, lr, mi
           val_batches, val_every, log_every, checkpoint_every, seed, target, compile_, amp, text_key, nproc, stages,
           microbatches, schedule, tensor_parallel, resume, force, out, as_json):
     """Train (pre-train, fine-tune, or heal by distillation) the program in OUT; write OUT2."""
-    from .training import train as run_train
+    from .runtime.training import train as run_train
 
     result = run_train(model, list(data), out, resume=resume, force=force, nproc=nproc, stages=stages,
                        microbatches=microbatches, schedule=schedule, tensor_parallel=tensor_parallel,

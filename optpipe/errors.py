@@ -40,3 +40,9 @@ class TargetError(OptpipeError):
     """A target cannot take the program, or its output does not match the torch program."""
 
     exit_code = 1
+
+
+class PipelineError(OptpipeError):
+    """A model-parallel rank (pipeline, tensor) failed or died, and the run was stopped."""
+
+    exit_code = 1

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from . import __version__
+from .version import __version__
 from .errors import TargetError, UsageError
 from .outdir import atomic_folder
 from .pipeline import PassRecord, Pipeline
@@ -91,8 +91,9 @@ def optimize(model_or_program, example_inputs=None, pipeline: str | Pipeline | N
     """Capture (if needed), run the verified pipeline, compile for `target` and check parity.
 
     `model_or_program`: an nn.Module (with `example_inputs`), a Program, or a MODEL path/spec.
-    `calibration`: input sets (or a text/JSONL file, tokenized like `optpipe.data.calibration_batches`)
-    that calibrating passes (int8-static, wanda) measure activations on.
+    `calibration`: input sets that calibrating passes (int8-static, wanda) measure activations on, or
+    a function of the captured program returning them (`optpipe.optimize` turns a text/JSONL file
+    into one, tokenized like `optpipe.runtime.data.calibration_batches`).
     """
     from .analysis import analyze
 
@@ -115,10 +116,11 @@ def optimize(model_or_program, example_inputs=None, pipeline: str | Pipeline | N
         from .calibration import with_calibration
 
         if isinstance(calibration, (str, os.PathLike)):
-            from .data import calibration_batches
-
-            with step(f"read calibration data {calibration}"):
-                calibration = calibration_batches(calibration, program)
+            raise UsageError(f"calibration data {os.fspath(calibration)!r} is a file: read it first",
+                             "call optpipe.optimize (it tokenizes files), or pass input sets")
+        if callable(calibration):  # reads the data for the captured program (optpipe.optimize's files)
+            with step("read calibration data"):
+                calibration = calibration(program)
         program = with_calibration(program.copy(), calibration)
 
     before_costs = analyze(program)

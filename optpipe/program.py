@@ -12,15 +12,17 @@ file inside the archive (`optpipe.json`).
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import tempfile
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.fx
+from torch.export import Dim
 
 META_FILE = "optpipe.json"
 
@@ -48,13 +50,6 @@ class Program:
     def run(self, inputs: tuple | None = None):
         with torch.no_grad():
             return self.gm(*(self.example_inputs if inputs is None else inputs))
-
-    def generate(self, prompts, max_new_tokens: int, **options):
-        """Generate from token-id prompts; see `optpipe.generation.generate` for the options
-        (sampling, stop_tokens, draft, ...). Uses the KV cache when the program has one."""
-        from .generation import generate
-
-        return generate(self, prompts, max_new_tokens, **options)
 
     @property
     def pipeline(self) -> str:
@@ -87,8 +82,6 @@ class Program:
     # -- export ----------------------------------------------------------------------------------
     def export(self) -> torch.export.ExportedProgram:
         """Re-export the (rewritten) graph as an ExportedProgram with the same dynamic dims."""
-        from .capture import export_module  # capture imports program
-
         ep, _ = export_module(self.gm, self.example_inputs, self.input_names, self.dynamic_shapes,
                               strict_dims=True)
         return ep
@@ -136,6 +129,45 @@ class Program:
         retie_weights(gm, info.get("tied") or [])
         return cls(gm, tuple(args), list(input_names), dyn, info.get("meta", {}),
                    list(info.get("history", [])))
+
+
+def _widen(x: torch.Tensor, dims) -> torch.Tensor:
+    for d in dims or {}:
+        if x.shape[d] == 1:
+            x = torch.cat([x, x], dim=d)
+    return x
+
+
+def export_module(module: torch.nn.Module, inputs: tuple, names: Sequence[str], dynamic, *,
+                  strict_dims: bool = False):
+    """torch.export `module` (non-strict) with `dynamic` dims as Dim.AUTO.
+
+    Returns (exported_program, dims that stayed dynamic). The example inputs are widened on size-1
+    dynamic dims for tracing only.
+    """
+    dynamic = list(dynamic) if dynamic else [None] * len(inputs)
+    trace_inputs = tuple(_widen(x, d) if isinstance(x, torch.Tensor) else x
+                         for x, d in zip(inputs, dynamic))
+    shapes = tuple({d: Dim.AUTO for d in spec} if spec else None for spec in dynamic)
+    if any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(module.forward).parameters.values()):
+        shapes = (shapes,)  # forward(*args): the spec of the one varargs tuple
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(module, trace_inputs, dynamic_shapes=shapes, strict=False)
+    kept = []
+    user_inputs = [n for n in ep.graph.nodes if n.op == "placeholder"][-len(inputs):] if inputs else []
+    for node, spec in zip(user_inputs, dynamic):
+        val = node.meta.get("val")
+        if not spec or not isinstance(val, torch.Tensor):
+            kept.append(None)
+            continue
+        dyn = {d: name for d, name in spec.items() if _is_symbolic(val.shape[d])}
+        kept.append(dyn or None)
+    return ep, kept
+
+
+def _is_symbolic(size) -> bool:
+    return isinstance(size, torch.SymInt) and bool(size.node.expr.free_symbols)
 
 
 def tied_weight_groups(module: torch.nn.Module) -> list[list[str]]:

@@ -93,7 +93,7 @@ def verification_inputs(program, *, seed: int = 0, extra: int = 1) -> list[tuple
     """Example inputs plus random in-distribution ones (same shape, and another sequence length).
     A step program (kv-cache) gets a prefill and decode steps over random caches instead."""
     if program.meta.get("kv_cache"):
-        from .generation import step_verification_inputs
+        from .kv_step import step_verification_inputs
 
         return step_verification_inputs(program, seed=seed, extra=extra)
     g = torch.Generator().manual_seed(seed)
@@ -177,7 +177,7 @@ def run_outputs(program, input_sets: list[tuple]) -> list[list[torch.Tensor]]:
     with torch.no_grad():
         for inputs in input_sets:
             if kv and len(inputs) == 1:
-                from .generation import cached_logits
+                from .kv_step import cached_logits
 
                 result = cached_logits(gm, kv, inputs[0])
             else:

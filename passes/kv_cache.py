@@ -42,7 +42,7 @@ replaced by `position_ids`, so both see the offset. Causal masks must already be
 (`is_causal=True`, which `fuse-attention` produces); the pass refuses explicit masks.
 
 The program's calling convention changes, so verification compares the step program, run as a
-prefill followed by single-token decode steps (`optpipe.generation.cached_logits`), with the
+prefill followed by single-token decode steps (`optpipe.kv_step.cached_logits`), with the
 logits of the program before: the pass is exact.
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ from torch._guards import detect_fake_mode
 
 from optpipe.attention_sites import SDPA, module_path, sdpa_arguments, val
 from optpipe.errors import PassError
-from optpipe.generation import STEP_INPUTS
+from optpipe.kv_step import STEP_INPUTS
 from optpipe.ops import is_optpipe_op
 from optpipe.program import Program
 from optpipe.registry import PassResult, register_pass
@@ -399,7 +399,7 @@ def _example_step_inputs(program: Program, batch: int, length: int) -> tuple:
     """A prefill of the example tokens from empty caches, its mask narrowed to the tokens written.
     That length must not equal max_len: an export traced there would fix L to max_len (the slice
     of the whole buffer), so a prompt as long as the cache is shortened by one token."""
-    from optpipe.generation import empty_caches, filled, prefill_inputs
+    from optpipe.kv_step import empty_caches, filled, prefill_inputs
 
     ids = program.example_inputs[0]
     max_len = program.meta["kv_cache"]["max_len"]

@@ -6,7 +6,7 @@
 The program's graph is cut at N-1 places along its topological order into N stage programs. Stage 0
 takes the program's inputs; stage k>0 takes the tensors crossing cut k-1 and returns those crossing
 cut k; the last stage returns the program's outputs. Composing the stages is the program (checked
-on the example inputs when the pass runs, `check=true`). `optpipe.parallel` runs them one process
+on the example inputs when the pass runs, `check=true`). `optpipe.runtime.parallel` runs them one process
 per stage under `torch.distributed.pipelining`.
 
 How the cuts are chosen:
@@ -28,7 +28,7 @@ from a stage input with the same symbolic dim.
 
 Parameters: each parameter is owned by the stage of its first user. A parameter read by several
 stages (tied weights: GPT's `wte` embedding and `lm_head`) is replicated into each of them; the plan
-lists it under `tied` with its owner, and `optpipe.parallel` sums the replicas' gradients across
+lists it under `tied` with its owner, and `optpipe.runtime.parallel` sums the replicas' gradients across
 ranks after every backward, so the copies take identical optimizer steps and stay equal.
 
 Run it last: the plan (stored JSON-only in `program.meta["partition"]`) names its cuts by segment
@@ -618,7 +618,7 @@ def stage_plans_for(program: Program) -> tuple[GraphView, list[StagePlan]]:
         raise PassError("the program is not partitioned", "add partition{stages=N} to the pipeline")
     if info.get("strategy") == "tensor":
         raise PassError("the program is planned for tensor parallelism, not pipeline stages",
-                        "run it with optpipe.parallel.tensor_run / tensor_train")
+                        "run it with optpipe.runtime.parallel.tensor_run / tensor_train")
     view = graph_view(program.gm)
     starts: dict[str, list[int]] = {}
     for s, _, key in view.segments[1:]:
@@ -675,7 +675,7 @@ def save_stages(program: Program, out: str | os.PathLike) -> list[str]:
     is) and `out/stages/partition.json`; returns the archive paths. The core's save hook. A
     tensor-parallel plan writes nothing: it lives in program.pt2's metadata, and each rank builds
     its share from the program."""
-    from optpipe.capture import export_module
+    from optpipe.program import export_module
 
     if program.meta["partition"].get("strategy") == "tensor":
         return []

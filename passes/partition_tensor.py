@@ -13,7 +13,7 @@ head and MLP groups; run `fuse-attention` first so attention is one SDPA node), 
 program is that program with the other ranks' units removed (`rank_module`): smaller weights, and
 the graph's head counts and widths rewritten (`view(B,S,12,64)` -> `view(B,S,6,64)`). Two
 collectives are added per block, the `f` and `g` of Megatron-LM, through DTensor
-(`optpipe.parallel.tp_copy` / `tp_reduce`):
+(`optpipe.passes.partition_tensor_ops.tp_copy` / `tp_reduce`):
     tp_copy(x)     before the column-wise projections: identity forward; backward all-reduces the
                    gradient of the replicated input (each rank holds only its heads' share);
     tp_reduce(y)   after the row-wise projection, before its bias: all-reduce (sum) forward;
@@ -22,7 +22,7 @@ So a forward costs two all-reduces of [batch, seq, hidden] per transformer block
 parameters get identical gradients on every rank without further communication.
 
 The pass keeps the graph and stores the plan (JSON) in `program.meta["partition"]` with
-`strategy: "tensor"`; `optpipe.parallel.tensor_run` / `tensor_train` (and `optpipe train
+`strategy: "tensor"`; `optpipe.runtime.parallel.tensor_run` / `tensor_train` (and `optpipe train
 --tensor-parallel N`) start the ranks. With `check=true` it builds the N rank programs and runs
 them in lock step in this process (the all-reduce is a sum across the N programs) on the example
 inputs, and requires the program's outputs (fp32 close: the sum order differs).
@@ -41,7 +41,7 @@ import torch
 import torch.fx
 
 from optpipe.errors import PassError
-from optpipe.parallel import tp_copy, tp_reduce
+from optpipe.passes.partition_tensor_ops import tp_copy, tp_reduce
 from optpipe.program import Program
 from optpipe.registry import PassResult
 from optpipe.weight_sites import linear_shape, weight_tensor

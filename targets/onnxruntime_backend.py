@@ -64,7 +64,7 @@ from optpipe.ops import decompositions, is_optpipe_op, lowerings_for
 from optpipe.pipeline import introduced_by
 from optpipe.registry import register_target
 from optpipe.target import Compiled, Target, UnsupportedNode, op_label, token_input, unsupported_nodes
-from optpipe.training import task_loss
+from optpipe.losses import task_loss
 
 TARGET = "onnxruntime"
 DEFAULT_OPSET = 20
@@ -716,7 +716,7 @@ _NO_GRADIENT_OPS = ("SplitToSequence", "SequenceAt", "SequenceConstruct", "Conca
                     "CastLike", "Einsum", "CumSum", "ReduceMax", "ReduceMin", "ReduceProd", "Elu", "Softplus")
 
 
-training_loss = task_loss  # the loss every optpipe trainer uses (optpipe.training.task_loss)
+training_loss = task_loss  # the loss every optpipe trainer uses (optpipe.losses.task_loss)
 
 
 class _LossModule(torch.nn.Module):
@@ -802,7 +802,7 @@ class _LossExport:
     def __init__(self, program, objective: str):
         from torch.fx.experimental import _config as fx_config
 
-        from optpipe.capture import export_module
+        from optpipe.program import export_module
 
         self.token = token_input(program)
         inputs = tuple(program.example_inputs)

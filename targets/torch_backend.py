@@ -57,7 +57,7 @@ class TorchTarget(Target):
         return torch.device(self.device_type)
 
     def check_trainable(self, program, objective: str) -> None:
-        """Every program trains in torch (optpipe ops carry autograd); optpipe.training runs it."""
+        """Every program trains in torch (optpipe ops carry autograd); optpipe.runtime.training runs it."""
 
     def prepare_inputs(self, inputs: tuple) -> tuple:
         dev = self.device()

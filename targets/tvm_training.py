@@ -10,7 +10,7 @@ are built for the host CPU (llvm with the default CPU schedules of targets/tvm_b
 run on TVM's VM; parameters and the optimizer state live as TVM tensors between steps.
 
 The loss is written for Relax's gradient rules: the mean token cross-entropy of
-`optpipe.training.task_loss` as `-Σ log_softmax(logits) · onehot(targets) · weights`, where the
+`optpipe.losses.task_loss` as `-Σ log_softmax(logits) · onehot(targets) · weights`, where the
 host shifts the labels (clm), marks ignored tokens with weight 0 and folds 1/count and the
 micro-batch's share of the batch into `weights`. A module is compiled per input shape (the
 training micro-batch and the validation batch: two builds of a few seconds each).

@@ -1,4 +1,4 @@
-"""optpipe.data: reading (text, JSONL, folders; streaming with bounded memory), tokenizers (bytes,
+"""optpipe.runtime.data: reading (text, JSONL, folders; streaming with bounded memory), tokenizers (bytes,
 the real MiniLM WordPiece tokenizer, a byte-level BPE trained here), packing, seeded shuffling, the
 train/val split, resuming, the mlm masking strategies' measured rates, calibration batches and
 error messages. Text nobody here wrote: Python's own pydoc topics."""
@@ -13,9 +13,9 @@ import tracemalloc
 import pytest
 import torch
 
-from optpipe import data as D
+from optpipe.runtime import data as D
 from optpipe.calibration import with_calibration
-from optpipe.data import (ByteTokenizer, MaskingConfig, PackedBatches, TokenMasker, calibration_batches,
+from optpipe.runtime.data import (ByteTokenizer, MaskingConfig, PackedBatches, TokenMasker, calibration_batches,
                           iter_documents, load_tokenizer, pack_sequences, prepare_batch, pydoc_corpus,
                           split_of, validation_batches)
 from optpipe.errors import UsageError

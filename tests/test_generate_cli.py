@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from optpipe.cli import main
+import optpipe
 from optpipe.program import load_program
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +73,7 @@ def test_generate_ids_json_matches_the_program(outs):
     assert [len(x) for x in doc["new_ids"]] == [12, 12]
     assert doc["ids"][0][:3] == [2, 4, 6] and doc["ids"][1][:2] == [3, 5]
     program = load_program(cached / "program.pt2")
-    assert doc["new_ids"] == program.generate([[2, 4, 6], [3, 5]], 12).new_ids
+    assert doc["new_ids"] == optpipe.generate(program, [[2, 4, 6], [3, 5]], 12).new_ids
     # the plain program (no cache) recomputes and gives the same greedy tokens
     r2 = cli("generate", plain, "--prompt-ids", "2,4,6", "--max-new-tokens", "12", "--ignore-eos", "--json")
     assert json.loads(r2.stdout)["new_ids"][0] == doc["new_ids"][0]
@@ -83,7 +84,7 @@ def test_saved_step_program_takes_the_filled_length(outs):
     L < max-len): the generation loop passes only the filled slots, with the logits of a longer
     mask."""
     import optpipe  # noqa: F401 - registers optpipe's ops
-    from optpipe.generation import empty_caches
+    from optpipe.kv_step import empty_caches
 
     cached, _ = outs
     ep = torch.export.load(str(cached / "program.pt2"))

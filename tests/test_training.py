@@ -13,7 +13,7 @@ import torch
 
 import optpipe
 from optpipe.errors import UsageError
-from optpipe.training import (TrainConfig, TrainingInterrupted, block_paths, param_groups, rewritten_paths,
+from optpipe.runtime.training import (TrainConfig, TrainingInterrupted, block_paths, param_groups, rewritten_paths,
                               tapped_module, task_loss, train)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +22,7 @@ QUICK = os.path.join(ROOT, "examples", "heal.py") + ":build_quick"  # byte-level
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from optpipe.data import pydoc_corpus
+    from optpipe.runtime.data import pydoc_corpus
 
     path = tmp_path_factory.mktemp("data") / "pydoc.txt"
     pydoc_corpus(path)
@@ -63,13 +63,13 @@ def test_clm_pretraining_writes_a_trained_out_folder(dense, corpus):
     ids = torch.randint(0, 256, (2, 32))
     logits = prog.gm(ids)
     assert logits.shape == (2, 32, 259) and torch.isfinite(logits).all()
-    ev = optpipe.training.evaluate(dense, corpus, batch_size=8)
+    ev = optpipe.runtime.training.evaluate(dense, corpus, batch_size=8)
     assert ev["val_ppl"] == pytest.approx(rows[-1]["val_ppl"], rel=1e-4)
 
 
 def test_loss_matches_a_plain_torch_loop(corpus, tmp_path):
     """The trainer's loss and update are AdamW on mean next-token cross-entropy, nothing else."""
-    from optpipe.data import TrainingData
+    from optpipe.runtime.data import TrainingData
 
     cfg = dict(steps=3, batch_size=4, lr=1e-3, warmup=0, clip=None, weight_decay=0.0)
     res = train(QUICK, corpus, str(tmp_path / "a"), log_every=1, progress=False, **cfg)
@@ -127,7 +127,7 @@ def test_distillation_heals_a_sliding_window_swap(dense, corpus, tmp_path):
     prog = optpipe.load(swapped)
     assert rewritten_paths(prog) == ["transformer.h.0.attn", "transformer.h.1.attn"]
     assert block_paths(prog) == ["transformer.h.0", "transformer.h.1"]
-    before = optpipe.training.evaluate(swapped, corpus, batch_size=8)["val_loss"]
+    before = optpipe.runtime.training.evaluate(swapped, corpus, batch_size=8)["val_loss"]
     healed = train(swapped, corpus, str(tmp_path / "healed"), steps=30, batch_size=8, lr=1e-3,
                    distill_from=dense, log_every=10, progress=False)
     with open(os.path.join(healed.out, "train.json")) as f:

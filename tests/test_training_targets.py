@@ -10,7 +10,7 @@ import torch
 
 import optpipe
 from optpipe.errors import UsageError
-from optpipe.training import TrainingInterrupted, train
+from optpipe.runtime.training import TrainingInterrupted, train
 from tests.test_training import QUICK, _weights, corpus  # noqa: F401 - corpus is a fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -24,7 +24,7 @@ def test_onnxruntime_target_follows_the_torch_loss_curve(corpus, tmp_path):
     assert len(diffs) == 20 and max(diffs) < 1e-3
     assert cpu.metrics[-1]["loss"] < cpu.metrics[0]["loss"] - 0.2  # it learned something
     assert ort.val_loss == pytest.approx(cpu.val_loss, abs=1e-3)  # the written program holds ORT's weights
-    ev = optpipe.training.evaluate(ort.out, corpus, batch_size=4)
+    ev = optpipe.runtime.training.evaluate(ort.out, corpus, batch_size=4)
     assert ev["val_loss"] == pytest.approx(ort.val_loss, abs=1e-5)
     with pytest.raises(UsageError, match="clip"):
         train(QUICK, corpus, str(tmp_path / "x"), target="onnxruntime", steps=1, progress=False)
@@ -41,7 +41,7 @@ def test_tvm_target_follows_the_torch_loss_curve_and_resumes(corpus, tmp_path):
     diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(cpu.metrics, tvm.metrics)]
     assert len(diffs) == 20 and max(diffs) < 1e-3
     assert tvm.val_loss == pytest.approx(cpu.val_loss, abs=1e-3)
-    ev = optpipe.training.evaluate(tvm.out, corpus, batch_size=4)  # the written program holds TVM's weights
+    ev = optpipe.runtime.training.evaluate(tvm.out, corpus, batch_size=4)  # the written program holds TVM's weights
     assert ev["val_loss"] == pytest.approx(tvm.val_loss, abs=1e-5)
     wa, wb = _weights(cpu.out), _weights(tvm.out)
     for name in wa:

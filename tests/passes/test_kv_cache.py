@@ -20,7 +20,8 @@ from torch.testing import FileCheck, assert_close
 import optpipe
 from examples import tiny_gpt
 from optpipe.errors import PassError, UsageError
-from optpipe.generation import Sampling, cached_logits, generate, prefill, step_function
+from optpipe.kv_step import cached_logits, prefill
+from optpipe.runtime.generation import Sampling, generate, step_function
 from optpipe.pipeline import Pipeline
 from optpipe.program import load_program
 from tests import hf_models

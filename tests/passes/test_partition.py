@@ -27,9 +27,9 @@ from torch.testing import FileCheck, assert_close
 import optpipe
 from optpipe.capture import capture
 from optpipe.errors import PassError, UsageError
-from optpipe.parallel import FAIL_MODE_ENV, FAIL_RANK_ENV, PipelineError, pipeline_train
+from optpipe.runtime.parallel import FAIL_MODE_ENV, FAIL_RANK_ENV, PipelineError, pipeline_train
 from optpipe.passes import partition as partition_pass  # registers the `partition` pass
-from optpipe.training import task_loss
+from optpipe.losses import task_loss
 from tests import hf_models
 
 

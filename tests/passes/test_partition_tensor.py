@@ -29,8 +29,8 @@ import optpipe
 from optpipe.capture import capture
 from optpipe.errors import PassError
 from optpipe.pipeline_text import PipelineSyntaxError
-from optpipe.parallel import FAIL_RANK_ENV, PipelineError, tensor_train
-from optpipe.training import task_loss
+from optpipe.runtime.parallel import FAIL_RANK_ENV, PipelineError, tensor_train
+from optpipe.losses import task_loss
 from passes.partition_tensor import rank_module, run_lockstep
 from tests import hf_models
 
@@ -151,7 +151,7 @@ def test_errors_are_one_line():
         optpipe.Pipeline.parse("partition{strategy=tensor,stages=4}")
     with pytest.raises(PipelineSyntaxError, match="ways must be a positive integer"):
         optpipe.Pipeline.parse("partition{strategy=tensor,ways=0}")
-    with pytest.raises(PipelineError, match="outside optpipe.parallel.tensor_parallel_mesh"):
+    with pytest.raises(PipelineError, match="outside tensor_parallel_mesh"):
         out, _ = sharded(captured("build"))
         rank_module(out, 0)(*out.example_inputs)
 

@@ -13,7 +13,7 @@ pytest.importorskip("tvm")
 
 import optpipe  # noqa: E402
 from optpipe.targets.tvm_training import TvmTrainer  # noqa: E402
-from optpipe.training import task_loss  # noqa: E402
+from optpipe.losses import task_loss  # noqa: E402
 
 HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

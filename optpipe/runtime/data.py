@@ -70,7 +70,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from .errors import UsageError
+from ..errors import UsageError
 
 MAX_DOCUMENT_CHARS = 1 << 20
 IGNORE_INDEX = -100

@@ -9,7 +9,7 @@ the same graph (`optpipe.targets.onnxruntime_backend.OrtTrainer`).
 
 Objectives (losses are means over the label tokens, `-100` ignored):
 - `clm`: next-token cross-entropy, logits[:, :-1] against ids[:, 1:];
-- `mlm`: cross-entropy at the masked positions (masking strategies in `optpipe.data`);
+- `mlm`: cross-entropy at the masked positions (masking strategies in `optpipe.runtime.data`);
 - distillation (`distill_from`): `alpha·task + (1-alpha)·T²·KL(teacher_T ‖ student_T)` plus
   `hidden_weight ×` the normalised MSE between student and teacher outputs of the same modules
   (module paths from `nn_module_stack`): every transformer block, and the attention module of
@@ -40,20 +40,19 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 
-from .errors import OptpipeError, UsageError
-from .program import Program
+from ..errors import OptpipeError, UsageError
+from ..losses import IGNORE_INDEX, OBJECTIVES, distill_kl_sum, task_loss_sum
+from ..program import Program
 
-OBJECTIVES = ("clm", "mlm")
 TARGETS = ("cpu", "cuda", "onnxruntime", "tvm")
 BACKEND_TRAINED = ("onnxruntime", "tvm")
 """Targets that train through their own trainer (Target.trainer): forward, backward and AdamW there."""
-IGNORE = -100
 _LAYER_RE = re.compile(r"(?:^|\.)(?:h|layers?|blocks?)\.(\d+)(?:\.|$)")
 
 
@@ -156,40 +155,6 @@ class TrainConfig:
         span = max(1, self.steps - self.warmup_steps)
         t = min(1.0, (step - self.warmup_steps) / span)
         return min_lr + 0.5 * (self.lr - min_lr) * (1 + math.cos(math.pi * t))
-
-
-# -- losses --------------------------------------------------------------------------------------
-def task_loss_sum(logits: torch.Tensor, labels: torch.Tensor, objective: str) -> tuple[torch.Tensor, int]:
-    """(sum of token cross-entropies, number of label tokens) for `objective`."""
-    if objective == "clm":
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
-    return loss, int((labels != IGNORE).sum())
-
-
-def task_loss(logits: torch.Tensor, labels: torch.Tensor, objective: str) -> torch.Tensor:
-    """Mean cross-entropy over the label tokens: the loss every backend trains and reports (it
-    exports to ONNX as it is: onnxruntime-training builds its gradient graph from it)."""
-    if objective == "clm":
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    elif objective != "mlm":
-        raise UsageError(f"unknown objective {objective!r}", f"one of {', '.join(OBJECTIVES)}")
-    logits = logits.reshape(-1, logits.shape[-1])
-    return F.cross_entropy(logits if logits.dtype == torch.float32 else logits.float(), labels.reshape(-1),
-                           ignore_index=IGNORE)
-
-
-def distill_kl_sum(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, objective: str,
-                   temperature: float) -> torch.Tensor:
-    """Σ over label positions of T²·KL(softmax(teacher/T) ‖ softmax(student/T))."""
-    if objective == "clm":
-        student, teacher, labels = student[:, :-1], teacher[:, :-1], labels[:, 1:]
-    keep = labels.reshape(-1) != IGNORE
-    s = student.reshape(-1, student.shape[-1])[keep].float() / temperature
-    t = teacher.reshape(-1, teacher.shape[-1])[keep].float() / temperature
-    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
-    return kl * temperature ** 2
 
 
 # -- module taps (hidden-state matching) ---------------------------------------------------------
@@ -327,7 +292,7 @@ def train(model: str | Program, data: str | list[str], out: str, *, resume: bool
     """Train `model` (an OUT folder, any MODEL form, or a Program) on `data` and write OUT2=`out`.
 
     `options` are `TrainConfig` fields. `nproc>1` launches that many ranks with torchrun (gloo on
-    CPU, NCCL on CUDA). `stages=N` trains pipeline-parallel over N ranks (`optpipe.parallel`,
+    CPU, NCCL on CUDA). `stages=N` trains pipeline-parallel over N ranks (`optpipe.runtime.parallel`,
     `microbatches` per step, `schedule` 1f1b or gpipe). `tensor_parallel=N` shards every block over
     N ranks (DTensor), times `nproc` data-parallel replicas. `stop_after` ends the run after that many
     steps as if interrupted (tests)."""
@@ -375,7 +340,7 @@ class Trainer:
             p.requires_grad_(name in trainable)
         self._build_models()
         named = [(n, params[n]) for n in self.names]
-        from .registry import get_target
+        from ..registry import get_target
 
         get_target(config.target).check_trainable(self.program, config.objective)  # before any work
         if config.target in BACKEND_TRAINED:
@@ -476,7 +441,7 @@ class Trainer:
         labels = batch["labels"]
         if self.config.objective == "clm":
             labels = labels[:, 1:]
-        return max(1, int((labels != IGNORE).sum()))
+        return max(1, int((labels != IGNORE_INDEX).sum()))
 
     def train_step(self, batch: dict, lr: float) -> float:
         """One optimizer step on one global batch; returns its mean loss over all ranks."""
@@ -778,7 +743,7 @@ def _write_trained(program: Program, out: str, *, target: str, trained_on: str, 
 
 def _prepare_out(out: str, *, resume: bool, force: bool, rank: int, check_only: bool = False) -> None:
     """Refuse an OUT2 that must not be replaced; unless `check_only`, (re)create it for a new run."""
-    from .outdir import MARKER, check_writable
+    from ..outdir import MARKER, check_writable
 
     if resume:
         if not os.path.isdir(out):
@@ -802,7 +767,7 @@ def _load_trainable(model) -> tuple[Program, str | None]:
     """(Program, folder it came from) for an OUT folder, any MODEL form, or a Program."""
     if isinstance(model, Program):
         return model, None
-    from .loading import load_model
+    from ..loading import load_model
 
     program = load_model(model)
     if program.meta.get("kv_cache"):
@@ -908,7 +873,7 @@ def _train_tensor_parallel(model, data, out: str, config: TrainConfig, *, ways: 
 
 def _train_parallel(flag: str, run, trained_on: str, model, data, out: str, config: TrainConfig, *, force: bool,
                     refused) -> TrainResult:
-    """Model-parallel training through optpipe.parallel (`run(program, batches) -> (result, info)`).
+    """Model-parallel training through optpipe.runtime.parallel (`run(program, batches) -> (result, info)`).
     AdamW at the scheduled lr of each step is not available there: the run uses AdamW at constant
     `lr`, and has no checkpoints, distillation, gradient accumulation or frozen parameters (yet):
     those options are refused."""
@@ -983,7 +948,7 @@ def _launch(model, data, out, config: TrainConfig, *, resume, force, nproc) -> T
         _write_json(spec_path, spec)
         env = dict(os.environ, OPTPIPE_TRAIN_TARGET=config.target, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "--max-restarts=0", "-m", "optpipe.training", spec_path, result_path]
+               "--max-restarts=0", "-m", "optpipe.runtime.training", spec_path, result_path]
         proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             lines = [l for l in proc.stderr.splitlines() if l.startswith(("optpipe", "error:")) or "Error" in l]

@@ -7,15 +7,15 @@
 The program is split by the `partition` pass (run here with `stages=N` unless the program already
 carries a plan for N stages, or an OUT folder already holds `stages/stage_K.pt2`). The stages are
 written as torch.export archives, and `torchrun` starts one rank per stage
-(`python -m torch.distributed.run --standalone --nproc-per-node N -m optpipe.parallel SPEC RESULT`,
-the way `optpipe.training` launches data-parallel ranks). Each rank loads its stage(s), wraps them
+(`python -m torch.distributed.run --standalone --nproc-per-node N -m optpipe.runtime.parallel SPEC RESULT`,
+the way `optpipe.runtime.training` launches data-parallel ranks). Each rank loads its stage(s), wraps them
 in `torch.distributed.pipelining.PipelineStage` and runs a schedule: `gpipe` (all forwards, then
 all backwards) or `1f1b`; with fewer ranks than stages (`ranks=R`, stages a multiple of R) rank r
 holds stages r, r+R, … and runs `ScheduleInterleaved1F1B`. Inference uses the forward-only pass of
 the same schedule.
 
 Training: each batch (`{"input_ids", "labels"}`) is one optimizer step (SGD or AdamW on each rank's
-own parameters). The loss is `optpipe.training.task_loss` per micro-batch; gradients are averaged
+own parameters). The loss is `optpipe.losses.task_loss` per micro-batch; gradients are averaged
 over micro-batches, so with micro-batches holding equal numbers of label tokens the step is the
 single-process step on the whole batch. Tied parameters (replicated into several stages by the
 partition pass) have their replicas' gradients summed across ranks (an all-reduce) before the step.
@@ -30,7 +30,6 @@ of the ranks whose waits timed out. For tests,
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
@@ -43,8 +42,11 @@ from typing import Sequence
 
 import torch
 
-from .errors import OptpipeError, UsageError
-from .program import Program
+from ..errors import PipelineError, UsageError
+from ..passes import partition, partition_tensor
+from ..passes.partition_tensor_ops import tensor_parallel_mesh
+from ..program import Program
+from ..registry import load_op_modules
 
 SCHEDULES = ("1f1b", "gpipe")
 OPTIMIZERS = ("sgd", "adamw")
@@ -54,12 +56,6 @@ FAIL_MODE_ENV = "OPTPIPE_PIPELINE_FAIL_MODE"
 FAIL_EXIT_CODE = 43
 STARTUP_TIMEOUT = 120.0
 """Seconds the ranks may take to start and meet (imports on a busy machine); `timeout` bounds the rest."""
-
-
-class PipelineError(OptpipeError):
-    """A pipeline rank failed (or died) and the run was stopped."""
-
-    exit_code = 1
 
 
 # -- the parent: prepare stages, launch ranks, gather results -------------------------------------------
@@ -121,25 +117,16 @@ def prepare_stages(model, stages: int | None, folder: str, *, microbatches: int 
     info = program.meta.get("partition")
     if info is None or (stages is not None and stages != info["num_stages"]):
         program = partitioned(program, stages or 2, microbatches=microbatches, balance=balance)
-    _partition_module().save_stages(program, folder)
+    partition.save_stages(program, folder)
     stage_dir = os.path.join(folder, "stages")
     with open(os.path.join(stage_dir, "partition.json")) as f:
         return stage_dir, json.load(f), program
 
 
-def _partition_module():
-    """The module of the `partition` pass (the core reaches passes only through the registry)."""
-    import importlib
-
-    from .registry import get_pass
-
-    return importlib.import_module(get_pass("partition").module)
-
-
 def partitioned(program: Program, stages: int, *, microbatches: int = 4, balance: str = "flops") -> Program:
     """A copy of `program` with the partition pass applied (the pass itself checks that the stages
     compose to the program on the example inputs)."""
-    from .pipeline import Pipeline
+    from ..pipeline import Pipeline
 
     text = f"partition{{stages={stages},balance={balance},microbatches={microbatches}}}"
     out, _ = Pipeline.parse(text).run(program, verify=False)
@@ -147,7 +134,7 @@ def partitioned(program: Program, stages: int, *, microbatches: int = 4, balance
 
 
 def _load(model) -> Program:
-    from .loading import load_model
+    from ..loading import load_model
 
     return load_model(os.fspath(model))
 
@@ -224,11 +211,11 @@ def _pipeline_neighbours(r: int, ranks: int, stages: int) -> set[int]:
 
 def _torchrun(spec_path: str, folder: str, ranks: int, timeout: float, *, describe, neighbours,
               what: str = "pipeline") -> None:
-    """Run `python -m optpipe.parallel SPEC FOLDER` on `ranks` torchrun ranks; PipelineError naming
+    """Run `python -m optpipe.runtime.parallel SPEC FOLDER` on `ranks` torchrun ranks; PipelineError naming
     the rank that failed first (`describe(r)`: "rank 1 (stage 1)") when the run fails."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-           "--max-restarts=0", "-m", "optpipe.parallel", spec_path, folder]
+           "--max-restarts=0", "-m", "optpipe.runtime.parallel", spec_path, folder]
     try:
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               timeout=timeout * 2 + 120)
@@ -295,46 +282,6 @@ def _gather(mode: str, folder: str, ranks: int, info: dict) -> dict:
 
 
 # -- tensor parallelism -----------------------------------------------------------------------------------
-_TP_MESH = None
-
-
-@contextlib.contextmanager
-def tensor_parallel_mesh(mesh):
-    """Within this block, `tp_copy`/`tp_reduce` (the collectives in a tensor-parallel rank's graph)
-    communicate over `mesh`, a 1-d DeviceMesh of the ranks that share each block."""
-    global _TP_MESH
-    previous, _TP_MESH = _TP_MESH, mesh
-    try:
-        yield mesh
-    finally:
-        _TP_MESH = previous
-
-
-def _tp_mesh():
-    if _TP_MESH is None:
-        raise PipelineError("a tensor-parallel rank program ran outside optpipe.parallel.tensor_parallel_mesh",
-                            "run it with optpipe.parallel.tensor_run / tensor_train")
-    return _TP_MESH
-
-
-def tp_copy(x: torch.Tensor) -> torch.Tensor:
-    """Megatron's `f` on DTensor: the replicated input of column-wise projections. Identity forward;
-    backward all-reduces the gradient (a Partial sum over the ranks' heads)."""
-    from torch.distributed.tensor import DTensor, Partial, Replicate
-
-    mesh = _tp_mesh()
-    return DTensor.from_local(x, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
-
-
-def tp_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Megatron's `g` on DTensor: the row-wise projection's partial sums redistributed Partial ->
-    Replicate (an all-reduce) forward; backward passes the replicated gradient through."""
-    from torch.distributed.tensor import DTensor, Partial, Replicate
-
-    mesh = _tp_mesh()
-    return DTensor.from_local(x, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()]).to_local()
-
-
 def tensor_train(model, batches: Sequence[dict], *, ways: int | None = None, data_parallel: int = 1,
                  lr: float = 1e-3, optimizer: str = "sgd", steps: int | None = None, objective: str = "clm",
                  timeout: float = 60.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -371,7 +318,7 @@ def tensor_partitioned(program: Program, ways: int) -> Program:
     if info:
         raise UsageError(f"tensor parallel: the program already carries a {info.get('strategy', 'pipeline')} "
                          "partition plan", "partition the program before that pass, with strategy=tensor")
-    from .pipeline import Pipeline
+    from ..pipeline import Pipeline
 
     # fuse-attention (exact; a no-op on SDPA programs) so hand-written attention shards by heads too
     out, _ = Pipeline.parse(f"fuse-attention,partition{{strategy=tensor,ways={ways}}}").run(program, verify=False)
@@ -413,25 +360,19 @@ def _launch_tensor(mode: str, model, batches: list, *, ways, dp, lr, optimizer, 
             outputs = [torch.load(os.path.join(tmp, f"output_{d}.pt")) for d in range(dp)]
             return {"output": torch.cat(outputs) if dp > 1 else outputs[0], "seconds": result["seconds"]}
         states = [torch.load(os.path.join(tmp, f"rank_{r}.pt")) for r in range(ways)]  # replica 0
-        layout = _partition_tensor_module()
-        return {"losses": result["losses"], "weights": layout.full_parameters(program, [w for w, _ in states]),
-                "grads": layout.full_parameters(program, [g for _, g in states]), "ways": ways,
+        return {"losses": result["losses"],
+                "weights": partition_tensor.full_parameters(program, [w for w, _ in states]),
+                "grads": partition_tensor.full_parameters(program, [g for _, g in states]), "ways": ways,
                 "data_parallel": dp, "ranks": ranks, "seconds": result["seconds"]}
-
-
-def _partition_tensor_module():
-    import importlib
-
-    return importlib.import_module(_partition_module().__name__.rpartition(".")[0] + ".partition_tensor")
 
 
 def _run_tensor_rank(spec_path: str, folder: str, rank: int) -> int:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    import optpipe  # noqa: F401 - registers optpipe's ops and passes before the program loads
+    load_op_modules()  # optpipe's ops, before the program loads
 
-    from .program import load_program
+    from ..program import load_program
     from .training import task_loss
 
     with open(spec_path) as f:
@@ -449,7 +390,7 @@ def _run_tensor_rank(spec_path: str, folder: str, rank: int) -> int:
     tp_rank, replica = mesh["tp"].get_local_rank(), mesh["dp"].get_local_rank()
     train = spec["mode"] == "tensor-train"
     program = load_program(spec["program"])
-    gm = _partition_tensor_module().rank_module(program, tp_rank, ways).to(device)
+    gm = partition_tensor.rank_module(program, tp_rank, ways).to(device)
     del program
     params = [p for p in gm.parameters() if p.is_floating_point()]
     for p in params:
@@ -520,7 +461,7 @@ def _run_rank(spec_path: str, folder: str, rank: int) -> int:
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-    import optpipe  # noqa: F401 - registers optpipe's ops before stage archives load
+    load_op_modules()  # optpipe's ops, before stage archives load
 
     from .training import task_loss
 
@@ -642,6 +583,6 @@ def _sync_tied(modules: dict, info: dict, world: int, group) -> None:
 
 
 if __name__ == "__main__":  # a torchrun rank (see _torchrun); run as optpipe.parallel, the module the
-    from optpipe.parallel import _rank_main as _main  # ranks' graphs call tp_copy/tp_reduce from
+    from optpipe.runtime.parallel import _rank_main as _main  # ranks' graphs call tp_copy/tp_reduce from
 
     sys.exit(_main(sys.argv[1], sys.argv[2]))

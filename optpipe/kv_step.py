@@ -1,0 +1,105 @@
+"""The KV step program's contract: what a step program (made by the `kv-cache` pass) takes, and how
+its inputs are built for a prefill, a decode step and verification.
+
+A step program takes `(input_ids [B,T], position_ids [B,T], cache_position [T], key_mask [B,L],
+*caches)` and returns `(logits [B,T,V], *caches)`; `program.meta["kv_cache"]` describes its caches
+(`layers[i]["caches"]`: name, shape with None for the batch, dtype) and `max_len`. Dense layers
+attend over the first L cache slots only, so a runner passes the mask of the slots filled so far
+(`key_mask[:, :last slot + 1]`, a view of one [B, max_len] buffer): a decode step's cost grows
+with the context, not with max_len.
+
+The pass writes programs to this contract, verification checks them through it, and the runtime
+(`optpipe.runtime.generation`) and every target's generation loop drive them through it.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+STEP_INPUTS = ("input_ids", "position_ids", "cache_position", "key_mask")
+
+
+def empty_caches(kv: dict, batch: int, device="cpu") -> list[torch.Tensor]:
+    """Zeroed caches for a batch, in the step program's input order."""
+    return [torch.zeros(batch, *c["shape"][1:], dtype=getattr(torch, c["dtype"]), device=device)
+            for layer in kv["layers"] for c in layer["caches"]]
+
+
+def prefill_inputs(input_ids: torch.Tensor, max_len: int, lengths: Sequence[int] | None = None) -> tuple:
+    """Step inputs for a prefill of left-padded `input_ids` [B, P] (`lengths`: real tokens per row).
+    The key mask is the whole [B, max_len] buffer (valid as is; runners pass `filled(key_mask, n)`)."""
+    b, p = input_ids.shape
+    device = input_ids.device
+    lengths = [p] * b if lengths is None else list(lengths)
+    pad = torch.tensor([p - n for n in lengths], device=device)
+    steps = torch.arange(p, device=device)
+    position_ids = (steps[None, :] - pad[:, None]).clamp(min=0)
+    key_mask = torch.zeros(b, max_len, dtype=torch.bool, device=device)
+    key_mask[:, :p] = steps[None, :] >= pad[:, None]
+    return input_ids, position_ids, steps.clone(), key_mask
+
+
+def filled(key_mask: torch.Tensor, n: int) -> torch.Tensor:
+    """The mask of the first `n` slots: what a step whose last token goes to slot n-1 attends over."""
+    view = key_mask[:, :n]
+    return view if view.is_contiguous() else view.contiguous()  # batch 1: a view; else a small copy
+
+
+PREFILL_CHUNK = 512
+
+
+def prefill(step: Callable, kv: dict, input_ids: torch.Tensor, lengths: Sequence[int] | None = None,
+            chunk: int = PREFILL_CHUNK) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Run left-padded prompts [B, P] through a step program from empty caches, `chunk` tokens per
+    call (bounded memory for long prompts: linear attention's in-chunk form is quadratic in the
+    chunk). Returns (logits of the last chunk, key_mask, caches)."""
+    b, p = input_ids.shape
+    ids, position_ids, cache_position, key_mask = prefill_inputs(input_ids, kv["max_len"], lengths)
+    caches = empty_caches(kv, b, input_ids.device)
+    for start in range(0, p, chunk):
+        piece = slice(start, min(p, start + chunk))
+        logits, *caches = step(ids[:, piece], position_ids[:, piece], cache_position[piece],
+                               filled(key_mask, piece.stop), *caches)
+    return logits, key_mask, caches
+
+
+def step_verification_inputs(program, *, seed: int = 0, extra: int = 1) -> list[tuple]:
+    """Inputs that exercise a step program: its example (a prefill from empty caches), a decode step
+    of 1 token and, with `extra`, a chunk of 3 tokens, at random positions over random caches."""
+    kv = program.meta["kv_cache"]
+    g = torch.Generator().manual_seed(seed)
+    ids = program.example_inputs[0]
+    b, vocab = ids.shape[0], int(_vocab(program) or int(ids.max()) + 1)
+    sets = [tuple(program.example_inputs)]
+    for t in [1, 3] if extra else [1]:
+        start = int(torch.randint(1, max(2, kv["max_len"] - t), (1,), generator=g))
+        new = torch.randint(0, vocab, (b, t), generator=g)
+        caches = [torch.randn(x.shape, generator=g).to(x.dtype) * 0.5 for x in empty_caches(kv, b)]
+        key_mask = torch.ones(b, start + t, dtype=torch.bool)  # the slots filled after these tokens
+        cache_position = torch.arange(start, start + t)
+        sets.append((new, cache_position[None, :].expand(b, t).clone(), cache_position, key_mask, *caches))
+    return sets
+
+
+def _vocab(program) -> int | None:
+    cfg = program.meta.get("config") or {}
+    return cfg.get("vocab_size") or program.meta.get("vocab_size")
+
+
+def cached_logits(step: Callable, kv: dict, input_ids: torch.Tensor, decode_last: int = 3) -> torch.Tensor:
+    """Logits of every position of `input_ids` computed through the cache: a prefill of all but the
+    last `decode_last` tokens, then one decode step per token (what verification compares with the
+    program without a cache)."""
+    b, n = input_ids.shape
+    split = max(1, n - decode_last)
+    caches = empty_caches(kv, b, input_ids.device)
+    ids, pos, cache_pos, key_mask = prefill_inputs(input_ids[:, :split], kv["max_len"])
+    logits, *caches = step(ids, pos, cache_pos, filled(key_mask, split), *caches)
+    pieces = [logits]
+    for t in range(split, n):
+        key_mask[:, t] = True
+        slot = torch.tensor([t], device=input_ids.device)
+        logits, *caches = step(input_ids[:, t:t + 1], slot.expand(b, 1), slot, filled(key_mask, t + 1), *caches)
+        pieces.append(logits)
+    return torch.cat(pieces, dim=1)
