@@ -34,6 +34,7 @@ backward) at `--model-seq` tokens.
 
 Prints markdown tables; `--json FILE` also writes the rows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from optpipe.passes import attention_ops as ops  # noqa: E402
+from optpipe.passes import attention_ops as ops
 
 HEADS, HEAD_DIM = 8, 64
 MATH_MAX_LEN = 4096  # the n x n `dense-math` row up to this length (16384 would hold 8 GiB of scores)
@@ -107,8 +108,7 @@ KINDS = {
     # name: (op call, pattern for keys-per-query or None, causal)
     "sliding-window 256": ("sparse", ops.SparsePattern("sliding-window", True, window=256)),
     "block-sparse b64 g64": ("sparse", ops.SparsePattern("block-sparse", True, block=64, global_tokens=64)),
-    "random b64 r3 g64": ("sparse", ops.SparsePattern("random", True, block=64, global_tokens=64,
-                                                      random_blocks=3)),
+    "random b64 r3 g64": ("sparse", ops.SparsePattern("random", True, block=64, global_tokens=64, random_blocks=3)),
     "strided 64": ("sparse", ops.SparsePattern("strided", True, stride=64)),
     "linear elu c64": ("linear", None),
     "performer m128 c64": ("performer", None),
@@ -118,11 +118,24 @@ KINDS = {
 
 def attention_call(kind: str, q, k, v, extra):
     family, pattern = KINDS[kind]
-    scale = HEAD_DIM ** -0.5
+    scale = HEAD_DIM**-0.5
     if family == "sparse":
         p = pattern
-        return lambda: ops.sparse_attention(q, k, v, None, p.kind, p.causal, scale, p.window, p.block,
-                                            p.global_tokens, p.random_blocks, p.stride, p.seed)
+        return lambda: ops.sparse_attention(
+            q,
+            k,
+            v,
+            None,
+            p.kind,
+            p.causal,
+            scale,
+            p.window,
+            p.block,
+            p.global_tokens,
+            p.random_blocks,
+            p.stride,
+            p.seed,
+        )
     if family == "linear":
         return lambda: ops.linear_attention(q, k, v, None, "elu", True, 64)
     if family == "performer":
@@ -143,32 +156,37 @@ def length_candidates(n: int, kinds: list[str]):
     g = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, generator=g) for _ in range(3))
     grad_out = torch.randn(1, HEADS, n, HEAD_DIM, generator=g)
-    extra = {"projection": ops.orthogonal_random_features(128, HEAD_DIM, seed=0),
-             "proj_key": torch.randn(256, n, generator=g) / n ** 0.5,
-             "proj_value": torch.randn(256, n, generator=g) / n ** 0.5}
+    extra = {
+        "projection": ops.orthogonal_random_features(128, HEAD_DIM, seed=0),
+        "proj_key": torch.randn(256, n, generator=g) / n**0.5,
+        "proj_value": torch.randn(256, n, generator=g) / n**0.5,
+    }
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
 
     def make(kind, train: bool):
         qq, kk, vv = leaves if train else (q, k, v)
         if kind == "dense":
-            call = lambda: F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)  # noqa: E731
+            call = lambda: F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)
         elif kind == "dense (bidir)":
-            call = lambda: F.scaled_dot_product_attention(qq, kk, vv)  # noqa: E731
+            call = lambda: F.scaled_dot_product_attention(qq, kk, vv)
         elif kind == "dense-math":
             math = torch.ops.aten._scaled_dot_product_attention_math
-            call = lambda: math(qq, kk, vv, is_causal=True)[0]  # noqa: E731
+            call = lambda: math(qq, kk, vv, is_causal=True)[0]
         else:
             call = attention_call(kind, qq, kk, vv, extra)
         if not train:
+
             def forward():
                 with torch.no_grad():
                     call()
+
             return forward
 
         def step():
             call().backward(grad_out)
             for t in leaves:
                 t.grad = None
+
         return step
 
     names = ["dense", "dense (bidir)"] + kinds + (["dense-math"] if n <= MATH_MAX_LEN else [])
@@ -185,10 +203,20 @@ def time_length(n: int, kinds: list[str], repeat: int) -> list[dict]:
             times["dense-math"] = interleaved_min({"m": fns["dense-math"]}, 1)["m"]
         for name in names:
             base = "dense (bidir)" if "bidir" in name else "dense"
-            rows.append({"seq": n, "mode": "fwd+bwd" if train else "fwd", "kind": name,
-                         "ms": times[name] * 1e3, "speedup": times[base] / times[name],
-                         "keys": (n + 1) / 2 if name in ("dense", "dense-math") else
-                         float(n) if name == "dense (bidir)" else keys_per_query(name, n)})
+            rows.append(
+                {
+                    "seq": n,
+                    "mode": "fwd+bwd" if train else "fwd",
+                    "kind": name,
+                    "ms": times[name] * 1e3,
+                    "speedup": times[base] / times[name],
+                    "keys": (n + 1) / 2
+                    if name in ("dense", "dense-math")
+                    else float(n)
+                    if name == "dense (bidir)"
+                    else keys_per_query(name, n),
+                }
+            )
     return rows
 
 
@@ -202,16 +230,30 @@ def peak_memory_rows(seqs: list[int], kinds: list[str]) -> list[dict]:
         for train, fns in cands.items():
             for fn in fns.values():  # warm-up: lazily built masks and caches are not the call's memory
                 fn()
-            out += [{"seq": n, "mode": "fwd+bwd" if train else "fwd", "kind": name,
-                     "peak_mb": peak_memory_mb(fn) if mmap else None} for name, fn in fns.items()]
+            out += [
+                {
+                    "seq": n,
+                    "mode": "fwd+bwd" if train else "fwd",
+                    "kind": name,
+                    "peak_mb": peak_memory_mb(fn) if mmap else None,
+                }
+                for name, fn in fns.items()
+            ]
         print(f"seq {n} memory: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return out
 
 
 def measure_memory(seqs: list[int], kinds: list[str], threads: int | None, rows: list[dict]) -> None:
     """Adds peak_mb / mem_ratio to the latency `rows`, measured by a child process."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", "--seqs", ",".join(map(str, seqs)),
-           "--kinds", ",".join(kinds)] + (["--threads", str(threads)] if threads else [])
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--memory-child",
+        "--seqs",
+        ",".join(map(str, seqs)),
+        "--kinds",
+        ",".join(kinds),
+    ] + (["--threads", str(threads)] if threads else [])
     child = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
     mems = {(r["seq"], r["mode"], r["kind"]): r["peak_mb"] for r in json.loads(child.stdout)}
     for row in rows:
@@ -225,13 +267,14 @@ def measure_memory(seqs: list[int], kinds: list[str], threads: int | None, rows:
 def bench_model(layers: int, seq: int, repeat: int) -> list[dict]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    import optpipe.passes.attention  # noqa: F401  (registers the pass)
     from optpipe.capture import capture
     from optpipe.pipeline import Pipeline
-    import optpipe.passes.attention  # noqa: F401  (registers the pass)
 
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=layers, n_embd=768, n_head=12, n_positions=seq, vocab_size=50257,
-                        attn_implementation="sdpa")
+    config = GPT2Config(
+        n_layer=layers, n_embd=768, n_head=12, n_positions=seq, vocab_size=50257, attn_implementation="sdpa"
+    )
     model = GPT2LMHeadModel(config).train(False)
     ids = torch.randint(0, config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
     program = capture(model, {"input_ids": ids})
@@ -247,20 +290,30 @@ def bench_model(layers: int, seq: int, repeat: int) -> list[dict]:
             loss.backward()
             for p in prog.gm.parameters():
                 p.grad = None
+
         return run
 
     def forward(prog):
         def run():
             with torch.no_grad():
                 prog.gm(long_ids)
+
         return run
 
     rows = []
     for mode, make in (("fwd", forward), ("fwd+bwd", step)):
         times = interleaved_min({"dense": make(dense), "sliding-window 256": make(sparse)}, repeat)
         for name in ("dense", "sliding-window 256"):
-            rows.append({"model": f"GPT-2-small-sized, {layers} layers", "seq": seq, "mode": mode, "kind": name,
-                         "ms": times[name] * 1e3, "speedup": times["dense"] / times[name]})
+            rows.append(
+                {
+                    "model": f"GPT-2-small-sized, {layers} layers",
+                    "seq": seq,
+                    "mode": mode,
+                    "kind": name,
+                    "ms": times[name] * 1e3,
+                    "speedup": times["dense"] / times[name],
+                }
+            )
     return rows
 
 
@@ -273,22 +326,29 @@ def attention_table(rows: list[dict]) -> str:
     out = []
     for n in sorted({r["seq"] for r in rows}):
         out.append(f"\n#### seq {n} (batch 1, {HEADS} heads x {HEAD_DIM}, fp32)\n")
-        out.append("| kind | keys/query | fwd ms | fwd speedup | fwd peak MiB | fwd mem ratio "
-                   "| fwd+bwd ms | fwd+bwd speedup | fwd+bwd peak MiB | fwd+bwd mem ratio |")
+        out.append(
+            "| kind | keys/query | fwd ms | fwd speedup | fwd peak MiB | fwd mem ratio "
+            "| fwd+bwd ms | fwd+bwd speedup | fwd+bwd peak MiB | fwd+bwd mem ratio |"
+        )
         out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         kinds = [r["kind"] for r in rows if r["seq"] == n and r["mode"] == "fwd"]
         for kind in kinds:
             f = next(r for r in rows if r["seq"] == n and r["mode"] == "fwd" and r["kind"] == kind)
             b = next(r for r in rows if r["seq"] == n and r["mode"] == "fwd+bwd" and r["kind"] == kind)
-            out.append(f"| {kind} | {_fmt(f['keys'], '.0f')} | {f['ms']:.1f} | {f['speedup']:.2f}x | "
-                       f"{_fmt(f.get('peak_mb'), '.1f')} | {_fmt(f.get('mem_ratio'), '.2f')} | {b['ms']:.1f} | "
-                       f"{b['speedup']:.2f}x | {_fmt(b.get('peak_mb'), '.1f')} | {_fmt(b.get('mem_ratio'), '.2f')} |")
+            out.append(
+                f"| {kind} | {_fmt(f['keys'], '.0f')} | {f['ms']:.1f} | {f['speedup']:.2f}x | "
+                f"{_fmt(f.get('peak_mb'), '.1f')} | {_fmt(f.get('mem_ratio'), '.2f')} | {b['ms']:.1f} | "
+                f"{b['speedup']:.2f}x | {_fmt(b.get('peak_mb'), '.1f')} | {_fmt(b.get('mem_ratio'), '.2f')} |"
+            )
     return "\n".join(out)
 
 
 def model_table(rows: list[dict]) -> str:
-    out = ["\n#### whole model: one step at seq {} ({})\n".format(rows[0]["seq"], rows[0]["model"]),
-           "| attention | fwd ms | fwd speedup | fwd+bwd ms | fwd+bwd speedup |", "|---|---:|---:|---:|---:|"]
+    out = [
+        "\n#### whole model: one step at seq {} ({})\n".format(rows[0]["seq"], rows[0]["model"]),
+        "| attention | fwd ms | fwd speedup | fwd+bwd ms | fwd+bwd speedup |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for kind in ("dense", "sliding-window 256"):
         f = next(r for r in rows if r["mode"] == "fwd" and r["kind"] == kind)
         b = next(r for r in rows if r["mode"] == "fwd+bwd" and r["kind"] == kind)
@@ -321,10 +381,14 @@ def main(argv=None) -> None:
     if args.memory_child:
         print(json.dumps(peak_memory_rows(seqs, kinds)))
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"{platform.processor() or platform.machine()}, cpu capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, "
-          f"load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"{platform.processor() or platform.machine()}, cpu capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, "
+        f"load average {os.getloadavg()[0]:.2f}"
+        if hasattr(os, "getloadavg")
+        else ""
+    )
     rows = []
     for n in seqs:
         started = time.perf_counter()

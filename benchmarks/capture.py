@@ -5,6 +5,7 @@
 Reports the wall time of each step; the goal is the whole job under 60 s on the project's 2-core
 CPU machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
+import torch
 
 
 def main() -> None:
@@ -52,17 +53,22 @@ def main() -> None:
     rows["params"] = analyze(program).params
     rows["stats"] = records[0].stats
     rows["verify"] = records[0].verify
-    rows.update(layers=args.layers, seq=args.seq, attn=args.attn, torch=torch.__version__,
-                threads=torch.get_num_threads())
+    rows.update(
+        layers=args.layers, seq=args.seq, attn=args.attn, torch=torch.__version__, threads=torch.get_num_threads()
+    )
     if args.json:
         print(json.dumps(rows, default=str))
         return
-    print(f"GPT-2 ({rows['params'] / 1e6:.1f}M params, {args.layers} layers, seq {args.seq}, attn={args.attn}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"GPT-2 ({rows['params'] / 1e6:.1f}M params, {args.layers} layers, seq {args.seq}, attn={args.attn}), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     for k in ("build_model_s", "capture_s", "fuse_attention_s", "verify_s", "total_s"):
         print(f"  {k:<18} {rows[k]:8.2f} s")
-    print(f"  fuse-attention stats {rows['stats']}; verify max-abs {rows['verify']['max_abs']:.2e}, "
-          f"ok={rows['verify']['ok']}")
+    print(
+        f"  fuse-attention stats {rows['stats']}; verify max-abs {rows['verify']['max_abs']:.2e}, "
+        f"ok={rows['verify']['ok']}"
+    )
     print(f"  goal: capture + fuse-attention + verify < 60 s: {'met' if rows['total_s'] < 60 else 'NOT met'}")
 
 

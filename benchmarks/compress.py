@@ -28,6 +28,7 @@ within each round so a shared machine's load hits them alike; CPU, fp32 activati
 Columns: latency ratio vs fp32 eager, saved size (program.pt2 for optpipe rows, torch.save of the
 module for torch.ao) and its ratio, and the output's error vs fp32 eager (SQNR dB, cosine).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,9 +46,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.models import gpt2_batch, minilm_batch  # noqa: E402
+from benchmarks.models import gpt2_batch, minilm_batch
 
 
 def minilm():
@@ -59,9 +60,11 @@ def gpt2_small():
 
 
 MODELS = {"minilm": minilm, "gpt2": gpt2_small}
-PIPELINES = {"optpipe int8-dynamic": "quantize{scheme=int8-dynamic,embeddings=true}",
-             "optpipe int8-static": "quantize{scheme=int8-static,embeddings=true}",
-             "optpipe int4-weight": "quantize{scheme=int4-weight,group=32,embeddings=true}"}
+PIPELINES = {
+    "optpipe int8-dynamic": "quantize{scheme=int8-dynamic,embeddings=true}",
+    "optpipe int8-static": "quantize{scheme=int8-static,embeddings=true}",
+    "optpipe int4-weight": "quantize{scheme=int4-weight,group=32,embeddings=true}",
+}
 
 
 def main_output(out) -> torch.Tensor:
@@ -92,13 +95,15 @@ def interleaved_ms(fns: list, iters: int) -> list[float]:
 def error(ref: torch.Tensor, out: torch.Tensor) -> dict:
     ref, out = ref.float().flatten(), out.float().flatten()
     noise = (ref - out).pow(2).mean().clamp(min=1e-30)
-    return {"sqnr_db": round(float(10 * torch.log10(ref.pow(2).mean() / noise)), 2),
-            "cosine": round(float(torch.nn.functional.cosine_similarity(ref, out, dim=0)), 5)}
+    return {
+        "sqnr_db": round(float(10 * torch.log10(ref.pow(2).mean() / noise)), 2),
+        "cosine": round(float(torch.nn.functional.cosine_similarity(ref, out, dim=0)), 5),
+    }
 
 
 def bench_model(name, model, inputs, iters: int, tmp: str) -> list[dict]:
     import optpipe
-    import optpipe.passes.quantize  # noqa: F401  (ops registered before loading saved programs)
+    import optpipe.passes.quantize
 
     args = tuple(inputs.values())
     with torch.no_grad():
@@ -107,15 +112,23 @@ def bench_model(name, model, inputs, iters: int, tmp: str) -> list[dict]:
     fp32_path = os.path.join(tmp, "fp32.pt2")
     program.save(fp32_path)
     fp32_bytes = os.path.getsize(fp32_path)
-    candidates = [("fp32 eager", lambda: model(**inputs), fp32_bytes, {}),
-                  ("fp32 program", lambda: program.gm(*args), fp32_bytes, {})]
+    candidates = [
+        ("fp32 eager", lambda: model(**inputs), fp32_bytes, {}),
+        ("fp32 program", lambda: program.gm(*args), fp32_bytes, {}),
+    ]
     for label, pipeline in PIPELINES.items():
         quantized, records = optpipe.Pipeline.parse(pipeline).run(program.copy(), verify=False)
         path = os.path.join(tmp, f"{label.split()[-1]}.pt2")
         quantized.save(path)
         loaded = optpipe.load_program(path)
-        candidates.append((label, functools.partial(loaded.gm, *args), os.path.getsize(path),
-                           {"quantized": records[-1].stats["quantized"]}))
+        candidates.append(
+            (
+                label,
+                functools.partial(loaded.gm, *args),
+                os.path.getsize(path),
+                {"quantized": records[-1].stats["quantized"]},
+            )
+        )
     candidates[3:3] = torch_ao_rows(model, inputs, tmp)
     candidates += prune_rows(program, args, tmp)
     if ONNXRUNTIME_ROWS:
@@ -125,13 +138,22 @@ def bench_model(name, model, inputs, iters: int, tmp: str) -> list[dict]:
     for (label, fn, size, extra), ms in zip(candidates, latencies):
         with torch.no_grad():
             out = main_output(fn())
-        row = {"model": name, "name": label, "latency_ms": round(ms, 2), "speedup": round(latencies[0] / ms, 2),
-               "size_mb": round(size / 2**20, 1), "size_ratio": round(fp32_bytes / size, 2),
-               **error(reference, out), **extra}
+        row = {
+            "model": name,
+            "name": label,
+            "latency_ms": round(ms, 2),
+            "speedup": round(latencies[0] / ms, 2),
+            "size_mb": round(size / 2**20, 1),
+            "size_ratio": round(fp32_bytes / size, 2),
+            **error(reference, out),
+            **extra,
+        }
         rows.append(row)
-        print(f"  {label:<24} {ms:9.2f} ms {row['speedup']:5.2f}x  {row['size_mb']:8.1f} MB "
-              f"{row['size_ratio']:5.2f}x smaller  sqnr {row['sqnr_db']:6.2f} dB  cos {row['cosine']:.5f}",
-              file=sys.stderr)
+        print(
+            f"  {label:<24} {ms:9.2f} ms {row['speedup']:5.2f}x  {row['size_mb']:8.1f} MB "
+            f"{row['size_ratio']:5.2f}x smaller  sqnr {row['sqnr_db']:6.2f} dB  cos {row['cosine']:.5f}",
+            file=sys.stderr,
+        )
     compare_with_ort_quantize_dynamic(rows)
     check_prune_claims(rows)
     return rows
@@ -154,8 +176,12 @@ def _torch_ao_row(model, inputs, tmp: str, note: str) -> tuple:
         ao = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         path = os.path.join(tmp, f"ao{len(note)}.pt")
         torch.save(ao, path)
-    return (f"torch.ao dynamic ({torch.backends.quantized.engine}{note})", lambda: ao(**inputs),
-            os.path.getsize(path), {})
+    return (
+        f"torch.ao dynamic ({torch.backends.quantized.engine}{note})",
+        lambda: ao(**inputs),
+        os.path.getsize(path),
+        {},
+    )
 
 
 def _conv1d_as_linear(model):
@@ -165,7 +191,7 @@ def _conv1d_as_linear(model):
     except ImportError:
         return None
     found = False
-    for name, module in list(model.named_modules()):
+    for _name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, Conv1D):
                 linear = torch.nn.Linear(child.weight.shape[0], child.weight.shape[1])
@@ -179,15 +205,17 @@ def _conv1d_as_linear(model):
 
 # -- onnxruntime rows: optpipe's ONNX lowerings vs onnxruntime.quantization on the same model ----------------
 ONNXRUNTIME_ROWS = True
-PRUNE_PIPELINES = {"fp32 fused program": "fuse-attention",
-                   "optpipe prune mlp 50%": "fuse-attention,prune{target=mlp,sparsity=0.5}"}
+PRUNE_PIPELINES = {
+    "fp32 fused program": "fuse-attention",
+    "optpipe prune mlp 50%": "fuse-attention,prune{target=mlp,sparsity=0.5}",
+}
 
 
 def prune_rows(program, args: tuple, tmp: str) -> list[tuple]:
     """The fused fp32 program and the structured-pruned one (saved and reloaded), with the
     parameter counts the pass claims and the reloaded program has."""
     import optpipe
-    import optpipe.passes.prune  # noqa: F401
+    import optpipe.passes.prune
 
     rows = []
     for label, pipeline in PRUNE_PIPELINES.items():
@@ -198,8 +226,11 @@ def prune_rows(program, args: tuple, tmp: str) -> list[tuple]:
         extra = {"params": sum(p.numel() for p in loaded.gm.parameters())}
         if records[-1].name == "prune":
             stats = records[-1].stats
-            extra.update(params_claimed=stats["params_after"], params_before=stats["params_before"],
-                         pruned_channels=stats["pruned_channels"])
+            extra.update(
+                params_claimed=stats["params_after"],
+                params_before=stats["params_before"],
+                pruned_channels=stats["pruned_channels"],
+            )
         rows.append((label, functools.partial(loaded.gm, *args), os.path.getsize(path), extra))
     return rows
 
@@ -212,15 +243,21 @@ def check_prune_claims(rows: list[dict]) -> None:
         if "params_claimed" in row and fused is not None:
             row["speedup_vs_fused"] = round(fused["latency_ms"] / row["latency_ms"], 2)
             row["params_ok"] = row["params"] == row["params_claimed"]
-            print(f"  {row['name']}: {row['speedup_vs_fused']:.2f}x vs the fused program, "
-                  f"{row['speedup']:.2f}x vs fp32 eager; params {row['params_before'] / 1e6:.2f}M -> "
-                  f"{row['params'] / 1e6:.2f}M (claimed {row['params_claimed'] / 1e6:.2f}M, "
-                  f"{'matches' if row['params_ok'] else 'MISMATCH'})", file=sys.stderr)
+            print(
+                f"  {row['name']}: {row['speedup_vs_fused']:.2f}x vs the fused program, "
+                f"{row['speedup']:.2f}x vs fp32 eager; params {row['params_before'] / 1e6:.2f}M -> "
+                f"{row['params'] / 1e6:.2f}M (claimed {row['params_claimed'] / 1e6:.2f}M, "
+                f"{'matches' if row['params_ok'] else 'MISMATCH'})",
+                file=sys.stderr,
+            )
 
 
-ORT_PIPELINES = {"ort fp32": "dce", "ort optpipe int8-dynamic": PIPELINES["optpipe int8-dynamic"],
-                 "ort optpipe int8-static": PIPELINES["optpipe int8-static"],
-                 "ort optpipe int4-weight": PIPELINES["optpipe int4-weight"]}
+ORT_PIPELINES = {
+    "ort fp32": "dce",
+    "ort optpipe int8-dynamic": PIPELINES["optpipe int8-dynamic"],
+    "ort optpipe int8-static": PIPELINES["optpipe int8-static"],
+    "ort optpipe int4-weight": PIPELINES["optpipe int4-weight"],
+}
 ORT_QUANTIZE_DYNAMIC = "ort quantize_dynamic"
 
 
@@ -279,8 +316,11 @@ def compare_with_ort_quantize_dynamic(rows: list[dict]) -> None:
         if row["name"].startswith("ort optpipe"):
             row["speed_vs_ort_qd"] = round(baseline["latency_ms"] / row["latency_ms"], 2)
             row["sqnr_vs_ort_qd_db"] = round(row["sqnr_db"] - baseline["sqnr_db"], 2)
-            print(f"  {row['name']:<24} vs {ORT_QUANTIZE_DYNAMIC}: {row['speed_vs_ort_qd']:.2f}x speed, "
-                  f"{row['sqnr_vs_ort_qd_db']:+.2f} dB SQNR", file=sys.stderr)
+            print(
+                f"  {row['name']:<24} vs {ORT_QUANTIZE_DYNAMIC}: {row['speed_vs_ort_qd']:.2f}x speed, "
+                f"{row['sqnr_vs_ort_qd_db']:+.2f} dB SQNR",
+                file=sys.stderr,
+            )
 
 
 def main(argv=None) -> None:

@@ -35,6 +35,7 @@ context 256 vs 8192 (a GPT-2-small-sized model with all layers `attention{kind=l
 --speculative: speculative decoding with a draft made of the first half of the layers
 (acceptance rate and speedup over (b)).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,9 +48,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.models import gpt2_small  # noqa: E402
+from benchmarks.models import gpt2_small
 
 
 def cached_program(model, prompt: torch.Tensor, max_len: int, extra: str = ""):
@@ -64,10 +65,16 @@ def cached_program(model, prompt: torch.Tensor, max_len: int, extra: str = ""):
 def hf_generate(model, prompt: torch.Tensor, new: int):
     with torch.no_grad():
         start = time.perf_counter()
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
-                             min_new_tokens=new, do_sample=False, pad_token_id=0)
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
         seconds = time.perf_counter() - start
-    return out[0, prompt.shape[1]:].tolist(), seconds
+    return out[0, prompt.shape[1] :].tolist(), seconds
 
 
 def sample_no_cache(base, prompt: torch.Tensor, new_ids: list[int], every: int, repeats: int) -> dict:
@@ -82,7 +89,7 @@ def sample_no_cache(base, prompt: torch.Tensor, new_ids: list[int], every: int, 
     with torch.no_grad():
         base.gm(full[:, :p])  # warm-up, as the other rows get
         for i in offsets:
-            ids = full[:, :p + i].clone()
+            ids = full[:, : p + i].clone()
             runs = []
             for _ in range(repeats):
                 start = time.perf_counter()
@@ -95,9 +102,17 @@ def sample_no_cache(base, prompt: torch.Tensor, new_ids: list[int], every: int, 
             times.append(sorted(runs)[len(runs) // 2])
     per_step = interpolate(contexts, times)  # one estimate per context length p .. p+new-1
     total = sum(per_step)
-    return {"every": every, "repeats": repeats, "samples": len(offsets), "agree": agree,
-            "contexts": contexts, "step_seconds": times, "per_step_estimate": per_step,
-            "estimated_seconds": total, "tokens_per_s": new / total}
+    return {
+        "every": every,
+        "repeats": repeats,
+        "samples": len(offsets),
+        "agree": agree,
+        "contexts": contexts,
+        "step_seconds": times,
+        "per_step_estimate": per_step,
+        "estimated_seconds": total,
+        "tokens_per_s": new / total,
+    }
 
 
 def interpolate(xs: list[int], ys: list[float]) -> list[float]:
@@ -112,11 +127,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=512)
-    ap.add_argument("--no-cache-tokens", type=int, default=None,
-                    help="run (a) for real over the first N tokens (default 64; 0: all). With "
-                         "--no-cache-sample: not run by default or with 0")
-    ap.add_argument("--no-cache-sample", type=int, default=0, metavar="K",
-                    help="estimate (a) over the whole run from its step timed at every K-th context length")
+    ap.add_argument(
+        "--no-cache-tokens",
+        type=int,
+        default=None,
+        help="run (a) for real over the first N tokens (default 64; 0: all). With "
+        "--no-cache-sample: not run by default or with 0",
+    )
+    ap.add_argument(
+        "--no-cache-sample",
+        type=int,
+        default=0,
+        metavar="K",
+        help="estimate (a) over the whole run from its step timed at every K-th context length",
+    )
     ap.add_argument("--no-cache-repeats", type=int, default=3, help="timed runs per sampled context (median)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--linear", action="store_true", help="linear-attention decode latency at 256 vs 8192")
@@ -153,36 +177,67 @@ def main() -> None:
     compiled = generate(step, prompt, args.new, step=compiled_step)
     checks = {}
     if args.no_cache_sample > 0:
-        sampled = sample_no_cache(base, prompt, cached.new_ids[0], args.no_cache_sample,
-                                  max(1, args.no_cache_repeats))
-        rows.append({"name": f"(a) no cache (all {args.new}, estimated)", "tokens": args.new,
-                     "seconds": sampled["estimated_seconds"], "tokens_per_s": sampled["tokens_per_s"],
-                     "estimated": True})
+        sampled = sample_no_cache(base, prompt, cached.new_ids[0], args.no_cache_sample, max(1, args.no_cache_repeats))
+        rows.append(
+            {
+                "name": f"(a) no cache (all {args.new}, estimated)",
+                "tokens": args.new,
+                "seconds": sampled["estimated_seconds"],
+                "tokens_per_s": sampled["tokens_per_s"],
+                "estimated": True,
+            }
+        )
         checks["a_sampled_agrees_with_b"] = f"{sampled['agree']}/{sampled['samples']}"
     if n_a:
         plain = generate(base, prompt, n_a)
-        real = {"name": f"(a) no cache (first {n_a} tokens)", "tokens": n_a, "seconds": plain.seconds,
-                "tokens_per_s": plain.tokens_per_s}
+        real = {
+            "name": f"(a) no cache (first {n_a} tokens)",
+            "tokens": n_a,
+            "seconds": plain.seconds,
+            "tokens_per_s": plain.tokens_per_s,
+        }
         if args.no_cache_sample > 0:  # the estimate for the same stretch, as a cross-check
             real["estimate_same_tokens_s"] = sum(sampled["per_step_estimate"][:n_a])
         rows.append(real)
         checks["b_equals_a"] = cached.new_ids[0][:n_a] == plain.new_ids[0]
-    rows.append({"name": "(b) optpipe kv-cache", "tokens": args.new, "seconds": cached.seconds,
-                 "tokens_per_s": cached.tokens_per_s, "prefill_s": cached.prefill_seconds})
-    rows.append({"name": "(b') optpipe kv-cache, torch.compile", "tokens": args.new, "seconds": compiled.seconds,
-                 "tokens_per_s": compiled.tokens_per_s, "prefill_s": compiled.prefill_seconds})
-    rows.append({"name": "(c) transformers generate()", "tokens": args.new, "seconds": hf_s,
-                 "tokens_per_s": args.new / hf_s})
-    checks.update({"b_equals_c": cached.new_ids[0] == hf_tokens,
-                   "b_compiled_equals_c": compiled.new_ids[0] == hf_tokens})
+    rows.append(
+        {
+            "name": "(b) optpipe kv-cache",
+            "tokens": args.new,
+            "seconds": cached.seconds,
+            "tokens_per_s": cached.tokens_per_s,
+            "prefill_s": cached.prefill_seconds,
+        }
+    )
+    rows.append(
+        {
+            "name": "(b') optpipe kv-cache, torch.compile",
+            "tokens": args.new,
+            "seconds": compiled.seconds,
+            "tokens_per_s": compiled.tokens_per_s,
+            "prefill_s": compiled.prefill_seconds,
+        }
+    )
+    rows.append(
+        {"name": "(c) transformers generate()", "tokens": args.new, "seconds": hf_s, "tokens_per_s": args.new / hf_s}
+    )
+    checks.update(
+        {"b_equals_c": cached.new_ids[0] == hf_tokens, "b_compiled_equals_c": compiled.new_ids[0] == hf_tokens}
+    )
     a_rate = rows[0]["tokens_per_s"]
     for r in rows:
         r["vs_no_cache"] = r["tokens_per_s"] / a_rate
     b, b_compiled, c = rows[-3], rows[-2], rows[-1]
-    result = {"model": "GPT-2 small (124M, random init)", "prompt": args.prompt, "new": args.new,
-              "threads": torch.get_num_threads(), "rows": rows, "checks": checks,
-              "b_vs_c": b["tokens_per_s"] / c["tokens_per_s"],
-              "b_compiled_vs_c": b_compiled["tokens_per_s"] / c["tokens_per_s"]}
+    result = {
+        "model": "GPT-2 small (124M, random init)",
+        "prompt": args.prompt,
+        "new": args.new,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+        "checks": checks,
+        "b_vs_c": b["tokens_per_s"] / c["tokens_per_s"],
+        "b_compiled_vs_c": b_compiled["tokens_per_s"] / c["tokens_per_s"],
+    }
     if args.no_cache_sample > 0:
         result["no_cache_sample"] = {k: v for k, v in sampled.items() if k != "per_step_estimate"}
     if args.speculative:
@@ -192,33 +247,42 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{result['model']}, prompt {args.prompt}, {args.new} new tokens, greedy, batch 1, "
-          f"{result['threads']} threads")
+    print(
+        f"{result['model']}, prompt {args.prompt}, {args.new} new tokens, greedy, batch 1, {result['threads']} threads"
+    )
     if args.no_cache_sample > 0:
         s = result["no_cache_sample"]
-        print(f"(a) over all {args.new} tokens is an ESTIMATE: its step (full forward + argmax) timed at "
-              f"{s['samples']} context lengths ({s['contexts'][0]}, {s['contexts'][0] + s['every']}, ... , "
-              f"{s['contexts'][-1]}; median of {s['repeats']}), {s['step_seconds'][0] * 1000:.0f} ms at "
-              f"{s['contexts'][0]} to {s['step_seconds'][-1] * 1000:.0f} ms at {s['contexts'][-1]}, "
-              f"interpolated linearly and summed over every context length (trapezoid rule): "
-              f"{s['estimated_seconds']:.1f} s in all; sampled next tokens equal to (b)'s: {s['agree']}/{s['samples']}")
+        print(
+            f"(a) over all {args.new} tokens is an ESTIMATE: its step (full forward + argmax) timed at "
+            f"{s['samples']} context lengths ({s['contexts'][0]}, {s['contexts'][0] + s['every']}, ... , "
+            f"{s['contexts'][-1]}; median of {s['repeats']}), {s['step_seconds'][0] * 1000:.0f} ms at "
+            f"{s['contexts'][0]} to {s['step_seconds'][-1] * 1000:.0f} ms at {s['contexts'][-1]}, "
+            f"interpolated linearly and summed over every context length (trapezoid rule): "
+            f"{s['estimated_seconds']:.1f} s in all; sampled next tokens equal to (b)'s: {s['agree']}/{s['samples']}"
+        )
     width = max(34, *(len(r["name"]) for r in rows))
     print(f"{'row':{width}s} {'tokens/s':>9s} {'vs (a)':>8s}")
     for r in rows:
         print(f"{r['name']:{width}s} {r['tokens_per_s']:9.2f} {r['vs_no_cache']:7.1f}x")
         if "estimate_same_tokens_s" in r:
-            print(f"{'':{width}s} (measured {r['seconds']:.1f} s; the estimate for the same {r['tokens']} "
-                  f"tokens: {r['estimate_same_tokens_s']:.1f} s)")
+            print(
+                f"{'':{width}s} (measured {r['seconds']:.1f} s; the estimate for the same {r['tokens']} "
+                f"tokens: {r['estimate_same_tokens_s']:.1f} s)"
+            )
     print(f"(b) / (c) = {result['b_vs_c']:.2f}x, (b') / (c) = {result['b_compiled_vs_c']:.2f}x; checks: {checks}")
     if "speculative" in result:
         s = result["speculative"]
-        print(f"speculative (draft: first {s['draft_layers']} layers, k={s['k']}): acceptance "
-              f"{s['acceptance_rate']:.1%}, {s['tokens_per_s']:.2f} tokens/s = {s['speedup_vs_b']:.2f}x (b); "
-              f"same tokens as (b): {s['same_tokens']}")
+        print(
+            f"speculative (draft: first {s['draft_layers']} layers, k={s['k']}): acceptance "
+            f"{s['acceptance_rate']:.1%}, {s['tokens_per_s']:.2f} tokens/s = {s['speedup_vs_b']:.2f}x (b); "
+            f"same tokens as (b): {s['same_tokens']}"
+        )
     if "linear_decode" in result:
         d = result["linear_decode"]
-        print(f"linear-attention decode, ms/token: context {d['short']} {d['short_ms']:.2f}, context "
-              f"{d['long']} {d['long_ms']:.2f} (ratio {d['ratio']:.2f}x)")
+        print(
+            f"linear-attention decode, ms/token: context {d['short']} {d['short_ms']:.2f}, context "
+            f"{d['long']} {d['long_ms']:.2f} (ratio {d['ratio']:.2f}x)"
+        )
 
 
 def speculative(model, prompt, new, max_len, reference, k: int = 4) -> dict:
@@ -234,9 +298,14 @@ def speculative(model, prompt, new, max_len, reference, k: int = 4) -> dict:
     _, target = cached_program(model, prompt, max_len + k + 1)
     _, draft = cached_program(draft_model, prompt, max_len + k + 1)
     res = generate(target, prompt, new, draft=draft, draft_tokens=k)
-    return {"draft_layers": half, "k": k, "acceptance_rate": res.acceptance_rate, "tokens_per_s": res.tokens_per_s,
-            "speedup_vs_b": res.tokens_per_s / reference.tokens_per_s,
-            "same_tokens": res.new_ids == reference.new_ids}
+    return {
+        "draft_layers": half,
+        "k": k,
+        "acceptance_rate": res.acceptance_rate,
+        "tokens_per_s": res.tokens_per_s,
+        "speedup_vs_b": res.tokens_per_s / reference.tokens_per_s,
+        "same_tokens": res.new_ids == reference.new_ids,
+    }
 
 
 def linear_decode(short: int = 256, long: int = 8192, steps: int = 32) -> dict:

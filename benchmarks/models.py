@@ -1,5 +1,6 @@
 """The models the benchmarks share: the real pretrained MiniLM on a padded batch, and a
 GPT-2-small-sized decoder (random init from transformers' default config)."""
+
 from __future__ import annotations
 
 import torch
@@ -12,7 +13,7 @@ def minilm_batch(batch: int = 8, seq: int = 128):
     model, _ = load_minilm()
     ids = torch.randint(1000, 20000, (batch, seq), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[1::2, seq * 3 // 4:] = 0  # some padded rows, as real batches have
+    mask[1::2, seq * 3 // 4 :] = 0  # some padded rows, as real batches have
     return f"MiniLM-L6 (pretrained) b{batch} s{seq}", model, {"input_ids": ids, "attention_mask": mask}
 
 

@@ -23,6 +23,7 @@ thread, so p ranks need p cores: on a machine with fewer cores than ranks the pr
 and the measured speedup is capped near the core count (the table says how many cores there were).
 Prints a markdown table; `--json FILE` also writes the rows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,10 +40,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import optpipe  # noqa: E402
-from examples.tiny_gpt import build, lm_batches  # noqa: E402
-from optpipe.runtime.parallel import partitioned, pipeline_train, tensor_partitioned, tensor_train  # noqa: E402
-from optpipe.losses import task_loss  # noqa: E402
+import optpipe
+from examples.tiny_gpt import build, lm_batches
+from optpipe.losses import task_loss
+from optpipe.runtime.parallel import partitioned, pipeline_train, tensor_partitioned, tensor_train
 
 
 def one_process_step(program, data: list[dict]) -> float:
@@ -74,8 +75,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
 
-    model, _ = build(n_layer=args.layers, n_embd=args.width, n_head=max(1, args.width // 64),
-                     block_size=args.seq)
+    model, _ = build(n_layer=args.layers, n_embd=args.width, n_head=max(1, args.width // 64), block_size=args.seq)
     program = optpipe.capture(model, (torch.zeros(1, args.seq, dtype=torch.long),))
     data = lm_batches(args.steps, args.batch, args.seq)
     base = one_process_step(program, data)
@@ -88,42 +88,72 @@ def main() -> None:
             res = pipeline_train(split, data, stages=p, microbatches=m, lr=1e-3, timeout=300)
             step = statistics.median(res["seconds"][1:])
             ideal = p * m / (m + p - 1)
-            rows.append({"stages": p, "microbatches": m, "bubble": (p - 1) / (m + p - 1), "imbalance": imbalance,
-                         "step_ms": step * 1e3, "one_process_ms": base * 1e3, "speedup": base / step,
-                         "ideal_speedup": ideal, "efficiency": base / step / ideal})
+            rows.append(
+                {
+                    "stages": p,
+                    "microbatches": m,
+                    "bubble": (p - 1) / (m + p - 1),
+                    "imbalance": imbalance,
+                    "step_ms": step * 1e3,
+                    "one_process_ms": base * 1e3,
+                    "speedup": base / step,
+                    "ideal_speedup": ideal,
+                    "efficiency": base / step / ideal,
+                }
+            )
             print(f"  p={p} m={m}: {step * 1e3:.1f} ms/step", file=sys.stderr)
 
-    print(f"GPT {args.layers}x{args.width}, batch {args.batch} x seq {args.seq}, SGD step, fp32; "
-          f"{cores} CPU core(s) available, torch {torch.__version__}\n")
+    print(
+        f"GPT {args.layers}x{args.width}, batch {args.batch} x seq {args.seq}, SGD step, fp32; "
+        f"{cores} CPU core(s) available, torch {torch.__version__}\n"
+    )
     if rows:
-        print("| stages p | micro-batches m | bubble (p-1)/(m+p-1) | stage imbalance (max/mean FLOPs) | "
-              "pipeline step ms | one process ms | speedup | ideal p·m/(m+p-1) | efficiency |")
+        print(
+            "| stages p | micro-batches m | bubble (p-1)/(m+p-1) | stage imbalance (max/mean FLOPs) | "
+            "pipeline step ms | one process ms | speedup | ideal p·m/(m+p-1) | efficiency |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['stages']} | {r['microbatches']} | {r['bubble']:.1%} | {r['imbalance']:.3f} | "
-                  f"{r['step_ms']:.1f} | {r['one_process_ms']:.1f} | {r['speedup']:.2f}x | "
-                  f"{r['ideal_speedup']:.2f}x | {r['efficiency']:.0%} |")
+            print(
+                f"| {r['stages']} | {r['microbatches']} | {r['bubble']:.1%} | {r['imbalance']:.3f} | "
+                f"{r['step_ms']:.1f} | {r['one_process_ms']:.1f} | {r['speedup']:.2f}x | "
+                f"{r['ideal_speedup']:.2f}x | {r['efficiency']:.0%} |"
+            )
 
     tensor_rows = []
     for t in args.tensor_ways:
         res = tensor_train(program, data, ways=t, lr=1e-3, timeout=300)
         step = statistics.median(res["seconds"][1:])
         plan = tensor_partitioned(program, t).meta["partition"]
-        tensor_rows.append({"ways": t, "params_per_rank": plan["params_per_rank"], "params": plan["params"],
-                            "all_reduce_bytes": 2 * plan["all_reduce_bytes"] * args.batch // max(1, _batch(program)),
-                            "step_ms": step * 1e3, "one_process_ms": base * 1e3, "speedup": base / step})
+        tensor_rows.append(
+            {
+                "ways": t,
+                "params_per_rank": plan["params_per_rank"],
+                "params": plan["params"],
+                "all_reduce_bytes": 2 * plan["all_reduce_bytes"] * args.batch // max(1, _batch(program)),
+                "step_ms": step * 1e3,
+                "one_process_ms": base * 1e3,
+                "speedup": base / step,
+            }
+        )
         print(f"  tensor t={t}: {step * 1e3:.1f} ms/step", file=sys.stderr)
     if tensor_rows:
-        print("\n| tensor ways t | params per rank | all-reduced per step (fwd + bwd) | tensor step ms | "
-              "one process ms | speedup | ideal |")
+        print(
+            "\n| tensor ways t | params per rank | all-reduced per step (fwd + bwd) | tensor step ms | "
+            "one process ms | speedup | ideal |"
+        )
         print("|---|---|---|---|---|---|---|")
         for r in tensor_rows:
-            print(f"| {r['ways']} | {r['params_per_rank'] / 1e6:.2f}M of {r['params'] / 1e6:.2f}M | "
-                  f"{r['all_reduce_bytes'] / 2**20:.1f} MiB | {r['step_ms']:.1f} | {r['one_process_ms']:.1f} | "
-                  f"{r['speedup']:.2f}x | {r['ways']}x |")
+            print(
+                f"| {r['ways']} | {r['params_per_rank'] / 1e6:.2f}M of {r['params'] / 1e6:.2f}M | "
+                f"{r['all_reduce_bytes'] / 2**20:.1f} MiB | {r['step_ms']:.1f} | {r['one_process_ms']:.1f} | "
+                f"{r['speedup']:.2f}x | {r['ways']}x |"
+            )
     if any(r["stages"] > cores for r in rows) or any(r["ways"] > cores for r in tensor_rows):
-        print(f"\nNote: rows with more ranks than the {cores} available core(s) oversubscribe the CPU "
-              "(one single-threaded process per rank); their speedup is bounded by the core count.")
+        print(
+            f"\nNote: rows with more ranks than the {cores} available core(s) oversubscribe the CPU "
+            "(one single-threaded process per rank); their speedup is bounded by the core count."
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"pipeline": rows, "tensor": tensor_rows}, f, indent=2)

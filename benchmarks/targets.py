@@ -16,6 +16,7 @@ Rows: eager, torch.compile, onnxruntime, tvm (untuned) and, with --tune N > 0, t
 MetaSchedule trials. `--targets eager,onnxruntime,onnxruntime-unfused` adds ONNX Runtime without its
 contrib-op fusions (Attention, SkipLayerNormalization, BiasGelu) beside the fused row.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.models import gpt2_batch, minilm_batch  # noqa: E402
+from benchmarks.models import gpt2_batch, minilm_batch
 
 
 def minilm():
@@ -90,8 +91,11 @@ def bench_model(name, model, inputs, targets, iters: int, tune: int, block: int 
     for row, _, _ in runners:
         ms = statistics.median(times[id(row)])
         row.update(latency_ms=round(ms, 2), ratio_vs_eager=round(eager_ms / ms, 2))
-        print(f"  {row['name']:<14} {ms:9.2f} ms  {eager_ms / ms:5.2f}x eager  (compile {row['compile_s']} s, "
-              f"max-abs {row['max_abs']:.1e})", file=sys.stderr)
+        print(
+            f"  {row['name']:<14} {ms:9.2f} ms  {eager_ms / ms:5.2f}x eager  (compile {row['compile_s']} s, "
+            f"max-abs {row['max_abs']:.1e})",
+            file=sys.stderr,
+        )
     return rows
 
 
@@ -102,9 +106,13 @@ def main() -> None:
     ap.add_argument("--tune", type=int, default=64, help="MetaSchedule trials for the 'tvm tuned' row")
     ap.add_argument("--iters", type=int, default=20, help="timed calls per target")
     ap.add_argument("--block", type=int, default=5, help="consecutive calls per target in each round")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="threads for every runtime: torch, ONNX Runtime (it follows torch's setting) and "
-                         "TVM (TVM_NUM_THREADS); 0: torch's default (the cores), which the other two follow")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="threads for every runtime: torch, ONNX Runtime (it follows torch's setting) and "
+        "TVM (TVM_NUM_THREADS); 0: torch's default (the cores), which the other two follow",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.threads:
@@ -128,13 +136,15 @@ def main() -> None:
     if args.json:
         print(json.dumps({"rows": rows}))
         return
-    print(f"| model | target | latency ms | vs eager | compile s | max-abs vs torch |\n|---|---|---|---|---|---|")
+    print("| model | target | latency ms | vs eager | compile s | max-abs vs torch |\n|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['model']} | {r['name']} | failed: {r['error']} | | | |")
         else:
-            print(f"| {r['model']} | {r['name']} | {r['latency_ms']} | {r['ratio_vs_eager']}x | "
-                  f"{r['compile_s']} | {r['max_abs']:.1e} |")
+            print(
+                f"| {r['model']} | {r['name']} | {r['latency_ms']} | {r['ratio_vs_eager']}x | "
+                f"{r['compile_s']} | {r['max_abs']:.1e} |"
+            )
 
 
 if __name__ == "__main__":

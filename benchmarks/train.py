@@ -16,6 +16,7 @@ ratio = torch step time / target step time (> 1: the target is faster).
 
 Prints markdown tables; `--json FILE` also writes the rows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,12 +33,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import optpipe  # noqa: E402
-from examples.heal import build  # noqa: E402
-from optpipe.losses import task_loss  # noqa: E402
+import optpipe
+from examples.heal import build
+from optpipe.losses import task_loss
 
-KINDS = {"dense": None, "sliding-window (256)": "attention{kind=sliding-window,window=256}",
-         "linear": "attention{kind=linear}"}
+KINDS = {
+    "dense": None,
+    "sliding-window (256)": "attention{kind=sliding-window,window=256}",
+    "linear": "attention{kind=linear}",
+}
 
 
 def programs(seq: int, layers: int, width: int) -> dict:
@@ -60,6 +64,7 @@ def torch_step(program, seq: int):
         loss.backward()
         opt.step()
         return float(loss.detach())
+
     return step
 
 
@@ -75,8 +80,10 @@ def round_robin(steps: dict, repeat: int) -> dict:
     return best
 
 
-TRAINERS = {"onnxruntime-training": ("optpipe.targets.onnxruntime_backend", "OrtTrainer"),
-            "tvm": ("optpipe.targets.tvm_training", "TvmTrainer")}
+TRAINERS = {
+    "onnxruntime-training": ("optpipe.targets.onnxruntime_backend", "OrtTrainer"),
+    "tvm": ("optpipe.targets.tvm_training", "TvmTrainer"),
+}
 
 
 def target_rows(seq: int, layers: int, width: int, repeat: int, targets: list[str]) -> list[dict]:
@@ -110,8 +117,11 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--ort-seq", type=int, default=256)
-    ap.add_argument("--targets", default="onnxruntime-training,tvm",
-                    help="target trainers to time against torch at --ort-seq (comma-separated; empty: none)")
+    ap.add_argument(
+        "--targets",
+        default="onnxruntime-training,tvm",
+        help="target trainers to time against torch at --ort-seq (comma-separated; empty: none)",
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", metavar="FILE")
@@ -119,24 +129,37 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     seqs = [256] if args.quick else [int(s) for s in args.seqs.split(",")]
-    print(f"# training step, byte GPT {args.layers}x{args.width}, batch 1, fp32, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}\n")
+    print(
+        f"# training step, byte GPT {args.layers}x{args.width}, batch 1, fp32, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}\n"
+    )
     print("| seq | program | step ms | tokens/s | vs dense |\n|---|---|---|---|---|")
     rows = []
     for seq in seqs:
         progs = programs(seq, args.layers, args.width)
         best = round_robin({name: torch_step(p, seq) for name, p in progs.items()}, args.repeat)
         for name, t in best.items():
-            row = {"seq": seq, "program": name, "step_ms": t * 1e3, "tokens_per_s": seq / t,
-                   "ratio_vs_dense": best["dense"] / t}
+            row = {
+                "seq": seq,
+                "program": name,
+                "step_ms": t * 1e3,
+                "tokens_per_s": seq / t,
+                "ratio_vs_dense": best["dense"] / t,
+            }
             rows.append(row)
-            print(f"| {seq} | {name} | {row['step_ms']:.1f} | {row['tokens_per_s']:.0f} | {row['ratio_vs_dense']:.2f}x |")
+            print(
+                f"| {seq} | {name} | {row['step_ms']:.1f} | {row['tokens_per_s']:.0f} | {row['ratio_vs_dense']:.2f}x |"
+            )
     backends = []
     targets = [t for t in args.targets.split(",") if t]
     if targets:
         backends = target_rows(args.ort_seq if not args.quick else 64, args.layers, args.width, args.repeat, targets)
-        print("\n| seq | program | torch step ms | " + " | ".join(f"{t} step ms | torch / {t}" for t in targets)
-              + " |\n|---|---|---|" + "---|---|" * len(targets))
+        print(
+            "\n| seq | program | torch step ms | "
+            + " | ".join(f"{t} step ms | torch / {t}" for t in targets)
+            + " |\n|---|---|---|"
+            + "---|---|" * len(targets)
+        )
         for r in backends:
             cells = []
             for t in targets:

@@ -7,6 +7,7 @@ top-1 agreement against the program before it), the per-site decisions, a check 
 covering the whole sequence reproduces dense attention exactly, and one training step through the
 rewritten program. Speed is measured in benchmarks/attention.py (ratios at 1k-16k tokens).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,10 +20,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from examples import tiny_gpt  # noqa: E402
-from optpipe.capture import capture  # noqa: E402
-from optpipe.pipeline import Pipeline  # noqa: E402
-import optpipe.passes.attention  # noqa: E402,F401  (registers the `attention` pass)
+import optpipe.passes.attention  # noqa: F401  (registers the `attention` pass)
+from examples import tiny_gpt
+from optpipe.capture import capture
+from optpipe.pipeline import Pipeline
 
 
 def main(argv=None) -> None:
@@ -45,11 +46,15 @@ def main(argv=None) -> None:
     for r in records:
         v = r.verify or {}
         print(f"  {r.element:60s} modified={r.modified} stats={r.stats}")
-        print(f"  {'':60s} verify: max_abs={v.get('max_abs'):.3g} sqnr_db={v.get('sqnr_db')} "
-              f"cosine={v.get('cosine'):.6f} top1={v.get('top1_agreement')} ok={v.get('ok')}")
+        print(
+            f"  {'':60s} verify: max_abs={v.get('max_abs'):.3g} sqnr_db={v.get('sqnr_db')} "
+            f"cosine={v.get('cosine'):.6f} top1={v.get('top1_agreement')} ok={v.get('ok')}"
+        )
     for site in records[-1].details.get("sites", []):
-        print(f"    site {site['index']} {site['module_path']:22s} {site['action']:9s} "
-              f"{site.get('op') or site.get('reason')}")
+        print(
+            f"    site {site['index']} {site['module_path']:22s} {site['action']:9s} "
+            f"{site.get('op') or site.get('reason')}"
+        )
     for note in records[-1].details.get("notes", []):
         print(f"    note: {note}")
 
@@ -70,8 +75,10 @@ def main(argv=None) -> None:
     loss.backward()
     grads = [p.grad for p in optimized.gm.parameters() if p.grad is not None]
     finite = all(bool(torch.isfinite(g).all()) for g in grads)
-    print(f"training step through the rewritten program: loss={loss.item():.4f}, "
-          f"{len(grads)} parameter gradients, all finite={finite}")
+    print(
+        f"training step through the rewritten program: loss={loss.item():.4f}, "
+        f"{len(grads)} parameter gradients, all finite={finite}"
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 3. the same with sliding-window attention (a ring-buffer cache of `window` slots);
 4. speculative decoding with a one-layer draft (greedy output identical to the target's alone).
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,11 +19,11 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import torch  # noqa: E402
+import torch
 
-import optpipe  # noqa: E402
-from examples.tiny_gpt import build  # noqa: E402
-from optpipe.runtime.generation import Sampling  # noqa: E402
+import optpipe
+from examples.tiny_gpt import build
+from optpipe.runtime.generation import Sampling
 
 PROMPTS = [[3, 14, 15, 92, 65, 35, 89, 79], [2, 71, 82], [18, 28, 18, 28, 45]]
 
@@ -30,8 +31,7 @@ PROMPTS = [[3, 14, 15, 92, 65, 35, 89, 79], [2, 71, 82], [18, 28, 18, 28, 45]]
 def main(out: str) -> None:
     model, example = build(block_size=256)
     plain, _ = optpipe.Pipeline.parse("fuse-attention,dce").run(optpipe.capture(model, example))
-    res = optpipe.optimize(plain, pipeline="kv-cache{max-len=192}", target="cpu",
-                           target_options={"mode": "eager"})
+    res = optpipe.optimize(plain, pipeline="kv-cache{max-len=192}", target="cpu", target_options={"mode": "eager"})
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     res.save(out, force=True)
     step = res.program
@@ -42,9 +42,11 @@ def main(out: str) -> None:
     cached = optpipe.generate(step, PROMPTS, 128)
     recomputed = optpipe.generate(plain, PROMPTS, 128)
     assert cached.new_ids == recomputed.new_ids, "the cache changed the greedy tokens"
-    print(f"greedy, 3 prompts x 128 tokens: cache {cached.tokens_per_s:.0f} tokens/s, recompute "
-          f"{recomputed.tokens_per_s:.0f} tokens/s ({cached.tokens_per_s / recomputed.tokens_per_s:.1f}x), "
-          f"same tokens: True")
+    print(
+        f"greedy, 3 prompts x 128 tokens: cache {cached.tokens_per_s:.0f} tokens/s, recompute "
+        f"{recomputed.tokens_per_s:.0f} tokens/s ({cached.tokens_per_s / recomputed.tokens_per_s:.1f}x), "
+        f"same tokens: True"
+    )
     sampled = optpipe.generate(step, PROMPTS, 16, sampling=Sampling(temperature=0.8, top_p=0.9, seed=0))
     print(f"sampled (T=0.8, top-p 0.9, seed 0): {sampled.new_ids[0]}")
 
@@ -58,12 +60,15 @@ def main(out: str) -> None:
     draft_model = copy.deepcopy(model)
     draft_model.transformer.h = draft_model.transformer.h[:1]
     draft, _ = optpipe.Pipeline.parse("fuse-attention,dce,kv-cache{max-len=192}").run(
-        optpipe.capture(draft_model, example))
+        optpipe.capture(draft_model, example)
+    )
     spec = optpipe.generate(step, PROMPTS[:1], 64, draft=draft, draft_tokens=4)
     alone = optpipe.generate(step, PROMPTS[:1], 64)
     assert spec.new_ids == alone.new_ids
-    print(f"speculative (1-layer draft, 4 tokens/step): acceptance {spec.acceptance_rate:.0%}, "
-          f"{spec.steps} target steps for 64 tokens, identical to the target alone: True")
+    print(
+        f"speculative (1-layer draft, 4 tokens/step): acceptance {spec.acceptance_rate:.0%}, "
+        f"{spec.steps} target steps for 64 tokens, identical to the target alone: True"
+    )
     print(f"wrote {out}; try: optpipe generate {out} --prompt-ids 1,2,3 --max-new-tokens 16")
 
 

@@ -16,6 +16,7 @@ On text nobody here wrote (the documentation topics that ship with Python, `pydo
 
 `build()` is also a MODEL factory: `optpipe train examples/heal.py:build --data corpus.txt ...`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from examples.tiny_gpt import GPT, GPTConfig  # noqa: E402
+from examples.tiny_gpt import GPT, GPTConfig
 
 CONTEXT = 128
 BYTE_VOCAB = 259  # optpipe.runtime.data.ByteTokenizer: 256 bytes + eos, pad, mask
@@ -38,8 +39,9 @@ BYTE_VOCAB = 259  # optpipe.runtime.data.ByteTokenizer: 256 bytes + eos, pad, ma
 def build(context: int = CONTEXT, layers: int = 4, width: int = 128, heads: int = 4):
     """A small byte-level GPT (random init) and a [1, context] example input."""
     torch.manual_seed(0)
-    config = GPTConfig(block_size=context, vocab_size=BYTE_VOCAB, n_layer=layers, n_head=heads, n_embd=width,
-                       flash=True)
+    config = GPTConfig(
+        block_size=context, vocab_size=BYTE_VOCAB, n_layer=layers, n_head=heads, n_embd=width, flash=True
+    )
     model = GPT(config).eval()
     return model, (torch.zeros(1, context, dtype=torch.long),)
 
@@ -80,8 +82,17 @@ def _recovered(r: dict) -> str:
     return "no gap to recover" if r["recovered"] is None else f"{r['recovered']:.0%} of the gap recovered"
 
 
-def run(workdir: str, *, quick: bool = False, pretrain_steps: int = 1500, heal_steps: int = 800,
-        window: int = 16, alpha: float = 0.5, control: bool = False, seed: int = 0) -> dict:
+def run(
+    workdir: str,
+    *,
+    quick: bool = False,
+    pretrain_steps: int = 1500,
+    heal_steps: int = 800,
+    window: int = 16,
+    alpha: float = 0.5,
+    control: bool = False,
+    seed: int = 0,
+) -> dict:
     import optpipe
     from optpipe.runtime.data import pydoc_corpus
     from optpipe.runtime.training import evaluate
@@ -92,36 +103,64 @@ def run(workdir: str, *, quick: bool = False, pretrain_steps: int = 1500, heal_s
     corpus = os.path.join(workdir, "pydoc.txt")
     pydoc_corpus(corpus)
     batch = 8 if quick else 16
-    common = {"batch_size": batch, "seed": seed, "val_fraction": 0.05, "val_batches": 4 if quick else 16,
-              "log_every": 10 if quick else 50}
+    common = {
+        "batch_size": batch,
+        "seed": seed,
+        "val_fraction": 0.05,
+        "val_batches": 4 if quick else 16,
+        "log_every": 10 if quick else 50,
+    }
     ev = {k: common[k] for k in ("batch_size", "seed", "val_fraction", "val_batches")}
 
     dense = os.path.join(workdir, "dense")
-    optpipe.train(factory, corpus, dense, steps=pretrain_steps, lr=1e-3 if quick else 2e-3, warmup=50 if not quick else 2,
-                  weight_decay=0.1, **common, progress=False)
+    optpipe.train(
+        factory,
+        corpus,
+        dense,
+        steps=pretrain_steps,
+        lr=1e-3 if quick else 2e-3,
+        warmup=50 if not quick else 2,
+        weight_decay=0.1,
+        **common,
+        progress=False,
+    )
     results = {"dense": evaluate(dense, corpus, **ev)["val_ppl"]}
-    kinds = {"sliding-window": f"attention{{kind=sliding-window,window={window}}}",
-             "linear": "attention{kind=linear}"}
+    kinds = {"sliding-window": f"attention{{kind=sliding-window,window={window}}}", "linear": "attention{kind=linear}"}
     for kind, pipeline in kinds.items():
         swapped = os.path.join(workdir, kind)
         optpipe.optimize(dense, pipeline=pipeline, target="cpu").save(swapped)
         before = evaluate(swapped, corpus, **ev)["val_ppl"]
         healed_dir = os.path.join(workdir, f"{kind}-healed")
-        optpipe.train(swapped, corpus, healed_dir, steps=heal_steps, lr=5e-4, warmup=10 if not quick else 2,
-                      distill_from=dense, alpha=alpha, **common, progress=False)
+        optpipe.train(
+            swapped,
+            corpus,
+            healed_dir,
+            steps=heal_steps,
+            lr=5e-4,
+            warmup=10 if not quick else 2,
+            distill_from=dense,
+            alpha=alpha,
+            **common,
+            progress=False,
+        )
         healed = evaluate(healed_dir, corpus, **ev)["val_ppl"]
-        results[kind] = {"swapped": before, "healed": healed,
-                         "recovered": gap_recovered(results["dense"], before, healed)}
+        results[kind] = {
+            "swapped": before,
+            "healed": healed,
+            "recovered": gap_recovered(results["dense"], before, healed),
+        }
     if control:  # the dense model trained as many more steps: how much of healing is just more training
         more = os.path.join(workdir, "dense-continued")
-        optpipe.train(dense, corpus, more, steps=heal_steps, lr=5e-4, warmup=10 if not quick else 2, **common,
-                      progress=False)
+        optpipe.train(
+            dense, corpus, more, steps=heal_steps, lr=5e-4, warmup=10 if not quick else 2, **common, progress=False
+        )
         results["dense-continued"] = evaluate(more, corpus, **ev)["val_ppl"]
     return results
 
 
-def run_minilm(workdir: str, *, head_steps: int = 300, heal_steps: int = 300, sparsity: float = 0.25,
-               seq: int = 128, seed: int = 0) -> dict:
+def run_minilm(
+    workdir: str, *, head_steps: int = 300, heal_steps: int = 300, sparsity: float = 0.25, seq: int = 128, seed: int = 0
+) -> dict:
     """The real MiniLM, masked-LM objective: train the LM head (encoder frozen) to get the dense
     reference, prune `sparsity` of every MLP's channels, heal by distillation from the reference."""
     import optpipe
@@ -132,24 +171,45 @@ def run_minilm(workdir: str, *, head_steps: int = 300, heal_steps: int = 300, sp
     if not os.path.isfile(corpus):
         pydoc_corpus(corpus)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    common = {"objective": "mlm", "batch_size": 8, "seq_len": seq, "seed": seed, "val_fraction": 0.05,
-              "val_batches": 8}
+    common = {"objective": "mlm", "batch_size": 8, "seq_len": seq, "seed": seed, "val_fraction": 0.05, "val_batches": 8}
     ev = {k: common[k] for k in ("objective", "batch_size", "seq_len", "seed", "val_fraction", "val_batches")}
     dense = os.path.join(workdir, "minilm-mlm")
-    optpipe.train(os.path.join(here, "examples/heal.py:minilm_mlm"), corpus, dense, steps=head_steps, lr=1e-3,
-                  trainable="cls.*", log_every=50, progress=False, **common)
+    optpipe.train(
+        os.path.join(here, "examples/heal.py:minilm_mlm"),
+        corpus,
+        dense,
+        steps=head_steps,
+        lr=1e-3,
+        trainable="cls.*",
+        log_every=50,
+        progress=False,
+        **common,
+    )
     results = {"dense": evaluate(dense, corpus, **ev)["val_ppl"]}
     pruned = os.path.join(workdir, "minilm-pruned")
     res = optpipe.optimize(dense, pipeline=f"prune{{method=structured,target=mlp,sparsity={sparsity}}}", target="cpu")
     res.save(pruned)
     before = evaluate(pruned, corpus, **ev)["val_ppl"]
     healed_dir = os.path.join(workdir, "minilm-pruned-healed")
-    optpipe.train(pruned, corpus, healed_dir, steps=heal_steps, lr=1e-4, distill_from=dense, log_every=50,
-                  progress=False, **common)
+    optpipe.train(
+        pruned,
+        corpus,
+        healed_dir,
+        steps=heal_steps,
+        lr=1e-4,
+        distill_from=dense,
+        log_every=50,
+        progress=False,
+        **common,
+    )
     healed = evaluate(healed_dir, corpus, **ev)["val_ppl"]
-    results["mlp-prune"] = {"swapped": before, "healed": healed, "sparsity": sparsity,
-                            "params": [res.report["model"]["params_before"], res.report["model"]["params_after"]],
-                            "recovered": gap_recovered(results["dense"], before, healed)}
+    results["mlp-prune"] = {
+        "swapped": before,
+        "healed": healed,
+        "sparsity": sparsity,
+        "params": [res.report["model"]["params_before"], res.report["model"]["params_after"]],
+        "recovered": gap_recovered(results["dense"], before, healed),
+    }
     return results
 
 
@@ -159,13 +219,20 @@ def main(argv=None) -> int:
     ap.add_argument("--pretrain-steps", type=int, default=None)
     ap.add_argument("--heal-steps", type=int, default=None)
     ap.add_argument("--window", type=int, default=None)
-    ap.add_argument("--alpha", type=float, default=0.5,
-                    help="weight of the task loss while healing (0: distillation alone)")
-    ap.add_argument("--control", action="store_true",
-                    help="also train the dense model --heal-steps more steps (what more training alone gives)")
+    ap.add_argument(
+        "--alpha", type=float, default=0.5, help="weight of the task loss while healing (0: distillation alone)"
+    )
+    ap.add_argument(
+        "--control",
+        action="store_true",
+        help="also train the dense model --heal-steps more steps (what more training alone gives)",
+    )
     ap.add_argument("--workdir", default=None, help="keep the OUT folders here (default: a temporary folder)")
-    ap.add_argument("--minilm", action="store_true",
-                    help="instead: the real MiniLM (mlm), 25%% structured MLP pruning healed by distillation")
+    ap.add_argument(
+        "--minilm",
+        action="store_true",
+        help="instead: the real MiniLM (mlm), 25%% structured MLP pruning healed by distillation",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.minilm:
@@ -179,16 +246,25 @@ def main(argv=None) -> int:
         r = res["mlp-prune"]
         print("masked-LM validation perplexity (pydoc_data topics, MiniLM WordPiece):")
         print(f"  dense (LM head trained)   {res['dense']:8.3f}")
-        print(f"  {int(r['sparsity'] * 100)}% MLP channels pruned  {r['swapped']:8.3f} -> healed {r['healed']:8.3f}  "
-              f"({_recovered(r)}; params {r['params'][0]:,} -> {r['params'][1]:,})")
+        print(
+            f"  {int(r['sparsity'] * 100)}% MLP channels pruned  {r['swapped']:8.3f} -> healed {r['healed']:8.3f}  "
+            f"({_recovered(r)}; params {r['params'][0]:,} -> {r['params'][1]:,})"
+        )
         return 0
     steps = (args.pretrain_steps or (30 if args.quick else 1500), args.heal_steps or (10 if args.quick else 800))
     window = args.window or (8 if args.quick else 16)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or tmp
         os.makedirs(workdir, exist_ok=True)
-        res = run(workdir, quick=args.quick, pretrain_steps=steps[0], heal_steps=steps[1], window=window,
-                  alpha=args.alpha, control=args.control)
+        res = run(
+            workdir,
+            quick=args.quick,
+            pretrain_steps=steps[0],
+            heal_steps=steps[1],
+            window=window,
+            alpha=args.alpha,
+            control=args.control,
+        )
     if args.json:
         print(json.dumps(res))
         return 0

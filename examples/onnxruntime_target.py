@@ -6,6 +6,7 @@ OUT/model.onnx is a self-contained ONNX file (dynamic batch and sequence axes): 
 plain onnxruntime, without optpipe or the model's code. `optpipe run OUT --json` does the same
 from the command line.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,10 +16,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
+import torch
+from tiny_gpt import build
 
-import optpipe  # noqa: E402
-from tiny_gpt import build  # noqa: E402
+import optpipe
 
 
 def _best_ms(fn, *args, iters: int = 20) -> float:
@@ -38,8 +39,10 @@ def main(out: str) -> None:
     # 1. fuse attention, clean up, lower to onnxruntime; optimize() checks ORT against torch
     res = optpipe.optimize(model, example_inputs, pipeline="fuse-attention,dce", target="onnxruntime")
     info, check = res.report["target_info"], res.report["target_check"]
-    print(f"exported with {info['exporter']}: opset {info['opset']}, IR {info['ir_version']}, "
-          f"{info['onnx_nodes']} ONNX nodes, {info['model_bytes'] / 1e6:.2f} MB; providers {info['providers']}")
+    print(
+        f"exported with {info['exporter']}: opset {info['opset']}, IR {info['ir_version']}, "
+        f"{info['onnx_nodes']} ONNX nodes, {info['model_bytes'] / 1e6:.2f} MB; providers {info['providers']}"
+    )
     print(f"target check: max-abs {check['max_abs']:.2e} over {check['inputs']} input sets, ok={check['ok']}")
     res.save(out)
     print(f"wrote {out}: {sorted(os.listdir(out))}")
@@ -60,16 +63,20 @@ def main(out: str) -> None:
 
     session = ort.InferenceSession(os.path.join(out, "model.onnx"), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {"input_ids": x.numpy()})
-    print(f"plain onnxruntime: logits {list(logits.shape)}, "
-          f"max-abs vs optpipe's runner {abs(logits - compiled(x).numpy()).max():.1e}")
+    print(
+        f"plain onnxruntime: logits {list(logits.shape)}, "
+        f"max-abs vs optpipe's runner {abs(logits - compiled(x).numpy()).max():.1e}"
+    )
 
     # 4. latency side by side in one run, best of 20 (a ratio, not a benchmark)
     ids = example_inputs[0]
     with torch.no_grad():
         eager_ms = _best_ms(model, ids)
     ort_ms = _best_ms(compiled, ids)
-    print(f"latency at {list(ids.shape)}: torch eager {eager_ms:.2f} ms, onnxruntime {ort_ms:.2f} ms "
-          f"({eager_ms / ort_ms:.1f}x)")
+    print(
+        f"latency at {list(ids.shape)}: torch eager {eager_ms:.2f} ms, onnxruntime {ort_ms:.2f} ms "
+        f"({eager_ms / ort_ms:.1f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ and the tensors crossing each cut, writes the stage programs to OUT/stages/stage
 process per stage): inference from the saved OUT folder against the unsplit program, and a few SGD
 steps against the same steps in one process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,11 +23,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import optpipe  # noqa: E402
-from examples.tiny_gpt import build, check_against_one_process, lm_batches  # noqa: E402
-from optpipe.analysis import format_count  # noqa: E402
-from optpipe.runtime.parallel import pipeline_run, pipeline_train  # noqa: E402
-from optpipe.passes.partition import save_stages  # noqa: E402
+import optpipe
+from examples.tiny_gpt import build, check_against_one_process, lm_batches
+from optpipe.analysis import format_count
+from optpipe.passes.partition import save_stages
+from optpipe.runtime.parallel import pipeline_run, pipeline_train
 
 
 def main() -> None:
@@ -47,8 +48,10 @@ def main() -> None:
     print("| stage | first | last | FLOPs | params | sends |")
     print("|---|---|---|---|---|---|")
     for row in rec.details["stages"]:
-        print(f"| {row['stage']} | {row['first']} | {row['last']} | {format_count(row['cost'])} | "
-              f"{format_count(row['params'])} | {format_count(row['send_bytes'], 'B')} |")
+        print(
+            f"| {row['stage']} | {row['first']} | {row['last']} | {format_count(row['cost'])} | "
+            f"{format_count(row['params'])} | {format_count(row['send_bytes'], 'B')} |"
+        )
     for cut in rec.details["cuts"]:
         tensors = ", ".join(f"{t['name']} {t['dtype']}{t['symbolic_shape']}" for t in cut["tensors"])
         print(f"cut after stage {cut['after_stage']} (before {cut['before']}): {tensors}")

@@ -11,6 +11,7 @@ original model, and the cosine of the mean-pooled sentence embeddings to the unp
 With --calibrate the channels are ranked by their activations on other sentences (and the removed
 channels' mean output is folded into the bias). benchmarks/compress.py has the full comparison.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import optpipe  # noqa: E402
-import optpipe.passes.prune  # noqa: E402,F401  (registers the pass)
-from tests import hf_models  # noqa: E402
+import optpipe
+import optpipe.passes.prune
+from tests import hf_models
 
 embed = hf_models.sentence_embedding
 
@@ -74,11 +75,15 @@ def main(argv=None) -> None:
         if entry.get("action") == "pruned":
             scores = entry["scores"]
             shown = scores if isinstance(scores, list) else f"median {scores['median']}, cut at {scores['threshold']}"
-            print(f"  {entry['module_path']:32s} {entry['kind']:5s} kept {entry['kept']}/{entry['units']} "
-                  f"{entry['unit']}s ({entry['importance']}: {shown})")
-    print(f"pruned {stats['pruned_heads']} heads, {stats['pruned_channels']} MLP channels; parameters "
-          f"{stats['params_before'] / 1e6:.2f}M -> {stats['params_after'] / 1e6:.2f}M "
-          f"({stats['params_before'] / stats['params_after']:.2f}x fewer)")
+            print(
+                f"  {entry['module_path']:32s} {entry['kind']:5s} kept {entry['kept']}/{entry['units']} "
+                f"{entry['unit']}s ({entry['importance']}: {shown})"
+            )
+    print(
+        f"pruned {stats['pruned_heads']} heads, {stats['pruned_channels']} MLP channels; parameters "
+        f"{stats['params_before'] / 1e6:.2f}M -> {stats['params_after'] / 1e6:.2f}M "
+        f"({stats['params_before'] / stats['params_after']:.2f}x fewer)"
+    )
     print(f"verification: sqnr {verify['sqnr_db']:.1f} dB, cosine {verify['cosine']:.5f}, ok={verify['ok']}")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,10 +92,13 @@ def main(argv=None) -> None:
         reloaded = optpipe.load_program(path)
     if args.out:
         res.save(args.out)
-    before_ms, after_ms = latency_ms([lambda: model(input_ids=ids, attention_mask=mask),
-                                      lambda: reloaded.gm(ids, mask)], args.repeat)
-    print(f"latency (batch {args.batch}, {args.threads} thread(s)): original {before_ms:.1f} ms, "
-          f"pruned {after_ms:.1f} ms ({before_ms / after_ms:.2f}x)")
+    before_ms, after_ms = latency_ms(
+        [lambda: model(input_ids=ids, attention_mask=mask), lambda: reloaded.gm(ids, mask)], args.repeat
+    )
+    print(
+        f"latency (batch {args.batch}, {args.threads} thread(s)): original {before_ms:.1f} ms, "
+        f"pruned {after_ms:.1f} ms ({before_ms / after_ms:.2f}x)"
+    )
     with torch.no_grad():
         reference = embed(lambda i, m: model(input_ids=i, attention_mask=m), ids, mask)
         cosine = torch.nn.functional.cosine_similarity(reference, embed(reloaded.gm, ids, mask), dim=-1)

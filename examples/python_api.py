@@ -1,7 +1,8 @@
 """The Python API end to end: capture a model, run a verified pipeline, look at what changed, save.
 
-    python examples/python_api.py [OUT]
+python examples/python_api.py [OUT]
 """
+
 from __future__ import annotations
 
 import os
@@ -10,10 +11,10 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
+import torch
+from tiny_gpt import build
 
-import optpipe  # noqa: E402
-from tiny_gpt import build  # noqa: E402
+import optpipe
 
 
 def main(out: str) -> None:
@@ -27,8 +28,10 @@ def main(out: str) -> None:
     pipeline = optpipe.Pipeline.parse("fuse-attention,cse,dce")
     optimized, records = pipeline.run(program)
     for r in records:
-        print(f"  {r.element:<16} modified={r.modified!s:<5} stats={r.stats} "
-              f"max-abs={r.verify['max_abs']:.1e} ok={r.verify['ok']}")
+        print(
+            f"  {r.element:<16} modified={r.modified!s:<5} stats={r.stats} "
+            f"max-abs={r.verify['max_abs']:.1e} ok={r.verify['ok']}"
+        )
 
     # 3. what changed, keyed by module path
     changes = optpipe.diff(program, optimized)

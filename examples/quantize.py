@@ -13,6 +13,7 @@ attached with `optpipe.calibration.with_calibration` (the CLI's `--calibration-d
 benchmarks/compress.py has the full comparison (GPT-2-sized decoder, torch.ao and ONNX Runtime
 quantizers).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import optpipe  # noqa: E402
-import optpipe.passes.quantize  # noqa: E402,F401  (registers the pass and its ops for load/save)
-from tests import hf_models  # noqa: E402
+import optpipe
+import optpipe.passes.quantize
+from tests import hf_models
 
 embed = hf_models.sentence_embedding
 
@@ -47,8 +48,9 @@ def latency_ms(fn, repeat: int) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scheme", default="int8-dynamic", choices=["int8-dynamic", "int8-static", "int8-weight",
-                                                                      "int4-weight"])
+    parser.add_argument(
+        "--scheme", default="int8-dynamic", choices=["int8-dynamic", "int8-static", "int8-weight", "int4-weight"]
+    )
     parser.add_argument("--group", type=int, default=32, help="int4-weight: input channels per scale")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per model (median reported)")
@@ -69,8 +71,10 @@ def main(argv=None) -> None:
     record = res.report["passes"][-1]
     stats, verify = record["stats"], record["verify"]
     print(f"pipeline: {res.report['pipeline']}")
-    print(f"quantized {stats['quantized']} modules, skipped {stats['skipped']}; "
-          f"weights {stats['bytes_before'] / 2**20:.1f} MiB -> {stats['bytes_after'] / 2**20:.1f} MiB")
+    print(
+        f"quantized {stats['quantized']} modules, skipped {stats['skipped']}; "
+        f"weights {stats['bytes_before'] / 2**20:.1f} MiB -> {stats['bytes_after'] / 2**20:.1f} MiB"
+    )
     print(f"verification: sqnr {verify['sqnr_db']:.1f} dB, cosine {verify['cosine']:.5f}, ok={verify['ok']}")
 
     program = res.program
@@ -81,13 +85,17 @@ def main(argv=None) -> None:
             prog.save(path)
             sizes[name] = os.path.getsize(path)
         reloaded = optpipe.load_program(os.path.join(tmp, f"{args.scheme}.pt2"))
-    print(f"saved program: fp32 {sizes['fp32'] / 2**20:.1f} MiB, {args.scheme} "
-          f"{sizes[args.scheme] / 2**20:.1f} MiB ({sizes['fp32'] / sizes[args.scheme]:.2f}x smaller)")
+    print(
+        f"saved program: fp32 {sizes['fp32'] / 2**20:.1f} MiB, {args.scheme} "
+        f"{sizes[args.scheme] / 2**20:.1f} MiB ({sizes['fp32'] / sizes[args.scheme]:.2f}x smaller)"
+    )
 
     fp32_ms = latency_ms(lambda: model(input_ids=ids, attention_mask=mask), args.repeat)
     q_ms = latency_ms(lambda: reloaded.gm(ids, mask), args.repeat)
-    print(f"latency (batch {args.batch}, {args.threads} thread(s)): fp32 eager {fp32_ms:.1f} ms, "
-          f"{args.scheme} {q_ms:.1f} ms ({fp32_ms / q_ms:.2f}x)")
+    print(
+        f"latency (batch {args.batch}, {args.threads} thread(s)): fp32 eager {fp32_ms:.1f} ms, "
+        f"{args.scheme} {q_ms:.1f} ms ({fp32_ms / q_ms:.2f}x)"
+    )
 
     with torch.no_grad():
         reference = embed(lambda i, m: model(input_ids=i, attention_mask=m), ids, mask)

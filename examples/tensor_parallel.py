@@ -9,6 +9,7 @@ through DTensor. Prints the plan, saves OUT/program.pt2 (the plan rides along in
 then starts N x data-parallel gloo ranks with torchrun: inference from the saved folder against
 the unsharded program, and a few SGD steps against the same steps in one process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,10 +23,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import optpipe  # noqa: E402
-from examples.tiny_gpt import build, check_against_one_process, lm_batches  # noqa: E402
-from optpipe.analysis import format_count  # noqa: E402
-from optpipe.runtime.parallel import tensor_run, tensor_train  # noqa: E402
+import optpipe
+from examples.tiny_gpt import build, check_against_one_process, lm_batches
+from optpipe.analysis import format_count
+from optpipe.runtime.parallel import tensor_run, tensor_train
 
 
 def main() -> None:
@@ -46,10 +47,14 @@ def main() -> None:
     print("| block | kind | units | per rank | column-wise | row-wise |")
     print("|---|---|---|---|---|---|")
     for b in rec.details["blocks"]:
-        print(f"| {b['module_path']} | {b['kind']} | {b['units']} {b['unit']}s | {b['per_rank']} | "
-              f"{', '.join(b['colwise'])} | {b['rowwise']} |")
-    print(f"parameters per rank: {format_count(rec.stats['params_per_rank'])} of "
-          f"{format_count(rec.details['params'])}; all-reduces per forward: {rec.stats['all_reduces']}")
+        print(
+            f"| {b['module_path']} | {b['kind']} | {b['units']} {b['unit']}s | {b['per_rank']} | "
+            f"{', '.join(b['colwise'])} | {b['rowwise']} |"
+        )
+    print(
+        f"parameters per rank: {format_count(rec.stats['params_per_rank'])} of "
+        f"{format_count(rec.details['params'])}; all-reduces per forward: {rec.stats['all_reduces']}"
+    )
 
     out = args.out or tempfile.mkdtemp(prefix="optpipe-tensor-")
     os.makedirs(out, exist_ok=True)

@@ -8,6 +8,7 @@ calling `F.scaled_dot_product_attention(..., is_causal=True)`, what the pass sho
 Run `python examples/tiny_gpt.py` to capture the model, fuse its attention, clean up and compare.
 Both factories also work as `optpipe optimize examples/tiny_gpt.py:build ...`.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,12 @@ class CausalSelfAttention(nn.Module):
         self.flash = config.flash
         if not self.flash:
             # the causal mask, as nanoGPT keeps it: a buffer sliced to the sequence length
-            self.register_buffer("bias", torch.tril(torch.ones(config.block_size, config.block_size))
-                                 .view(1, 1, config.block_size, config.block_size))
+            self.register_buffer(
+                "bias",
+                torch.tril(torch.ones(config.block_size, config.block_size)).view(
+                    1, 1, config.block_size, config.block_size
+                ),
+            )
 
     def forward(self, x):
         B, T, C = x.size()
@@ -52,9 +57,9 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if self.flash:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None,
-                                               dropout_p=self.dropout if self.training else 0,
-                                               is_causal=True)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None, dropout_p=self.dropout if self.training else 0, is_causal=True
+            )
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
             att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
@@ -94,13 +99,15 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
+        self.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(config.vocab_size, config.n_embd),
+                "wpe": nn.Embedding(config.block_size, config.n_embd),
+                "drop": nn.Dropout(config.dropout),
+                "h": nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                "ln_f": nn.LayerNorm(config.n_embd, bias=config.bias),
+            }
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in nanoGPT
         self.apply(self._init_weights)
@@ -141,8 +148,7 @@ def lm_batches(steps: int, batch: int, seq: int = 32, vocab: int = 256, seed: in
     return out
 
 
-def check_against_one_process(gm: torch.fx.GraphModule, res: dict, batches: list[dict], lr: float,
-                              label: str) -> bool:
+def check_against_one_process(gm: torch.fx.GraphModule, res: dict, batches: list[dict], lr: float, label: str) -> bool:
     """Train a copy of `gm` with SGD on `batches` in this process and print how the distributed run's
     result `res` ({"losses", "weights"}) compares: the losses, the largest weight difference and
     whether both are within 1e-5 ("same training: True")."""
@@ -198,11 +204,15 @@ def main() -> None:
     after = program.run()
     with torch.no_grad():
         eager = model(*inputs)
-    print(f"max |fused - eager| = {(after - eager).abs().max().item():.3g}, "
-          f"max |fused - captured| = {(after - before).abs().max().item():.3g}")
+    print(
+        f"max |fused - eager| = {(after - eager).abs().max().item():.3g}, "
+        f"max |fused - captured| = {(after - before).abs().max().item():.3g}"
+    )
     for site in find_attention_sites(program.gm, program.example_inputs):
-        print(f"  {site.module_path:22s} mask={site.mask:8s} heads={site.heads} "
-              f"head_dim={site.head_dim} scale={site.scale:.4g}")
+        print(
+            f"  {site.module_path:22s} mask={site.mask:8s} heads={site.heads} "
+            f"head_dim={site.head_dim} scale={site.scale:.4g}"
+        )
 
 
 if __name__ == "__main__":

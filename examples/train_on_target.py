@@ -10,6 +10,7 @@ TVM imports the program and its loss into Relax, takes gradients with Relax's au
 Relax AdamW. Prints each target's loss curve, the largest difference to the cpu run, and the
 validation perplexity of the trained OUT folders.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,10 +22,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
-import optpipe  # noqa: E402
-from optpipe.runtime.data import pydoc_corpus  # noqa: E402
+import optpipe
+from optpipe.runtime.data import pydoc_corpus
 
 MODEL = os.path.join(ROOT, "examples", "heal.py") + ":build_quick"
 
@@ -40,14 +41,16 @@ def main() -> None:
     os.makedirs(root, exist_ok=True)
     corpus = os.path.join(root, "pydoc.txt")
     pydoc_corpus(corpus)
-    common = dict(steps=args.steps, batch_size=4, lr=2e-3, clip=None, log_every=1, progress=False)
+    common = {"steps": args.steps, "batch_size": 4, "lr": 2e-3, "clip": None, "log_every": 1, "progress": False}
     curves, results = {}, {}
     for target in args.targets.split(","):
         res = optpipe.train(MODEL, corpus, os.path.join(root, target), force=True, target=target, **common)
         curves[target] = [r["loss"] for r in res.metrics]
         results[target] = res
-        print(f"{target:<12} loss {curves[target][0]:.4f} -> {curves[target][-1]:.4f}  "
-              f"validation perplexity {res.val_ppl:.2f}  wrote {res.out}")
+        print(
+            f"{target:<12} loss {curves[target][0]:.4f} -> {curves[target][-1]:.4f}  "
+            f"validation perplexity {res.val_ppl:.2f}  wrote {res.out}"
+        )
     base = curves.get("cpu")
     for target, curve in curves.items():
         if base is not None and target != "cpu":

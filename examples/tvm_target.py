@@ -7,6 +7,7 @@ The same as `optpipe optimize examples/tiny_gpt.py:build --target tvm --pipeline
 -o tvm-out` followed by `optpipe run tvm-out`: the OUT folder holds the program, tvm/model.so and
 tvm/model.json, and running it needs neither the model's Python code nor torch.export.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,10 +18,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `examples.*`
 
-from examples.tiny_gpt import build  # noqa: E402
-from optpipe.optimization import optimize  # noqa: E402
-from optpipe.program import load_program  # noqa: E402
-from optpipe.registry import get_target  # noqa: E402
+from examples.tiny_gpt import build
+from optpipe.optimization import optimize
+from optpipe.program import load_program
+from optpipe.registry import get_target
 
 
 def main(argv=None) -> None:
@@ -30,13 +31,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     model, inputs = build()
-    res = optimize(model, inputs, pipeline="fuse-attention,dce", target="tvm", diffs=False,
-                   target_options={"tune": args.tune})
+    res = optimize(
+        model, inputs, pipeline="fuse-attention,dce", target="tvm", diffs=False, target_options={"tune": args.tune}
+    )
     res.save(args.out, force=True)
     info, check = res.report["target_info"], res.report["target_check"]
     target = info["target"]
-    print(f"compiled for {target['kind']} mcpu={target.get('mcpu')} ({info['mode']}, {info['compile_s']} s); "
-          f"max |tvm - torch| = {check['max_abs']:.2g} over {check['inputs']} input sets")
+    print(
+        f"compiled for {target['kind']} mcpu={target.get('mcpu')} ({info['mode']}, {info['compile_s']} s); "
+        f"max |tvm - torch| = {check['max_abs']:.2g} over {check['inputs']} input sets"
+    )
 
     # What `optpipe run OUT` does: the program's signature from program.pt2, the code from tvm/.
     program = load_program(os.path.join(args.out, "program.pt2"))
@@ -45,8 +49,10 @@ def main(argv=None) -> None:
     with torch.no_grad():
         expected = model(ids)
     got = compiled(ids)
-    print(f"reloaded {args.out}/tvm/model.so: logits {list(got.shape)}, "
-          f"max |tvm - eager| = {(got - expected).abs().max().item():.2g}")
+    print(
+        f"reloaded {args.out}/tvm/model.so: logits {list(got.shape)}, "
+        f"max |tvm - eager| = {(got - expected).abs().max().item():.2g}"
+    )
 
 
 if __name__ == "__main__":

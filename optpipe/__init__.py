@@ -1,20 +1,20 @@
 """optpipe: a compiler-style model-optimization pipeline for PyTorch.
 
-    import optpipe
-    res = optpipe.optimize(model, (ids,), pipeline="fuse-attention,dce", target="cpu")
-    res.save("OUT")
-    prog = optpipe.capture(model, (ids,)); prog2, records = optpipe.Pipeline.parse(s).run(prog)
-    optpipe.diff(prog, prog2)      # the data of `optpipe diff --json`
+import optpipe
+res = optpipe.optimize(model, (ids,), pipeline="fuse-attention,dce", target="cpu")
+res.save("OUT")
+prog = optpipe.capture(model, (ids,)); prog2, records = optpipe.Pipeline.parse(s).run(prog)
+optpipe.diff(prog, prog2)      # the data of `optpipe diff --json`
 """
-from __future__ import annotations
 
-from .version import __version__
+from __future__ import annotations
 
 from .capture import capture
 from .errors import OptpipeError, PassError, TargetError, UsageError, VerificationError
-from .pipeline import Pipeline, PassRecord
+from .pipeline import PassRecord, Pipeline
 from .program import Program, load_program
 from .registry import PassResult, register_pass, register_target
+from .version import __version__
 
 
 def load(path: str, **kwargs) -> Program:
@@ -36,7 +36,7 @@ def optimize(*args, calibration=None, **kwargs):
         from .runtime.data import calibration_batches
 
         path = calibration
-        calibration = lambda program: calibration_batches(path, program)  # noqa: E731
+        calibration = lambda program: calibration_batches(path, program)
     return _optimize(*args, calibration=calibration, **kwargs)
 
 
@@ -63,9 +63,27 @@ def train(model, data, out: str, **options):
     return _train(model, data, out, **options)
 
 
-__all__ = ["capture", "generate", "load", "load_program", "optimize", "diff", "Pipeline", "PassRecord", "Program",
-           "PassResult", "register_pass", "train", "register_target", "OptpipeError", "UsageError", "PassError",
-           "VerificationError", "TargetError", "__version__"]
+__all__ = [
+    "OptpipeError",
+    "PassError",
+    "PassRecord",
+    "PassResult",
+    "Pipeline",
+    "Program",
+    "TargetError",
+    "UsageError",
+    "VerificationError",
+    "__version__",
+    "capture",
+    "diff",
+    "generate",
+    "load",
+    "load_program",
+    "optimize",
+    "register_pass",
+    "register_target",
+    "train",
+]
 
 from .registry import load_op_modules as _load_op_modules  # noqa: E402
 

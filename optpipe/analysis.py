@@ -20,6 +20,7 @@ meta (a pass forgot it, or a data-dependent size) is the graph re-interpreted on
 >>> costs = analyze(program)                      # doctest: +SKIP
 >>> costs.flops, costs.params, costs.modules["transformer.h.0.attn"].total_flops  # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import math
@@ -34,6 +35,7 @@ import torch.fx
 from torch.utils import flop_counter
 
 from .program import Program
+import contextlib
 
 ROOT = ""
 # export marks shape bookkeeping nodes (sym_size, ...) with this pseudo module.
@@ -97,8 +99,9 @@ def is_bookkeeping(node: torch.fx.Node) -> bool:
     if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)):
         return True
     name = op_name(node.target)
-    return val is None and (name.startswith("aten._assert") or name.startswith("aten.sym_")
-                            or name.startswith("aten._functional_assert"))
+    return val is None and (
+        name.startswith("aten._assert") or name.startswith("aten.sym_") or name.startswith("aten._functional_assert")
+    )
 
 
 def counted_op_name(node: torch.fx.Node) -> str:
@@ -139,11 +142,19 @@ class ModuleCost:
         return sum(self.ops.values())
 
     def to_dict(self) -> dict:
-        return {"module": self.path, "type": self.type, "params": self.params, "flops": self.flops,
-                "activation_bytes": self.activation_bytes, "nodes": self.nodes,
-                "ops": dict(sorted(self.ops.items())), "total_params": self.total_params,
-                "total_flops": self.total_flops, "total_activation_bytes": self.total_activation_bytes,
-                "total_nodes": self.total_nodes}
+        return {
+            "module": self.path,
+            "type": self.type,
+            "params": self.params,
+            "flops": self.flops,
+            "activation_bytes": self.activation_bytes,
+            "nodes": self.nodes,
+            "ops": dict(sorted(self.ops.items())),
+            "total_params": self.total_params,
+            "total_flops": self.total_flops,
+            "total_activation_bytes": self.total_activation_bytes,
+            "total_nodes": self.total_nodes,
+        }
 
 
 @dataclass
@@ -163,10 +174,16 @@ class ProgramCosts:
     "meta+fake" (some nodes re-interpreted on fake tensors)."""
 
     def to_dict(self, include_nodes: bool = False) -> dict:
-        d = {"params": self.params, "flops": self.flops, "activation_bytes": self.activation_bytes,
-             "nodes": sum(self.ops.values()), "ops": dict(self.ops.most_common()),
-             "modules": [m.to_dict() for m in self.modules.values()],
-             "uncounted_ops": list(self.uncounted_ops), "shapes_from": self.shapes_from}
+        d = {
+            "params": self.params,
+            "flops": self.flops,
+            "activation_bytes": self.activation_bytes,
+            "nodes": sum(self.ops.values()),
+            "ops": dict(self.ops.most_common()),
+            "modules": [m.to_dict() for m in self.modules.values()],
+            "uncounted_ops": list(self.uncounted_ops),
+            "shapes_from": self.shapes_from,
+        }
         if include_nodes:
             d["node_costs"] = [vars(n) for n in self.nodes]
         return d
@@ -227,8 +244,16 @@ def analyze(program: Program) -> ProgramCosts:
     ops = Counter()
     for m in ordered.values():
         ops.update(m.ops)
-    return ProgramCosts(root.total_params, root.total_flops, root.total_activation_bytes, ops, ordered,
-                        nodes, sorted(unknown), shapes_from)
+    return ProgramCosts(
+        root.total_params,
+        root.total_flops,
+        root.total_activation_bytes,
+        ops,
+        ordered,
+        nodes,
+        sorted(unknown),
+        shapes_from,
+    )
 
 
 def _param_counts(gm: torch.nn.Module) -> dict[str, int]:
@@ -370,10 +395,8 @@ def _fake_shapes(gm: torch.fx.GraphModule, example_inputs) -> dict:
     class ShapeRecorder(torch.fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
-            try:
+            with contextlib.suppress(_Unresolved):
                 recorded[n] = _spec_tree(out, {})
-            except _Unresolved:
-                pass
             return out
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -446,8 +469,9 @@ def _sdpa_flops(q, k, v, *args, **kwargs) -> int:
     batch = math.prod(q.shape[:-2])
     l_q, e = q.shape[-2:]
     s, e_v = k.shape[-2], v.shape[-1]
-    return (flop_counter.bmm_flop((batch, l_q, e), (batch, e, s))
-            + flop_counter.bmm_flop((batch, l_q, s), (batch, s, e_v)))
+    return flop_counter.bmm_flop((batch, l_q, e), (batch, e, s)) + flop_counter.bmm_flop(
+        (batch, l_q, s), (batch, s, e_v)
+    )
 
 
 # Composite ops that export keeps in the graph (pre-dispatch IR) and flop_counter never sees.
@@ -493,9 +517,10 @@ def _decomposed_flops_cached(key, op, args, kwargs) -> int:
     counter = flop_counter.FlopCounterMode(display=False)
     with FakeTensorMode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        to_fake = lambda a: torch.empty(a.dims, dtype=a.dtype) if isinstance(a, TensorSpec) else a  # noqa: E731
-        fargs, fkwargs = torch.utils._pytree.tree_map(to_fake, (args, kwargs),
-                                                      is_leaf=lambda a: isinstance(a, TensorSpec))
+        to_fake = lambda a: torch.empty(a.dims, dtype=a.dtype) if isinstance(a, TensorSpec) else a
+        fargs, fkwargs = torch.utils._pytree.tree_map(
+            to_fake, (args, kwargs), is_leaf=lambda a: isinstance(a, TensorSpec)
+        )
         with counter:
             op(*fargs, **fkwargs)
     flops = int(counter.get_total_flops())
@@ -514,8 +539,11 @@ def activation_bytes(node: torch.fx.Node, out) -> int:
     """Bytes of the tensors `node` newly produces (0 for views, in-place ops and getitem)."""
     if node.op == "call_function" and _aliases_input(node.target):
         return 0
-    return sum(t.nbytes() for t in torch.utils._pytree.tree_leaves(out, is_leaf=lambda a: isinstance(a, TensorSpec))
-               if isinstance(t, TensorSpec))
+    return sum(
+        t.nbytes()
+        for t in torch.utils._pytree.tree_leaves(out, is_leaf=lambda a: isinstance(a, TensorSpec))
+        if isinstance(t, TensorSpec)
+    )
 
 
 # -- formatting (shared by inspect, diff and the report) --------------------------------------------
@@ -543,4 +571,3 @@ def format_percent(before: float, after: float) -> str:
         return "new"
     pct = 100.0 * (after - before) / before
     return f"{pct:+.1f}%" if abs(pct) >= 0.05 else f"{pct:+.2g}%"
-

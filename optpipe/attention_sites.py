@@ -22,12 +22,13 @@ mistaken for causal.
 >>> [s.mask for s in sites]                                            # doctest: +SKIP
 ['causal', 'causal']
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.fx
@@ -40,15 +41,22 @@ MASK_KINDS = ("none", "causal", "padding", "causal+padding", "custom")
 
 # Ops that read only the shape/dtype/device of their first argument, never its values.
 _SHAPE_ONLY_OPS = {
-    aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int,
-    aten.sym_storage_offset.default, aten.new_ones.default, aten.new_zeros.default,
-    aten.new_empty.default, aten.new_full.default, aten.empty_like.default,
-    aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
+    aten.sym_size.int,
+    aten.sym_numel.default,
+    aten.sym_stride.int,
+    aten.sym_storage_offset.default,
+    aten.new_ones.default,
+    aten.new_zeros.default,
+    aten.new_empty.default,
+    aten.new_full.default,
+    aten.empty_like.default,
+    aten.zeros_like.default,
+    aten.ones_like.default,
+    aten.full_like.default,
     aten._assert_tensor_metadata.default,
 }
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
-_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
-                  "enable_gqa": False}
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
 
 @dataclass
@@ -109,14 +117,12 @@ def sdpa_arguments(node: torch.fx.Node) -> dict:
 
 def skip_noop_slices(node):
     """`x[:, :, :]`-style slices that keep the whole dim (export leaves them around repeat_kv)."""
-    while (isinstance(node, torch.fx.Node) and node.op == "call_function"
-           and node.target is aten.slice.Tensor):
-        _, dim, start, end, step = list(node.args) + [0, None, None, 1][len(node.args) - 1:]
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is aten.slice.Tensor:
+        _, dim, start, end, step = list(node.args) + [0, None, None, 1][len(node.args) - 1 :]
         src = val(node.args[0])
         if src is None or start not in (0, None) or step != 1:
             break
-        if end is not None and not (isinstance(end, int) and end >= 2**62) and \
-                not same_size(end, src.shape[dim]):
+        if end is not None and not (isinstance(end, int) and end >= 2**62) and not same_size(end, src.shape[dim]):
             break
         node = node.args[0]
     return node
@@ -140,8 +146,7 @@ def repeat_kv_source(node) -> tuple[torch.fx.Node, int] | None:
     if not (isinstance(expand, torch.fx.Node) and expand.target is aten.expand.default):
         return None
     unsq = skip_noop_slices(expand.args[0])
-    if not (isinstance(unsq, torch.fx.Node) and unsq.target is aten.unsqueeze.default
-            and unsq.args[1] % 5 == 2):
+    if not (isinstance(unsq, torch.fx.Node) and unsq.target is aten.unsqueeze.default and unsq.args[1] % 5 == 2):
         return None
     src = skip_noop_slices(unsq.args[0])
     src_val, wide = val(src), val(expand)
@@ -149,8 +154,9 @@ def repeat_kv_source(node) -> tuple[torch.fx.Node, int] | None:
         return None
     n_rep = concrete(wide.shape[2])
     b, kvh, s, d = src_val.shape
-    if n_rep is None or not all(same_size(x, y) for x, y in
-                                zip((b, kvh, s, d), (wide.shape[0], wide.shape[1], wide.shape[3], wide.shape[4]))):
+    if n_rep is None or not all(
+        same_size(x, y) for x, y in zip((b, kvh, s, d), (wide.shape[0], wide.shape[1], wide.shape[3], wide.shape[4]))
+    ):
         return None
     if not all(same_size(x, y) for x, y in zip((b, kvh * n_rep, s, d), out.shape)):
         return None
@@ -270,8 +276,13 @@ def _pattern(allowed: torch.Tensor) -> str:
     return "custom"
 
 
-def classify_mask(gm: torch.fx.GraphModule, mask_node: torch.fx.Node,
-                  example_inputs: Sequence | None = None, *, blocked_when_true: bool = False) -> str:
+def classify_mask(
+    gm: torch.fx.GraphModule,
+    mask_node: torch.fx.Node,
+    example_inputs: Sequence | None = None,
+    *,
+    blocked_when_true: bool = False,
+) -> str:
     """Classify the attention mask computed by `mask_node` as one of MASK_KINDS.
 
     Boolean masks are True where attention is allowed (SDPA's convention), or True where it is
@@ -287,8 +298,10 @@ def classify_mask(gm: torch.fx.GraphModule, mask_node: torch.fx.Node,
     hints = _size_hints(gm, example_inputs)
     # The example shapes, then every dynamic dim larger and smaller: a static pattern must hold at
     # all of them (a window wider than the example is caught; the growth is bounded for memory).
-    variants = [None] + [{s: min(2 * h + 3, h + 256) for s, h in hints.items()},
-                         {s: max(h // 2, 2) for s, h in hints.items()}] * bool(hints)
+    variants = [None] + [
+        {s: min(2 * h + 3, h + 256) for s, h in hints.items()},
+        {s: max(h // 2, 2) for s, h in hints.items()},
+    ] * bool(hints)
     kinds = set()
     for i, sizes in enumerate(variants):
         try:
@@ -309,8 +322,9 @@ def classify_mask(gm: torch.fx.GraphModule, mask_node: torch.fx.Node,
 
 
 # -- sites -----------------------------------------------------------------------------------------
-def describe_site(gm: torch.fx.GraphModule, node: torch.fx.Node,
-                  example_inputs: Sequence | None = None) -> AttentionSite:
+def describe_site(
+    gm: torch.fx.GraphModule, node: torch.fx.Node, example_inputs: Sequence | None = None
+) -> AttentionSite:
     args = sdpa_arguments(node)
     q, k = val(args["query"]), val(args["key"])
     heads = concrete(q.shape[-3]) if q is not None and q.dim() == 4 else None
@@ -327,14 +341,21 @@ def describe_site(gm: torch.fx.GraphModule, node: torch.fx.Node,
         kind = classify_mask(gm, mask, example_inputs)
     else:
         kind = "causal" if args["is_causal"] else "none"
-    return AttentionSite(node=node.name, module_path=module_path(node), mask=kind,
-                         is_causal=bool(args["is_causal"]), heads=heads, kv_heads=kv_heads,
-                         head_dim=head_dim, scale=scale,
-                         gqa=heads is not None and kv_heads is not None and kv_heads < heads)
+    return AttentionSite(
+        node=node.name,
+        module_path=module_path(node),
+        mask=kind,
+        is_causal=bool(args["is_causal"]),
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        scale=scale,
+        gqa=heads is not None and kv_heads is not None and kv_heads < heads,
+    )
 
 
-def find_attention_sites(gm: torch.fx.GraphModule,
-                         example_inputs: Sequence | None = None) -> list[AttentionSite]:
+def find_attention_sites(gm: torch.fx.GraphModule, example_inputs: Sequence | None = None) -> list[AttentionSite]:
     """Every `aten.scaled_dot_product_attention` node of `gm`, in graph order."""
-    return [describe_site(gm, n, example_inputs) for n in gm.graph.nodes
-            if n.op == "call_function" and n.target is SDPA]
+    return [
+        describe_site(gm, n, example_inputs) for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA
+    ]

@@ -6,9 +6,10 @@ carries them in `program.calibration` (set by `optpipe optimize --calibration-da
 inputs (the example inputs plus random in-distribution ones), which is what a user gets from any
 tool that calibrates on "sample inputs".
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -23,13 +24,18 @@ def with_calibration(program: Program, input_sets: Iterable) -> Program:
     for i, item in enumerate(input_sets):
         item = (item,) if isinstance(item, torch.Tensor) else tuple(item)
         if len(item) != len(program.example_inputs):
-            raise UsageError(f"calibration set {i} has {len(item)} inputs, the program takes "
-                             f"{len(program.example_inputs)}", "give one tensor per model input")
+            raise UsageError(
+                f"calibration set {i} has {len(item)} inputs, the program takes {len(program.example_inputs)}",
+                "give one tensor per model input",
+            )
         for x, ref, name in zip(item, program.example_inputs, program.input_names):
-            if isinstance(ref, torch.Tensor) and (not isinstance(x, torch.Tensor) or x.dim() != ref.dim()
-                                                  or x.dtype != ref.dtype):
-                raise UsageError(f"calibration set {i}: input {name!r} must be a {ref.dtype} tensor with "
-                                 f"{ref.dim()} dims", f"shape it like the example input {tuple(ref.shape)}")
+            if isinstance(ref, torch.Tensor) and (
+                not isinstance(x, torch.Tensor) or x.dim() != ref.dim() or x.dtype != ref.dtype
+            ):
+                raise UsageError(
+                    f"calibration set {i}: input {name!r} must be a {ref.dtype} tensor with {ref.dim()} dims",
+                    f"shape it like the example input {tuple(ref.shape)}",
+                )
         sets.append(item)
     if not sets:
         raise UsageError("calibration data is empty", "give at least one batch")

@@ -12,14 +12,14 @@ the model allows and specialises the rest. Which dims stayed dynamic is recorded
 `program.dynamic_shapes`. Size-1 dims would be specialised by export's 0/1 rule, so capture widens
 them to 2 for tracing only; the program still runs at size 1.
 """
+
 from __future__ import annotations
 
 import dataclasses
-import os
-
 import inspect
-from collections.abc import Mapping
-from typing import Any, Sequence
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -59,8 +59,7 @@ def _output_selector(model, input_names, key, call_kwargs) -> _OutputSelector:
     # the program's signature) read `input_ids`, `attention_mask`, ... rather than `args_0`.
     names = [n if n.isidentifier() else f"arg{i}" for i, n in enumerate(input_names)]
     namespace: dict = {}
-    exec(f"def forward(self, {', '.join(names)}):\n    return self.select({', '.join(names)})\n",
-         namespace)
+    exec(f"def forward(self, {', '.join(names)}):\n    return self.select({', '.join(names)})\n", namespace)
     cls = type(f"Captured{type(model).__name__}", (_OutputSelector,), {"forward": namespace["forward"]})
     return cls(model, input_names, key, call_kwargs)
 
@@ -83,22 +82,26 @@ def _choose_output(out) -> tuple[Any, str]:
     if isinstance(out, torch.Tensor):
         return None, "tensor"
     if isinstance(out, Mapping) or hasattr(out, "keys"):
-        keys = [k for k in out.keys() if isinstance(out[k], torch.Tensor)]
+        keys = [k for k in out if isinstance(out[k], torch.Tensor)]
         for k in OUTPUT_PREFERENCE:
             if k in keys:
                 return k, k
         if keys:
             return keys[0], keys[0]
-        raise UsageError(f"the model's output ({type(out).__name__}) holds no tensor",
-                         "return a tensor, or a dict with a 'logits' or 'last_hidden_state' tensor")
+        raise UsageError(
+            f"the model's output ({type(out).__name__}) holds no tensor",
+            "return a tensor, or a dict with a 'logits' or 'last_hidden_state' tensor",
+        )
     if isinstance(out, (tuple, list)):
         if _is_tensor_tree(out):
             return None, f"tuple of {len(out)} tensors"
         for i, x in enumerate(out):
             if isinstance(x, torch.Tensor):
                 return i, f"output[{i}]"
-    raise UsageError(f"cannot capture a model whose output is {type(out).__name__}",
-                     "make forward() return a tensor or a tuple of tensors")
+    raise UsageError(
+        f"cannot capture a model whose output is {type(out).__name__}",
+        "make forward() return a tensor or a tuple of tensors",
+    )
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
@@ -111,8 +114,11 @@ def _accepts(model: nn.Module, name: str) -> bool:
 
 def _forward_arg_names(model: nn.Module, n: int) -> list[str]:
     try:
-        params = [p for p in inspect.signature(model.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        params = [
+            p
+            for p in inspect.signature(model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
     except (TypeError, ValueError):
         params = []
     names = [p.name for p in params[:n]]
@@ -132,9 +138,14 @@ def guess_dynamic_dims(inputs: Sequence, names: Sequence[str]) -> list[dict[int,
     return spec
 
 
-def capture(model: nn.Module, example_inputs: Sequence | Mapping | torch.Tensor, *,
-            input_names: Sequence[str] | None = None, dynamic_shapes=None,
-            meta: dict | None = None) -> Program:
+def capture(
+    model: nn.Module,
+    example_inputs: Sequence | Mapping | torch.Tensor,
+    *,
+    input_names: Sequence[str] | None = None,
+    dynamic_shapes=None,
+    meta: dict | None = None,
+) -> Program:
     """Capture `model` on `example_inputs` as a Program.
 
     `example_inputs`: a tensor, a tuple of positional tensors, or a dict of named tensors.
@@ -163,8 +174,10 @@ def capture(model: nn.Module, example_inputs: Sequence | Mapping | torch.Tensor,
             out = model(**dict(zip(input_names, example_inputs)), **call_kwargs)
     except Exception as e:  # the model's own error on these inputs: say so in one line
         shapes = ", ".join(f"{n}:{_describe(x)}" for n, x in zip(input_names, example_inputs))
-        raise UsageError(f"{type(model).__name__} fails on the example inputs ({shapes}): {_first_line(e)}",
-                         "check the --input names, dtypes and shapes") from e
+        raise UsageError(
+            f"{type(model).__name__} fails on the example inputs ({shapes}): {_first_line(e)}",
+            "check the --input names, dtypes and shapes",
+        ) from e
     key, description = _choose_output(out)
     meta.setdefault("output", description)
     if "config" not in meta:
@@ -188,9 +201,10 @@ def capture(model: nn.Module, example_inputs: Sequence | Mapping | torch.Tensor,
         try:
             ep, kept = export_module(module, example_inputs, input_names, None)
         except Exception:
-            raise UsageError(f"torch.export could not capture {type(model).__name__}: "
-                             f"{_first_line(first_error)}",
-                             "check that forward() runs on the example inputs; see torch.export docs") from first_error
+            raise UsageError(
+                f"torch.export could not capture {type(model).__name__}: {_first_line(first_error)}",
+                "check that forward() runs on the example inputs; see torch.export docs",
+            ) from first_error
     gm = ep.module()
     return Program(gm, example_inputs, input_names, kept, meta, [])
 

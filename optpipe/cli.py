@@ -1,6 +1,7 @@
 """The `optpipe` command line (click). Errors are one line plus a hint: exit 2 for bad usage or
 input, 1 for a failed pass, verification or target check. `--json` prints one JSON document on
 stdout and nothing else there; progress and messages go to stderr."""
+
 from __future__ import annotations
 
 import contextlib
@@ -71,8 +72,11 @@ class _Group(click.Group):
         except Exception as e:  # a bug: still one line, with a way to see more
             if os.environ.get("OPTPIPE_DEBUG"):
                 raise
-            click.echo(f"optpipe: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                       "(hint: rerun with OPTPIPE_DEBUG=1 for the traceback)", err=True)
+            click.echo(
+                f"optpipe: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                "(hint: rerun with OPTPIPE_DEBUG=1 for the traceback)",
+                err=True,
+            )
             sys.exit(1)
 
 
@@ -83,8 +87,13 @@ def main():
 
 
 def _model_options(f):
-    f = click.option("--input", "inputs", multiple=True, metavar="SPEC",
-                     help="Example input, e.g. input_ids:int64[batch=1,seq=128] (repeatable; a named dim is dynamic).")(f)
+    f = click.option(
+        "--input",
+        "inputs",
+        multiple=True,
+        metavar="SPEC",
+        help="Example input, e.g. input_ids:int64[batch=1,seq=128] (repeatable; a named dim is dynamic).",
+    )(f)
     f = click.option("--arch", metavar="SPEC", help="Model factory (file.py:fn) for a .pt/.safetensors state dict.")(f)
     f = click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled module (runs arbitrary code).")(f)
     return f
@@ -100,8 +109,7 @@ def _load(model: str, inputs, arch, trust_pickle):
 
 @main.command()
 @click.argument("model")
-@click.option("--target", "-t", default="cpu", show_default=True,
-              help="cpu, cuda, onnxruntime, tvm or tvm-cuda.")
+@click.option("--target", "-t", default="cpu", show_default=True, help="cpu, cuda, onnxruntime, tvm or tvm-cuda.")
 @click.option("--pipeline", "-p", metavar="S", help="Pipeline, e.g. fuse-attention,dce")
 @click.option("--preset", metavar="NAME", help="A named pipeline (see `optpipe passes`).")
 @click.option("--recipe", metavar="FILE", type=click.Path(dir_okay=False), help="TOML recipe file.")
@@ -110,29 +118,66 @@ def _load(model: str, inputs, arch, trust_pickle):
 @click.option("--dump-ir", metavar="DIR", help="Write NNN_<pass>.before.py/.after.py/.diff for every pass.")
 @click.option("--print-ir-after-change", is_flag=True, help="Print the graph after every pass that changed it.")
 @click.option("--no-verify", is_flag=True, help="Skip numerical verification after each pass.")
-@click.option("--budget", multiple=True, metavar="K=V", help="Quality budget for lossy passes: sqnr=DB, cosine=X, top1=X.")
-@click.option("--mode", type=click.Choice(["auto", "eager", "compile"]), default="auto", show_default=True,
-              help="torch targets: eager, torch.compile, or whichever is faster.")
-@click.option("--tune", type=click.IntRange(min=0), default=0, metavar="N",
-              help="tvm targets: tuning trials (MetaSchedule; dlight schedules for cuda). 0: untuned.")
-@click.option("--calibration-data", metavar="FILE",
-              help="Text/JSONL that calibrating passes (int8-static, wanda) measure activations on.")
+@click.option(
+    "--budget", multiple=True, metavar="K=V", help="Quality budget for lossy passes: sqnr=DB, cosine=X, top1=X."
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "eager", "compile"]),
+    default="auto",
+    show_default=True,
+    help="torch targets: eager, torch.compile, or whichever is faster.",
+)
+@click.option(
+    "--tune",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="N",
+    help="tvm targets: tuning trials (MetaSchedule; dlight schedules for cuda). 0: untuned.",
+)
+@click.option(
+    "--calibration-data",
+    metavar="FILE",
+    help="Text/JSONL that calibrating passes (int8-static, wanda) measure activations on.",
+)
 @click.option("--calibration-batches", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing OUT that optpipe did not write.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json on stdout.")
-def optimize(model, target, pipeline, preset, recipe, inputs, arch, trust_pickle, out, dump_ir,
-             print_ir_after_change, no_verify, budget, mode, tune, calibration_data, calibration_batches, force,
-             as_json):
+def optimize(
+    model,
+    target,
+    pipeline,
+    preset,
+    recipe,
+    inputs,
+    arch,
+    trust_pickle,
+    out,
+    dump_ir,
+    print_ir_after_change,
+    no_verify,
+    budget,
+    mode,
+    tune,
+    calibration_data,
+    calibration_batches,
+    force,
+    as_json,
+):
     """Optimize MODEL with a pipeline of verified passes for a target; write OUT."""
     from .instruments import DumpIR, PassTiming, PrintAfterChange
-    from .optimization import optimize as run_optimize, resolve_pipeline
+    from .optimization import optimize as run_optimize
+    from .optimization import resolve_pipeline
     from .outdir import check_writable
     from .verify import Budget
 
     check_writable(out, force)  # before any work
     text, extras = resolve_pipeline(pipeline, preset, recipe)
-    if extras.get("target") and target == "cpu" and click.get_current_context().get_parameter_source(
-            "target").name == "DEFAULT":
+    if (
+        extras.get("target")
+        and target == "cpu"
+        and click.get_current_context().get_parameter_source("target").name == "DEFAULT"
+    ):
         target = extras["target"]
     budget_obj = Budget.parse(budget) if budget else (Budget(**extras["budget"]) if extras.get("budget") else None)
     progress = Progress(quiet=False)
@@ -143,17 +188,24 @@ def optimize(model, target, pipeline, preset, recipe, inputs, arch, trust_pickle
         instruments.append(PrintAfterChange(sys.stderr))
     with progress(f"load {model}"):
         program = _load(model, inputs, arch, trust_pickle)
-    progress.say(f"captured output: {program.meta.get('output', 'tensor')}; dynamic dims: "
-                 f"{_dims_text(program)}")
+    progress.say(f"captured output: {program.meta.get('output', 'tensor')}; dynamic dims: {_dims_text(program)}")
     calibration = None
     if calibration_data:
         from .runtime.data import calibration_batches as read_calibration
 
         with progress(f"read calibration data {calibration_data}"):
             calibration = read_calibration(calibration_data, program, batches=calibration_batches)
-    res = run_optimize(program, pipeline=text, target=target, verify=not no_verify, budget=budget_obj,
-                       instruments=instruments, target_options={"mode": mode, "tune": tune},
-                       progress=progress, calibration=calibration)
+    res = run_optimize(
+        program,
+        pipeline=text,
+        target=target,
+        verify=not no_verify,
+        budget=budget_obj,
+        instruments=instruments,
+        target_options={"mode": mode, "tune": tune},
+        progress=progress,
+        calibration=calibration,
+    )
     with progress(f"write {out}"):
         res.save(out, force=force, dump_ir=dump_ir)
     for p in res.report["passes"]:
@@ -163,9 +215,11 @@ def optimize(model, target, pipeline, preset, recipe, inputs, arch, trust_pickle
         click.echo(json.dumps(res.report, default=str))
     else:
         r = res.report
-        progress.say(f"[bold]wrote {out}[/]: pipeline {r['pipeline']} → {target} "
-                     f"({r['target_info'].get('mode', '')}); params {r['model']['params_before']:,} → "
-                     f"{r['model']['params_after']:,}; target check max-abs {r['target_check']['max_abs']:.2e}")
+        progress.say(
+            f"[bold]wrote {out}[/]: pipeline {r['pipeline']} → {target} "
+            f"({r['target_info'].get('mode', '')}); params {r['model']['params_before']:,} → "
+            f"{r['model']['params_after']:,}; target check max-abs {r['target_check']['max_abs']:.2e}"
+        )
 
 
 def _dims_text(program) -> str:
@@ -186,8 +240,14 @@ def passes(name, as_json):
 
     if name:
         info = get_pass(name)
-        data = {"name": info.name, "exact": info.exact, "summary": info.summary, "doc": info.doc,
-                "module": info.module, "options": info.options()}
+        data = {
+            "name": info.name,
+            "exact": info.exact,
+            "summary": info.summary,
+            "doc": info.doc,
+            "module": info.module,
+            "options": info.options(),
+        }
         if as_json:
             click.echo(json.dumps(data, default=str))
             return
@@ -199,8 +259,14 @@ def passes(name, as_json):
         return
     infos = all_passes()
     if as_json:
-        click.echo(json.dumps({"passes": [{"name": i.name, "exact": i.exact, "summary": i.summary} for i in infos],
-                               "presets": {k: v[0] for k, v in PRESETS.items()}}))
+        click.echo(
+            json.dumps(
+                {
+                    "passes": [{"name": i.name, "exact": i.exact, "summary": i.summary} for i in infos],
+                    "presets": {k: v[0] for k, v in PRESETS.items()},
+                }
+            )
+        )
         return
     click.echo("passes:")
     for i in infos:
@@ -244,8 +310,13 @@ def diff(a, b, inputs, arch, trust_pickle, as_json, html_path):
 
 @main.command()
 @click.argument("out")
-@click.option("--input", "inputs", multiple=True, metavar="SPEC",
-              help="name=@file.pt, name=[[1,2,3]] (JSON), or name:dtype[dims] for random values.")
+@click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    metavar="SPEC",
+    help="name=@file.pt, name=[[1,2,3]] (JSON), or name:dtype[dims] for random values.",
+)
 @click.option("--json", "as_json", is_flag=True)
 def run(out, inputs, as_json):
     """Run the artifact in OUT on its target."""
@@ -267,8 +338,10 @@ def run(out, inputs, as_json):
         click.echo(json.dumps({"outputs": [_tensor_json(t) for t in leaves], "seconds": round(seconds, 6)}))
     else:
         for i, t in enumerate(leaves):
-            click.echo(f"output[{i}]: {str(t.dtype).replace('torch.', '')}{list(t.shape)}  "
-                       f"mean {t.float().mean():.6g}  first {t.flatten()[:5].tolist()}")
+            click.echo(
+                f"output[{i}]: {str(t.dtype).replace('torch.', '')}{list(t.shape)}  "
+                f"mean {t.float().mean():.6g}  first {t.flatten()[:5].tolist()}"
+            )
         click.echo(f"ran on {target} in {seconds * 1000:.1f} ms", err=True)
 
 
@@ -278,7 +351,9 @@ def _load_out(out: str):
     from .registry import get_target
 
     if not os.path.isfile(os.path.join(out, "program.pt2")):
-        raise UsageError(f"{out} is not an optpipe OUT folder (no program.pt2)", "run `optpipe optimize ... -o OUT` first")
+        raise UsageError(
+            f"{out} is not an optpipe OUT folder (no program.pt2)", "run `optpipe optimize ... -o OUT` first"
+        )
     target = "cpu"
     tpath = os.path.join(out, "target.json")
     if os.path.isfile(tpath):
@@ -291,25 +366,57 @@ def _load_out(out: str):
 
 @main.command()
 @click.argument("out")
-@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
-              help="Prompt text (repeatable: a batch), tokenized with OUT's tokenizer.json.")
-@click.option("--prompt-ids", "prompt_ids", multiple=True, metavar="IDS", help="Prompt token ids, e.g. 1,2,3 (repeatable).")
+@click.option(
+    "--prompt",
+    "prompts",
+    multiple=True,
+    metavar="TEXT",
+    help="Prompt text (repeatable: a batch), tokenized with OUT's tokenizer.json.",
+)
+@click.option(
+    "--prompt-ids", "prompt_ids", multiple=True, metavar="IDS", help="Prompt token ids, e.g. 1,2,3 (repeatable)."
+)
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=32, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0: off.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="1: off.")
 @click.option("--seed", type=int, default=None, help="Seed of the sampler.")
-@click.option("--stop-token", "stop_tokens", multiple=True, type=int, metavar="ID",
-              help="Stop a row at this token (repeatable; default: the model's eos token).")
+@click.option(
+    "--stop-token",
+    "stop_tokens",
+    multiple=True,
+    type=int,
+    metavar="ID",
+    help="Stop a row at this token (repeatable; default: the model's eos token).",
+)
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at the model's eos token.")
 @click.option("--draft", metavar="OUT2", help="Speculative decoding with this smaller optimized program.")
-@click.option("--draft-tokens", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Tokens the draft proposes per target step.")
+@click.option(
+    "--draft-tokens",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Tokens the draft proposes per target step.",
+)
 @click.option("--json", "as_json", is_flag=True)
-def generate(out, prompts, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens,
-             ignore_eos, draft, draft_tokens, as_json):
+def generate(
+    out,
+    prompts,
+    prompt_ids,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    seed,
+    stop_tokens,
+    ignore_eos,
+    draft,
+    draft_tokens,
+    as_json,
+):
     """Generate tokens from the (kv-cache) program in OUT on its target."""
-    from .runtime.generation import Sampling, generate as run_generate
+    from .runtime.generation import Sampling
+    from .runtime.generation import generate as run_generate
 
     if bool(prompts) == bool(prompt_ids):
         raise UsageError("give --prompt TEXT or --prompt-ids IDS (one of them)", "e.g. --prompt-ids 1,2,3")
@@ -324,8 +431,15 @@ def generate(out, prompts, prompt_ids, max_new_tokens, temperature, top_k, top_p
     if draft:
         d_program, _, d_tgt, d_compiled = _load_out(draft)
         options = {"draft": d_program, "draft_step": _target_step(d_tgt, d_compiled), "draft_tokens": draft_tokens}
-    result = run_generate(program, rows, max_new_tokens, step=_target_step(tgt, compiled),
-                          sampling=Sampling(temperature, top_k, top_p, seed), stop_tokens=stops, **options)
+    result = run_generate(
+        program,
+        rows,
+        max_new_tokens,
+        step=_target_step(tgt, compiled),
+        sampling=Sampling(temperature, top_k, top_p, seed),
+        stop_tokens=stops,
+        **options,
+    )
     if tokenizer is not None:
         result.text = [tokenizer.decode(r) for r in result.new_ids]
     if as_json:
@@ -336,18 +450,32 @@ def generate(out, prompts, prompt_ids, max_new_tokens, temperature, top_k, top_p
     extra = ""
     if result.proposed:
         extra = f"; draft acceptance {result.acceptance_rate:.1%} over {result.steps} target steps"
-    click.echo(f"{result.new_tokens} new tokens on {target} in {result.seconds:.2f} s "
-               f"({result.tokens_per_s:.1f} tokens/s){extra}", err=True)
+    click.echo(
+        f"{result.new_tokens} new tokens on {target} in {result.seconds:.2f} s "
+        f"({result.tokens_per_s:.1f} tokens/s){extra}",
+        err=True,
+    )
 
 
 @main.command()
 @click.argument("model", metavar="OUT")
-@click.option("--data", "data", multiple=True, required=True, metavar="FILE",
-              help="Text or JSONL file(s) or folders (repeatable); tokenized with OUT's tokenizer, else bytes.")
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    required=True,
+    metavar="FILE",
+    help="Text or JSONL file(s) or folders (repeatable); tokenized with OUT's tokenizer, else bytes.",
+)
 @click.option("--objective", type=click.Choice(["clm", "mlm"]), default="clm", show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True, help="Optimizer steps.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Global batch in sequences (over ranks and accumulation).")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Global batch in sequences (over ranks and accumulation).",
+)
 @click.option("--seq-len", type=click.IntRange(min=2), default=None, help="Default: the program's example length.")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate (warmup, then cosine).")
@@ -356,15 +484,30 @@ def generate(out, prompts, prompt_ids, max_new_tokens, temperature, top_k, top_p
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clipping (0: off).")
 @click.option("--layer-decay", type=float, default=None, help="Layer-wise lr decay, e.g. 0.8.")
-@click.option("--trainable", default="*", show_default=True, metavar="GLOBS",
-              help="Parameters to train: comma-separated globs over names, or `changed` (what passes rewrote).")
+@click.option(
+    "--trainable",
+    default="*",
+    show_default=True,
+    metavar="GLOBS",
+    help="Parameters to train: comma-separated globs over names, or `changed` (what passes rewrote).",
+)
 @click.option("--distill-from", metavar="MODEL", help="Teacher (e.g. the model before the lossy passes).")
 @click.option("--temperature", type=float, default=2.0, show_default=True, help="Distillation temperature.")
 @click.option("--alpha", type=float, default=0.0, show_default=True, help="Weight of the task loss when distilling.")
-@click.option("--hidden-weight", type=float, default=1.0, show_default=True,
-              help="Weight of per-module hidden-state matching when distilling (0: logits only).")
-@click.option("--mask", type=click.Choice(["random", "whole-word", "span", "frequency"]), default="random",
-              show_default=True, help="MLM masking strategy.")
+@click.option(
+    "--hidden-weight",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Weight of per-module hidden-state matching when distilling (0: logits only).",
+)
+@click.option(
+    "--mask",
+    type=click.Choice(["random", "whole-word", "span", "frequency"]),
+    default="random",
+    show_default=True,
+    help="MLM masking strategy.",
+)
 @click.option("--mask-rate", type=float, default=0.15, show_default=True)
 @click.option("--val-fraction", type=float, default=0.05, show_default=True)
 @click.option("--val-batches", type=click.IntRange(min=1), default=8, show_default=True)
@@ -372,48 +515,147 @@ def generate(out, prompts, prompt_ids, max_new_tokens, temperature, top_k, top_p
 @click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, help="Steps between checkpoints.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--target", type=click.Choice(["cpu", "cuda", "onnxruntime", "tvm"]), default="cpu", show_default=True,
-              help="Where to train: torch on cpu/cuda, onnxruntime-training, or TVM (Relax autodiff).")
+@click.option(
+    "--target",
+    type=click.Choice(["cpu", "cuda", "onnxruntime", "tvm"]),
+    default="cpu",
+    show_default=True,
+    help="Where to train: torch on cpu/cuda, onnxruntime-training, or TVM (Relax autodiff).",
+)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the program (cpu/cuda).")
 @click.option("--amp", is_flag=True, help="bf16 autocast (cuda).")
 @click.option("--text-key", default="text", show_default=True, help="JSONL field holding the text.")
-@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Data-parallel ranks (torchrun; gloo on CPU, NCCL on CUDA).")
-@click.option("--stages", type=click.IntRange(min=2), default=None,
-              help="Pipeline-parallel training over this many ranks (torch.distributed.pipelining).")
-@click.option("--microbatches", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Micro-batches per step with --stages.")
-@click.option("--schedule", type=click.Choice(["1f1b", "gpipe"]), default="1f1b", show_default=True,
-              help="Pipeline schedule with --stages.")
-@click.option("--tensor-parallel", type=click.IntRange(min=2), default=None, metavar="N",
-              help="Shard every attention and MLP block over N ranks (DTensor); --nproc replicas of that.")
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Data-parallel ranks (torchrun; gloo on CPU, NCCL on CUDA).",
+)
+@click.option(
+    "--stages",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Pipeline-parallel training over this many ranks (torch.distributed.pipelining).",
+)
+@click.option(
+    "--microbatches",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Micro-batches per step with --stages.",
+)
+@click.option(
+    "--schedule",
+    type=click.Choice(["1f1b", "gpipe"]),
+    default="1f1b",
+    show_default=True,
+    help="Pipeline schedule with --stages.",
+)
+@click.option(
+    "--tensor-parallel",
+    type=click.IntRange(min=2),
+    default=None,
+    metavar="N",
+    help="Shard every attention and MLP block over N ranks (DTensor); --nproc replicas of that.",
+)
 @click.option("--resume", is_flag=True, help="Continue the run in OUT2 from its latest checkpoint.")
 @click.option("--force", is_flag=True, help="Replace an existing OUT2.")
 @click.option("-o", "--out", "out", required=True, metavar="OUT2")
 @click.option("--json", "as_json", is_flag=True)
-def train(model, data, objective, steps, batch_size, seq_len, grad_accum, lr, min_lr, warmup, weight_decay, clip,
-          layer_decay, trainable, distill_from, temperature, alpha, hidden_weight, mask, mask_rate, val_fraction,
-          val_batches, val_every, log_every, checkpoint_every, seed, target, compile_, amp, text_key, nproc, stages,
-          microbatches, schedule, tensor_parallel, resume, force, out, as_json):
+def train(
+    model,
+    data,
+    objective,
+    steps,
+    batch_size,
+    seq_len,
+    grad_accum,
+    lr,
+    min_lr,
+    warmup,
+    weight_decay,
+    clip,
+    layer_decay,
+    trainable,
+    distill_from,
+    temperature,
+    alpha,
+    hidden_weight,
+    mask,
+    mask_rate,
+    val_fraction,
+    val_batches,
+    val_every,
+    log_every,
+    checkpoint_every,
+    seed,
+    target,
+    compile_,
+    amp,
+    text_key,
+    nproc,
+    stages,
+    microbatches,
+    schedule,
+    tensor_parallel,
+    resume,
+    force,
+    out,
+    as_json,
+):
     """Train (pre-train, fine-tune, or heal by distillation) the program in OUT; write OUT2."""
     from .runtime.training import train as run_train
 
-    result = run_train(model, list(data), out, resume=resume, force=force, nproc=nproc, stages=stages,
-                       microbatches=microbatches, schedule=schedule, tensor_parallel=tensor_parallel,
-                       objective=objective,
-                       steps=steps, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, lr=lr,
-                       min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, clip=clip or None,
-                       layer_decay=layer_decay, trainable=trainable, distill_from=distill_from,
-                       temperature=temperature, alpha=alpha, hidden_weight=hidden_weight, mask=mask,
-                       mask_rate=mask_rate, val_fraction=val_fraction, val_batches=val_batches, val_every=val_every,
-                       log_every=log_every, checkpoint_every=checkpoint_every, seed=seed, target=target,
-                       compile=compile_, amp=amp, text_key=text_key)
+    result = run_train(
+        model,
+        list(data),
+        out,
+        resume=resume,
+        force=force,
+        nproc=nproc,
+        stages=stages,
+        microbatches=microbatches,
+        schedule=schedule,
+        tensor_parallel=tensor_parallel,
+        objective=objective,
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        grad_accum=grad_accum,
+        lr=lr,
+        min_lr=min_lr,
+        warmup=warmup,
+        weight_decay=weight_decay,
+        clip=clip or None,
+        layer_decay=layer_decay,
+        trainable=trainable,
+        distill_from=distill_from,
+        temperature=temperature,
+        alpha=alpha,
+        hidden_weight=hidden_weight,
+        mask=mask,
+        mask_rate=mask_rate,
+        val_fraction=val_fraction,
+        val_batches=val_batches,
+        val_every=val_every,
+        log_every=log_every,
+        checkpoint_every=checkpoint_every,
+        seed=seed,
+        target=target,
+        compile=compile_,
+        amp=amp,
+        text_key=text_key,
+    )
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
     val = f", validation perplexity {result.val_ppl:.2f}" if result.val_ppl is not None else ""
-    click.echo(f"trained {result.steps} steps: loss {result.final_loss:.4f}{val}; "
-               f"{result.tokens_per_s:.0f} tokens/s; wrote {out}", err=True)
+    click.echo(
+        f"trained {result.steps} steps: loss {result.final_loss:.4f}{val}; "
+        f"{result.tokens_per_s:.0f} tokens/s; wrote {out}",
+        err=True,
+    )
 
 
 def _target_step(tgt, compiled):
@@ -423,6 +665,7 @@ def _target_step(tgt, compiled):
         with torch.no_grad():
             out = compiled(*tgt.prepare_inputs(inputs))
         return tuple(out) if isinstance(out, (list, tuple)) else out
+
     return step
 
 
@@ -430,7 +673,9 @@ def _parse_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", ",").split(",") if t]
     except ValueError:
-        raise UsageError(f"bad --prompt-ids {text!r}", "comma-separated token ids, e.g. --prompt-ids 464,2068,318") from None
+        raise UsageError(
+            f"bad --prompt-ids {text!r}", "comma-separated token ids, e.g. --prompt-ids 464,2068,318"
+        ) from None
     if not ids:
         raise UsageError("--prompt-ids is empty", "e.g. --prompt-ids 464,2068,318")
     return ids
@@ -449,7 +694,9 @@ def _tokenizer(out: str, program, required: bool = True):
     try:
         from tokenizers import Tokenizer
     except ImportError:
-        raise UsageError("--prompt needs the `tokenizers` package", "pip install tokenizers, or use --prompt-ids") from None
+        raise UsageError(
+            "--prompt needs the `tokenizers` package", "pip install tokenizers, or use --prompt-ids"
+        ) from None
     return Tokenizer.from_file(path)
 
 
@@ -469,7 +716,9 @@ def _run_inputs(program, texts) -> tuple:
             given.update(make_example_inputs([arg], vocab_size=vocab))
     unknown = set(given) - set(program.input_names)
     if unknown:
-        raise UsageError(f"unknown input {sorted(unknown)[0]!r}", f"the program takes: {', '.join(program.input_names)}")
+        raise UsageError(
+            f"unknown input {sorted(unknown)[0]!r}", f"the program takes: {', '.join(program.input_names)}"
+        )
     return tuple(given.get(n, x) for n, x in zip(program.input_names, program.example_inputs))
 
 
@@ -478,8 +727,11 @@ def _tensor_json(t):
 
     if t.numel() <= 4096:
         return t.tolist()
-    return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
-            "sha256": hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()}
+    return {
+        "shape": list(t.shape),
+        "dtype": str(t.dtype).replace("torch.", ""),
+        "sha256": hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest(),
+    }
 
 
 if __name__ == "__main__":

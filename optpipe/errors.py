@@ -4,6 +4,7 @@
 that does not parse. `PassError` (exit 1) is a pass that failed or a verification that did not hold.
 Both carry a short `hint` that the CLI prints after the message.
 """
+
 from __future__ import annotations
 
 

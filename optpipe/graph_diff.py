@@ -21,6 +21,7 @@ graph diff: 2 modules changed (2 rewritten)
   h.0.attn  rewritten   -masked_fill -matmul×2 -mul -softmax ... +scaled_dot_product_attention   act -67.3%
   h.1.attn  rewritten   -masked_fill -matmul×2 -mul -softmax ... +scaled_dot_product_attention   act -67.3%
 """
+
 from __future__ import annotations
 
 import html
@@ -33,9 +34,21 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
-from .analysis import (ROOT, ProgramCosts, analyze, counted_op_name, format_count, format_percent,
-                       get_attribute, is_bookkeeping, module_sort_key, node_module, short_op_name)
+from .analysis import (
+    ROOT,
+    ProgramCosts,
+    analyze,
+    counted_op_name,
+    format_count,
+    format_percent,
+    get_attribute,
+    is_bookkeeping,
+    module_sort_key,
+    node_module,
+    short_op_name,
+)
 from .program import Program
+import itertools
 
 MAX_DRAWINGS = 4
 """Regions drawn per diff; regions repeating an already drawn rewrite (same ops, another layer) are
@@ -61,11 +74,17 @@ class ModuleDiff:
     """{"removed": node names in A, "added": node names in B} that have no structural match."""
 
     def to_dict(self) -> dict:
-        return {"module": self.path, "type": self.type, "status": self.status,
-                "removed": dict(self.removed), "added": dict(self.added),
-                "params": _delta(self.params), "flops": _delta(self.flops),
-                "activation_bytes": _delta(self.activation_bytes),
-                "changed_nodes": {k: list(v) for k, v in self.changed_nodes.items()}}
+        return {
+            "module": self.path,
+            "type": self.type,
+            "status": self.status,
+            "removed": dict(self.removed),
+            "added": dict(self.added),
+            "params": _delta(self.params),
+            "flops": _delta(self.flops),
+            "activation_bytes": _delta(self.activation_bytes),
+            "changed_nodes": {k: list(v) for k, v in self.changed_nodes.items()},
+        }
 
     def op_changes_text(self) -> str:
         parts = [f"-{_times(short_op_name(op), n)}" for op, n in self.removed.items()]
@@ -76,8 +95,7 @@ class ModuleDiff:
 
     def deltas_text(self) -> str:
         parts = []
-        for name, (before, after) in (("params", self.params), ("flops", self.flops),
-                                      ("act", self.activation_bytes)):
+        for name, (before, after) in (("params", self.params), ("flops", self.flops), ("act", self.activation_bytes)):
             if before != after:
                 parts.append(f"{name} {format_percent(before, after)}")
         return "  ".join(parts)
@@ -123,9 +141,11 @@ class GraphDiff:
         return not self.modules and all(a == b for a, b in self.totals.values())
 
     def to_dict(self) -> dict:
-        return {"empty": self.empty,
-                "totals": {k: _delta(v) for k, v in self.totals.items()},
-                "modules": [m.to_dict() for m in self.modules]}
+        return {
+            "empty": self.empty,
+            "totals": {k: _delta(v) for k, v in self.totals.items()},
+            "modules": [m.to_dict() for m in self.modules],
+        }
 
     def summary_line(self) -> str:
         if self.empty:
@@ -137,11 +157,16 @@ class GraphDiff:
 
     def totals_text(self) -> str:
         parts = []
-        for key, label, unit in (("nodes", "nodes", ""), ("params", "params", ""),
-                                 ("flops", "flops", ""), ("activation_bytes", "activations", "B")):
+        for key, label, unit in (
+            ("nodes", "nodes", ""),
+            ("params", "params", ""),
+            ("flops", "flops", ""),
+            ("activation_bytes", "activations", "B"),
+        ):
             before, after = self.totals[key]
-            parts.append(f"{label} {format_count(before, unit)} → {format_count(after, unit)} "
-                         f"({format_percent(before, after)})")
+            parts.append(
+                f"{label} {format_count(before, unit)} → {format_count(after, unit)} ({format_percent(before, after)})"
+            )
         return "   ".join(parts)
 
     def to_text(self) -> str:
@@ -152,8 +177,11 @@ class GraphDiff:
         width = max((len(_display_path(m.path)) for m in self.modules), default=0)
         status_width = max((len(m.status) for m in self.modules), default=0)
         for m in self.modules:
-            parts = [f"  {_display_path(m.path):<{width}}  {m.status:<{status_width}}", m.op_changes_text(),
-                     m.deltas_text()]
+            parts = [
+                f"  {_display_path(m.path):<{width}}  {m.status:<{status_width}}",
+                m.op_changes_text(),
+                m.deltas_text(),
+            ]
             lines.append("   ".join(p for p in parts if p).rstrip())
         return "\n".join(lines)
 
@@ -161,8 +189,7 @@ class GraphDiff:
         """The diff as an HTML fragment (tables and drawings), for embedding in a page."""
         if self.empty:
             return '<p class="muted">No changes to the graph.</p>'
-        out = [f'<p><b>{_e(self.summary_line())}</b></p>', _totals_table(self.totals),
-               _modules_table(self.modules)]
+        out = [f"<p><b>{_e(self.summary_line())}</b></p>", _totals_table(self.totals), _modules_table(self.modules)]
         if self.regions:
             out.append(_LEGEND)
         for i, region in enumerate(self.regions):
@@ -177,8 +204,9 @@ class GraphDiff:
 
 
 # -- diffing ----------------------------------------------------------------------------------------
-def diff_programs(a: Program, b: Program, *, costs_a: ProgramCosts | None = None,
-                  costs_b: ProgramCosts | None = None) -> GraphDiff:
+def diff_programs(
+    a: Program, b: Program, *, costs_a: ProgramCosts | None = None, costs_b: ProgramCosts | None = None
+) -> GraphDiff:
     """Semantic diff of `a` (before) and `b` (after), keyed by module path.
 
     Programs may have different parameter sets (a dropped buffer, a quantized weight); modules
@@ -199,8 +227,10 @@ def diff_programs(a: Program, b: Program, *, costs_a: ProgramCosts | None = None
         ops_a = ma.ops if ma else Counter()
         ops_b = mb.ops if mb else Counter()
         added, removed = ops_b - ops_a, ops_a - ops_b
-        numbers = {k: (getattr(ma, k, 0) if ma else 0, getattr(mb, k, 0) if mb else 0)
-                   for k in ("params", "flops", "activation_bytes")}
+        numbers = {
+            k: (getattr(ma, k, 0) if ma else 0, getattr(mb, k, 0) if mb else 0)
+            for k in ("params", "flops", "activation_bytes")
+        }
         structural = path in changed_by_module
         if added and removed:
             status = "rewritten"
@@ -214,14 +244,26 @@ def diff_programs(a: Program, b: Program, *, costs_a: ProgramCosts | None = None
             status = "changed"
         else:
             continue
-        rows.append(ModuleDiff(path, (mb.type if mb else "") or (ma.type if ma else ""), status,
-                               dict(sorted(added.items())), dict(sorted(removed.items())),
-                               numbers["params"], numbers["flops"], numbers["activation_bytes"],
-                               changed_by_module.get(path, {"removed": [], "added": []})))
+        rows.append(
+            ModuleDiff(
+                path,
+                (mb.type if mb else "") or (ma.type if ma else ""),
+                status,
+                dict(sorted(added.items())),
+                dict(sorted(removed.items())),
+                numbers["params"],
+                numbers["flops"],
+                numbers["activation_bytes"],
+                changed_by_module.get(path, {"removed": [], "added": []}),
+            )
+        )
 
-    totals = {"nodes": (sum(costs_a.ops.values()), sum(costs_b.ops.values())),
-              "params": (costs_a.params, costs_b.params), "flops": (costs_a.flops, costs_b.flops),
-              "activation_bytes": (costs_a.activation_bytes, costs_b.activation_bytes)}
+    totals = {
+        "nodes": (sum(costs_a.ops.values()), sum(costs_b.ops.values())),
+        "params": (costs_a.params, costs_b.params),
+        "flops": (costs_a.flops, costs_b.flops),
+        "activation_bytes": (costs_a.activation_bytes, costs_b.activation_bytes),
+    }
     regions, undrawn = _changed_regions(removed_nodes, added_nodes)
     return GraphDiff(rows, totals, regions, undrawn)
 
@@ -237,8 +279,9 @@ def _node_signature(node: torch.fx.Node) -> tuple:
     return (node.op, target, node_module(node)[0], repr(consts))
 
 
-def changed_nodes(gm_a: torch.fx.GraphModule, gm_b: torch.fx.GraphModule
-                  ) -> tuple[list[torch.fx.Node], list[torch.fx.Node]]:
+def changed_nodes(
+    gm_a: torch.fx.GraphModule, gm_b: torch.fx.GraphModule
+) -> tuple[list[torch.fx.Node], list[torch.fx.Node]]:
     """(compute nodes of A with no match in B, compute nodes of B with no match in A)."""
     nodes_a, nodes_b = list(gm_a.graph.nodes), list(gm_b.graph.nodes)
     sig = {n: _node_signature(n) for n in nodes_a + nodes_b}
@@ -301,8 +344,7 @@ def changed_nodes(gm_a: torch.fx.GraphModule, gm_b: torch.fx.GraphModule
 
 
 # -- regions to draw --------------------------------------------------------------------------------
-def _changed_regions(removed: list[torch.fx.Node], added: list[torch.fx.Node]
-                     ) -> tuple[list[ChangedRegion], int]:
+def _changed_regions(removed: list[torch.fx.Node], added: list[torch.fx.Node]) -> tuple[list[ChangedRegion], int]:
     by_module: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
     for n in removed:
         by_module[node_module(n)[0]][0].append(n)
@@ -314,8 +356,11 @@ def _changed_regions(removed: list[torch.fx.Node], added: list[torch.fx.Node]
     for path in sorted(by_module, key=module_sort_key):
         rem, add = by_module[path]
         # the same rewrite in another layer: same ops removed/added, path equal up to indices
-        shape = (re.sub(r"(?<=\.)\d+(?=\.|$)", "#", path),
-                 tuple(sorted(counted_op_name(n) for n in rem)), tuple(sorted(counted_op_name(n) for n in add)))
+        shape = (
+            re.sub(r"(?<=\.)\d+(?=\.|$)", "#", path),
+            tuple(sorted(counted_op_name(n) for n in rem)),
+            tuple(sorted(counted_op_name(n) for n in add)),
+        )
         if shape in seen_shapes:
             seen_shapes[shape].same_rewrite_in.append(path)
             continue
@@ -323,8 +368,12 @@ def _changed_regions(removed: list[torch.fx.Node], added: list[torch.fx.Node]
             undrawn += 1
             continue
         truncated = len(rem) > MAX_DRAWN_CHANGES or len(add) > MAX_DRAWN_CHANGES
-        region = ChangedRegion(path, _picture(rem[:MAX_DRAWN_CHANGES], "removed"),
-                               _picture(add[:MAX_DRAWN_CHANGES], "added"), truncated=truncated)
+        region = ChangedRegion(
+            path,
+            _picture(rem[:MAX_DRAWN_CHANGES], "removed"),
+            _picture(add[:MAX_DRAWN_CHANGES], "added"),
+            truncated=truncated,
+        )
         seen_shapes[shape] = region
         regions.append(region)
     return regions, undrawn
@@ -358,8 +407,11 @@ def _node_labels(n: torch.fx.Node) -> tuple[str, str]:
     if n.op == "get_attr":
         target = str(n.target)
         owner = n.graph.owning_module
-        kind = "parameter" if owner is not None and isinstance(
-            get_attribute(owner, target), torch.nn.Parameter) else "buffer"
+        kind = (
+            "parameter"
+            if owner is not None and isinstance(get_attribute(owner, target), torch.nn.Parameter)
+            else "buffer"
+        )
         return (target if len(target) <= 30 else "…" + target[-29:]), kind
     if n.op == "output":
         return "output", ""
@@ -391,9 +443,12 @@ def _graphviz_svg(pic: GraphPicture) -> str | None:
     def esc(s: str) -> str:
         return s.replace("\\", "\\\\").replace('"', '\\"')
 
-    lines = ["digraph G {", "rankdir=TB; bgcolor=transparent; nodesep=0.25; ranksep=0.35;",
-             'node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=11, penwidth=1.4];',
-             'edge [color="#777777", arrowsize=0.7];']
+    lines = [
+        "digraph G {",
+        "rankdir=TB; bgcolor=transparent; nodesep=0.25; ranksep=0.35;",
+        'node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=11, penwidth=1.4];',
+        'edge [color="#777777", arrowsize=0.7];',
+    ]
     for node_id, label, sub, role in pic.nodes:
         fill, stroke = _ROLE_COLORS[role]
         text = esc(label) + (f"\\n{esc(sub)}" if sub else "")
@@ -401,8 +456,7 @@ def _graphviz_svg(pic: GraphPicture) -> str | None:
     lines += [f'"{esc(a)}" -> "{esc(b)}";' for a, b in pic.edges]
     lines.append("}")
     try:
-        res = subprocess.run(["dot", "-Tsvg"], input="\n".join(lines), capture_output=True, text=True,
-                             timeout=30)
+        res = subprocess.run(["dot", "-Tsvg"], input="\n".join(lines), capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
     start = res.stdout.find("<svg")
@@ -451,18 +505,21 @@ def _layered_svg(pic: GraphPicture, id_prefix: str) -> str:
     # barycentric ordering sweeps (down, then up) to reduce crossings
     for sweep in range(6):
         down = sweep % 2 == 0
-        for r in (range(1, len(rows)) if down else range(len(rows) - 2, -1, -1)):
+        for r in range(1, len(rows)) if down else range(len(rows) - 2, -1, -1):
             ref = {n: i for i, n in enumerate(rows[r - 1 if down else r + 1])}
             here = {n: i for i, n in enumerate(rows[r])}
 
             def bary(n, ref=ref, here=here, down=down):
                 near = [ref[m] for m in (lay.predecessors(n) if down else lay.successors(n)) if m in ref]
                 return sum(near) / len(near) if near else here[n]
+
             rows[r].sort(key=bary)
 
     info = {node_id: (label, sub, role) for node_id, label, sub, role in pic.nodes}
-    width = {n: (max(64.0, min(300.0, _CHAR_W * max(len(info[n][0]), len(info[n][1])) + 20))
-                 if n in info else 6.0) for n in lay.nodes}
+    width = {
+        n: (max(64.0, min(300.0, _CHAR_W * max(len(info[n][0]), len(info[n][1])) + 20)) if n in info else 6.0)
+        for n in lay.nodes
+    }
     x: dict = {}
     # place each row under the mean of its parents, then push apart to remove overlaps
     for row in rows:
@@ -481,11 +538,13 @@ def _layered_svg(pic: GraphPicture, id_prefix: str) -> str:
     total_h = _MARGIN * 2 + len(rows) * _BOX_H + (len(rows) - 1) * _GAP_Y
 
     marker = f"{id_prefix}-arrow"
-    parts = [f'<svg class="graph" width="{total_w:.0f}" height="{total_h:.0f}" '
-             f'viewBox="0 0 {total_w:.0f} {total_h:.0f}" role="img" text-anchor="middle" '
-             f'font-family="ui-monospace,SFMono-Regular,Menlo,Consolas,monospace">',
-             f'<defs><marker id="{marker}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" '
-             f'markerHeight="7" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#777"/></marker></defs>']
+    parts = [
+        f'<svg class="graph" width="{total_w:.0f}" height="{total_h:.0f}" '
+        f'viewBox="0 0 {total_w:.0f} {total_h:.0f}" role="img" text-anchor="middle" '
+        f'font-family="ui-monospace,SFMono-Regular,Menlo,Consolas,monospace">',
+        f'<defs><marker id="{marker}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" '
+        f'markerHeight="7" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#777"/></marker></defs>',
+    ]
     for (s, d), chain in routes.items():
         # down through each route point's row as a straight lane, S-curves between rows
         points = [(x[s], y[s] + _BOX_H)]
@@ -493,27 +552,27 @@ def _layered_svg(pic: GraphPicture, id_prefix: str) -> str:
             points += [(x[point], y[point]), (x[point], y[point] + _BOX_H)]
         points.append((x[d], y[d] - 1))
         path = f"M{points[0][0]:.1f},{points[0][1]:.1f}"
-        for (x1, y1), (x2, y2) in zip(points, points[1:]):
+        for (x1, y1), (x2, y2) in itertools.pairwise(points):
             if x1 == x2:
                 path += f" L{x2:.1f},{y2:.1f}"
             else:
                 bend = max((y2 - y1) / 2, 12)
                 path += f" C{x1:.1f},{y1 + bend:.1f} {x2:.1f},{y2 - bend:.1f} {x2:.1f},{y2:.1f}"
-        parts.append(f'<path d="{path}" fill="none" stroke="#777" stroke-width="1.2" '
-                     f'marker-end="url(#{marker})"/>')
+        parts.append(f'<path d="{path}" fill="none" stroke="#777" stroke-width="1.2" marker-end="url(#{marker})"/>')
     for n in sorted(g.nodes, key=index.get):
         label, sub, role = info[n]
         fill, stroke = _ROLE_COLORS[role]
         left, top, w = x[n] - width[n] / 2, y[n], width[n]
         dash = ' stroke-dasharray="4 2"' if role == "context" else ""
-        parts.append(f'<g><title>{_e(n)}</title>'
-                     f'<rect x="{left:.1f}" y="{top:.1f}" width="{w:.1f}" height="{_BOX_H}" rx="7" '
-                     f'fill="{fill}" stroke="{stroke}" stroke-width="1.4"{dash}/>'
-                     f'<text x="{x[n]:.1f}" y="{top + (15 if sub else 22):.1f}" font-size="12" font-weight="600" '
-                     f'fill="#1f2328">{_e(label)}</text>'
-                     + (f'<text x="{x[n]:.1f}" y="{top + 29:.1f}" font-size="10" fill="#656d76">{_e(sub)}</text>'
-                        if sub else "")
-                     + "</g>")
+        parts.append(
+            f"<g><title>{_e(n)}</title>"
+            f'<rect x="{left:.1f}" y="{top:.1f}" width="{w:.1f}" height="{_BOX_H}" rx="7" '
+            f'fill="{fill}" stroke="{stroke}" stroke-width="1.4"{dash}/>'
+            f'<text x="{x[n]:.1f}" y="{top + (15 if sub else 22):.1f}" font-size="12" font-weight="600" '
+            f'fill="#1f2328">{_e(label)}</text>'
+            + (f'<text x="{x[n]:.1f}" y="{top + 29:.1f}" font-size="10" fill="#656d76">{_e(sub)}</text>' if sub else "")
+            + "</g>"
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -542,12 +601,19 @@ pre{background:#f6f8fa;border-radius:6px;padding:8px 10px;overflow:auto;font-siz
 a{color:#0969da;text-decoration:none}
 """
 
-_LEGEND = ('<p class="legend">'
-           + "".join(f'<span><i style="background:{f};border-color:{s}"></i>{name}</span>'
-                     for name, (f, s) in (("removed", _ROLE_COLORS["removed"]), ("added", _ROLE_COLORS["added"]),
-                                          ("unchanged neighbour", _ROLE_COLORS["context"]),
-                                          ("input / weight", _ROLE_COLORS["input"])))
-           + "</p>")
+_LEGEND = (
+    '<p class="legend">'
+    + "".join(
+        f'<span><i style="background:{f};border-color:{s}"></i>{name}</span>'
+        for name, (f, s) in (
+            ("removed", _ROLE_COLORS["removed"]),
+            ("added", _ROLE_COLORS["added"]),
+            ("unchanged neighbour", _ROLE_COLORS["context"]),
+            ("input / weight", _ROLE_COLORS["input"]),
+        )
+    )
+    + "</p>"
+)
 
 
 def _e(text) -> str:
@@ -560,21 +626,28 @@ def _display_path(path: str) -> str:
 
 def html_page(title: str, body: str) -> str:
     """A complete self-contained page around `body` with optpipe's stylesheet."""
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_e(title)}</title><style>{PAGE_CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{PAGE_CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )
 
 
 def _totals_table(totals: dict[str, tuple[int, int]]) -> str:
     rows = []
-    for key, label, unit in (("nodes", "compute nodes", ""), ("params", "parameters", ""),
-                             ("flops", "FLOPs", ""), ("activation_bytes", "activation memory", "B")):
+    for key, label, unit in (
+        ("nodes", "compute nodes", ""),
+        ("params", "parameters", ""),
+        ("flops", "FLOPs", ""),
+        ("activation_bytes", "activation memory", "B"),
+    ):
         before, after = totals[key]
-        rows.append(f'<tr><td>{label}</td><td class="num">{format_count(before, unit)}</td>'
-                    f'<td class="num">{format_count(after, unit)}</td>'
-                    f'<td class="num">{_e(format_percent(before, after))}</td></tr>')
-    return ('<table><tr><th></th><th>before</th><th>after</th><th>change</th></tr>'
-            + "".join(rows) + "</table>")
+        rows.append(
+            f'<tr><td>{label}</td><td class="num">{format_count(before, unit)}</td>'
+            f'<td class="num">{format_count(after, unit)}</td>'
+            f'<td class="num">{_e(format_percent(before, after))}</td></tr>'
+        )
+    return "<table><tr><th></th><th>before</th><th>after</th><th>change</th></tr>" + "".join(rows) + "</table>"
 
 
 def _ops_html(ops: dict[str, int], cls: str, sign: str) -> str:
@@ -584,17 +657,26 @@ def _ops_html(ops: dict[str, int], cls: str, sign: str) -> str:
 def _modules_table(modules: list[ModuleDiff]) -> str:
     rows = []
     for m in modules:
+
         def pct(pair, unit=""):
-            return '<span class="muted">—</span>' if pair[0] == pair[1] else \
-                f"{format_count(pair[0], unit)} → {format_count(pair[1], unit)} ({_e(format_percent(*pair))})"
-        rows.append(f'<tr><td class="mono">{_e(_display_path(m.path))}</td>'
-                    f'<td><span class="status">{_e(m.status)}</span></td>'
-                    f'<td class="mono">{_ops_html(m.removed, "rm", "−")}</td>'
-                    f'<td class="mono">{_ops_html(m.added, "add", "+")}</td>'
-                    f'<td class="num">{pct(m.params)}</td><td class="num">{pct(m.flops)}</td>'
-                    f'<td class="num">{pct(m.activation_bytes, "B")}</td></tr>')
-    return ('<table><tr><th>module</th><th>status</th><th>removed</th><th>added</th><th>params</th>'
-            '<th>FLOPs</th><th>activations</th></tr>' + "".join(rows) + "</table>")
+            return (
+                '<span class="muted">—</span>'
+                if pair[0] == pair[1]
+                else f"{format_count(pair[0], unit)} → {format_count(pair[1], unit)} ({_e(format_percent(*pair))})"
+            )
+
+        rows.append(
+            f'<tr><td class="mono">{_e(_display_path(m.path))}</td>'
+            f'<td><span class="status">{_e(m.status)}</span></td>'
+            f'<td class="mono">{_ops_html(m.removed, "rm", "−")}</td>'
+            f'<td class="mono">{_ops_html(m.added, "add", "+")}</td>'
+            f'<td class="num">{pct(m.params)}</td><td class="num">{pct(m.flops)}</td>'
+            f'<td class="num">{pct(m.activation_bytes, "B")}</td></tr>'
+        )
+    return (
+        "<table><tr><th>module</th><th>status</th><th>removed</th><th>added</th><th>params</th>"
+        "<th>FLOPs</th><th>activations</th></tr>" + "".join(rows) + "</table>"
+    )
 
 
 def _region_html(region: ChangedRegion, id_prefix: str) -> str:
@@ -605,7 +687,9 @@ def _region_html(region: ChangedRegion, id_prefix: str) -> str:
         note = f'<p class="muted">The same rewrite in {_e(shown)}{more}.</p>'
     if region.truncated:
         note += f'<p class="muted">Only the first {MAX_DRAWN_CHANGES} changed nodes are drawn.</p>'
-    return (f'<h4 class="mono">{_e(_display_path(region.module))}</h4>{note}<div class="pair">'
-            f'<div class="pane"><div class="cap">before</div>{render_svg(region.before, id_prefix + "b")}</div>'
-            f'<div class="pane"><div class="cap">after</div>{render_svg(region.after, id_prefix + "a")}</div>'
-            "</div>")
+    return (
+        f'<h4 class="mono">{_e(_display_path(region.module))}</h4>{note}<div class="pair">'
+        f'<div class="pane"><div class="cap">before</div>{render_svg(region.before, id_prefix + "b")}</div>'
+        f'<div class="pane"><div class="cap">after</div>{render_svg(region.after, id_prefix + "a")}</div>'
+        "</div>"
+    )

@@ -12,23 +12,29 @@ Two forms:
 >>> parse_input_spec("input_ids:int64[batch=1,seq=128]")
 InputSpec(name='input_ids', dtype=torch.int64, shape=(1, 128), dynamic={0: 'batch', 1: 'seq'})
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 
 from .errors import UsageError
 
 DTYPES: dict[str, torch.dtype] = {
-    "int64": torch.int64, "long": torch.int64,
-    "int32": torch.int32, "int": torch.int32,
-    "float32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "half": torch.float16,
+    "int64": torch.int64,
+    "long": torch.int64,
+    "int32": torch.int32,
+    "int": torch.int32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
     "bfloat16": torch.bfloat16,
     "bool": torch.bool,
 }
@@ -52,8 +58,7 @@ class InputSpec:
     """Dims captured as dynamic, {dim index: dim name}; empty: all static."""
 
     def __str__(self) -> str:
-        dims = ",".join(f"{self.dynamic[i]}={n}" if i in self.dynamic else str(n)
-                        for i, n in enumerate(self.shape))
+        dims = ",".join(f"{self.dynamic[i]}={n}" if i in self.dynamic else str(n) for i, n in enumerate(self.shape))
         return f"{self.name}:{dtype_name(self.dtype)}[{dims}]"
 
 
@@ -71,8 +76,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 def parse_dtype(text: str, where: str, form: str = SPEC_FORM) -> torch.dtype:
     dtype = DTYPES.get(text.strip().lower())
     if dtype is None:
-        raise UsageError(f"bad --input {where!r}: unknown dtype {text.strip()!r} (one of "
-                         f"{', '.join(DTYPES)})", f"expected {form}")
+        raise UsageError(
+            f"bad --input {where!r}: unknown dtype {text.strip()!r} (one of {', '.join(DTYPES)})", f"expected {form}"
+        )
     return dtype
 
 
@@ -88,14 +94,19 @@ def parse_input_spec(text: str) -> InputSpec:
         for i, dim in enumerate(dims_text.split(",")):
             dim_match = _DIM_RE.match(dim)
             if not dim_match:
-                problem = (f"dim {dim.strip()!r} needs a size, e.g. {dim.strip()}=128"
-                           if re.fullmatch(r"\s*[A-Za-z_]\w*\s*", dim) else f"bad dim {dim.strip()!r}")
+                problem = (
+                    f"dim {dim.strip()!r} needs a size, e.g. {dim.strip()}=128"
+                    if re.fullmatch(r"\s*[A-Za-z_]\w*\s*", dim)
+                    else f"bad dim {dim.strip()!r}"
+                )
                 raise UsageError(f"bad --input {text!r}: {problem}", f"expected {SPEC_FORM}")
             dim_name, size = dim_match.group(1), int(dim_match.group(2))
             if dim_name:
                 if dim_name in dynamic.values():
-                    raise UsageError(f"bad --input {text!r}: dim name {dim_name!r} used twice",
-                                     f"expected {SPEC_FORM}, each dim name once")
+                    raise UsageError(
+                        f"bad --input {text!r}: dim name {dim_name!r} used twice",
+                        f"expected {SPEC_FORM}, each dim name once",
+                    )
                 dynamic[i] = dim_name
             shape.append(size)
     return InputSpec(name, dtype, tuple(shape), dynamic)
@@ -140,13 +151,17 @@ def _load_tensor_file(path: str, where: str) -> torch.Tensor:
         raise UsageError(f"bad --input {where!r}: no such file {path!r}", f"expected {VALUE_FORM}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read is bad input
-        raise UsageError(f"bad --input {where!r}: cannot read {path} as a tensor "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})",
-                         "save it with torch.save(tensor, path)") from e
+    except Exception as e:
+        raise UsageError(
+            f"bad --input {where!r}: cannot read {path} as a tensor "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})",
+            "save it with torch.save(tensor, path)",
+        ) from e
     if not isinstance(obj, torch.Tensor):
-        raise UsageError(f"bad --input {where!r}: {path} holds a {type(obj).__name__}, not a tensor",
-                         "save it with torch.save(tensor, path)")
+        raise UsageError(
+            f"bad --input {where!r}: {path} holds a {type(obj).__name__}, not a tensor",
+            "save it with torch.save(tensor, path)",
+        )
     return obj
 
 
@@ -154,13 +169,16 @@ def _tensor_from_json(value: str, where: str) -> torch.Tensor:
     try:
         data = json.loads(value)
     except json.JSONDecodeError as e:
-        raise UsageError(f"bad --input {where!r}: the value is not valid JSON ({e.msg} at column {e.colno})",
-                         f"expected {VALUE_FORM}") from e
+        raise UsageError(
+            f"bad --input {where!r}: the value is not valid JSON ({e.msg} at column {e.colno})",
+            f"expected {VALUE_FORM}",
+        ) from e
     try:
         return torch.tensor(data)  # ints -> int64, floats -> float32, bools -> bool
     except (TypeError, ValueError, RuntimeError) as e:
-        raise UsageError(f"bad --input {where!r}: not a rectangular array of numbers ({e})",
-                         f"expected {VALUE_FORM}") from e
+        raise UsageError(
+            f"bad --input {where!r}: not a rectangular array of numbers ({e})", f"expected {VALUE_FORM}"
+        ) from e
 
 
 def is_value_form(text: str) -> bool:
@@ -185,13 +203,16 @@ def check_specs(specs: Sequence[InputSpec]) -> None:
             size = spec.shape[dim]
             if dim_name in dim_sizes and dim_sizes[dim_name][0] != size:
                 other_size, other = dim_sizes[dim_name]
-                raise UsageError(f"--input dim {dim_name!r} is {other_size} in {other!r} but {size} in "
-                                 f"{spec.name!r}", "a named dim must have one size across inputs")
+                raise UsageError(
+                    f"--input dim {dim_name!r} is {other_size} in {other!r} but {size} in {spec.name!r}",
+                    "a named dim must have one size across inputs",
+                )
             dim_sizes.setdefault(dim_name, (size, spec.name))
 
 
-def make_example_inputs(specs: Sequence[InputSpec], *, vocab_size: int | None = None,
-                        seed: int = 0) -> dict[str, torch.Tensor]:
+def make_example_inputs(
+    specs: Sequence[InputSpec], *, vocab_size: int | None = None, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Tensors for `specs`, reproducible from `seed`, keyed by input name in order.
 
     Integer inputs are token ids in [0, vocab_size) (unknown vocab: [0, 2), which fits any

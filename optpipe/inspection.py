@@ -9,6 +9,7 @@ is never modified.
 >>> data = inspect_program(program)     # doctest: +SKIP
 >>> print(format_inspect(data))         # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -35,10 +36,18 @@ def inspect_program(program: Program) -> dict:
         notes += _attention_advice(program)
     if costs.uncounted_ops:
         notes.append("FLOPs not counted for: " + ", ".join(costs.uncounted_ops))
-    modules = [{"module": m.path, "type": m.type, "depth": m.path.count(".") + 1 if m.path else 0,
-                "params": m.total_params, "flops": m.total_flops,
-                "activation_bytes": m.total_activation_bytes, "nodes": m.total_nodes}
-               for m in costs.modules.values()]
+    modules = [
+        {
+            "module": m.path,
+            "type": m.type,
+            "depth": m.path.count(".") + 1 if m.path else 0,
+            "params": m.total_params,
+            "flops": m.total_flops,
+            "activation_bytes": m.total_activation_bytes,
+            "nodes": m.total_nodes,
+        }
+        for m in costs.modules.values()
+    ]
     return {
         "model": program.meta.get("model_class"),
         "inputs": _describe_inputs(program),
@@ -61,8 +70,14 @@ def _describe_inputs(program: Program) -> list[dict]:
         if isinstance(x, torch.Tensor):
             dims = dims or {}
             shape = ", ".join(f"{dims[d]}={s}" if d in dims else str(s) for d, s in enumerate(x.shape))
-            rows.append({"name": name, "dtype": str(x.dtype).removeprefix("torch."), "shape": list(x.shape),
-                         "spec": f"{name}:{str(x.dtype).removeprefix('torch.')}[{shape}]"})
+            rows.append(
+                {
+                    "name": name,
+                    "dtype": str(x.dtype).removeprefix("torch."),
+                    "shape": list(x.shape),
+                    "spec": f"{name}:{str(x.dtype).removeprefix('torch.')}[{shape}]",
+                }
+            )
         else:
             rows.append({"name": name, "dtype": type(x).__name__, "shape": None, "spec": f"{name}={x!r}"})
     return rows
@@ -118,9 +133,18 @@ def attention_sites(program: Program) -> tuple[list[dict], list[str]]:
 
 
 def _site_row(site, form: str) -> dict:
-    return {"module": site.module_path, "form": form, "mask": site.mask, "heads": site.heads,
-            "kv_heads": site.kv_heads, "head_dim": site.head_dim, "is_causal": site.is_causal,
-            "gqa": site.gqa, "scale": site.scale, "node": site.node}
+    return {
+        "module": site.module_path,
+        "form": form,
+        "mask": site.mask,
+        "heads": site.heads,
+        "kv_heads": site.kv_heads,
+        "head_dim": site.head_dim,
+        "is_causal": site.is_causal,
+        "gqa": site.gqa,
+        "scale": site.scale,
+        "node": site.node,
+    }
 
 
 # -- text -------------------------------------------------------------------------------------------
@@ -148,26 +172,53 @@ def format_inspect(d: dict) -> str:
         out.append(f"model   {d['model']}")
     if d.get("inputs"):
         out.append("inputs  " + "  ".join(i["spec"] for i in d["inputs"]))
-    out.append(f"params {format_count(d['params'])}   FLOPs {format_count(d['flops'])}   "
-               f"activations {format_count(d['activation_bytes'], 'B')}   nodes {d['nodes']}")
+    out.append(
+        f"params {format_count(d['params'])}   FLOPs {format_count(d['flops'])}   "
+        f"activations {format_count(d['activation_bytes'], 'B')}   nodes {d['nodes']}"
+    )
 
     sites = d.get("attention") or []
     out += ["", f"attention sites ({len(sites)})"]
     if sites:
-        rows = [[s["module"] or "(root)", s["form"], s["mask"], s["heads"], s["kv_heads"], s["head_dim"],
-                 f"{s['scale']:.4g}" if isinstance(s.get("scale"), float) else s.get("scale")]
-                for s in sites]
-        out += ["  " + line for line in format_table(
-            ["module", "form", "mask", "heads", "kv-heads", "head-dim", "scale"], rows, right={3, 4, 5, 6})]
+        rows = [
+            [
+                s["module"] or "(root)",
+                s["form"],
+                s["mask"],
+                s["heads"],
+                s["kv_heads"],
+                s["head_dim"],
+                f"{s['scale']:.4g}" if isinstance(s.get("scale"), float) else s.get("scale"),
+            ]
+            for s in sites
+        ]
+        out += [
+            "  " + line
+            for line in format_table(
+                ["module", "form", "mask", "heads", "kv-heads", "head-dim", "scale"], rows, right={3, 4, 5, 6}
+            )
+        ]
     else:
         out.append("  none")
 
     out += ["", f"modules ({len(d['modules'])}; totals include sub-modules)"]
-    rows = [["  " * m["depth"] + (m["module"].rsplit(".", 1)[-1] if m["module"] != ROOT else "(root)"),
-             _short_type(m["type"]), format_count(m["params"]), format_count(m["flops"]),
-             format_count(m["activation_bytes"], "B"), m["nodes"]] for m in d["modules"]]
-    out += ["  " + line for line in format_table(
-        ["module", "type", "params", "FLOPs", "activations", "nodes"], rows, right={2, 3, 4, 5})]
+    rows = [
+        [
+            "  " * m["depth"] + (m["module"].rsplit(".", 1)[-1] if m["module"] != ROOT else "(root)"),
+            _short_type(m["type"]),
+            format_count(m["params"]),
+            format_count(m["flops"]),
+            format_count(m["activation_bytes"], "B"),
+            m["nodes"],
+        ]
+        for m in d["modules"]
+    ]
+    out += [
+        "  " + line
+        for line in format_table(
+            ["module", "type", "params", "FLOPs", "activations", "nodes"], rows, right={2, 3, 4, 5}
+        )
+    ]
 
     ops = d.get("ops") or {}
     out += ["", f"ops ({len(ops)} kinds, {sum(ops.values())} nodes)"]

@@ -4,6 +4,7 @@
 - `PrintAfterChange(stream)`: prints the graph code after a pass only when its hash changed.
 - `PassTiming(stream)`: one line per pass with its wall time and stats.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -46,9 +47,14 @@ class DumpIR(Instrument):
         with open(stem + ".after.py", "w") as f:
             f.write(after)
         with open(stem + ".diff", "w") as f:
-            f.writelines(difflib.unified_diff((self._before or "").splitlines(True), after.splitlines(True),
-                                              f"{index:03d}_{spec.name}.before.py",
-                                              f"{index:03d}_{spec.name}.after.py"))
+            f.writelines(
+                difflib.unified_diff(
+                    (self._before or "").splitlines(True),
+                    after.splitlines(True),
+                    f"{index:03d}_{spec.name}.before.py",
+                    f"{index:03d}_{spec.name}.after.py",
+                )
+            )
 
 
 class PrintAfterChange(Instrument):

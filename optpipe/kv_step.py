@@ -11,9 +11,10 @@ with the context, not with max_len.
 The pass writes programs to this contract, verification checks them through it, and the runtime
 (`optpipe.runtime.generation`) and every target's generation loop drive them through it.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -22,8 +23,11 @@ STEP_INPUTS = ("input_ids", "position_ids", "cache_position", "key_mask")
 
 def empty_caches(kv: dict, batch: int, device="cpu") -> list[torch.Tensor]:
     """Zeroed caches for a batch, in the step program's input order."""
-    return [torch.zeros(batch, *c["shape"][1:], dtype=getattr(torch, c["dtype"]), device=device)
-            for layer in kv["layers"] for c in layer["caches"]]
+    return [
+        torch.zeros(batch, *c["shape"][1:], dtype=getattr(torch, c["dtype"]), device=device)
+        for layer in kv["layers"]
+        for c in layer["caches"]
+    ]
 
 
 def prefill_inputs(input_ids: torch.Tensor, max_len: int, lengths: Sequence[int] | None = None) -> tuple:
@@ -49,8 +53,9 @@ def filled(key_mask: torch.Tensor, n: int) -> torch.Tensor:
 PREFILL_CHUNK = 512
 
 
-def prefill(step: Callable, kv: dict, input_ids: torch.Tensor, lengths: Sequence[int] | None = None,
-            chunk: int = PREFILL_CHUNK) -> tuple[torch.Tensor, torch.Tensor, list]:
+def prefill(
+    step: Callable, kv: dict, input_ids: torch.Tensor, lengths: Sequence[int] | None = None, chunk: int = PREFILL_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Run left-padded prompts [B, P] through a step program from empty caches, `chunk` tokens per
     call (bounded memory for long prompts: linear attention's in-chunk form is quadratic in the
     chunk). Returns (logits of the last chunk, key_mask, caches)."""
@@ -59,8 +64,9 @@ def prefill(step: Callable, kv: dict, input_ids: torch.Tensor, lengths: Sequence
     caches = empty_caches(kv, b, input_ids.device)
     for start in range(0, p, chunk):
         piece = slice(start, min(p, start + chunk))
-        logits, *caches = step(ids[:, piece], position_ids[:, piece], cache_position[piece],
-                               filled(key_mask, piece.stop), *caches)
+        logits, *caches = step(
+            ids[:, piece], position_ids[:, piece], cache_position[piece], filled(key_mask, piece.stop), *caches
+        )
     return logits, key_mask, caches
 
 
@@ -100,6 +106,6 @@ def cached_logits(step: Callable, kv: dict, input_ids: torch.Tensor, decode_last
     for t in range(split, n):
         key_mask[:, t] = True
         slot = torch.tensor([t], device=input_ids.device)
-        logits, *caches = step(input_ids[:, t:t + 1], slot.expand(b, 1), slot, filled(key_mask, t + 1), *caches)
+        logits, *caches = step(input_ids[:, t : t + 1], slot.expand(b, 1), slot, filled(key_mask, t + 1), *caches)
         pieces.append(logits)
     return torch.cat(pieces, dim=1)

@@ -14,6 +14,7 @@ state dict or a pickled module):
 that is captured; for an archive they replace the named example inputs of the saved program.
 Nothing here writes to the model's files. Every bad input is a one-line `UsageError` naming the path.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,40 +26,48 @@ import pickle
 import re
 import sys
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .capture import capture
 from .errors import UsageError
-from .inputs import (InputSpec, check_specs, dtype_name, dynamic_shapes_of, make_example_inputs,
-                     parse_input_spec)
+from .inputs import InputSpec, check_specs, dtype_name, dynamic_shapes_of, make_example_inputs, parse_input_spec
 from .program import Program, load_program
 
 # What `detect_format` returns.
 EXPORT_ARCHIVE = "export-archive"
 OPTPIPE_OUT = "optpipe-out"
 HF_FOLDER = "hf-folder"
-TORCH_SAVE = "torch-save"            # torch.save zip: a state dict, a checkpoint dict or a pickled module
-PICKLE = "pickle"                    # a bare pickle (torch.save's legacy format)
+TORCH_SAVE = "torch-save"  # torch.save zip: a state dict, a checkpoint dict or a pickled module
+PICKLE = "pickle"  # a bare pickle (torch.save's legacy format)
 SAFETENSORS = "safetensors"
 TORCHSCRIPT = "torchscript"
 STATE_DICT_FORMATS = (TORCH_SAVE, PICKLE, SAFETENSORS)
 
-FORMS_HINT = ("give a torch.export archive (.pt2), an optpipe OUT folder, a Hugging Face model folder, "
-              "path/to/file.py:factory, or a state dict with --arch")
-PICKLE_HINT = ("--trust-pickle loads it with torch.load(weights_only=False), which runs arbitrary code "
-               "from the file; use it only for files you trust, or save model.state_dict() and pass --arch")
+FORMS_HINT = (
+    "give a torch.export archive (.pt2), an optpipe OUT folder, a Hugging Face model folder, "
+    "path/to/file.py:factory, or a state dict with --arch"
+)
+PICKLE_HINT = (
+    "--trust-pickle loads it with torch.load(weights_only=False), which runs arbitrary code "
+    "from the file; use it only for files you trust, or save model.state_dict() and pass --arch"
+)
 # Checkpoint dicts (nanoGPT's ckpt.pt, Lightning, ...) keep the weights under one of these keys.
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 DEFAULT_SEQ = 128
 
 
-def load_model(spec: str, *, inputs: Sequence[InputSpec | str] | Mapping | tuple | None = None,
-               arch: str | None = None, trust_pickle: bool = False) -> Program:
+def load_model(
+    spec: str,
+    *,
+    inputs: Sequence[InputSpec | str] | Mapping | tuple | None = None,
+    arch: str | None = None,
+    trust_pickle: bool = False,
+) -> Program:
     """Load `spec` (a path or a Python spec) as a Program.
 
     `inputs`: `--input` specs (`InputSpec`s or their text); they override the example inputs that
@@ -73,15 +82,16 @@ def load_model(spec: str, *, inputs: Sequence[InputSpec | str] | Mapping | tuple
     spec = os.fspath(spec)
     if not os.path.exists(spec) and _is_python_spec(spec):
         if arch is not None:
-            raise UsageError(f"--arch is only used with a state dict, not with the Python spec {spec!r}",
-                             "drop --arch; the factory builds the model")
+            raise UsageError(
+                f"--arch is only used with a state dict, not with the Python spec {spec!r}",
+                "drop --arch; the factory builds the model",
+            )
         model, example = load_factory(spec)
         return _capture(model, _pick_example(tensors, example), specs, source=spec, meta={"source": spec})
 
     fmt = detect_format(spec)
     if arch is not None and fmt not in STATE_DICT_FORMATS:
-        raise UsageError(f"--arch is only used with a state dict, but {spec} is a {fmt}",
-                         "drop --arch")
+        raise UsageError(f"--arch is only used with a state dict, but {spec} is a {fmt}", "drop --arch")
     if fmt == EXPORT_ARCHIVE:
         return _load_archive(spec, specs, tensors)
     if fmt == OPTPIPE_OUT:
@@ -89,9 +99,11 @@ def load_model(spec: str, *, inputs: Sequence[InputSpec | str] | Mapping | tuple
     if fmt == HF_FOLDER:
         return _load_hf_folder(spec, specs, tensors, trust_pickle)
     if fmt == TORCHSCRIPT:
-        raise UsageError(f"{spec} is a TorchScript archive; optpipe captures models with torch.export, "
-                         "which cannot take TorchScript", "give the Python model: file.py:factory, "
-                         "or its state dict with --arch")
+        raise UsageError(
+            f"{spec} is a TorchScript archive; optpipe captures models with torch.export, "
+            "which cannot take TorchScript",
+            "give the Python model: file.py:factory, or its state dict with --arch",
+        )
     return _load_torch_file(spec, fmt, specs, tensors, arch, trust_pickle)
 
 
@@ -118,19 +130,22 @@ def _pick_example(tensors, example):
 
 # -- detecting the format -----------------------------------------------------------------------
 
+
 def detect_format(path: str) -> str:
     """Which form of model `path` holds, from its content. Raises UsageError when it is none."""
     if not os.path.exists(path):
-        hint = ("a Python spec is path/to/file.py:factory or package.module:factory"
-                if ":" in path else FORMS_HINT)
+        hint = "a Python spec is path/to/file.py:factory or package.module:factory" if ":" in path else FORMS_HINT
         raise UsageError(f"no such file or folder: {path}", hint)
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "program.pt2")):
             return OPTPIPE_OUT
         if os.path.isfile(os.path.join(path, "config.json")):
             return HF_FOLDER
-        raise UsageError(f"{path} is a folder, but neither an optpipe OUT folder (program.pt2) nor a "
-                         "Hugging Face model folder (config.json)", FORMS_HINT)
+        raise UsageError(
+            f"{path} is a folder, but neither an optpipe OUT folder (program.pt2) nor a "
+            "Hugging Face model folder (config.json)",
+            FORMS_HINT,
+        )
     with open(path, "rb") as f:
         head = f.read(16)
     if head.startswith(b"PK"):
@@ -141,8 +156,11 @@ def detect_format(path: str) -> str:
         header_len = int.from_bytes(head[:8], "little")
         if 8 + header_len <= os.path.getsize(path):
             return SAFETENSORS
-    what = "an empty file" if not head else (
-        "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else f"bytes {head[:4].hex()}...")
+    what = (
+        "an empty file"
+        if not head
+        else ("text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else f"bytes {head[:4].hex()}...")
+    )
     raise UsageError(f"unknown model format: {path} ({what}, not a torch or safetensors file)", FORMS_HINT)
 
 
@@ -151,8 +169,10 @@ def _zip_format(path: str) -> str:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise UsageError(f"corrupt archive: {path} is not a readable zip file ({e})",
-                         "the file may be truncated; save or copy it again") from e
+        raise UsageError(
+            f"corrupt archive: {path} is not a readable zip file ({e})",
+            "the file may be truncated; save or copy it again",
+        ) from e
     # torch archives put every member under one top folder (named after the file when saved).
     members = {name.split("/", 1)[-1] for name in names}
     if "archive_format" in members or any(n.endswith("serialized_exported_program.json") for n in names):
@@ -161,26 +181,29 @@ def _zip_format(path: str) -> str:
         return TORCHSCRIPT
     if "data.pkl" in members:
         return TORCH_SAVE
-    raise UsageError(f"unknown model format: {path} is a zip archive, but not one that torch wrote",
-                     FORMS_HINT)
+    raise UsageError(f"unknown model format: {path} is a zip archive, but not one that torch wrote", FORMS_HINT)
 
 
 # -- torch.export archives and OUT folders ------------------------------------------------------
+
 
 def _load_archive(path: str, specs: list[InputSpec], tensors=None) -> Program:
     try:
         program = load_program(path)
     except UsageError:
         raise
-    except Exception as e:  # noqa: BLE001 - any failure to read the archive is bad input
-        raise UsageError(f"corrupt archive: cannot load the torch.export archive {path} ({_first_line(e)})",
-                         "it may be truncated, or saved by another torch version; export it again") from e
+    except Exception as e:
+        raise UsageError(
+            f"corrupt archive: cannot load the torch.export archive {path} ({_first_line(e)})",
+            "it may be truncated, or saved by another torch version; export it again",
+        ) from e
     program.meta.setdefault("source", os.path.abspath(path))
     if specs or tensors is not None:
         _override_inputs(program, specs, tensors, path)
     elif not program.example_inputs and program.input_names:
-        raise UsageError(f"{path} holds no example inputs",
-                         f"give --input for each of: {', '.join(program.input_names)}")
+        raise UsageError(
+            f"{path} holds no example inputs", f"give --input for each of: {', '.join(program.input_names)}"
+        )
     return program
 
 
@@ -193,20 +216,23 @@ def _override_inputs(program: Program, specs: list[InputSpec], tensors, path: st
     new = tensors or make_example_inputs(specs, vocab_size=_program_vocab_size(program))
     unknown = [name for name in new if name not in program.input_names]
     if unknown:
-        raise UsageError(f"{path} has no input {unknown[0]!r}",
-                         f"its inputs are: {describe_inputs(program)}")
+        raise UsageError(f"{path} has no input {unknown[0]!r}", f"its inputs are: {describe_inputs(program)}")
     example = dict(zip(program.input_names, program.example_inputs))
     example.update(new)
     missing = [n for n in program.input_names if n not in example]
     if missing:
-        raise UsageError(f"{path} holds no example for input {missing[0]!r}",
-                         f"give --input for each of: {', '.join(program.input_names)}")
+        raise UsageError(
+            f"{path} holds no example for input {missing[0]!r}",
+            f"give --input for each of: {', '.join(program.input_names)}",
+        )
     new_inputs = tuple(example[n] for n in program.input_names)
     try:
         program.run(new_inputs)
-    except Exception as e:  # noqa: BLE001 - the program's own guards say why the shapes do not fit
-        raise UsageError(f"--input does not fit the program in {path}: {_first_line(e)}",
-                         f"it was captured with {describe_inputs(program)}") from e
+    except Exception as e:
+        raise UsageError(
+            f"--input does not fit the program in {path}: {_first_line(e)}",
+            f"it was captured with {describe_inputs(program)}",
+        ) from e
     program.example_inputs = new_inputs
 
 
@@ -230,8 +256,11 @@ def _program_vocab_size(program: Program) -> int | None:
     if vocab:
         return int(vocab)
     # Fall back on the saved token ids: any id below their max is in range.
-    ids = [x for x in program.example_inputs if isinstance(x, torch.Tensor) and not x.is_floating_point()
-           and x.dtype != torch.bool and x.numel()]
+    ids = [
+        x
+        for x in program.example_inputs
+        if isinstance(x, torch.Tensor) and not x.is_floating_point() and x.dtype != torch.bool and x.numel()
+    ]
     return int(max(x.max() for x in ids)) + 1 if ids else None
 
 
@@ -264,10 +293,14 @@ def load_factory(spec: str) -> tuple[nn.Module, tuple | dict | None]:
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
-                           and getattr(v, "__module__", None) == module.__name__)
-            raise UsageError(f"{target} has no attribute {attr!r}",
-                             f"callables defined there: {', '.join(names) or 'none'}")
+            names = sorted(
+                n
+                for n, v in vars(module).items()
+                if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__
+            )
+            raise UsageError(
+                f"{target} has no attribute {attr!r}", f"callables defined there: {', '.join(names) or 'none'}"
+            )
         obj = getattr(obj, part)
 
     if isinstance(obj, nn.Module):
@@ -276,12 +309,16 @@ def load_factory(spec: str) -> tuple[nn.Module, tuple | dict | None]:
         with _importable_from(_spec_dir(target)):
             try:
                 result = obj()
-            except Exception as e:  # noqa: BLE001 - the user's factory failed: report it in one line
-                raise UsageError(f"{spec}: the factory raised {_first_line(e)}",
-                                 "it must build the model when called with no arguments") from e
+            except Exception as e:
+                raise UsageError(
+                    f"{spec}: the factory raised {_first_line(e)}",
+                    "it must build the model when called with no arguments",
+                ) from e
     else:
-        raise UsageError(f"{spec} is a {type(obj).__name__}, not a model or a factory",
-                         "point at a function returning a model or (model, example_inputs)")
+        raise UsageError(
+            f"{spec} is a {type(obj).__name__}, not a model or a factory",
+            "point at a function returning a model or (model, example_inputs)",
+        )
     return _split_factory_result(result, spec)
 
 
@@ -296,10 +333,13 @@ def _split_factory_result(result, spec: str) -> tuple[nn.Module, tuple | dict | 
             return model, dict(example)
         if isinstance(example, (tuple, list)):
             return model, tuple(example)
-        raise UsageError(f"{spec}: the factory's example inputs are a {type(example).__name__}",
-                         "return (model, example_inputs) with a tuple or a dict of tensors")
-    raise UsageError(f"{spec}: the factory returned a {type(result).__name__}",
-                     "return a model, or (model, example_inputs)")
+        raise UsageError(
+            f"{spec}: the factory's example inputs are a {type(example).__name__}",
+            "return (model, example_inputs) with a tuple or a dict of tensors",
+        )
+    raise UsageError(
+        f"{spec}: the factory returned a {type(result).__name__}", "return a model, or (model, example_inputs)"
+    )
 
 
 def _spec_dir(target: str) -> str:
@@ -322,8 +362,7 @@ def _importable_from(directory: str):
 
 def _import_file(path: str, spec: str):
     if not os.path.isfile(path):
-        raise UsageError(f"no such file: {path} (in the Python spec {spec!r})",
-                         "expected path/to/file.py:factory")
+        raise UsageError(f"no such file: {path} (in the Python spec {spec!r})", "expected path/to/file.py:factory")
     abspath = os.path.abspath(path)
     stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
     # A private, per-path module name: the user's file must not shadow or replace a real module
@@ -336,10 +375,11 @@ def _import_file(path: str, spec: str):
     with _importable_from(os.path.dirname(abspath)):
         try:
             module_spec.loader.exec_module(module)
-        except Exception as e:  # noqa: BLE001 - the user's file failed to import
+        except Exception as e:
             del sys.modules[name]
-            raise UsageError(f"cannot import {path}: {_first_line(e)}",
-                             "check that the file runs: python " + path) from e
+            raise UsageError(
+                f"cannot import {path}: {_first_line(e)}", "check that the file runs: python " + path
+            ) from e
     return module
 
 
@@ -350,18 +390,23 @@ def _import_module(name: str, spec: str):
             return importlib.import_module(name)
         except ModuleNotFoundError as e:
             if e.name and name.startswith(e.name):
-                raise UsageError(f"no module named {name!r} (in the Python spec {spec!r})",
-                                 "give a file path (path/to/file.py:factory) or install the package") from e
+                raise UsageError(
+                    f"no module named {name!r} (in the Python spec {spec!r})",
+                    "give a file path (path/to/file.py:factory) or install the package",
+                ) from e
             raise UsageError(f"cannot import {name}: {_first_line(e)}", "install what it needs") from e
-        except Exception as e:  # noqa: BLE001 - the user's module failed to import
-            raise UsageError(f"cannot import {name}: {_first_line(e)}",
-                             f"check that `python -c 'import {name}'` works") from e
+        except Exception as e:
+            raise UsageError(
+                f"cannot import {name}: {_first_line(e)}", f"check that `python -c 'import {name}'` works"
+            ) from e
 
 
 # -- state dicts and pickles ---------------------------------------------------------------------
 
-def _load_torch_file(path: str, fmt: str, specs: list[InputSpec], tensors, arch: str | None,
-                     trust_pickle: bool) -> Program:
+
+def _load_torch_file(
+    path: str, fmt: str, specs: list[InputSpec], tensors, arch: str | None, trust_pickle: bool
+) -> Program:
     obj = _read_safetensors(path) if fmt == SAFETENSORS else _torch_load(path, trust_pickle)
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), nn.Module):
         obj = obj["model"]  # a trusted checkpoint dict holding the module itself
@@ -371,12 +416,17 @@ def _load_torch_file(path: str, fmt: str, specs: list[InputSpec], tensors, arch:
         return _capture(obj, tensors, specs, source=path, meta={"source": os.path.abspath(path)})
     state_dict = _find_state_dict(obj) if isinstance(obj, Mapping) else None
     if state_dict is None:
-        what = (f"a dict with keys {', '.join(map(str, list(obj)[:5]))}" if isinstance(obj, Mapping)
-                else f"a {type(obj).__name__}")
+        what = (
+            f"a dict with keys {', '.join(map(str, list(obj)[:5]))}"
+            if isinstance(obj, Mapping)
+            else f"a {type(obj).__name__}"
+        )
         raise UsageError(f"{path} holds {what}, not a model or a state dict", FORMS_HINT)
     if arch is None:
-        raise UsageError(f"{path} is a state dict ({len(state_dict)} tensors); it needs the model's code",
-                         "add --arch path/to/model.py:factory (a function that builds the model)")
+        raise UsageError(
+            f"{path} is a state dict ({len(state_dict)} tensors); it needs the model's code",
+            "add --arch path/to/model.py:factory (a function that builds the model)",
+        )
     model, example = load_factory(arch)
     _load_weights(model, state_dict, path, arch)
     meta = {"source": os.path.abspath(path), "arch": arch}
@@ -391,18 +441,22 @@ def _torch_load(path: str, trust_pickle: bool):
         if not trust_pickle:
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
             what = f" ({found.group(1)})" if found else ""
-            raise UsageError(f"{path} holds pickled Python objects{what}, not only tensors; refusing to "
-                             "unpickle it", PICKLE_HINT) from e
-    except Exception as e:  # noqa: BLE001 - unreadable file
-        raise UsageError(f"corrupt file: cannot read {path} with torch.load ({_first_line(e)})",
-                         "the file may be truncated; save or copy it again") from e
+            raise UsageError(
+                f"{path} holds pickled Python objects{what}, not only tensors; refusing to unpickle it", PICKLE_HINT
+            ) from e
+    except Exception as e:
+        raise UsageError(
+            f"corrupt file: cannot read {path} with torch.load ({_first_line(e)})",
+            "the file may be truncated; save or copy it again",
+        ) from e
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (AttributeError, ImportError) as e:
-        raise UsageError(f"cannot unpickle {path}: {_first_line(e)}",
-                         "the model's class must be importable; or save model.state_dict() and pass "
-                         "--arch") from e
-    except Exception as e:  # noqa: BLE001
+        raise UsageError(
+            f"cannot unpickle {path}: {_first_line(e)}",
+            "the model's class must be importable; or save model.state_dict() and pass --arch",
+        ) from e
+    except Exception as e:
         raise UsageError(f"cannot unpickle {path}: {_first_line(e)}", FORMS_HINT) from e
 
 
@@ -410,13 +464,16 @@ def _read_safetensors(path: str) -> dict:
     try:
         from safetensors.torch import load_file
     except ImportError as e:
-        raise UsageError(f"{path} is a safetensors file, but safetensors is not installed",
-                         "pip install safetensors") from e
+        raise UsageError(
+            f"{path} is a safetensors file, but safetensors is not installed", "pip install safetensors"
+        ) from e
     try:
         return load_file(path, device="cpu")
-    except Exception as e:  # noqa: BLE001
-        raise UsageError(f"corrupt file: cannot read {path} as safetensors ({_first_line(e)})",
-                         "the file may be truncated; save or copy it again") from e
+    except Exception as e:
+        raise UsageError(
+            f"corrupt file: cannot read {path} as safetensors ({_first_line(e)})",
+            "the file may be truncated; save or copy it again",
+        ) from e
 
 
 def _is_tensor_dict(obj) -> bool:
@@ -446,17 +503,23 @@ def _load_weights(model: nn.Module, state_dict: dict, path: str, arch: str) -> N
         missing = [k for k in expected if k not in state_dict]
         unexpected = [k for k in state_dict if k not in expected]
     if missing or unexpected:
-        parts = [f"{label} {_first_keys(keys)}" for label, keys in
-                 (("missing keys", missing), ("unexpected keys", unexpected)) if keys]
-        raise UsageError(f"{path} does not fit the model from {arch}: {'; '.join(parts)}",
-                         "--arch must build the same architecture the state dict was saved from")
+        parts = [
+            f"{label} {_first_keys(keys)}"
+            for label, keys in (("missing keys", missing), ("unexpected keys", unexpected))
+            if keys
+        ]
+        raise UsageError(
+            f"{path} does not fit the model from {arch}: {'; '.join(parts)}",
+            "--arch must build the same architecture the state dict was saved from",
+        )
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
-        raise UsageError(f"{path} does not fit the model from {arch}: "
-                         f"{lines[0] if lines else _first_line(e)}",
-                         "--arch must build the same architecture (and sizes) the state dict was saved from") from e
+        raise UsageError(
+            f"{path} does not fit the model from {arch}: {lines[0] if lines else _first_line(e)}",
+            "--arch must build the same architecture (and sizes) the state dict was saved from",
+        ) from e
 
 
 def _first_keys(keys: list[str], n: int = 3) -> str:
@@ -466,39 +529,47 @@ def _first_keys(keys: list[str], n: int = 3) -> str:
 
 # -- Hugging Face folders ------------------------------------------------------------------------
 
+
 def _load_hf_folder(path: str, specs: list[InputSpec], tensors, trust_pickle: bool) -> Program:
     files = os.listdir(path)
     has_safetensors = any(f.endswith(".safetensors") for f in files)
     pickled = [f for f in files if f.endswith((".bin", ".pth", ".pt", ".ckpt"))]
     if not has_safetensors:
         if not pickled:
-            raise UsageError(f"{path} has config.json but no weights (*.safetensors)",
-                             "save the model with model.save_pretrained(folder)")
+            raise UsageError(
+                f"{path} has config.json but no weights (*.safetensors)",
+                "save the model with model.save_pretrained(folder)",
+            )
         if not trust_pickle:
-            raise UsageError(f"{path} holds only pickled weights ({pickled[0]}); refusing to unpickle them",
-                             "--trust-pickle lets transformers unpickle them, which can run arbitrary code "
-                             "from the files; or re-save the model with save_pretrained (safetensors)")
+            raise UsageError(
+                f"{path} holds only pickled weights ({pickled[0]}); refusing to unpickle them",
+                "--trust-pickle lets transformers unpickle them, which can run arbitrary code "
+                "from the files; or re-save the model with save_pretrained (safetensors)",
+            )
     try:
         import transformers
     except ImportError as e:
-        raise UsageError(f"{path} is a Hugging Face model folder, but transformers is not installed",
-                         "pip install transformers") from e
+        raise UsageError(
+            f"{path} is a Hugging Face model folder, but transformers is not installed", "pip install transformers"
+        ) from e
 
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise UsageError(f"cannot read the Hugging Face config in {path}: {_first_line(e)}",
-                         "optpipe loads only model types that the installed transformers knows "
-                         "(never remote code)") from e
+    except Exception as e:
+        raise UsageError(
+            f"cannot read the Hugging Face config in {path}: {_first_line(e)}",
+            "optpipe loads only model types that the installed transformers knows (never remote code)",
+        ) from e
     architecture = (config.architectures or [None])[0]
     model_class = getattr(transformers, architecture, None) if architecture else None
     model_class = model_class or transformers.AutoModel
     try:
-        model = model_class.from_pretrained(path, config=config, local_files_only=True,
-                                            use_safetensors=has_safetensors)
-    except Exception as e:  # noqa: BLE001
-        raise UsageError(f"cannot load the Hugging Face model in {path} as {model_class.__name__}: "
-                         f"{_first_line(e)}", "check that the weights match config.json") from e
+        model = model_class.from_pretrained(path, config=config, local_files_only=True, use_safetensors=has_safetensors)
+    except Exception as e:
+        raise UsageError(
+            f"cannot load the Hugging Face model in {path} as {model_class.__name__}: {_first_line(e)}",
+            "check that the weights match config.json",
+        ) from e
     model.eval()
 
     vocab_size = getattr(config, "vocab_size", None)
@@ -511,8 +582,10 @@ def _load_hf_folder(path: str, specs: list[InputSpec], tensors, trust_pickle: bo
         return _capture(model, tensors, [], source=path, meta=meta)
     if not specs:
         if not vocab_size:
-            raise UsageError(f"{path}: cannot make default inputs for a {config.model_type} model "
-                             "(no vocab_size in its config)", "give --input for each forward() argument")
+            raise UsageError(
+                f"{path}: cannot make default inputs for a {config.model_type} model (no vocab_size in its config)",
+                "give --input for each forward() argument",
+            )
         specs = default_hf_inputs(config, type(model).__name__)
     example = make_example_inputs(specs, vocab_size=vocab_size)
     return _capture(model, example, specs, source=path, meta=meta, prepared=True)
@@ -533,8 +606,10 @@ def default_hf_inputs(config, model_class_name: str = "") -> list[InputSpec]:
 def _is_encoder(config, model_class_name: str) -> bool:
     if getattr(config, "is_decoder", False) or model_class_name.endswith(("ForCausalLM", "LMHeadModel")):
         return False
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                         MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     model_type = getattr(config, "model_type", "")
     return model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -542,8 +617,10 @@ def _is_encoder(config, model_class_name: str) -> bool:
 
 # -- capture ----------------------------------------------------------------------------------
 
-def _capture(model: nn.Module, example, specs: list[InputSpec], *, source: str, meta: dict,
-             prepared: bool = False) -> Program:
+
+def _capture(
+    model: nn.Module, example, specs: list[InputSpec], *, source: str, meta: dict, prepared: bool = False
+) -> Program:
     """Capture `model` on the --input specs if given, else on the inputs that came with it.
     `prepared`: `example` was already made from `specs`."""
     meta = dict(meta)
@@ -557,18 +634,21 @@ def _capture(model: nn.Module, example, specs: list[InputSpec], *, source: str, 
             example = make_example_inputs(specs, vocab_size=vocab_size)
         input_names, dynamic = [s.name for s in specs], dynamic_shapes_of(specs)
     elif example is None:
-        raise UsageError(f"{source} gives no example inputs; --input is required",
-                         f"add --input for each argument of forward({_signature_text(model)}), "
-                         "e.g. --input idx:int64[batch=1,seq=64]")
+        raise UsageError(
+            f"{source} gives no example inputs; --input is required",
+            f"add --input for each argument of forward({_signature_text(model)}), "
+            "e.g. --input idx:int64[batch=1,seq=64]",
+        )
     try:
         return capture(model, example, input_names=input_names, dynamic_shapes=dynamic, meta=meta)
     except UsageError as e:
         raise UsageError(f"{source}: {e.message}", e.hint) from e
-    except Exception as e:  # noqa: BLE001 - the model failed on the inputs it was given
+    except Exception as e:
         given = " ".join(str(s) for s in specs) if specs else _describe_example(example)
-        raise UsageError(f"{source}: the model failed on its example inputs ({_first_line(e)})",
-                         f"inputs were {given}; check names, dtypes and shapes against "
-                         f"forward({_signature_text(model)})") from e
+        raise UsageError(
+            f"{source}: the model failed on its example inputs ({_first_line(e)})",
+            f"inputs were {given}; check names, dtypes and shapes against forward({_signature_text(model)})",
+        ) from e
 
 
 def _check_input_names(model: nn.Module, specs: list[InputSpec], source: str) -> None:
@@ -580,8 +660,9 @@ def _check_input_names(model: nn.Module, specs: list[InputSpec], source: str) ->
         return
     for spec in specs:
         if spec.name not in params:
-            raise UsageError(f"{source}: forward() has no argument {spec.name!r}",
-                             f"forward takes ({_signature_text(model)})")
+            raise UsageError(
+                f"{source}: forward() has no argument {spec.name!r}", f"forward takes ({_signature_text(model)})"
+            )
 
 
 def _signature_text(model: nn.Module) -> str:
@@ -593,8 +674,10 @@ def _signature_text(model: nn.Module) -> str:
 
 def _describe_example(example) -> str:
     items = example.items() if isinstance(example, Mapping) else enumerate(example or ())
-    return " ".join(f"{k}:{dtype_name(v.dtype)}{list(v.shape)}" if isinstance(v, torch.Tensor) else f"{k}:{type(v).__name__}"
-                    for k, v in items)
+    return " ".join(
+        f"{k}:{dtype_name(v.dtype)}{list(v.shape)}" if isinstance(v, torch.Tensor) else f"{k}:{type(v).__name__}"
+        for k, v in items
+    )
 
 
 def _embedding_vocab_size(model: nn.Module) -> int | None:

@@ -5,6 +5,7 @@ label tokens of an objective:
 - `clm`: next-token cross-entropy, logits[:, :-1] against labels[:, 1:];
 - `mlm`: cross-entropy at the labelled (masked) positions.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,9 @@ def task_loss_sum(logits: torch.Tensor, labels: torch.Tensor, objective: str) ->
     """(sum of token cross-entropies, number of label tokens) for `objective`."""
     if objective == "clm":
         logits, labels = logits[:, :-1], labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss, int((labels != IGNORE_INDEX).sum())
 
 
@@ -34,12 +36,14 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, objective: str) -> tor
     elif objective != "mlm":
         raise UsageError(f"unknown objective {objective!r}", f"one of {', '.join(OBJECTIVES)}")
     logits = logits.reshape(-1, logits.shape[-1])
-    return F.cross_entropy(logits if logits.dtype == torch.float32 else logits.float(), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(
+        logits if logits.dtype == torch.float32 else logits.float(), labels.reshape(-1), ignore_index=IGNORE_INDEX
+    )
 
 
-def distill_kl_sum(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, objective: str,
-                   temperature: float) -> torch.Tensor:
+def distill_kl_sum(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, objective: str, temperature: float
+) -> torch.Tensor:
     """Σ over label positions of T²·KL(softmax(teacher/T) ‖ softmax(student/T))."""
     if objective == "clm":
         student, teacher, labels = student[:, :-1], teacher[:, :-1], labels[:, 1:]
@@ -47,4 +51,4 @@ def distill_kl_sum(student: torch.Tensor, teacher: torch.Tensor, labels: torch.T
     s = student.reshape(-1, student.shape[-1])[keep].float() / temperature
     t = teacher.reshape(-1, teacher.shape[-1])[keep].float() / temperature
     kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
-    return kl * temperature ** 2
+    return kl * temperature**2

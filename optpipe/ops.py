@@ -19,10 +19,12 @@ the Relax importer's custom convert map.
 Targets ask `lowerings_for(target)` for native translations and `decompositions(exclude=...)` for
 the rest, which they apply with `ExportedProgram.run_decompositions`.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -44,9 +46,18 @@ class OpDef:
 _OPS: dict[str, OpDef] = {}
 
 
-def define_op(name: str, impl: Callable, *, fake: Callable, decomposition: Callable | None = None,
-              backward: Callable | None = None, setup_context: Callable | None = None,
-              flops: Callable | None = None, mutates_args=(), exact_outputs: bool = True) -> Any:
+def define_op(
+    name: str,
+    impl: Callable,
+    *,
+    fake: Callable,
+    decomposition: Callable | None = None,
+    backward: Callable | None = None,
+    setup_context: Callable | None = None,
+    flops: Callable | None = None,
+    mutates_args=(),
+    exact_outputs: bool = True,
+) -> Any:
     """Define `torch.ops.optpipe.<name>` from a type-annotated `impl`; returns the OpOverload."""
     if name in _OPS:
         return _OPS[name].op
@@ -90,8 +101,13 @@ def _op_name(op) -> str:
 
 def rounds_activations(gm) -> bool:
     """Whether `gm` calls an op declared with exact_outputs=False."""
-    return any(n.op == "call_function" and is_optpipe_op(n.target) and _op_name(n.target) in _OPS
-               and not _OPS[_op_name(n.target)].exact_outputs for n in gm.graph.nodes)
+    return any(
+        n.op == "call_function"
+        and is_optpipe_op(n.target)
+        and _op_name(n.target) in _OPS
+        and not _OPS[_op_name(n.target)].exact_outputs
+        for n in gm.graph.nodes
+    )
 
 
 def all_ops() -> list[OpDef]:

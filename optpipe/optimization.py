@@ -4,26 +4,28 @@ Python API both go through here.
     res = optpipe.optimize(model, (ids,), pipeline="fuse-attention,dce", target="cpu")
     res.save("OUT")
 """
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
-from .version import __version__
 from .errors import TargetError, UsageError
+from .ops import rounds_activations
 from .outdir import atomic_folder
 from .pipeline import PassRecord, Pipeline
 from .presets import load_recipe, preset_pipeline
 from .program import Program
 from .registry import get_target
-from .ops import rounds_activations
 from .verify import Budget, compare, run_outputs, verification_inputs
+from .version import __version__
 
 
 @dataclass
@@ -53,8 +55,7 @@ class OptimizeResult:
             with open(os.path.join(tmp, "pipeline.txt"), "w") as f:
                 f.write(self.report["pipeline"] + "\n")
             with open(os.path.join(tmp, "target.json"), "w") as f:
-                json.dump({"target": self.report["target"], "info": self.report.get("target_info", {})}, f,
-                          indent=2)
+                json.dump({"target": self.report["target"], "info": self.report.get("target_info", {})}, f, indent=2)
             with open(os.path.join(tmp, "report.json"), "w") as f:
                 json.dump(self.report, f, indent=2, default=str)
             with open(os.path.join(tmp, "report.html"), "w") as f:
@@ -78,16 +79,28 @@ def resolve_pipeline(pipeline: str | None, preset: str | None, recipe: str | Non
     if preset:
         return preset_pipeline(preset), {}
     if pipeline is None:
-        raise UsageError("no passes given", "use --pipeline S, --preset NAME or --recipe FILE "
-                         "(e.g. --pipeline fuse-attention,dce)")
+        raise UsageError(
+            "no passes given", "use --pipeline S, --preset NAME or --recipe FILE (e.g. --pipeline fuse-attention,dce)"
+        )
     return pipeline, {}
 
 
-def optimize(model_or_program, example_inputs=None, pipeline: str | Pipeline | None = None, *,
-             target: str = "cpu", preset: str | None = None, recipe: str | None = None,
-             verify: bool = True, budget: Budget | dict | None = None, instruments: Sequence = (),
-             target_options: dict | None = None, diffs: bool = True, progress=None,
-             calibration=None) -> OptimizeResult:
+def optimize(
+    model_or_program,
+    example_inputs=None,
+    pipeline: str | Pipeline | None = None,
+    *,
+    target: str = "cpu",
+    preset: str | None = None,
+    recipe: str | None = None,
+    verify: bool = True,
+    budget: Budget | dict | None = None,
+    instruments: Sequence = (),
+    target_options: dict | None = None,
+    diffs: bool = True,
+    progress=None,
+    calibration=None,
+) -> OptimizeResult:
     """Capture (if needed), run the verified pipeline, compile for `target` and check parity.
 
     `model_or_program`: an nn.Module (with `example_inputs`), a Program, or a MODEL path/spec.
@@ -116,8 +129,10 @@ def optimize(model_or_program, example_inputs=None, pipeline: str | Pipeline | N
         from .calibration import with_calibration
 
         if isinstance(calibration, (str, os.PathLike)):
-            raise UsageError(f"calibration data {os.fspath(calibration)!r} is a file: read it first",
-                             "call optpipe.optimize (it tokenizes files), or pass input sets")
+            raise UsageError(
+                f"calibration data {os.fspath(calibration)!r} is a file: read it first",
+                "call optpipe.optimize (it tokenizes files), or pass input sets",
+            )
         if callable(calibration):  # reads the data for the captured program (optpipe.optimize's files)
             with step("read calibration data"):
                 calibration = calibration(program)
@@ -126,25 +141,34 @@ def optimize(model_or_program, example_inputs=None, pipeline: str | Pipeline | N
     before_costs = analyze(program)
     records: list[PassRecord] = []
     with step(f"run {len(pipe)} pass(es)") as s:
+
         def on_pass(i, spec):
             s.update(f"pass {i + 1}/{len(pipe)}: {spec}")
-        optimized, records = pipe.run(program, verify=verify, budget=budget, instruments=instruments,
-                                      keep_before=diffs, on_pass=on_pass)
+
+        optimized, records = pipe.run(
+            program, verify=verify, budget=budget, instruments=instruments, keep_before=diffs, on_pass=on_pass
+        )
     after_costs = analyze(optimized)
 
-    unsupported = tgt.check(optimized, **(target_options or {}))  # before lowering: name every node the target cannot take
+    unsupported = tgt.check(
+        optimized, **(target_options or {})
+    )  # before lowering: name every node the target cannot take
     if unsupported:
         listing = "; ".join(str(u) for u in unsupported[:10])
         more = f" and {len(unsupported) - 10} more" if len(unsupported) > 10 else ""
-        raise TargetError(f"target {target} cannot take {len(unsupported)} node(s): {listing}{more}",
-                          "choose another target or drop the pass that introduced them")
+        raise TargetError(
+            f"target {target} cannot take {len(unsupported)} node(s): {listing}{more}",
+            "choose another target or drop the pass that introduced them",
+        )
     with step(f"compile for {target}"):
         compiled = tgt.compile(optimized, **(target_options or {}))
     with step(f"check {target} against the torch program"):
         target_check = check_target(tgt, compiled, optimized)
     if not target_check["ok"]:
-        raise TargetError(f"target {target} output differs from the torch program: max-abs "
-                          f"{target_check['max_abs']:.3g}", "report this with the OUT folder's report.json")
+        raise TargetError(
+            f"target {target} output differs from the torch program: max-abs {target_check['max_abs']:.3g}",
+            "report this with the OUT folder's report.json",
+        )
 
     pass_diffs = []
     if diffs:
@@ -158,14 +182,19 @@ def optimize(model_or_program, example_inputs=None, pipeline: str | Pipeline | N
         "pipeline": str(pipe),
         "target": target,
         "model": {
-            "params_before": before_costs.params, "params_after": after_costs.params,
-            "flops_before": before_costs.flops, "flops_after": after_costs.flops,
-            "output": program.meta.get("output"), "class": program.meta.get("model_class"),
+            "params_before": before_costs.params,
+            "params_after": after_costs.params,
+            "flops_before": before_costs.flops,
+            "flops_after": after_costs.flops,
+            "output": program.meta.get("output"),
+            "class": program.meta.get("model_class"),
             "source": program.meta.get("source"),
         },
-        "capture": {"input_names": program.input_names,
-                    "inputs": [_describe(x) for x in program.example_inputs],
-                    "dynamic_shapes": program.dynamic_shapes},
+        "capture": {
+            "input_names": program.input_names,
+            "inputs": [_describe(x) for x in program.example_inputs],
+            "dynamic_shapes": program.dynamic_shapes,
+        },
         "passes": [r.to_dict() for r in records],
         "target_info": compiled.info,
         "target_check": target_check,
@@ -175,7 +204,7 @@ def optimize(model_or_program, example_inputs=None, pipeline: str | Pipeline | N
 
 def _next_program(records, record, final):
     i = records.index(record)
-    for later in records[i + 1:]:
+    for later in records[i + 1 :]:
         if later.before is not None:
             return later.before
     return final
@@ -205,11 +234,22 @@ def check_target(tgt, compiled, program: Program) -> dict:
         # costs 19 dB against fp32). So judge closeness as a whole, not element by element: a wrong
         # lowering (a lost scale, a transposed weight) lands far below these bounds.
         ok = m.cosine is not None and m.cosine >= 0.995 and (m.sqnr_db is None or m.sqnr_db >= 20)
-        return {"ok": bool(ok), "max_abs": m.max_abs, "cosine": m.cosine, "sqnr_db": m.sqnr_db,
-                "inputs": len(inputs), "tolerance": "cosine >= 0.995, SQNR >= 20 dB (quantized activations)"}
+        return {
+            "ok": bool(ok),
+            "max_abs": m.max_abs,
+            "cosine": m.cosine,
+            "sqnr_db": m.sqnr_db,
+            "inputs": len(inputs),
+            "tolerance": "cosine >= 0.995, SQNR >= 20 dB (quantized activations)",
+        }
     tol = 1e-4 * max(1.0, m.ref_max)
-    return {"ok": bool(m.ok and m.max_abs is not None and m.max_abs <= tol), "max_abs": m.max_abs,
-            "cosine": m.cosine, "inputs": len(inputs), "tolerance": tol}
+    return {
+        "ok": bool(m.ok and m.max_abs is not None and m.max_abs <= tol),
+        "max_abs": m.max_abs,
+        "cosine": m.cosine,
+        "inputs": len(inputs),
+        "tolerance": tol,
+    }
 
 
 def _as_program(obj, example_inputs, step) -> Program:

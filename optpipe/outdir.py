@@ -3,6 +3,7 @@
 A failed or interrupted run leaves no partial OUT, and an OUT that exists and was not written by
 optpipe is refused unless forced (it might be anything the user cares about).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,10 @@ def check_writable(out: str, force: bool) -> None:
         if not os.path.isdir(out):
             raise UsageError(f"output {out} exists and is not a folder", "choose another -o")
         if os.listdir(out) and not is_optpipe_out(out) and not force:
-            raise UsageError(f"output folder {out} exists and was not written by optpipe",
-                             "choose another -o, or pass --force to replace it")
+            raise UsageError(
+                f"output folder {out} exists and was not written by optpipe",
+                "choose another -o, or pass --force to replace it",
+            )
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise UsageError(f"cannot write {out}: folder {parent} does not exist", "create it first")

@@ -8,11 +8,13 @@ the verification inputs with those of the program before the pass (computed once
 Exact passes must match within dtype tolerance; lossy passes must keep the budget. A failing pass
 stops the pipeline with an error naming it and the passes before it.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .errors import PassError, VerificationError
 from .pipeline_text import PassSpec, format_pipeline, parse_pipeline
@@ -35,9 +37,17 @@ class PassRecord:
     """The program before this pass (graph copy, shared weights), kept when diffs are wanted."""
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "pipeline": self.element, "config": self.config, "exact": self.exact,
-                "modified": self.modified, "stats": self.stats, "details": self.details,
-                "seconds": round(self.seconds, 4), "verify": self.verify}
+        return {
+            "name": self.name,
+            "pipeline": self.element,
+            "config": self.config,
+            "exact": self.exact,
+            "modified": self.modified,
+            "stats": self.stats,
+            "details": self.details,
+            "seconds": round(self.seconds, 4),
+            "verify": self.verify,
+        }
 
 
 class Pipeline:
@@ -45,7 +55,7 @@ class Pipeline:
         self.specs = list(specs)
 
     @classmethod
-    def parse(cls, text: str) -> "Pipeline":
+    def parse(cls, text: str) -> Pipeline:
         return cls(parse_pipeline(text))
 
     def __str__(self) -> str:
@@ -57,10 +67,17 @@ class Pipeline:
     def __len__(self) -> int:
         return len(self.specs)
 
-    def run(self, program: Program, *, verify: bool = True, budget: Budget | None = None,
-            instruments: Sequence = (), keep_before: bool = False,
-            on_pass: Callable[[int, PassSpec], Any] | None = None,
-            copy: bool = True) -> tuple[Program, list[PassRecord]]:
+    def run(
+        self,
+        program: Program,
+        *,
+        verify: bool = True,
+        budget: Budget | None = None,
+        instruments: Sequence = (),
+        keep_before: bool = False,
+        on_pass: Callable[[int, PassSpec], Any] | None = None,
+        copy: bool = True,
+    ) -> tuple[Program, list[PassRecord]]:
         """Apply the passes to (a copy of) `program`; returns the new program and a record per pass."""
         program = program.copy() if copy else program
         budget = budget or Budget()
@@ -82,8 +99,10 @@ class Pipeline:
             except (PassError, VerificationError):
                 raise
             except Exception as e:  # a pass bug: name the pass, keep the cause chained
-                raise PassError(f"pass {spec} failed{_after(records)}: {type(e).__name__}: {e}",
-                                "rerun with --dump-ir DIR to see the graph it got") from e
+                raise PassError(
+                    f"pass {spec} failed{_after(records)}: {type(e).__name__}: {e}",
+                    "rerun with --dump-ir DIR to see the graph it got",
+                ) from e
             seconds = time.perf_counter() - start
             tag_new_nodes(program.gm, nodes_before, spec.name)
             program.history.append(str(spec))
@@ -96,9 +115,18 @@ class Pipeline:
                     reference = actual
                 else:
                     metrics = Metrics(0.0, None, 1.0, 1.0, ok=True, inputs=len(inputs), note="unchanged")
-            record = PassRecord(spec.name, str(spec), spec.config_dict(), spec.info.exact, result.modified,
-                                dict(result.stats), dict(result.details), seconds,
-                                metrics.to_dict() if metrics else None, before)
+            record = PassRecord(
+                spec.name,
+                str(spec),
+                spec.config_dict(),
+                spec.info.exact,
+                result.modified,
+                dict(result.stats),
+                dict(result.details),
+                seconds,
+                metrics.to_dict() if metrics else None,
+                before,
+            )
             records.append(record)
             for inst in instruments:
                 inst.after_pass(index, spec, program, record)
@@ -131,9 +159,11 @@ def _run_checked(program, inputs, spec, records):
         return run_outputs(program, inputs)
     except Exception as e:
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs[-1] if hasattr(x, "shape"))
-        raise VerificationError(f"program after {spec}{_after(records)} fails to run: {type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''}",
-                                f"verification inputs include shapes {shapes}") from e
+        raise VerificationError(
+            f"program after {spec}{_after(records)} fails to run: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}",
+            f"verification inputs include shapes {shapes}",
+        ) from e
 
 
 def _judge(m: Metrics, spec: PassSpec, budget: Budget, dtype, records) -> None:
@@ -144,12 +174,19 @@ def _judge(m: Metrics, spec: PassSpec, budget: Budget, dtype, records) -> None:
         if not m.ok:
             raise VerificationError(
                 f"exact pass {spec}{_after(records)} changed the outputs: max-abs {m.max_abs:.3g} > "
-                f"tolerance {m.tolerance:.3g}", "this is a bug in the pass; --dump-ir DIR shows its rewrite")
+                f"tolerance {m.tolerance:.3g}",
+                "this is a bug in the pass; --dump-ir DIR shows its rewrite",
+            )
         return
-    pass_budget = Budget(getattr(spec.config, "min_sqnr", None), getattr(spec.config, "min_cosine", None),
-                         getattr(spec.config, "min_top1", None))
+    pass_budget = Budget(
+        getattr(spec.config, "min_sqnr", None),
+        getattr(spec.config, "min_cosine", None),
+        getattr(spec.config, "min_top1", None),
+    )
     problems = budget.merged(pass_budget).violations(m)
     if problems:
         m.ok = False
-        raise VerificationError(f"lossy pass {spec}{_after(records)} is over budget: {'; '.join(problems)}",
-                                "loosen --budget or the pass's options, or choose fewer layers")
+        raise VerificationError(
+            f"lossy pass {spec}{_after(records)} is over budget: {'; '.join(problems)}",
+            "loosen --budget or the pass's options, or choose fewer layers",
+        )

@@ -7,6 +7,7 @@ choices, tuples (`[a,b]`) and classes with a `parse(str)` classmethod. Printing 
 options in config field order, defaults left out, so `str(parse(s)) == s` for canonical `s`.
 Errors show the text with a caret under the offending column and suggest the nearest name.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -86,8 +87,9 @@ def tokenize_elements(text: str) -> list[RawElement]:
                 if i < n and text[i] == "}":
                     i += 1
                     break
-                raise PipelineSyntaxError(text, i, "expected ',' or '}' in options of "
-                                          f"{name!r}" if i < n else f"unclosed '{{' of {name!r}")
+                raise PipelineSyntaxError(
+                    text, i, f"expected ',' or '}}' in options of {name!r}" if i < n else f"unclosed '{{' of {name!r}"
+                )
         elements.append(RawElement(name, tuple(options), start))
         i = skip_ws(i)
         if i >= n:
@@ -105,12 +107,12 @@ def _scan_value(text: str, i: int) -> tuple[str, int]:
             j += 1
         if j >= n:
             raise PipelineSyntaxError(text, i, "unterminated string")
-        return text[i + 1:j], j + 1
+        return text[i + 1 : j], j + 1
     if i < n and text[i] == "[":
         j = text.find("]", i)
         if j < 0:
             raise PipelineSyntaxError(text, i, "unclosed '['")
-        return text[i:j + 1], j + 1
+        return text[i : j + 1], j + 1
     j = i
     while j < n and text[j] not in ",{}[]" and not text[j].isspace():
         j += 1
@@ -120,6 +122,7 @@ def _scan_value(text: str, i: int) -> tuple[str, int]:
 
 
 # -- typed values ----------------------------------------------------------------------------------
+
 
 def _field_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -223,8 +226,11 @@ class PassSpec:
         return self.name + "{" + ",".join(f"{k}={format_value(v)}" for k, v in opts.items()) + "}"
 
     def config_dict(self) -> dict[str, Any]:
-        return {f.name.replace("_", "-"): _jsonable(getattr(self.config, f.name))
-                for f in dataclasses.fields(self.config) if f.init}
+        return {
+            f.name.replace("_", "-"): _jsonable(getattr(self.config, f.name))
+            for f in dataclasses.fields(self.config)
+            if f.init
+        }
 
 
 def _jsonable(v):
@@ -247,8 +253,9 @@ def build_config(info: PassInfo, options: dict[str, Any], *, text: str = "", col
         if attr not in fields:
             names = [k.replace("_", "-") for k in fields]
             close = difflib.get_close_matches(key, names, n=1)
-            hint = (f"did you mean {close[0]!r}? " if close else "") + \
-                (f"options of {info.name}: {', '.join(names)}" if names else f"{info.name} takes no options")
+            hint = (f"did you mean {close[0]!r}? " if close else "") + (
+                f"options of {info.name}: {', '.join(names)}" if names else f"{info.name} takes no options"
+            )
             if text:
                 raise PipelineSyntaxError(text, key_col, f"unknown option {key!r} of pass {info.name!r}", hint)
             raise UsageError(f"unknown option {key!r} of pass {info.name!r}", hint)
@@ -263,8 +270,12 @@ def build_config(info: PassInfo, options: dict[str, Any], *, text: str = "", col
         return info.config_cls(**kwargs)
     except (ValueError, TypeError) as e:
         if text:
-            raise PipelineSyntaxError(text, columns.get("", (0, 0))[0], f"invalid options for {info.name}: {e}",
-                                      f"see `optpipe passes {info.name}`") from None
+            raise PipelineSyntaxError(
+                text,
+                columns.get("", (0, 0))[0],
+                f"invalid options for {info.name}: {e}",
+                f"see `optpipe passes {info.name}`",
+            ) from None
         raise UsageError(f"invalid options for {info.name}: {e}", f"see `optpipe passes {info.name}`") from None
 
 
@@ -291,5 +302,4 @@ def format_pipeline(specs) -> str:
     return ",".join(str(s) for s in specs)
 
 
-__all__ = ["parse_pipeline", "format_pipeline", "PassSpec", "PipelineSyntaxError", "build_config",
-           "pass_names"]
+__all__ = ["PassSpec", "PipelineSyntaxError", "build_config", "format_pipeline", "parse_pipeline", "pass_names"]

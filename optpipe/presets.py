@@ -9,9 +9,11 @@ A recipe file:
     [[passes]]                             # ... or a list of passes with their options
     name = "fuse-attention"
 """
+
 from __future__ import annotations
 
 import os
+
 import tomllib
 
 from .errors import UsageError
@@ -19,8 +21,10 @@ from .registry import suggest
 
 PRESETS: dict[str, tuple[str, str]] = {
     "canonicalize": ("fuse-attention,cse,dce", "canonical SDPA attention, shared subexpressions, no dead code"),
-    "long-context": ("fuse-attention,attention{kind=sliding-window,window=256,layers=1:-1},dce",
-                     "sliding-window attention in all but the first and last layers"),
+    "long-context": (
+        "fuse-attention,attention{kind=sliding-window,window=256,layers=1:-1},dce",
+        "sliding-window attention in all but the first and last layers",
+    ),
 }
 
 
@@ -40,7 +44,7 @@ def load_recipe(path: str | os.PathLike) -> dict:
 
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise UsageError(f"recipe {path}: no such file", "give a TOML file with `pipeline = \"...\"`")
+        raise UsageError(f"recipe {path}: no such file", 'give a TOML file with `pipeline = "..."`')
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -49,8 +53,10 @@ def load_recipe(path: str | os.PathLike) -> dict:
     pipeline = data.get("pipeline")
     passes = data.get("passes")
     if bool(pipeline) == bool(passes):
-        raise UsageError(f"recipe {path}: give exactly one of `pipeline = \"...\"` or `[[passes]]` tables",
-                         'e.g. pipeline = "fuse-attention,dce"')
+        raise UsageError(
+            f'recipe {path}: give exactly one of `pipeline = "..."` or `[[passes]]` tables',
+            'e.g. pipeline = "fuse-attention,dce"',
+        )
     if passes:
         parts = []
         for i, p in enumerate(passes):

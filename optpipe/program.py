@@ -9,6 +9,7 @@ the dynamic-shape spec, source metadata and the history of passes applied.
 once `import optpipe` has registered optpipe's ops. optpipe's own metadata rides along as an extra
 file inside the archive (`optpipe.json`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,8 +18,9 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.fx
@@ -55,7 +57,7 @@ class Program:
     def pipeline(self) -> str:
         return ",".join(self.history)
 
-    def copy(self) -> "Program":
+    def copy(self) -> Program:
         """A copy whose graph can be rewritten without touching this one. Parameters are shared
         (passes replace weights rather than mutate them in place), so this is cheap."""
         gm = self.gm
@@ -68,8 +70,15 @@ class Program:
                 setattr(new_gm, attr, getattr(gm, attr))
         if hasattr(gm, "meta"):
             new_gm.meta = dict(gm.meta)
-        return Program(new_gm, self.example_inputs, list(self.input_names), self.dynamic_shapes,
-                       copy.deepcopy(self.meta), list(self.history), self.calibration)
+        return Program(
+            new_gm,
+            self.example_inputs,
+            list(self.input_names),
+            self.dynamic_shapes,
+            copy.deepcopy(self.meta),
+            list(self.history),
+            self.calibration,
+        )
 
     def num_params(self) -> int:
         seen, total = set(), 0
@@ -82,8 +91,7 @@ class Program:
     # -- export ----------------------------------------------------------------------------------
     def export(self) -> torch.export.ExportedProgram:
         """Re-export the (rewritten) graph as an ExportedProgram with the same dynamic dims."""
-        ep, _ = export_module(self.gm, self.example_inputs, self.input_names, self.dynamic_shapes,
-                              strict_dims=True)
+        ep, _ = export_module(self.gm, self.example_inputs, self.input_names, self.dynamic_shapes, strict_dims=True)
         return ep
 
     def save(self, path: str | os.PathLike) -> None:
@@ -113,22 +121,24 @@ class Program:
                 os.unlink(tmp)
 
     @classmethod
-    def from_exported(cls, ep: torch.export.ExportedProgram, meta_json: str | None = None) -> "Program":
+    def from_exported(cls, ep: torch.export.ExportedProgram, meta_json: str | None = None) -> Program:
         info = json.loads(meta_json) if meta_json else {}
         args, kwargs = ep.example_inputs or ((), {})
         if kwargs:
             names = list(info.get("input_names") or [])
-            args = tuple(args) + tuple(kwargs[k] for k in names[len(args):] if k in kwargs)
-        sig_names = [s.arg.name for s in ep.graph_signature.input_specs
-                     if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+            args = tuple(args) + tuple(kwargs[k] for k in names[len(args) :] if k in kwargs)
+        sig_names = [
+            s.arg.name
+            for s in ep.graph_signature.input_specs
+            if s.kind == torch.export.graph_signature.InputKind.USER_INPUT
+        ]
         input_names = info.get("input_names") or sig_names
         dyn = info.get("dynamic_shapes")
         if dyn is not None:
             dyn = [{int(k): v for k, v in d.items()} if d else None for d in dyn]
         gm = ep.module()
         retie_weights(gm, info.get("tied") or [])
-        return cls(gm, tuple(args), list(input_names), dyn, info.get("meta", {}),
-                   list(info.get("history", [])))
+        return cls(gm, tuple(args), list(input_names), dyn, info.get("meta", {}), list(info.get("history", [])))
 
 
 def _widen(x: torch.Tensor, dims) -> torch.Tensor:
@@ -138,24 +148,22 @@ def _widen(x: torch.Tensor, dims) -> torch.Tensor:
     return x
 
 
-def export_module(module: torch.nn.Module, inputs: tuple, names: Sequence[str], dynamic, *,
-                  strict_dims: bool = False):
+def export_module(module: torch.nn.Module, inputs: tuple, names: Sequence[str], dynamic, *, strict_dims: bool = False):
     """torch.export `module` (non-strict) with `dynamic` dims as Dim.AUTO.
 
     Returns (exported_program, dims that stayed dynamic). The example inputs are widened on size-1
     dynamic dims for tracing only.
     """
     dynamic = list(dynamic) if dynamic else [None] * len(inputs)
-    trace_inputs = tuple(_widen(x, d) if isinstance(x, torch.Tensor) else x
-                         for x, d in zip(inputs, dynamic))
-    shapes = tuple({d: Dim.AUTO for d in spec} if spec else None for spec in dynamic)
+    trace_inputs = tuple(_widen(x, d) if isinstance(x, torch.Tensor) else x for x, d in zip(inputs, dynamic))
+    shapes = tuple(dict.fromkeys(spec, Dim.AUTO) if spec else None for spec in dynamic)
     if any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(module.forward).parameters.values()):
         shapes = (shapes,)  # forward(*args): the spec of the one varargs tuple
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ep = torch.export.export(module, trace_inputs, dynamic_shapes=shapes, strict=False)
     kept = []
-    user_inputs = [n for n in ep.graph.nodes if n.op == "placeholder"][-len(inputs):] if inputs else []
+    user_inputs = [n for n in ep.graph.nodes if n.op == "placeholder"][-len(inputs) :] if inputs else []
     for node, spec in zip(user_inputs, dynamic):
         val = node.meta.get("val")
         if not spec or not isinstance(val, torch.Tensor):
@@ -173,8 +181,9 @@ def _is_symbolic(size) -> bool:
 def tied_weight_groups(module: torch.nn.Module) -> list[list[str]]:
     """Names that share one tensor (tied embeddings): export archives store them apart."""
     groups: dict[int, list[str]] = {}
-    for name, t in list(module.named_parameters(remove_duplicate=False)) + \
-            list(module.named_buffers(remove_duplicate=False)):
+    for name, t in list(module.named_parameters(remove_duplicate=False)) + list(
+        module.named_buffers(remove_duplicate=False)
+    ):
         groups.setdefault(id(t), []).append(name)
     return [names for names in groups.values() if len(names) > 1]
 

@@ -8,14 +8,16 @@ The core imports pass and target modules only through these tables (built-ins by
 third-party ones through the `optpipe.passes` / `optpipe.targets` entry-point groups), so heavy
 backends load only when used.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import importlib
 import importlib.metadata
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .errors import UsageError
 
@@ -69,10 +71,19 @@ class PassInfo:
         for f in dataclasses.fields(self.config_cls):
             if not f.init:
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            rows.append({"name": f.name.replace("_", "-"), "type": _type_name(f.type),
-                         "default": default, "help": f.metadata.get("help", "")})
+            default = (
+                f.default
+                if f.default is not dataclasses.MISSING
+                else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            )
+            rows.append(
+                {
+                    "name": f.name.replace("_", "-"),
+                    "type": _type_name(f.type),
+                    "default": default,
+                    "help": f.metadata.get("help", ""),
+                }
+            )
         return rows
 
 
@@ -92,8 +103,7 @@ def register_pass(name: str, config: type, *, exact: bool, summary: str | None =
 
     def wrap(fn):
         doc = (fn.__doc__ or "").strip()
-        _PASSES[name] = PassInfo(name, fn, config, exact, summary or doc.split("\n")[0], doc,
-                                 fn.__module__)
+        _PASSES[name] = PassInfo(name, fn, config, exact, summary or doc.split("\n")[0], doc, fn.__module__)
         return fn
 
     return wrap
@@ -121,7 +131,7 @@ def _load_plugins() -> None:
             except Exception as e:  # a broken plugin must not take the tool down
                 import warnings
 
-                warnings.warn(f"optpipe: plugin {ep.name!r} ({ep.value}) failed to load: {e}")
+                warnings.warn(f"optpipe: plugin {ep.name!r} ({ep.value}) failed to load: {e}", stacklevel=2)
 
 
 def pass_names() -> list[str]:

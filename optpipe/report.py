@@ -4,6 +4,7 @@ and every pass's graph diff with drawings of the changed region.
 
 >>> html = render_report_html(result.report, result.diffs)   # doctest: +SKIP
 """
+
 from __future__ import annotations
 
 import html
@@ -64,28 +65,35 @@ def _before_after(before: Any, after: Any, unit: str = "") -> str:
 def _header(report: dict) -> str:
     model = report.get("model") or {}
     name = model.get("class") or model.get("source") or "model"
-    rows = [("model", _e(name)), ("source", _e(model["source"])) if model.get("source") else None,
-            ("output", _e(model["output"])) if model.get("output") else None,
-            ("pipeline", f'<code>{_e(report.get("pipeline") or "")}</code>'),
-            ("target", _e(report.get("target") or "—")),
-            ("parameters", _before_after(model.get("params_before"), model.get("params_after"))),
-            ("FLOPs", _before_after(model.get("flops_before"), model.get("flops_after")))]
+    rows = [
+        ("model", _e(name)),
+        ("source", _e(model["source"])) if model.get("source") else None,
+        ("output", _e(model["output"])) if model.get("output") else None,
+        ("pipeline", f"<code>{_e(report.get('pipeline') or '')}</code>"),
+        ("target", _e(report.get("target") or "—")),
+        ("parameters", _before_after(model.get("params_before"), model.get("params_after"))),
+        ("FLOPs", _before_after(model.get("flops_before"), model.get("flops_after"))),
+    ]
     check = report.get("target_check")
     if isinstance(check, dict):
         extra = ", ".join(f"{_e(k)}={_num(v)}" for k, v in check.items() if k != "ok")
-        rows.append(("target check", f"{_ok(check.get('ok'))} <span class=\"muted\">{extra}</span>"))
+        rows.append(("target check", f'{_ok(check.get("ok"))} <span class="muted">{extra}</span>'))
     version = report.get("optpipe_version")
     table = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in (r for r in rows if r))
-    return (f"<h1>optpipe report: {_e(name.rsplit('.', 1)[-1])}</h1>"
-            + (f'<p class="muted">optpipe {_e(version)}</p>' if version else "")
-            + f'<table class="kv">{table}</table>')
+    return (
+        f"<h1>optpipe report: {_e(name.rsplit('.', 1)[-1])}</h1>"
+        + (f'<p class="muted">optpipe {_e(version)}</p>' if version else "")
+        + f'<table class="kv">{table}</table>'
+    )
 
 
 def _passes_table(passes: list[dict]) -> str:
     if not passes:
         return '<p class="muted">No passes ran.</p>'
-    head = ("<tr><th>#</th><th>pass</th><th>config</th><th>kind</th><th>modified</th><th>stats</th>"
-            "<th>seconds</th><th>max abs</th><th>SQNR dB</th><th>cosine</th><th>top-1</th><th>verify</th></tr>")
+    head = (
+        "<tr><th>#</th><th>pass</th><th>config</th><th>kind</th><th>modified</th><th>stats</th>"
+        "<th>seconds</th><th>max abs</th><th>SQNR dB</th><th>cosine</th><th>top-1</th><th>verify</th></tr>"
+    )
     rows = []
     for i, p in enumerate(passes, 1):
         v = p.get("verify") or {}
@@ -101,7 +109,8 @@ def _passes_table(passes: list[dict]) -> str:
             f'<td class="num">{_num(v.get("sqnr_db"), "{:.1f}")}</td>'
             f'<td class="num">{_num(v.get("cosine"), "{:.6f}")}</td>'
             f'<td class="num">{_num(top1, "{:.1%}") if isinstance(top1, float) and 0 <= top1 <= 1 else _num(top1)}</td>'
-            f"<td>{_ok(v.get('ok')) if v else _ok(None)}</td></tr>")
+            f"<td>{_ok(v.get('ok')) if v else _ok(None)}</td></tr>"
+        )
     return f"<table>{head}{''.join(rows)}</table>"
 
 
@@ -125,9 +134,9 @@ def render_report_html(report: dict, pass_diffs: list[GraphDiff | None]) -> str:
     `report["passes"][i]` (None when the pass did not modify the graph or diffs were off)."""
     passes = list(report.get("passes") or [])
     diffs = list(pass_diffs or [])
-    sections = [_pass_section(i, p, diffs[i - 1] if i - 1 < len(diffs) else None)
-                for i, p in enumerate(passes, 1)]
-    body = "\n".join([_header(report), "<h2>Passes</h2>", _passes_table(passes),
-                      "<h2>Graph diffs</h2>" if passes else "", *sections])
+    sections = [_pass_section(i, p, diffs[i - 1] if i - 1 < len(diffs) else None) for i, p in enumerate(passes, 1)]
+    body = "\n".join(
+        [_header(report), "<h2>Passes</h2>", _passes_table(passes), "<h2>Graph diffs</h2>" if passes else "", *sections]
+    )
     model = (report.get("model") or {}).get("class") or "model"
     return html_page(f"optpipe report: {model.rsplit('.', 1)[-1]}", body)

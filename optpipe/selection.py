@@ -17,6 +17,7 @@ options; the canonical form of a list is printed quoted.
 >>> LayerSelection.parse("[0, -1]").indices(12)
 [0, 11]
 """
+
 from __future__ import annotations
 
 import re
@@ -37,11 +38,11 @@ class LayerSelection:
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
-    def all(cls) -> "LayerSelection":
+    def all(cls) -> LayerSelection:
         return cls()
 
     @classmethod
-    def parse(cls, text: str) -> "LayerSelection":
+    def parse(cls, text: str) -> LayerSelection:
         """Read `:`, `2:`, `:-1`, `1:8:2`, `3`, `[0,11]` or `0,11`; ValueError says what is wrong."""
         if not isinstance(text, str):
             raise ValueError(f"expected a layer selection string, got {text!r}")
@@ -78,8 +79,8 @@ class LayerSelection:
     @property
     def is_all(self) -> bool:
         return self.items == ((None, None, None),) or any(
-            not isinstance(it, int) and it[0] in (None, 0) and it[1] is None and it[2] in (None, 1)
-            for it in self.items)
+            not isinstance(it, int) and it[0] in (None, 0) and it[1] is None and it[2] in (None, 1) for it in self.items
+        )
 
     def __str__(self) -> str:
         text = ",".join(_format_item(it) for it in self.items)
@@ -92,8 +93,10 @@ class LayerSelection:
 def _parse_item(part: str, text: str):
     if ":" not in part:
         if not _INT.fullmatch(part):
-            raise ValueError(f"bad layer index {part!r} in {text!r}: expected an integer, a slice "
-                             "such as 2: or :-1, or a list such as [0,11]")
+            raise ValueError(
+                f"bad layer index {part!r} in {text!r}: expected an integer, a slice "
+                "such as 2: or :-1, or a list such as [0,11]"
+            )
         return int(part)
     fields = part.split(":")
     if len(fields) > 3:

@@ -5,10 +5,12 @@ Lowering is two steps: `check` names every node the target cannot take (with its
 the pass that introduced it) before any work is done; `compile` builds a runnable artifact, which
 `save` writes into OUT and `load` brings back in a fresh process (`optpipe run`).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -69,9 +71,20 @@ class Target:
 
         raise TargetError(f"target {self.name} cannot train programs", "train on cpu, cuda or onnxruntime")
 
-    def trainer(self, program, *, objective: str, trainable: list[str] | None, lr: float, betas, eps: float,
-                weight_decay: float, clip: float | None = None, lr_scales: dict | None = None,
-                weight_decays: dict | None = None):
+    def trainer(
+        self,
+        program,
+        *,
+        objective: str,
+        trainable: list[str] | None,
+        lr: float,
+        betas,
+        eps: float,
+        weight_decay: float,
+        clip: float | None = None,
+        lr_scales: dict | None = None,
+        weight_decays: dict | None = None,
+    ):
         """An object with `accumulate(inputs, labels, scale)`, `optimizer_step(lr)`, `eval_loss`,
         `state_dict()` and `load_into(program)` that trains `program` on this target (AdamW;
         `clip`: max global gradient norm; `lr_scales` / `weight_decays`: per parameter name). With
@@ -88,10 +101,13 @@ def token_input(program) -> int:
     for i, x in enumerate(program.example_inputs):
         if isinstance(x, torch.Tensor) and x.dim() == 2 and not x.is_floating_point() and x.dtype != torch.bool:
             return i
-    raise UsageError("training needs a token-id input (an integer [batch, seq] tensor); the program takes "
-                     + ", ".join(f"{n}:{str(getattr(x, 'dtype', type(x).__name__)).replace('torch.', '')}"
-                                 f"{list(getattr(x, 'shape', []))}"
-                                 for n, x in zip(program.input_names, program.example_inputs)))
+    raise UsageError(
+        "training needs a token-id input (an integer [batch, seq] tensor); the program takes "
+        + ", ".join(
+            f"{n}:{str(getattr(x, 'dtype', type(x).__name__)).replace('torch.', '')}{list(getattr(x, 'shape', []))}"
+            for n, x in zip(program.input_names, program.example_inputs)
+        )
+    )
 
 
 def unsupported_nodes(program, target_name: str, supports: Callable[[Any], bool]) -> list[UnsupportedNode]:
@@ -118,6 +134,7 @@ def unsupported_nodes(program, target_name: str, supports: Callable[[Any], bool]
 
 def op_label(target) -> str:
     if isinstance(target, torch._ops.OpOverload):
-        return f"{target.namespace}.{target._opname}" + ("" if target._overloadname == "default"
-                                                         else f".{target._overloadname}")
+        return f"{target.namespace}.{target._opname}" + (
+            "" if target._overloadname == "default" else f".{target._overloadname}"
+        )
     return getattr(target, "__name__", str(target))

@@ -8,11 +8,12 @@ reused as the reference for the next pass.
 Exact passes must match within dtype tolerance. Lossy passes are measured — max-abs error, SQNR
 (dB), cosine similarity, top-1 agreement of logits-like outputs — and must stay within a budget.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import torch
 import torch.utils._pytree as pytree
@@ -38,7 +39,7 @@ class Budget:
     top1: float | None = None
 
     @classmethod
-    def parse(cls, items: Sequence[str]) -> "Budget":
+    def parse(cls, items: Sequence[str]) -> Budget:
         from .errors import UsageError
 
         values = {}
@@ -54,13 +55,17 @@ class Budget:
                     raise UsageError(f"bad --budget value {raw!r}", "a number, e.g. --budget sqnr=20") from None
         return cls(**values)
 
-    def merged(self, other: "Budget | None") -> "Budget":
+    def merged(self, other: Budget | None) -> Budget:
         if other is None:
             return self
-        return Budget(*(o if o is not None else s for s, o in
-                        zip((self.sqnr, self.cosine, self.top1), (other.sqnr, other.cosine, other.top1))))
+        return Budget(
+            *(
+                o if o is not None else s
+                for s, o in zip((self.sqnr, self.cosine, self.top1), (other.sqnr, other.cosine, other.top1))
+            )
+        )
 
-    def violations(self, m: "Metrics") -> list[str]:
+    def violations(self, m: Metrics) -> list[str]:
         out = []
         if self.sqnr is not None and (m.sqnr_db is None or m.sqnr_db < self.sqnr):
             out.append(f"SQNR {m.sqnr_db:.1f} dB < {self.sqnr:g}" if m.sqnr_db is not None else "SQNR undefined")
@@ -85,8 +90,11 @@ class Metrics:
     """Largest reference magnitude: scales the exact-pass tolerance (not reported)."""
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "ref_max" and (v is not None or k in
-                ("max_abs", "sqnr_db", "cosine", "top1_agreement", "ok"))}
+        return {
+            k: v
+            for k, v in asdict(self).items()
+            if k != "ref_max" and (v is not None or k in ("max_abs", "sqnr_db", "cosine", "top1_agreement", "ok"))
+        }
 
 
 def verification_inputs(program, *, seed: int = 0, extra: int = 1) -> list[tuple]:
@@ -197,8 +205,9 @@ def compare(reference: list[list[torch.Tensor]], actual: list[list[torch.Tensor]
             return Metrics(None, None, None, None, ok=False, note="number of outputs changed")
         for r, a in zip(refs, acts):
             if r.shape != a.shape:
-                return Metrics(None, None, None, None, ok=False,
-                               note=f"output shape changed {tuple(r.shape)} -> {tuple(a.shape)}")
+                return Metrics(
+                    None, None, None, None, ok=False, note=f"output shape changed {tuple(r.shape)} -> {tuple(a.shape)}"
+                )
             if not r.is_floating_point():
                 mismatch = float((r != a).sum())
                 max_abs = max(max_abs, float(mismatch > 0))
@@ -208,7 +217,7 @@ def compare(reference: list[list[torch.Tensor]], actual: list[list[torch.Tensor]
                 return Metrics(math.inf, None, None, None, ok=False, note="NaN pattern changed")
             finite = torch.isfinite(r64) & torch.isfinite(a64)
             r64, a64 = r64[finite], a64[finite]
-            diff = (a64 - r64)
+            diff = a64 - r64
             if diff.numel():
                 max_abs = max(max_abs, float(diff.abs().max()))
                 ref_max = max(ref_max, float(r64.abs().max()))
@@ -222,8 +231,14 @@ def compare(reference: list[list[torch.Tensor]], actual: list[list[torch.Tensor]
                 total += r.argmax(-1).numel()
     sqnr = SQNR_CAP_DB if err == 0 else (10 * math.log10(sig / err) if sig > 0 else -math.inf)
     cosine = 1.0 if na == 0 and nb == 0 else (dot / math.sqrt(na * nb) if na > 0 and nb > 0 else 0.0)
-    return Metrics(max_abs, round(min(sqnr, SQNR_CAP_DB), 3), round(cosine, 8),
-                   agree / total if total else None, inputs=len(reference), ref_max=ref_max)
+    return Metrics(
+        max_abs,
+        round(min(sqnr, SQNR_CAP_DB), 3),
+        round(cosine, 8),
+        agree / total if total else None,
+        inputs=len(reference),
+        ref_max=ref_max,
+    )
 
 
 def check_exact(m: Metrics, dtype: torch.dtype) -> Metrics:

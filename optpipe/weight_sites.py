@@ -5,6 +5,7 @@ A site is `aten.linear(x, W, b)`, `aten.addmm(b, x, W)` / `aten.mm(x, W)` (weigh
 buffer of the program (a `get_attr` node). Passes that rewrite weights (quantize, prune) find
 their sites here, and select them by module path with `path_matches`.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -31,9 +32,9 @@ def path_matches(path: str, patterns: tuple[str, ...]) -> str | None:
 @dataclass
 class WeightSite:
     node: torch.fx.Node
-    kind: str                       # "linear" | "embedding"
-    weight: torch.fx.Node           # the get_attr node of the fp32 weight
-    transposed: bool                # weight stored [in, out] (addmm/mm, HF Conv1D)
+    kind: str  # "linear" | "embedding"
+    weight: torch.fx.Node  # the get_attr node of the fp32 weight
+    transposed: bool  # weight stored [in, out] (addmm/mm, HF Conv1D)
     x: torch.fx.Node | None = None
     bias: torch.fx.Node | None = None
 

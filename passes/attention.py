@@ -33,6 +33,7 @@ nodes with an explicit scale, `is_causal` and un-repeated GQA K/V): this pass on
 nodes. Stats: {"rewritten", "skipped" (not selected, or kind=dense), "refused", "sites"}; details:
 one entry per site, keyed by module path, and `notes` on lengths where a kind does not pay off.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,7 @@ import torch
 import torch.fx
 from torch._guards import detect_fake_mode
 
-from optpipe.attention_sites import (SDPA, _mask_module, find_attention_sites, same_size,
-                                     sdpa_arguments, val)
+from optpipe.attention_sites import SDPA, _mask_module, find_attention_sites, same_size, sdpa_arguments, val
 from optpipe.program import Program
 from optpipe.registry import PassResult, register_pass
 from optpipe.selection import LayerSelection
@@ -62,52 +62,91 @@ _META_KEYS = ("nn_module_stack", "stack_trace")
 # Below these example lengths a kind is slower than dense SDPA on CPU, forward or forward+backward
 # (benchmarks/attention.py at 256, 512, 1024 and 4096 tokens, fp32, 8 heads x 64, one thread; the
 # defaults of the benchmark's kinds): reported in the pass's notes rather than hidden.
-BREAK_EVEN_LENGTH = {"sliding-window": 512, "block-sparse": 512, "random": 1024, "strided": 512,
-                     "linear": 512, "performer": 4096, "linformer": 1024}
+BREAK_EVEN_LENGTH = {
+    "sliding-window": 512,
+    "block-sparse": 512,
+    "random": 1024,
+    "strided": 512,
+    "linear": 512,
+    "performer": 4096,
+    "linformer": 1024,
+}
 
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    kind: Kind = field(default="dense", metadata={
-        "help": "sliding-window | block-sparse | random | strided (exact attention over a subset of keys), "
-                "linear | performer | linformer (approximate, O(n)), dense (leave as is)"})
-    window: int = field(default=128, metadata={
-        "help": "sliding-window: keys at distance < window (causal: the window most recent keys)"})
-    block: int = field(default=64, metadata={
-        "help": "block-sparse/random: block size; a query attends its own and the neighbouring key blocks"})
-    global_tokens: int = field(default=0, metadata={
-        "help": "block-sparse/random: the first N tokens attend and are attended everywhere"})
+    kind: Kind = field(
+        default="dense",
+        metadata={
+            "help": "sliding-window | block-sparse | random | strided (exact attention over a subset of keys), "
+            "linear | performer | linformer (approximate, O(n)), dense (leave as is)"
+        },
+    )
+    window: int = field(
+        default=128,
+        metadata={"help": "sliding-window: keys at distance < window (causal: the window most recent keys)"},
+    )
+    block: int = field(
+        default=64,
+        metadata={"help": "block-sparse/random: block size; a query attends its own and the neighbouring key blocks"},
+    )
+    global_tokens: int = field(
+        default=0, metadata={"help": "block-sparse/random: the first N tokens attend and are attended everywhere"}
+    )
     random: int = field(default=2, metadata={"help": "random: random key blocks per query block"})
-    stride: int = field(default=64, metadata={
-        "help": "strided: keys at distance < stride plus every stride-th key (positions = stride-1 mod stride)"})
-    feature_map: Literal["elu", "relu"] = field(default="elu", metadata={
-        "help": "linear: feature map (elu+1 or relu)"})
+    stride: int = field(
+        default=64,
+        metadata={
+            "help": "strided: keys at distance < stride plus every stride-th key (positions = stride-1 mod stride)"
+        },
+    )
+    feature_map: Literal["elu", "relu"] = field(default="elu", metadata={"help": "linear: feature map (elu+1 or relu)"})
     chunk: int = field(default=64, metadata={"help": "linear/performer, causal: chunk of the prefix-sum form"})
     features: int = field(default=128, metadata={"help": "performer: random features"})
-    redraw: int = field(default=0, metadata={
-        "help": "performer: redraw the random features every N training steps (0: fixed); "
-                "a training loop calls optpipe.passes.attention.redraw_projections(gm, step)"})
+    redraw: int = field(
+        default=0,
+        metadata={
+            "help": "performer: redraw the random features every N training steps (0: fixed); "
+            "a training loop calls optpipe.passes.attention.redraw_projections(gm, step)"
+        },
+    )
     k: int = field(default=64, metadata={"help": "linformer: projected sequence length"})
-    max_len: int = field(default=0, metadata={
-        "help": "linformer: longest sequence the projections accept (0: the model's max positions)"})
+    max_len: int = field(
+        default=0,
+        metadata={"help": "linformer: longest sequence the projections accept (0: the model's max positions)"},
+    )
     seed: int = field(default=0, metadata={"help": "random/performer/linformer: seed of random draws"})
-    layers: LayerSelection = field(default=LayerSelection(), metadata={
-        "help": "which attention sites (graph order): a slice 2:, :-1, an index 3, or a list [0,11]"})
-    min_sqnr: float | None = field(default=None, metadata={
-        "help": "verification budget: stop the pipeline when output SQNR (dB) falls below this"})
-    min_cosine: float | None = field(default=None, metadata={
-        "help": "verification budget: stop the pipeline when output cosine similarity falls below this"})
+    layers: LayerSelection = field(
+        default=LayerSelection(),
+        metadata={"help": "which attention sites (graph order): a slice 2:, :-1, an index 3, or a list [0,11]"},
+    )
+    min_sqnr: float | None = field(
+        default=None, metadata={"help": "verification budget: stop the pipeline when output SQNR (dB) falls below this"}
+    )
+    min_cosine: float | None = field(
+        default=None,
+        metadata={"help": "verification budget: stop the pipeline when output cosine similarity falls below this"},
+    )
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"attention: unknown kind {self.kind!r} (kinds: {', '.join(KINDS)})")
-        positive = {"window": 1, "block": 1, "random": 0, "stride": 2, "chunk": 1, "features": 1, "k": 1,
-                    "global_tokens": 0, "redraw": 0, "max_len": 0}
+        positive = {
+            "window": 1,
+            "block": 1,
+            "random": 0,
+            "stride": 2,
+            "chunk": 1,
+            "features": 1,
+            "k": 1,
+            "global_tokens": 0,
+            "redraw": 0,
+            "max_len": 0,
+        }
         for name, least in positive.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"attention: {name.replace('_', '-')} must be an integer >= {least}, "
-                                 f"got {value!r}")
+                raise ValueError(f"attention: {name.replace('_', '-')} must be an integer >= {least}, got {value!r}")
         if self.feature_map not in ops.FEATURE_MAPS:
             raise ValueError(f"attention: feature-map must be one of {', '.join(ops.FEATURE_MAPS)}")
         if not isinstance(self.layers, LayerSelection):
@@ -163,8 +202,11 @@ def _key_padding_source(gm, mask_node, causal: bool, example_inputs) -> tuple | 
         n = allowed.shape[-1]
         expected = expected & torch.ones(allowed.shape[-2], n, dtype=torch.bool).tril(n - allowed.shape[-2])
     if not torch.equal(allowed, expected):
-        return "mask varies per query beyond " + ("causality" if causal else "key padding") + \
-            " on the example inputs (a custom mask)"
+        return (
+            "mask varies per query beyond "
+            + ("causality" if causal else "key padding")
+            + " on the example inputs (a custom mask)"
+        )
     return (mask_node, polarity)
 
 
@@ -183,12 +225,16 @@ def _plan_site(gm, node, index, site, config: AttentionConfig, example_inputs) -
     if not (isinstance(q.shape[1], int) and isinstance(k.shape[1], int)) or q.shape[1] % k.shape[1]:
         return f"{q.shape[1]} query heads do not group over {k.shape[1]} key/value heads"
     if site.mask == "custom":
-        return "custom mask (a window, bias or per-query pattern) cannot be preserved: only causal and " \
-               "key-padding masks are"
+        return (
+            "custom mask (a window, bias or per-query pattern) cannot be preserved: only causal and "
+            "key-padding masks are"
+        )
     causal = site.mask in ("causal", "causal+padding")
     if causal and config.kind == "linformer":
-        return "linformer is bidirectional only: its projections mix the whole sequence, so a causal " \
-               "site would see the future (use sliding-window, linear or performer for decoders)"
+        return (
+            "linformer is bidirectional only: its projections mix the whole sequence, so a causal "
+            "site would see the future (use sliding-window, linear or performer for decoders)"
+        )
     plan = _Plan(node, index, site.module_path, site.mask, causal)
     if site.mask in ("padding", "causal+padding"):
         source = _key_padding_source(gm, args["attn_mask"], causal, example_inputs)
@@ -215,24 +261,29 @@ def _key_mask_node(graph, plan: _Plan, like, fake_mode):
     """Graph nodes turning the site's mask into a (B|1, S) bool key padding mask."""
     mask_node, polarity = plan.key_mask
     # read the mask before its broadcast over queries: then nothing O(L·S) needs to stay alive
-    while (mask_node.op == "call_function" and mask_node.target is aten.expand.default
-           and val(mask_node.args[0]) is not None and val(mask_node.args[0]).dim() == val(mask_node).dim()
-           and val(mask_node.args[0]).shape[-2] == 1):
+    while (
+        mask_node.op == "call_function"
+        and mask_node.target is aten.expand.default
+        and val(mask_node.args[0]) is not None
+        and val(mask_node.args[0]).dim() == val(mask_node).dim()
+        and val(mask_node.args[0]).shape[-2] == 1
+    ):
         mask_node = mask_node.args[0]
     mv = val(mask_node)
     x = mask_node
     if polarity == "additive":
         x = _insert(graph, aten.gt.Scalar, (x, _threshold(mv.dtype)), like, fake_mode)
-    x = _insert(graph, aten.select.int, (x, -2, -1), like, fake_mode)        # the last query row
+    x = _insert(graph, aten.select.int, (x, -2, -1), like, fake_mode)  # the last query row
     if mv.dim() == 4:
-        x = _insert(graph, aten.select.int, (x, 1, 0), like, fake_mode)      # the (size-1) head axis
+        x = _insert(graph, aten.select.int, (x, 1, 0), like, fake_mode)  # the (size-1) head axis
     elif mv.dim() == 2:
         x = _insert(graph, aten.unsqueeze.default, (x, 0), like, fake_mode)
     return x
 
 
-def _new_tensor_attr(gm: torch.fx.GraphModule, owner_path: str, name: str, tensor: torch.Tensor,
-                     parameter: bool) -> str:
+def _new_tensor_attr(
+    gm: torch.fx.GraphModule, owner_path: str, name: str, tensor: torch.Tensor, parameter: bool
+) -> str:
     """Register `tensor` on the submodule at `owner_path` (or the root); returns its attribute path."""
     owner, prefix = gm, ""
     if owner_path:
@@ -299,16 +350,29 @@ def _rewrite(program: Program, plan: _Plan, config: AttentionConfig) -> dict:
         key_mask = _key_mask_node(graph, plan, node, fake_mode) if plan.key_mask else None
         if config.kind in ops.SPARSE_PATTERNS:
             op = ops.sparse_attention
-            op_args = (q, k, v, key_mask, config.kind, plan.causal, float(scale), config.window, config.block,
-                       config.global_tokens, config.random if config.kind == "random" else 0, config.stride,
-                       config.seed)
+            op_args = (
+                q,
+                k,
+                v,
+                key_mask,
+                config.kind,
+                plan.causal,
+                float(scale),
+                config.window,
+                config.block,
+                config.global_tokens,
+                config.random if config.kind == "random" else 0,
+                config.stride,
+                config.seed,
+            )
         elif config.kind == "linear":
             op = ops.linear_attention
             op_args = (q, k, v, key_mask, config.feature_map, plan.causal, config.chunk)
         elif config.kind == "performer":
             op = ops.performer_attention
-            proj = ops.orthogonal_random_features(config.features, qv.shape[-1], config.seed + plan.index,
-                                                  dtype=qv.dtype)
+            proj = ops.orthogonal_random_features(
+                config.features, qv.shape[-1], config.seed + plan.index, dtype=qv.dtype
+            )
             target = _new_tensor_attr(gm, plan.path, "performer_projection", proj, parameter=False)
             proj_node = _get_attr(gm, graph, target, node, fake_mode)
             op_args = (q, k, v, key_mask, proj_node, plan.causal, config.chunk, float(scale), config.redraw)
@@ -316,8 +380,10 @@ def _rewrite(program: Program, plan: _Plan, config: AttentionConfig) -> dict:
             op = ops.linformer_attention
             max_len = _max_len(program, config)
             init = mean_pooling_projection(config.k, max_len, dtype=qv.dtype)
-            targets = [_new_tensor_attr(gm, plan.path, f"linformer_proj_{which}", init.clone(), parameter=True)
-                       for which in ("key", "value")]
+            targets = [
+                _new_tensor_attr(gm, plan.path, f"linformer_proj_{which}", init.clone(), parameter=True)
+                for which in ("key", "value")
+            ]
             ek, ev = (_get_attr(gm, graph, t, node, fake_mode) for t in targets)
             op_args = (q, k, v, key_mask, ek, ev, float(scale))
         new = _insert(graph, op, op_args, node, fake_mode)
@@ -325,9 +391,16 @@ def _rewrite(program: Program, plan: _Plan, config: AttentionConfig) -> dict:
     node.replace_all_uses_with(new)
     graph.erase_node(node)
     _reshape_after(new)
-    return {"index": plan.index, "module_path": plan.path, "node": new.name, "action": "rewritten",
-            "op": f"optpipe.{op._opname}", "mask": plan.mask, "causal": plan.causal,
-            "key_padding_mask": key_mask is not None}
+    return {
+        "index": plan.index,
+        "module_path": plan.path,
+        "node": new.name,
+        "action": "rewritten",
+        "op": f"optpipe.{op._opname}",
+        "mask": plan.mask,
+        "causal": plan.causal,
+        "key_padding_mask": key_mask is not None,
+    }
 
 
 def length_advice(n: int) -> list[str]:
@@ -335,8 +408,10 @@ def length_advice(n: int) -> list[str]:
     slower = [f"{kind} (below ~{even})" for kind, even in BREAK_EVEN_LENGTH.items() if n < even]
     if not slower:
         return []
-    return [f"at {n} tokens these attention kinds are slower than dense SDPA on CPU: {', '.join(slower)}; "
-            "they pay off on longer sequences (benchmarks/attention.py)"]
+    return [
+        f"at {n} tokens these attention kinds are slower than dense SDPA on CPU: {', '.join(slower)}; "
+        "they pay off on longer sequences (benchmarks/attention.py)"
+    ]
 
 
 def _notes(config: AttentionConfig, lengths: set[int]) -> list[str]:
@@ -346,11 +421,15 @@ def _notes(config: AttentionConfig, lengths: set[int]) -> list[str]:
     n = max(lengths)
     even = BREAK_EVEN_LENGTH.get(config.kind)
     if even and n < even:
-        notes.append(f"kind={config.kind} is slower than dense SDPA on CPU below about {even} tokens "
-                     f"(example length {n}); it pays off on longer sequences (benchmarks/attention.py)")
+        notes.append(
+            f"kind={config.kind} is slower than dense SDPA on CPU below about {even} tokens "
+            f"(example length {n}); it pays off on longer sequences (benchmarks/attention.py)"
+        )
     if config.kind == "sliding-window" and config.window >= n:
-        notes.append(f"window={config.window} >= example length {n}: at that length every query sees every "
-                     "(earlier) key, which the op computes as dense attention")
+        notes.append(
+            f"window={config.window} >= example length {n}: at that length every query sees every "
+            "(earlier) key, which the op computes as dense attention"
+        )
     return notes
 
 
@@ -386,16 +465,27 @@ def attention(program: Program, config: AttentionConfig) -> PassResult:
             details.append({**entry, "action": "skipped", "reason": "kind=dense keeps dense attention"})
             continue
         if not config.layers.selects(index, total):
-            details.append({**entry, "action": "skipped",
-                            "reason": f"layers={config.layers} does not select site {index} of {total}"})
+            details.append(
+                {
+                    **entry,
+                    "action": "skipped",
+                    "reason": f"layers={config.layers} does not select site {index} of {total}",
+                }
+            )
             continue
         plan = _plan_site(gm, node, index, site, config, program.example_inputs)
         if isinstance(plan, str):
             details.append({**entry, "action": "refused", "reason": plan})
             continue
         if config.kind == "linformer" and _max_len(program, config) is None:
-            details.append({**entry, "action": "refused", "reason": "linformer needs max-len (the longest "
-                            "sequence its projections accept) and the model config names none"})
+            details.append(
+                {
+                    **entry,
+                    "action": "refused",
+                    "reason": "linformer needs max-len (the longest "
+                    "sequence its projections accept) and the model config names none",
+                }
+            )
             continue
         plans.append(plan)
         details.append(None)  # filled in after the rewrite, in site order
@@ -406,8 +496,9 @@ def attention(program: Program, config: AttentionConfig) -> PassResult:
         eliminate_dead_code(gm)
         gm.graph.lint()
         gm.recompile()
-    counts = {action: sum(1 for d in details if d["action"] == action)
-              for action in ("rewritten", "skipped", "refused")}
+    counts = {
+        action: sum(1 for d in details if d["action"] == action) for action in ("rewritten", "skipped", "refused")
+    }
     result_details = {"sites": details}
     notes = _notes(config, lengths) if plans else []
     if notes:
@@ -428,8 +519,7 @@ def redraw_projections(gm: torch.nn.Module, step: int, seed: int | None = None) 
             continue
         interval = node.args[8] if len(node.args) > 8 else node.kwargs.get("redraw", 0)
         proj_node = node.args[4] if len(node.args) > 4 else node.kwargs.get("projection")
-        if not interval or step % interval or not (isinstance(proj_node, torch.fx.Node)
-                                                   and proj_node.op == "get_attr"):
+        if not interval or step % interval or not (isinstance(proj_node, torch.fx.Node) and proj_node.op == "get_attr"):
             continue
         buf = gm.get_buffer(proj_node.target)
         draw_seed = zlib.crc32(f"{seed or 0}:{step}:{proj_node.target}".encode())
@@ -439,4 +529,4 @@ def redraw_projections(gm: torch.nn.Module, step: int, seed: int | None = None) 
     return count
 
 
-__all__ = ["AttentionConfig", "attention", "redraw_projections", "mean_pooling_projection", "KINDS"]
+__all__ = ["KINDS", "AttentionConfig", "attention", "mean_pooling_projection", "redraw_projections"]

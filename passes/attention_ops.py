@@ -68,13 +68,14 @@ keys that see no token are ignored), then runs dense attention over those k keys
 the other ops recomputes the forward from the saved inputs (no activations are kept between the
 two).
 """
+
 from __future__ import annotations
 
 import functools
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -172,8 +173,9 @@ class SparsePattern:
         draw = torch.arange(r, device=device).unsqueeze(0)
         m = 2147483648  # 2**31: keeps every product below 2**63
         mod = _const(m, qb)  # int64 tensor constants: some importers type bare ints as int32
-        x = torch.remainder(qb * _const(40503, qb) + draw * _const(9973, qb)
-                            + _const((self.seed % m) * 69069 % m + 1, qb), mod)
+        x = torch.remainder(
+            qb * _const(40503, qb) + draw * _const(9973, qb) + _const((self.seed % m) * 69069 % m + 1, qb), mod
+        )
         for _ in range(3):
             x = torch.remainder(x * _const(1103515245, qb) + _const(12345, qb), mod)
         h = torch.div(x, _const(65536, qb), rounding_mode="floor")
@@ -196,8 +198,7 @@ class SparsePattern:
         kb = torch.arange(n_blocks, device=device)
         return ((picks.unsqueeze(-1) == kb) & valid.unsqueeze(-1)).any(1)
 
-    def allowed(self, i: torch.Tensor, j: torch.Tensor, n,
-                random_table: torch.Tensor | None = None) -> torch.Tensor:
+    def allowed(self, i: torch.Tensor, j: torch.Tensor, n, random_table: torch.Tensor | None = None) -> torch.Tensor:
         """May query i attend key j (sequence length n)? Broadcastable integer position tensors."""
         ok = self.local(i, j)
         g = self.global_keys
@@ -255,10 +256,12 @@ def _block_of(pos: torch.Tensor, block: int) -> torch.Tensor:
     return torch.div(pos, _const(block, pos), rounding_mode="floor")
 
 
-def _pattern(pattern: str, causal: bool, window: int, block: int, global_tokens: int,
-             random_blocks: int, stride: int, seed: int) -> SparsePattern:
-    return SparsePattern(pattern, bool(causal), int(window), int(block), int(global_tokens),
-                         int(random_blocks), int(stride), int(seed))
+def _pattern(
+    pattern: str, causal: bool, window: int, block: int, global_tokens: int, random_blocks: int, stride: int, seed: int
+) -> SparsePattern:
+    return SparsePattern(
+        pattern, bool(causal), int(window), int(block), int(global_tokens), int(random_blocks), int(stride), int(seed)
+    )
 
 
 def _very_negative_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -266,8 +269,9 @@ def _very_negative_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 
 
 # -- the reference: dense attention with the pattern's explicit mask ---------------------------------
-def dense_pattern_mask(pattern: SparsePattern, n, key_padding_mask: torch.Tensor | None = None,
-                       device=None) -> torch.Tensor:
+def dense_pattern_mask(
+    pattern: SparsePattern, n, key_padding_mask: torch.Tensor | None = None, device=None
+) -> torch.Tensor:
     """The pattern as an explicit bool mask `(L, S)` or `(B, 1, L, S)` with a key padding mask."""
     pos = torch.arange(n, device=device)
     allowed = pattern.allowed(pos.unsqueeze(1), pos.unsqueeze(0), n)
@@ -302,8 +306,12 @@ _flash_backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_bac
 
 
 def _cpu_fast_path(query: torch.Tensor) -> bool:
-    return (query.device.type == "cpu" and _flash is not None and _flash_backward is not None
-            and query.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16))
+    return (
+        query.device.type == "cpu"
+        and _flash is not None
+        and _flash_backward is not None
+        and query.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    )
 
 
 @dataclass
@@ -347,7 +355,7 @@ class _Layout:
         if self.groups > 1:
             x = x.transpose(2, 3)
         x = x.reshape(self.batch, self.kv_heads * self.groups, self.padded, *tail)
-        return x[:, :, :self.n] if self.padded != self.n else x
+        return x[:, :, : self.n] if self.padded != self.n else x
 
     def row_positions(self, device) -> torch.Tensor:
         """(nb, G·Bs) query position of each layout row."""
@@ -362,9 +370,9 @@ class _KeySet:
     additive mask and says how to view its keys in one (padded) K/V head and where their grads go."""
 
     name: str
-    mask: torch.Tensor          # additive (Xm|1, nb, R, S); (Xm|1, 1, nb·R, S) when flat
-    alive: torch.Tensor         # bool (Xm|1, nb, R) / (Xm|1, 1, nb·R): rows with an allowed key here
-    flat: bool                  # one key list shared by every row (rows: the whole layout flattened)
+    mask: torch.Tensor  # additive (Xm|1, nb, R, S); (Xm|1, 1, nb·R, S) when flat
+    alive: torch.Tensor  # bool (Xm|1, nb, R) / (Xm|1, 1, nb·R): rows with an allowed key here
+    flat: bool  # one key list shared by every row (rows: the whole layout flattened)
     kv: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     """(kp, vp) padded (T, D) rows of one K/V head -> (K, V) (nb|1, S, D), views where possible"""
     scatter: Callable[..., None]
@@ -417,8 +425,11 @@ def _expand_rows(mask: torch.Tensor, layout: _Layout) -> torch.Tensor:
     """(Bk, ...) per-batch mask -> (Bk·Hkv, ...) to line up with the layout's first dim."""
     if mask.shape[0] == 1:
         return mask
-    return mask.unsqueeze(1).expand(mask.shape[0], layout.kv_heads, *mask.shape[1:]).reshape(
-        mask.shape[0] * layout.kv_heads, *mask.shape[1:])
+    return (
+        mask.unsqueeze(1)
+        .expand(mask.shape[0], layout.kv_heads, *mask.shape[1:])
+        .reshape(mask.shape[0] * layout.kv_heads, *mask.shape[1:])
+    )
 
 
 def _windows(t: torch.Tensor, n_blocks: int, block: int, span: int) -> torch.Tensor:
@@ -434,17 +445,19 @@ def _key_sets(pattern: SparsePattern, layout: _Layout, key_padding_mask, dtype, 
     span = (before + 1 + after) * bs
     offset = before * bs
     total = (before + nb + after) * bs
-    rows = layout.row_positions(device)                                       # (nb, R)
+    rows = layout.row_positions(device)  # (nb, R)
     local_keys = (torch.arange(nb, device=device).unsqueeze(1) - before) * bs + torch.arange(span, device=device)
-    kpm = _pad_mask(key_padding_mask, offset, total)                         # (Bk, total) or None
-    flat_rows = rows.reshape(1, -1)                                          # (1, nb·R)
+    kpm = _pad_mask(key_padding_mask, offset, total)  # (Bk, total) or None
+    flat_rows = rows.reshape(1, -1)  # (1, nb·R)
     sets: list[_KeySet] = []
 
     def additive(name, build_allowed, keys_of_kpm):
         """(mask, alive): cached when there is no key padding mask."""
+
         def build():
             allowed = build_allowed()
             return _very_negative_mask(allowed, dtype), allowed.any(-1)
+
         if kpm is None:
             key = (pattern, name, n, bs, layout.groups, dtype, str(device))
             return _MASKS.get(key, build)
@@ -454,9 +467,9 @@ def _key_sets(pattern: SparsePattern, layout: _Layout, key_padding_mask, dtype, 
 
     # 1. local keys: a window of blocks around each query block (overlapping views of K/V)
     def local_allowed():
-        j = local_keys.unsqueeze(1)                                          # (nb, 1, span)
+        j = local_keys.unsqueeze(1)  # (nb, 1, span)
         ok = pattern.local(rows.unsqueeze(-1), j) & (j >= 0) & (j < n)
-        return ok.unsqueeze(0)                                               # (1, nb, R, span)
+        return ok.unsqueeze(0)  # (1, nb, R, span)
 
     def local_kv(kp, vp):
         return _windows(kp, nb, bs, span), _windows(vp, nb, bs, span)
@@ -465,18 +478,19 @@ def _key_sets(pattern: SparsePattern, layout: _Layout, key_padding_mask, dtype, 
         m = dk.shape[0]  # query blocks first .. first+m
         for t in range(before + 1 + after):  # window block t of query block b is key block b + t
             lo = (first + t) * bs
-            dkp[lo:lo + m * bs].view(m, bs, -1).add_(dk[:, t * bs:(t + 1) * bs])
-            dvp[lo:lo + m * bs].view(m, bs, -1).add_(dv[:, t * bs:(t + 1) * bs])
+            dkp[lo : lo + m * bs].view(m, bs, -1).add_(dk[:, t * bs : (t + 1) * bs])
+            dvp[lo : lo + m * bs].view(m, bs, -1).add_(dv[:, t * bs : (t + 1) * bs])
 
     mask, alive = additive("local", local_allowed, lambda: kpm.unfold(1, span, bs).unsqueeze(2))
     sets.append(_KeySet("local", mask, alive, False, local_kv, local_scatter))
 
     def shared(name, positions, sel, extra_allowed=None):
         """A key list every query row may draw from (global tokens, strided summary columns)."""
+
         def allowed():
             i = flat_rows.unsqueeze(-1)
             ok = ~pattern.local(i, positions) & ((positions <= i) if pattern.causal else True)
-            return ok.unsqueeze(0)                                           # (1, 1, nb·R, S)
+            return ok.unsqueeze(0)  # (1, 1, nb·R, S)
 
         mask, alive = additive(name, allowed, lambda: kpm[:, sel][:, None, None, :])
 
@@ -486,6 +500,7 @@ def _key_sets(pattern: SparsePattern, layout: _Layout, key_padding_mask, dtype, 
         def scatter(dkp, dvp, dk, dv, first=0):
             dkp[sel].add_(dk[0])
             dvp[sel].add_(dv[0])
+
         sets.append(_KeySet(name, mask, alive, True, kv, scatter))
 
     # 2. global keys (block-sparse, random): the first g tokens, for queries not already local to them
@@ -497,8 +512,7 @@ def _key_sets(pattern: SparsePattern, layout: _Layout, key_padding_mask, dtype, 
     if pattern.kind == "strided" and n // pattern.stride > 0:
         s, count = pattern.stride, n // pattern.stride
         first = offset + s - 1
-        shared("summary", torch.arange(count, device=device) * s + s - 1,
-               slice(first, first + (count - 1) * s + 1, s))
+        shared("summary", torch.arange(count, device=device) * s + s - 1, slice(first, first + (count - 1) * s + 1, s))
 
     # 4. random key blocks: gathered per query block (block kinds use the layout's own blocking)
     r = pattern.random_count
@@ -519,7 +533,7 @@ def _key_sets(pattern: SparsePattern, layout: _Layout, key_padding_mask, dtype, 
             return ok.unsqueeze(0)
 
         def random_kpm():
-            keys = kpm[:, offset:offset + nb * bs].reshape(kpm.shape[0], nb, bs)
+            keys = kpm[:, offset : offset + nb * bs].reshape(kpm.shape[0], nb, bs)
             return keys.index_select(1, flat_picks).reshape(kpm.shape[0], nb, 1, r * bs)
 
         mask, alive = additive("random", random_allowed, random_kpm)
@@ -527,14 +541,16 @@ def _key_sets(pattern: SparsePattern, layout: _Layout, key_padding_mask, dtype, 
         # (whole blocks as the rows of a 2-d view, gathered by `embedding`: a row copy, several
         # times faster on CPU than index_select's element loop)
         def random_kv(kp, vp):
-            return tuple(F.embedding(flat_picks, t[offset:offset + nb * bs].view(nb, -1))
-                         .view(nb, r * bs, t.shape[-1]) for t in (kp, vp))
+            return tuple(
+                F.embedding(flat_picks, t[offset : offset + nb * bs].view(nb, -1)).view(nb, r * bs, t.shape[-1])
+                for t in (kp, vp)
+            )
 
         def random_scatter(dkp, dvp, dk, dv, first=0):
             m = dk.shape[0]
-            picks_here = flat_picks[first * r:(first + m) * r]
+            picks_here = flat_picks[first * r : (first + m) * r]
             for grads, blocks in ((dkp, dk), (dvp, dv)):
-                grads[offset:offset + nb * bs].view(nb, -1).index_add_(0, picks_here, blocks.reshape(m * r, -1))
+                grads[offset : offset + nb * bs].view(nb, -1).index_add_(0, picks_here, blocks.reshape(m * r, -1))
 
         sets.append(_KeySet("random", mask, alive, False, random_kv, random_scatter))
     return sets, offset, total
@@ -569,8 +585,8 @@ class _Workspace:
         fresh = self.bufs[name] is not old
         if fresh:
             out[:before].zero_()
-            out[before + t.shape[0]:].zero_()
-        out[before:before + t.shape[0]].copy_(t)
+            out[before + t.shape[0] :].zero_()
+        out[before : before + t.shape[0]].copy_(t)
         return out
 
 
@@ -609,7 +625,7 @@ def _sparse_forward_cpu(query, key, value, key_padding_mask, pattern: SparsePatt
         return _dense_forward_cpu(query, key, value, key_padding_mask, pattern, scale)
     layout = _Layout(b, hkv, groups, n, _blocking(pattern, forward=True))
     sets, offset, total = _key_sets(pattern, layout, key_padding_mask, query.dtype, query.device)
-    q_blocks = layout.to_blocks(query)                                       # (X, nb, R, D)
+    q_blocks = layout.to_blocks(query)  # (X, nb, R, D)
     x_count = b * hkv
     k3, v3 = key.reshape(x_count, n, key.shape[-1]), value.reshape(x_count, n, value.shape[-1])
     out_blocks = query.new_empty(x_count, layout.n_blocks, layout.rows, value.shape[-1])
@@ -621,8 +637,15 @@ def _sparse_forward_cpu(query, key, value, key_padding_mask, pattern: SparsePatt
         outs, lses = [], []
         for s in sets:
             k_s, v_s = s.kv(kp, vp)
-            o, l = _flash(s.rows(q_blocks[x], layout).unsqueeze(0), k_s.unsqueeze(0), v_s.unsqueeze(0), 0.0,
-                          False, attn_mask=s.head_mask(x).unsqueeze(0), scale=scale)
+            o, l = _flash(
+                s.rows(q_blocks[x], layout).unsqueeze(0),
+                k_s.unsqueeze(0),
+                v_s.unsqueeze(0),
+                0.0,
+                False,
+                attn_mask=s.head_mask(x).unsqueeze(0),
+                scale=scale,
+            )
             o, l = s.unrows(o[0], layout), s.unrows(l[0], layout)
             if len(sets) > 1:
                 l = l.masked_fill(~s.unrows(s.head_alive(x), layout), float("-inf"))
@@ -652,8 +675,7 @@ def _sparse_forward_cpu(query, key, value, key_padding_mask, pattern: SparsePatt
     return out.contiguous(), lse.contiguous()
 
 
-def _sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: SparsePattern, scale,
-                         out, lse):
+def _sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: SparsePattern, scale, out, lse):
     """Flash-style backward from the saved (out, lse), as batched GEMMs per K/V head and key set:
     P = exp(QKᵀ·scale + mask − lse), dV = PᵀdO, dS = P∘(dO·Vᵀ − rowsum(dO∘O)), dQ = dS·K·scale,
     dK = dSᵀ·Q·scale. Only one head's (nb, R, S) scores are alive at a time."""
@@ -671,7 +693,7 @@ def _sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: Spa
     cdt = query.dtype if query.dtype in (torch.float32, torch.float64) else torch.float32
     sets, offset, total = _key_sets(pattern, layout, key_padding_mask, cdt, query.device)
     q_blocks, g_blocks, o_blocks = (layout.to_blocks(t) for t in (query, grad_rest, out))
-    l_blocks = layout.to_blocks(lse.unsqueeze(-1))                           # (X, nb, R, 1)
+    l_blocks = layout.to_blocks(lse.unsqueeze(-1))  # (X, nb, R, 1)
     # rows that attend nothing: any finite lse makes their probabilities exp(-inf) = 0
     l_blocks = torch.where(torch.isfinite(l_blocks), l_blocks, torch.zeros_like(l_blocks)).to(cdt)
     x_count = b * hkv
@@ -683,7 +705,7 @@ def _sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: Spa
     for x in range(x_count):
         kp, vp = ws.padded("kp", k3[x], offset, total), ws.padded("vp", v3[x], offset, total)
         dkp, dvp = ws.get("dkp", kp.shape).zero_(), ws.get("dvp", vp.shape).zero_()
-        qx = torch.mul(q_blocks[x].to(cdt), scale, out=ws.get("qx", q_blocks.shape[1:]))    # (nb, R, D)
+        qx = torch.mul(q_blocks[x].to(cdt), scale, out=ws.get("qx", q_blocks.shape[1:]))  # (nb, R, D)
         gx = g_blocks[x].to(cdt)
         prod = torch.mul(gx, o_blocks[x].to(cdt), out=ws.get("prod", gx.shape))
         deltax = torch.sum(prod, -1, keepdim=True, out=ws.get("delta", gx.shape[:-1] + (1,)))  # rowsum(dO∘O)
@@ -714,8 +736,8 @@ def _sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: Spa
                 dk_s = torch.bmm(ds.transpose(1, 2), qr, out=ws.get("dk_s", (m, keys, qr.shape[-1])))
                 s.scatter(dkp, dvp, dk_s, dv_s, b0)
         dqx.mul_(scale)
-        dk3[x] = dkp[offset:offset + n]
-        dv3[x] = dvp[offset:offset + n]
+        dk3[x] = dkp[offset : offset + n]
+        dv3[x] = dvp[offset : offset + n]
     dq = layout.from_blocks(dq_blocks).to(query.dtype)
     dk, dv = dk3.reshape(key.shape), dv3.reshape(value.shape)
     if g:
@@ -729,6 +751,7 @@ def _sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: Spa
         dk = dk + dkg
         dv = dv + dvg
     return dq, dk, dv
+
 
 def _dense_inputs(query, key, value, key_padding_mask, pattern: SparsePattern):
     """One flash call over the whole sequence: (key, value, attn_mask, is_causal)."""
@@ -750,8 +773,7 @@ def _dense_forward_cpu(query, key, value, key_padding_mask, pattern, scale):
 def _dense_backward_cpu(grad, query, key, value, key_padding_mask, pattern, scale, out, lse):
     k, v, mask, causal = _dense_inputs(query, key, value, key_padding_mask, pattern)
     lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    dq, dk, dv = _flash_backward(grad.to(query.dtype), query, k, v, out, lse, 0.0, causal,
-                                 attn_mask=mask, scale=scale)
+    dq, dk, dv = _flash_backward(grad.to(query.dtype), query, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         dk = dk.unflatten(1, (key.shape[1], groups)).sum(2)
@@ -760,7 +782,7 @@ def _dense_backward_cpu(grad, query, key, value, key_padding_mask, pattern, scal
 
 
 # -- CUDA: FlexAttention ------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -785,8 +807,7 @@ def _sparse_flex(query, key, value, key_padding_mask, pattern: SparsePattern, sc
     batch = query.shape[0] if kpm is not None and kpm.shape[0] > 1 else None
     block_mask = create_block_mask(mask_mod, batch, None, n, key.shape[-2], device=device)
     groups = query.shape[1] // key.shape[1]
-    return _compiled_flex_attention()(query, key, value, block_mask=block_mask, scale=scale,
-                                      enable_gqa=groups > 1)
+    return _compiled_flex_attention()(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=groups > 1)
 
 
 # -- generic recompute-in-backward ---------------------------------------------------------------------
@@ -795,22 +816,45 @@ def _recompute_backward(forward: Callable, ctx, grad, tensor_inputs: dict):
     inputs alone (nothing else is kept between forward and backward)."""
     names = [name for name in tensor_inputs if ctx.needs_grad.get(name)]
     with torch.enable_grad():
-        inputs = {name: (t.detach().requires_grad_(True) if name in names else t)
-                  for name, t in tensor_inputs.items()}
+        inputs = {name: (t.detach().requires_grad_(True) if name in names else t) for name, t in tensor_inputs.items()}
         out = forward(**inputs)
         grads = torch.autograd.grad(out, [inputs[n] for n in names], grad, allow_unused=True)
     return dict(zip(names, grads))
 
 
 # -- sparse_attention op -------------------------------------------------------------------------------
-_SPARSE_ARGS = ("query", "key", "value", "key_padding_mask", "pattern", "causal", "scale", "window", "block",
-                "global_tokens", "random_blocks", "stride", "seed")
+_SPARSE_ARGS = (
+    "query",
+    "key",
+    "value",
+    "key_padding_mask",
+    "pattern",
+    "causal",
+    "scale",
+    "window",
+    "block",
+    "global_tokens",
+    "random_blocks",
+    "stride",
+    "seed",
+)
 
 
-def _sparse_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 key_padding_mask: Optional[torch.Tensor], pattern: str, causal: bool, scale: float,
-                 window: int, block: int, global_tokens: int, random_blocks: int, stride: int,
-                 seed: int) -> torch.Tensor:
+def _sparse_impl(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    pattern: str,
+    causal: bool,
+    scale: float,
+    window: int,
+    block: int,
+    global_tokens: int,
+    random_blocks: int,
+    stride: int,
+    seed: int,
+) -> torch.Tensor:
     p = _pattern(pattern, causal, window, block, global_tokens, random_blocks, stride, seed)
     _check_shapes("sparse_attention", query, key, value, key_padding_mask)
     if query.is_cuda:
@@ -825,15 +869,19 @@ def _sparse_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 def _check_shapes(op: str, query, key, value, key_padding_mask):
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        raise ValueError(f"optpipe.{op}: expected 4-d (B, H, L, D) query/key/value, got "
-                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+        raise ValueError(
+            f"optpipe.{op}: expected 4-d (B, H, L, D) query/key/value, got "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
     if query.shape[1] % key.shape[1] or key.shape[1] != value.shape[1]:
-        raise ValueError(f"optpipe.{op}: {query.shape[1]} query heads do not group over "
-                         f"{key.shape[1]} key / {value.shape[1]} value heads")
-    if key_padding_mask is not None and (key_padding_mask.dim() != 2
-                                         or key_padding_mask.shape[-1] != key.shape[-2]):
-        raise ValueError(f"optpipe.{op}: key_padding_mask must be (B, S) with S={key.shape[-2]}, "
-                         f"got {tuple(key_padding_mask.shape)}")
+        raise ValueError(
+            f"optpipe.{op}: {query.shape[1]} query heads do not group over "
+            f"{key.shape[1]} key / {value.shape[1]} value heads"
+        )
+    if key_padding_mask is not None and (key_padding_mask.dim() != 2 or key_padding_mask.shape[-1] != key.shape[-2]):
+        raise ValueError(
+            f"optpipe.{op}: key_padding_mask must be (B, S) with S={key.shape[-2]}, got {tuple(key_padding_mask.shape)}"
+        )
 
 
 def _attention_fake(query, key, value, *args, **kwargs):
@@ -842,11 +890,15 @@ def _attention_fake(query, key, value, *args, **kwargs):
 
 def _sparse_setup(ctx, inputs, output):
     args = dict(zip(_SPARSE_ARGS, inputs))
-    ctx.pattern = _pattern(*(args[n] for n in ("pattern", "causal", "window", "block", "global_tokens",
-                                                 "random_blocks", "stride", "seed")))
+    ctx.pattern = _pattern(
+        *(args[n] for n in ("pattern", "causal", "window", "block", "global_tokens", "random_blocks", "stride", "seed"))
+    )
     ctx.scale = args["scale"]
-    ctx.needs_grad = {"query": ctx.needs_input_grad[0], "key": ctx.needs_input_grad[1],
-                      "value": ctx.needs_input_grad[2]}
+    ctx.needs_grad = {
+        "query": ctx.needs_input_grad[0],
+        "key": ctx.needs_input_grad[1],
+        "value": ctx.needs_input_grad[2],
+    }
     lse = getattr(output, "_optpipe_lse", None)
     saved = [args["query"], args["key"], args["value"], output]
     ctx.has_mask = args["key_padding_mask"] is not None
@@ -870,15 +922,35 @@ def _sparse_backward(ctx, grad):
         dq, dk, dv = _sparse_backward_cpu(grad.contiguous(), query, key, value, kpm, p, scale, out, lse)
     else:
         fwd = _sparse_flex if query.is_cuda else sparse_attention_reference
-        grads = _recompute_backward(lambda query, key, value: fwd(query, key, value, kpm, p, scale), ctx, grad,
-                                    {"query": query, "key": key, "value": value})
+        grads = _recompute_backward(
+            lambda query, key, value: fwd(query, key, value, kpm, p, scale),
+            ctx,
+            grad,
+            {"query": query, "key": key, "value": value},
+        )
         dq, dk, dv = grads.get("query"), grads.get("key"), grads.get("value")
-    return (dq if ctx.needs_grad["query"] else None, dk if ctx.needs_grad["key"] else None,
-            dv if ctx.needs_grad["value"] else None) + (None,) * (len(_SPARSE_ARGS) - 3)
+    return (
+        dq if ctx.needs_grad["query"] else None,
+        dk if ctx.needs_grad["key"] else None,
+        dv if ctx.needs_grad["value"] else None,
+    ) + (None,) * (len(_SPARSE_ARGS) - 3)
 
 
-def _sparse_decomposition(query, key, value, key_padding_mask, pattern, causal, scale, window, block,
-                          global_tokens, random_blocks, stride, seed):
+def _sparse_decomposition(
+    query,
+    key,
+    value,
+    key_padding_mask,
+    pattern,
+    causal,
+    scale,
+    window,
+    block,
+    global_tokens,
+    random_blocks,
+    stride,
+    seed,
+):
     p = _pattern(pattern, causal, window, block, global_tokens, random_blocks, stride, seed)
     return sparse_attention_reference(query, key, value, key_padding_mask, p, scale)
 
@@ -897,9 +969,15 @@ def _sparse_flops(*args, out_shape=None, **kwargs) -> int:
     return int(2 * b * h * n * keys * (d + v[-1]))
 
 
-sparse_attention = define_op("sparse_attention", _sparse_impl, fake=_attention_fake,
-                             decomposition=_sparse_decomposition, backward=_sparse_backward,
-                             setup_context=_sparse_setup, flops=_sparse_flops)
+sparse_attention = define_op(
+    "sparse_attention",
+    _sparse_impl,
+    fake=_attention_fake,
+    decomposition=_sparse_decomposition,
+    backward=_sparse_backward,
+    setup_context=_sparse_setup,
+    flops=_sparse_flops,
+)
 
 
 # -- kernel (linear) attention ---------------------------------------------------------------------------
@@ -918,9 +996,11 @@ def _eager() -> bool:
 
 def _chunk_mask(c: int, gq: int, gk: int, reverse: bool, dtype, device) -> torch.Tensor:
     """(gq·c, gk·c) 0/1: causal (or anti-causal) inside a chunk, tiled over the stacked heads."""
+
     def build():
         tri = torch.ones(c, c, dtype=dtype, device=device)
         return (tri.triu() if reverse else tri.tril()).repeat(gq, gk)
+
     return _MASKS.get(("chunk", c, gq, gk, reverse, dtype, str(device)), build)
 
 
@@ -955,8 +1035,9 @@ def _exclusive_scan(chunks: torch.Tensor, reverse: bool) -> torch.Tensor:
     return out
 
 
-def chunked_causal_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int,
-                           reverse: bool = False) -> torch.Tensor:
+def chunked_causal_product(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int, reverse: bool = False
+) -> torch.Tensor:
     """`Y[g, i] = Σ_g' Σ_{j ≤ i} (q[g, i]·k[g', j]) v[g', j]` (`j ≥ i` when `reverse`) for q
     (X, Gq, n, F), k (X, Gk, n, F), v (X, Gk, n, E) -> (X, Gq, n, E), in chunks of `chunk`: inside
     a chunk the masked quadratic form, across chunks the running sum of the chunks' kᵀv states
@@ -1024,9 +1105,11 @@ def _head_layout(n: int, chunk: int):
 def _prefix_matrix(nc: int, reverse: bool, dtype, device) -> torch.Tensor:
     """(nc, nc) strictly lower (upper, `reverse`) ones: one GEMM gives every chunk the sum of the
     chunks before (after) it."""
+
     def build():
         tri = torch.ones(nc, nc, dtype=dtype, device=device)
         return tri.triu(1) if reverse else tri.tril(-1)
+
     return _MASKS.get(("prefix", nc, reverse, dtype, str(device)), build)
 
 
@@ -1113,8 +1196,9 @@ def _causal_heads_forward(query, key, value, key_padding_mask, fmap: str | None,
     return out, den
 
 
-def _causal_heads_backward(grad, query, key, value, key_padding_mask, fmap: str | None, out, den, chunk: int,
-                           needs=(True, True, True)):
+def _causal_heads_backward(
+    grad, query, key, value, key_padding_mask, fmap: str | None, out, den, chunk: int, needs=(True, True, True)
+):
     """(dq, dk, dv) of `_causal_heads_forward` from its saved output and normaliser (grads w.r.t. the
     raw query/key: through φ when `fmap` is set), one head at a time. With a = g/den,
     dY = [a, −rowsum(a∘out)] (the grads of [numerator, normaliser]) and v' = [v, 1], per chunk:
@@ -1134,9 +1218,9 @@ def _causal_heads_backward(grad, query, key, value, key_padding_mask, fmap: str 
     vbuf = query.new_zeros(p, dv + 1)
     vbuf[:n, dv] = 1
     dybuf = query.new_zeros(p, dv + 1)
-    kv_states = query.new_empty(nc, dv + 1, f)       # v'ᵀφk per chunk
+    kv_states = query.new_empty(nc, dv + 1, f)  # v'ᵀφk per chunk
     before = query.new_empty(nc, dv + 1, f)
-    qy_states = query.new_empty(nc, f, dv + 1)       # φqᵀdY per chunk (summed over the group)
+    qy_states = query.new_empty(nc, f, dv + 1)  # φqᵀdY per chunk (summed over the group)
     after = query.new_empty(nc, f, dv + 1)
     s_dy = query.new_empty(nc, c, c)
     s_qk = query.new_empty(nc, c, c)
@@ -1154,11 +1238,11 @@ def _causal_heads_backward(grad, query, key, value, key_padding_mask, fmap: str 
         if key_padding_mask is not None:
             mask = key_padding_mask[bi if key_padding_mask.shape[0] > 1 else 0].to(dt).unsqueeze(-1)
         for hk in range(hkv):
-            phi(key[bi, hk], kbuf)                       # unmasked φk first (φ' of the keys) ...
-            if phik_raw is not None:                     # (without a mask: φk itself)
+            phi(key[bi, hk], kbuf)  # unmasked φk first (φ' of the keys) ...
+            if phik_raw is not None:  # (without a mask: φk itself)
                 phik_raw.copy_(kbuf[:n])
             if mask is not None:
-                kbuf[:n].mul_(mask)                      # ... then the masked features
+                kbuf[:n].mul_(mask)  # ... then the masked features
             vbuf[:n, :dv].copy_(value[bi, hk])
             if need_q:
                 torch.bmm(vc.transpose(1, 2), kc, out=kv_states)
@@ -1196,8 +1280,9 @@ def _causal_heads_backward(grad, query, key, value, key_padding_mask, fmap: str 
             if need_k:
                 dphik.baddbmm_(vc, after.transpose(1, 2))
                 if fmap is None:
-                    torch.mul(dphik.view(p, f)[:n], mask, out=dk[bi, hk]) if mask is not None else \
-                        dk[bi, hk].copy_(dphik.view(p, f)[:n])
+                    torch.mul(dphik.view(p, f)[:n], mask, out=dk[bi, hk]) if mask is not None else dk[bi, hk].copy_(
+                        dphik.view(p, f)[:n]
+                    )
                 else:
                     phi.chain(dphik.view(p, f)[:n], kbuf[:n] if phik_raw is None else phik_raw, mask, dk[bi, hk])
             if need_v:
@@ -1234,11 +1319,14 @@ class _CausalKernelAttention(torch.autograd.Function):
     def backward(ctx, grad):
         qf, kf, value, out, den = ctx.saved_tensors
         return _causal_kernel_backward(grad, qf, kf, value, out, den, ctx.chunk, ctx.needs_input_grad[:3]) + (
-            None, None)
+            None,
+            None,
+        )
 
 
-def kernel_attention(qf: torch.Tensor, kf: torch.Tensor, value: torch.Tensor, causal: bool, chunk: int,
-                     eps: float = _EPS) -> torch.Tensor:
+def kernel_attention(
+    qf: torch.Tensor, kf: torch.Tensor, value: torch.Tensor, causal: bool, chunk: int, eps: float = _EPS
+) -> torch.Tensor:
     """`φ(q)·Σφ(k)vᵀ / φ(q)·Σφ(k)` from feature maps qf (B, H, L, F), kf (B, Hkv, S, F).
 
     Causal: chunked prefix sums — per chunk of `chunk` queries, the masked quadratic form inside
@@ -1247,9 +1335,9 @@ def kernel_attention(qf: torch.Tensor, kf: torch.Tensor, value: torch.Tensor, ca
     hkv, dv = kf.shape[1], value.shape[-1]
     groups = h // hkv
     if not causal:
-        state = kf.transpose(-1, -2) @ value                                      # (B, Hkv, F, Dv)
-        z = kf.sum(-2)                                                            # (B, Hkv, F)
-        qg = _grouped(qf, hkv)                                                    # (B, Hkv, G, L, F)
+        state = kf.transpose(-1, -2) @ value  # (B, Hkv, F, Dv)
+        z = kf.sum(-2)  # (B, Hkv, F)
+        qg = _grouped(qf, hkv)  # (B, Hkv, G, L, F)
         num = qg @ state.unsqueeze(2)
         den = (qg @ z[:, :, None, :, None]).squeeze(-1)
         return (num / (den.unsqueeze(-1) + eps)).reshape(b, h, n, dv)
@@ -1258,7 +1346,7 @@ def kernel_attention(qf: torch.Tensor, kf: torch.Tensor, value: torch.Tensor, ca
     if not isinstance(n, int):
         # symbolic length (export, decompositions for other targets): the masked quadratic form of
         # the same sums — chunk padding would need length arithmetic that export cannot prove
-        scores = (_grouped(qf, hkv) @ kf.unsqueeze(2).transpose(-1, -2)).tril()   # (B, Hkv, G, L, S)
+        scores = (_grouped(qf, hkv) @ kf.unsqueeze(2).transpose(-1, -2)).tril()  # (B, Hkv, G, L, S)
         num = scores @ value.unsqueeze(2)
         return (num / (scores.sum(-1, keepdim=True) + eps)).reshape(b, h, n, dv)
     c = max(1, min(chunk, n))
@@ -1269,13 +1357,13 @@ def kernel_attention(qf: torch.Tensor, kf: torch.Tensor, value: torch.Tensor, ca
     qc = _grouped(qf, hkv).reshape(b, hkv, groups, nc, c, f).transpose(2, 3).reshape(b, hkv, nc, groups * c, f)
     kc = kf.reshape(b, hkv, nc, c, f)
     vc = value.reshape(b, hkv, nc, c, dv)
-    state = _exclusive_prefix(kc.transpose(-1, -2) @ vc)                         # (B, Hkv, nc, F, Dv)
-    z = _exclusive_prefix(kc.sum(-2))                                             # (B, Hkv, nc, F)
-    scores = qc @ kc.transpose(-1, -2)                                           # (B, Hkv, nc, G·c, c)
+    state = _exclusive_prefix(kc.transpose(-1, -2) @ vc)  # (B, Hkv, nc, F, Dv)
+    z = _exclusive_prefix(kc.sum(-2))  # (B, Hkv, nc, F)
+    scores = qc @ kc.transpose(-1, -2)  # (B, Hkv, nc, G·c, c)
     if _eager():  # in place on fresh matmul outputs (their backward reads the inputs only)
-        scores.view(b, hkv, nc, groups, c, c).tril_()                            # causal inside the chunk
-        num = (scores @ vc).add_(qc @ state)                                      # (B, Hkv, nc, G·c, Dv)
-        den = scores.sum(-1).add_((qc @ z.unsqueeze(-1)).squeeze(-1))             # (B, Hkv, nc, G·c)
+        scores.view(b, hkv, nc, groups, c, c).tril_()  # causal inside the chunk
+        num = (scores @ vc).add_(qc @ state)  # (B, Hkv, nc, G·c, Dv)
+        den = scores.sum(-1).add_((qc @ z.unsqueeze(-1)).squeeze(-1))  # (B, Hkv, nc, G·c)
     else:  # traced graphs (decompositions) stay functional
         scores = scores.reshape(b, hkv, nc, groups, c, c).tril().reshape(scores.shape)
         num = scores @ vc + qc @ state
@@ -1296,11 +1384,11 @@ def _exclusive_prefix(x: torch.Tensor) -> torch.Tensor:
         flat = F.pad(flat, (0, 0, 0, ng * g - nc))
     blocks = flat.reshape(b, h, ng, g, -1)
     tri = torch.ones(g, g, dtype=x.dtype, device=x.device).tril(-1)
-    out = tri @ blocks                                                          # within each group
+    out = tri @ blocks  # within each group
     if ng > 1:
-        totals = blocks.sum(3)                                                  # (b, h, ng, M)
+        totals = blocks.sum(3)  # (b, h, ng, M)
         tri_groups = torch.ones(ng, ng, dtype=x.dtype, device=x.device).tril(-1)
-        out = out + (tri_groups @ totals).unsqueeze(3)                          # groups before
+        out = out + (tri_groups @ totals).unsqueeze(3)  # groups before
     return out.reshape(b, h, ng * g, -1)[:, :, :nc].reshape(x.shape)
 
 
@@ -1329,16 +1417,23 @@ def linear_attention_math(query, key, value, key_padding_mask, feature_map_name:
     return kernel_attention(qf, _masked_keys(kf, key_padding_mask), value, causal, chunk)
 
 
-def _linear_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 key_padding_mask: Optional[torch.Tensor], feature_map: str, causal: bool,
-                 chunk: int) -> torch.Tensor:
+def _linear_impl(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    feature_map: str,
+    causal: bool,
+    chunk: int,
+) -> torch.Tensor:
     _check_shapes("linear_attention", query, key, value, key_padding_mask)
     if causal and _eager():  # the feature maps applied head by head inside (no full-size φq, φk)
         out, den = _causal_heads_forward(query, key, value, key_padding_mask, feature_map, chunk, _EPS)
         out._optpipe_den = den  # the backward's normaliser (saved by setup_context)
         return out
-    return _math_forward(_linear_math_kw, _LINEAR_ARGS,
-                         (query, key, value, key_padding_mask, feature_map, causal, chunk))
+    return _math_forward(
+        _linear_math_kw, _LINEAR_ARGS, (query, key, value, key_padding_mask, feature_map, causal, chunk)
+    )
 
 
 def _linear_setup(ctx, inputs, output):
@@ -1375,6 +1470,7 @@ def _math_forward(math_fn, names, inputs) -> torch.Tensor:
 def _setup_recompute(names):
     """Save the inputs only; the backward recomputes the forward (nothing but O(L) activations,
     alive only during the backward)."""
+
     def setup(ctx, inputs, output):
         args = dict(zip(names, inputs))
         ctx.args = {n: a for n, a in args.items() if not isinstance(a, torch.Tensor)}
@@ -1382,6 +1478,7 @@ def _setup_recompute(names):
         ctx.needs_grad = {n: ctx.needs_input_grad[i] for i, n in enumerate(names)}
         ctx.names = names
         ctx.save_for_backward(*(args[n] for n in ctx.tensor_names))
+
     return setup
 
 
@@ -1396,6 +1493,7 @@ def _backward_recompute(math_fn):
 
         grads = _recompute_backward(forward, ctx, grad, differentiable)
         return tuple(grads.get(n) if ctx.needs_grad[n] else None for n in ctx.names)
+
     return backward
 
 
@@ -1419,9 +1517,15 @@ def _linear_flops(*args, out_shape=None, **kwargs) -> int:
 
 
 _recompute_linear = _backward_recompute(_linear_math_kw)
-linear_attention = define_op("linear_attention", _linear_impl, fake=_attention_fake,
-                             decomposition=_linear_math_kw, backward=_linear_backward,
-                             setup_context=_linear_setup, flops=_linear_flops)
+linear_attention = define_op(
+    "linear_attention",
+    _linear_impl,
+    fake=_attention_fake,
+    decomposition=_linear_math_kw,
+    backward=_linear_backward,
+    setup_context=_linear_setup,
+    flops=_linear_flops,
+)
 
 
 # -- performer (FAVOR+) ------------------------------------------------------------------------------------
@@ -1438,13 +1542,14 @@ def orthogonal_random_features(features: int, dim: int, seed: int, dtype=torch.f
     return (w * norms).to(dtype)
 
 
-def favor_features(x: torch.Tensor, projection: torch.Tensor, scale: float, is_query: bool,
-                   causal: bool) -> torch.Tensor:
+def favor_features(
+    x: torch.Tensor, projection: torch.Tensor, scale: float, is_query: bool, causal: bool
+) -> torch.Tensor:
     """Positive random features φ(x) = exp(Wx' − |x'|²/2 − c)/√m with x' = x·√scale, so that
     E[φ(q)·φ(k)] ∝ exp(q·k·scale). The stabiliser c cancels in the ratio: per row for queries, per
     head for keys — except causal keys, where a shared maximum would read the future."""
     x = x * math.sqrt(scale)
-    proj = x @ projection.to(x.dtype).T                                   # (B, H, L, m)
+    proj = x @ projection.to(x.dtype).T  # (B, H, L, m)
     sq = (x * x).sum(-1, keepdim=True) / 2
     logits = proj - sq
     # (max over a dim, not amax: TVM's Relax torch importer takes `max.dim` but not `amax`)
@@ -1458,19 +1563,31 @@ def favor_features(x: torch.Tensor, projection: torch.Tensor, scale: float, is_q
 _PERFORMER_ARGS = ("query", "key", "value", "key_padding_mask", "projection", "causal", "chunk", "scale", "redraw")
 
 
-def performer_attention_math(query, key, value, key_padding_mask=None, projection=None, causal=False, chunk=64,
-                             scale=1.0, redraw=0):
+def performer_attention_math(
+    query, key, value, key_padding_mask=None, projection=None, causal=False, chunk=64, scale=1.0, redraw=0
+):
     qf = favor_features(query, projection, scale, True, causal)
     kf = favor_features(key, projection, scale, False, causal)
     return kernel_attention(qf, _masked_keys(kf, key_padding_mask), value, causal, chunk)
 
 
-def _performer_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    key_padding_mask: Optional[torch.Tensor], projection: torch.Tensor, causal: bool,
-                    chunk: int, scale: float, redraw: int) -> torch.Tensor:
+def _performer_impl(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    projection: torch.Tensor,
+    causal: bool,
+    chunk: int,
+    scale: float,
+    redraw: int,
+) -> torch.Tensor:
     _check_shapes("performer_attention", query, key, value, key_padding_mask)
-    return _math_forward(performer_attention_math, _PERFORMER_ARGS,
-                         (query, key, value, key_padding_mask, projection, causal, chunk, scale, redraw))
+    return _math_forward(
+        performer_attention_math,
+        _PERFORMER_ARGS,
+        (query, key, value, key_padding_mask, projection, causal, chunk, scale, redraw),
+    )
 
 
 def _performer_flops(*args, out_shape=None, **kwargs) -> int:
@@ -1481,10 +1598,15 @@ def _performer_flops(*args, out_shape=None, **kwargs) -> int:
     return _kernel_flops(n, b, h, k[1], m, d, v[-1], causal, chunk) + 2 * (b * h * n + b * k[1] * n) * m * d
 
 
-performer_attention = define_op("performer_attention", _performer_impl, fake=_attention_fake,
-                                decomposition=performer_attention_math,
-                                backward=_backward_recompute(performer_attention_math),
-                                setup_context=_setup_recompute(_PERFORMER_ARGS), flops=_performer_flops)
+performer_attention = define_op(
+    "performer_attention",
+    _performer_impl,
+    fake=_attention_fake,
+    decomposition=performer_attention_math,
+    backward=_backward_recompute(performer_attention_math),
+    setup_context=_setup_recompute(_PERFORMER_ARGS),
+    flops=_performer_flops,
+)
 
 
 # -- linformer ---------------------------------------------------------------------------------------------
@@ -1496,25 +1618,34 @@ def linformer_attention_math(query, key, value, key_padding_mask=None, proj_key=
     if key_padding_mask is not None:
         keep = key_padding_mask.to(key.dtype)[:, None, :, None]
         key, value = key * keep, value * keep
-    k_low = proj_key[:, :s].to(key.dtype) @ key                           # (B, Hkv, k, D)
+    k_low = proj_key[:, :s].to(key.dtype) @ key  # (B, Hkv, k, D)
     v_low = proj_value[:, :s].to(value.dtype) @ value
     b, h, n, d = query.shape
     hkv = key.shape[1]
-    q = query.reshape(b, hkv, (h // hkv) * n, d)                         # groups share the projected K/V
-    seen = (proj_key[:, :s].abs().sum(-1) > 0).unsqueeze(0)              # projected keys that see a token
+    q = query.reshape(b, hkv, (h // hkv) * n, d)  # groups share the projected K/V
+    seen = (proj_key[:, :s].abs().sum(-1) > 0).unsqueeze(0)  # projected keys that see a token
     out = aten.scaled_dot_product_attention.default(q, k_low, v_low, attn_mask=seen, scale=scale)
     return out.reshape(b, h, n, value.shape[-1])
 
 
-def _linformer_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    key_padding_mask: Optional[torch.Tensor], proj_key: torch.Tensor, proj_value: torch.Tensor,
-                    scale: float) -> torch.Tensor:
+def _linformer_impl(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    proj_key: torch.Tensor,
+    proj_value: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     _check_shapes("linformer_attention", query, key, value, key_padding_mask)
     if key.shape[-2] > proj_key.shape[-1]:
-        raise ValueError(f"optpipe.linformer_attention: sequence length {key.shape[-2]} exceeds the "
-                         f"projections' max length {proj_key.shape[-1]} (rerun the pass with a larger max-len)")
-    return _math_forward(linformer_attention_math, _LINFORMER_ARGS,
-                         (query, key, value, key_padding_mask, proj_key, proj_value, scale))
+        raise ValueError(
+            f"optpipe.linformer_attention: sequence length {key.shape[-2]} exceeds the "
+            f"projections' max length {proj_key.shape[-1]} (rerun the pass with a larger max-len)"
+        )
+    return _math_forward(
+        linformer_attention_math, _LINFORMER_ARGS, (query, key, value, key_padding_mask, proj_key, proj_value, scale)
+    )
 
 
 def _linformer_flops(*args, out_shape=None, **kwargs) -> int:
@@ -1524,14 +1655,33 @@ def _linformer_flops(*args, out_shape=None, **kwargs) -> int:
     return int(2 * 2 * b * k[1] * kk * k[2] * d + 2 * b * h * n * kk * (d + v[-1]))
 
 
-linformer_attention = define_op("linformer_attention", _linformer_impl, fake=_attention_fake,
-                                decomposition=linformer_attention_math,
-                                backward=_backward_recompute(linformer_attention_math),
-                                setup_context=_setup_recompute(_LINFORMER_ARGS), flops=_linformer_flops)
+linformer_attention = define_op(
+    "linformer_attention",
+    _linformer_impl,
+    fake=_attention_fake,
+    decomposition=linformer_attention_math,
+    backward=_backward_recompute(linformer_attention_math),
+    setup_context=_setup_recompute(_LINFORMER_ARGS),
+    flops=_linformer_flops,
+)
 
 ATTENTION_OPS = (sparse_attention, linear_attention, performer_attention, linformer_attention)
 
-__all__ = ["SparsePattern", "SPARSE_PATTERNS", "FEATURE_MAPS", "sparse_attention", "linear_attention",
-           "performer_attention", "linformer_attention", "ATTENTION_OPS", "sparse_attention_reference",
-           "dense_pattern_mask", "kernel_attention", "orthogonal_random_features", "favor_features",
-           "linear_attention_math", "performer_attention_math", "linformer_attention_math"]
+__all__ = [
+    "ATTENTION_OPS",
+    "FEATURE_MAPS",
+    "SPARSE_PATTERNS",
+    "SparsePattern",
+    "dense_pattern_mask",
+    "favor_features",
+    "kernel_attention",
+    "linear_attention",
+    "linear_attention_math",
+    "linformer_attention",
+    "linformer_attention_math",
+    "orthogonal_random_features",
+    "performer_attention",
+    "performer_attention_math",
+    "sparse_attention",
+    "sparse_attention_reference",
+]

@@ -14,6 +14,7 @@ behind (fuse-attention leaves nanoGPT's causal `bias` buffers unread, HF's mask 
   arguments. Random ops (dropout, randn, ...), ops that mutate or have side effects, `empty*` (whose
   contents are undefined) and nodes reading a tensor that something mutates are never merged.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -30,8 +31,9 @@ _ASSERT_METADATA = aten._assert_tensor_metadata.default
 
 @dataclass(frozen=True)
 class DceConfig:
-    remove_attrs: bool = field(default=True, metadata={
-        "help": "also delete parameters, buffers and constants that no node reads any more"})
+    remove_attrs: bool = field(
+        default=True, metadata={"help": "also delete parameters, buffers and constants that no node reads any more"}
+    )
 
     def __post_init__(self):
         if not isinstance(self.remove_attrs, bool):
@@ -56,8 +58,11 @@ def _removable(node: torch.fx.Node) -> bool:
         return False
     if node.target is _ASSERT_METADATA:
         checked = node.args[0]
-        return (isinstance(checked, torch.fx.Node) and checked.op != "placeholder"
-                and all(u.target is _ASSERT_METADATA for u in checked.users))
+        return (
+            isinstance(checked, torch.fx.Node)
+            and checked.op != "placeholder"
+            and all(u.target is _ASSERT_METADATA for u in checked.users)
+        )
     if node.users:
         return False
     if node.target is aten.detach_.default:  # export's `detach_(lift_fresh_copy(constant))`
@@ -121,8 +126,9 @@ def dce(program: Program, config: DceConfig) -> PassResult:
     removed_attrs = remove_unused_attributes(gm) if config.remove_attrs else 0
     if removed_nodes or removed_attrs:
         gm.recompile()
-    return PassResult(bool(removed_nodes or removed_attrs),
-                      {"removed_nodes": removed_nodes, "removed_attrs": removed_attrs})
+    return PassResult(
+        bool(removed_nodes or removed_attrs), {"removed_nodes": removed_nodes, "removed_attrs": removed_attrs}
+    )
 
 
 # -- cse ------------------------------------------------------------------------------------------
@@ -154,8 +160,11 @@ def _mutated(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
     """Nodes passed to an op that may write to its inputs (conservatively: every tensor argument)."""
     out = set()
     for node in gm.graph.nodes:
-        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
-                and node.target._schema.is_mutable:
+        if (
+            node.op == "call_function"
+            and isinstance(node.target, torch._ops.OpOverload)
+            and node.target._schema.is_mutable
+        ):
             out.update(node.all_input_nodes)
     return out
 

@@ -25,6 +25,7 @@ weight instead of a transposed activation, scores or probabilities used elsewher
 training mode, dtype changes other than softmax's upcast-and-back, broadcasting batch dims.
 Run it first: attention passes (`attention{...}`, `kv-cache`) look for SDPA nodes.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,18 @@ import torch
 import torch.fx
 from torch._guards import detect_fake_mode
 
-from optpipe.attention_sites import (SDPA, classify_mask, concrete, is_blocking_value, module_path,
-                                     repeat_kv_source, same_shape, same_size, sdpa_arguments, val)
+from optpipe.attention_sites import (
+    SDPA,
+    classify_mask,
+    concrete,
+    is_blocking_value,
+    module_path,
+    repeat_kv_source,
+    same_shape,
+    same_size,
+    sdpa_arguments,
+    val,
+)
 from optpipe.errors import UsageError
 from optpipe.program import Program
 from optpipe.registry import PassResult, register_pass
@@ -50,29 +61,54 @@ _CASTS = (aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.def
 _ASSERT_METADATA = aten._assert_tensor_metadata.default
 _NOTS = (aten.logical_not.default, aten.bitwise_not.default)
 # Ops through which a 0-dim constant or a weight keeps its identity.
-_PASS_THROUGH = (aten.detach.default, aten.detach_.default, aten.lift_fresh_copy.default,
-                 aten.clone.default, aten.alias.default)
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.t.default,
-          aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.expand.default,
-          aten.slice.Tensor) + _PASS_THROUGH + _CASTS
+_PASS_THROUGH = (
+    aten.detach.default,
+    aten.detach_.default,
+    aten.lift_fresh_copy.default,
+    aten.clone.default,
+    aten.alias.default,
+)
+_VIEWS = (
+    (
+        aten.view.default,
+        aten.reshape.default,
+        aten._unsafe_view.default,
+        aten.t.default,
+        aten.transpose.int,
+        aten.permute.default,
+        aten.unsqueeze.default,
+        aten.expand.default,
+        aten.slice.Tensor,
+    )
+    + _PASS_THROUGH
+    + _CASTS
+)
 _META_KEYS = ("val", "nn_module_stack", "stack_trace")
 
 
 @dataclass(frozen=True)
 class FuseAttentionConfig:
-    enable_gqa: bool = field(default=True, metadata={
-        "help": "feed K/V repeated for grouped-query attention (repeat_kv) to SDPA un-repeated, "
-                "with enable_gqa=True"})
-    causal: bool = field(default=True, metadata={
-        "help": "turn static causal masks on square attention into is_causal=True (no mask tensor)"})
-    canonicalize_sdpa: bool = field(default=True, metadata={
-        "help": "also canonicalize scaled_dot_product_attention nodes already in the graph"})
+    enable_gqa: bool = field(
+        default=True,
+        metadata={
+            "help": "feed K/V repeated for grouped-query attention (repeat_kv) to SDPA un-repeated, "
+            "with enable_gqa=True"
+        },
+    )
+    causal: bool = field(
+        default=True,
+        metadata={"help": "turn static causal masks on square attention into is_causal=True (no mask tensor)"},
+    )
+    canonicalize_sdpa: bool = field(
+        default=True, metadata={"help": "also canonicalize scaled_dot_product_attention nodes already in the graph"}
+    )
 
     def __post_init__(self):
         for f in fields(self):
             if not isinstance(getattr(self, f.name), bool):
-                raise UsageError(f"fuse-attention: {f.name.replace('_', '-')} must be true or false, "
-                                 f"got {getattr(self, f.name)!r}")
+                raise UsageError(
+                    f"fuse-attention: {f.name.replace('_', '-')} must be true or false, got {getattr(self, f.name)!r}"
+                )
 
 
 @dataclass
@@ -108,15 +144,26 @@ def _arg(node: torch.fx.Node, i: int, name: str, default=None):
 
 def _is_noop_cast(node: torch.fx.Node) -> bool:
     src, out = val(node.args[0]) if node.args else None, val(node)
-    return (node.target in _CASTS and src is not None and out is not None
-            and src.dtype == out.dtype and src.device == out.device)
+    return (
+        node.target in _CASTS
+        and src is not None
+        and out is not None
+        and src.dtype == out.dtype
+        and src.device == out.device
+    )
 
 
 def _is_float_cast(node: torch.fx.Node) -> bool:
     """A cast between float dtypes on the same device (softmax in fp32, then back)."""
     src, out = val(node.args[0]) if node.args else None, val(node)
-    return (node.target in _CASTS and src is not None and out is not None and src.device == out.device
-            and src.is_floating_point() and out.is_floating_point())
+    return (
+        node.target in _CASTS
+        and src is not None
+        and out is not None
+        and src.device == out.device
+        and src.is_floating_point()
+        and out.is_floating_point()
+    )
 
 
 def _as_precise(dtype: torch.dtype, ref: torch.dtype) -> bool:
@@ -129,8 +176,9 @@ class _Matcher:
     def __init__(self, gm: torch.fx.GraphModule):
         self.gm = gm
         # parameters and buffers are state (a learned temperature); lifted constants are not
-        self.state_names = {n for n, _ in gm.named_parameters(remove_duplicate=False)} | \
-            {n for n, _ in gm.named_buffers(remove_duplicate=False)}
+        self.state_names = {n for n, _ in gm.named_parameters(remove_duplicate=False)} | {
+            n for n, _ in gm.named_buffers(remove_duplicate=False)
+        }
 
     def constant(self, arg) -> float | None:
         """The value of a python scalar or a 0-dim constant tensor (`full([], v)`, a lifted
@@ -262,8 +310,11 @@ class _Matcher:
         qv = val(q)
         for m in masks:
             mv = val(m.node)
-            if mv is None or (m.polarity == "additive" and mv.dtype != qv.dtype) or \
-                    (m.polarity != "additive" and mv.dtype != torch.bool):
+            if (
+                mv is None
+                or (m.polarity == "additive" and mv.dtype != qv.dtype)
+                or (m.polarity != "additive" and mv.dtype != torch.bool)
+            ):
                 return None
         return _Match(q, k, v, scale, masks, pv, chain)
 
@@ -276,18 +327,18 @@ class _Matcher:
             return False
         if not (qv.dtype == kv.dtype == vv.dtype == pval.dtype == sv.dtype) or not qv.is_floating_point():
             return False
-        if not all(_as_precise(val(n).dtype, qv.dtype) for n in chain[1:chain.index(qk)] if val(n) is not None):
+        if not all(_as_precise(val(n).dtype, qv.dtype) for n in chain[1 : chain.index(qk)] if val(n) is not None):
             return False
         if not (same_size(qv.shape[-1], kv.shape[-1]) and same_size(kv.shape[-2], vv.shape[-2])):
             return False
-        if not all(same_size(a, b) and same_size(a, c)
-                   for a, b, c in zip(qv.shape[:-2], kv.shape[:-2], vv.shape[:-2])):
+        if not all(same_size(a, b) and same_size(a, c) for a, b, c in zip(qv.shape[:-2], kv.shape[:-2], vv.shape[:-2])):
             return False  # SDPA does not broadcast batch dims as matmul does
         if not (same_size(sv.shape[-2], qv.shape[-2]) and same_size(sv.shape[-1], kv.shape[-2])):
             return False
         # every score / probability node keeps the score shape (a mask may not broadcast it wider)
-        return all(val(n) is not None and same_shape(val(n), sv) for n in chain[1:]) and \
-            same_size(ov.shape[-1], vv.shape[-1])
+        return all(val(n) is not None and same_shape(val(n), sv) for n in chain[1:]) and same_size(
+            ov.shape[-1], vv.shape[-1]
+        )
 
 
 def _getattr_path(root: torch.nn.Module, target: str):
@@ -305,8 +356,9 @@ def _call(graph: torch.fx.Graph, op, args: tuple, like: torch.fx.Node, kwargs: d
         if key in like.meta:
             node.meta[key] = like.meta[key]
     fake_args, fake_kwargs = torch.fx.node.map_arg((args, kwargs or {}), lambda n: n.meta.get("val"))
-    mode = detect_fake_mode([a for a in torch.utils._pytree.tree_leaves((fake_args, fake_kwargs))
-                             if isinstance(a, torch.Tensor)])
+    mode = detect_fake_mode(
+        [a for a in torch.utils._pytree.tree_leaves((fake_args, fake_kwargs)) if isinstance(a, torch.Tensor)]
+    )
     if mode is not None:
         with mode:
             node.meta["val"] = op(*fake_args, **fake_kwargs)
@@ -337,8 +389,7 @@ class _Rewriter:
     def mask_kind(self, node: torch.fx.Node, polarity: str) -> str:
         key = (node, polarity)
         if key not in self._kinds:  # HF models share one mask across all layers
-            self._kinds[key] = classify_mask(self.gm, node, self.example_inputs,
-                                             blocked_when_true=polarity == "block")
+            self._kinds[key] = classify_mask(self.gm, node, self.example_inputs, blocked_when_true=polarity == "block")
         return self._kinds[key]
 
     def unrepeated(self, k, v):
@@ -385,8 +436,9 @@ class _Rewriter:
             attn_mask, is_causal = self.mask_operand(match.masks, match.q, match.k, out)
             k, v, gqa = self.unrepeated(match.k, match.v)
             kwargs = _sdpa_kwargs(attn_mask, 0.0, is_causal, match.scale, gqa)
-            sdpa = graph.create_node("call_function", SDPA, (match.q, k, v), kwargs,
-                                     name="scaled_dot_product_attention")
+            sdpa = graph.create_node(
+                "call_function", SDPA, (match.q, k, v), kwargs, name="scaled_dot_product_attention"
+            )
         for key in _META_KEYS:
             if key in out.meta:
                 sdpa.meta[key] = out.meta[key]
@@ -395,8 +447,14 @@ class _Rewriter:
             for check in [u for u in node.users if u.target is _ASSERT_METADATA]:
                 graph.erase_node(check)
             graph.erase_node(node)
-        return {"node": sdpa.name, "module_path": module_path(sdpa), "action": "fused",
-                "is_causal": is_causal, "attn_mask": attn_mask is not None, "gqa": gqa}
+        return {
+            "node": sdpa.name,
+            "module_path": module_path(sdpa),
+            "action": "fused",
+            "is_causal": is_causal,
+            "attn_mask": attn_mask is not None,
+            "gqa": gqa,
+        }
 
     def canonicalize(self, node: torch.fx.Node) -> dict | None:
         args = sdpa_arguments(node)
@@ -415,14 +473,27 @@ class _Rewriter:
             k, v, gqa = self.unrepeated(k, v)
         if scale is None and concrete(qv.shape[-1]):
             scale = 1.0 / math.sqrt(qv.shape[-1])
-        new = {**args, "key": k, "value": v, "attn_mask": mask, "is_causal": is_causal,
-               "scale": scale, "enable_gqa": gqa}
+        new = {
+            **args,
+            "key": k,
+            "value": v,
+            "attn_mask": mask,
+            "is_causal": is_causal,
+            "scale": scale,
+            "enable_gqa": gqa,
+        }
         if all(new[name] is args[name] or new[name] == args[name] for name in args):
             return None  # already canonical, whichever way its arguments are spelled
         node.args = (q, k, v)
         node.kwargs = _sdpa_kwargs(mask, args["dropout_p"], is_causal, scale, gqa)
-        return {"node": node.name, "module_path": module_path(node), "action": "canonicalized",
-                "is_causal": bool(is_causal), "attn_mask": mask is not None, "gqa": bool(gqa)}
+        return {
+            "node": node.name,
+            "module_path": module_path(node),
+            "action": "canonicalized",
+            "is_causal": bool(is_causal),
+            "attn_mask": mask is not None,
+            "gqa": bool(gqa),
+        }
 
 
 @register_pass("fuse-attention", FuseAttentionConfig, exact=True)
@@ -446,5 +517,4 @@ def fuse_attention(program: Program, config: FuseAttentionConfig) -> PassResult:
         gm.graph.lint()
         gm.recompile()
     total = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA)
-    return PassResult(bool(sites), {"fused": fused, "canonicalized": canonicalized, "sites": total},
-                      {"sites": sites})
+    return PassResult(bool(sites), {"fused": fused, "canonicalized": canonicalized, "sites": total}, {"sites": sites})

@@ -45,6 +45,7 @@ The program's calling convention changes, so verification compares the step prog
 prefill followed by single-token decode steps (`optpipe.kv_step.cached_logits`), with the
 logits of the program before: the pass is exact.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -52,8 +53,8 @@ from operator import getitem as _getitem
 
 import torch
 import torch.fx
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch._guards import detect_fake_mode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from optpipe.attention_sites import SDPA, module_path, sdpa_arguments, val
 from optpipe.errors import PassError
@@ -71,8 +72,10 @@ _MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "block_size", "n_ctx"
 
 @dataclass(frozen=True)
 class KVCacheConfig:
-    max_len: int = field(default=0, metadata={
-        "help": "cache slots: the longest prompt + generated length (0: the model's max positions)"})
+    max_len: int = field(
+        default=0,
+        metadata={"help": "cache slots: the longest prompt + generated length (0: the model's max positions)"},
+    )
 
     def __post_init__(self):
         if not isinstance(self.max_len, int) or isinstance(self.max_len, bool) or self.max_len < 0:
@@ -106,8 +109,10 @@ def kv_cache(program: Program, config: KVCacheConfig) -> PassResult:
     max_len = config.max_len or _model_max_len(program)
     example_len = program.example_inputs[0].shape[1]
     if max_len < example_len:
-        raise PassError(f"kv-cache: max-len {max_len} is shorter than the example input ({example_len} tokens)",
-                        "give kv-cache{max-len=N} with N >= prompt + new tokens")
+        raise PassError(
+            f"kv-cache: max-len {max_len} is shorter than the example input ({example_len} tokens)",
+            "give kv-cache{max-len=N} with N >= prompt + new tokens",
+        )
     _single_output(gm)
 
     builder = _StepBuilder(gm, tokens, max_len)
@@ -116,12 +121,17 @@ def kv_cache(program: Program, config: KVCacheConfig) -> PassResult:
     builder.finish()
 
     batch = program.example_inputs[0].shape[0]
-    program.meta["kv_cache"] = {"max_len": max_len, "inputs": list(STEP_INPUTS), "layers": layers,
-                                "token_input": program.input_names[0]}
+    program.meta["kv_cache"] = {
+        "max_len": max_len,
+        "inputs": list(STEP_INPUTS),
+        "layers": layers,
+        "token_input": program.input_names[0],
+    }
     program.example_inputs = _example_step_inputs(program, batch, example_len)
     program.input_names = list(STEP_INPUTS) + [c["name"] for layer in layers for c in layer["caches"]]
-    program.dynamic_shapes = ([{0: "batch", 1: "seq"}, {0: "batch", 1: "seq"}, {0: "seq"}, {0: "batch", 1: "kv_len"}]
-                              + [{0: "batch"}] * (len(program.input_names) - len(STEP_INPUTS)))
+    program.dynamic_shapes = [{0: "batch", 1: "seq"}, {0: "batch", 1: "seq"}, {0: "seq"}, {0: "batch", 1: "kv_len"}] + [
+        {0: "batch"}
+    ] * (len(program.input_names) - len(STEP_INPUTS))
     _propagate_meta(gm, program)
     kinds = [s.kind for s in sites]
     stats = {"sites": len(sites), "cached": len(sites), "positions": positions}
@@ -136,7 +146,8 @@ _ATTENTION_OPS = ("sparse_attention", "linear_attention", "performer_attention",
 
 def _is_attention(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and (
-        node.target is SDPA or (is_optpipe_op(node.target) and node.target._opname in _ATTENTION_OPS))
+        node.target is SDPA or (is_optpipe_op(node.target) and node.target._opname in _ATTENTION_OPS)
+    )
 
 
 def _op_arguments(node: torch.fx.Node) -> dict:
@@ -153,14 +164,15 @@ def _site(node: torch.fx.Node) -> _Site:
     if node.target is SDPA:
         a = sdpa_arguments(node)
         if not a["is_causal"] or a["attn_mask"] is not None:
-            raise PassError(f"kv-cache: attention at {path} is not plain causal attention "
-                            f"({'a mask argument' if a['attn_mask'] is not None else 'bidirectional'}); "
-                            "only causal self-attention can be cached",
-                            "run fuse-attention first, which turns causal masks into is_causal")
+            raise PassError(
+                f"kv-cache: attention at {path} is not plain causal attention "
+                f"({'a mask argument' if a['attn_mask'] is not None else 'bidirectional'}); "
+                "only causal self-attention can be cached",
+                "run fuse-attention first, which turns causal masks into is_causal",
+            )
         if a["dropout_p"]:
             raise PassError(f"kv-cache: attention at {path} applies dropout", "cache an eval-mode model")
-        return _Site(node, "dense", path, a["query"], a["key"], a["value"], a.get("scale"),
-                     bool(a.get("enable_gqa")))
+        return _Site(node, "dense", path, a["query"], a["key"], a["value"], a.get("scale"), bool(a.get("enable_gqa")))
     a, op = _op_arguments(node), node.target._opname
     kind = a["pattern"] if op == "sparse_attention" else op.replace("_attention", "")
     if not a.get("causal"):
@@ -173,19 +185,27 @@ def _site(node: torch.fx.Node) -> _Site:
         return _Site(node, kind, path, a["query"], a["key"], a["value"], feature_map=a["feature_map"])
     else:
         reason = f"{kind} attention has no incremental form here"
-    raise PassError(f"kv-cache: cannot cache the {kind} attention at {path}: {reason}",
-                    "keep this layer dense (attention{...,layers=...}) or generate without a cache")
+    raise PassError(
+        f"kv-cache: cannot cache the {kind} attention at {path}: {reason}",
+        "keep this layer dense (attention{...,layers=...}) or generate without a cache",
+    )
 
 
 def _token_input(program: Program) -> torch.fx.Node:
     placeholders = [n for n in program.gm.graph.nodes if n.op == "placeholder"]
     ids = program.example_inputs[0] if program.example_inputs else None
-    if (len(placeholders) != 1 or not isinstance(ids, torch.Tensor) or ids.dim() != 2
-            or ids.dtype not in (torch.int64, torch.int32)):
+    if (
+        len(placeholders) != 1
+        or not isinstance(ids, torch.Tensor)
+        or ids.dim() != 2
+        or ids.dtype not in (torch.int64, torch.int32)
+    ):
         names = ", ".join(program.input_names)
-        raise PassError(f"kv-cache: the program takes ({names}); a step program is built from a causal LM "
-                        "that takes token ids [batch, seq] only",
-                        "capture the model with input_ids alone (e.g. --input input_ids:int64[batch=1,seq=32])")
+        raise PassError(
+            f"kv-cache: the program takes ({names}); a step program is built from a causal LM "
+            "that takes token ids [batch, seq] only",
+            "capture the model with input_ids alone (e.g. --input input_ids:int64[batch=1,seq=32])",
+        )
     return placeholders[0]
 
 
@@ -195,8 +215,10 @@ def _single_output(gm: torch.fx.GraphModule) -> None:
     flat = list(flat) if isinstance(flat, (list, tuple)) else [flat]
     v = val(flat[0]) if len(flat) == 1 and isinstance(flat[0], torch.fx.Node) else None
     if v is None or v.dim() != 3:
-        raise PassError("kv-cache: the program must return one tensor of logits [batch, seq, vocab]",
-                        "capture the LM head's logits (HF models: the logits output)")
+        raise PassError(
+            "kv-cache: the program must return one tensor of logits [batch, seq, vocab]",
+            "capture the LM head's logits (HF models: the logits output)",
+        )
 
 
 def _model_max_len(program: Program) -> int:
@@ -253,8 +275,7 @@ class _StepBuilder:
                     chain.append(user)  # [1, T]: the batch dim position_ids already has
                 break
             with self.graph.inserting_before(chain[-1]):
-                positions = self.position_ids if offset == 0 else self._call(aten.add.Tensor, self.position_ids,
-                                                                           offset)
+                positions = self.position_ids if offset == 0 else self._call(aten.add.Tensor, self.position_ids, offset)
             chain[-1].replace_all_uses_with(positions)
             for dead in reversed(chain):  # no step should still compute arange(T)
                 if not dead.users:
@@ -269,12 +290,16 @@ class _StepBuilder:
         kv_heads, head_dim, v_dim = k_val.shape[1], k_val.shape[-1], v_val.shape[-1]
         dtype = str(k_val.dtype).replace("torch.", "")
         if site.kind == "linear":  # recurrent state Σφ(k)vᵀ and Σφ(k), per K/V head
-            caches = [(f"kv_state_{index}", [None, kv_heads, head_dim, v_dim]),
-                      (f"k_sum_{index}", [None, kv_heads, head_dim])]
+            caches = [
+                (f"kv_state_{index}", [None, kv_heads, head_dim, v_dim]),
+                (f"k_sum_{index}", [None, kv_heads, head_dim]),
+            ]
         else:  # K/V: every slot (dense), or a ring of `window` slots
             slots = self.max_len if site.kind == "dense" else min(site.window, self.max_len)
-            caches = [(f"k_cache_{index}", [None, kv_heads, slots, head_dim]),
-                      (f"v_cache_{index}", [None, kv_heads, slots, v_dim])]
+            caches = [
+                (f"k_cache_{index}", [None, kv_heads, slots, head_dim]),
+                (f"v_cache_{index}", [None, kv_heads, slots, v_dim]),
+            ]
         first, second = (self._input(name) for name, _ in caches)
         with self.graph.inserting_before(site.node):
             new, updated = self._cached_form(site, first, second)
@@ -282,8 +307,11 @@ class _StepBuilder:
         _copy_meta(site.node, new)
         site.node.replace_all_uses_with(new)
         self.graph.erase_node(site.node)
-        return {"module": site.path, "kind": site.kind,
-                "caches": [{"name": name, "shape": shape, "dtype": dtype} for name, shape in caches]}
+        return {
+            "module": site.path,
+            "kind": site.kind,
+            "caches": [{"name": name, "shape": shape, "dtype": dtype} for name, shape in caches],
+        }
 
     def _cached_form(self, site: _Site, first: torch.fx.Node, second: torch.fx.Node):
         """(attention output, [updated caches]) of the site over its caches."""
@@ -296,12 +324,30 @@ class _StepBuilder:
             k_used, v_used = (self._call(aten.slice.Tensor, c, 2, 0, self._filled()) for c in (k_all, v_all))
             return self._call(SDPA, site.query, k_used, v_used, **kwargs), [k_all, v_all]
         if site.kind == "sliding-window":
-            result = self._call(torch.ops.optpipe.cached_window_attention.default, site.query, site.key,
-                                site.value, first, second, self.cache_position, self.key_mask, site.window,
-                                site.scale)
+            result = self._call(
+                torch.ops.optpipe.cached_window_attention.default,
+                site.query,
+                site.key,
+                site.value,
+                first,
+                second,
+                self.cache_position,
+                self.key_mask,
+                site.window,
+                site.scale,
+            )
         else:
-            result = self._call(torch.ops.optpipe.cached_linear_attention.default, site.query, site.key,
-                                site.value, first, second, self.key_mask, self.cache_position, site.feature_map)
+            result = self._call(
+                torch.ops.optpipe.cached_linear_attention.default,
+                site.query,
+                site.key,
+                site.value,
+                first,
+                second,
+                self.key_mask,
+                self.cache_position,
+                site.feature_map,
+            )
         return self._call(_getitem, result, 0), [self._call(_getitem, result, i) for i in (1, 2)]
 
     def _write(self, cache: torch.fx.Node, new: torch.fx.Node) -> torch.fx.Node:
@@ -310,7 +356,7 @@ class _StepBuilder:
         The index tensors are built once per shape of `new` and shared by every site that has it."""
         shape = tuple(str(s) for s in val(new).shape)
         if shape not in self._write_index:
-            size = lambda d: self._call(aten.sym_size.int, new, d)  # noqa: E731
+            size = lambda d: self._call(aten.sym_size.int, new, d)
             device = val(self.tokens).device
             shapes = ([-1, 1, 1, 1], [1, -1, 1, 1], None, [1, 1, 1, -1])
             index = []
@@ -333,8 +379,7 @@ class _StepBuilder:
     def _mask(self) -> torch.fx.Node:
         """[B, 1, T, L] bool: slot <= the query's slot and a real token, or the query itself."""
         if self._dense_mask is None:  # at the caller's insertion point: before the first dense site
-            slots = self._call(aten.arange.default, self._filled(), dtype=torch.int64,
-                               device=val(self.tokens).device)
+            slots = self._call(aten.arange.default, self._filled(), dtype=torch.int64, device=val(self.tokens).device)
             q_slot = self._call(aten.unsqueeze.default, self.cache_position, -1)
             causal = self._call(aten.le.Tensor, slots, q_slot)
             itself = self._call(aten.eq.Tensor, slots, q_slot)
@@ -365,9 +410,8 @@ def _drop_guards(gm: torch.fx.GraphModule) -> None:
     """The captured program's input guards check the old signature; the step program's inputs are
     checked by its own runner (and re-exported with new guards when saved)."""
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
-            if not node.users:
-                gm.graph.erase_node(node)
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            gm.graph.erase_node(node)
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
 
@@ -404,7 +448,7 @@ def _example_step_inputs(program: Program, batch: int, length: int) -> tuple:
     ids = program.example_inputs[0]
     max_len = program.meta["kv_cache"]["max_len"]
     if ids.shape[1] >= max_len > 1:
-        ids = ids[:, :max_len - 1]
+        ids = ids[:, : max_len - 1]
     caches = empty_caches(program.meta["kv_cache"], batch, device=ids.device)
     ids, position_ids, cache_position, key_mask = prefill_inputs(ids, max_len)
     return (ids, position_ids, cache_position, filled(key_mask, ids.shape[1])) + tuple(caches)
@@ -422,8 +466,9 @@ def _propagate_meta(gm: torch.fx.GraphModule, program: Program) -> None:
     kv_len = hint = program.example_inputs[3].shape[1]
     if mode.shape_env is not None:  # L: its own symbol (hinted below max_len, where slicing would fix it)
         env = mode.shape_env
-        kv_len = env.create_symintnode(env.create_symbol(hint, ConstantSource("kv_len"),
-                                                         dynamic_dim=DimDynamic.DYNAMIC), hint=hint)
+        kv_len = env.create_symintnode(
+            env.create_symbol(hint, ConstantSource("kv_len"), dynamic_dim=DimDynamic.DYNAMIC), hint=hint
+        )
     fakes = [tokens.meta["val"]]
     with mode:
         fakes.append(torch.empty(batch, seq, dtype=torch.int64))
@@ -434,10 +479,12 @@ def _propagate_meta(gm: torch.fx.GraphModule, program: Program) -> None:
                 fakes.append(torch.empty(batch, *cache["shape"][1:], dtype=getattr(torch, cache["dtype"])))
     try:
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
-    except Exception as e:  # noqa: BLE001 - a position or shape pattern the rewrite did not foresee
-        raise PassError(f"kv-cache: the step program does not type-check: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}",
-                        "positions are probably computed in a way the pass does not recognise; "
-                        "rerun with --dump-ir DIR to see the graph") from e
+    except Exception as e:
+        raise PassError(
+            f"kv-cache: the step program does not type-check: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}",
+            "positions are probably computed in a way the pass does not recognise; "
+            "rerun with --dump-ir DIR to see the graph",
+        ) from e
     for node, fake in zip([n for n in gm.graph.nodes if n.op == "placeholder"], fakes):
         node.meta["val"] = fake

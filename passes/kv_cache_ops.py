@@ -18,13 +18,15 @@ Linear attention: the recurrent state Σφ(k)vᵀ [B, Hkv, F, Dv] and Σφ(k) [B
 earlier tokens: O(1) memory and time per token. Inside the new tokens it is the causal quadratic
 form (a prefill of T tokens costs O(T²·F), a decode step O(F·Dv)).
 """
+
 from __future__ import annotations
 
 import torch
 
 from optpipe.ops import define_op
 
-from .attention_ops import _EPS, feature_map as apply_feature_map
+from .attention_ops import _EPS
+from .attention_ops import feature_map as apply_feature_map
 
 
 def _non_negative(x: torch.Tensor) -> torch.Tensor:
@@ -33,27 +35,36 @@ def _non_negative(x: torch.Tensor) -> torch.Tensor:
 
 
 # -- sliding window ------------------------------------------------------------------------------------
-def _window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_ring: torch.Tensor,
-                      v_ring: torch.Tensor, cache_position: torch.Tensor, key_mask: torch.Tensor, window: int,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _window_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_ring: torch.Tensor,
+    v_ring: torch.Tensor,
+    cache_position: torch.Tensor,
+    key_mask: torch.Tensor,
+    window: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     w = k_ring.shape[2]
     start, end = cache_position.min(), cache_position.max()  # 0-d: shapes every importer can infer
     ring = torch.arange(w, device=key.device)
-    held = start - 1 - torch.remainder(start - 1 - ring, w)          # slot each ring entry holds (<0: none)
-    slots = torch.cat([held, cache_position])                         # [W + T]
+    held = start - 1 - torch.remainder(start - 1 - ring, w)  # slot each ring entry holds (<0: none)
+    slots = torch.cat([held, cache_position])  # [W + T]
     keys = torch.cat([k_ring, key], dim=2)
     values = torch.cat([v_ring, value], dim=2)
-    q_slot = cache_position[:, None]                                  # [T, 1]
+    q_slot = cache_position[:, None]  # [T, 1]
     in_window = (slots[None, :] <= q_slot) & (slots[None, :] > q_slot - window) & (slots[None, :] >= 0)
-    real = key_mask.index_select(1, _non_negative(slots))             # [B, W + T]
-    itself = slots[None, :] == q_slot                                 # ring slots are all < start
-    mask = (in_window[None] & real[:, None, :]) | itself[None]       # [B, T, W + T]
+    real = key_mask.index_select(1, _non_negative(slots))  # [B, W + T]
+    itself = slots[None, :] == q_slot  # ring slots are all < start
+    mask = (in_window[None] & real[:, None, :]) | itself[None]  # [B, T, W + T]
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, keys, values, attn_mask=mask[:, None], scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+        query, keys, values, attn_mask=mask[:, None], scale=scale, enable_gqa=query.shape[1] != key.shape[1]
+    )
     # the ring after these tokens: entry i holds the newest slot <= end with slot = i (mod W)
     newest = end - torch.remainder(end - ring, w)
     from_new = (newest >= start)[:, None]
-    source = _non_negative(newest - start)                           # newest <= end: never past the new tokens
+    source = _non_negative(newest - start)  # newest <= end: never past the new tokens
     new_k = torch.where(from_new, key.index_select(2, source), k_ring)
     new_v = torch.where(from_new, value.index_select(2, source), v_ring)
     return out.contiguous(), new_k, new_v
@@ -64,23 +75,31 @@ def _window_fake(query, key, value, k_ring, v_ring, cache_position, key_mask, wi
     return out, torch.empty_like(k_ring), torch.empty_like(v_ring)
 
 
-cached_window_attention = define_op("cached_window_attention", _window_attention, fake=_window_fake,
-                                    decomposition=_window_attention)
+cached_window_attention = define_op(
+    "cached_window_attention", _window_attention, fake=_window_fake, decomposition=_window_attention
+)
 
 
 # -- linear attention -----------------------------------------------------------------------------------
-def _linear_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_state: torch.Tensor,
-                 k_sum: torch.Tensor, key_mask: torch.Tensor, cache_position: torch.Tensor,
-                 feature_map: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _linear_step(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_state: torch.Tensor,
+    k_sum: torch.Tensor,
+    key_mask: torch.Tensor,
+    cache_position: torch.Tensor,
+    feature_map: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, h, t, _ = query.shape
     hkv, dv = key.shape[1], value.shape[-1]
     qf = apply_feature_map(query, feature_map)
-    real = key_mask.index_select(1, cache_position).to(query.dtype)    # [B, T]
+    real = key_mask.index_select(1, cache_position).to(query.dtype)  # [B, T]
     kf = apply_feature_map(key, feature_map) * real[:, None, :, None]  # padding keys add nothing
     f = qf.shape[-1]
-    qg = qf.reshape(b, hkv, h // hkv, t, f)                           # [B, Hkv, G, T, F]
-    scores = (qg @ kf.unsqueeze(2).transpose(-1, -2)).tril()          # [B, Hkv, G, T, T] causal inside
-    num = scores @ value.unsqueeze(2) + qg @ kv_state.unsqueeze(2)    # [B, Hkv, G, T, Dv]
+    qg = qf.reshape(b, hkv, h // hkv, t, f)  # [B, Hkv, G, T, F]
+    scores = (qg @ kf.unsqueeze(2).transpose(-1, -2)).tril()  # [B, Hkv, G, T, T] causal inside
+    num = scores @ value.unsqueeze(2) + qg @ kv_state.unsqueeze(2)  # [B, Hkv, G, T, Dv]
     den = scores.sum(-1) + (qg @ k_sum[:, :, None, :, None]).squeeze(-1)
     out = (num / (den.unsqueeze(-1) + _EPS)).reshape(b, h, t, dv)
     return out, kv_state + kf.transpose(-1, -2) @ value, k_sum + kf.sum(2)
@@ -91,5 +110,6 @@ def _linear_fake(query, key, value, kv_state, k_sum, key_mask, cache_position, f
     return out, torch.empty_like(kv_state), torch.empty_like(k_sum)
 
 
-cached_linear_attention = define_op("cached_linear_attention", _linear_step, fake=_linear_fake,
-                                    decomposition=_linear_step)
+cached_linear_attention = define_op(
+    "cached_linear_attention", _linear_step, fake=_linear_fake, decomposition=_linear_step
+)

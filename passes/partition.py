@@ -40,6 +40,7 @@ blocks invalidates it. `stage_modules(program)` rebuilds the stage GraphModules 
 with the tensors crossing them (shapes, dtypes, bytes) and the expected pipeline bubble
 (p-1)/(m+p-1) for `microbatches` = m.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,24 +75,44 @@ MEASURE_RUNS = 3
 
 @dataclass(frozen=True)
 class PartitionConfig:
-    strategy: Literal["pipeline", "tensor"] = field(default="pipeline", metadata={
-        "help": "pipeline (cut into stages run one after the other) or tensor (shard every attention and "
-                "MLP block over `ways` ranks; see passes/partition_tensor.py)"})
+    strategy: Literal["pipeline", "tensor"] = field(
+        default="pipeline",
+        metadata={
+            "help": "pipeline (cut into stages run one after the other) or tensor (shard every attention and "
+            "MLP block over `ways` ranks; see passes/partition_tensor.py)"
+        },
+    )
     stages: int = field(default=2, metadata={"help": "number of pipeline stages (one process each)"})
     ways: int = field(default=2, metadata={"help": "strategy=tensor: number of ranks each block is sharded over"})
-    balance: Literal["flops", "params", "memory", "measured"] = field(default="flops", metadata={
-        "help": "what the stages balance: flops (static), params (parameter bytes), memory (parameter "
-                "plus activation bytes), measured (node times on the example inputs)"})
-    devices: tuple[str, ...] = field(default=(), metadata={
-        "help": "device of each stage, e.g. [cpu,cpu] or [cuda:0,cuda:1] (default: cpu for every stage)"})
-    microbatches: int = field(default=4, metadata={
-        "help": "micro-batches per step the pipeline will run: sets the expected bubble in the report"})
-    cut_penalty: float | None = field(default=None, metadata={
-        "help": "cost added per byte a stage sends to the next (default: 100 for flops, 1e-9 s for "
-                "measured, 0 for params/memory)"})
-    check: bool = field(default=True, metadata={
-        "help": "run the stages one after the other on the example inputs and require the program's "
-                "outputs exactly (strategy=tensor: the rank programs in lock step, outputs fp32-close)"})
+    balance: Literal["flops", "params", "memory", "measured"] = field(
+        default="flops",
+        metadata={
+            "help": "what the stages balance: flops (static), params (parameter bytes), memory (parameter "
+            "plus activation bytes), measured (node times on the example inputs)"
+        },
+    )
+    devices: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "device of each stage, e.g. [cpu,cpu] or [cuda:0,cuda:1] (default: cpu for every stage)"},
+    )
+    microbatches: int = field(
+        default=4,
+        metadata={"help": "micro-batches per step the pipeline will run: sets the expected bubble in the report"},
+    )
+    cut_penalty: float | None = field(
+        default=None,
+        metadata={
+            "help": "cost added per byte a stage sends to the next (default: 100 for flops, 1e-9 s for "
+            "measured, 0 for params/memory)"
+        },
+    )
+    check: bool = field(
+        default=True,
+        metadata={
+            "help": "run the stages one after the other on the example inputs and require the program's "
+            "outputs exactly (strategy=tensor: the rank programs in lock step, outputs fp32-close)"
+        },
+    )
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -134,11 +155,13 @@ def check_device(device: str) -> None:
         if count == 0:
             raise ValueError(f"partition: device {device} does not exist: this machine has no CUDA device")
         if index and int(index) >= count:
-            raise ValueError(f"partition: device {device} does not exist: this machine has {count} CUDA "
-                             f"device(s), cuda:0..cuda:{count - 1}")
-    elif kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError(f"partition: device {device} does not exist on this machine")
-    elif kind == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+            raise ValueError(
+                f"partition: device {device} does not exist: this machine has {count} CUDA "
+                f"device(s), cuda:0..cuda:{count - 1}"
+            )
+    elif (kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())) or (
+        kind == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available())
+    ):
         raise ValueError(f"partition: device {device} does not exist on this machine")
 
 
@@ -165,9 +188,9 @@ def recomputable_nodes(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
             if not _is_parameter(gm, node):
                 free.add(node)
         elif node.op == "call_function":
-            if node.target is aten.sym_size.int:
-                free.add(node)
-            elif not _nondeterministic(node.target) and all(a in free for a in node.all_input_nodes):
+            if node.target is aten.sym_size.int or (
+                not _nondeterministic(node.target) and all(a in free for a in node.all_input_nodes)
+            ):
                 free.add(node)
     return free
 
@@ -197,14 +220,15 @@ def _block_key(node: torch.fx.Node) -> str | None:
     for path, _ in (node.meta.get("nn_module_stack") or {}).values():
         m = _LAYER_RE.search(path)
         if m:
-            return path[:m.end()].rstrip(".")
+            return path[: m.end()].rstrip(".")
     return None
 
 
 def graph_view(gm: torch.fx.GraphModule) -> GraphView:
     free = recomputable_nodes(gm)
-    compute = [n for n in gm.graph.nodes
-               if n.op in ("call_function", "call_module") and n not in free and not _is_guard(n)]
+    compute = [
+        n for n in gm.graph.nodes if n.op in ("call_function", "call_module") and n not in free and not _is_guard(n)
+    ]
     position = {n: i for i, n in enumerate(compute)}
     raw = [_block_key(n) for n in compute]
     layered = [i for i, k in enumerate(raw) if k is not None]
@@ -237,7 +261,7 @@ def graph_view(gm: torch.fx.GraphModule) -> GraphView:
         seen.add(arg)
         if arg in free:
             for a in arg.all_input_nodes:
-                if not (arg.target is aten.sym_size.int):  # a size is re-read where it is needed
+                if arg.target is not aten.sym_size.int:  # a size is re-read where it is needed
                     reads(pos, a, seen)
             return
         if arg.op == "get_attr":
@@ -385,7 +409,7 @@ def stage_plans(view: GraphView, boundaries: list[int]) -> list[StagePlan]:
         if not missing:
             return plans
         for k, v in missing:  # pass `v` along from where it is defined to stage k
-            for b in edges[1:k + 1]:
+            for b in edges[1 : k + 1]:
                 if _defined_at(view, v) < b:
                     extra.setdefault(b, set()).add(v)
     raise PassError("partition: could not route the sizes the stages read", "report this program")
@@ -394,7 +418,7 @@ def stage_plans(view: GraphView, boundaries: list[int]) -> list[StagePlan]:
 def _unresolved_sizes(view: GraphView, plans: list[StagePlan]) -> list[tuple[int, torch.fx.Node]]:
     missing = []
     for plan in plans:
-        available = set(plan.inputs) | set(view.compute[plan.start:plan.end])
+        available = set(plan.inputs) | set(view.compute[plan.start : plan.end])
         for node in _needed_sizes(view, plan):
             x = node.args[0]
             if x not in available and _static_size(node) is None and _substitute(node, plan.inputs) is None:
@@ -415,7 +439,7 @@ def _needed_sizes(view: GraphView, plan: StagePlan) -> list[torch.fx.Node]:
         for a in arg.all_input_nodes:
             walk(a)
 
-    nodes = view.compute[plan.start:plan.end]
+    nodes = view.compute[plan.start : plan.end]
     roots = [a for n in nodes for a in n.all_input_nodes]
     if plan.outputs is None:
         roots += view.gm.graph.output_node().all_input_nodes
@@ -468,18 +492,21 @@ def build_stage(view: GraphView, plan: StagePlan) -> torch.fx.GraphModule:
                     return _static_size(arg)
                 sub = _substitute(arg, plan.inputs)
                 if sub is None:  # stage_plans passes the tensor along in that case
-                    raise PassError(f"partition: stage {plan.index} needs the size of {arg.args[0].name}, "
-                                    "which it does not receive")
+                    raise PassError(
+                        f"partition: stage {plan.index} needs the size of {arg.args[0].name}, which it does not receive"
+                    )
                 new = graph.call_function(aten.sym_size.int, (env[sub[0]], sub[1]))
                 new.meta = dict(arg.meta)
                 env[arg] = new
                 return new
             env[arg] = graph.node_copy(arg, value)
             return env[arg]
-        raise PassError(f"partition: stage {plan.index} reads {arg.name} "
-                        f"({node_module(arg)[0] or 'top level'}), which no earlier stage sends")
+        raise PassError(
+            f"partition: stage {plan.index} reads {arg.name} "
+            f"({node_module(arg)[0] or 'top level'}), which no earlier stage sends"
+        )
 
-    for node in view.compute[plan.start:plan.end]:
+    for node in view.compute[plan.start : plan.end]:
         env[node] = graph.node_copy(node, value)
     if plan.outputs is None:
         out = gm.graph.output_node().args[0]
@@ -499,8 +526,13 @@ def _spec(shapes: dict, node: torch.fx.Node) -> dict:
     val = node.meta.get("val")
     symbolic = [str(d) for d in val.shape] if isinstance(val, torch.Tensor) else None
     if isinstance(spec, TensorSpec):
-        return {"name": node.name, "shape": list(spec.dims), "symbolic_shape": symbolic,
-                "dtype": str(spec.dtype).replace("torch.", ""), "bytes": spec.nbytes()}
+        return {
+            "name": node.name,
+            "shape": list(spec.dims),
+            "symbolic_shape": symbolic,
+            "dtype": str(spec.dtype).replace("torch.", ""),
+            "bytes": spec.nbytes(),
+        }
     return {"name": node.name, "shape": None, "symbolic_shape": symbolic, "dtype": None, "bytes": 0}
 
 
@@ -514,7 +546,7 @@ def _params_of(view: GraphView, nodes) -> dict[str, torch.Tensor]:
 
 
 def _stage_params(view: GraphView, plan: StagePlan) -> dict[str, torch.Tensor]:
-    nodes = list(view.compute[plan.start:plan.end])
+    nodes = list(view.compute[plan.start : plan.end])
     if plan.outputs is None:
         nodes.append(view.gm.graph.output_node())
     return _params_of(view, nodes)
@@ -536,9 +568,11 @@ def partition(program: Program, config: PartitionConfig) -> PassResult:
         return plan_tensor(program, config.ways, config.devices, config.check and not _on_meta(program))
     view = graph_view(program.gm)
     if config.stages - 1 > view.places:
-        raise PassError(f"partition: {config.stages} stages but the program has only {view.places} "
-                        f"places to cut", f"use at most {view.places + 1} stages (cuts go between "
-                        "transformer blocks and the layers before and after them)")
+        raise PassError(
+            f"partition: {config.stages} stages but the program has only {view.places} places to cut",
+            f"use at most {view.places + 1} stages (cuts go between "
+            "transformer blocks and the layers before and after them)",
+        )
     costs = node_costs(program, view, config.balance)
     shapes, _ = concrete_shapes(program.gm, program.example_inputs)
     seg_costs = [sum(costs[s:e]) for s, e, _ in view.segments]
@@ -555,59 +589,98 @@ def partition(program: Program, config: PartitionConfig) -> PassResult:
         for name, t in params.items():
             holders.setdefault(id(t), {}).setdefault(plan.index, name)
             tensors[id(t)] = t
-        keys = list(dict.fromkeys(view.keys[plan.start:plan.end]))
-        cost = sum(costs[plan.start:plan.end])
+        keys = list(dict.fromkeys(view.keys[plan.start : plan.end]))
+        cost = sum(costs[plan.start : plan.end])
         sends = [_spec(shapes, v) for v in plan.outputs] if plan.outputs is not None else []
-        rows.append({"stage": plan.index, "device": config.devices[plan.index] if config.devices else "cpu",
-                     "cost": cost, "nodes": plan.end - plan.start, "segments": keys,
-                     "first": keys[0], "last": keys[-1],
-                     "params": sum(t.numel() for t in params.values()),
-                     "param_bytes": sum(t.numel() * t.element_size() for t in params.values()),
-                     "param_names": sorted(params), "inputs": [x.name for x in plan.inputs],
-                     "send_bytes": sum(s["bytes"] for s in sends)})
+        rows.append(
+            {
+                "stage": plan.index,
+                "device": config.devices[plan.index] if config.devices else "cpu",
+                "cost": cost,
+                "nodes": plan.end - plan.start,
+                "segments": keys,
+                "first": keys[0],
+                "last": keys[-1],
+                "params": sum(t.numel() for t in params.values()),
+                "param_bytes": sum(t.numel() * t.element_size() for t in params.values()),
+                "param_names": sorted(params),
+                "inputs": [x.name for x in plan.inputs],
+                "send_bytes": sum(s["bytes"] for s in sends),
+            }
+        )
     tied = []
     for key, names in holders.items():
         if len(names) > 1:
             owner = min(names)
             t = tensors[key]
-            tied.append({"param": names[owner], "stages": sorted(names), "owner": owner,
-                         "names": {str(k): v for k, v in sorted(names.items())},
-                         "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")})
+            tied.append(
+                {
+                    "param": names[owner],
+                    "stages": sorted(names),
+                    "owner": owner,
+                    "names": {str(k): v for k, v in sorted(names.items())},
+                    "shape": list(t.shape),
+                    "dtype": str(t.dtype).replace("torch.", ""),
+                }
+            )
     cut_rows = []
     for plan in plans[:-1]:
         tensors = [_spec(shapes, v) for v in plan.outputs]
-        cut_rows.append({"after_stage": plan.index, "before": view.keys[plan.end], "position": plan.end,
-                         "tensors": tensors, "bytes": sum(t["bytes"] for t in tensors)})
+        cut_rows.append(
+            {
+                "after_stage": plan.index,
+                "before": view.keys[plan.end],
+                "position": plan.end,
+                "tensors": tensors,
+                "bytes": sum(t["bytes"] for t in tensors),
+            }
+        )
     stage_costs = [r["cost"] for r in rows]
     mean = statistics.fmean(stage_costs)
     scale = 1e6 if config.balance == "measured" else 1.0
     info = {
         "format": "optpipe-partition/1",
-        "num_stages": config.stages, "balance": config.balance,
+        "num_stages": config.stages,
+        "balance": config.balance,
         "cost_unit": {"flops": "FLOPs", "params": "bytes", "memory": "bytes", "measured": "seconds"}[config.balance],
         "cut_penalty": config.penalty,
         "devices": list(config.devices) or ["cpu"] * config.stages,
-        "microbatches": config.microbatches, "bubble": bubble(config.stages, config.microbatches),
+        "microbatches": config.microbatches,
+        "bubble": bubble(config.stages, config.microbatches),
         "compute_nodes": len(view.compute),
-        "stages": rows, "cuts": cut_rows, "tied": tied,
-        "max_stage_cost": max(stage_costs), "mean_stage_cost": mean,
+        "stages": rows,
+        "cuts": cut_rows,
+        "tied": tied,
+        "max_stage_cost": max(stage_costs),
+        "mean_stage_cost": mean,
         "imbalance": max(stage_costs) / mean if mean else 1.0,
         "example_inputs": [list(x.shape) for x in program.example_inputs if isinstance(x, torch.Tensor)],
     }
     program.meta["partition"] = json.loads(json.dumps(info, default=str))
     if config.check and not _on_meta(program):
         check_composition(program)
-    stats = {"stages": config.stages, "cut_bytes": sum(c["bytes"] for c in cut_rows),
-             "max_stage_cost": int(round(max(stage_costs) * scale)), "mean_stage_cost": int(round(mean * scale))}
-    details = {"stages": [{k: v for k, v in r.items() if k not in ("param_names", "segments")} for r in rows],
-               "cuts": cut_rows, "tied": tied, "bubble": info["bubble"], "microbatches": config.microbatches,
-               "imbalance": info["imbalance"], "cost_unit": info["cost_unit"]}
+    stats = {
+        "stages": config.stages,
+        "cut_bytes": sum(c["bytes"] for c in cut_rows),
+        "max_stage_cost": int(round(max(stage_costs) * scale)),
+        "mean_stage_cost": int(round(mean * scale)),
+    }
+    details = {
+        "stages": [{k: v for k, v in r.items() if k not in ("param_names", "segments")} for r in rows],
+        "cuts": cut_rows,
+        "tied": tied,
+        "bubble": info["bubble"],
+        "microbatches": config.microbatches,
+        "imbalance": info["imbalance"],
+        "cost_unit": info["cost_unit"],
+    }
     return PassResult(True, stats, details)
 
 
 def _on_meta(program: Program) -> bool:
     return any(p.is_meta for p in program.gm.parameters()) or any(
-        isinstance(x, torch.Tensor) and x.is_meta for x in program.example_inputs)
+        isinstance(x, torch.Tensor) and x.is_meta for x in program.example_inputs
+    )
 
 
 # -- using the plan ----------------------------------------------------------------------------------
@@ -617,8 +690,10 @@ def stage_plans_for(program: Program) -> tuple[GraphView, list[StagePlan]]:
     if not info:
         raise PassError("the program is not partitioned", "add partition{stages=N} to the pipeline")
     if info.get("strategy") == "tensor":
-        raise PassError("the program is planned for tensor parallelism, not pipeline stages",
-                        "run it with optpipe.runtime.parallel.tensor_run / tensor_train")
+        raise PassError(
+            "the program is planned for tensor parallelism, not pipeline stages",
+            "run it with optpipe.runtime.parallel.tensor_run / tensor_train",
+        )
     view = graph_view(program.gm)
     starts: dict[str, list[int]] = {}
     for s, _, key in view.segments[1:]:
@@ -626,8 +701,10 @@ def stage_plans_for(program: Program) -> tuple[GraphView, list[StagePlan]]:
     boundaries = []
     for cut in info["cuts"]:
         if cut["before"] not in starts:
-            raise PassError(f"the partition plan cuts before {cut['before']!r}, which is no longer a block "
-                            "boundary of the program", "run partition last in the pipeline")
+            raise PassError(
+                f"the partition plan cuts before {cut['before']!r}, which is no longer a block boundary of the program",
+                "run partition last in the pipeline",
+            )
         found = starts[cut["before"]]  # the recorded position when the segment still starts there
         boundaries.append(cut["position"] if cut.get("position") in found else found[0])
     return view, stage_plans(view, boundaries)
@@ -655,8 +732,10 @@ def check_composition(program: Program) -> None:
     flat_e = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
     flat_a = [t for t in torch.utils._pytree.tree_leaves(actual) if isinstance(t, torch.Tensor)]
     if len(flat_e) != len(flat_a) or not all(torch.equal(e, a) for e, a in zip(flat_e, flat_a)):
-        raise PassError("partition: the composed stages do not reproduce the program's outputs",
-                        "this is a bug in the partition pass; --dump-ir DIR shows the program")
+        raise PassError(
+            "partition: the composed stages do not reproduce the program's outputs",
+            "this is a bug in the partition pass; --dump-ir DIR shows the program",
+        )
 
 
 def stage_example_inputs(program: Program, stages) -> list[tuple]:
@@ -695,8 +774,15 @@ def save_stages(program: Program, out: str | os.PathLike) -> list[str]:
         os.replace(tmp, path)
         paths.append(path)
     with open(os.path.join(folder, "partition.json"), "w") as f:
-        json.dump({**program.meta["partition"], "input_names": list(program.input_names),
-                   "files": [os.path.basename(p) for p in paths]}, f, indent=2)
+        json.dump(
+            {
+                **program.meta["partition"],
+                "input_names": list(program.input_names),
+                "files": [os.path.basename(p) for p in paths],
+            },
+            f,
+            indent=2,
+        )
     return paths
 
 
@@ -704,6 +790,5 @@ def _dynamic_dims(x: torch.fx.Node) -> dict[int, str] | None:
     val = x.meta.get("val")
     if not isinstance(val, torch.Tensor):
         return None
-    dims = {d: f"d{d}" for d, s in enumerate(val.shape)
-            if isinstance(s, torch.SymInt) and s.node.expr.free_symbols}
+    dims = {d: f"d{d}" for d, s in enumerate(val.shape) if isinstance(s, torch.SymInt) and s.node.expr.free_symbols}
     return dims or None

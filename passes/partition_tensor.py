@@ -32,6 +32,7 @@ divide by `ways`. Stats: {"ways", "sharded_blocks", "replicated_blocks", "sharde
 "params_per_rank", "all_reduces"}; details: one row per block (kind, units, per rank, linears
 column-/row-wise) and the replicated ones with the reason.
 """
+
 from __future__ import annotations
 
 import functools
@@ -61,8 +62,10 @@ def _groups(gm: torch.fx.GraphModule) -> tuple[list, list[dict]]:
         if any(_prune.is_tied(gm, s) for s in g.linears()):
             reason = "a weight is tied to another module"
         elif _shared_parameter(gm, g):
-            reason = (f"the attention reads {_shared_parameter(gm, g)}, a parameter of all heads (its "
-                      "gradient would need another all-reduce)")
+            reason = (
+                f"the attention reads {_shared_parameter(gm, g)}, a parameter of all heads (its "
+                "gradient would need another all-reduce)"
+            )
         if reason:
             replicated.append({"module_path": g.path, "kind": g.kind, "action": "replicated", "reason": reason})
         else:
@@ -75,8 +78,11 @@ def _shared_parameter(gm, g) -> str | None:
     own = {t.target for s in g.linears() for t in (s.weight, s.bias) if t is not None}
     for n in g.nodes:
         for a in n.all_input_nodes:
-            if a.op == "get_attr" and a.target not in own and isinstance(weight_tensor(gm, a.target),
-                                                                           torch.nn.Parameter):
+            if (
+                a.op == "get_attr"
+                and a.target not in own
+                and isinstance(weight_tensor(gm, a.target), torch.nn.Parameter)
+            ):
                 return a.target
     return None
 
@@ -100,14 +106,18 @@ def plan_tensor(program: Program, ways: int, devices: tuple[str, ...], check: bo
     groups, replicated = _groups(gm)
     if not groups:
         reasons = "; ".join(f"{r['module_path']}: {r['reason']}" for r in replicated[:3])
-        raise PassError("partition: no attention or MLP block to shard for tensor parallelism"
-                        + (f" ({reasons})" if reasons else ""),
-                        "run fuse-attention first, so attention is one SDPA node")
+        raise PassError(
+            "partition: no attention or MLP block to shard for tensor parallelism"
+            + (f" ({reasons})" if reasons else ""),
+            "run fuse-attention first, so attention is one SDPA node",
+        )
     for g in groups:
         if g.units % ways:
             what = {"head": "heads", "kv-group": "K/V heads", "channel": "MLP channels"}[g.unit_name]
-            raise PassError(f"partition: {ways}-way tensor parallel: {g.path} has {g.units} {what}, "
-                            f"not divisible by {ways}", f"use ways that divide {g.units}")
+            raise PassError(
+                f"partition: {ways}-way tensor parallel: {g.path} has {g.units} {what}, not divisible by {ways}",
+                f"use ways that divide {g.units}",
+            )
     rows = []
     sharded = 0
     for g in groups:
@@ -115,21 +125,35 @@ def plan_tensor(program: Program, ways: int, devices: tuple[str, ...], check: bo
         colwise = list(dict.fromkeys(s.weight.target for s in linears))
         weights = colwise + [g.consumer.site.weight.target]
         sharded += sum(weight_tensor(gm, w).numel() for w in weights)
-        sharded += sum(weight_tensor(gm, s.bias.target).numel() for s in {id(s): s for s in linears}.values()
-                       if s.bias is not None)
-        rows.append({"module_path": g.path, "kind": g.kind, "unit": g.unit_name, "units": g.units,
-                     "per_rank": g.units // ways, "heads_per_unit": g.heads_per_unit,
-                     "colwise": [w.rpartition(".")[0] for w in colwise],
-                     "rowwise": g.consumer.site.weight.target.rpartition(".")[0],
-                     "key": _group_key(g), "hidden": linear_shape(gm, g.consumer.site)[0]})
+        sharded += sum(
+            weight_tensor(gm, s.bias.target).numel() for s in {id(s): s for s in linears}.values() if s.bias is not None
+        )
+        rows.append(
+            {
+                "module_path": g.path,
+                "kind": g.kind,
+                "unit": g.unit_name,
+                "units": g.units,
+                "per_rank": g.units // ways,
+                "heads_per_unit": g.heads_per_unit,
+                "colwise": [w.rpartition(".")[0] for w in colwise],
+                "rowwise": g.consumer.site.weight.target.rpartition(".")[0],
+                "key": _group_key(g),
+                "hidden": linear_shape(gm, g.consumer.site)[0],
+            }
+        )
     total = _param_count(gm)
     shapes = [tuple(x.shape) for x in program.example_inputs if isinstance(x, torch.Tensor)]
     tokens = shapes[0][0] * shapes[0][1] if shapes and len(shapes[0]) >= 2 else None
     info = {
-        "format": FORMAT, "strategy": "tensor", "ways": ways,
+        "format": FORMAT,
+        "strategy": "tensor",
+        "ways": ways,
         "devices": list(devices) or ["cpu"] * ways,
-        "blocks": rows, "replicated": replicated,
-        "params": total, "sharded_params": sharded,
+        "blocks": rows,
+        "replicated": replicated,
+        "params": total,
+        "sharded_params": sharded,
         "params_per_rank": total - sharded + sharded // ways,
         "all_reduces": len(rows),
         "all_reduce_bytes": (sum(r["hidden"] for r in rows) * tokens * 4) if tokens else None,
@@ -138,11 +162,21 @@ def plan_tensor(program: Program, ways: int, devices: tuple[str, ...], check: bo
     program.meta["partition"] = json.loads(json.dumps(info, default=str))
     if check:
         check_ranks(program)
-    stats = {"ways": ways, "sharded_blocks": len(rows), "replicated_blocks": len(replicated),
-             "sharded_params": sharded, "params_per_rank": info["params_per_rank"], "all_reduces": len(rows)}
-    details = {"strategy": "tensor", "blocks": [{k: v for k, v in r.items() if k != "key"} for r in rows],
-               "replicated": replicated, "all_reduce_bytes_per_forward": info["all_reduce_bytes"],
-               "params": total}
+    stats = {
+        "ways": ways,
+        "sharded_blocks": len(rows),
+        "replicated_blocks": len(replicated),
+        "sharded_params": sharded,
+        "params_per_rank": info["params_per_rank"],
+        "all_reduces": len(rows),
+    }
+    details = {
+        "strategy": "tensor",
+        "blocks": [{k: v for k, v in r.items() if k != "key"} for r in rows],
+        "replicated": replicated,
+        "all_reduce_bytes_per_forward": info["all_reduce_bytes"],
+        "params": total,
+    }
     return PassResult(True, stats, details)
 
 
@@ -163,8 +197,11 @@ def rank_module(program: Program, rank: int, ways: int | None = None) -> torch.f
     planned = [b["key"] for b in info["blocks"]]
     missing = [k for k in planned if k not in by_key]
     if missing:
-        raise PassError(f"the tensor-parallel plan names {missing[0].rpartition('.')[0]}, which is no longer "
-                        "a shardable block of the program", "run partition last in the pipeline")
+        raise PassError(
+            f"the tensor-parallel plan names {missing[0].rpartition('.')[0]}, which is no longer "
+            "a shardable block of the program",
+            "run partition last in the pipeline",
+        )
     chosen = [by_key[k] for k in planned]
     plan = []
     for g in chosen:
@@ -173,8 +210,10 @@ def rank_module(program: Program, rank: int, ways: int | None = None) -> torch.f
     try:
         _prune.apply_groups(local, plan)
     except _prune.Refused as e:
-        raise PassError(f"tensor parallel: cannot shard the program's sizes ({e})",
-                        "a view or split takes its size from the inputs; file a bug with --dump-ir") from e
+        raise PassError(
+            f"tensor parallel: cannot shard the program's sizes ({e})",
+            "a view or split takes its size from the inputs; file a bug with --dump-ir",
+        ) from e
     _insert_collectives(local.gm, chosen)
     return local.gm
 
@@ -291,7 +330,10 @@ def check_ranks(program: Program) -> None:
         flat_a = [t for t in torch.utils._pytree.tree_leaves(actual) if isinstance(t, torch.Tensor)]
         ok = len(flat_e) == len(flat_a) and all(
             e.shape == a.shape and torch.allclose(a.double(), e.double(), rtol=1e-4, atol=1e-5)
-            for e, a in zip(flat_e, flat_a))
+            for e, a in zip(flat_e, flat_a)
+        )
         if not ok:
-            raise PassError(f"partition: tensor-parallel rank {rank} does not reproduce the program's outputs",
-                            "this is a bug in the partition pass; --dump-ir DIR shows the program")
+            raise PassError(
+                f"partition: tensor-parallel rank {rank} does not reproduce the program's outputs",
+                "this is a bug in the partition pass; --dump-ir DIR shows the program",
+            )

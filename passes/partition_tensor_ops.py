@@ -6,6 +6,7 @@ backward. A rank program calls them by reference (`call_function` nodes), so the
 the pass that inserts them and the runtime that runs the ranks (`optpipe.runtime.parallel`, inside
 `tensor_parallel_mesh(mesh)`) can reach them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,10 @@ def tensor_parallel_mesh(mesh):
 
 def current_mesh():
     if _TP_MESH is None:
-        raise PipelineError("a tensor-parallel rank program ran outside tensor_parallel_mesh",
-                            "run it with optpipe.runtime.parallel.tensor_run / tensor_train")
+        raise PipelineError(
+            "a tensor-parallel rank program ran outside tensor_parallel_mesh",
+            "run it with optpipe.runtime.parallel.tensor_run / tensor_train",
+        )
     return _TP_MESH
 
 

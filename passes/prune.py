@@ -46,6 +46,7 @@ pass's ops, not at hand-written softmax(q @ kᵀ) @ v) and before
 "params_before", "params_after", "nonzero_after"}. Details: one entry per group / linear, keyed
 by module path, with importance scores and what was removed.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,7 +60,6 @@ import torch.fx
 from optpipe.attention_sites import SDPA, concrete, module_path, sdpa_arguments, val
 from optpipe.program import Program
 from optpipe.registry import PassResult, register_pass
-
 from optpipe.weight_sites import WeightSite as _Site
 from optpipe.weight_sites import linear_shape as _linear_shape
 from optpipe.weight_sites import path_matches
@@ -74,46 +74,95 @@ Target = Literal["all", "heads", "mlp"]
 Importance = Literal["auto", "magnitude", "activation"]
 
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-_UNARY = {aten.gelu.default, aten.relu.default, aten.silu.default, aten.tanh.default, aten.sigmoid.default,
-          aten.erf.default, aten.neg.default, aten.dropout.default, aten.clone.default,
-          aten.contiguous.default, aten.to.dtype, aten._to_copy.default, aten.alias.default,
-          aten.leaky_relu.default, aten.hardtanh.default, aten.abs.default, aten.exp.default}
-_BINARY = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.pow.Tensor_Scalar,
-           aten.mul.Scalar, aten.add.Scalar, aten.sub.Scalar, aten.div.Scalar, aten.pow.Tensor_Tensor,
-           aten.where.self, aten.maximum.default, aten.minimum.default}
+_UNARY = {
+    aten.gelu.default,
+    aten.relu.default,
+    aten.silu.default,
+    aten.tanh.default,
+    aten.sigmoid.default,
+    aten.erf.default,
+    aten.neg.default,
+    aten.dropout.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.to.dtype,
+    aten._to_copy.default,
+    aten.alias.default,
+    aten.leaky_relu.default,
+    aten.hardtanh.default,
+    aten.abs.default,
+    aten.exp.default,
+}
+_BINARY = {
+    aten.mul.Tensor,
+    aten.add.Tensor,
+    aten.sub.Tensor,
+    aten.div.Tensor,
+    aten.pow.Tensor_Scalar,
+    aten.mul.Scalar,
+    aten.add.Scalar,
+    aten.sub.Scalar,
+    aten.div.Scalar,
+    aten.pow.Tensor_Tensor,
+    aten.where.self,
+    aten.maximum.default,
+    aten.minimum.default,
+}
 _HEAD_ELEMENTWISE = _UNARY | _BINARY | {aten.slice.Tensor, aten.cat.default}
-_FREE = {aten.contiguous.default, aten.clone.default, aten.alias.default, aten.to.dtype,
-         aten._to_copy.default, aten.dropout.default}
+_FREE = {
+    aten.contiguous.default,
+    aten.clone.default,
+    aten.alias.default,
+    aten.to.dtype,
+    aten._to_copy.default,
+    aten.dropout.default,
+}
 
 
 @dataclass(frozen=True)
 class PruneConfig:
-    method: Method = field(default="structured", metadata={
-        "help": "structured (remove heads / MLP channels: smaller and faster), magnitude (zero the "
-                "smallest |W| per layer), wanda (zero the lowest |W|·‖X‖ per output row), "
-                "2:4 (2 of every 4 input weights kept)"})
-    target: Target = field(default="all", metadata={
-        "help": "structured only: heads, mlp or all"})
-    sparsity: float = field(default=0.5, metadata={
-        "help": "fraction to remove: of heads / channels per layer (structured) or of weights "
-                "(magnitude per layer, wanda per row); 2:4 is always 0.5"})
-    importance: Importance = field(default="auto", metadata={
-        "help": "structured and 2:4 ranking: magnitude (weights only), activation (weights x "
-                "calibration activations), auto (activation when calibration data is attached)"})
-    modules: tuple[str, ...] = field(default=("*",), metadata={
-        "help": "globs of module paths (or their dotted tails) to prune, e.g. [*.mlp.*]"})
-    skip: tuple[str, ...] = field(default=(), metadata={
-        "help": "globs of module paths (or dotted tails) to leave untouched, e.g. [lm_head,*.0.*]"})
-    min_sqnr: float | None = field(default=None, metadata={
-        "help": "verification budget: stop the pipeline when output SQNR (dB) falls below this"})
-    min_cosine: float | None = field(default=None, metadata={
-        "help": "verification budget: stop the pipeline when output cosine similarity falls below this"})
+    method: Method = field(
+        default="structured",
+        metadata={
+            "help": "structured (remove heads / MLP channels: smaller and faster), magnitude (zero the "
+            "smallest |W| per layer), wanda (zero the lowest |W|·‖X‖ per output row), "
+            "2:4 (2 of every 4 input weights kept)"
+        },
+    )
+    target: Target = field(default="all", metadata={"help": "structured only: heads, mlp or all"})
+    sparsity: float = field(
+        default=0.5,
+        metadata={
+            "help": "fraction to remove: of heads / channels per layer (structured) or of weights "
+            "(magnitude per layer, wanda per row); 2:4 is always 0.5"
+        },
+    )
+    importance: Importance = field(
+        default="auto",
+        metadata={
+            "help": "structured and 2:4 ranking: magnitude (weights only), activation (weights x "
+            "calibration activations), auto (activation when calibration data is attached)"
+        },
+    )
+    modules: tuple[str, ...] = field(
+        default=("*",), metadata={"help": "globs of module paths (or their dotted tails) to prune, e.g. [*.mlp.*]"}
+    )
+    skip: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "globs of module paths (or dotted tails) to leave untouched, e.g. [lm_head,*.0.*]"},
+    )
+    min_sqnr: float | None = field(
+        default=None, metadata={"help": "verification budget: stop the pipeline when output SQNR (dB) falls below this"}
+    )
+    min_cosine: float | None = field(
+        default=None,
+        metadata={"help": "verification budget: stop the pipeline when output cosine similarity falls below this"},
+    )
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"prune: unknown method {self.method!r} (methods: {', '.join(METHODS)})")
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) \
-                or not 0 <= self.sparsity < 1:
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
             raise ValueError(f"prune: sparsity must be in [0, 1), got {self.sparsity!r}")
         if self.method == "2:4" and self.sparsity != 0.5:
             raise ValueError(f"prune: method=2:4 always removes half the weights; drop sparsity={self.sparsity}")
@@ -209,8 +258,11 @@ def _replace_param(gm, target: str, tensor: torch.Tensor) -> torch.Tensor:
     owner_path, _, name = target.rpartition(".")
     owner = gm.get_submodule(owner_path) if owner_path else gm
     old = getattr(owner, name)
-    new = torch.nn.Parameter(tensor.contiguous(), requires_grad=old.requires_grad) \
-        if isinstance(old, torch.nn.Parameter) else tensor.contiguous()
+    new = (
+        torch.nn.Parameter(tensor.contiguous(), requires_grad=old.requires_grad)
+        if isinstance(old, torch.nn.Parameter)
+        else tensor.contiguous()
+    )
     if isinstance(old, torch.nn.Parameter):
         setattr(owner, name, new)
     else:
@@ -238,6 +290,7 @@ def _count_params(gm) -> int:
 class _Slice:
     """Rows (producer) or columns (consumer) of a linear that carry one group's units:
     unit u owns [offset + u*per_unit, offset + (u+1)*per_unit)."""
+
     site: _Site
     offset: int
     per_unit: int
@@ -248,10 +301,10 @@ class _Slice:
 
 @dataclass
 class _Group:
-    kind: str                       # "heads" | "mlp"
+    kind: str  # "heads" | "mlp"
     path: str
     units: int
-    unit_name: str                  # "head" | "kv-group" | "channel"
+    unit_name: str  # "head" | "kv-group" | "channel"
     producers: list[_Slice]
     consumer: _Slice
     nodes: set = field(default_factory=set)
@@ -311,8 +364,15 @@ def _mlp_group(gm, consumer: _Site, sites: dict) -> _Group:
         if not set(n.users) <= group_nodes | {consumer.node}:
             raise Refused(f"{n.name} is also read outside the MLP")
     paths = [s.path for s in producers] + [consumer.path]
-    return _Group("mlp", _common_prefix(paths), k, "channel",
-                  [_Slice(p, 0, 1) for p in producers], _Slice(consumer, 0, 1), group_nodes)
+    return _Group(
+        "mlp",
+        _common_prefix(paths),
+        k,
+        "channel",
+        [_Slice(p, 0, 1) for p in producers],
+        _Slice(consumer, 0, 1),
+        group_nodes,
+    )
 
 
 def _common_prefix(paths: list[str]) -> str:
@@ -380,8 +440,9 @@ def _producer(split_view, sites: dict, nodes: set) -> tuple[_Site, int]:
         nodes.add(node)
         if node.op == "call_function" and node.target in _VIEWS and _last(node.args[0]) == _last(node):
             node = node.args[0]
-        elif node.op == "call_function" and node.target is operator.getitem and \
-                node.args[0].target is aten.split.Tensor:
+        elif (
+            node.op == "call_function" and node.target is operator.getitem and node.args[0].target is aten.split.Tensor
+        ):
             split = node.args[0]
             dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
             if dim not in (-1, val(split.args[0]).dim() - 1):
@@ -414,7 +475,7 @@ def _output_consumer(sdpa, heads: int, head_dim: int, sites: dict, nodes: set) -
             a, b = user.args[1] % 4, user.args[2] % 4
             axis = b if axis == a else a if axis == b else axis
         elif t is aten.permute.default and not merged:
-            axis = list(p % 4 for p in user.args[1]).index(axis)
+            axis = [p % 4 for p in user.args[1]].index(axis)
         elif t in _FREE or (t in _VIEWS and _same_shape(user, node)):  # HF's reshape(B, -1, S, D)
             pass
         elif t in _VIEWS and not merged:
@@ -435,16 +496,16 @@ HEAD_PARALLEL_OPS = ("sparse_attention", "linear_attention", "performer_attentio
 
 def attention_nodes(gm) -> list[torch.fx.Node]:
     """SDPA nodes and nodes of optpipe's head-parallel attention ops, in graph order."""
-    ops = {SDPA} | {getattr(torch.ops.optpipe, name).default for name in HEAD_PARALLEL_OPS
-                    if hasattr(torch.ops.optpipe, name)}
+    ops = {SDPA} | {
+        getattr(torch.ops.optpipe, name).default for name in HEAD_PARALLEL_OPS if hasattr(torch.ops.optpipe, name)
+    }
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ops]
 
 
 def _attention_arguments(node: torch.fx.Node) -> dict:
     if node.target is SDPA:
         return sdpa_arguments(node)
-    return {"query": node.args[0], "key": node.args[1], "value": node.args[2], "dropout_p": 0.0,
-            "attn_mask": None}
+    return {"query": node.args[0], "key": node.args[1], "value": node.args[2], "dropout_p": 0.0, "attn_mask": None}
 
 
 def _head_group(gm, sdpa, sites: dict) -> _Group:
@@ -466,8 +527,11 @@ def _head_group(gm, sdpa, sites: dict) -> _Group:
     rep = heads // kv_heads
     nodes = {sdpa}
     slices = []
-    for name, n_heads, per in (("query", heads, rep * head_dim), ("key", kv_heads, head_dim),
-                               ("value", kv_heads, head_dim)):
+    for name, n_heads, per in (
+        ("query", heads, rep * head_dim),
+        ("key", kv_heads, head_dim),
+        ("value", kv_heads, head_dim),
+    ):
         view = _head_path(args[name], n_heads, nodes)
         site, offset = _producer(view, sites, nodes)
         slices.append(_Slice(site, offset, per))
@@ -481,8 +545,16 @@ def _head_group(gm, sdpa, sites: dict) -> _Group:
     for n in nodes:
         if not set(n.users) <= nodes | {consumer.node}:
             raise Refused(f"{n.name} is also read outside the attention")
-    return _Group("heads", module_path(sdpa), kv_heads, "kv-group" if rep > 1 else "head", slices,
-                  _Slice(consumer, 0, rep * head_dim), nodes, rep)
+    return _Group(
+        "heads",
+        module_path(sdpa),
+        kv_heads,
+        "kv-group" if rep > 1 else "head",
+        slices,
+        _Slice(consumer, 0, rep * head_dim),
+        nodes,
+        rep,
+    )
 
 
 def find_groups(gm, config: PruneConfig) -> tuple[list[_Group], list[dict]]:
@@ -494,8 +566,9 @@ def find_groups(gm, config: PruneConfig) -> tuple[list[_Group], list[dict]]:
             try:
                 groups.append(_head_group(gm, node, sites))
             except Refused as e:
-                refused.append({"module_path": module_path(node), "kind": "heads", "action": "refused",
-                                "reason": str(e)})
+                refused.append(
+                    {"module_path": module_path(node), "kind": "heads", "action": "refused", "reason": str(e)}
+                )
     if config.target in ("all", "mlp"):
         in_heads = {n for g in groups for n in g.nodes}
         for node, site in sites.items():
@@ -654,9 +727,12 @@ class _Resizer(torch.fx.Interpreter):
         elif t in (aten.slice.Tensor, aten.narrow.default, aten.split_with_sizes.default):
             dim = n.args[1] if t is not aten.split_with_sizes.default else (n.args[2] if len(n.args) > 2 else 0)
             if len(old_in) and old_in[dim] != new_in[dim]:
-                full = t is aten.slice.Tensor and (len(n.args) < 3 or n.args[2] in (0, None)) and \
-                    (len(n.args) < 4 or n.args[3] is None or n.args[3] >= old_in[dim]) and \
-                    (len(n.args) < 5 or n.args[4] == 1)
+                full = (
+                    t is aten.slice.Tensor
+                    and (len(n.args) < 3 or n.args[2] in (0, None))
+                    and (len(n.args) < 4 or n.args[3] is None or n.args[3] >= old_in[dim])
+                    and (len(n.args) < 5 or n.args[4] == 1)
+                )
                 if not full:
                     raise Refused(f"{n.name} slices a pruned dim")
 
@@ -708,8 +784,7 @@ def _compensated_bias(gm, group: _Group, removed: list[int], means: dict | None)
     return b + (w.index_select(1, cols).double() @ means[c.site.x].double()[cols]).to(b.dtype)
 
 
-def apply_groups(program: Program, plan: list[tuple[_Group, list[int], list[int]]],
-                  means: dict | None = None) -> None:
+def apply_groups(program: Program, plan: list[tuple[_Group, list[int], list[int]]], means: dict | None = None) -> None:
     """Shrink the linears of every (group, kept units) and the graph's sizes; all or nothing."""
     gm = program.gm
     rows: dict[int, tuple[_Site, list[int]]] = {}
@@ -722,8 +797,7 @@ def apply_groups(program: Program, plan: list[tuple[_Group, list[int], list[int]
     for group, kept, _ in plan:
         for s in group.producers:
             rows.setdefault(id(s.site.node), (s.site, []))[1].extend(s.indices(kept))
-        cols.setdefault(id(group.consumer.site.node), (group.consumer.site, []))[1].extend(
-            group.consumer.indices(kept))
+        cols.setdefault(id(group.consumer.site.node), (group.consumer.site, []))[1].extend(group.consumer.indices(kept))
     with torch.no_grad():
         recorder = _Shapes(gm)
         recorder.run(*program.example_inputs)
@@ -744,7 +818,9 @@ def apply_groups(program: Program, plan: list[tuple[_Group, list[int], list[int]
                 w = w.index_select(1, torch.tensor(sorted(cols[key][1]), dtype=torch.long))
                 if site.bias is not None and site.bias.target in biases:
                     replaced.append((site.bias.target, _replace_param(gm, site.bias.target, biases[site.bias.target])))
-            replaced.append((site.weight.target, _replace_param(gm, site.weight.target, w.t() if site.transposed else w)))
+            replaced.append(
+                (site.weight.target, _replace_param(gm, site.weight.target, w.t() if site.transposed else w))
+            )
         with torch.no_grad():
             resizer.run(*program.example_inputs)
         output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -785,19 +861,28 @@ def _structured(program: Program, config: PruneConfig) -> PassResult:
         order = torch.argsort(scores, stable=True)
         removed = sorted(order[:n_remove].tolist())
         kept = sorted(order[n_remove:].tolist())
-        entry = {"module_path": g.path, "kind": g.kind, "action": "pruned" if removed else "kept",
-                 "unit": g.unit_name, "units": g.units, "kept": len(kept),
-                 "linears": list(dict.fromkeys(s.path for s in g.linears())),
-                 "importance": "activation" if norms is not None else "magnitude"}
+        entry = {
+            "module_path": g.path,
+            "kind": g.kind,
+            "action": "pruned" if removed else "kept",
+            "unit": g.unit_name,
+            "units": g.units,
+            "kept": len(kept),
+            "linears": list(dict.fromkeys(s.path for s in g.linears())),
+            "importance": "activation" if norms is not None else "magnitude",
+        }
         if g.kind == "heads":
             entry["scores"] = [round(float(s), 4) for s in scores]
             entry["removed"] = removed
             entry["heads_removed"] = len(removed) * g.heads_per_unit
         else:
             q = torch.quantile(scores.double(), torch.tensor([0.0, 0.5, 1.0], dtype=torch.double))
-            entry["scores"] = {"min": round(float(q[0]), 4), "median": round(float(q[1]), 4),
-                               "max": round(float(q[2]), 4),
-                               "threshold": round(float(scores[order[n_remove - 1]]), 4) if removed else None}
+            entry["scores"] = {
+                "min": round(float(q[0]), 4),
+                "median": round(float(q[1]), 4),
+                "max": round(float(q[2]), 4),
+                "threshold": round(float(scores[order[n_remove - 1]]), 4) if removed else None,
+            }
             entry["removed"] = len(removed)
         entries.append(entry)
         if removed:
@@ -814,10 +899,14 @@ def _structured(program: Program, config: PruneConfig) -> PassResult:
     if plan:
         gm.graph.lint()
         gm.recompile()
-    stats = {"pruned_heads": sum(e.get("heads_removed", 0) for e in pruned),
-             "pruned_channels": sum(e["removed"] for e in pruned if e["kind"] == "mlp"),
-             "groups": len(groups), "refused": sum(1 for d in details if d["action"] == "refused"),
-             "params_before": params_before, "params_after": _count_params(gm)}
+    stats = {
+        "pruned_heads": sum(e.get("heads_removed", 0) for e in pruned),
+        "pruned_channels": sum(e["removed"] for e in pruned if e["kind"] == "mlp"),
+        "groups": len(groups),
+        "refused": sum(1 for d in details if d["action"] == "refused"),
+        "params_before": params_before,
+        "params_after": _count_params(gm),
+    }
     return PassResult(bool(plan), stats, {"modules": details})
 
 
@@ -843,15 +932,13 @@ def _mask(w: torch.Tensor, score: torch.Tensor, config: PruneConfig) -> torch.Te
 
 def _store_masked(gm, site: _Site, masked: torch.Tensor, semi_structured: bool) -> None:
     stored = masked.t() if site.transposed else masked
-    if semi_structured and stored.is_cuda and stored.dtype in (torch.float16, torch.bfloat16) \
-            and not site.transposed:
+    if semi_structured and stored.is_cuda and stored.dtype in (torch.float16, torch.bfloat16) and not site.transposed:
         # CUDA sparse tensor cores: F.linear dispatches on the semi-structured subclass
         from torch.sparse import to_sparse_semi_structured
 
         owner_path, _, name = site.weight.target.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm
-        setattr(owner, name, torch.nn.Parameter(to_sparse_semi_structured(stored.contiguous()),
-                                                requires_grad=False))
+        setattr(owner, name, torch.nn.Parameter(to_sparse_semi_structured(stored.contiguous()), requires_grad=False))
         return
     _replace_param(gm, site.weight.target, stored)
 
@@ -888,14 +975,29 @@ def _unstructured(program: Program, config: PruneConfig) -> PassResult:
         masked = torch.where(keep, w, torch.zeros((), dtype=w.dtype))
         zeroed += int((~keep).sum())
         _store_masked(gm, site, masked, config.method == "2:4")
-        details.append({**entry, "action": "pruned", "score": "wanda" if norms is not None else "magnitude",
-                        "sparsity": round(float((masked == 0).double().mean()), 4)})
+        details.append(
+            {
+                **entry,
+                "action": "pruned",
+                "score": "wanda" if norms is not None else "magnitude",
+                "sparsity": round(float((masked == 0).double().mean()), 4),
+            }
+        )
     if sites:
         gm.recompile()
-    nonzero = sum(int((p != 0).sum()) for p in {id(p): p for p in gm.parameters()}.values()
-                  if not p.is_sparse and p.layout == torch.strided)
-    stats = {"pruned": len(sites), "skipped": len(details) - len(sites), "weights_zeroed": zeroed,
-             "params_before": params_before, "params_after": _count_params(gm), "nonzero_after": nonzero}
+    nonzero = sum(
+        int((p != 0).sum())
+        for p in {id(p): p for p in gm.parameters()}.values()
+        if not p.is_sparse and p.layout == torch.strided
+    )
+    stats = {
+        "pruned": len(sites),
+        "skipped": len(details) - len(sites),
+        "weights_zeroed": zeroed,
+        "params_before": params_before,
+        "params_after": _count_params(gm),
+        "nonzero_after": nonzero,
+    }
     return PassResult(bool(sites), stats, {"modules": details})
 
 
@@ -908,4 +1010,4 @@ def prune(program: Program, config: PruneConfig) -> PassResult:
     return _unstructured(program, config)
 
 
-__all__ = ["PruneConfig", "prune", "find_groups", "channel_norms", "channel_stats", "score_group", "METHODS"]
+__all__ = ["METHODS", "PruneConfig", "channel_norms", "channel_stats", "find_groups", "prune", "score_group"]

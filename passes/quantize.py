@@ -40,6 +40,7 @@ the activations the linears read. Stats: {"quantized", "skipped", "bytes_before"
 "bytes_after"}; details: one entry per linear/embedding, keyed by module path, with the op or the
 reason it was skipped.
 """
+
 from __future__ import annotations
 
 import operator
@@ -50,14 +51,14 @@ import torch
 import torch.fx
 from torch._guards import detect_fake_mode
 
-from optpipe.program import Program
 from optpipe.attention_sites import module_path as _module_path
+from optpipe.program import Program
+from optpipe.registry import PassResult, register_pass
 from optpipe.weight_sites import WeightSite as _Site
 from optpipe.weight_sites import linear_shape as _linear_shape
 from optpipe.weight_sites import path_matches
 from optpipe.weight_sites import weight_site as _site
 from optpipe.weight_sites import weight_tensor as _tensor
-from optpipe.registry import PassResult, register_pass
 
 from . import quantize_ops as ops
 from .cleanup import eliminate_dead_code
@@ -79,32 +80,59 @@ _META_KEYS = ("nn_module_stack", "stack_trace")
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    scheme: Scheme = field(default="int8-dynamic", metadata={
-        "help": "int8-dynamic (int8 weights per output channel, int8 activations per token: faster on "
-                "CPU), int8-static (activation scales calibrated once, per tensor: fastest), int8-weight / "
-                "int4-weight (weight-only, dequantized on the fly: smaller)"})
-    group: int = field(default=128, metadata={
-        "help": "int4-weight: input channels per scale (32, 64 or 128; smaller is more accurate)"})
-    modules: tuple[str, ...] = field(default=("*",), metadata={
-        "help": "globs of module paths (or their dotted tails) to quantize, e.g. [*.mlp.*,*attn*]"})
-    skip: tuple[str, ...] = field(default=(), metadata={
-        "help": "globs of module paths (or dotted tails) to leave in fp32, e.g. [lm_head,*embed*]"})
-    embeddings: bool = field(default=False, metadata={
-        "help": "also store embedding tables as int8 with a scale per row (most of a small model's bytes)"})
-    calibration_batches: int = field(default=8, metadata={
-        "help": "int8-static: calibration input sets to measure activation ranges on (the attached "
-                "--calibration-data, else the verification inputs)"})
-    smoothing: float | None = field(default=None, metadata={
-        "help": "int8-static: SmoothQuant strength α in [0, 1): input channels are divided by "
-                "max|x|^α / max|W|^(1-α) and the weights multiplied by it; 0 turns it off; unset: chosen "
-                f"per input among {', '.join(map(str, SMOOTHING_ALPHAS))} by the linears' output error"})
-    calibration_method: Literal["mse", "minmax", "percentile"] = field(default="mse", metadata={
-        "help": "int8-static: activation range per input: mse (the clipping of least squared error), "
-                f"minmax (no clipping), percentile ({PERCENTILE}th of each tail)"})
-    min_sqnr: float | None = field(default=None, metadata={
-        "help": "verification budget: stop the pipeline when output SQNR (dB) falls below this"})
-    min_cosine: float | None = field(default=None, metadata={
-        "help": "verification budget: stop the pipeline when output cosine similarity falls below this"})
+    scheme: Scheme = field(
+        default="int8-dynamic",
+        metadata={
+            "help": "int8-dynamic (int8 weights per output channel, int8 activations per token: faster on "
+            "CPU), int8-static (activation scales calibrated once, per tensor: fastest), int8-weight / "
+            "int4-weight (weight-only, dequantized on the fly: smaller)"
+        },
+    )
+    group: int = field(
+        default=128,
+        metadata={"help": "int4-weight: input channels per scale (32, 64 or 128; smaller is more accurate)"},
+    )
+    modules: tuple[str, ...] = field(
+        default=("*",),
+        metadata={"help": "globs of module paths (or their dotted tails) to quantize, e.g. [*.mlp.*,*attn*]"},
+    )
+    skip: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "globs of module paths (or dotted tails) to leave in fp32, e.g. [lm_head,*embed*]"},
+    )
+    embeddings: bool = field(
+        default=False,
+        metadata={"help": "also store embedding tables as int8 with a scale per row (most of a small model's bytes)"},
+    )
+    calibration_batches: int = field(
+        default=8,
+        metadata={
+            "help": "int8-static: calibration input sets to measure activation ranges on (the attached "
+            "--calibration-data, else the verification inputs)"
+        },
+    )
+    smoothing: float | None = field(
+        default=None,
+        metadata={
+            "help": "int8-static: SmoothQuant strength α in [0, 1): input channels are divided by "
+            "max|x|^α / max|W|^(1-α) and the weights multiplied by it; 0 turns it off; unset: chosen "
+            f"per input among {', '.join(map(str, SMOOTHING_ALPHAS))} by the linears' output error"
+        },
+    )
+    calibration_method: Literal["mse", "minmax", "percentile"] = field(
+        default="mse",
+        metadata={
+            "help": "int8-static: activation range per input: mse (the clipping of least squared error), "
+            f"minmax (no clipping), percentile ({PERCENTILE}th of each tail)"
+        },
+    )
+    min_sqnr: float | None = field(
+        default=None, metadata={"help": "verification budget: stop the pipeline when output SQNR (dB) falls below this"}
+    )
+    min_cosine: float | None = field(
+        default=None,
+        metadata={"help": "verification budget: stop the pipeline when output cosine similarity falls below this"},
+    )
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -119,16 +147,25 @@ class QuantizeConfig:
                 raise ValueError(f"quantize: {name} must be a list of module-path globs, got {value!r}")
         if not self.modules:
             raise ValueError("quantize: modules is empty; use [*] for every linear")
-        if isinstance(self.calibration_batches, bool) or not isinstance(self.calibration_batches, int) \
-                or self.calibration_batches < 1:
-            raise ValueError("quantize: calibration-batches must be a positive integer, "
-                             f"got {self.calibration_batches!r}")
-        if self.smoothing is not None and (isinstance(self.smoothing, bool) or not isinstance(
-                self.smoothing, (int, float)) or not 0 <= self.smoothing < 1):
+        if (
+            isinstance(self.calibration_batches, bool)
+            or not isinstance(self.calibration_batches, int)
+            or self.calibration_batches < 1
+        ):
+            raise ValueError(
+                f"quantize: calibration-batches must be a positive integer, got {self.calibration_batches!r}"
+            )
+        if self.smoothing is not None and (
+            isinstance(self.smoothing, bool)
+            or not isinstance(self.smoothing, (int, float))
+            or not 0 <= self.smoothing < 1
+        ):
             raise ValueError(f"quantize: smoothing must be in [0, 1), got {self.smoothing!r}")
         if self.calibration_method not in CALIBRATION_METHODS:
-            raise ValueError(f"quantize: unknown calibration-method {self.calibration_method!r} "
-                             f"(methods: {', '.join(CALIBRATION_METHODS)})")
+            raise ValueError(
+                f"quantize: unknown calibration-method {self.calibration_method!r} "
+                f"(methods: {', '.join(CALIBRATION_METHODS)})"
+            )
         if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
             raise ValueError(f"quantize: min-cosine must be in [-1, 1], got {self.min_cosine}")
 
@@ -202,14 +239,15 @@ class _Quantizer:
             q, scale = ops.quantize_int8_per_channel(w)
         name = site.weight.target.rpartition(".")[2]
         owner = site.owner
-        names = (_new_buffer(self.gm, owner, f"{name}_{layout.replace('-', '_')}", q),
-                 _new_buffer(self.gm, owner, f"{name}_{'qparams' if layout == 'int4' else 'scale'}", scale))
+        names = (
+            _new_buffer(self.gm, owner, f"{name}_{layout.replace('-', '_')}", q),
+            _new_buffer(self.gm, owner, f"{name}_{'qparams' if layout == 'int4' else 'scale'}", scale),
+        )
         self.done[key] = names
         return names
 
 
-def _rewrite(gm, site: _Site, config: QuantizeConfig, quantizer: _Quantizer,
-             activation: tuple | None = None) -> str:
+def _rewrite(gm, site: _Site, config: QuantizeConfig, quantizer: _Quantizer, activation: tuple | None = None) -> str:
     node = site.node
     fake_mode = detect_fake_mode([n.meta.get("val") for n in node.all_input_nodes])
     layout = "int4" if (site.kind == "linear" and config.scheme == "int4-weight") else "int8"
@@ -223,10 +261,14 @@ def _rewrite(gm, site: _Site, config: QuantizeConfig, quantizer: _Quantizer,
         elif config.scheme == "int4-weight":
             op, args = ops.linear_int4_weight, (site.x, q_node, s_node, site.bias, config.group)
         elif config.scheme == "int8-static":
-            a_node = _get_attr(gm, _new_buffer(gm, site.owner, "input_qparams", act_qparams.clone()),
-                               site.weight, fake_mode)
-            m_node = None if smooth is None else _get_attr(
-                gm, _new_buffer(gm, site.owner, "input_smooth", smooth.clone()), site.weight, fake_mode)
+            a_node = _get_attr(
+                gm, _new_buffer(gm, site.owner, "input_qparams", act_qparams.clone()), site.weight, fake_mode
+            )
+            m_node = (
+                None
+                if smooth is None
+                else _get_attr(gm, _new_buffer(gm, site.owner, "input_smooth", smooth.clone()), site.weight, fake_mode)
+            )
             op, args = ops.linear_int8_static, (site.x, q_node, s_node, a_node, m_node, site.bias)
         else:
             op = ops.linear_int8_dynamic if config.scheme == "int8-dynamic" else ops.linear_int8_weight
@@ -256,8 +298,12 @@ def fuse_shared_input_linears(gm: torch.fx.GraphModule) -> tuple[int, set[str]]:
         if any(w is None or w.dim() != 2 for w in weights) or len({w.shape[1] for w in weights}) != 1:
             continue
         rows = [w.shape[0] for w in weights]
-        biases = [(_tensor(gm, m.args[3].target) if isinstance(m.args[3], torch.fx.Node) else None)
-                  if len(m.args) > 3 else None for m in members]
+        biases = [
+            (_tensor(gm, m.args[3].target) if isinstance(m.args[3], torch.fx.Node) else None)
+            if len(m.args) > 3
+            else None
+            for m in members
+        ]
         if any(isinstance(m.args[3], torch.fx.Node) and b is None for m, b in zip(members, biases) if len(m.args) > 3):
             continue  # a bias computed in the graph, not a stored one
         paths = [m.args[1].target.rpartition(".")[0].split(".") for m in members]
@@ -271,8 +317,14 @@ def fuse_shared_input_linears(gm: torch.fx.GraphModule) -> tuple[int, set[str]]:
         s_name = _new_buffer(gm, owner, "fused_weight_scale", torch.cat(scales))
         b_name = None
         if any(b is not None for b in biases):
-            b_name = _new_buffer(gm, owner, "fused_bias", torch.cat(
-                [b if b is not None else torch.zeros(n, dtype=scales[0].dtype) for b, n in zip(biases, rows)]))
+            b_name = _new_buffer(
+                gm,
+                owner,
+                "fused_bias",
+                torch.cat(
+                    [b if b is not None else torch.zeros(n, dtype=scales[0].dtype) for b, n in zip(biases, rows)]
+                ),
+            )
         first = min(members, key=lambda n: list(gm.graph.nodes).index(n))
         fake_mode = detect_fake_mode([n.meta.get("val") for n in first.all_input_nodes])
         with gm.graph.inserting_before(first):
@@ -304,7 +356,7 @@ def _drop_unused_weights(gm: torch.fx.GraphModule, candidates: set[str]) -> list
     """Delete fp32 weights that no graph node reads any more, under every name they have (a tied
     embedding is registered under both of its names even when the graph reads only one)."""
     read = {id(_tensor(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr"}
-    dead = {id(t) for t in map(lambda c: _tensor(gm, c), candidates) if t is not None and id(t) not in read}
+    dead = {id(t) for t in (_tensor(gm, c) for c in candidates) if t is not None and id(t) not in read}
     named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
     dropped = []
     for target, tensor in named:
@@ -355,15 +407,23 @@ class _RangeRecorder(torch.fx.Interpreter):
             rows = out.detach().float().reshape(-1, out.shape[-1])
             st = self.stats.setdefault(n, {"min": rows.amin(0), "max": rows.amax(0), "rows": []})
             st["min"], st["max"] = torch.minimum(st["min"], rows.amin(0)), torch.maximum(st["max"], rows.amax(0))
-            keep = torch.randperm(rows.shape[0], generator=self.g)[:self.rows_per_set]
+            keep = torch.randperm(rows.shape[0], generator=self.g)[: self.rows_per_set]
             st["rows"].append(rows[keep])
         return out
 
 
 def _dense_weights(gm, sites: list[_Site]) -> torch.Tensor:
     """The [ΣN, K] fp32 weights of every linear reading the same input, stacked."""
-    return torch.cat([(_tensor(gm, s.weight.target).detach().float().t() if s.transposed
-                       else _tensor(gm, s.weight.target).detach().float()) for s in sites])
+    return torch.cat(
+        [
+            (
+                _tensor(gm, s.weight.target).detach().float().t()
+                if s.transposed
+                else _tensor(gm, s.weight.target).detach().float()
+            )
+            for s in sites
+        ]
+    )
 
 
 def _activation_choice(st: dict, weight: torch.Tensor, alpha: float, method: str):
@@ -390,15 +450,17 @@ def _activation_choice(st: dict, weight: torch.Tensor, alpha: float, method: str
     return qparams, smooth, float((out - ref).pow(2).sum())
 
 
-def _calibrate(program: Program, gm, sites: list[_Site], config: QuantizeConfig,
-               all_sites: list[_Site]) -> tuple[dict, dict]:
+def _calibrate(
+    program: Program, gm, sites: list[_Site], config: QuantizeConfig, all_sites: list[_Site]
+) -> tuple[dict, dict]:
     """({input node: (act_qparams [2], smoothing [K] or None)}, details): one per-tensor uint8 range
     and one smoothing per distinct input, so linears reading the same activation (q, k, v) share it."""
     from optpipe.calibration import calibration_inputs
 
     sets = calibration_inputs(program, limit=config.calibration_batches)
-    recorder = _RangeRecorder(gm, {site.x for site in sites}, torch.Generator().manual_seed(0),
-                              max(1, CALIBRATION_ROWS // len(sets)))
+    recorder = _RangeRecorder(
+        gm, {site.x for site in sites}, torch.Generator().manual_seed(0), max(1, CALIBRATION_ROWS // len(sets))
+    )
     with torch.no_grad():
         for inputs in sets:
             recorder.run(*inputs)
@@ -416,14 +478,20 @@ def _calibrate(program: Program, gm, sites: list[_Site], config: QuantizeConfig,
             # a weight shared with another input or an embedding (a tied LM head) keeps one int8 copy:
             # smoothing it for this input would need a second
             tied = any(readers[id(_tensor(gm, s.weight.target))] != {node} for s in by_input[node])
-            options = [(_activation_choice(st, weight, a, config.calibration_method), a)
-                       for a in ((0.0,) if tied else alphas)]
+            options = [
+                (_activation_choice(st, weight, a, config.calibration_method), a) for a in ((0.0,) if tied else alphas)
+            ]
             (qparams, smooth, _), alpha = min(options, key=lambda o: o[0][2])
             activations[node] = (qparams, smooth)
             chosen[alpha] = chosen.get(alpha, 0) + 1
     source = "attached calibration data" if program.calibration else "verification inputs"
-    return activations, {"source": source, "sets": len(sets), "method": config.calibration_method,
-                         "smoothing": {f"{a:g}": n for a, n in sorted(chosen.items())}, "inputs": len(activations)}
+    return activations, {
+        "source": source,
+        "sets": len(sets),
+        "method": config.calibration_method,
+        "smoothing": {f"{a:g}": n for a, n in sorted(chosen.items())},
+        "inputs": len(activations),
+    }
 
 
 @register_pass("quantize", QuantizeConfig, exact=False)
@@ -469,15 +537,21 @@ def quantize(program: Program, config: QuantizeConfig) -> PassResult:
         gm.graph.lint()
         gm.recompile()
     kept = sorted(t for t in weights - set(dropped) if _tensor(gm, t) is not None)
-    stats = {"quantized": quantized, "skipped": len(details) - quantized, "fused": fused,
-             "bytes_before": bytes_before, "bytes_after": state_bytes(gm)}
+    stats = {
+        "quantized": quantized,
+        "skipped": len(details) - quantized,
+        "fused": fused,
+        "bytes_before": bytes_before,
+        "bytes_after": state_bytes(gm),
+    }
     result = {"modules": details}
     if calibration is not None:
         result["calibration"] = calibration
     if kept:
-        result["fp32_weights_kept"] = {t: "still read by a node that was not quantized (tied or skipped)"
-                                       for t in kept}
+        result["fp32_weights_kept"] = dict.fromkeys(
+            kept, "still read by a node that was not quantized (tied or skipped)"
+        )
     return PassResult(bool(quantized), stats, result)
 
 
-__all__ = ["QuantizeConfig", "quantize", "path_matches", "state_bytes", "SCHEMES"]
+__all__ = ["SCHEMES", "QuantizeConfig", "path_matches", "quantize", "state_bytes"]

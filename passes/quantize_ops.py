@@ -45,13 +45,13 @@ int8-weight keeps its decomposition there).
 Autograd: the activations and the bias get gradients (straight through the dequantized weight), so
 a quantized model can still be fine-tuned around its frozen int8/int4 weights (adapters, biases).
 """
+
 from __future__ import annotations
 
 import functools
 import threading
 import warnings
 import weakref
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +106,7 @@ def dequantize_int4(packed: torch.Tensor, qparams: torch.Tensor, group: int, dty
     high = torch.div(p, 16, rounding_mode="floor")
     low = p - high * 16
     n = packed.shape[0]
-    u = torch.stack([low, high], dim=-1).reshape(n, qparams.shape[1], group).to(dtype)   # [N, K/g, g]
+    u = torch.stack([low, high], dim=-1).reshape(n, qparams.shape[1], group).to(dtype)  # [N, K/g, g]
     qp = qparams.to(dtype)
     return ((u - qp[..., 1:]) * qp[..., :1]).reshape(n, -1)
 
@@ -115,7 +115,7 @@ def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
     return weight.to(dtype) * scale.to(dtype)[:, None]
 
 
-def _add_bias(y: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _add_bias(y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y * scale (+ bias), one fused pass where there is a bias."""
     return y * scale if bias is None else torch.addcmul(bias.to(y.dtype), y, scale)
 
@@ -126,8 +126,9 @@ def _row_max(x: torch.Tensor) -> torch.Tensor:
     return x.abs().max(dim=-1, keepdim=True).values.clamp(min=ROW_EPS)
 
 
-def int8_dynamic_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                           bias: Optional[torch.Tensor]) -> torch.Tensor:
+def int8_dynamic_reference(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """The decomposition: per-token normalization, DynamicQuantizeLinear-style uint8 activations,
     an integer-valued matmul in x's dtype (exact up to fp32 rounding of the int32 sums)."""
     row = _row_max(x)
@@ -136,7 +137,7 @@ def int8_dynamic_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: 
     hi = xn.max().clamp(min=0)
     act_scale = ((hi - lo) / 255).clamp(min=torch.finfo(x.dtype).tiny)
     zero = torch.round(-lo / act_scale).clamp(0, 255)
-    centered = torch.round(xn / act_scale).add(zero).clamp(0, 255) - zero     # xq - zero point
+    centered = torch.round(xn / act_scale).add(zero).clamp(0, 255) - zero  # xq - zero point
     acc = F.linear(centered, weight.to(x.dtype))
     return _add_bias(acc * (act_scale * row), weight_scale.to(x.dtype), bias)
 
@@ -177,7 +178,8 @@ def _prepack(weight: torch.Tensor, scale: torch.Tensor):
         try:
             torch.backends.quantized.engine = "onednn"
             qweight = torch._make_per_channel_quantized_tensor(
-                weight, scale.double(), torch.zeros(weight.shape[0], dtype=torch.long), 0)
+                weight, scale.double(), torch.zeros(weight.shape[0], dtype=torch.long), 0
+            )
             return torch.ops.quantized.linear_prepack(qweight, None)
         finally:
             torch.backends.quantized.engine = previous
@@ -197,8 +199,9 @@ def _int_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return rows > 16 and x.shape[-1] % 8 == 0 and weight.shape[0] % 8 == 0
 
 
-def int8_dynamic_int_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                        bias: Optional[torch.Tensor]) -> torch.Tensor:
+def int8_dynamic_int_mm(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """The CUDA kernel: symmetric int8 per token (scale max|x|/127), `torch._int_mm` int8 x int8 ->
     int32, rescaled per token and per output channel. Device-agnostic (also runs, slowly, on CPU)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -217,8 +220,9 @@ def int8_dynamic_kernel(x: torch.Tensor, weight: torch.Tensor) -> str:
     return "onednn" if _uses_onednn(x, weight) else "reference"
 
 
-def linear_int8_dynamic_impl(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                             bias: Optional[torch.Tensor]) -> torch.Tensor:
+def linear_int8_dynamic_impl(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     kernel = int8_dynamic_kernel(x, weight)
     if kernel == "int_mm":
         return int8_dynamic_int_mm(x, weight, weight_scale, bias)
@@ -268,15 +272,27 @@ def _int4_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     return _linear_flops(x_shape, (w_shape[0],), out_shape=out_shape)
 
 
-linear_int8_dynamic = define_op("linear_int8_dynamic", linear_int8_dynamic_impl, fake=_linear_fake,
-                                decomposition=int8_dynamic_reference, backward=_straight_through,
-                                setup_context=_save_weights, flops=_linear_flops, exact_outputs=False)
+linear_int8_dynamic = define_op(
+    "linear_int8_dynamic",
+    linear_int8_dynamic_impl,
+    fake=_linear_fake,
+    decomposition=int8_dynamic_reference,
+    backward=_straight_through,
+    setup_context=_save_weights,
+    flops=_linear_flops,
+    exact_outputs=False,
+)
 
 
 # -- int8-static ---------------------------------------------------------------------------------------------
-def int8_static_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                          act_qparams: torch.Tensor, act_smooth: Optional[torch.Tensor],
-                          bias: Optional[torch.Tensor]) -> torch.Tensor:
+def int8_static_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    act_qparams: torch.Tensor,
+    act_smooth: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
     """The decomposition: x (divided per input channel by `act_smooth`, when given) quantized with
     the calibrated per-tensor (scale, zero point) to uint8 (as ONNX QuantizeLinear: round half to
     even, saturate), an integer-valued matmul, rescaled."""
@@ -284,7 +300,7 @@ def int8_static_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: t
     act_scale, zero = qp[0], qp[1]
     if act_smooth is not None:
         x = x / act_smooth.to(x.dtype)
-    centered = torch.round(x / act_scale).add(zero).clamp(0, 255) - zero     # xq - zero point
+    centered = torch.round(x / act_scale).add(zero).clamp(0, 255) - zero  # xq - zero point
     acc = F.linear(centered, weight.to(x.dtype))
     return _add_bias(acc, act_scale * weight_scale.to(x.dtype), bias)
 
@@ -297,9 +313,14 @@ STATIC_PREPACKED = _PrepackCache(_prepack_static)
 HAS_ONEDNN_STATIC = HAS_ONEDNN and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 
-def int8_static_int_mm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                       act_qparams: torch.Tensor, act_smooth: Optional[torch.Tensor],
-                       bias: Optional[torch.Tensor]) -> torch.Tensor:
+def int8_static_int_mm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    act_qparams: torch.Tensor,
+    act_smooth: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
     """The CUDA kernel: uint8 levels shifted to int8 (xq - 128), `torch._int_mm`, and the zero
     point folded back in through the weight's row sums: Σ(xq - z)w = Σ(xq - 128)w - (z - 128)Σw."""
     act_scale, zero = act_qparams[0], act_qparams[1]
@@ -321,9 +342,14 @@ def int8_static_kernel(x: torch.Tensor, weight: torch.Tensor) -> str:
     return "onednn" if HAS_ONEDNN_STATIC and _uses_onednn(x, weight) else "reference"
 
 
-def linear_int8_static_impl(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                            act_qparams: torch.Tensor, act_smooth: Optional[torch.Tensor],
-                            bias: Optional[torch.Tensor]) -> torch.Tensor:
+def linear_int8_static_impl(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    act_qparams: torch.Tensor,
+    act_smooth: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
     kernel = int8_static_kernel(x, weight)
     if kernel == "int_mm":
         return int8_static_int_mm(x, weight, weight_scale, act_qparams, act_smooth, bias)
@@ -338,8 +364,20 @@ def linear_int8_static_impl(x: torch.Tensor, weight: torch.Tensor, weight_scale:
         xq = torch.quantize_per_tensor(x, act_scale, int(zero), torch.quint8).int_repr()
     # oneDNN u8 x s8 with fp32 output: per-channel weight scales and the bias applied in its epilogue
     return torch.ops.onednn.qlinear_pointwise(
-        xq, act_scale, int(zero), STATIC_PREPACKED.get(weight, weight_scale), weight_scale,
-        _zeros(weight.shape[0]), bias, 1.0, 0, x.dtype, "none", [], "")
+        xq,
+        act_scale,
+        int(zero),
+        STATIC_PREPACKED.get(weight, weight_scale),
+        weight_scale,
+        _zeros(weight.shape[0]),
+        bias,
+        1.0,
+        0,
+        x.dtype,
+        "none",
+        [],
+        "",
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -372,9 +410,16 @@ def _static_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     return _linear_flops(x_shape, w_shape)
 
 
-linear_int8_static = define_op("linear_int8_static", linear_int8_static_impl, fake=_static_fake,
-                               decomposition=int8_static_reference, backward=_static_straight_through,
-                               setup_context=_save_static, flops=_static_flops, exact_outputs=False)
+linear_int8_static = define_op(
+    "linear_int8_static",
+    linear_int8_static_impl,
+    fake=_static_fake,
+    decomposition=int8_static_reference,
+    backward=_static_straight_through,
+    setup_context=_save_static,
+    flops=_static_flops,
+    exact_outputs=False,
+)
 
 
 def smoothing_factors(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -413,14 +458,16 @@ def mse_range(sample: torch.Tensor, lo: float, hi: float) -> tuple[float, float]
 
 
 # -- weight-only -------------------------------------------------------------------------------------------
-def linear_int8_weight_impl(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                            bias: Optional[torch.Tensor]) -> torch.Tensor:
+def linear_int8_weight_impl(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """x @ int8ᵀ in x's dtype, scaled per output channel afterwards (one [M,N] pass, not [N,K])."""
     return _add_bias(F.linear(x, weight.to(x.dtype)), weight_scale.to(x.dtype), bias)
 
 
-def linear_int4_weight_impl(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                            bias: Optional[torch.Tensor], group: int) -> torch.Tensor:
+def linear_int4_weight_impl(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, group: int
+) -> torch.Tensor:
     """Unpack and dequantize the int4 groups, then one dense matmul."""
     out = F.linear(x, dequantize_int4(weight, weight_scale, group, x.dtype))
     return out if bias is None else out + bias.to(out.dtype)
@@ -430,12 +477,24 @@ def _int4_fake(x, weight, weight_scale, bias, group):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-linear_int8_weight = define_op("linear_int8_weight", linear_int8_weight_impl, fake=_linear_fake,
-                               decomposition=linear_int8_weight_impl, backward=_straight_through,
-                               setup_context=_save_weights, flops=_linear_flops)
-linear_int4_weight = define_op("linear_int4_weight", linear_int4_weight_impl, fake=_int4_fake,
-                               decomposition=linear_int4_weight_impl, backward=_straight_through,
-                               setup_context=_save_weights, flops=_int4_flops)
+linear_int8_weight = define_op(
+    "linear_int8_weight",
+    linear_int8_weight_impl,
+    fake=_linear_fake,
+    decomposition=linear_int8_weight_impl,
+    backward=_straight_through,
+    setup_context=_save_weights,
+    flops=_linear_flops,
+)
+linear_int4_weight = define_op(
+    "linear_int4_weight",
+    linear_int4_weight_impl,
+    fake=_int4_fake,
+    decomposition=linear_int4_weight_impl,
+    backward=_straight_through,
+    setup_context=_save_weights,
+    flops=_int4_flops,
+)
 
 
 # -- embeddings ---------------------------------------------------------------------------------------------
@@ -449,8 +508,9 @@ def _embedding_fake(weight, weight_scale, indices):
     return weight_scale.new_empty((*indices.shape, weight.shape[1]))
 
 
-embedding_int8 = define_op("embedding_int8", embedding_int8_impl, fake=_embedding_fake,
-                           decomposition=embedding_int8_impl)
+embedding_int8 = define_op(
+    "embedding_int8", embedding_int8_impl, fake=_embedding_fake, decomposition=embedding_int8_impl
+)
 
 
 QUANTIZED_LINEARS = (linear_int8_dynamic, linear_int8_static, linear_int8_weight, linear_int4_weight)
@@ -469,10 +529,10 @@ def _register_onnx_lowering() -> None:
         return
     op = onnxscript.opset18
 
-    def linear_int8_dynamic_onnx(x: FLOAT, weight: INT8, weight_scale: FLOAT,
-                                 bias: Optional[FLOAT] = None) -> FLOAT:
-        row = op.Max(op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1),
-                     op.Constant(value_float=ROW_EPS))
+    def linear_int8_dynamic_onnx(x: FLOAT, weight: INT8, weight_scale: FLOAT, bias: FLOAT | None = None) -> FLOAT:
+        row = op.Max(
+            op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1), op.Constant(value_float=ROW_EPS)
+        )
         xq, act_scale, zero = op.DynamicQuantizeLinear(op.Div(x, row))
         acc = op.MatMulInteger(xq, op.Transpose(weight, perm=[1, 0]), zero)
         # Cast · (act_scale · weight_scale) exactly as ORT's fusions expect: with the quantizer above
@@ -482,8 +542,14 @@ def _register_onnx_lowering() -> None:
 
     register_lowering(linear_int8_dynamic, "onnxruntime", linear_int8_dynamic_onnx)
 
-    def linear_int8_static_onnx(x: FLOAT, weight: INT8, weight_scale: FLOAT, act_qparams: FLOAT,
-                                act_smooth: Optional[FLOAT] = None, bias: Optional[FLOAT] = None) -> FLOAT:
+    def linear_int8_static_onnx(
+        x: FLOAT,
+        weight: INT8,
+        weight_scale: FLOAT,
+        act_qparams: FLOAT,
+        act_smooth: FLOAT | None = None,
+        bias: FLOAT | None = None,
+    ) -> FLOAT:
         act_scale = op.Gather(act_qparams, op.Constant(value_int=0))
         zero = op.Cast(op.Gather(act_qparams, op.Constant(value_int=1)), to=UINT8_TYPE)
         # Div + per-tensor QuantizeLinear: a per-axis QuantizeLinear over the smoothing ran 3.5x slower in
@@ -495,29 +561,45 @@ def _register_onnx_lowering() -> None:
 
     register_lowering(linear_int8_static, "onnxruntime", linear_int8_static_onnx)
 
-    matmul_nbits = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MatMulNBits",
-                                        _matmul_nbits_schema())
+    matmul_nbits = onnxscript.values.Op(
+        onnxscript.values.Opset("com.microsoft", 1), "MatMulNBits", _matmul_nbits_schema()
+    )
 
-    def linear_int4_weight_onnx(x: FLOAT, weight, qparams: FLOAT, bias: Optional[FLOAT] = None,
-                                group: int = 128) -> FLOAT:
+    def linear_int4_weight_onnx(x: FLOAT, weight, qparams: FLOAT, bias: FLOAT | None = None, group: int = 128) -> FLOAT:
         """ORT's block-wise int4 GEMM, com.microsoft::MatMulNBits: B is [N, K/group, group/2] (our
         [N, K/2] nibbles regrouped, same nibble order), scales [N·K/group], zero points packed two
         per byte per row. The regrouping is constant-folded into the initializers."""
         n, half_k = (int(d) for d in weight.shape)
         k, blocks = 2 * half_k, 2 * half_k // group
         packed = op.Reshape(weight, op.Constant(value_ints=[n, blocks, group // 2]))
-        scales = op.Reshape(op.Slice(qparams, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]),
-                                     op.Constant(value_ints=[2])), op.Constant(value_ints=[-1]))
-        zeros = op.Reshape(op.Slice(qparams, op.Constant(value_ints=[1]), op.Constant(value_ints=[2]),
-                                    op.Constant(value_ints=[2])), op.Constant(value_ints=[n, blocks]))
+        scales = op.Reshape(
+            op.Slice(qparams, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]), op.Constant(value_ints=[2])),
+            op.Constant(value_ints=[-1]),
+        )
+        zeros = op.Reshape(
+            op.Slice(qparams, op.Constant(value_ints=[1]), op.Constant(value_ints=[2]), op.Constant(value_ints=[2])),
+            op.Constant(value_ints=[n, blocks]),
+        )
         if blocks % 2:  # a row's zero points fill whole bytes: pad the last nibble
             zeros = op.Pad(zeros, op.Constant(value_ints=[0, 0, 0, 1]), op.Constant(value_float=8.0))
-        even = op.Slice(zeros, op.Constant(value_ints=[0]), op.Constant(value_ints=[blocks + 1]),
-                        op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
-        odd = op.Slice(zeros, op.Constant(value_ints=[1]), op.Constant(value_ints=[blocks + 1]),
-                       op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
-        zero_points = op.Cast(op.Reshape(op.Add(even, op.Mul(odd, op.Constant(value_float=16.0))),
-                                         op.Constant(value_ints=[-1])), to=UINT8_TYPE)
+        even = op.Slice(
+            zeros,
+            op.Constant(value_ints=[0]),
+            op.Constant(value_ints=[blocks + 1]),
+            op.Constant(value_ints=[1]),
+            op.Constant(value_ints=[2]),
+        )
+        odd = op.Slice(
+            zeros,
+            op.Constant(value_ints=[1]),
+            op.Constant(value_ints=[blocks + 1]),
+            op.Constant(value_ints=[1]),
+            op.Constant(value_ints=[2]),
+        )
+        zero_points = op.Cast(
+            op.Reshape(op.Add(even, op.Mul(odd, op.Constant(value_float=16.0))), op.Constant(value_ints=[-1])),
+            to=UINT8_TYPE,
+        )
         y = matmul_nbits(x, packed, scales, zero_points, K=k, N=n, bits=4, block_size=group)
         return y if bias is None else op.Add(y, bias)
 
@@ -533,14 +615,28 @@ def _matmul_nbits_schema():
     optional = schema.FormalParameterOption.Optional
     ints = schema.AttrType.INT
     return schema(
-        "MatMulNBits", "com.microsoft", 1,
-        inputs=[param("A", "T1"), param("B", "T2"), param("scales", "T1"),
-                param("zero_points", "T3", param_option=optional)],
+        "MatMulNBits",
+        "com.microsoft",
+        1,
+        inputs=[
+            param("A", "T1"),
+            param("B", "T2"),
+            param("scales", "T1"),
+            param("zero_points", "T3", param_option=optional),
+        ],
         outputs=[param("Y", "T1")],
-        type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""), ("T2", ["tensor(uint8)"], ""),
-                          ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], "")],
-        attributes=[schema.Attribute("K", ints, ""), schema.Attribute("N", ints, ""),
-                    schema.Attribute("bits", ints, ""), schema.Attribute("block_size", ints, "")])
+        type_constraints=[
+            ("T1", ["tensor(float)", "tensor(float16)"], ""),
+            ("T2", ["tensor(uint8)"], ""),
+            ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], ""),
+        ],
+        attributes=[
+            schema.Attribute("K", ints, ""),
+            schema.Attribute("N", ints, ""),
+            schema.Attribute("bits", ints, ""),
+            schema.Attribute("block_size", ints, ""),
+        ],
+    )
 
 
 UINT8_TYPE = 2  # onnx.TensorProto.UINT8

@@ -43,6 +43,7 @@ specific to the machine that wrote it), so running needs neither the model's Pyt
 re-export. Inputs are torch tensors in the program's order; outputs come back as torch tensors in
 the program's output structure.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,11 +61,11 @@ import torch
 import torch.utils._pytree as pytree
 
 from optpipe.errors import TargetError, UsageError
+from optpipe.losses import task_loss
 from optpipe.ops import decompositions, is_optpipe_op, lowerings_for
 from optpipe.pipeline import introduced_by
 from optpipe.registry import register_target
 from optpipe.target import Compiled, Target, UnsupportedNode, op_label, token_input, unsupported_nodes
-from optpipe.losses import task_loss
 
 TARGET = "onnxruntime"
 DEFAULT_OPSET = 20
@@ -87,7 +88,7 @@ def providers() -> list[str]:
     return chosen
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def onnx_registry(opset: int):
     """The exporter's ATen -> ONNX registry (torchlib) at `opset`, or None if torch moved it."""
     try:
@@ -157,8 +158,9 @@ class OrtRunner:
         try:
             outputs = self.session.run(None, feeds)
         except InvalidArgument as e:  # shapes the graph rejects
-            raise UsageError(f"onnxruntime rejected the inputs: {_ort_message(e)}",
-                             f"the model takes: {self._expected()}") from None
+            raise UsageError(
+                f"onnxruntime rejected the inputs: {_ort_message(e)}", f"the model takes: {self._expected()}"
+            ) from None
         except Exception as e:  # noqa: BLE001 - a kernel failure: one line, not a traceback
             raise TargetError(f"onnxruntime failed to run the model: {_ort_message(e)}") from None
         leaves = [torch.from_numpy(o.copy()) for o in outputs]
@@ -168,31 +170,48 @@ class OrtRunner:
 
     def _to_numpy(self, name: str, x):
         if not isinstance(x, torch.Tensor):
-            raise UsageError(f"onnxruntime: input {name!r} must be a tensor, got {type(x).__name__}",
-                             f"the model takes: {self._expected()}")
+            raise UsageError(
+                f"onnxruntime: input {name!r} must be a tensor, got {type(x).__name__}",
+                f"the model takes: {self._expected()}",
+            )
         spec = self.onnx_inputs[name]
         expected = _ONNX_TO_TORCH.get(spec.type)
         if expected is not None and x.dtype != expected:
-            raise UsageError(f"input {name!r} is {str(x.dtype).replace('torch.', '')} but the ONNX model takes "
-                             f"{str(expected).replace('torch.', '')}", f"the model takes: {self._expected()}")
+            raise UsageError(
+                f"input {name!r} is {str(x.dtype).replace('torch.', '')} but the ONNX model takes "
+                f"{str(expected).replace('torch.', '')}",
+                f"the model takes: {self._expected()}",
+            )
         if len(spec.shape) != x.dim():
-            raise UsageError(f"input {name!r} has {x.dim()} dims {list(x.shape)} but the ONNX model takes "
-                             f"{len(spec.shape)}", f"the model takes: {self._expected()}")
+            raise UsageError(
+                f"input {name!r} has {x.dim()} dims {list(x.shape)} but the ONNX model takes {len(spec.shape)}",
+                f"the model takes: {self._expected()}",
+            )
         for d, (want, got) in enumerate(zip(spec.shape, x.shape)):
             if isinstance(want, int) and want != got:
-                raise UsageError(f"input {name!r} dim {d} is {got} but the ONNX model fixes it at {want}",
-                                 f"the model takes: {self._expected()}")
+                raise UsageError(
+                    f"input {name!r} dim {d} is {got} but the ONNX model fixes it at {want}",
+                    f"the model takes: {self._expected()}",
+                )
         return x.detach().cpu().contiguous().numpy()
 
     def _expected(self) -> str:
-        return ", ".join(f"{i.name}:{i.type.replace('tensor(', '').rstrip(')')}"
-                         f"[{','.join(str(d) for d in i.shape)}]" for i in self.onnx_inputs.values())
+        return ", ".join(
+            f"{i.name}:{i.type.replace('tensor(', '').rstrip(')')}[{','.join(str(d) for d in i.shape)}]"
+            for i in self.onnx_inputs.values()
+        )
 
 
 _ONNX_TO_TORCH = {
-    "tensor(float)": torch.float32, "tensor(double)": torch.float64, "tensor(float16)": torch.float16,
-    "tensor(bfloat16)": torch.bfloat16, "tensor(int64)": torch.int64, "tensor(int32)": torch.int32,
-    "tensor(int8)": torch.int8, "tensor(uint8)": torch.uint8, "tensor(bool)": torch.bool,
+    "tensor(float)": torch.float32,
+    "tensor(double)": torch.float64,
+    "tensor(float16)": torch.float16,
+    "tensor(bfloat16)": torch.bfloat16,
+    "tensor(int64)": torch.int64,
+    "tensor(int32)": torch.int32,
+    "tensor(int8)": torch.int8,
+    "tensor(uint8)": torch.uint8,
+    "tensor(bool)": torch.bool,
 }
 
 
@@ -251,8 +270,10 @@ class OnnxRuntimeTarget(Target):
             import onnxruntime  # noqa: F401
             import onnxscript  # noqa: F401
         except ImportError as e:
-            raise UsageError(f"target onnxruntime needs {e.name}, which is not installed",
-                             "pip install onnx onnxscript onnxruntime-training") from None
+            raise UsageError(
+                f"target onnxruntime needs {e.name}, which is not installed",
+                "pip install onnx onnxscript onnxruntime-training",
+            ) from None
 
     # -- capability check -----------------------------------------------------------------------
     def check(self, program, opset: int = DEFAULT_OPSET, **options) -> list[UnsupportedNode]:
@@ -282,8 +303,7 @@ class OnnxRuntimeTarget(Target):
         named = {u.op for u in found}
         for label, node in failed.items():  # produced by a decomposition: name the decomposed node
             if label not in named:
-                found.append(UnsupportedNode(node.name, op_label(node.target), _module_path(node),
-                                             introduced_by(node)))
+                found.append(UnsupportedNode(node.name, op_label(node.target), _module_path(node), introduced_by(node)))
         return found
 
     def _decomposed(self, program, opset: int):
@@ -326,8 +346,10 @@ class OnnxRuntimeTarget(Target):
             shutil.rmtree(workdir, ignore_errors=True)
             raise
         native = sorted(op_label(op) for op in lowerings_for(TARGET) if _uses(program, op))
-        decomposed = sorted({op_label(n.target) for n in program.gm.graph.nodes
-                             if n.op == "call_function" and is_optpipe_op(n.target)} - set(native))
+        decomposed = sorted(
+            {op_label(n.target) for n in program.gm.graph.nodes if n.op == "call_function" and is_optpipe_op(n.target)}
+            - set(native)
+        )
         info = {
             "exporter": "torch.onnx.export(dynamo=True)",
             "opset": model.opset_imports.get("", opset),
@@ -359,24 +381,26 @@ class OnnxRuntimeTarget(Target):
     def check_trainable(self, program, objective: str) -> None:
         check_trainable(program, objective)  # the training section, below
 
-    def trainer(self, program, **hyper) -> "OrtTrainer":
+    def trainer(self, program, **hyper) -> OrtTrainer:
         return OrtTrainer(program, **hyper)
 
     def load(self, out_dir: str, program) -> Compiled:
         path = os.path.join(out_dir, MODEL_FILE)
         if not os.path.isfile(path):
-            raise UsageError(f"{out_dir} has no {MODEL_FILE}",
-                             "re-run `optpipe optimize ... --target onnxruntime -o OUT`")
+            raise UsageError(
+                f"{out_dir} has no {MODEL_FILE}", "re-run `optpipe optimize ... --target onnxruntime -o OUT`"
+            )
         session = _session(path, None)
-        info = {"providers": session.get_providers(), "graph_optimization_level": "ORT_ENABLE_ALL",
-                "model": MODEL_FILE}
+        info = {"providers": session.get_providers(), "graph_optimization_level": "ORT_ENABLE_ALL", "model": MODEL_FILE}
         return Compiled(OrtRunner(session, program.input_names, getattr(program.gm, "_out_spec", None)), info)
 
 
 def _check_opset(opset) -> int:
     if int(opset) not in OPSETS:
-        raise UsageError(f"target onnxruntime: opset {opset} is not supported",
-                         f"onnxruntime 1.19 reads opsets {OPSETS[0]}-{OPSETS[-1]}; the default is {DEFAULT_OPSET}")
+        raise UsageError(
+            f"target onnxruntime: opset {opset} is not supported",
+            f"onnxruntime 1.19 reads opsets {OPSETS[0]}-{OPSETS[-1]}; the default is {DEFAULT_OPSET}",
+        )
     return int(opset)
 
 
@@ -396,8 +420,10 @@ def _reexport(program):
     try:
         return program.export()
     except Exception as e:  # noqa: BLE001 - a graph torch.export rejects: one line
-        raise TargetError(f"target onnxruntime: torch.export could not re-export the program: {_first_line(e)}",
-                          "run the program on the cpu target, or drop the last pass") from None
+        raise TargetError(
+            f"target onnxruntime: torch.export could not re-export the program: {_first_line(e)}",
+            "run the program on the cpu target, or drop the last pass",
+        ) from None
 
 
 def _decompose(ep, table: dict):
@@ -410,8 +436,10 @@ def _decompose(ep, table: dict):
         with fx_config.patch(backed_size_oblivious=True), _quiet_exporter():
             return ep.run_decompositions(table)
     except Exception as e:  # noqa: BLE001
-        raise TargetError(f"target onnxruntime: decomposition failed: {_first_line(e)}",
-                          "an optpipe op's decomposition does not trace; check the op that introduced it") from None
+        raise TargetError(
+            f"target onnxruntime: decomposition failed: {_first_line(e)}",
+            "an optpipe op's decomposition does not trace; check the op that introduced it",
+        ) from None
 
 
 def _clear(workdir: str) -> None:
@@ -420,8 +448,9 @@ def _clear(workdir: str) -> None:
 
 
 def _size(workdir: str, name: str) -> int:
-    return sum(os.path.getsize(os.path.join(workdir, f)) for f in os.listdir(workdir)
-               if f == name or f == name + ".data")
+    return sum(
+        os.path.getsize(os.path.join(workdir, f)) for f in os.listdir(workdir) if f == name or f == name + ".data"
+    )
 
 
 def _export_and_open(ep, program, opset: int, fuse: bool, workdir: str):
@@ -441,10 +470,10 @@ def _export_and_open(ep, program, opset: int, fuse: bool, workdir: str):
             raise  # nothing was fused: the export itself is what ORT cannot take
         _clear(workdir)
         onnx_program, notes, session, (again_export_s, again_session_s) = _export_and_open(
-            ep, program, opset, False, workdir)
+            ep, program, opset, False, workdir
+        )
         notes["ort_fusions"] = f"skipped: {e.message}"
-        return onnx_program, notes, session, (export_s + again_export_s,
-                                              time.perf_counter() - start - again_export_s)
+        return onnx_program, notes, session, (export_s + again_export_s, time.perf_counter() - start - again_export_s)
     return onnx_program, notes, session, (export_s, time.perf_counter() - start)
 
 
@@ -459,9 +488,17 @@ def _export(ep, program, opset: int, fuse: bool = True):
     try:
         with _quiet_exporter():
             onnx_program = torch.onnx.export(
-                ep, (), dynamo=True, opset_version=opset, input_names=tensor_names,
-                output_names=_output_names(program), dynamic_shapes=dynamic,
-                custom_translation_table=lowerings_for(TARGET), optimize=False, verbose=False)
+                ep,
+                (),
+                dynamo=True,
+                opset_version=opset,
+                input_names=tensor_names,
+                output_names=_output_names(program),
+                dynamic_shapes=dynamic,
+                custom_translation_table=lowerings_for(TARGET),
+                optimize=False,
+                verbose=False,
+            )
     except Exception as e:  # noqa: BLE001
         raise _export_error(e, ep) from None
     notes = {}
@@ -485,22 +522,47 @@ def _export(ep, program, opset: int, fuse: bool = True):
 # applies them, limited to what ORT 1.19's CPU kernels run. Left out: GroupQueryAttention and
 # RotaryEmbedding/cos-sin caches (the fused forms follow newer ORT releases' op definitions), and
 # the RMS-norm fusions (not yet checked against ORT 1.19's kernels).
-ORT_FUSIONS = ("erf_gelu", "skip_layer_normalization", "sdpa", "mha1", "mha2", "mha_scale", "mha_bias",
-               "attention", "gelu", "bias_gelu", "sdpa_via_mha")
+ORT_FUSIONS = (
+    "erf_gelu",
+    "skip_layer_normalization",
+    "sdpa",
+    "mha1",
+    "mha2",
+    "mha_scale",
+    "mha_bias",
+    "attention",
+    "gelu",
+    "bias_gelu",
+    "sdpa_via_mha",
+)
 
 
 def _fusion_rules() -> dict:
-    from onnxscript.rewriter.ort_fusions import (attention, bias_gelu, erfgelu, gelu, mha_bias, mha_scale, sdpa,
-                                                 sdpa_via_mha, skip_normalization)
+    from onnxscript.rewriter.ort_fusions import (
+        attention,
+        bias_gelu,
+        erfgelu,
+        gelu,
+        mha_bias,
+        mha_scale,
+        sdpa,
+        sdpa_via_mha,
+        skip_normalization,
+    )
 
-    return {"erf_gelu": erfgelu.fuse_erfgelu,
-            "skip_layer_normalization": skip_normalization.fuse_skip_layer_normalization,
-            "sdpa": functools.partial(sdpa.fuse_sdpa, apply_shape_inference=True),  # new nodes need shapes
-            "mha1": _mha_fusion(has_past_present=True), "mha2": _mha_fusion(has_past_present=False),
-            "mha_scale": mha_scale.fuse_mha_scale,
-            "mha_bias": mha_bias.fuse_mha_bias, "attention": attention.fuse_attention,
-            "gelu": gelu.fuse_gelu, "bias_gelu": bias_gelu.fuse_bias_gelu,
-            "sdpa_via_mha": sdpa_via_mha.replace_sdpa_by_mha}
+    return {
+        "erf_gelu": erfgelu.fuse_erfgelu,
+        "skip_layer_normalization": skip_normalization.fuse_skip_layer_normalization,
+        "sdpa": functools.partial(sdpa.fuse_sdpa, apply_shape_inference=True),  # new nodes need shapes
+        "mha1": _mha_fusion(has_past_present=True),
+        "mha2": _mha_fusion(has_past_present=False),
+        "mha_scale": mha_scale.fuse_mha_scale,
+        "mha_bias": mha_bias.fuse_mha_bias,
+        "attention": attention.fuse_attention,
+        "gelu": gelu.fuse_gelu,
+        "bias_gelu": bias_gelu.fuse_bias_gelu,
+        "sdpa_via_mha": sdpa_via_mha.replace_sdpa_by_mha,
+    }
 
 
 def _mha_fusion(has_past_present: bool):
@@ -518,14 +580,20 @@ def _mha_fusion(has_past_present: bool):
             result = super().check(context, attention_reshaped=attention_reshaped, **bindings)
             shape = attention_reshaped.shape if attention_reshaped is not None else None
             if result and (shape is None or shape.rank() != 3):
-                return pattern.MatchResult().fail("attention output is not reshaped to (B, S, D)",
-                                                  attention_reshaped)
+                return pattern.MatchResult().fail("attention output is not reshaped to (B, S, D)", attention_reshaped)
             return result
 
-    rules = [MultiHeadAttentionTo3D.rule(f"MHA{'_Rotary' if rotary else ''}{'_Past' if has_past_present else ''}"
-                                         f"{'_CrossAttention' if cross else ''}", is_rotary=rotary,
-                                         has_past_present=has_past_present, is_cross_attention=cross)
-             for rotary in (False, True) for cross in ((False,) if has_past_present else (False, True))]
+    rules = [
+        MultiHeadAttentionTo3D.rule(
+            f"MHA{'_Rotary' if rotary else ''}{'_Past' if has_past_present else ''}"
+            f"{'_CrossAttention' if cross else ''}",
+            is_rotary=rotary,
+            has_past_present=has_past_present,
+            is_cross_attention=cross,
+        )
+        for rotary in (False, True)
+        for cross in ((False,) if has_past_present else (False, True))
+    ]
     return _fusion_utils.apply_fusion_rules(pattern.RewriteRuleSet(rules))
 
 
@@ -629,8 +697,10 @@ def _export_error(e: BaseException, ep) -> TargetError:
             where = f" at {op} in {path or '<top>'} [{m.group(1)}]"
             break
     cause = chain[-1]
-    return TargetError(f"target onnxruntime: ONNX export failed{where}: {_first_line(cause)}",
-                       "register an onnxruntime lowering or a decomposition for the op, or use another target")
+    return TargetError(
+        f"target onnxruntime: ONNX export failed{where}: {_first_line(cause)}",
+        "register an onnxruntime lowering or a decomposition for the op, or use another target",
+    )
 
 
 def _session(path: str, optimized_path: str | None):
@@ -643,16 +713,18 @@ def _session(path: str, optimized_path: str | None):
     if optimized_path:
         options.optimized_model_filepath = optimized_path
         if os.path.exists(path + ".data"):  # a > 2 GB model: the optimized copy needs external data too
-            options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                             os.path.basename(optimized_path) + ".data")
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", os.path.basename(optimized_path) + ".data"
+            )
     try:
         return ort.InferenceSession(path, options, providers=providers())
     except Exception as e:  # noqa: BLE001 - e.g. NOT_IMPLEMENTED: no kernel for an op at this opset
         message = _ort_message(e)
-        raise TargetError(f"target onnxruntime: ONNX Runtime cannot load {os.path.basename(path)}: {message}"
-                          f"{_onnx_origins(path, message)}",
-                          "ONNX Runtime has no kernel for that op: register an onnxruntime lowering for it "
-                          "or use another target") from None
+        raise TargetError(
+            f"target onnxruntime: ONNX Runtime cannot load {os.path.basename(path)}: {message}"
+            f"{_onnx_origins(path, message)}",
+            "ONNX Runtime has no kernel for that op: register an onnxruntime lowering for it or use another target",
+        ) from None
 
 
 register_target(TARGET, OnnxRuntimeTarget)
@@ -712,8 +784,21 @@ TRAIN_OPSET = DEFAULT_OPSET
 _MODEL_ATTR = "model"  # the _LossModule attribute holding program.gm: initializers are "model.<name>"
 # ONNX ops ORT 1.19 cannot differentiate (measured) that the exporter may write: named, with the FX
 # node they came from, when the gradient builder fails.
-_NO_GRADIENT_OPS = ("SplitToSequence", "SequenceAt", "SequenceConstruct", "ConcatFromSequence", "SequenceInsert",
-                    "CastLike", "Einsum", "CumSum", "ReduceMax", "ReduceMin", "ReduceProd", "Elu", "Softplus")
+_NO_GRADIENT_OPS = (
+    "SplitToSequence",
+    "SequenceAt",
+    "SequenceConstruct",
+    "ConcatFromSequence",
+    "SequenceInsert",
+    "CastLike",
+    "Einsum",
+    "CumSum",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceProd",
+    "Elu",
+    "Softplus",
+)
 
 
 training_loss = task_loss  # the loss every optpipe trainer uses (optpipe.losses.task_loss)
@@ -767,8 +852,9 @@ def _elu_differentiable(x, alpha=1.0, scale=1.0, input_scale=1.0):
 def _softplus_differentiable(x, beta=1.0, threshold=20.0):
     aten = torch.ops.aten
     scaled = aten.mul.Tensor(x, beta)
-    soft = aten.div.Tensor(aten.log.default(aten.add.Tensor(aten.exp.default(aten.clamp_max.default(scaled, threshold)),
-                                                            1.0)), beta)
+    soft = aten.div.Tensor(
+        aten.log.default(aten.add.Tensor(aten.exp.default(aten.clamp_max.default(scaled, threshold)), 1.0)), beta
+    )
     return aten.where.self(aten.gt.Scalar(scaled, threshold), x, soft)
 
 
@@ -786,11 +872,17 @@ _TRAINING_DECOMPOSITIONS = {
 # ATen ops whose ONNX form has no gradient in ORT 1.19 (measured): blocked when a parameter's
 # gradient would flow through them (on shape or mask paths they are harmless)
 _NO_ORT_GRADIENT = {
-    torch.ops.aten.einsum.default: "Einsum", torch.ops.aten.cumsum.default: "CumSum",
-    torch.ops.aten.cumprod.default: "CumProd", torch.ops.aten.amax.default: "ReduceMax",
-    torch.ops.aten.amin.default: "ReduceMin", torch.ops.aten.max.dim: "ReduceMax", torch.ops.aten.min.dim: "ReduceMin",
-    torch.ops.aten.max.default: "ReduceMax", torch.ops.aten.min.default: "ReduceMin",
-    torch.ops.aten.prod.default: "ReduceProd", torch.ops.aten.prod.dim_int: "ReduceProd",
+    torch.ops.aten.einsum.default: "Einsum",
+    torch.ops.aten.cumsum.default: "CumSum",
+    torch.ops.aten.cumprod.default: "CumProd",
+    torch.ops.aten.amax.default: "ReduceMax",
+    torch.ops.aten.amin.default: "ReduceMin",
+    torch.ops.aten.max.dim: "ReduceMax",
+    torch.ops.aten.min.dim: "ReduceMin",
+    torch.ops.aten.max.default: "ReduceMax",
+    torch.ops.aten.min.default: "ReduceMin",
+    torch.ops.aten.prod.default: "ReduceProd",
+    torch.ops.aten.prod.dim_int: "ReduceProd",
     torch.ops.aten.logcumsumexp.default: "CumSum",
 }
 
@@ -810,11 +902,18 @@ class _LossExport:
         dynamic = list(program.dynamic_shapes or [None] * len(inputs))
         names = list(program.input_names) + ["labels", "loss_scale"]
         try:
-            ep, kept = export_module(_LossModule(program.gm, objective), inputs + (labels, scale), names,
-                                     dynamic + [dynamic[self.token], None], strict_dims=True)
+            ep, kept = export_module(
+                _LossModule(program.gm, objective),
+                inputs + (labels, scale),
+                names,
+                dynamic + [dynamic[self.token], None],
+                strict_dims=True,
+            )
         except Exception as e:  # noqa: BLE001
-            raise TargetError(f"target onnxruntime: torch.export of the program with its {objective} loss failed: "
-                              f"{_first_line(e)}", "train on cpu/cuda, or drop the last pass") from None
+            raise TargetError(
+                f"target onnxruntime: torch.export of the program with its {objective} loss failed: {_first_line(e)}",
+                "train on cpu/cuda, or drop the last pass",
+            ) from None
         # the exporter's own decompositions run inside torch.onnx.export; these are the ones it lacks
         table = {**_TRAINING_DECOMPOSITIONS, **decompositions()}
         self.ep = ep
@@ -823,9 +922,10 @@ class _LossExport:
                 with fx_config.patch(backed_size_oblivious=True), _quiet_exporter():
                     self.ep = ep.run_decompositions(table)
         except Exception as e:  # noqa: BLE001
-            raise TargetError(f"target onnxruntime: decomposition for training failed: {_first_line(e)}",
-                              "an optpipe op's decomposition does not trace; check the op that introduced it") \
-                from None
+            raise TargetError(
+                f"target onnxruntime: decomposition for training failed: {_first_line(e)}",
+                "an optpipe op's decomposition does not trace; check the op that introduced it",
+            ) from None
         tensors = [(n, d) for n, x, d in zip(names, inputs + (labels, scale), kept) if isinstance(x, torch.Tensor)]
         self.input_names = [n for n, _ in tensors]
         self.dynamic = tuple(dict(d) if d else None for _, d in tensors) if any(d for _, d in tensors) else None
@@ -857,14 +957,19 @@ class _LossExport:
                 fn = None
             if fn is None:
                 origin = node.meta.get("original_aten") or node.target
-                found.setdefault(op_label(origin), UnsupportedNode(node.name, op_label(origin), _module_path(node),
-                                                                   introduced_by(node)))
+                found.setdefault(
+                    op_label(origin),
+                    UnsupportedNode(node.name, op_label(origin), _module_path(node), introduced_by(node)),
+                )
         return list(found.values())
 
     def _on_gradient_path(self) -> set:
         """Nodes whose floating-point output depends on a parameter: where a gradient flows."""
-        params = {s.arg.name for s in self.ep.graph_signature.input_specs
-                  if s.kind == torch.export.graph_signature.InputKind.PARAMETER}
+        params = {
+            s.arg.name
+            for s in self.ep.graph_signature.input_specs
+            if s.kind == torch.export.graph_signature.InputKind.PARAMETER
+        }
         reached: set = set()
         for node in self.ep.graph.nodes:
             if node.op == "placeholder":
@@ -882,7 +987,8 @@ class _LossExport:
 def _composite(op) -> bool:
     """An op every run_decompositions (the exporter's included) replaces by its ATen implementation."""
     return isinstance(op, torch._ops.OpOverload) and torch._C._dispatch_has_kernel_for_dispatch_key(
-        op.name(), "CompositeImplicitAutograd")
+        op.name(), "CompositeImplicitAutograd"
+    )
 
 
 _LOSS_EXPORT: tuple | None = None  # (weakref to program, key, _LossExport): check_trainable -> OrtTrainer
@@ -914,29 +1020,34 @@ def check_trainable(program, objective: str = "clm") -> None:
     try:
         from onnxruntime.training import artifacts  # noqa: F401
     except ImportError:
-        raise UsageError("training on onnxruntime needs onnxruntime-training (onnxruntime.training is missing)",
-                         "pip install onnxruntime-training (and not the plain onnxruntime, which replaces it)") \
-            from None
+        raise UsageError(
+            "training on onnxruntime needs onnxruntime-training (onnxruntime.training is missing)",
+            "pip install onnxruntime-training (and not the plain onnxruntime, which replaces it)",
+        ) from None
     token_input(program)
     wrong = [(n, p.dtype) for n, p in program.gm.named_parameters() if p.dtype != torch.float32]
     if wrong:
         name, dtype = wrong[0]
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
-        raise TargetError(f"target onnxruntime trains fp32 parameters only: {name} is "
-                          f"{str(dtype).replace('torch.', '')}{more}",
-                          "train in fp32 (ORT's AdamW kernel takes float), or train on cpu/cuda")
+        raise TargetError(
+            f"target onnxruntime trains fp32 parameters only: {name} is {str(dtype).replace('torch.', '')}{more}",
+            "train in fp32 (ORT's AdamW kernel takes float), or train on cpu/cuda",
+        )
     have = decompositions()
-    blocked = [UnsupportedNode(n.name, op_label(n.target), _module_path(n), introduced_by(n))
-               for n in program.gm.graph.nodes
-               if n.op == "call_function" and is_optpipe_op(n.target) and n.target not in have]
+    blocked = [
+        UnsupportedNode(n.name, op_label(n.target), _module_path(n), introduced_by(n))
+        for n in program.gm.graph.nodes
+        if n.op == "call_function" and is_optpipe_op(n.target) and n.target not in have
+    ]
     if not blocked:
         blocked = _loss_export(program, objective).blocked(TRAIN_OPSET)
     if blocked:
         listing = "; ".join(str(u) for u in blocked[:10])
         more = f" and {len(blocked) - 10} more" if len(blocked) > 10 else ""
-        raise TargetError(f"target onnxruntime cannot train {len(blocked)} node(s): {listing}{more}",
-                          "training lowers optpipe ops through their ATen decomposition: give the op one, "
-                          "or train on cpu/cuda")
+        raise TargetError(
+            f"target onnxruntime cannot train {len(blocked)} node(s): {listing}{more}",
+            "training lowers optpipe ops through their ATen decomposition: give the op one, or train on cpu/cuda",
+        )
 
 
 def _make_differentiable(model) -> dict[str, int]:
@@ -945,8 +1056,10 @@ def _make_differentiable(model) -> dict[str, int]:
     import onnx
 
     inferred = onnx.shape_inference.infer_shapes(model)
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+    }
     types.update({t.name: t.data_type for t in model.graph.initializer})
     for node in inferred.graph.node:  # Constant nodes: their value's type
         if node.op_type == "Constant":
@@ -957,8 +1070,11 @@ def _make_differentiable(model) -> dict[str, int]:
     nodes = []
     for node in model.graph.node:
         if node.op_type == "CastLike" and node.domain in ("", "ai.onnx") and types.get(node.input[1]):
-            nodes.append(onnx.helper.make_node("Cast", [node.input[0]], list(node.output), name=node.name,
-                                               to=types[node.input[1]]))
+            nodes.append(
+                onnx.helper.make_node(
+                    "Cast", [node.input[0]], list(node.output), name=node.name, to=types[node.input[1]]
+                )
+            )
             counts["cast_like"] += 1
             continue
         if node.op_type == "LayerNormalization" and len(node.output) < 3:
@@ -1008,12 +1124,18 @@ def _use_torch_adamw(path: str, betas, eps: float, weight_decay: float) -> None:
     import onnx
 
     model = onnx.load(path)
-    values = {"alpha": float(betas[0]), "beta": float(betas[1]), "epsilon": float(eps),
-              "weight_decay": float(weight_decay)}
+    values = {
+        "alpha": float(betas[0]),
+        "beta": float(betas[1]),
+        "epsilon": float(eps),
+        "weight_decay": float(weight_decay),
+    }
     nodes = [n for n in model.graph.node if n.op_type == "AdamWOptimizer"]
     if len(nodes) != 1 or "adam_mode" not in {a.name for a in nodes[0].attribute}:
-        raise TargetError("onnxruntime-training wrote no AdamWOptimizer node with adam_mode: "
-                          "cannot match torch.optim.AdamW", "check the onnxruntime-training version (1.19 works)")
+        raise TargetError(
+            "onnxruntime-training wrote no AdamWOptimizer node with adam_mode: cannot match torch.optim.AdamW",
+            "check the onnxruntime-training version (1.19 works)",
+        )
     for a in nodes[0].attribute:
         if a.name in values:
             a.f = values[a.name]
@@ -1040,20 +1162,38 @@ class OrtTrainer:
     checkpoint); default a temporary folder removed with the trainer.
     """
 
-    def __init__(self, program, *, objective: str = "clm", trainable: list[str] | None = None,
-                 lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 clip: float | None = None, lr_scales: dict | None = None, weight_decays: dict | None = None,
-                 workdir: str | None = None):
-        if clip or any(v != 1.0 for v in (lr_scales or {}).values()) or \
-                any(v != weight_decay for v in (weight_decays or {}).values() if v):
-            raise UsageError("target onnxruntime trains with one AdamW group and no gradient clipping",
-                             "drop --clip / --layer-decay / per-parameter weight decay, or train on cpu or tvm")
+    def __init__(
+        self,
+        program,
+        *,
+        objective: str = "clm",
+        trainable: list[str] | None = None,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        clip: float | None = None,
+        lr_scales: dict | None = None,
+        weight_decays: dict | None = None,
+        workdir: str | None = None,
+    ):
+        if (
+            clip
+            or any(v != 1.0 for v in (lr_scales or {}).values())
+            or any(v != weight_decay for v in (weight_decays or {}).values() if v)
+        ):
+            raise UsageError(
+                "target onnxruntime trains with one AdamW group and no gradient clipping",
+                "drop --clip / --layer-decay / per-parameter weight decay, or train on cpu or tvm",
+            )
         names = dict(program.gm.named_parameters(remove_duplicate=False))
         if trainable is not None:
             unknown = [n for n in trainable if n not in names]
             if unknown:
-                raise UsageError(f"trainable: no parameter named {unknown[0]!r} in the program",
-                                 f"parameters look like: {', '.join(list(names)[:5])}")
+                raise UsageError(
+                    f"trainable: no parameter named {unknown[0]!r} in the program",
+                    f"parameters look like: {', '.join(list(names)[:5])}",
+                )
         check_trainable(program, objective)
         self.objective = objective
         self.lr = float(lr)
@@ -1090,9 +1230,17 @@ class OrtTrainer:
         self.input_names = list(program.input_names)
         try:
             with _quiet_exporter():
-                onnx_program = torch.onnx.export(exported.ep, (), dynamo=True, opset_version=TRAIN_OPSET,
-                                                 input_names=exported.input_names, output_names=["loss"],
-                                                 dynamic_shapes=exported.dynamic, optimize=False, verbose=False)
+                onnx_program = torch.onnx.export(
+                    exported.ep,
+                    (),
+                    dynamo=True,
+                    opset_version=TRAIN_OPSET,
+                    input_names=exported.input_names,
+                    output_names=["loss"],
+                    dynamic_shapes=exported.dynamic,
+                    optimize=False,
+                    verbose=False,
+                )
         except Exception as e:  # noqa: BLE001
             raise _export_error(e, exported.ep) from None
         model = onnx_program.model_proto
@@ -1111,21 +1259,29 @@ class OrtTrainer:
             if hit is not None:
                 self._onnx_name[group[0]] = hit
         requires_grad = [self._onnx_name[g[0]] for g in self._trainable_groups if g[0] in self._onnx_name]
-        frozen = [self._onnx_name[g[0]] for g in self._groups
-                  if g[0] in self._onnx_name and g not in self._trainable_groups]
+        frozen = [
+            self._onnx_name[g[0]] for g in self._groups if g[0] in self._onnx_name and g not in self._trainable_groups
+        ]
         missing = [g[0] for g in self._trainable_groups if g[0] not in self._onnx_name]
         self.info.update({"trainable_tensors": len(requires_grad), "frozen_tensors": len(frozen)})
         if missing:  # not used by the loss (or folded into a constant): nothing to train there
             self.info["not_in_graph"] = missing
         if not requires_grad:
-            raise TargetError("target onnxruntime: none of the trainable parameters reaches the loss",
-                              "check `trainable` against program.gm.named_parameters()")
+            raise TargetError(
+                "target onnxruntime: none of the trainable parameters reaches the loss",
+                "check `trainable` against program.gm.named_parameters()",
+            )
         log: list[str] = []
         try:
             with _quiet_exporter(), _native_stderr(log):
-                artifacts.generate_artifacts(model, requires_grad=requires_grad, frozen_params=frozen, loss=None,
-                                             optimizer=artifacts.OptimType.AdamW,
-                                             artifact_directory=self.workdir)
+                artifacts.generate_artifacts(
+                    model,
+                    requires_grad=requires_grad,
+                    frozen_params=frozen,
+                    loss=None,
+                    optimizer=artifacts.OptimType.AdamW,
+                    artifact_directory=self.workdir,
+                )
         except Exception as e:  # noqa: BLE001 - the gradient builder's refusal: one line, with the op
             text = str(e)
             no_grad = re.search(r"gradient builder has not been registered: ?(\w+)", text)
@@ -1134,16 +1290,18 @@ class OrtTrainer:
                 message = f"ORT has no gradient for {no_grad.group(1)}"
             else:  # "/onnxruntime_src/...cc:621 ... [ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Cannot ..."
                 message = re.sub(r"^.*?\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text.strip().splitlines()[0])
-            blocking = _blocking_ops(model, [m.group(1)] if m else requires_grad,
-                                     (no_grad.group(1),) if no_grad else ())
+            blocking = _blocking_ops(
+                model, [m.group(1)] if m else requires_grad, (no_grad.group(1),) if no_grad else ()
+            )
             if not blocking:  # ORT's own warning says where the gradient stopped
                 logged = re.sub(r"\x1b\[[0-9;]*m", "", "".join(log))
                 cut = re.search(r"nodes are unreachable for gradient back propagation: ([^\n]*)", logged)
                 blocking = f" (the gradient stops at: {cut.group(1).strip()[:200]})" if cut else ""
             message = message.replace(f"'{prefix}", "'")  # the program's parameter names
-            raise TargetError(f"target onnxruntime cannot build the gradient graph: {message}{blocking}",
-                              "an op on the way to the loss has no gradient in onnxruntime-training: "
-                              "train on cpu/cuda") from None
+            raise TargetError(
+                f"target onnxruntime cannot build the gradient graph: {message}{blocking}",
+                "an op on the way to the loss has no gradient in onnxruntime-training: train on cpu/cuda",
+            ) from None
         _use_torch_adamw(os.path.join(self.workdir, "optimizer_model.onnx"), betas, eps, weight_decay)
         for name in ("training_model.onnx", "eval_model.onnx"):
             _clamp_ir_version(os.path.join(self.workdir, name))
@@ -1159,14 +1317,21 @@ class OrtTrainer:
         self.state = CheckpointState.load_checkpoint(path("checkpoint"))
         try:
             with _native_stderr([]):
-                self.module = Module(path("training_model.onnx"), self.state, path("eval_model.onnx"), device="cpu",
-                                     session_options=options)
+                self.module = Module(
+                    path("training_model.onnx"),
+                    self.state,
+                    path("eval_model.onnx"),
+                    device="cpu",
+                    session_options=options,
+                )
                 self.optimizer = Optimizer(path("optimizer_model.onnx"), self.module)
         except Exception as e:  # noqa: BLE001
             message = _ort_message(e)
-            raise TargetError(f"target onnxruntime: ONNX Runtime cannot load the training graph: {message}"
-                              f"{_onnx_origins(path('training_model.onnx'), message)}",
-                              "train on cpu/cuda") from None
+            raise TargetError(
+                f"target onnxruntime: ONNX Runtime cannot load the training graph: {message}"
+                f"{_onnx_origins(path('training_model.onnx'), message)}",
+                "train on cpu/cuda",
+            ) from None
         self.optimizer.set_learning_rate(self.lr)
         self.module.train()
         self.module.lazy_reset_grad()
@@ -1181,8 +1346,9 @@ class OrtTrainer:
 
         inputs = tuple(inputs)
         if len(inputs) != len(self.input_names):
-            raise UsageError(f"the program takes {len(self.input_names)} input(s) "
-                             f"({', '.join(self.input_names)}), got {len(inputs)}")
+            raise UsageError(
+                f"the program takes {len(self.input_names)} input(s) ({', '.join(self.input_names)}), got {len(inputs)}"
+            )
         by_name = dict(zip(self.input_names, inputs))
         by_name["labels"] = labels
         by_name["loss_scale"] = torch.tensor(float(scale))
@@ -1201,8 +1367,9 @@ class OrtTrainer:
 
     def _run(self, inputs, labels, scale: float) -> float:
         try:
-            out = self.module(*self._feeds(self._train_feeds if self.module.training else self._eval_feeds,
-                                           inputs, labels, scale))
+            out = self.module(
+                *self._feeds(self._train_feeds if self.module.training else self._eval_feeds, inputs, labels, scale)
+            )
         except UsageError:
             raise
         except Exception as e:  # noqa: BLE001 - shapes the graph rejects, a kernel failure
@@ -1263,11 +1430,14 @@ class OrtTrainer:
             for name, value in self.state_dict().items():
                 p = params.get(name)
                 if p is None:
-                    raise UsageError(f"load_into: the program has no parameter {name!r}",
-                                     "load into the program the trainer was built from")
+                    raise UsageError(
+                        f"load_into: the program has no parameter {name!r}",
+                        "load into the program the trainer was built from",
+                    )
                 if p.shape != value.shape:
-                    raise UsageError(f"load_into: {name} is {list(p.shape)} in the program but "
-                                     f"{list(value.shape)} in the trainer")
+                    raise UsageError(
+                        f"load_into: {name} is {list(p.shape)} in the program but {list(value.shape)} in the trainer"
+                    )
                 p.copy_(value.to(p.dtype))
 
 
@@ -1299,4 +1469,3 @@ def _native_stderr(lines: list[str]):
             os.close(saved)
             sink.seek(0)
             lines.append(sink.read().decode("utf-8", "replace"))
-

@@ -7,6 +7,7 @@ mode is recorded in target.json so `optpipe run` compiles it the same way.
 The cuda path moves weights and inputs to the GPU and rewrites device constants that export baked
 into the graph (`arange(..., device=cpu)` and the like).
 """
+
 from __future__ import annotations
 
 import json
@@ -83,8 +84,11 @@ class TorchTarget(Target):
                 compiled(*inputs)  # compile now, not on the user's first call
         except Exception as e:  # no C compiler, unsupported op, ...: eager still works
             if mode == "compile":
-                raise UsageError(f"target {self.name}: torch.compile failed: {type(e).__name__}: "
-                                 f"{str(e).splitlines()[0] if str(e) else ''}", "use --mode eager") from None
+                raise UsageError(
+                    f"target {self.name}: torch.compile failed: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}",
+                    "use --mode eager",
+                ) from None
             info.update(mode="eager", reason=f"torch.compile failed ({type(e).__name__})")
             return Compiled(gm, info)
         info["compile_s"] = round(time.perf_counter() - start, 2)
@@ -93,9 +97,13 @@ class TorchTarget(Target):
         eager_ms = _time_ms(gm, inputs, iters)
         compiled_ms = _time_ms(compiled, inputs, iters)
         faster = "compile" if compiled_ms < eager_ms else "eager"
-        info.update(mode=faster, eager_ms=round(eager_ms, 3), compile_ms=round(compiled_ms, 3),
-                    reason=f"{faster} was faster on the example inputs "
-                           f"(eager {eager_ms:.2f} ms, torch.compile {compiled_ms:.2f} ms)")
+        info.update(
+            mode=faster,
+            eager_ms=round(eager_ms, 3),
+            compile_ms=round(compiled_ms, 3),
+            reason=f"{faster} was faster on the example inputs "
+            f"(eager {eager_ms:.2f} ms, torch.compile {compiled_ms:.2f} ms)",
+        )
         return Compiled(compiled if faster == "compile" else gm, info)
 
     def save(self, compiled: Compiled, out_dir: str) -> None:
@@ -109,8 +117,10 @@ class TorchTarget(Target):
                 mode = (json.load(f).get("info") or {}).get("mode", "eager")
         gm = self._module(program)
         if mode == "compile":
-            return Compiled(torch.compile(gm, dynamic=any(program.dynamic_shapes or []) or None),
-                            {"device": self.device_type, "mode": mode})
+            return Compiled(
+                torch.compile(gm, dynamic=any(program.dynamic_shapes or []) or None),
+                {"device": self.device_type, "mode": mode},
+            )
         return Compiled(gm, {"device": self.device_type, "mode": "eager"})
 
 
@@ -120,8 +130,10 @@ class CudaTarget(TorchTarget):
 
     def available(self) -> None:
         if not torch.cuda.is_available():
-            raise UsageError("target cuda: no CUDA device here (torch.cuda.is_available() is False)",
-                             "use --target cpu, or install a CUDA build of torch on a GPU machine")
+            raise UsageError(
+                "target cuda: no CUDA device here (torch.cuda.is_available() is False)",
+                "use --target cpu, or install a CUDA build of torch on a GPU machine",
+            )
 
 
 register_target("cpu", TorchTarget)

@@ -49,6 +49,7 @@ contiguous buffer at run time instead. Tuning helps the example shape only. Meta
 `tvm.ir.save_json` works (apache-tvm-ffi 0.1.14.*; 0.1.15.* segfaults), and tuning is refused up
 front otherwise.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -81,6 +82,7 @@ STATIC_FN = "main_static"
 
 # -- the TVM side, imported lazily (the core reaches this module only through the registry) -------
 
+
 def _tvm():
     # TVM sizes its CPU thread pool once, when it first runs a parallel kernel, from TVM_NUM_THREADS
     # (else half the logical CPUs: on a 2-core machine without SMT, one thread). Follow torch's
@@ -90,8 +92,9 @@ def _tvm():
         import tvm
         from tvm import relax  # noqa: F401
     except ImportError as e:
-        raise UsageError(f"target tvm: Apache TVM is not importable ({e})",
-                         "pip install apache-tvm==0.27.0.post1") from None
+        raise UsageError(
+            f"target tvm: Apache TVM is not importable ({e})", "pip install apache-tvm==0.27.0.post1"
+        ) from None
     return tvm
 
 
@@ -105,7 +108,7 @@ def _cpu_target():
     return _tvm().target.Target({"kind": "llvm", "mcpu": host_cpu(), "num-cores": os.cpu_count() or 1})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def torch_importer_ops() -> frozenset[str]:
     """Names (`OpOverload.__name__`, e.g. "add.Tensor") the Relax torch importer converts."""
     _tvm()
@@ -147,6 +150,7 @@ def _one_line(e: BaseException) -> str:
 
 # -- import ------------------------------------------------------------------------------------
 
+
 @dataclass
 class RelaxImport:
     """An imported program: the Relax module and how it was obtained."""
@@ -176,12 +180,19 @@ def _slice_in_bounds(node, importer):
     out = node.meta.get("val")
     size = out.shape[dim] if isinstance(out, torch.Tensor) else None
     end_expr = _symint_expr(end)
-    if (step == 1 and isinstance(start, int) and isinstance(end, torch.fx.Node) and end_expr is not None
-            and size is not None and _symint_expr(size) is not None
-            and (_symint_expr(size) - (end_expr - start)) == 0):
+    if (
+        step == 1
+        and isinstance(start, int)
+        and isinstance(end, torch.fx.Node)
+        and end_expr is not None
+        and size is not None
+        and _symint_expr(size) is not None
+        and (_symint_expr(size) - (end_expr - start)) == 0
+    ):
         x = importer.env[src]
-        return importer.block_builder.emit(relax.op.strided_slice(
-            x, [dim], [start], [importer.env[end]], [1], assume_inbound=True))
+        return importer.block_builder.emit(
+            relax.op.strided_slice(x, [dim], [start], [importer.env[end]], [1], assume_inbound=True)
+        )
     return importer._slice(node)
 
 
@@ -208,6 +219,7 @@ def _counted(name: str, fn, counts: dict):
     def lower(node, importer):
         counts[name] = counts.get(name, 0) + 1
         return fn(node, importer)
+
     return lower
 
 
@@ -216,6 +228,7 @@ def _static_shapes(program) -> list[list[int]]:
 
 
 # -- compiled artifact ---------------------------------------------------------------------------
+
 
 class TvmModule:
     """A built Relax VM library, callable with the program's positional torch inputs."""
@@ -255,8 +268,10 @@ class TvmModule:
         tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
         specs = self.meta["inputs"]
         if len(tensors) != len(specs):
-            raise UsageError(f"target tvm: the library takes {len(specs)} input(s) "
-                             f"({', '.join(s['name'] for s in specs)}), got {len(tensors)}")
+            raise UsageError(
+                f"target tvm: the library takes {len(specs)} input(s) "
+                f"({', '.join(s['name'] for s in specs)}), got {len(tensors)}"
+            )
         args = [self._to_tvm(x, s["dtype"]) for x, s in zip(tensors, specs)]
         name = self.function_for(tensors)
         if name not in self._functions:
@@ -276,6 +291,7 @@ def _flatten(value) -> list:
 
 
 # -- the targets ---------------------------------------------------------------------------------
+
 
 class TvmTarget(Target):
     name = "tvm"
@@ -298,8 +314,10 @@ class TvmTarget(Target):
     def available(self) -> None:
         tvm = _tvm()
         if not tvm.runtime.enabled("llvm"):
-            raise UsageError(f"target {self.name}: this TVM build has no LLVM backend",
-                             "install the apache-tvm wheel, which ships LLVM")
+            raise UsageError(
+                f"target {self.name}: this TVM build has no LLVM backend",
+                "install the apache-tvm wheel, which ships LLVM",
+            )
 
     def check(self, program, tune: int = 0, **options) -> list[UnsupportedNode]:
         """Nodes neither import path takes; also decides between the torch and ONNX importers.
@@ -314,11 +332,16 @@ class TvmTarget(Target):
         except Exception as e:  # noqa: BLE001 - export itself failing is the user's first problem
             if found:
                 return found
-            raise TargetError(f"target {self.name}: re-exporting the program failed: {_one_line(e)}",
-                              "run `optpipe inspect` on the model; the torch targets may still take it") from None
+            raise TargetError(
+                f"target {self.name}: re-exporting the program failed: {_one_line(e)}",
+                "run `optpipe inspect` on the model; the torch targets may still take it",
+            ) from None
         convert = torch_importer_ops()
-        missing = [n for n in ep.graph.nodes if n.op == "call_function" and not ops.is_optpipe_op(n.target)
-                   and _fn_name(n.target) not in convert]
+        missing = [
+            n
+            for n in ep.graph.nodes
+            if n.op == "call_function" and not ops.is_optpipe_op(n.target) and _fn_name(n.target) not in convert
+        ]
         if not missing and not found:
             self._plan = _ImportPlan(program.gm, "torch")
             return []
@@ -351,9 +374,11 @@ class TvmTarget(Target):
         if self._plan is None or self._plan.gm is not program.gm:
             unsupported = self.check(program)
             if unsupported:
-                raise TargetError(f"target {self.name} cannot take {len(unsupported)} node(s): "
-                                  + "; ".join(str(u) for u in unsupported[:10]),
-                                  "choose another target or drop the pass that introduced them")
+                raise TargetError(
+                    f"target {self.name} cannot take {len(unsupported)} node(s): "
+                    + "; ".join(str(u) for u in unsupported[:10]),
+                    "choose another target or drop the pass that introduced them",
+                )
         plan = self._plan
         ep = self._decomposed(program)
         try:
@@ -375,8 +400,10 @@ class TvmTarget(Target):
         except (TargetError, UsageError):
             raise
         except Exception as e:  # noqa: BLE001 - an importer traceback helps nobody
-            raise TargetError(f"target {self.name}: Relax import ({plan.importer}) failed: {_one_line(e)}",
-                              "report it with `optpipe inspect` output; the torch targets may take it") from None
+            raise TargetError(
+                f"target {self.name}: Relax import ({plan.importer}) failed: {_one_line(e)}",
+                "report it with `optpipe inspect` output; the torch targets may take it",
+            ) from None
 
     # -- build ------------------------------------------------------------------------------------
     def build_target(self):
@@ -393,8 +420,13 @@ class TvmTarget(Target):
         imported = self.import_program(program)
         mod = imported.mod
         target = self.build_target()
-        info: dict = {"device": self.device_type, "target": json.loads(str(target)), "importer": imported.importer,
-                      "mode": "untuned", "tune": tune}
+        info: dict = {
+            "device": self.device_type,
+            "target": json.loads(str(target)),
+            "importer": imported.importer,
+            "mode": "untuned",
+            "tune": tune,
+        }
         if imported.reason:
             info["importer_reason"] = imported.reason
         if imported.native:
@@ -411,8 +443,10 @@ class TvmTarget(Target):
             except (TargetError, UsageError):
                 raise
             except Exception as e:  # noqa: BLE001
-                raise TargetError(f"target {self.name}: MetaSchedule tuning failed: {_one_line(e)}",
-                                  "build untuned (--tune 0); the log is under the tuning logs/ folder") from None
+                raise TargetError(
+                    f"target {self.name}: MetaSchedule tuning failed: {_one_line(e)}",
+                    "build untuned (--tune 0); the log is under the tuning logs/ folder",
+                ) from None
             info.update(mode=f"tuned ({summary['trials']} trials)", tuning=summary)
         if (static or tune) and _example_binding(mod["main"], program):
             mod[STATIC_FN] = _specialize(mod["main"], program, STATIC_FN)
@@ -420,12 +454,20 @@ class TvmTarget(Target):
         try:
             executable = build_relax(mod, target, database)
         except Exception as e:  # noqa: BLE001
-            raise TargetError(f"target {self.name}: build failed: {_one_line(e)}",
-                              "rerun with OPTPIPE_DEBUG=1 for the traceback") from None
+            raise TargetError(
+                f"target {self.name}: build failed: {_one_line(e)}", "rerun with OPTPIPE_DEBUG=1 for the traceback"
+            ) from None
         info["compile_s"] = round(time.perf_counter() - start, 2)
-        meta = {"format": FORMAT, "target": info["target"], "device": self.device_type, "cpu": host_cpu(),
-                "inputs": inputs, "functions": functions, "importer": imported.importer,
-                "tvm_version": tvm.__version__}
+        meta = {
+            "format": FORMAT,
+            "target": info["target"],
+            "device": self.device_type,
+            "cpu": host_cpu(),
+            "inputs": inputs,
+            "functions": functions,
+            "importer": imported.importer,
+            "tvm_version": tvm.__version__,
+        }
         module = TvmModule(executable, meta, self.device_type, _out_spec(program), tuning_dir)
         return Compiled(module, info)
 
@@ -445,19 +487,30 @@ class TvmTarget(Target):
         folder = os.path.join(out_dir, ARTIFACT)
         lib_path, meta_path = os.path.join(folder, "model.so"), os.path.join(folder, "model.json")
         if not (os.path.isfile(lib_path) and os.path.isfile(meta_path)):
-            raise UsageError(f"{out_dir} has no TVM library ({ARTIFACT}/model.so, {ARTIFACT}/model.json)",
-                             f"rerun `optpipe optimize ... --target {self.name} -o {out_dir}`")
+            raise UsageError(
+                f"{out_dir} has no TVM library ({ARTIFACT}/model.so, {ARTIFACT}/model.json)",
+                f"rerun `optpipe optimize ... --target {self.name} -o {out_dir}`",
+            )
         with open(meta_path) as f:
             meta = json.load(f)
         if meta.get("format") != FORMAT:
             raise UsageError(f"{meta_path}: unknown format {meta.get('format')!r}", f"expected {FORMAT}")
         if meta.get("device", "cpu") == "cpu" and meta.get("cpu") != host_cpu():
-            warnings.warn(f"{lib_path} was built for CPU {meta.get('cpu')!r}, this is {host_cpu()!r}: "
-                          "it may use instructions this CPU lacks; rebuild here if it fails")
-        module = TvmModule(tvm.runtime.load_module(lib_path), meta, meta.get("device", "cpu"),
-                           _out_spec(program))
-        return Compiled(module, {"device": module.device_type, "target": meta["target"],
-                                 "importer": meta.get("importer"), "mode": "loaded"})
+            warnings.warn(
+                f"{lib_path} was built for CPU {meta.get('cpu')!r}, this is {host_cpu()!r}: "
+                "it may use instructions this CPU lacks; rebuild here if it fails",
+                stacklevel=2,
+            )
+        module = TvmModule(tvm.runtime.load_module(lib_path), meta, meta.get("device", "cpu"), _out_spec(program))
+        return Compiled(
+            module,
+            {
+                "device": module.device_type,
+                "target": meta["target"],
+                "importer": meta.get("importer"),
+                "mode": "loaded",
+            },
+        )
 
 
 class TvmCudaTarget(TvmTarget):
@@ -467,9 +520,10 @@ class TvmCudaTarget(TvmTarget):
     def available(self) -> None:
         tvm = _tvm()
         if not tvm.runtime.enabled("cuda") or not tvm.cuda(0).exist:
-            raise UsageError("target tvm-cuda: no CUDA device here (tvm.cuda().exist is False)",
-                             "use --target tvm for this CPU, or run on a machine with an NVIDIA GPU "
-                             "and a CUDA-enabled TVM build")
+            raise UsageError(
+                "target tvm-cuda: no CUDA device here (tvm.cuda().exist is False)",
+                "use --target tvm for this CPU, or run on a machine with an NVIDIA GPU and a CUDA-enabled TVM build",
+            )
 
     def prepare_inputs(self, inputs: tuple) -> tuple:
         if not torch.cuda.is_available():
@@ -493,8 +547,10 @@ def _trials(tune, target_name: str) -> int:
     except (TypeError, ValueError):
         trials = -1
     if trials < 0:
-        raise UsageError(f"target {target_name}: tune must be a number of trials >= 0, got {tune!r}",
-                         "e.g. --tune 64; 0 builds untuned")
+        raise UsageError(
+            f"target {target_name}: tune must be a number of trials >= 0, got {tune!r}",
+            "e.g. --tune 64; 0 builds untuned",
+        )
     return trials
 
 
@@ -520,12 +576,13 @@ def _input_specs(mod, program) -> list[dict]:
     num_input = mod["main"].attrs.get("num_input", len(params)) if mod["main"].attrs else len(params)
     names = list(program.input_names) + [f"arg{i}" for i in range(len(program.input_names), len(params))]
     dynamic = list(program.dynamic_shapes or []) + [None] * len(params)
-    for i, p in enumerate(params[:int(num_input)]):
+    for i, p in enumerate(params[: int(num_input)]):
         shape = p.ty.shape.values if isinstance(p.ty.shape, relax.ShapeExpr) else []
         dim_names = dynamic[i] or {}
         # a symbolic dim is named as the program names it ("seq"), else by its TIR var ("s70")
-        dims = [int(d) if isinstance(d, tvm.tirx.IntImm) else dim_names.get(axis, str(d))
-                for axis, d in enumerate(shape)]
+        dims = [
+            int(d) if isinstance(d, tvm.tirx.IntImm) else dim_names.get(axis, str(d)) for axis, d in enumerate(shape)
+        ]
         specs.append({"name": names[i], "dtype": str(p.ty.dtype), "shape": dims})
     return specs
 
@@ -561,11 +618,16 @@ def _legalize_and_fuse(mod, target):
     from tvm import relax
 
     cpu = "gpu" not in target.keys
-    passes = [relax.transform.DecomposeOpsForInference(),
-              *([fast_math_pass()] if cpu else []),
-              relax.transform.LegalizeOps(),
-              relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
-              relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()]
+    passes = [
+        relax.transform.DecomposeOpsForInference(),
+        *([fast_math_pass()] if cpu else []),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ]
     with target:
         return tvm.transform.Sequential(passes)(mod)
 
@@ -584,8 +646,9 @@ def schedule_relax(mod, target, database=None):
     if "gpu" in target.keys:
         from tvm.s_tir import dlight as dl
 
-        rules = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                        dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+        rules = dl.ApplyDefaultSchedule(
+            dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
+        )
     else:
         rules = default_cpu_schedule()
     with target:
@@ -599,8 +662,9 @@ def build_relax(mod, target, database=None):
     from tvm import relax
 
     # the default_build pipeline: memory planning, shape lowering and VM codegen
-    return tvm.compile(schedule_relax(mod, target, database), target,
-                       relax_pipeline=relax.get_pipeline("default_build"))
+    return tvm.compile(
+        schedule_relax(mod, target, database), target, relax_pipeline=relax.get_pipeline("default_build")
+    )
 
 
 # -- default CPU schedules -----------------------------------------------------------------------
@@ -709,8 +773,9 @@ def schedule_matmul(sch, target, tunable: bool = False) -> bool:
     sch.parallel(task)
     # the panel copy: the padding block where N was padded, else a cache read of B (the operand
     # whose last axis is j)
-    panels = padded_in or (sch.cache_read(block, next(n for n, r in enumerate(stmt.reads)
-                                                       if _is_var(r.region[-1], vj)), "global"),)
+    panels = padded_in or (
+        sch.cache_read(block, next(n for n, r in enumerate(stmt.reads) if _is_var(r.region[-1], vj)), "global"),
+    )
     for panel in panels:
         sch.compute_at(panel, task)
     accumulator = sch.cache_write(block, 0, "local")
@@ -764,6 +829,7 @@ def default_cpu_schedule():
                 if not isinstance(func, _tvm().tirx.PrimFunc) or not self.is_target_available(target):
                     return None
                 return fn(func, target)
+
         _Rule.__name__ = fn.__name__
         return _Rule()
 
@@ -773,19 +839,22 @@ def default_cpu_schedule():
                 return inner.apply(func, target, False)
             except Exception:  # noqa: BLE001 - a heuristic schedule that fails is just not applied
                 return None
+
         apply.__name__ = type(inner).__name__
         return rule(apply)
 
-    return dl.ApplyDefaultSchedule(rule(_matmul_schedule), guarded(dl.cpu.Reduction()), guarded(dl.cpu.GEMV()),
-                                   rule(_elementwise_schedule))
+    return dl.ApplyDefaultSchedule(
+        rule(_matmul_schedule), guarded(dl.cpu.Reduction()), guarded(dl.cpu.GEMV()), rule(_elementwise_schedule)
+    )
 
 
 # -- fast math -------------------------------------------------------------------------------------
 # LLVM has no vector exp/erf: `T.exp`/`T.erf` become one libm call per element, and MiniLM's GELU
 # alone took longer than all its matmuls. TOPI's polynomial versions (relative error ~1e-7) vectorise.
 
+
 def _fast_gelu(x):
-    from tvm import topi, tirx
+    from tvm import tirx, topi
 
     half = tirx.const(0.5, x.dtype)
     erf = topi.fast_erf(topi.multiply(x, tirx.const(0.7071067811865476, x.dtype)))
@@ -806,9 +875,12 @@ def fast_math_pass():
     class FastMath(PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if (not isinstance(call.op, tvm.ir.Op) or not call.args
-                    or getattr(call.args[0].ty, "dtype", None) != "float32"
-                    or not isinstance(getattr(call.args[0].ty, "shape", None), relax.ShapeExpr)):
+            if (
+                not isinstance(call.op, tvm.ir.Op)
+                or not call.args
+                or getattr(call.args[0].ty, "dtype", None) != "float32"
+                or not isinstance(getattr(call.args[0].ty, "shape", None), relax.ShapeExpr)
+            ):
                 return call  # call_te needs a known-rank shape (a data-dependent one stays as it is)
             name, x = call.op.name, call.args[0]
             if name == "relax.nn.gelu":
@@ -837,6 +909,7 @@ def fast_math_pass():
 
 # -- ONNX fallback -------------------------------------------------------------------------------
 
+
 @dataclass
 class _ImportPlan:
     gm: Any  # the program graph the plan is for
@@ -855,8 +928,9 @@ def _onnx_if_complete(ep):
             warnings.simplefilter("ignore")
             # optimize=True folds the exporter's `Constant(value_int=...)` nodes, which the Relax
             # ONNX importer cannot read, into initializers
-            model = torch.onnx.export(ep, dynamo=True, opset_version=18, optimize=True,
-                                      external_data=False, verbose=False).model_proto
+            model = torch.onnx.export(
+                ep, dynamo=True, opset_version=18, optimize=True, external_data=False, verbose=False
+            ).model_proto
         onnx.checker.check_model(model)
     except Exception:  # noqa: BLE001 - no ONNX path: the torch importer's gaps get reported
         return None
@@ -873,7 +947,8 @@ def _onnx_dtype(elem_type: int) -> str:
 
 # -- MetaSchedule tuning -------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def metaschedule_blocker() -> str | None:
     """Why MetaSchedule cannot run with this TVM install (None: it can).
 
@@ -892,15 +967,18 @@ def metaschedule_blocker() -> str | None:
         ffi = version("apache-tvm-ffi")
     except Exception:  # noqa: BLE001
         ffi = "?"
-    return (f"tvm.ir.save_json crashes with this install (apache-tvm-ffi {ffi}, exit {proc.returncode}), "
-            "and MetaSchedule needs it")
+    return (
+        f"tvm.ir.save_json crashes with this install (apache-tvm-ffi {ffi}, exit {proc.returncode}), "
+        "and MetaSchedule needs it"
+    )
 
 
 def _require_metaschedule() -> None:
     blocker = metaschedule_blocker()
     if blocker:
-        raise TargetError(f"target tvm: cannot tune: {blocker}",
-                          "pin apache-tvm-ffi==0.1.14.post1, or build untuned (--tune 0)")
+        raise TargetError(
+            f"target tvm: cannot tune: {blocker}", "pin apache-tvm-ffi==0.1.14.post1, or build untuned (--tune 0)"
+        )
 
 
 def _x86_intrinsics_only():
@@ -1015,12 +1093,16 @@ def _tune_contexts(tasks, target, work_dir: str, strategy: str):
     contexts, weights = [], []
     for task in tasks:
         matmul = _matmul_schedule(task.dispatched[0], target) is not None
-        space = (ms.space_generator.SpaceGeneratorUnion(
-            [ms.space_generator.PostOrderApply(), ms.space_generator.ScheduleFn(template)])
-            if matmul else "post-order-apply")
+        space = (
+            ms.space_generator.SpaceGeneratorUnion(
+                [ms.space_generator.PostOrderApply(), ms.space_generator.ScheduleFn(template)]
+            )
+            if matmul
+            else "post-order-apply"
+        )
         ctx, weight = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            [task], work_dir, space=space, strategy=strategy, num_threads=int(target.attrs["num-cores"]),
-            seed=0)
+            [task], work_dir, space=space, strategy=strategy, num_threads=int(target.attrs["num-cores"]), seed=0
+        )
         contexts += ctx
         weights += weight
     return contexts, weights
@@ -1055,16 +1137,29 @@ def tune_static(mod, program, target, trials: int, work_dir: str):
         builder, runner = _in_process_measure()
         per_task = max(1, -(-trials // max(1, len(contexts))))
         if contexts:
-            ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir,
-                               max_trials_global=trials, max_trials_per_task=per_task,
-                               num_trials_per_iter=min(per_task, 64), builder=builder, runner=runner,
-                               database=database, cost_model=cost_model,
-                               measure_callbacks=[ms.measure_callback.AddToDatabase(),
-                                                  ms.measure_callback.UpdateCostModel()])
-    summary = {"trials": len(database), "tasks": len(contexts), "strategy": strategy,
-               "cost_model": cost_model, "specialized": specialized,
-               "shapes": _static_shapes(program), "seconds": round(time.perf_counter() - start, 2),
-               "best_us": _best_times(database, contexts)}
+            ms.tune.tune_tasks(
+                tasks=contexts,
+                task_weights=weights,
+                work_dir=work_dir,
+                max_trials_global=trials,
+                max_trials_per_task=per_task,
+                num_trials_per_iter=min(per_task, 64),
+                builder=builder,
+                runner=runner,
+                database=database,
+                cost_model=cost_model,
+                measure_callbacks=[ms.measure_callback.AddToDatabase(), ms.measure_callback.UpdateCostModel()],
+            )
+    summary = {
+        "trials": len(database),
+        "tasks": len(contexts),
+        "strategy": strategy,
+        "cost_model": cost_model,
+        "specialized": specialized,
+        "shapes": _static_shapes(program),
+        "seconds": round(time.perf_counter() - start, 2),
+        "best_us": _best_times(database, contexts),
+    }
     with open(os.path.join(work_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return database, summary

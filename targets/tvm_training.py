@@ -20,6 +20,7 @@ cannot differentiate is named (with the torch op it came from when the name tell
 TargetError. `relax.nn.gelu` and `relax.squeeze` have no gradient in TVM 0.27: this module
 registers them (exact erf GELU; squeeze's is a reshape back). Relax's `layer_norm` is decomposed (`DecomposeOpsForTraining`) into ops that have one.
 """
+
 from __future__ import annotations
 
 import math
@@ -86,16 +87,16 @@ def _register_gradients() -> None:
     from tvm.relax.op.base import register_gradient
 
     @register_gradient("relax.nn.gelu")
-    def _gelu_grad(orig_var, orig_call, output_grad, ctx):  # noqa: ARG001 - the registry's signature
+    def _gelu_grad(orig_var, orig_call, output_grad, ctx):
         x = orig_call.args[0]
         dtype = x.ty.dtype
-        const = lambda v: relax.const(v, dtype)  # noqa: E731
+        const = lambda v: relax.const(v, dtype)
         cdf = const(0.5) * (const(1.0) + R.erf(x * const(1 / math.sqrt(2))))
         pdf = R.exp(const(-0.5) * x * x) * const(1 / math.sqrt(2 * math.pi))
         return [output_grad * (cdf + x * pdf)]
 
     @register_gradient("relax.squeeze")
-    def _squeeze_grad(orig_var, orig_call, output_grad, ctx):  # noqa: ARG001
+    def _squeeze_grad(orig_var, orig_call, output_grad, ctx):
         return [R.reshape(output_grad, orig_call.args[0].ty.shape)]
 
     _RULES_REGISTERED = True
@@ -114,14 +115,16 @@ def _scalar_main(mod):
         raise TargetError("target tvm: unexpected Relax output structure for the loss", "report it")
     loss = bound.value.fields[0]
     out = relax.Var("loss", loss.ty)
-    blocks[-1] = relax.DataflowBlock([b for b in last.bindings if not b.var.same_as(out_var)]
-                                     + [relax.VarBinding(out, loss)])
+    blocks[-1] = relax.DataflowBlock(
+        [b for b in last.bindings if not b.var.same_as(out_var)] + [relax.VarBinding(out, loss)]
+    )
     mod["main"] = relax.Function(main.params, relax.SeqExpr(blocks, out), loss.ty, attrs=main.attrs)
     return relax.transform.Normalize()(mod)
 
 
-_NO_GRADIENT = re.compile(r"(relax\.[\w.]+)\W.*(?:gradient|FPrimalGradient)|(?:gradient|FPrimalGradient).*?(relax\.[\w.]+)",
-                          re.I | re.S)
+_NO_GRADIENT = re.compile(
+    r"(relax\.[\w.]+)\W.*(?:gradient|FPrimalGradient)|(?:gradient|FPrimalGradient).*?(relax\.[\w.]+)", re.I | re.S
+)
 
 
 _BUILDS: dict = {}
@@ -131,8 +134,10 @@ weights are inputs of the Relax functions, so a module serves every program with
 
 def _structure_key(program) -> tuple:
     gm = program.gm
-    tensors = [(n, tuple(t.shape), str(t.dtype)) for n, t in
-               [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]]
+    tensors = [
+        (n, tuple(t.shape), str(t.dtype))
+        for n, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    ]
     return gm.code, tuple(tensors)
 
 
@@ -177,11 +182,16 @@ def _relax_training_module(program, example: tuple, trainable_ids: set):
     inputs = []
     for var in params[user:]:
         if var.name not in by_arg:
-            raise TargetError(f"target tvm: Relax input {var.name} matches no parameter of the program",
-                              "report it; train on cpu or onnxruntime meanwhile")
+            raise TargetError(
+                f"target tvm: Relax input {var.name} matches no parameter of the program",
+                "report it; train on cpu or onnxruntime meanwhile",
+            )
         inputs.append(by_arg[var.name])
-    require = [v for v, (kind, ref) in zip(params[user:], inputs)
-               if kind == "state" and isinstance(state[ref], torch.nn.Parameter) and id(state[ref]) in trainable_ids]
+    require = [
+        v
+        for v, (kind, ref) in zip(params[user:], inputs)
+        if kind == "state" and isinstance(state[ref], torch.nn.Parameter) and id(state[ref]) in trainable_ids
+    ]
     if not require:
         raise UsageError("train --target tvm: no trainable parameter reaches the loss", "check --trainable")
     try:
@@ -190,9 +200,11 @@ def _relax_training_module(program, example: tuple, trainable_ids: set):
         text = str(e)
         found = _NO_GRADIENT.search(text)
         op = next((g for g in (found.groups() if found else ()) if g), None)
-        raise TargetError(f"target tvm cannot train this program: Relax has no gradient for "
-                          f"{op or 'an op of it'}" + ("" if op else f" ({text.strip().splitlines()[-1][:200]})"),
-                          "train on cpu/cuda or onnxruntime, or drop the pass that introduced the op") from None
+        raise TargetError(
+            f"target tvm cannot train this program: Relax has no gradient for "
+            f"{op or 'an op of it'}" + ("" if op else f" ({text.strip().splitlines()[-1][:200]})"),
+            "train on cpu/cuda or onnxruntime, or drop the pass that introduced the op",
+        ) from None
     mod, _ = relax.frontend.detach_params(mod)
     var_index = {v.name: i for i, v in enumerate(params[user:])}
     grads = [inputs[var_index[v.name]][1] for v in require]
@@ -207,8 +219,10 @@ def check_trainable(program, objective: str = "clm") -> None:
         raise UsageError(f"unknown objective {objective!r}", "one of clm, mlm")
     bad = [n for n, p in program.gm.named_parameters() if p.dtype != torch.float32]
     if bad:
-        raise TargetError(f"target tvm trains fp32 parameters; {bad[0]} is {program.gm.get_parameter(bad[0]).dtype}",
-                          "train before quantizing, or on cpu")
+        raise TargetError(
+            f"target tvm trains fp32 parameters; {bad[0]} is {program.gm.get_parameter(bad[0]).dtype}",
+            "train before quantizing, or on cpu",
+        )
     example = _example(program)
     _relax_training_module(program, example, {id(p) for p in program.gm.parameters()})
 
@@ -230,16 +244,29 @@ class TvmTrainer:
     (default 1 / `weight_decay` for tensors with 2+ dims, 0 for 1-d ones). `clip`: max global
     gradient norm (None: no clipping)."""
 
-    def __init__(self, program, *, objective: str = "clm", trainable: list[str] | None = None, lr: float = 1e-3,
-                 betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, clip: float | None = None,
-                 lr_scales: dict | None = None, weight_decays: dict | None = None):
+    def __init__(
+        self,
+        program,
+        *,
+        objective: str = "clm",
+        trainable: list[str] | None = None,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        clip: float | None = None,
+        lr_scales: dict | None = None,
+        weight_decays: dict | None = None,
+    ):
         tvm = _tvm()
         names = dict(program.gm.named_parameters(remove_duplicate=False))
         wanted = set(names) if trainable is None else set(trainable)
         unknown = sorted(wanted - set(names))
         if unknown:
-            raise UsageError(f"trainable: no parameter named {unknown[0]!r} in the program",
-                             f"parameters look like: {', '.join(list(names)[:5])}")
+            raise UsageError(
+                f"trainable: no parameter named {unknown[0]!r} in the program",
+                f"parameters look like: {', '.join(list(names)[:5])}",
+            )
         self.program, self.objective = program, objective
         self.lr, self.betas, self.eps, self.clip = float(lr), tuple(betas), float(eps), clip
         self.info: dict = {}
@@ -251,7 +278,7 @@ class TvmTrainer:
             raise UsageError("trainable names no parameter: nothing to train", "pass trainable=None to train all")
         self._tensors = {id(p): p for p in names.values()}
         self._device = tvm.cpu()
-        self._values: dict[int, object] = {}   # tensor id -> tvm tensor (parameters and buffers)
+        self._values: dict[int, object] = {}  # tensor id -> tvm tensor (parameters and buffers)
         self._compiled: dict[tuple, _Compiled] = {}
         self._grads: dict[int, object] | None = None
         self.step_count = 0
@@ -260,8 +287,10 @@ class TvmTrainer:
         scales = lr_scales or {}
         decays = weight_decays or {}
         self._scale = [float(scales.get(self._first[i], 1.0)) for i in self._trainable]
-        self._decay = [float(decays.get(self._first[i], weight_decay if self._tensors[i].dim() >= 2 else 0.0))
-                       for i in self._trainable]
+        self._decay = [
+            float(decays.get(self._first[i], weight_decay if self._tensors[i].dim() >= 2 else 0.0))
+            for i in self._trainable
+        ]
         start = time.perf_counter()
         self._adamw = self._build_adamw()
         self.info["optimizer_build_s"] = round(time.perf_counter() - start, 2)
@@ -291,22 +320,22 @@ class TvmTrainer:
             from .tvm_backend import _cpu_target, build_relax
 
             start = time.perf_counter()
-            cache_key = (_structure_key(self.program), key,
-                         tuple(sorted(self._first[i] for i in self._trainable)))
+            cache_key = (_structure_key(self.program), key, tuple(sorted(self._first[i] for i in self._trainable)))
             if cache_key not in _BUILDS:  # a resumed run or a second trainer of the same program reuses it
-                mod, refs, grad_names = _relax_training_module(self.program, (*inputs, targets, weights),
-                                                               set(self._trainable))
+                mod, refs, grad_names = _relax_training_module(
+                    self.program, (*inputs, targets, weights), set(self._trainable)
+                )
                 _BUILDS[cache_key] = (build_relax(mod, _cpu_target()), refs, grad_names)
             executable, refs, grad_names = _BUILDS[cache_key]
             module = _LossModule(self.program.gm)
-            state = dict(module.named_parameters(remove_duplicate=False)) | \
-                dict(module.named_buffers(remove_duplicate=False))
+            state = dict(module.named_parameters(remove_duplicate=False)) | dict(
+                module.named_buffers(remove_duplicate=False)
+            )
             values = [state[ref] if kind == "state" else ref for kind, ref in refs]
             for v in values:
                 self._tensors.setdefault(id(v), v)
             vm = _tvm().relax.VirtualMachine(executable, self._device)
-            self._compiled[key] = _Compiled(vm, [id(v) for v in values],
-                                            [id(state[n]) for n in grad_names])
+            self._compiled[key] = _Compiled(vm, [id(v) for v in values], [id(state[n]) for n in grad_names])
             self.info.setdefault("build_s", []).append(round(time.perf_counter() - start, 2))
         return self._compiled[key]
 
@@ -323,14 +352,15 @@ class TvmTrainer:
         key = ("adamw", tuple(shapes), self.betas, self.eps, self.clip, tuple(self._scale), tuple(self._decay))
         if key in _BUILDS:
             return tvm.relax.VirtualMachine(_BUILDS[key], self._device)
-        f32 = lambda v: relax.const(v, "float32")  # noqa: E731
+        f32 = lambda v: relax.const(v, "float32")
 
         def tensors(prefix):
             return [relax.Var(f"{prefix}{k}", relax.TensorType(s, "float32")) for k, s in enumerate(shapes)]
 
         ps, gs, ms, vs = tensors("p"), tensors("g"), tensors("m"), tensors("v")
-        lr, inv_bc1, inv_bc2_sqrt = (relax.Var(n, relax.TensorType((), "float32"))
-                                     for n in ("lr", "inv_bc1", "inv_bc2_sqrt"))
+        lr, inv_bc1, inv_bc2_sqrt = (
+            relax.Var(n, relax.TensorType((), "float32")) for n in ("lr", "inv_bc1", "inv_bc2_sqrt")
+        )
         bb = relax.BlockBuilder()
         with bb.function("adamw", [*ps, *gs, *ms, *vs, lr, inv_bc1, inv_bc2_sqrt]):
             with bb.dataflow():
@@ -386,14 +416,20 @@ class TvmTrainer:
             return
         self.step_count += 1
         b1, b2 = self.betas
-        scalars = [torch.tensor(float(self.lr if lr is None else lr)),
-                   torch.tensor(1.0 / (1.0 - b1 ** self.step_count)),
-                   torch.tensor(1.0 / math.sqrt(1.0 - b2 ** self.step_count))]
+        scalars = [
+            torch.tensor(float(self.lr if lr is None else lr)),
+            torch.tensor(1.0 / (1.0 - b1**self.step_count)),
+            torch.tensor(1.0 / math.sqrt(1.0 - b2**self.step_count)),
+        ]
         keys = self._trainable
         grads = [self._grads.get(k) or self._zeros(self._tensors[k]) for k in keys]
-        out = self._adamw["adamw"](*[self._value(self._tensors[k]) for k in keys], *grads,
-                                   *[self._m[k] for k in keys], *[self._v[k] for k in keys],
-                                   *[self._to_tvm(s.float()) for s in scalars])
+        out = self._adamw["adamw"](
+            *[self._value(self._tensors[k]) for k in keys],
+            *grads,
+            *[self._m[k] for k in keys],
+            *[self._v[k] for k in keys],
+            *[self._to_tvm(s.float()) for s in scalars],
+        )
         n = len(keys)
         for i, k in enumerate(keys):
             self._values[k], self._m[k], self._v[k] = out[i], out[n + i], out[2 * n + i]
@@ -426,9 +462,11 @@ class TvmTrainer:
 
     def optimizer_state(self) -> dict:
         """AdamW's state by parameter name (for checkpoints)."""
-        return {"step": self.step_count,
-                "m": {self._first[k]: self._to_torch(self._m[k]) for k in self._trainable},
-                "v": {self._first[k]: self._to_torch(self._v[k]) for k in self._trainable}}
+        return {
+            "step": self.step_count,
+            "m": {self._first[k]: self._to_torch(self._m[k]) for k in self._trainable},
+            "v": {self._first[k]: self._to_torch(self._v[k]) for k in self._trainable},
+        }
 
     def load_state(self, weights: dict[str, torch.Tensor], optimizer: dict | None) -> None:
         """Resume: parameters (by name) and the AdamW state of `optimizer_state()`."""

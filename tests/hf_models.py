@@ -5,6 +5,7 @@ tensors (what `optpipe.capture` takes). `attn` selects transformers' attention i
 "eager" (hand-written softmax(q @ kᵀ) @ v, what fuse-attention must recognise) or "sdpa".
 Configs are tiny (2 layers, hidden 64) so capture takes seconds.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,16 @@ def gpt2(attn: str = "eager", seq: int = SEQ):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1, attn_implementation=attn)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=64,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=VOCAB - 1,
+        eos_token_id=VOCAB - 1,
+        attn_implementation=attn,
+    )
     return GPT2LMHeadModel(config).eval(), {"input_ids": _ids(1, seq)}
 
 
@@ -34,9 +43,16 @@ def llama(attn: str = "eager", seq: int = SEQ):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         attn_implementation=attn)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation=attn,
+    )
     return LlamaForCausalLM(config).eval(), {"input_ids": _ids(1, seq)}
 
 
@@ -45,12 +61,18 @@ def bert(attn: str = "eager", seq: int = SEQ):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=64, attn_implementation=attn)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        attn_implementation=attn,
+    )
     mask = torch.ones(2, seq, dtype=torch.int64)
-    mask[1, seq // 2:] = 0
-    return BertModel(config, add_pooling_layer=False).eval(), {"input_ids": _ids(2, seq),
-                                                               "attention_mask": mask}
+    mask[1, seq // 2 :] = 0
+    return BertModel(config, add_pooling_layer=False).eval(), {"input_ids": _ids(2, seq), "attention_mask": mask}
 
 
 SENTENCES = [
@@ -81,14 +103,26 @@ def minilm(attn: str = "eager"):
 
 
 # Sentences the MiniLM examples embed, and others (disjoint) they calibrate on.
-EVAL_SENTENCES = ["A man is playing a guitar on the street.", "The new phone has a better camera.",
-                  "How do I cook rice without a rice cooker?", "Stocks fell sharply after the report.",
-                  "Compression makes transformer models cheaper to serve.", "It is raining again.",
-                  "Children were playing football in the park until it got dark.", "Where is the station?"]
-CALIBRATION_SENTENCES = ["The weather was lovely for the whole weekend.", "Can you recommend a good book on compilers?",
-                         "The team released a new version of the library today.", "My cat sleeps most of the day.",
-                         "Interest rates are expected to rise again next month.", "Turn left at the second light.",
-                         "She finished the marathon in under four hours.", "What is the best way to learn a language?"]
+EVAL_SENTENCES = [
+    "A man is playing a guitar on the street.",
+    "The new phone has a better camera.",
+    "How do I cook rice without a rice cooker?",
+    "Stocks fell sharply after the report.",
+    "Compression makes transformer models cheaper to serve.",
+    "It is raining again.",
+    "Children were playing football in the park until it got dark.",
+    "Where is the station?",
+]
+CALIBRATION_SENTENCES = [
+    "The weather was lovely for the whole weekend.",
+    "Can you recommend a good book on compilers?",
+    "The team released a new version of the library today.",
+    "My cat sleeps most of the day.",
+    "Interest rates are expected to rise again next month.",
+    "Turn left at the second light.",
+    "She finished the marathon in under four hours.",
+    "What is the best way to learn a language?",
+]
 
 
 def sentence_embedding(module, ids, mask):
@@ -117,7 +151,7 @@ def minilm_sentences(batch: int):
 def calibration_set(tokenizer, length: int) -> tuple:
     """(input_ids, attention_mask) of CALIBRATION_SENTENCES padded to `length`: one input set for
     `optpipe.calibration.with_calibration`, disjoint from the sentences measured."""
-    encoded = tokenizer(CALIBRATION_SENTENCES, padding="max_length", max_length=length, truncation=True,
-                        return_tensors="pt")
+    encoded = tokenizer(
+        CALIBRATION_SENTENCES, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+    )
     return encoded["input_ids"], encoded["attention_mask"]
-

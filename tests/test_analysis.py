@@ -1,5 +1,6 @@
 """Static cost analysis: FLOPs against hand-computed values and torch's FlopCounterMode, activation
 bytes, parameters and op counts per module path, roll-up to parents."""
+
 import json
 
 import pytest

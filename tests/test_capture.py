@@ -1,4 +1,5 @@
 """Capture: the tensor path a user means, dynamic dims, metadata, save/load."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -27,8 +28,9 @@ def test_hf_default_config_takes_logits_and_never_the_cache():
 
 def test_encoder_takes_last_hidden_state_with_padding_mask():
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
-                                  intermediate_size=64, vocab_size=99)
+    cfg = transformers.BertConfig(
+        num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=99
+    )
     model = transformers.BertModel(cfg).eval()
     inputs = {"input_ids": torch.randint(0, 99, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
     prog = capture(model, inputs)
@@ -77,8 +79,13 @@ def test_dict_output_takes_first_tensor_field_and_says_so():
 def test_dynamic_dims_and_metadata():
     prog = capture(gpt2(), (torch.randint(0, 99, (1, 10)),))
     assert prog.dynamic_shapes == [{0: "batch", 1: "seq"}]
-    calls = [n for n in prog.gm.graph.nodes if n.op == "call_function" and "aten" in str(n.target)
-             and n.target.__name__.split(".")[0] in ("linear", "addmm", "matmul", "layer_norm")]
+    calls = [
+        n
+        for n in prog.gm.graph.nodes
+        if n.op == "call_function"
+        and "aten" in str(n.target)
+        and n.target.__name__.split(".")[0] in ("linear", "addmm", "matmul", "layer_norm")
+    ]
     assert calls
     for n in calls:
         assert "val" in n.meta and n.meta.get("nn_module_stack")
@@ -113,6 +120,9 @@ def test_save_load_round_trip_keeps_meta(tmp_path):
     x = torch.randint(0, 99, (2, 33))
     torch.testing.assert_close(back.gm(x), prog.gm(x))
     # module paths survive the round trip (diffs and layer selection are keyed by them)
-    paths = {list(n.meta["nn_module_stack"].values())[-1][0] for n in back.gm.graph.nodes
-             if n.op == "call_function" and n.meta.get("nn_module_stack")}
+    paths = {
+        list(n.meta["nn_module_stack"].values())[-1][0]
+        for n in back.gm.graph.nodes
+        if n.op == "call_function" and n.meta.get("nn_module_stack")
+    }
     assert "transformer.h.1.mlp.c_fc" in paths

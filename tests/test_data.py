@@ -2,6 +2,7 @@
 the real MiniLM WordPiece tokenizer, a byte-level BPE trained here), packing, seeded shuffling, the
 train/val split, resuming, the mlm masking strategies' measured rates, calibration batches and
 error messages. Text nobody here wrote: Python's own pydoc topics."""
+
 from __future__ import annotations
 
 import functools
@@ -13,13 +14,24 @@ import tracemalloc
 import pytest
 import torch
 
-from optpipe.runtime import data as D
 from optpipe.calibration import with_calibration
-from optpipe.runtime.data import (ByteTokenizer, MaskingConfig, PackedBatches, TokenMasker, calibration_batches,
-                          iter_documents, load_tokenizer, pack_sequences, prepare_batch, pydoc_corpus,
-                          split_of, validation_batches)
 from optpipe.errors import UsageError
 from optpipe.program import Program
+from optpipe.runtime import data as D
+from optpipe.runtime.data import (
+    ByteTokenizer,
+    MaskingConfig,
+    PackedBatches,
+    TokenMasker,
+    calibration_batches,
+    iter_documents,
+    load_tokenizer,
+    pack_sequences,
+    prepare_batch,
+    pydoc_corpus,
+    split_of,
+    validation_batches,
+)
 
 
 # -- fixtures -------------------------------------------------------------------------------------
@@ -50,8 +62,12 @@ def bpe_folder(tmp_path_factory, corpus):
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=600,
+            special_tokens=specials,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         tok.train_from_iterator(docs, trainer)
         (folder / name).mkdir()
         tok.save(str(folder / name / "tokenizer.json"))
@@ -67,7 +83,7 @@ def mlm_batches(path, tok, n, seq_len=64, batch_size=8):
     return [b.clone() for b in _mlm_batches(str(path), tok, n, seq_len, batch_size)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mlm_batches(path, tok, n, seq_len, batch_size):
     it = PackedBatches(path, tok, seq_len=seq_len, batch_size=batch_size, objective="mlm", seed=0)
     return [next(it) for _ in range(n)]
@@ -97,8 +113,12 @@ def test_text_jsonl_folder_and_key(tmp_path):
     (tmp_path / "d" / ".hidden").write_text("never read")
     assert list(iter_documents(tmp_path / "d")) == ["one", "two\nlines", "three"]  # sorted, blank skipped
     (tmp_path / "c.jsonl").write_text('{"body": "x y"}\n{"body": "z"}\n')
-    assert list(iter_documents([tmp_path / "c.jsonl", tmp_path / "d" / "b.txt"], text_key="body")) == \
-        ["x y", "z", "two\nlines", "three"]
+    assert list(iter_documents([tmp_path / "c.jsonl", tmp_path / "d" / "b.txt"], text_key="body")) == [
+        "x y",
+        "z",
+        "two\nlines",
+        "three",
+    ]
     # several blank (whitespace-only) lines separate one document from the next, nothing more
     (tmp_path / "e.txt").write_text("a\n  \n\n\t\nb\nc\n")
     assert list(iter_documents(tmp_path / "e.txt")) == ["a", "b\nc"]
@@ -140,8 +160,13 @@ def test_byte_tokenizer_ids():
 
 
 def test_tokenizer_json_special_ids(minilm_tok, bpe_folder):
-    assert (minilm_tok.vocab_size, minilm_tok.pad_id, minilm_tok.cls_id, minilm_tok.sep_id, minilm_tok.mask_id) == \
-        (30522, 0, 101, 102, 103)
+    assert (minilm_tok.vocab_size, minilm_tok.pad_id, minilm_tok.cls_id, minilm_tok.sep_id, minilm_tok.mask_id) == (
+        30522,
+        0,
+        101,
+        102,
+        103,
+    )
     assert minilm_tok.eos_id is None and minilm_tok.separator_id == 102
     long = "word " * 400  # tokenizer.json asks for truncation and padding to 128: both are off here
     assert len(minilm_tok.encode(long)) == 400
@@ -166,14 +191,15 @@ def test_clm_packing_joins_documents_with_eos(tmp_path):
 def test_mlm_packing_wraps_with_cls_sep(tmp_path, minilm_tok):
     docs = ["The cat sat on the mat.", "Tokenization is unbelievable.", "A third, longer sentence of words."] * 20
     path = write_docs(tmp_path / "d.txt", docs)
-    rows = torch.cat(list(PackedBatches(path, minilm_tok, seq_len=16, batch_size=2, objective="mlm",
-                                        shuffle=False, epochs=1)))
+    rows = torch.cat(
+        list(PackedBatches(path, minilm_tok, seq_len=16, batch_size=2, objective="mlm", shuffle=False, epochs=1))
+    )
     stream = [t for d in docs for t in [101] + minilm_tok.encode(d) + [102]]
-    assert rows.flatten().tolist() == stream[:rows.numel()] and rows.numel() > len(stream) - 16 * 2
+    assert rows.flatten().tolist() == stream[: rows.numel()] and rows.numel() > len(stream) - 16 * 2
     assert rows[0, 0] == 101
     clm = next(PackedBatches(path, minilm_tok, seq_len=16, batch_size=2, objective="clm", shuffle=False))
     first = minilm_tok.encode(docs[0]) + [102]  # no eos: sep ends a document
-    assert clm.flatten().tolist()[:len(first)] == first
+    assert clm.flatten().tolist()[: len(first)] == first
 
 
 def test_pack_sequences_drops_the_tail():
@@ -191,8 +217,16 @@ def test_seeded_shuffle_is_deterministic_and_seed_dependent(corpus):
     unshuffled = next(PackedBatches(corpus, seq_len=64, batch_size=4, shuffle=False))
     assert not torch.equal(a[0], unshuffled)
     # a shuffle permutes rows, it does not change them: one epoch holds the same multiset of rows
-    rows = lambda seed: sorted(map(tuple, torch.cat(list(PackedBatches(  # noqa: E731
-        corpus, seq_len=64, batch_size=1, seed=seed or 0, epochs=1, shuffle=seed is not None))).tolist()))
+    rows = lambda seed: sorted(
+        map(
+            tuple,
+            torch.cat(
+                list(
+                    PackedBatches(corpus, seq_len=64, batch_size=1, seed=seed or 0, epochs=1, shuffle=seed is not None)
+                )
+            ).tolist(),
+        )
+    )
     assert rows(3) == rows(None)
 
 
@@ -201,8 +235,9 @@ def test_train_and_validation_are_disjoint_and_cover_the_data(tmp_path):
     path = write_docs(tmp_path / "d.txt", docs)
 
     def documents(split):
-        it = PackedBatches(path, seq_len=16, batch_size=1, split=split, val_fraction=0.2, shuffle=False,
-                           epochs=1, drop_last=False)
+        it = PackedBatches(
+            path, seq_len=16, batch_size=1, split=split, val_fraction=0.2, shuffle=False, epochs=1, drop_last=False
+        )
         ids = torch.cat(list(it)).flatten().tolist()
         text = bytes(i if i < 256 else 10 for i in ids).decode()
         return {line[:6] for line in text.split("\n")[:-1]}  # the last document may be cut
@@ -213,13 +248,15 @@ def test_train_and_validation_are_disjoint_and_cover_the_data(tmp_path):
     assert all(split_of(d, 0.2) == "val" for d in docs if d[:6] in val)
     vb = validation_batches(path, seq_len=16, batch_size=4, batches=3, val_fraction=0.2)
     assert len(vb) == 3 and all(b.shape == (4, 16) for b in vb)
-    assert all(torch.equal(x, y) for x, y in zip(vb, validation_batches(path, seq_len=16, batch_size=4, batches=3,
-                                                                         val_fraction=0.2)))
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(vb, validation_batches(path, seq_len=16, batch_size=4, batches=3, val_fraction=0.2))
+    )
 
 
 def test_resume_sees_the_batches_an_uninterrupted_run_sees(corpus):
     # small data, so the run wraps around several epochs: the state must carry across them
-    kwargs = dict(seq_len=256, batch_size=8, seed=5, shuffle_buffer=32, val_fraction=0.5)
+    kwargs = {"seq_len": 256, "batch_size": 8, "seed": 5, "shuffle_buffer": 32, "val_fraction": 0.5}
     full = PackedBatches(corpus, **kwargs)
     per_epoch = len(list(PackedBatches(corpus, **{**kwargs, "shuffle_buffer": 32}, epochs=1)))
     expected = [next(full) for _ in range(per_epoch * 2 + 5)]
@@ -304,8 +341,9 @@ def test_each_strategy_is_deterministic_and_hits_the_rate(strategy, corpus, mini
         masker = TokenMasker(minilm_tok, strategy=strategy)
         g = torch.Generator().manual_seed(7)
         runs.append([masker(ids, g) for ids in batches])
-    assert all(torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
-               for a, b in zip(*runs))
+    assert all(
+        torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"]) for a, b in zip(*runs)
+    )
     masker = TokenMasker(minilm_tok, strategy=strategy)
     picked = sum(int((r["labels"] != -100).sum()) for r in runs[0])
     eligible = sum(int(masker.eligible(ids).sum()) for ids in batches)
@@ -412,7 +450,7 @@ def test_frequency_masking_prefers_rare_tokens(corpus, minilm_tok):
     special = torch.tensor(minilm_tok.special_ids)
     order = [i for i in counts.argsort(descending=True).tolist() if i not in special.tolist() and seen[i] > 0]
     frequent, rare = order[:20], [i for i in order if counts[i] <= 3]
-    rate = lambda ids: float(hit[ids].sum() / seen[ids].sum())  # noqa: E731
+    rate = lambda ids: float(hit[ids].sum() / seen[ids].sum())
     assert len(rare) > 50
     assert rate(rare) > 2 * rate(frequent), (rate(rare), rate(frequent))
     plain = TokenMasker(minilm_tok, strategy="random")
@@ -432,8 +470,11 @@ class _Encoder(torch.nn.Module):
 
 def _program(vocab, tokenizer=None):
     gm = torch.fx.symbolic_trace(_Encoder(vocab))
-    example = (torch.zeros(2, 12, dtype=torch.int64), torch.ones(2, 12, dtype=torch.int64),
-               torch.zeros(2, 12, dtype=torch.int64))
+    example = (
+        torch.zeros(2, 12, dtype=torch.int64),
+        torch.ones(2, 12, dtype=torch.int64),
+        torch.zeros(2, 12, dtype=torch.int64),
+    )
     meta = {"config": {"vocab_size": vocab}, **({"tokenizer": str(tokenizer)} if tokenizer else {})}
     return Program(gm, example, ["input_ids", "attention_mask", "token_type_ids"], meta=meta)
 
@@ -493,10 +534,12 @@ def test_error_messages(tmp_path, bpe_folder):
     assert "no tokenizer.json" in _error(load_tokenizer, tmp_path, required=True)
     (tmp_path / "t.txt").write_text("one short document\n")
     assert "val_fraction=0" in _error(PackedBatches, tmp_path / "t.txt", seq_len=4, batch_size=1, split="val")
-    assert "falls in the train split" in _error(PackedBatches(tmp_path / "t.txt", seq_len=4, batch_size=1,
-                                                              val_fraction=0.999999).__next__)
-    assert "fewer than seq_len=64" in _error(validation_batches, tmp_path / "t.txt", seq_len=64, batch_size=1,
-                                             batches=1, val_fraction=0.999999)
+    assert "falls in the train split" in _error(
+        PackedBatches(tmp_path / "t.txt", seq_len=4, batch_size=1, val_fraction=0.999999).__next__
+    )
+    assert "fewer than seq_len=64" in _error(
+        validation_batches, tmp_path / "t.txt", seq_len=64, batch_size=1, batches=1, val_fraction=0.999999
+    )
     assert "unknown masking strategy 'bogus'" in _error(MaskingConfig, strategy="bogus")
     assert "unknown objective" in _error(prepare_batch, torch.zeros(1, 2, dtype=torch.long), "xlm")
 
@@ -505,8 +548,16 @@ def test_error_messages(tmp_path, bpe_folder):
 def test_training_data_resumes_exactly_and_validates_the_same_way(corpus, tmp_path, minilm_tok):
     from tests.hf_models import minilm_path
 
-    kwargs = dict(tokenizer=str(minilm_path() / "tokenizer.json"), seq_len=32, objective="mlm", seed=2,
-                  val_fraction=0.2, mask="frequency", vocab_size=30522, shuffle_buffer=64)
+    kwargs = {
+        "tokenizer": str(minilm_path() / "tokenizer.json"),
+        "seq_len": 32,
+        "objective": "mlm",
+        "seed": 2,
+        "val_fraction": 0.2,
+        "mask": "frequency",
+        "vocab_size": 30522,
+        "shuffle_buffer": 64,
+    }
     full = D.TrainingData(corpus, **kwargs)
     expected = [full.next_batch(4) for _ in range(8)]
     assert all(set(b) == {"input_ids", "labels"} and b["input_ids"].shape == (4, 32) for b in expected)

@@ -1,5 +1,6 @@
 """Semantic graph diff keyed by module path: empty for equal programs, exactly the rewritten modules
 for a manual rewrite and for fuse-attention, programs with different parameter sets, HTML page."""
+
 import importlib
 import json
 from unittest import mock
@@ -99,8 +100,7 @@ def test_rewired_module_with_the_same_ops(program):
     after = program.copy()
     graph = after.gm.graph
     # fc2(relu(fc1(x))) -> fc2(fc1(x)) with the relu kept alive elsewhere: same ops, other wiring
-    relu = next(n for n in graph.nodes if n.target is aten.relu.default
-                and node_module(n)[0] == "blocks.0.act")
+    relu = next(n for n in graph.nodes if n.target is aten.relu.default and node_module(n)[0] == "blocks.0.act")
     (fc2,) = list(relu.users)
     fc2.replace_input_with(relu, relu.args[0])
     out = next(n for n in graph.nodes if n.op == "output")
@@ -163,10 +163,15 @@ def test_html_is_self_contained_with_a_drawing(program):
 
 def test_layered_svg_layout():
     pic = diff_module.GraphPicture(
-        nodes=[("x", "x", "input", "input"), ("w", "fc.weight", "parameter", "input"),
-               ("mm", "matmul", "", "removed"), ("sm", "softmax", "", "removed"),
-               ("out", "view", "view_3", "context")],
-        edges=[("x", "mm"), ("w", "mm"), ("mm", "sm"), ("sm", "out")])
+        nodes=[
+            ("x", "x", "input", "input"),
+            ("w", "fc.weight", "parameter", "input"),
+            ("mm", "matmul", "", "removed"),
+            ("sm", "softmax", "", "removed"),
+            ("out", "view", "view_3", "context"),
+        ],
+        edges=[("x", "mm"), ("w", "mm"), ("mm", "sm"), ("sm", "out")],
+    )
     svg = diff_module._layered_svg(pic, "t")
     assert svg.startswith("<svg") and svg.count("<rect") == 5 and svg.count("<path") == 4 + 1
     assert 'marker-end="url(#t-arrow)"' in svg

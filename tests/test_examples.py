@@ -1,16 +1,20 @@
 """Every example script runs."""
+
 import os
 import subprocess
 import sys
-
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_example(name, *args, tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", name), *map(str, args)],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 

@@ -1,5 +1,6 @@
 """The example scripts that start torchrun ranks or train on targets (split from
 tests/test_examples.py so that pytest-xdist can run the two modules side by side)."""
+
 from tests.test_examples import run_example
 
 
@@ -20,8 +21,9 @@ def test_tensor_parallel_example(tmp_path):
 
 
 def test_train_on_target_example(tmp_path):
-    out = run_example("train_on_target.py", tmp_path / "runs", "--steps", "6", "--targets", "cpu,tvm",
-                      tmp_path=tmp_path)  # onnxruntime-training: tests/test_training_targets.py
+    out = run_example(
+        "train_on_target.py", tmp_path / "runs", "--steps", "6", "--targets", "cpu,tvm", tmp_path=tmp_path
+    )  # onnxruntime-training: tests/test_training_targets.py
     diff = float(out.split("tvm: max |loss - cpu loss| over 6 steps = ")[1].split()[0])
     assert diff < 1e-3, out
     assert (tmp_path / "runs" / "tvm" / "program.pt2").exists()

@@ -1,5 +1,6 @@
 """`optpipe generate`: from a fresh process, without the model's code; token ids or text through the
 model folder's tokenizer.json; --json schema; speculative decoding with --draft; bad input."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from optpipe.cli import main
 import optpipe
+from optpipe.cli import main
 from optpipe.program import load_program
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,8 +30,14 @@ def cli(*args, check=True):
 
 def optpipe_cli(*args, check=True):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "optpipe", *map(str, args)], capture_output=True, text=True,
-                       cwd=ROOT, env=env, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "optpipe", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -44,8 +51,9 @@ def hf_folder(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("gpt2")
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(WORDS), n_positions=128, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=1, eos_token_id=1)
+    config = GPT2Config(
+        vocab_size=len(WORDS), n_positions=128, n_embd=32, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=1
+    )
     GPT2LMHeadModel(config).eval().save_pretrained(folder)
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -66,8 +74,18 @@ def outs(hf_folder, tmp_path_factory):
 def test_generate_ids_json_matches_the_program(outs):
     """From a fresh process, without the model's code."""
     cached, plain = outs
-    r = optpipe_cli("generate", cached, "--prompt-ids", "2,4,6", "--prompt-ids", "3,5", "--max-new-tokens", "12",
-                    "--ignore-eos", "--json")
+    r = optpipe_cli(
+        "generate",
+        cached,
+        "--prompt-ids",
+        "2,4,6",
+        "--prompt-ids",
+        "3,5",
+        "--max-new-tokens",
+        "12",
+        "--ignore-eos",
+        "--json",
+    )
     doc = json.loads(r.stdout)
     assert set(doc) >= {"ids", "new_ids", "tokens_per_s", "text"}
     assert [len(x) for x in doc["new_ids"]] == [12, 12]
@@ -106,8 +124,7 @@ def test_saved_step_program_takes_the_filled_length(outs):
 def test_generate_text_through_the_tokenizer(outs):
     cached, _ = outs
     assert (cached / "tokenizer.json").exists()  # copied from the model folder at optimize time
-    r = cli("generate", cached, "--prompt", "the cat sat on", "--max-new-tokens", "6", "--ignore-eos",
-                    "--json")
+    r = cli("generate", cached, "--prompt", "the cat sat on", "--max-new-tokens", "6", "--ignore-eos", "--json")
     doc = json.loads(r.stdout)
     assert doc["ids"][0][:4] == [2, 4, 6, 7]
     words = doc["text"][0].split()
@@ -123,27 +140,43 @@ def test_sampling_options_and_stop_token(outs):
     free = json.loads(cli(*args, "--ignore-eos").stdout)["new_ids"][0]
     stop = free[2]
     stopped = json.loads(cli(*args, "--stop-token", stop).stdout)["new_ids"][0]
-    assert stopped == free[:free.index(stop) + 1]
+    assert stopped == free[: free.index(stop) + 1]
 
 
 def test_speculative_with_a_draft(outs):
     cached, _ = outs
-    r = cli("generate", cached, "--prompt-ids", "2,4,6", "--max-new-tokens", "16", "--ignore-eos",
-            "--draft", cached, "--draft-tokens", "3", "--json")
+    r = cli(
+        "generate",
+        cached,
+        "--prompt-ids",
+        "2,4,6",
+        "--max-new-tokens",
+        "16",
+        "--ignore-eos",
+        "--draft",
+        cached,
+        "--draft-tokens",
+        "3",
+        "--json",
+    )
     doc = json.loads(r.stdout)
-    alone = json.loads(cli("generate", cached, "--prompt-ids", "2,4,6", "--max-new-tokens", "16",
-                           "--ignore-eos", "--json").stdout)
+    alone = json.loads(
+        cli("generate", cached, "--prompt-ids", "2,4,6", "--max-new-tokens", "16", "--ignore-eos", "--json").stdout
+    )
     assert doc["new_ids"] == alone["new_ids"]
     assert doc["speculative"]["acceptance_rate"] == 1.0  # the draft is the target itself
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--max-new-tokens", "4"], "give --prompt TEXT or --prompt-ids IDS"),
-    (["--prompt-ids", "1,x"], "bad --prompt-ids"),
-    (["--prompt-ids", "1,2", "--max-new-tokens", "500"], "exceed the cache (96 slots)"),
-    (["--prompt-ids", "1,2", "--temperature", "-1"], "temperature must be >= 0"),
-    (["--prompt-ids", "1,2", "--draft", "{plain}"], "speculative decoding needs step programs"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-new-tokens", "4"], "give --prompt TEXT or --prompt-ids IDS"),
+        (["--prompt-ids", "1,x"], "bad --prompt-ids"),
+        (["--prompt-ids", "1,2", "--max-new-tokens", "500"], "exceed the cache (96 slots)"),
+        (["--prompt-ids", "1,2", "--temperature", "-1"], "temperature must be >= 0"),
+        (["--prompt-ids", "1,2", "--draft", "{plain}"], "speculative decoding needs step programs"),
+    ],
+)
 def test_bad_input_is_one_line(outs, args, message):
     cached, plain = outs
     r = cli("generate", cached, *[a.format(plain=plain) for a in args], check=False)
@@ -154,7 +187,15 @@ def test_bad_input_is_one_line(outs, args, message):
 
 def test_prompt_text_without_a_tokenizer(tmp_path):
     out = tmp_path / "OUT"
-    cli("optimize", os.path.join(ROOT, "examples", "tiny_gpt.py") + ":build", "--pipeline",
-        "fuse-attention,kv-cache", "-o", out, "--mode", "eager")
+    cli(
+        "optimize",
+        os.path.join(ROOT, "examples", "tiny_gpt.py") + ":build",
+        "--pipeline",
+        "fuse-attention,kv-cache",
+        "-o",
+        out,
+        "--mode",
+        "eager",
+    )
     r = cli("generate", out, "--prompt", "hello", check=False)
     assert r.exit_code == 2 and "no tokenizer.json" in r.stderr and "--prompt-ids" in r.stderr

@@ -1,4 +1,5 @@
 """`inspect`: ops, params, FLOPs, memory per module and attention sites (SDPA and hand-written)."""
+
 import json
 import re
 

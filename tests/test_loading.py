@@ -1,5 +1,6 @@
 """`load_model`: every form of MODEL loads, runs and matches the eager model; every bad input is a
 one-line UsageError naming the path."""
+
 import hashlib
 import os
 import sys
@@ -9,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fixtures import tiny_models
-from tests.fixtures.tiny_models import MLP, TinyGPT, ids
 from optpipe.capture import capture
 from optpipe.errors import UsageError
 from optpipe.inputs import parse_input_spec
-from optpipe.loading import (EXPORT_ARCHIVE, OPTPIPE_OUT, PICKLE, SAFETENSORS, TORCH_SAVE,
-                             detect_format, load_model)
+from optpipe.loading import EXPORT_ARCHIVE, OPTPIPE_OUT, PICKLE, SAFETENSORS, TORCH_SAVE, detect_format, load_model
+from tests.fixtures import tiny_models
+from tests.fixtures.tiny_models import MLP, TinyGPT, ids
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_models.py"
@@ -64,6 +64,7 @@ def gpt_model():
 
 
 # -- Python specs ----------------------------------------------------------------------------------
+
 
 def test_factory_returning_model_and_tuple():
     program = load_model(spec("mlp"))
@@ -130,10 +131,12 @@ def test_attribute_that_is_a_model_instance():
 
 def test_file_spec_imports_its_neighbours_without_sys_path_changes(tmp_path):
     (tmp_path / "layers_for_loading_test.py").write_text(
-        "import torch\nclass Double(torch.nn.Module):\n    def forward(self, x):\n        return 2 * x\n")
+        "import torch\nclass Double(torch.nn.Module):\n    def forward(self, x):\n        return 2 * x\n"
+    )
     (tmp_path / "model.py").write_text(
         "import torch\nfrom layers_for_loading_test import Double\n"
-        "def build():\n    return Double(), (torch.ones(2, 3),)\n")
+        "def build():\n    return Double(), (torch.ones(2, 3),)\n"
+    )
     before = list(sys.path)
     program = load_model(f"{tmp_path / 'model.py'}:build")
     assert sys.path == before
@@ -142,11 +145,16 @@ def test_file_spec_imports_its_neighbours_without_sys_path_changes(tmp_path):
 
 # -- torch.export archives and OUT folders ---------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def saved_program(tmp_path_factory):
     """A program captured from `make_gpt_model()` and saved as a .pt2 (shared: never written to)."""
-    program = capture(make_gpt_model(), {"idx": ids(1, 8)}, dynamic_shapes=[{0: "batch", 1: "seq"}],
-                      meta={"vocab_size": tiny_models.VOCAB})
+    program = capture(
+        make_gpt_model(),
+        {"idx": ids(1, 8)},
+        dynamic_shapes=[{0: "batch", 1: "seq"}],
+        meta={"vocab_size": tiny_models.VOCAB},
+    )
     path = tmp_path_factory.mktemp("archive") / "model.pt2"
     program.save(path)
     return path
@@ -203,6 +211,7 @@ def test_optpipe_out_folder(tmp_path, saved_program, gpt_model):
 
 
 # -- state dicts -----------------------------------------------------------------------------------
+
 
 def test_state_dict_with_arch(tmp_path, gpt_model):
     path = tmp_path / "weights.pt"
@@ -263,6 +272,7 @@ def test_arch_with_a_model_that_needs_no_state_dict(saved_program):
 
 # -- pickled modules ------------------------------------------------------------------------------
 
+
 def test_pickled_module_refused_then_trusted(tmp_path, gpt_model):
     path = tmp_path / "model.pt"
     torch.save(gpt_model, path)
@@ -289,6 +299,7 @@ def test_legacy_pickle_format_state_dict(tmp_path):
 
 # -- Hugging Face folders --------------------------------------------------------------------------
 
+
 def _save_tokenizer(folder: Path):
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
@@ -300,8 +311,9 @@ def _save_tokenizer(folder: Path):
 def gpt2_folder(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=1, n_head=2,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        vocab_size=96, n_positions=32, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0
+    )
     model = transformers.GPT2LMHeadModel(config).eval()
     folder = tmp_path_factory.mktemp("gpt2")
     model.save_pretrained(folder)
@@ -313,9 +325,14 @@ def gpt2_folder(tmp_path_factory):
 def bert_folder(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
-                                     num_hidden_layers=1, num_attention_heads=2,
-                                     max_position_embeddings=256)
+    config = transformers.BertConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=256,
+    )
     model = transformers.BertModel(config, add_pooling_layer=False).eval()
     folder = tmp_path_factory.mktemp("bert")
     model.save_pretrained(folder)
@@ -384,6 +401,7 @@ def test_hf_folder_without_weights(tmp_path, gpt2_folder):
 
 # -- bad input -------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def bad_files(tmp_path, saved_program):
     (tmp_path / "notes.pt").write_text("these are not weights\n")
@@ -402,19 +420,22 @@ def bad_files(tmp_path, saved_program):
     return tmp_path
 
 
-@pytest.mark.parametrize("name, kwargs, problem", [
-    ("missing.pt", {}, "no such file"),
-    ("notes.pt", {}, "unknown model format"),
-    ("noise.pt", {}, "unknown model format"),
-    ("empty.pt", {}, "unknown model format"),
-    ("truncated.pt2", {}, "corrupt archive"),
-    ("other.zip", {}, "not one that torch wrote"),
-    ("empty_folder", {}, "neither an optpipe OUT folder"),
-    ("tensor.pt", {"arch": "ARCH"}, "holds a Tensor"),
-    ("scripted.pt", {}, "TorchScript"),
-    ("missing.py:build", {}, "no such file"),
-    ("syntax_error.py:build", {}, "cannot import"),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, problem",
+    [
+        ("missing.pt", {}, "no such file"),
+        ("notes.pt", {}, "unknown model format"),
+        ("noise.pt", {}, "unknown model format"),
+        ("empty.pt", {}, "unknown model format"),
+        ("truncated.pt2", {}, "corrupt archive"),
+        ("other.zip", {}, "not one that torch wrote"),
+        ("empty_folder", {}, "neither an optpipe OUT folder"),
+        ("tensor.pt", {"arch": "ARCH"}, "holds a Tensor"),
+        ("scripted.pt", {}, "TorchScript"),
+        ("missing.py:build", {}, "no such file"),
+        ("syntax_error.py:build", {}, "cannot import"),
+    ],
+)
 def test_bad_model_files(bad_files, name, kwargs, problem):
     path = bad_files / name
     kwargs = {k: spec("mlp") if v == "ARCH" else v for k, v in kwargs.items()}
@@ -423,12 +444,15 @@ def test_bad_model_files(bad_files, name, kwargs, problem):
     assert "(hint: " in line
 
 
-@pytest.mark.parametrize("factory, problem", [
-    ("no_such_factory", "has no attribute 'no_such_factory'"),
-    ("broken", "the factory raised ValueError: no weights here"),
-    ("not_a_model", "returned a int"),
-    ("VOCAB", "not a model or a factory"),
-])
+@pytest.mark.parametrize(
+    "factory, problem",
+    [
+        ("no_such_factory", "has no attribute 'no_such_factory'"),
+        ("broken", "the factory raised ValueError: no weights here"),
+        ("not_a_model", "returned a int"),
+        ("VOCAB", "not a model or a factory"),
+    ],
+)
 def test_bad_factories(factory, problem):
     line = one_line_error(FIXTURE, load_model, spec(factory))
     assert problem in line
@@ -447,6 +471,7 @@ def test_bad_arch_spec(tmp_path):
 
 
 # -- the Python API: inputs as text or as tensors --------------------------------------------------
+
 
 def test_inputs_as_spec_text():
     program = load_model(spec("gpt"), inputs=["idx:int64[batch=1,seq=6]"])

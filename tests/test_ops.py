@@ -1,4 +1,5 @@
 """optpipe ops: one definition (eager, fake, autograd, decomposition, FLOPs) and per-target lowerings."""
+
 import torch
 import torch.nn as nn
 from torch.testing import FileCheck
@@ -31,8 +32,17 @@ def _decomposition(x, alpha):
     return torch.ops.aten.mul.Tensor(torch.ops.aten.relu.default(x), alpha)
 
 
-scaled_relu = define_op("test_scaled_relu", _impl, fake=_fake, decomposition=_decomposition,
-                        backward=_backward, setup_context=_setup, flops=lambda *a, **k: 7)
+scaled_relu = define_op(
+    "test_scaled_relu",
+    _impl,
+    fake=_fake,
+    decomposition=_decomposition,
+    backward=_backward,
+    setup_context=_setup,
+    flops=lambda *a, **k: 7,
+)
+
+
 def _opaque(x: torch.Tensor) -> torch.Tensor:
     return x.clone()
 

@@ -1,7 +1,7 @@
 """The pass runner: verification after every pass, budgets, instruments, plugins, presets, recipes."""
+
 import io
 import os
-import sys
 import textwrap
 
 import pytest
@@ -77,8 +77,9 @@ def test_pass_exception_is_wrapped_with_its_name(program):
 
 def test_instruments(program, tmp_path):
     stream, timing = io.StringIO(), io.StringIO()
-    _, records = Pipeline.parse("cse,dce,cse").run(program, instruments=[DumpIR(tmp_path), PrintAfterChange(stream),
-                                                                         PassTiming(timing)])
+    _, records = Pipeline.parse("cse,dce,cse").run(
+        program, instruments=[DumpIR(tmp_path), PrintAfterChange(stream), PassTiming(timing)]
+    )
     names = sorted(os.listdir(tmp_path))
     assert names[:3] == ["000_cse.after.py", "000_cse.before.py", "000_cse.diff"] and len(names) == 9
     diff = (tmp_path / "000_cse.diff").read_text()
@@ -90,7 +91,8 @@ def test_instruments(program, tmp_path):
 
 
 def test_entry_point_plugin_registers_a_pass(tmp_path, monkeypatch):
-    (tmp_path / "my_optpipe_plugin.py").write_text(textwrap.dedent('''
+    (tmp_path / "my_optpipe_plugin.py").write_text(
+        textwrap.dedent('''
         from dataclasses import dataclass
         from optpipe.registry import register_pass, PassResult
 
@@ -102,7 +104,8 @@ def test_entry_point_plugin_registers_a_pass(tmp_path, monkeypatch):
         def noop(program, config):
             """Does nothing, from a plugin."""
             return PassResult(False, {})
-    '''))
+    ''')
+    )
     dist = tmp_path / "my_optpipe_plugin-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-optpipe-plugin\nVersion: 0.1\n")
@@ -120,8 +123,10 @@ def test_presets_and_recipes(tmp_path):
     with pytest.raises(UsageError, match="unknown preset 'canonicalise'"):
         preset_pipeline("canonicalise")
     r = tmp_path / "r.toml"
-    r.write_text('target = "cpu"\nbudget = { sqnr = 20 }\n[[passes]]\nname = "cse"\n'
-                 '[[passes]]\nname = "test-add-noise"\nscale = 0.5\n')
+    r.write_text(
+        'target = "cpu"\nbudget = { sqnr = 20 }\n[[passes]]\nname = "cse"\n'
+        '[[passes]]\nname = "test-add-noise"\nscale = 0.5\n'
+    )
     data = load_recipe(r)
     assert str(Pipeline.parse(data["pipeline"])) == "cse,test-add-noise{scale=0.5}"
     assert data["budget"] == {"sqnr": 20}

@@ -2,22 +2,25 @@ import pytest
 
 import tests.toy_passes  # noqa: F401  registers test passes
 from optpipe.errors import UsageError
-from optpipe.pipeline_text import PipelineSyntaxError, parse_pipeline, format_pipeline
+from optpipe.pipeline_text import PipelineSyntaxError, format_pipeline, parse_pipeline
 
 
 def roundtrip(s):
     return format_pipeline(parse_pipeline(s))
 
 
-@pytest.mark.parametrize("text", [
-    "fuse-attention",
-    "fuse-attention,dce",
-    "fuse-attention,cse,dce",
-    "test-add-noise{scale=0.5}",
-    "test-add-noise{scale=0.5,min-sqnr=20.0},dce",
-    "fuse-attention,attention{kind=sliding-window,window=256,layers=2:}",
-    "attention{kind=block-sparse,layers=[0,11]}",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "fuse-attention",
+        "fuse-attention,dce",
+        "fuse-attention,cse,dce",
+        "test-add-noise{scale=0.5}",
+        "test-add-noise{scale=0.5,min-sqnr=20.0},dce",
+        "fuse-attention,attention{kind=sliding-window,window=256,layers=2:}",
+        "attention{kind=block-sparse,layers=[0,11]}",
+    ],
+)
 def test_canonical_strings_round_trip(text):
     assert roundtrip(text) == text
 
@@ -62,10 +65,18 @@ def test_config_validation_runs():
         parse_pipeline("test-add-noise{scale=-1}")
 
 
-@pytest.mark.parametrize("text,col", [
-    ("dce,", 4), ("dce{", 4), ("dce,,cse", 4), ("test-add-noise{scale}", 20), ("dce cse", 4), ("", 0),
-    ("test-add-noise{scale=1,scale=2}", 23),
-])
+@pytest.mark.parametrize(
+    "text,col",
+    [
+        ("dce,", 4),
+        ("dce{", 4),
+        ("dce,,cse", 4),
+        ("test-add-noise{scale}", 20),
+        ("dce cse", 4),
+        ("", 0),
+        ("test-add-noise{scale=1,scale=2}", 23),
+    ],
+)
 def test_malformed_pipelines_have_a_caret(text, col):
     with pytest.raises(PipelineSyntaxError) as e:
         parse_pipeline(text)

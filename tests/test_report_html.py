@@ -1,4 +1,5 @@
 """OUT/report.html: self-contained, with the passes table, verification numbers and per-pass diffs."""
+
 import torch
 import torch.nn as nn
 
@@ -27,20 +28,43 @@ def relu_to_gelu_diff():
 
 
 def make_report(passes):
-    return {"optpipe_version": "0.1.0", "pipeline": "swap-act,dce", "target": "cpu",
-            "model": {"params_before": 58, "params_after": 58, "flops_before": 160, "flops_after": 160,
-                      "output": "tensor", "class": "torch.nn.modules.container.Sequential"},
-            "passes": passes,
-            "target_check": {"ok": True, "max_abs": 0.0}}
+    return {
+        "optpipe_version": "0.1.0",
+        "pipeline": "swap-act,dce",
+        "target": "cpu",
+        "model": {
+            "params_before": 58,
+            "params_after": 58,
+            "flops_before": 160,
+            "flops_after": 160,
+            "output": "tensor",
+            "class": "torch.nn.modules.container.Sequential",
+        },
+        "passes": passes,
+        "target_check": {"ok": True, "max_abs": 0.0},
+    }
 
 
 PASSES = [
-    {"name": "swap-act", "pipeline": "swap-act{to=gelu}", "config": {"to": "gelu"}, "exact": False,
-     "modified": True, "stats": {"rewritten": 1}, "seconds": 0.0123,
-     "verify": {"max_abs": 0.0123, "sqnr_db": 31.25, "cosine": 0.99991, "top1_agreement": 0.975, "ok": True}},
-    {"name": "dce", "config": {}, "exact": True, "modified": False, "stats": {"removed": 0},
-     "seconds": 0.001, "verify": {"max_abs": None, "sqnr_db": None, "cosine": None, "top1_agreement": None,
-                                  "ok": None}},
+    {
+        "name": "swap-act",
+        "pipeline": "swap-act{to=gelu}",
+        "config": {"to": "gelu"},
+        "exact": False,
+        "modified": True,
+        "stats": {"rewritten": 1},
+        "seconds": 0.0123,
+        "verify": {"max_abs": 0.0123, "sqnr_db": 31.25, "cosine": 0.99991, "top1_agreement": 0.975, "ok": True},
+    },
+    {
+        "name": "dce",
+        "config": {},
+        "exact": True,
+        "modified": False,
+        "stats": {"removed": 0},
+        "seconds": 0.001,
+        "verify": {"max_abs": None, "sqnr_db": None, "cosine": None, "top1_agreement": None, "ok": None},
+    },
 ]
 
 
@@ -51,19 +75,43 @@ def test_report_is_self_contained_with_passes_verification_and_drawings():
     assert "http" not in page and "<script" not in page and "<link" not in page and "<img" not in page
     assert "<svg" in page and "</svg>" in page
     # header, passes table, verification numbers
-    for text in ("Sequential", "swap-act,dce", "swap-act{to=gelu}", "rewritten=1", "lossy", "exact",
-                 "31.2", "0.999910", "97.5%", "0.0123", "dce"):
+    for text in (
+        "Sequential",
+        "swap-act,dce",
+        "swap-act{to=gelu}",
+        "rewritten=1",
+        "lossy",
+        "exact",
+        "31.2",
+        "0.999910",
+        "97.5%",
+        "0.0123",
+        "dce",
+    ):
         assert text in page, text
     # the pass's diff: module path and the ops it swapped, as a table and as text
     assert "-relu +gelu" in page and "left the graph unchanged" in page
 
 
 def test_values_may_be_missing_and_all_text_is_escaped():
-    passes = [{"name": "<b>evil</b>", "config": {"x": "<i>"}, "exact": None, "modified": None,
-               "stats": None, "seconds": None, "verify": None}]
-    report = {"pipeline": "<b>evil</b>", "target": None, "model": {"params_before": None, "params_after": None,
-                                                                  "flops_before": None, "flops_after": None},
-              "passes": passes, "target_check": None}
+    passes = [
+        {
+            "name": "<b>evil</b>",
+            "config": {"x": "<i>"},
+            "exact": None,
+            "modified": None,
+            "stats": None,
+            "seconds": None,
+            "verify": None,
+        }
+    ]
+    report = {
+        "pipeline": "<b>evil</b>",
+        "target": None,
+        "model": {"params_before": None, "params_after": None, "flops_before": None, "flops_after": None},
+        "passes": passes,
+        "target_check": None,
+    }
     page = render_report_html(report, [])
     assert "<b>evil</b>" not in page and "&lt;b&gt;evil&lt;/b&gt;" in page and "<i>" not in page
     assert "No diff recorded" in page

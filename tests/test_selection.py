@@ -1,35 +1,50 @@
 """LayerSelection: parse, select, print (round trip), errors, and use as a pipeline option type."""
+
 import pytest
 
 from optpipe.pipeline_text import convert_value, format_value
 from optpipe.selection import LayerSelection
 
 
-@pytest.mark.parametrize("text, total, expected", [
-    (":", 4, [0, 1, 2, 3]),
-    ("2:", 4, [2, 3]),
-    (":-1", 4, [0, 1, 2]),
-    ("1:-1", 5, [1, 2, 3]),
-    ("::2", 5, [0, 2, 4]),
-    ("1:8:2", 12, [1, 3, 5, 7]),
-    ("3", 12, [3]),
-    ("-1", 12, [11]),
-    ("[0,11]", 12, [0, 11]),
-    ("0,11", 12, [0, 11]),
-    ("[0, 4:6, -1]", 12, [0, 4, 5, 11]),
-    ("[20]", 12, []),
-    ("5:", 3, []),
-])
+@pytest.mark.parametrize(
+    "text, total, expected",
+    [
+        (":", 4, [0, 1, 2, 3]),
+        ("2:", 4, [2, 3]),
+        (":-1", 4, [0, 1, 2]),
+        ("1:-1", 5, [1, 2, 3]),
+        ("::2", 5, [0, 2, 4]),
+        ("1:8:2", 12, [1, 3, 5, 7]),
+        ("3", 12, [3]),
+        ("-1", 12, [11]),
+        ("[0,11]", 12, [0, 11]),
+        ("0,11", 12, [0, 11]),
+        ("[0, 4:6, -1]", 12, [0, 4, 5, 11]),
+        ("[20]", 12, []),
+        ("5:", 3, []),
+    ],
+)
 def test_selects(text, total, expected):
     sel = LayerSelection.parse(text)
     assert sel.indices(total) == expected
     assert [i for i in range(total) if sel.selects(i, total)] == expected
 
 
-@pytest.mark.parametrize("text, canonical", [
-    (":", ":"), ("2:", "2:"), (":-1", ":-1"), ("1:8:2", "1:8:2"), ("3", "3"), ("-1", "-1"),
-    ("[0,11]", "[0,11]"), ("0,11", "[0,11]"), ("[0, 4:6, -1]", "[0,4:6,-1]"), ("[3]", "[3]"),
-])
+@pytest.mark.parametrize(
+    "text, canonical",
+    [
+        (":", ":"),
+        ("2:", "2:"),
+        (":-1", ":-1"),
+        ("1:8:2", "1:8:2"),
+        ("3", "3"),
+        ("-1", "-1"),
+        ("[0,11]", "[0,11]"),
+        ("0,11", "[0,11]"),
+        ("[0, 4:6, -1]", "[0,4:6,-1]"),
+        ("[3]", "[3]"),
+    ],
+)
 def test_str_round_trips(text, canonical):
     sel = LayerSelection.parse(text)
     assert str(sel) == canonical

@@ -1,4 +1,5 @@
 """optpipe train: objectives, distillation, schedules, checkpoints/resume, data parallel, errors."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,16 @@ import torch
 
 import optpipe
 from optpipe.errors import UsageError
-from optpipe.runtime.training import (TrainConfig, TrainingInterrupted, block_paths, param_groups, rewritten_paths,
-                              tapped_module, task_loss, train)
+from optpipe.runtime.training import (
+    TrainConfig,
+    TrainingInterrupted,
+    block_paths,
+    param_groups,
+    rewritten_paths,
+    tapped_module,
+    task_loss,
+    train,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(ROOT, "examples", "heal.py") + ":build_quick"  # byte-level GPT, context 32
@@ -51,15 +60,19 @@ def test_clm_pretraining_writes_a_trained_out_folder(dense, corpus):
     rows = _metrics(dense)
     assert [r["step"] for r in rows] == [20, 40]
     assert all({"step", "loss", "lr", "tokens_per_s"} <= set(r) for r in rows)
-    assert "val_loss" in rows[-1] and rows[-1]["val_ppl"] == pytest.approx(torch.tensor(rows[-1]["val_loss"]).exp().item(), rel=1e-3)
+    assert "val_loss" in rows[-1] and rows[-1]["val_ppl"] == pytest.approx(
+        torch.tensor(rows[-1]["val_loss"]).exp().item(), rel=1e-3
+    )
     assert rows[-1]["loss"] < 5.0  # from ln(259) = 5.56 at init
     for name in ("program.pt2", "train.json", "target.json", "pipeline.txt"):
         assert os.path.isfile(os.path.join(dense, name)), name
     # the trained weights are what program.pt2 holds, and the program still runs
     prog = optpipe.load(dense)
     fresh = optpipe.load(QUICK)
-    assert not torch.equal(dict(prog.gm.named_parameters())["transformer.h.0.mlp.c_fc.weight"],
-                           dict(fresh.gm.named_parameters())["transformer.h.0.mlp.c_fc.weight"])
+    assert not torch.equal(
+        dict(prog.gm.named_parameters())["transformer.h.0.mlp.c_fc.weight"],
+        dict(fresh.gm.named_parameters())["transformer.h.0.mlp.c_fc.weight"],
+    )
     ids = torch.randint(0, 256, (2, 32))
     logits = prog.gm(ids)
     assert logits.shape == (2, 32, 259) and torch.isfinite(logits).all()
@@ -71,7 +84,7 @@ def test_loss_matches_a_plain_torch_loop(corpus, tmp_path):
     """The trainer's loss and update are AdamW on mean next-token cross-entropy, nothing else."""
     from optpipe.runtime.data import TrainingData
 
-    cfg = dict(steps=3, batch_size=4, lr=1e-3, warmup=0, clip=None, weight_decay=0.0)
+    cfg = {"steps": 3, "batch_size": 4, "lr": 1e-3, "warmup": 0, "clip": None, "weight_decay": 0.0}
     res = train(QUICK, corpus, str(tmp_path / "a"), log_every=1, progress=False, **cfg)
     prog = optpipe.load(QUICK)
     data = TrainingData(corpus, seq_len=32, objective="clm", seed=0, vocab_size=259)
@@ -128,8 +141,17 @@ def test_distillation_heals_a_sliding_window_swap(dense, corpus, tmp_path):
     assert rewritten_paths(prog) == ["transformer.h.0.attn", "transformer.h.1.attn"]
     assert block_paths(prog) == ["transformer.h.0", "transformer.h.1"]
     before = optpipe.runtime.training.evaluate(swapped, corpus, batch_size=8)["val_loss"]
-    healed = train(swapped, corpus, str(tmp_path / "healed"), steps=30, batch_size=8, lr=1e-3,
-                   distill_from=dense, log_every=10, progress=False)
+    healed = train(
+        swapped,
+        corpus,
+        str(tmp_path / "healed"),
+        steps=30,
+        batch_size=8,
+        lr=1e-3,
+        distill_from=dense,
+        log_every=10,
+        progress=False,
+    )
     with open(os.path.join(healed.out, "train.json")) as f:
         taps = json.load(f)["taps"]
     assert taps == ["transformer.h.0", "transformer.h.1", "transformer.h.0.attn", "transformer.h.1.attn"]
@@ -151,8 +173,16 @@ def test_tapped_module_returns_module_outputs(dense):
 def test_trainable_changed_trains_only_rewritten_modules(dense, corpus, tmp_path):
     swapped = str(tmp_path / "sw")
     optpipe.optimize(dense, pipeline="attention{kind=sliding-window,window=4,layers=1}", target="cpu").save(swapped)
-    res = train(swapped, corpus, str(tmp_path / "t"), steps=3, batch_size=4, trainable="changed",
-                distill_from=dense, progress=False)
+    res = train(
+        swapped,
+        corpus,
+        str(tmp_path / "t"),
+        steps=3,
+        batch_size=4,
+        trainable="changed",
+        distill_from=dense,
+        progress=False,
+    )
     before, after = _weights(swapped), _weights(res.out)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and all(n.startswith("transformer.h.1.attn.") for n in changed)
@@ -166,46 +196,92 @@ def test_mlm_on_the_real_minilm_with_whole_word_masking(tmp_path):
     text = tmp_path / "docs.jsonl"
     with open(text, "w") as f:
         for i in range(200):
-            f.write(json.dumps({"text": f"Sentence number {i} talks about optimizing transformer models "
-                                        f"with sparse attention and quantization, part {i % 7}."}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "text": f"Sentence number {i} talks about optimizing transformer models "
+                        f"with sparse attention and quantization, part {i % 7}."
+                    }
+                )
+                + "\n"
+            )
     mlm = os.path.join(ROOT, "examples", "heal.py") + ":minilm_mlm"
-    res = train(mlm, str(text), str(tmp_path / "mlm"), objective="mlm", mask="whole-word", steps=3, batch_size=2,
-                seq_len=32, lr=1e-3, trainable="cls.*", val_fraction=0.2, val_batches=1, log_every=1, progress=False)
+    res = train(
+        mlm,
+        str(text),
+        str(tmp_path / "mlm"),
+        objective="mlm",
+        mask="whole-word",
+        steps=3,
+        batch_size=2,
+        seq_len=32,
+        lr=1e-3,
+        trainable="cls.*",
+        val_fraction=0.2,
+        val_batches=1,
+        log_every=1,
+        progress=False,
+    )
     assert res.val_ppl is not None and all(r["loss"] < 12 for r in res.metrics)
     assert os.path.isfile(os.path.join(res.out, "tokenizer.json"))  # the WordPiece tokenizer, not bytes
     before, after = _weights(mlm), _weights(res.out)
-    assert torch.equal(before["bert.encoder.layer.0.output.dense.weight"], after["bert.encoder.layer.0.output.dense.weight"])
-    assert not torch.equal(before["cls.predictions.transform.dense.weight"], after["cls.predictions.transform.dense.weight"])
+    assert torch.equal(
+        before["bert.encoder.layer.0.output.dense.weight"], after["bert.encoder.layer.0.output.dense.weight"]
+    )
+    assert not torch.equal(
+        before["cls.predictions.transform.dense.weight"], after["cls.predictions.transform.dense.weight"]
+    )
     # the encoder alone (hidden states, no LM head) is refused before any work
     with pytest.raises(UsageError, match="not logits over its 30522-token vocabulary"):
         train(str(minilm_path()), str(text), str(tmp_path / "enc"), objective="mlm", steps=1, progress=False)
 
 
 def test_interrupt_saves_a_checkpoint_and_resume_is_bit_exact(corpus, tmp_path):
-    full = train(QUICK, corpus, str(tmp_path / "full"), steps=12, batch_size=4, checkpoint_every=4,
-                 log_every=2, progress=False)
+    full = train(
+        QUICK, corpus, str(tmp_path / "full"), steps=12, batch_size=4, checkpoint_every=4, log_every=2, progress=False
+    )
     out = str(tmp_path / "cut")
     with pytest.raises(TrainingInterrupted) as e:
-        train(QUICK, corpus, out, steps=12, batch_size=4, checkpoint_every=4, log_every=2, progress=False,
-              stop_after=7)
+        train(QUICK, corpus, out, steps=12, batch_size=4, checkpoint_every=4, log_every=2, progress=False, stop_after=7)
     assert e.value.step == 7 and e.value.checkpoint.endswith("step-0000007")
-    resumed = train(QUICK, corpus, out, steps=12, batch_size=4, checkpoint_every=4, log_every=2, progress=False,
-                    resume=True)
+    resumed = train(
+        QUICK, corpus, out, steps=12, batch_size=4, checkpoint_every=4, log_every=2, progress=False, resume=True
+    )
     wa, wb = _weights(full.out), _weights(resumed.out)
     assert all(torch.equal(wa[n], wb[n]) for n in wa)
-    assert _metrics(full.out) == [{**r, "tokens_per_s": r2["tokens_per_s"]}
-                                  for r, r2 in zip(_metrics(out), _metrics(full.out))]
+    assert _metrics(full.out) == [
+        {**r, "tokens_per_s": r2["tokens_per_s"]} for r, r2 in zip(_metrics(out), _metrics(full.out))
+    ]
 
 
 def _cli(*args, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "optpipe", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "optpipe", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(corpus, tmp_path):
-    args = ["train", QUICK, "--data", corpus, "--steps", "40", "--batch-size", "4", "--checkpoint-every", "5",
-            "--log-every", "5"]
+    args = [
+        "train",
+        QUICK,
+        "--data",
+        corpus,
+        "--steps",
+        "40",
+        "--batch-size",
+        "4",
+        "--checkpoint-every",
+        "5",
+        "--log-every",
+        "5",
+    ]
     full = _cli(*args, "-o", str(tmp_path / "full"))
     assert full.wait(timeout=300) == 0, full.stderr.read()
     out = tmp_path / "killed"

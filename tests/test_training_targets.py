@@ -1,6 +1,7 @@
 """optpipe train on other targets (onnxruntime-training, tvm) and model-parallel (--stages,
 --tensor-parallel): loss curves against the torch run, resume on tvm, refusals before any work.
 Split from tests/test_training.py so that pytest-xdist can run the two modules side by side."""
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_onnxruntime_target_follows_the_torch_loss_curve(corpus, tmp_path):
-    common = dict(steps=20, batch_size=4, lr=2e-3, clip=None, log_every=1, progress=False)
+    common = {"steps": 20, "batch_size": 4, "lr": 2e-3, "clip": None, "log_every": 1, "progress": False}
     cpu = train(QUICK, corpus, str(tmp_path / "cpu"), **common)
     ort = train(QUICK, corpus, str(tmp_path / "ort"), target="onnxruntime", **common)
     diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(cpu.metrics, ort.metrics)]
@@ -34,8 +35,18 @@ def test_tvm_target_follows_the_torch_loss_curve_and_resumes(corpus, tmp_path):
     """Relax autodiff + Relax AdamW with everything the torch run uses: clipping, weight decay
     (none on 1-d tensors), layer decay, gradient accumulation; then resume on tvm from a checkpoint
     (the second run reuses the first one's builds: same graph, weights are inputs)."""
-    common = dict(steps=20, batch_size=4, grad_accum=2, lr=2e-3, weight_decay=0.1, layer_decay=0.8, clip=0.5,
-                  log_every=1, checkpoint_every=5, progress=False)
+    common = {
+        "steps": 20,
+        "batch_size": 4,
+        "grad_accum": 2,
+        "lr": 2e-3,
+        "weight_decay": 0.1,
+        "layer_decay": 0.8,
+        "clip": 0.5,
+        "log_every": 1,
+        "checkpoint_every": 5,
+        "progress": False,
+    }
     cpu = train(QUICK, corpus, str(tmp_path / "cpu"), **common)
     tvm = train(QUICK, corpus, str(tmp_path / "tvm"), target="tvm", **common)
     diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(cpu.metrics, tvm.metrics)]
@@ -63,7 +74,11 @@ def test_tvm_target_names_the_op_it_cannot_differentiate_before_any_work(tmp_pat
     class Clamped(torch.nn.Module):  # clamp imports as relax.clip, which has no Relax gradient
         def __init__(self):
             super().__init__()
-            self.emb, self.fc, self.head = torch.nn.Embedding(259, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 259)
+            self.emb, self.fc, self.head = (
+                torch.nn.Embedding(259, 16),
+                torch.nn.Linear(16, 16),
+                torch.nn.Linear(16, 259),
+            )
 
         def forward(self, ids):
             return self.head(self.fc(self.emb(ids)).clamp(-1, 1))
@@ -78,7 +93,7 @@ def test_tvm_target_names_the_op_it_cannot_differentiate_before_any_work(tmp_pat
 def test_model_parallel_training_matches_one_process(corpus, tmp_path):
     """`optpipe train --stages 2` and `--tensor-parallel 2`: the same AdamW steps as one process
     (constant lr). Tensor x data parallel: tests/passes/test_partition_tensor.py."""
-    common = dict(steps=3, batch_size=4, lr=1e-3, warmup=0, min_lr=1e-3, clip=None, log_every=1)
+    common = {"steps": 3, "batch_size": 4, "lr": 1e-3, "warmup": 0, "min_lr": 1e-3, "clip": None, "log_every": 1}
     one = train(QUICK, corpus, str(tmp_path / "one"), progress=False, **common)
     two = train(QUICK, corpus, str(tmp_path / "two"), stages=2, microbatches=2, **common)
     tp = train(QUICK, corpus, str(tmp_path / "tp"), tensor_parallel=2, **common)

@@ -1,4 +1,5 @@
 """Passes used only by tests: a lossy one with a controllable error, and a broken exact one."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -55,6 +55,7 @@ Example::
     for ids in train:
         batch = prepare_batch(ids, "mlm", masker=masker, generator=g)   # {"input_ids", "labels"}
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -63,10 +64,10 @@ import math
 import os
 import random
 from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from itertools import chain, count, islice
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -92,8 +93,11 @@ def data_files(data: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Pa
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = sorted(f for f in path.rglob("*") if f.is_file()
-                           and not any(p.startswith(".") for p in f.relative_to(path).parts))
+            found = sorted(
+                f
+                for f in path.rglob("*")
+                if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)
+            )
             if not found:
                 raise UsageError(f"data folder {path} holds no files", _DATA_HINT)
             files.extend(found)
@@ -152,19 +156,25 @@ def _read_jsonl(path: Path, key: str) -> Iterator[str]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{lineno}: not JSON ({e.msg})",
-                                 "JSONL wants one JSON object per line") from None
+                raise UsageError(
+                    f"{path}:{lineno}: not JSON ({e.msg})", "JSONL wants one JSON object per line"
+                ) from None
             if not isinstance(obj, dict):
-                raise UsageError(f"{path}:{lineno}: a JSON {type(obj).__name__}, not an object",
-                                 f'JSONL wants one object per line, like {{"{key}": "..."}}')
+                raise UsageError(
+                    f"{path}:{lineno}: a JSON {type(obj).__name__}, not an object",
+                    f'JSONL wants one object per line, like {{"{key}": "..."}}',
+                )
             if key not in obj:
                 keys = ", ".join(map(repr, list(obj)[:8])) or "none"
-                raise UsageError(f"{path}:{lineno}: no key {key!r} (keys: {keys})",
-                                 "name the text field with --text-key")
+                raise UsageError(
+                    f"{path}:{lineno}: no key {key!r} (keys: {keys})", "name the text field with --text-key"
+                )
             text = obj[key]
             if not isinstance(text, str):
-                raise UsageError(f"{path}:{lineno}: {key!r} is a {type(text).__name__}, not a string",
-                                 "the text field must hold a string")
+                raise UsageError(
+                    f"{path}:{lineno}: {key!r} is a {type(text).__name__}, not a string",
+                    "the text field must hold a string",
+                )
             if text.strip():
                 found += 1
                 yield text
@@ -173,9 +183,9 @@ def _read_jsonl(path: Path, key: str) -> Iterator[str]:
 
 
 def split_of(text: str, val_fraction: float) -> str:
-    """"val" or "train": the side of the split a document falls on (by a hash of its text)."""
+    """ "val" or "train": the side of the split a document falls on (by a hash of its text)."""
     h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest(), "little")
-    return "val" if h / 2.0 ** 64 < val_fraction else "train"
+    return "val" if h / 2.0**64 < val_fraction else "train"
 
 
 def pydoc_corpus(path: str | os.PathLike) -> int:
@@ -209,8 +219,15 @@ _WHITESPACE_MARKS = set(" \t\n\r\x0b\x0cĠĊĉčċČ▁")  # byte-level BPE show
 # follow it without a mark of its own, as "Ġ" + "__" for " __"); a word-leading piece; a continuation
 _SPECIAL, _SPACE, _SPACE_LEAD, _LEAD, _CONT = range(5)
 _JOINS = torch.zeros(5, 5, dtype=torch.bool)  # [class before, class of the token]: same word
-for _a, _b in [(_SPACE, _SPACE), (_SPACE, _SPACE_LEAD), (_SPACE_LEAD, _SPACE), (_SPACE_LEAD, _SPACE_LEAD),
-               (_SPACE_LEAD, _CONT), (_LEAD, _CONT), (_CONT, _CONT)]:
+for _a, _b in [
+    (_SPACE, _SPACE),
+    (_SPACE, _SPACE_LEAD),
+    (_SPACE_LEAD, _SPACE),
+    (_SPACE_LEAD, _SPACE_LEAD),
+    (_SPACE_LEAD, _CONT),
+    (_LEAD, _CONT),
+    (_CONT, _CONT),
+]:
     _JOINS[_a, _b] = True
 _SPECIAL_NAMES = {
     "mask": ("[MASK]", "<mask>", "<MASK>"),
@@ -248,8 +265,14 @@ class TextTokenizer:
     @property
     def special_ids(self) -> list[int]:
         """Ids never masked and never drawn as random replacements."""
-        return sorted({i for i in (self.eos_id, self.pad_id, self.mask_id, self.cls_id, self.sep_id, self.unk_id)
-                       if i is not None} | set(self._extra_special))
+        return sorted(
+            {
+                i
+                for i in (self.eos_id, self.pad_id, self.mask_id, self.cls_id, self.sep_id, self.unk_id)
+                if i is not None
+            }
+            | set(self._extra_special)
+        )
 
     _extra_special: tuple = ()
 
@@ -275,8 +298,15 @@ class TextTokenizer:
         self._word_class[torch.tensor(self.special_ids, dtype=torch.long)] = _SPECIAL
 
     def describe(self) -> dict:
-        return {"name": self.name, "vocab_size": self.vocab_size, "eos_id": self.eos_id, "pad_id": self.pad_id,
-                "mask_id": self.mask_id, "cls_id": self.cls_id, "sep_id": self.sep_id}
+        return {
+            "name": self.name,
+            "vocab_size": self.vocab_size,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+            "mask_id": self.mask_id,
+            "cls_id": self.cls_id,
+            "sep_id": self.sep_id,
+        }
 
 
 class ByteTokenizer(TextTokenizer):
@@ -331,8 +361,14 @@ class TokenizerJSON(TextTokenizer):
             return [_CONT if t.startswith(prefix) else _LEAD for t in tokens]
         surface = json.dumps([spec.get("pre_tokenizer"), spec.get("decoder"), spec.get("normalizer")])
         if "ByteLevel" in surface or "Metaspace" in surface:
-            return [(_SPACE_LEAD if t and t[-1] in "Ġ▁" else _SPACE) if all(c in _WHITESPACE_MARKS for c in t)
-                    else _LEAD if t[0] in _WHITESPACE_MARKS else _CONT for t in tokens]
+            return [
+                (_SPACE_LEAD if t and t[-1] in "Ġ▁" else _SPACE)
+                if all(c in _WHITESPACE_MARKS for c in t)
+                else _LEAD
+                if t[0] in _WHITESPACE_MARKS
+                else _CONT
+                for t in tokens
+            ]
         return [_LEAD] * len(tokens)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -357,8 +393,10 @@ def load_tokenizer(path_or_dir: str | os.PathLike | None = None, required: bool 
         file = p / "tokenizer.json" if p.is_dir() else p
     if file is None or not file.is_file():
         if required:
-            raise UsageError(f"{path_or_dir or 'the model'} has no tokenizer.json",
-                             "give a folder with a tokenizer.json, or train on bytes without one")
+            raise UsageError(
+                f"{path_or_dir or 'the model'} has no tokenizer.json",
+                "give a folder with a tokenizer.json, or train on bytes without one",
+            )
         return ByteTokenizer()
     try:
         from tokenizers import Tokenizer
@@ -369,8 +407,10 @@ def load_tokenizer(path_or_dir: str | os.PathLike | None = None, required: bool 
     try:
         tok = Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-        raise UsageError(f"{file} is not a tokenizers tokenizer.json ({str(e).splitlines()[0]})",
-                         "save it with tokenizers' Tokenizer.save, or transformers' save_pretrained") from None
+        raise UsageError(
+            f"{file} is not a tokenizers tokenizer.json ({str(e).splitlines()[0]})",
+            "save it with tokenizers' Tokenizer.save, or transformers' save_pretrained",
+        ) from None
     return TokenizerJSON(tok, str(file))
 
 
@@ -396,8 +436,9 @@ def document_frame(tokenizer: TextTokenizer, objective: str) -> tuple[list[int],
     return [], ([] if sep is None else [sep])
 
 
-def pack_sequences(token_docs: Iterable[list[int]], seq_len: int, prefix: Sequence[int] = (),
-                   suffix: Sequence[int] = ()) -> Iterator[array]:
+def pack_sequences(
+    token_docs: Iterable[list[int]], seq_len: int, prefix: Sequence[int] = (), suffix: Sequence[int] = ()
+) -> Iterator[array]:
     """Concatenate `prefix + doc + suffix` for each document and cut the stream into rows of
     `seq_len` ids (int32 arrays); the incomplete row at the end is dropped."""
     buf: list[int] = []
@@ -408,7 +449,7 @@ def pack_sequences(token_docs: Iterable[list[int]], seq_len: int, prefix: Sequen
         if len(buf) >= seq_len:
             end = len(buf) // seq_len * seq_len
             for i in range(0, end, seq_len):
-                yield array("i", buf[i:i + seq_len])
+                yield array("i", buf[i : i + seq_len])
             buf = buf[end:]
 
 
@@ -440,14 +481,30 @@ class PackedBatches:
     Iterate it (it is its own iterator). `state_dict()` / `load_state_dict(state)` save and restore
     the position (batches consumed); `skip(n)` fast-forwards."""
 
-    def __init__(self, data, tokenizer: TextTokenizer | None = None, *, seq_len: int, batch_size: int,
-                 objective: str = "clm", split: str = "train", val_fraction: float = 0.0, seed: int = 0,
-                 shuffle: bool | None = None, shuffle_buffer: int = 1024, epochs: int | None = None,
-                 drop_last: bool = True, text_key: str = "text", format: str = "auto"):
+    def __init__(
+        self,
+        data,
+        tokenizer: TextTokenizer | None = None,
+        *,
+        seq_len: int,
+        batch_size: int,
+        objective: str = "clm",
+        split: str = "train",
+        val_fraction: float = 0.0,
+        seed: int = 0,
+        shuffle: bool | None = None,
+        shuffle_buffer: int = 1024,
+        epochs: int | None = None,
+        drop_last: bool = True,
+        text_key: str = "text",
+        format: str = "auto",
+    ):
         _check_objective(objective)
         if seq_len < 1 or batch_size < 1:
-            raise UsageError(f"seq_len and batch_size must be positive (got {seq_len}, {batch_size})",
-                             "give --seq-len and --batch-size of at least 1")
+            raise UsageError(
+                f"seq_len and batch_size must be positive (got {seq_len}, {batch_size})",
+                "give --seq-len and --batch-size of at least 1",
+            )
         if split not in ("train", "val"):
             raise UsageError(f"unknown split {split!r}", "use train or val")
         if not 0.0 <= val_fraction < 1.0:
@@ -475,9 +532,10 @@ class PackedBatches:
                 yield text
         if not n:
             names = ", ".join(map(str, self.files[:3])) + (" ..." if len(self.files) > 3 else "")
-            raise UsageError(f"no document of {names} falls in the {self.split} split "
-                             f"(val_fraction={self.val_fraction})",
-                             "give more documents (blank-line separated), or change --val-fraction")
+            raise UsageError(
+                f"no document of {names} falls in the {self.split} split (val_fraction={self.val_fraction})",
+                "give more documents (blank-line separated), or change --val-fraction",
+            )
 
     def _tokenized(self, docs: Iterable[str], chunk: int = 64) -> Iterator[list[int]]:
         while True:
@@ -503,7 +561,7 @@ class PackedBatches:
         self.batches_consumed += 1
         return rows
 
-    def __iter__(self) -> "PackedBatches":
+    def __iter__(self) -> PackedBatches:
         return self
 
     def __next__(self) -> torch.Tensor:
@@ -523,10 +581,17 @@ class PackedBatches:
 
     # -- resuming --
     def _fingerprint(self) -> dict:
-        return {"seq_len": self.seq_len, "batch_size": self.batch_size, "objective": self.objective,
-                "split": self.split, "val_fraction": self.val_fraction, "seed": self.seed,
-                "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer,
-                "vocab_size": self.tokenizer.vocab_size}
+        return {
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "objective": self.objective,
+            "split": self.split,
+            "val_fraction": self.val_fraction,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "shuffle_buffer": self.shuffle_buffer,
+            "vocab_size": self.tokenizer.vocab_size,
+        }
 
     def state_dict(self) -> dict:
         """JSON-serialisable position: the batches consumed, and the settings they depend on."""
@@ -537,25 +602,49 @@ class PackedBatches:
         mine = self._fingerprint()
         diff = [f"{k}={state.get(k)!r} (now {v!r})" for k, v in mine.items() if k in state and state[k] != v]
         if diff:
-            raise UsageError(f"the data state was saved with other settings: {', '.join(diff)}",
-                             "resume with the same data options, or start a fresh run")
+            raise UsageError(
+                f"the data state was saved with other settings: {', '.join(diff)}",
+                "resume with the same data options, or start a fresh run",
+            )
         self._rows = None
         self.batches_consumed = 0
         self.skip(int(state["batches"]))
 
 
-def validation_batches(data, tokenizer: TextTokenizer | None = None, *, seq_len: int, batch_size: int,
-                       batches: int, val_fraction: float, objective: str = "clm", text_key: str = "text",
-                       format: str = "auto") -> list[torch.Tensor]:
+def validation_batches(
+    data,
+    tokenizer: TextTokenizer | None = None,
+    *,
+    seq_len: int,
+    batch_size: int,
+    batches: int,
+    val_fraction: float,
+    objective: str = "clm",
+    text_key: str = "text",
+    format: str = "auto",
+) -> list[torch.Tensor]:
     """The first `batches` batches of the validation split (unshuffled; the last one may have fewer
     rows): a fixed, finite list to evaluate on."""
-    it = PackedBatches(data, tokenizer, seq_len=seq_len, batch_size=batch_size, objective=objective, split="val",
-                       val_fraction=val_fraction, shuffle=False, epochs=1, drop_last=False, text_key=text_key,
-                       format=format)
+    it = PackedBatches(
+        data,
+        tokenizer,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        objective=objective,
+        split="val",
+        val_fraction=val_fraction,
+        shuffle=False,
+        epochs=1,
+        drop_last=False,
+        text_key=text_key,
+        format=format,
+    )
     out = list(islice(it, batches))
     if not out:
-        raise UsageError(f"the validation split of the data holds fewer than seq_len={seq_len} tokens",
-                         "raise --val-fraction, or lower --seq-len")
+        raise UsageError(
+            f"the validation split of the data holds fewer than seq_len={seq_len} tokens",
+            "raise --val-fraction, or lower --seq-len",
+        )
     return out
 
 
@@ -587,11 +676,16 @@ class MaskingConfig:
         if not 0.0 < self.rate < 1.0:
             raise UsageError(f"masking rate must be in (0, 1) (got {self.rate})", "BERT uses 0.15")
         if self.mask_fraction < 0 or self.random_fraction < 0 or self.mask_fraction + self.random_fraction > 1:
-            raise UsageError(f"mask_fraction + random_fraction must be within [0, 1] (got {self.mask_fraction} + "
-                             f"{self.random_fraction})", "BERT uses 0.8 and 0.1")
+            raise UsageError(
+                f"mask_fraction + random_fraction must be within [0, 1] (got {self.mask_fraction} + "
+                f"{self.random_fraction})",
+                "BERT uses 0.8 and 0.1",
+            )
         if self.mean_span < 1 or self.max_span < 1:
-            raise UsageError(f"mean_span and max_span must be at least 1 (got {self.mean_span}, {self.max_span})",
-                             "SpanBERT-like: mean_span=3, max_span=10")
+            raise UsageError(
+                f"mean_span and max_span must be at least 1 (got {self.mean_span}, {self.max_span})",
+                "SpanBERT-like: mean_span=3, max_span=10",
+            )
         if self.frequency_power < 0:
             raise UsageError(f"frequency_power must be >= 0 (got {self.frequency_power})", "0.5 is a good start")
 
@@ -599,7 +693,7 @@ class MaskingConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MaskingConfig":
+    def from_dict(cls, d: dict) -> MaskingConfig:
         return cls(**d)
 
 
@@ -611,14 +705,17 @@ class TokenMasker:
     Deterministic given the generator. For "frequency", token counts accumulate over every batch
     masked (the data seen); `observe(ids)` adds a first pass ahead of training."""
 
-    def __init__(self, tokenizer: TextTokenizer, config: MaskingConfig | None = None, *,
-                 vocab_size: int | None = None, **options):
+    def __init__(
+        self, tokenizer: TextTokenizer, config: MaskingConfig | None = None, *, vocab_size: int | None = None, **options
+    ):
         """`vocab_size`: the model's, when smaller than the tokenizer's; random replacements stay
         below it. `options`: MaskingConfig fields, when no `config` is given."""
         self.config = config or MaskingConfig(**options)
         if tokenizer.mask_id is None:
-            raise UsageError(f"the {tokenizer.name} tokenizer has no mask token, so it cannot train --objective mlm",
-                             "use --objective clm, or a tokenizer with [MASK] or <mask>")
+            raise UsageError(
+                f"the {tokenizer.name} tokenizer has no mask token, so it cannot train --objective mlm",
+                "use --objective clm, or a tokenizer with [MASK] or <mask>",
+            )
         self.tokenizer = tokenizer
         self.vocab_size = tokenizer.vocab_size
         self._special = torch.tensor(tokenizer.special_ids, dtype=torch.long)
@@ -640,8 +737,10 @@ class TokenMasker:
 
     def load_state_dict(self, state: dict) -> None:
         if MaskingConfig.from_dict(state["config"]) != self.config:
-            raise UsageError(f"the masking state was saved with {state['config']}, not {self.config.to_dict()}",
-                             "resume with the same masking options")
+            raise UsageError(
+                f"the masking state was saved with {state['config']}, not {self.config.to_dict()}",
+                "resume with the same masking options",
+            )
         self.counts = torch.as_tensor(state["counts"], dtype=torch.long).clone()
 
     def eligible(self, ids: torch.Tensor) -> torch.Tensor:
@@ -686,7 +785,7 @@ class TokenMasker:
 
     def _spans(self, ok: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         cfg = self.config
-        rng = random.Random(int(torch.randint(0, 2 ** 62, (1,), generator=generator)))
+        rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))
         log_q = math.log(1.0 - 1.0 / cfg.mean_span) if cfg.mean_span > 1 else None
         picked = torch.zeros_like(ok)
         for r, row_ok in enumerate(ok.tolist()):
@@ -729,8 +828,9 @@ class TokenMasker:
         return {"input_ids": inputs, "labels": labels}
 
 
-def prepare_batch(ids: torch.Tensor, objective: str, *, masker: TokenMasker | None = None,
-                  generator: torch.Generator | None = None) -> dict:
+def prepare_batch(
+    ids: torch.Tensor, objective: str, *, masker: TokenMasker | None = None, generator: torch.Generator | None = None
+) -> dict:
     """`{"input_ids", "labels"}` for one batch of packed ids. `clm`: labels are the ids themselves
     (the loss shifts by one). `mlm`: see `TokenMasker` (required)."""
     _check_objective(objective)
@@ -747,8 +847,9 @@ def _check_objective(objective: str) -> None:
 
 
 # -- calibration ----------------------------------------------------------------------------------
-def calibration_batches(data, program, *, batches: int = 4, text_key: str = "text",
-                        out: str | os.PathLike | None = None) -> list[tuple]:
+def calibration_batches(
+    data, program, *, batches: int = 4, text_key: str = "text", out: str | os.PathLike | None = None
+) -> list[tuple]:
     """`batches` input tuples shaped like `program.example_inputs`, from the text in `data`.
 
     input_ids [B, S] takes B and S from the example input, tokenized with the program's tokenizer
@@ -761,20 +862,31 @@ def calibration_batches(data, program, *, batches: int = 4, text_key: str = "tex
     if "input_ids" in names:
         k = names.index("input_ids")
     else:
-        k = next((i for i, x in enumerate(examples) if isinstance(x, torch.Tensor) and x.dim() == 2
-                  and not x.dtype.is_floating_point), None)
+        k = next(
+            (
+                i
+                for i, x in enumerate(examples)
+                if isinstance(x, torch.Tensor) and x.dim() == 2 and not x.dtype.is_floating_point
+            ),
+            None,
+        )
         if k is None:
-            raise UsageError("the program has no input_ids input to calibrate on text",
-                             "give calibration inputs as tensors (optpipe.calibration.with_calibration)")
+            raise UsageError(
+                "the program has no input_ids input to calibrate on text",
+                "give calibration inputs as tensors (optpipe.calibration.with_calibration)",
+            )
     ref = examples[k]
     if not isinstance(ref, torch.Tensor) or ref.dim() != 2:
-        raise UsageError(f"input {names[k]!r} is not a [batch, seq] tensor, so text cannot fill it",
-                         "give calibration inputs as tensors (optpipe.calibration.with_calibration)")
+        raise UsageError(
+            f"input {names[k]!r} is not a [batch, seq] tensor, so text cannot fill it",
+            "give calibration inputs as tensors (optpipe.calibration.with_calibration)",
+        )
     b, s = ref.shape
     tok = tokenizer_for_program(program, out)
     objective = "mlm" if tok.cls_id is not None and tok.sep_id is not None else "clm"
-    stream = PackedBatches(data, tok, seq_len=int(s), batch_size=int(b), objective=objective, shuffle=False,
-                           text_key=text_key)
+    stream = PackedBatches(
+        data, tok, seq_len=int(s), batch_size=int(b), objective=objective, shuffle=False, text_key=text_key
+    )
     config = program.meta.get("config") or {}
     vocab = config.get("vocab_size") or program.meta.get("vocab_size")
     framing = max(sum(document_frame(tok, objective), []), default=0)  # ids every document brings
@@ -783,9 +895,10 @@ def calibration_batches(data, program, *, batches: int = 4, text_key: str = "tex
         top = max(int(ids.max()), framing)
         if vocab is not None and top >= vocab:
             source = "bytes (the program has no tokenizer)" if isinstance(tok, ByteTokenizer) else tok.name
-            raise UsageError(f"calibration text tokenized with {source} gives id {top}, but the model's "
-                             f"vocab size is {vocab}",
-                             "calibrate a model with its own tokenizer.json, or give input tensors instead")
+            raise UsageError(
+                f"calibration text tokenized with {source} gives id {top}, but the model's vocab size is {vocab}",
+                "calibrate a model with its own tokenizer.json, or give input tensors instead",
+            )
         row = []
         for name, x in zip(names, examples):
             if name == names[k]:
@@ -815,19 +928,42 @@ class TrainingData:
     mlm masks come from a generator seeded with `seed`, saved with the state; validation batches
     are masked once, with a generator of their own, so every evaluation sees the same masks."""
 
-    def __init__(self, data, tokenizer=None, *, seq_len: int, objective: str = "clm", seed: int = 0,
-                 val_fraction: float = 0.05, mask: str = "random", mask_rate: float = 0.15,
-                 text_key: str = "text", vocab_size: int | None = None, shuffle_buffer: int = 1024):
+    def __init__(
+        self,
+        data,
+        tokenizer=None,
+        *,
+        seq_len: int,
+        objective: str = "clm",
+        seed: int = 0,
+        val_fraction: float = 0.05,
+        mask: str = "random",
+        mask_rate: float = 0.15,
+        text_key: str = "text",
+        vocab_size: int | None = None,
+        shuffle_buffer: int = 1024,
+    ):
         _check_objective(objective)
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = load_tokenizer(tokenizer, required=tokenizer is not None)
         self.data, self.tokenizer, self.seq_len, self.objective = data, tokenizer, seq_len, objective
         self.seed, self.val_fraction, self.text_key, self.vocab_size = seed, val_fraction, text_key, vocab_size
-        self.masker = (TokenMasker(tokenizer, MaskingConfig(strategy=mask, rate=mask_rate), vocab_size=vocab_size)
-                       if objective == "mlm" else None)
-        self._rows = PackedBatches(data, tokenizer, seq_len=seq_len, batch_size=1, objective=objective,
-                                   val_fraction=val_fraction, seed=seed, shuffle_buffer=shuffle_buffer,
-                                   text_key=text_key)
+        self.masker = (
+            TokenMasker(tokenizer, MaskingConfig(strategy=mask, rate=mask_rate), vocab_size=vocab_size)
+            if objective == "mlm"
+            else None
+        )
+        self._rows = PackedBatches(
+            data,
+            tokenizer,
+            seq_len=seq_len,
+            batch_size=1,
+            objective=objective,
+            val_fraction=val_fraction,
+            seed=seed,
+            shuffle_buffer=shuffle_buffer,
+            text_key=text_key,
+        )
         self._generator = torch.Generator().manual_seed(seed)
         self._framing = max(sum(document_frame(tokenizer, objective), []), default=-1)
         self._val: dict[int, tuple[int, list[dict]]] = {}  # batch size -> (batches asked, prepared batches)
@@ -835,10 +971,13 @@ class TrainingData:
     def _prepare(self, ids: torch.Tensor, generator: torch.Generator, masker: TokenMasker | None) -> dict:
         top = max(int(ids.max()), self._framing)
         if self.vocab_size is not None and top >= self.vocab_size:
-            source = ("bytes (no tokenizer.json found)" if isinstance(self.tokenizer, ByteTokenizer)
-                      else self.tokenizer.name)
-            raise UsageError(f"the data tokenized with {source} gives id {top}, but the model's vocab size is "
-                             f"{self.vocab_size}", "train with the model's own tokenizer.json next to it")
+            source = (
+                "bytes (no tokenizer.json found)" if isinstance(self.tokenizer, ByteTokenizer) else self.tokenizer.name
+            )
+            raise UsageError(
+                f"the data tokenized with {source} gives id {top}, but the model's vocab size is {self.vocab_size}",
+                "train with the model's own tokenizer.json next to it",
+            )
         return prepare_batch(ids, self.objective, masker=masker, generator=generator)
 
     def next_batch(self, batch_size: int) -> dict:
@@ -855,17 +994,27 @@ class TrainingData:
         asked, cached = self._val.get(batch_size, (0, []))
         if asked < batches:  # built for fewer batches (or never): build the longer list, same prefix
             try:
-                ids = validation_batches(self.data, self.tokenizer, seq_len=self.seq_len, batch_size=batch_size,
-                                         batches=batches, val_fraction=self.val_fraction,
-                                         objective=self.objective, text_key=self.text_key)
+                ids = validation_batches(
+                    self.data,
+                    self.tokenizer,
+                    seq_len=self.seq_len,
+                    batch_size=batch_size,
+                    batches=batches,
+                    val_fraction=self.val_fraction,
+                    objective=self.objective,
+                    text_key=self.text_key,
+                )
             except UsageError as e:
                 if "split" not in e.message:  # a missing file or bad JSONL is still an error
                     raise
                 ids = []
             g = torch.Generator().manual_seed(self.seed + 1)
             # a masker of its own: frequency counts of validation text stay out of training's state
-            masker = None if self.masker is None else TokenMasker(self.tokenizer, self.masker.config,
-                                                                  vocab_size=self.vocab_size)
+            masker = (
+                None
+                if self.masker is None
+                else TokenMasker(self.tokenizer, self.masker.config, vocab_size=self.vocab_size)
+            )
             cached = [self._prepare(x, g, masker) for x in ids]
             self._val[batch_size] = (batches, cached)
         return cached[:batches]

@@ -17,11 +17,12 @@ Batches of prompts of different lengths are left-padded: pad slots are masked ou
 (`key_mask`), and positions count from each prompt's own first token, so every row gets the tokens
 it would get alone.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -103,28 +104,47 @@ class GenerationResult:
         return self.accepted / self.proposed if self.proposed else None
 
     def to_dict(self) -> dict:
-        out = {"ids": self.ids, "new_ids": self.new_ids, "tokens_per_s": round(self.tokens_per_s, 3),
-               "seconds": round(self.seconds, 6)}
+        out = {
+            "ids": self.ids,
+            "new_ids": self.new_ids,
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "seconds": round(self.seconds, 6),
+        }
         if self.text is not None:
             out["text"] = self.text
         if self.proposed is not None:
-            out["speculative"] = {"accepted": self.accepted, "proposed": self.proposed,
-                                  "acceptance_rate": round(self.acceptance_rate or 0.0, 4),
-                                  "target_steps": self.steps}
+            out["speculative"] = {
+                "accepted": self.accepted,
+                "proposed": self.proposed,
+                "acceptance_rate": round(self.acceptance_rate or 0.0, 4),
+                "target_steps": self.steps,
+            }
         return out
 
 
 def step_function(program) -> Callable:
     """The torch program's step callable (no autograd)."""
+
     def step(*inputs):
         with torch.no_grad():
             return program.gm(*inputs)
+
     return step
 
 
-def generate(program, prompts, max_new_tokens: int, *, sampling: Sampling = Sampling(),
-             stop_tokens: Sequence[int] = (), step: Callable | None = None, draft=None,
-             draft_step: Callable | None = None, draft_tokens: int = 4, pad_id: int = 0) -> GenerationResult:
+def generate(
+    program,
+    prompts,
+    max_new_tokens: int,
+    *,
+    sampling: Sampling = Sampling(),
+    stop_tokens: Sequence[int] = (),
+    step: Callable | None = None,
+    draft=None,
+    draft_step: Callable | None = None,
+    draft_tokens: int = 4,
+    pad_id: int = 0,
+) -> GenerationResult:
     """Generate `max_new_tokens` per prompt (a list of token-id lists, or a [B, P] tensor).
 
     `program` is a step program (kv-cache) or a plain causal LM (then every token recomputes the
@@ -134,16 +154,26 @@ def generate(program, prompts, max_new_tokens: int, *, sampling: Sampling = Samp
     rows = _prompt_rows(prompts)
     if max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be >= 0, got {max_new_tokens}", "e.g. --max-new-tokens 32")
-    stops = set(int(t) for t in stop_tokens)
+    stops = {int(t) for t in stop_tokens}
     kv = program.meta.get("kv_cache")
     if draft is not None:
         if kv is None or not draft.meta.get("kv_cache"):
-            raise UsageError("speculative decoding needs step programs (kv-cache) for the target and the draft",
-                             "optimize both with a pipeline ending in kv-cache{max-len=N}")
+            raise UsageError(
+                "speculative decoding needs step programs (kv-cache) for the target and the draft",
+                "optimize both with a pipeline ending in kv-cache{max-len=N}",
+            )
         if not sampling.greedy:
             raise UsageError("speculative decoding is greedy here", "drop --temperature/--top-k/--top-p with --draft")
-        return _speculative(program, draft, rows, max_new_tokens, stops, step or step_function(program),
-                            draft_step or step_function(draft), draft_tokens)
+        return _speculative(
+            program,
+            draft,
+            rows,
+            max_new_tokens,
+            stops,
+            step or step_function(program),
+            draft_step or step_function(draft),
+            draft_tokens,
+        )
     if kv is None:
         return _generate_recompute(program, rows, max_new_tokens, sampling, stops, step)
     return _generate_cached(kv, rows, max_new_tokens, sampling, stops, step or step_function(program), pad_id)
@@ -161,8 +191,10 @@ def _prompt_rows(prompts) -> list[list[int]]:
 def _check_room(kv: dict, longest: int, max_new_tokens: int) -> None:
     need = longest + max_new_tokens
     if need > kv["max_len"]:
-        raise UsageError(f"prompt ({longest} tokens) + {max_new_tokens} new tokens exceed the cache "
-                         f"({kv['max_len']} slots)", f"fewer --max-new-tokens, or kv-cache{{max-len={need}}}")
+        raise UsageError(
+            f"prompt ({longest} tokens) + {max_new_tokens} new tokens exceed the cache ({kv['max_len']} slots)",
+            f"fewer --max-new-tokens, or kv-cache{{max-len={need}}}",
+        )
 
 
 class _Rows:
@@ -194,7 +226,7 @@ def _generate_cached(kv, rows, max_new_tokens, sampling, stops, step, pad_id) ->
         return _Rows(rows, stops).result(0.0)
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.int64)
     for i, r in enumerate(rows):
-        ids[i, longest - len(r):] = torch.tensor(r)
+        ids[i, longest - len(r) :] = torch.tensor(r)
     g = sampling.generator()
     state = _Rows(rows, stops)
     start = time.perf_counter()
@@ -202,7 +234,7 @@ def _generate_cached(kv, rows, max_new_tokens, sampling, stops, step, pad_id) ->
     prefill_s = time.perf_counter() - start
     steps = 0
     next_pos = torch.tensor(lengths)[:, None]
-    key_mask[:, longest:longest + max_new_tokens] = True  # every generated slot holds a real token
+    key_mask[:, longest : longest + max_new_tokens] = True  # every generated slot holds a real token
     while max_new_tokens:
         token = sampling.choose(logits[:, -1], g)
         state.add(token)
@@ -210,8 +242,9 @@ def _generate_cached(kv, rows, max_new_tokens, sampling, stops, step, pad_id) ->
             break
         slot = longest + steps
         # fresh (not offset views): some runtimes take only 64-byte-aligned buffers
-        logits, *caches = step(token[:, None], next_pos + steps, torch.tensor([slot]), filled(key_mask, slot + 1),
-                               *caches)
+        logits, *caches = step(
+            token[:, None], next_pos + steps, torch.tensor([slot]), filled(key_mask, slot + 1), *caches
+        )
         steps += 1
     return state.result(time.perf_counter() - start, prefill_seconds=prefill_s, steps=steps)
 
@@ -253,8 +286,10 @@ def _speculative(target, draft, rows, max_new_tokens, stops, step, draft_step, k
     for name, kv in (("target", tkv), ("draft", dkv)):
         kinds = {layer["kind"] for layer in kv["layers"]}
         if kinds != {"dense"}:
-            raise UsageError(f"speculative decoding needs dense KV caches; the {name} has {', '.join(sorted(kinds))}",
-                             "sliding-window and linear caches cannot roll back rejected tokens")
+            raise UsageError(
+                f"speculative decoding needs dense KV caches; the {name} has {', '.join(sorted(kinds))}",
+                "sliding-window and linear caches cannot roll back rejected tokens",
+            )
     prompt = rows[0]
     n = len(prompt)
     _check_room(tkv, n, max_new_tokens + k + 1)
@@ -267,7 +302,7 @@ def _speculative(target, draft, rows, max_new_tokens, stops, step, draft_step, k
     prefill_s = time.perf_counter() - start
     tokens = list(prompt) + [int(logits[0, -1].argmax())]  # the target's first token
     state.add(torch.tensor(tokens[-1:]))
-    draft_done = n            # tokens the draft's cache holds (slots 0..draft_done-1)
+    draft_done = n  # tokens the draft's cache holds (slots 0..draft_done-1)
     accepted = proposed = steps = 0
     while not state.finished(max_new_tokens):
         room = max_new_tokens - len(state.new[0])
@@ -297,13 +332,14 @@ def _speculative(target, draft, rows, max_new_tokens, stops, step, draft_step, k
                 break
         tokens += emitted
         draft_done = min(draft_done, len(tokens) - 1)  # roll the draft back to the accepted prefix
-    return state.result(time.perf_counter() - start, prefill_seconds=prefill_s, steps=steps,
-                        accepted=accepted, proposed=proposed)
+    return state.result(
+        time.perf_counter() - start, prefill_seconds=prefill_s, steps=steps, accepted=accepted, proposed=proposed
+    )
 
 
 def _call(step, tokens: list[int], first_slot: int, key_mask, caches):
     """One step over `tokens` written at slots first_slot.. (batch of one, no padding)."""
     t = len(tokens)
     slots = torch.arange(first_slot, first_slot + t)
-    key_mask[:, first_slot:first_slot + t] = True
+    key_mask[:, first_slot : first_slot + t] = True
     return step(torch.tensor([tokens]), slots[None, :], slots, filled(key_mask, first_slot + t), *caches)

@@ -28,6 +28,7 @@ of the ranks whose waits timed out. For tests,
 `OPTPIPE_PIPELINE_FAIL_RANK=r` makes rank r exit abruptly before step `OPTPIPE_PIPELINE_FAIL_STEP`
 (default 0).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -38,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -59,11 +60,24 @@ STARTUP_TIMEOUT = 120.0
 
 
 # -- the parent: prepare stages, launch ranks, gather results -------------------------------------------
-def pipeline_train(model, batches: Sequence[dict], *, stages: int | None = None, microbatches: int = 4,
-                   schedule: str = "1f1b", lr: float = 1e-3, optimizer: str = "sgd", steps: int | None = None,
-                   ranks: int | None = None, objective: str = "clm", timeout: float = 60.0,
-                   balance: str = "flops", betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                   weight_decay: float = 0.0) -> dict:
+def pipeline_train(
+    model,
+    batches: Sequence[dict],
+    *,
+    stages: int | None = None,
+    microbatches: int = 4,
+    schedule: str = "1f1b",
+    lr: float = 1e-3,
+    optimizer: str = "sgd",
+    steps: int | None = None,
+    ranks: int | None = None,
+    objective: str = "clm",
+    timeout: float = 60.0,
+    balance: str = "flops",
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> dict:
     """Train `model` (a Program, an OUT folder or any MODEL form) pipelined over `stages` ranks.
 
     `batches`: one dict per optimizer step with `input_ids` [B, T] and `labels` [B, T] (B divisible
@@ -79,32 +93,76 @@ def pipeline_train(model, batches: Sequence[dict], *, stages: int | None = None,
     if not batches:
         raise UsageError("pipeline: no batches to train on", "give at least one {input_ids, labels} batch")
     steps = len(batches) if steps is None else steps
-    return _launch("train", model, list(batches), stages=stages, microbatches=microbatches, schedule=schedule,
-                   lr=lr, optimizer=optimizer, steps=steps, ranks=ranks, objective=objective, timeout=timeout,
-                   balance=balance, adamw={"betas": list(betas), "eps": eps, "weight_decay": weight_decay})
+    return _launch(
+        "train",
+        model,
+        list(batches),
+        stages=stages,
+        microbatches=microbatches,
+        schedule=schedule,
+        lr=lr,
+        optimizer=optimizer,
+        steps=steps,
+        ranks=ranks,
+        objective=objective,
+        timeout=timeout,
+        balance=balance,
+        adamw={"betas": list(betas), "eps": eps, "weight_decay": weight_decay},
+    )
 
 
-def pipeline_run(model, inputs: tuple | torch.Tensor, *, stages: int | None = None, microbatches: int = 4,
-                 ranks: int | None = None, timeout: float = 60.0, balance: str = "flops", repeat: int = 1):
+def pipeline_run(
+    model,
+    inputs: tuple | torch.Tensor,
+    *,
+    stages: int | None = None,
+    microbatches: int = 4,
+    ranks: int | None = None,
+    timeout: float = 60.0,
+    balance: str = "flops",
+    repeat: int = 1,
+):
     """Run `model` forward pipelined over `stages` ranks on `inputs` (the program's positional
     inputs for the whole batch; split into `microbatches` along dim 0). Returns the last stage's
     output for the whole batch. `repeat` runs it that many times (timing: see `pipeline_run_timed`)."""
-    return pipeline_run_timed(model, inputs, stages=stages, microbatches=microbatches, ranks=ranks,
-                              timeout=timeout, balance=balance, repeat=repeat)["output"]
+    return pipeline_run_timed(
+        model,
+        inputs,
+        stages=stages,
+        microbatches=microbatches,
+        ranks=ranks,
+        timeout=timeout,
+        balance=balance,
+        repeat=repeat,
+    )["output"]
 
 
-def pipeline_run_timed(model, inputs, *, stages=None, microbatches=4, ranks=None, timeout=60.0,
-                       balance="flops", repeat=1) -> dict:
+def pipeline_run_timed(
+    model, inputs, *, stages=None, microbatches=4, ranks=None, timeout=60.0, balance="flops", repeat=1
+) -> dict:
     """`pipeline_run`, returning {"output", "seconds" (per run, after a warm-up run)}."""
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
-    return _launch("run", model, [tuple(inputs)], stages=stages, microbatches=microbatches, schedule="gpipe",
-                   lr=0.0, optimizer="sgd", steps=repeat, ranks=ranks, objective="clm", timeout=timeout,
-                   balance=balance)
+    return _launch(
+        "run",
+        model,
+        [tuple(inputs)],
+        stages=stages,
+        microbatches=microbatches,
+        schedule="gpipe",
+        lr=0.0,
+        optimizer="sgd",
+        steps=repeat,
+        ranks=ranks,
+        objective="clm",
+        timeout=timeout,
+        balance=balance,
+    )
 
 
-def prepare_stages(model, stages: int | None, folder: str, *, microbatches: int = 4,
-                   balance: str = "flops") -> tuple[str, dict, Program | None]:
+def prepare_stages(
+    model, stages: int | None, folder: str, *, microbatches: int = 4, balance: str = "flops"
+) -> tuple[str, dict, Program | None]:
     """(stage folder, partition plan, program): the stage archives for `model`, partitioning it
     (into `stages`) and writing `folder/stages/` unless an OUT folder already holds them."""
     if isinstance(model, (str, os.PathLike)) and os.path.isfile(os.path.join(model, "stages", "partition.json")):
@@ -146,8 +204,9 @@ def _inputs_builder(program: Program | None, info: dict):
         return _input_builder(program)
     names = info.get("input_names") or ["input_ids"]
     if len(names) != 1:
-        raise UsageError("pipeline: training from a stage folder needs programs that take input_ids only",
-                         "pass the Program instead")
+        raise UsageError(
+            "pipeline: training from a stage folder needs programs that take input_ids only", "pass the Program instead"
+        )
     return lambda ids: (ids,)
 
 
@@ -159,9 +218,23 @@ def _rank_data(train: bool, program: Program | None, info: dict, batches: list) 
     return [(build(b["input_ids"]), b["labels"]) for b in batches]
 
 
-def _launch(mode: str, model, batches: list, *, stages, microbatches, schedule, lr, optimizer, steps, ranks,
-            adamw: dict | None = None,
-            objective, timeout, balance) -> dict:
+def _launch(
+    mode: str,
+    model,
+    batches: list,
+    *,
+    stages,
+    microbatches,
+    schedule,
+    lr,
+    optimizer,
+    steps,
+    ranks,
+    adamw: dict | None = None,
+    objective,
+    timeout,
+    balance,
+) -> dict:
     if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
         raise UsageError(f"pipeline: microbatches must be a positive integer, got {microbatches!r}")
     with tempfile.TemporaryDirectory(prefix="optpipe-pipeline-") as tmp:
@@ -169,32 +242,60 @@ def _launch(mode: str, model, batches: list, *, stages, microbatches, schedule, 
         n = info["num_stages"]
         ranks = n if ranks is None else ranks
         if ranks < 1 or n % ranks:
-            raise UsageError(f"pipeline: {n} stages cannot be spread over {ranks} ranks",
-                             "use a number of ranks that divides the number of stages")
+            raise UsageError(
+                f"pipeline: {n} stages cannot be spread over {ranks} ranks",
+                "use a number of ranks that divides the number of stages",
+            )
         if ranks < n and schedule != "1f1b":
-            raise UsageError("pipeline: more stages than ranks runs the interleaved 1F1B schedule",
-                             "use schedule=1f1b, or one rank per stage")
+            raise UsageError(
+                "pipeline: more stages than ranks runs the interleaved 1F1B schedule",
+                "use schedule=1f1b, or one rank per stage",
+            )
         if mode == "train" and schedule == "1f1b" and microbatches < ranks:
-            raise UsageError(f"pipeline: 1F1B needs at least as many micro-batches as ranks "
-                             f"({microbatches} < {ranks})", "use more microbatches, or schedule=gpipe")
+            raise UsageError(
+                f"pipeline: 1F1B needs at least as many micro-batches as ranks ({microbatches} < {ranks})",
+                "use more microbatches, or schedule=gpipe",
+            )
         if mode == "train" and schedule == "1f1b" and ranks == n and microbatches < n:
-            raise UsageError(f"pipeline: 1F1B needs at least as many micro-batches as stages "
-                             f"({microbatches} < {n})", "use more microbatches, or schedule=gpipe")
+            raise UsageError(
+                f"pipeline: 1F1B needs at least as many micro-batches as stages ({microbatches} < {n})",
+                "use more microbatches, or schedule=gpipe",
+            )
         data = _rank_data(mode == "train", program, info, batches)
         for inputs, _ in data:
             size = inputs[0].shape[0]
             if size % microbatches:
-                raise UsageError(f"pipeline: batch of {size} does not split into {microbatches} micro-batches",
-                                 "make the batch size a multiple of microbatches")
+                raise UsageError(
+                    f"pipeline: batch of {size} does not split into {microbatches} micro-batches",
+                    "make the batch size a multiple of microbatches",
+                )
         torch.save(data, os.path.join(tmp, "batches.pt"))
-        spec = {"mode": mode, "stage_dir": stage_dir, "info": info, "batches": os.path.join(tmp, "batches.pt"),
-                "microbatches": microbatches, "schedule": schedule, "lr": lr, "optimizer": optimizer, "adamw": adamw or {},
-                "steps": steps, "objective": objective, "timeout": timeout, "result_dir": tmp}
+        spec = {
+            "mode": mode,
+            "stage_dir": stage_dir,
+            "info": info,
+            "batches": os.path.join(tmp, "batches.pt"),
+            "microbatches": microbatches,
+            "schedule": schedule,
+            "lr": lr,
+            "optimizer": optimizer,
+            "adamw": adamw or {},
+            "steps": steps,
+            "objective": objective,
+            "timeout": timeout,
+            "result_dir": tmp,
+        }
         spec_path = os.path.join(tmp, "spec.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)
-        _torchrun(spec_path, tmp, ranks, timeout, describe=lambda r: f"rank {r} (stage {_held(r, ranks, n)})",
-                  neighbours=lambda r: _pipeline_neighbours(r, ranks, n))
+        _torchrun(
+            spec_path,
+            tmp,
+            ranks,
+            timeout,
+            describe=lambda r: f"rank {r} (stage {_held(r, ranks, n)})",
+            neighbours=lambda r: _pipeline_neighbours(r, ranks, n),
+        )
         return _gather(mode, tmp, ranks, info)
 
 
@@ -209,24 +310,39 @@ def _pipeline_neighbours(r: int, ranks: int, stages: int) -> set[int]:
     return {(r - 1) % ranks, (r + 1) % ranks} - {r}
 
 
-def _torchrun(spec_path: str, folder: str, ranks: int, timeout: float, *, describe, neighbours,
-              what: str = "pipeline") -> None:
+def _torchrun(
+    spec_path: str, folder: str, ranks: int, timeout: float, *, describe, neighbours, what: str = "pipeline"
+) -> None:
     """Run `python -m optpipe.runtime.parallel SPEC FOLDER` on `ranks` torchrun ranks; PipelineError naming
     the rank that failed first (`describe(r)`: "rank 1 (stage 1)") when the run fails."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-           "--max-restarts=0", "-m", "optpipe.runtime.parallel", spec_path, folder]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={ranks}",
+        "--max-restarts=0",
+        "-m",
+        "optpipe.runtime.parallel",
+        spec_path,
+        folder,
+    ]
     try:
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              timeout=timeout * 2 + 120)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout * 2 + 120)
     except subprocess.TimeoutExpired as e:
-        raise PipelineError(f"{what}: the ranks did not finish within {timeout * 2 + 120:.0f} s",
-                            "a rank hangs; rerun with a smaller timeout to see which") from e
+        raise PipelineError(
+            f"{what}: the ranks did not finish within {timeout * 2 + 120:.0f} s",
+            "a rank hangs; rerun with a smaller timeout to see which",
+        ) from e
     if proc.returncode != 0:
         message = _failure_message(proc.stderr, folder, ranks, describe, neighbours, what)
-        hint = ("the stuck rank is alive but not communicating (a deadlock, or a rank far slower than "
-                "the others: raise timeout)" if "stopped responding" in message else
-                "a rank that leaves no message crashed or was killed (out of memory?)")
+        hint = (
+            "the stuck rank is alive but not communicating (a deadlock, or a rank far slower than "
+            "the others: raise timeout)"
+            if "stopped responding" in message
+            else "a rank that leaves no message crashed or was killed (out of memory?)"
+        )
         raise PipelineError(message, hint)
 
 
@@ -251,8 +367,10 @@ def _failure_message(stderr: str, folder: str, ranks: int, describe, neighbours,
         if len(suspects) == 1:
             stuck = suspects.pop()
             waiting = ", ".join(map(str, timed_out))
-            return (f"{what} {describe(stuck)} stopped responding: rank(s) {waiting} timed "
-                    f"out waiting for it; all ranks were stopped")
+            return (
+                f"{what} {describe(stuck)} stopped responding: rank(s) {waiting} timed "
+                f"out waiting for it; all ranks were stopped"
+            )
     message = errors.get(first) or (f"exited with code {code}" if code is not None else "failed")
     if code is not None and code < 0:
         message = f"was killed by signal {-code}"
@@ -277,15 +395,32 @@ def _gather(mode: str, folder: str, ranks: int, info: dict) -> dict:
             for name, t in g.items():
                 if name not in grads or tied_owner.get(name) == stage:
                     grads[name] = t
-    return {"losses": result["losses"], "weights": weights, "grads": grads, "stages": info["num_stages"],
-            "ranks": ranks, "seconds": result["seconds"]}
+    return {
+        "losses": result["losses"],
+        "weights": weights,
+        "grads": grads,
+        "stages": info["num_stages"],
+        "ranks": ranks,
+        "seconds": result["seconds"],
+    }
 
 
 # -- tensor parallelism -----------------------------------------------------------------------------------
-def tensor_train(model, batches: Sequence[dict], *, ways: int | None = None, data_parallel: int = 1,
-                 lr: float = 1e-3, optimizer: str = "sgd", steps: int | None = None, objective: str = "clm",
-                 timeout: float = 60.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0) -> dict:
+def tensor_train(
+    model,
+    batches: Sequence[dict],
+    *,
+    ways: int | None = None,
+    data_parallel: int = 1,
+    lr: float = 1e-3,
+    optimizer: str = "sgd",
+    steps: int | None = None,
+    objective: str = "clm",
+    timeout: float = 60.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> dict:
     """Train `model` tensor-parallel: every block sharded over `ways` ranks, times `data_parallel`
     replicas that each take a slice of the batch (ranks = ways × data_parallel, a 2-d DeviceMesh
     ("dp", "tp")). Batches as in `pipeline_train`. Returns {"losses", "weights" (full tensors,
@@ -295,19 +430,47 @@ def tensor_train(model, batches: Sequence[dict], *, ways: int | None = None, dat
         raise UsageError(f"tensor parallel: unknown optimizer {optimizer!r}", f"one of {', '.join(OPTIMIZERS)}")
     if not batches:
         raise UsageError("tensor parallel: no batches to train on", "give at least one {input_ids, labels} batch")
-    return _launch_tensor("tensor-train", model, list(batches), ways=ways, dp=data_parallel, lr=lr,
-                          optimizer=optimizer, steps=len(batches) if steps is None else steps, objective=objective,
-                          timeout=timeout, adamw={"betas": list(betas), "eps": eps, "weight_decay": weight_decay})
+    return _launch_tensor(
+        "tensor-train",
+        model,
+        list(batches),
+        ways=ways,
+        dp=data_parallel,
+        lr=lr,
+        optimizer=optimizer,
+        steps=len(batches) if steps is None else steps,
+        objective=objective,
+        timeout=timeout,
+        adamw={"betas": list(betas), "eps": eps, "weight_decay": weight_decay},
+    )
 
 
-def tensor_run(model, inputs: tuple | torch.Tensor, *, ways: int | None = None, data_parallel: int = 1,
-               timeout: float = 60.0, repeat: int = 1) -> dict:
+def tensor_run(
+    model,
+    inputs: tuple | torch.Tensor,
+    *,
+    ways: int | None = None,
+    data_parallel: int = 1,
+    timeout: float = 60.0,
+    repeat: int = 1,
+) -> dict:
     """Run `model` forward tensor-parallel on `inputs` (the program's positional inputs; the batch is
     split over `data_parallel` replicas). Returns {"output", "seconds" (per run after a warm-up)}."""
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
-    return _launch_tensor("tensor-run", model, [tuple(inputs)], ways=ways, dp=data_parallel, lr=0.0,
-                          optimizer="sgd", steps=repeat, objective="clm", timeout=timeout, adamw={})
+    return _launch_tensor(
+        "tensor-run",
+        model,
+        [tuple(inputs)],
+        ways=ways,
+        dp=data_parallel,
+        lr=0.0,
+        optimizer="sgd",
+        steps=repeat,
+        objective="clm",
+        timeout=timeout,
+        adamw={},
+    )
 
 
 def tensor_partitioned(program: Program, ways: int) -> Program:
@@ -316,8 +479,10 @@ def tensor_partitioned(program: Program, ways: int) -> Program:
     if info.get("strategy") == "tensor" and info.get("ways") == ways:
         return program
     if info:
-        raise UsageError(f"tensor parallel: the program already carries a {info.get('strategy', 'pipeline')} "
-                         "partition plan", "partition the program before that pass, with strategy=tensor")
+        raise UsageError(
+            f"tensor parallel: the program already carries a {info.get('strategy', 'pipeline')} partition plan",
+            "partition the program before that pass, with strategy=tensor",
+        )
     from ..pipeline import Pipeline
 
     # fuse-attention (exact; a no-op on SDPA programs) so hand-written attention shards by heads too
@@ -325,8 +490,9 @@ def tensor_partitioned(program: Program, ways: int) -> Program:
     return out
 
 
-def _launch_tensor(mode: str, model, batches: list, *, ways, dp, lr, optimizer, steps, objective, timeout,
-                   adamw) -> dict:
+def _launch_tensor(
+    mode: str, model, batches: list, *, ways, dp, lr, optimizer, steps, objective, timeout, adamw
+) -> dict:
     program = model if isinstance(model, Program) else _load(model)
     planned = (program.meta.get("partition") or {}).get("ways")
     ways = ways or planned or 2
@@ -339,31 +505,54 @@ def _launch_tensor(mode: str, model, batches: list, *, ways, dp, lr, optimizer, 
         data = _rank_data(mode == "tensor-train", program, info, batches)
         for inputs, _ in data:
             if inputs[0].shape[0] % dp:
-                raise UsageError(f"tensor parallel: batch of {inputs[0].shape[0]} does not split over {dp} "
-                                 "data-parallel replicas", "make the batch size a multiple of data_parallel")
+                raise UsageError(
+                    f"tensor parallel: batch of {inputs[0].shape[0]} does not split over {dp} data-parallel replicas",
+                    "make the batch size a multiple of data_parallel",
+                )
         program.save(os.path.join(tmp, "program.pt2"))
         torch.save(data, os.path.join(tmp, "batches.pt"))
-        spec = {"mode": mode, "program": os.path.join(tmp, "program.pt2"), "ways": ways, "dp": dp,
-                "devices": info.get("devices") or ["cpu"] * ways, "batches": os.path.join(tmp, "batches.pt"),
-                "lr": lr, "optimizer": optimizer, "adamw": adamw, "steps": steps, "objective": objective,
-                "timeout": timeout}
+        spec = {
+            "mode": mode,
+            "program": os.path.join(tmp, "program.pt2"),
+            "ways": ways,
+            "dp": dp,
+            "devices": info.get("devices") or ["cpu"] * ways,
+            "batches": os.path.join(tmp, "batches.pt"),
+            "lr": lr,
+            "optimizer": optimizer,
+            "adamw": adamw,
+            "steps": steps,
+            "objective": objective,
+            "timeout": timeout,
+        }
         spec_path = os.path.join(tmp, "spec.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)
         ranks = ways * dp
-        _torchrun(spec_path, tmp, ranks, timeout, what="tensor parallel",
-                  describe=lambda r: f"rank {r} (shard {r % ways} of {ways}, replica {r // ways})",
-                  neighbours=lambda r: set(range(ranks)) - {r} if ranks == 2 else set())
+        _torchrun(
+            spec_path,
+            tmp,
+            ranks,
+            timeout,
+            what="tensor parallel",
+            describe=lambda r: f"rank {r} (shard {r % ways} of {ways}, replica {r // ways})",
+            neighbours=lambda r: set(range(ranks)) - {r} if ranks == 2 else set(),
+        )
         with open(os.path.join(tmp, "result.json")) as f:
             result = json.load(f)
         if mode == "tensor-run":
             outputs = [torch.load(os.path.join(tmp, f"output_{d}.pt")) for d in range(dp)]
             return {"output": torch.cat(outputs) if dp > 1 else outputs[0], "seconds": result["seconds"]}
         states = [torch.load(os.path.join(tmp, f"rank_{r}.pt")) for r in range(ways)]  # replica 0
-        return {"losses": result["losses"],
-                "weights": partition_tensor.full_parameters(program, [w for w, _ in states]),
-                "grads": partition_tensor.full_parameters(program, [g for _, g in states]), "ways": ways,
-                "data_parallel": dp, "ranks": ranks, "seconds": result["seconds"]}
+        return {
+            "losses": result["losses"],
+            "weights": partition_tensor.full_parameters(program, [w for w, _ in states]),
+            "grads": partition_tensor.full_parameters(program, [g for _, g in states]),
+            "ways": ways,
+            "data_parallel": dp,
+            "ranks": ranks,
+            "seconds": result["seconds"],
+        }
 
 
 def _run_tensor_rank(spec_path: str, folder: str, rank: int) -> int:
@@ -429,8 +618,10 @@ def _run_tensor_rank(spec_path: str, folder: str, rank: int) -> int:
             if train or step > 0:
                 seconds.append(time.perf_counter() - start)
     if train and replica == 0:
-        torch.save(({k: p.detach().cpu().clone() for k, p in gm.named_parameters()}, grads),
-                   os.path.join(folder, f"rank_{rank}.pt"))
+        torch.save(
+            ({k: p.detach().cpu().clone() for k, p in gm.named_parameters()}, grads),
+            os.path.join(folder, f"rank_{rank}.pt"),
+        )
     if not train and tp_rank == 0:
         torch.save(output.cpu(), os.path.join(folder, f"output_{replica}.pt"))
     if rank == 0:
@@ -517,8 +708,10 @@ def _run_rank(spec_path: str, folder: str, rank: int) -> int:
             schedule.step(*inputs, target=labels, losses=mb_losses if last else None)
             _sync_tied(modules, info, world, group)
             if step == steps - 1:
-                grads = {s: {k: p.grad.detach().cpu().clone() for k, p in mod.named_parameters() if p.grad is not None}
-                         for s, mod in modules.items()}
+                grads = {
+                    s: {k: p.grad.detach().cpu().clone() for k, p in mod.named_parameters() if p.grad is not None}
+                    for s, mod in modules.items()
+                }
             if opt is not None:
                 opt.step()
             if last:
@@ -532,8 +725,13 @@ def _run_rank(spec_path: str, folder: str, rank: int) -> int:
         if train or step > 0:
             seconds.append(time.perf_counter() - start)
     if train:
-        torch.save({s: ({k: p.detach().cpu().clone() for k, p in mod.named_parameters()}, grads.get(s, {}))
-                    for s, mod in modules.items()}, os.path.join(folder, f"rank_{rank}.pt"))
+        torch.save(
+            {
+                s: ({k: p.detach().cpu().clone() for k, p in mod.named_parameters()}, grads.get(s, {}))
+                for s, mod in modules.items()
+            },
+            os.path.join(folder, f"rank_{rank}.pt"),
+        )
     if last:
         if output is not None:
             torch.save(output, os.path.join(folder, "output.pt"))
@@ -548,8 +746,13 @@ def _optimizer(params: list, spec: dict) -> torch.optim.Optimizer:
     if spec["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=spec["lr"])
     adamw = spec["adamw"]
-    return torch.optim.AdamW(params, lr=spec["lr"], betas=tuple(adamw.get("betas", (0.9, 0.999))),
-                             eps=adamw.get("eps", 1e-8), weight_decay=adamw.get("weight_decay", 0.0))
+    return torch.optim.AdamW(
+        params,
+        lr=spec["lr"],
+        betas=tuple(adamw.get("betas", (0.9, 0.999))),
+        eps=adamw.get("eps", 1e-8),
+        weight_decay=adamw.get("weight_decay", 0.0),
+    )
 
 
 def _fault_point(rank: int, step: int, timeout: float) -> None:
@@ -574,8 +777,11 @@ def _sync_tied(modules: dict, info: dict, world: int, group) -> None:
             for g in grads[1:]:
                 total += g
         else:
-            total = torch.zeros(tied["shape"], dtype=getattr(torch, tied.get("dtype") or "float32"),
-                                device=next(next(iter(modules.values())).parameters()).device)
+            total = torch.zeros(
+                tied["shape"],
+                dtype=getattr(torch, tied.get("dtype") or "float32"),
+                device=next(next(iter(modules.values())).parameters()).device,
+            )
         if world > 1:
             dist.all_reduce(total, group=group)
         for p in local:

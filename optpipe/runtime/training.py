@@ -24,6 +24,7 @@ batch and the loss is normalised by the global token count, so N ranks follow th
 OUT2 holds `program.pt2` (the trained program), `train.json`, `metrics.jsonl`, `checkpoints/`, and
 what `optpipe run`/`generate` need (`target.json`, `pipeline.txt`, `tokenizer.json`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,8 +40,8 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 import torch.fx
@@ -110,14 +111,19 @@ class TrainConfig:
             bad(f"cannot train on target {self.target!r}", f"one of {', '.join(TARGETS)}")
         for name in ("steps", "batch_size", "grad_accum", "log_every", "val_batches"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                bad(f"{name} must be a positive integer, got {getattr(self, name)!r}", f"e.g. --{name.replace('_', '-')} 1")
+                bad(
+                    f"{name} must be a positive integer, got {getattr(self, name)!r}",
+                    f"e.g. --{name.replace('_', '-')} 1",
+                )
         for name in ("seq_len", "checkpoint_every", "val_every", "warmup"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < (0 if name == "warmup" else 1)):
                 bad(f"{name} must be a positive integer, got {v!r}", f"e.g. --{name.replace('_', '-')} 100")
         if self.batch_size % self.grad_accum:
-            bad(f"batch size {self.batch_size} is not divisible by grad-accum {self.grad_accum}",
-                "make --batch-size a multiple of --grad-accum")
+            bad(
+                f"batch size {self.batch_size} is not divisible by grad-accum {self.grad_accum}",
+                "make --batch-size a multiple of --grad-accum",
+            )
         if not self.lr > 0:
             bad(f"lr must be > 0, got {self.lr}", "e.g. --lr 3e-4")
         if not 0 <= self.alpha <= 1:
@@ -132,8 +138,10 @@ class TrainConfig:
             if self.clip:
                 bad("--target onnxruntime has no gradient clipping", "pass --clip 0")
             if self.layer_decay is not None or self.weight_decay:
-                bad("--target onnxruntime trains with one AdamW group (no layer decay, no weight decay groups)",
-                    "drop --layer-decay / --weight-decay, or train on cpu")
+                bad(
+                    "--target onnxruntime trains with one AdamW group (no layer decay, no weight decay groups)",
+                    "drop --layer-decay / --weight-decay, or train on cpu",
+                )
         if self.amp and self.target != "cuda":
             bad("--amp (bf16 autocast) needs --target cuda", "drop --amp on CPU")
         if isinstance(self.trainable, str):
@@ -164,7 +172,7 @@ def block_paths(program: Program) -> list[str]:
     for node in program.gm.graph.nodes:
         for path, _ in (node.meta.get("nn_module_stack") or {}).values():
             m = _LAYER_RE.search(path)
-            if m and path[:m.end()].rstrip(".") == path:
+            if m and path[: m.end()].rstrip(".") == path:
                 seen.setdefault(path, None)
     return list(seen)
 
@@ -221,8 +229,10 @@ def select_trainable(program: Program, patterns, teacher: Program | None = None)
         else:
             chosen.update(dict.fromkeys(n for n in names if fnmatch.fnmatchcase(n, pat)))
     if not chosen:
-        raise UsageError(f"train: no parameter matches --trainable {','.join(patterns)}",
-                         "use globs over parameter names (see `optpipe inspect`), or `changed`")
+        raise UsageError(
+            f"train: no parameter matches --trainable {','.join(patterns)}",
+            "use globs over parameter names (see `optpipe inspect`), or `changed`",
+        )
     return [n for n in names if n in chosen]
 
 
@@ -236,8 +246,10 @@ def changed_parameters(program: Program, teacher: Program | None) -> list[str]:
         if name.startswith(prefixes) or (ref and (name not in ref or ref[name].shape != p.shape)):
             out.append(name)
     if not out:
-        raise UsageError("train: --trainable changed, but no pass changed any parameter of this program",
-                         "train all parameters, or give globs")
+        raise UsageError(
+            "train: --trainable changed, but no pass changed any parameter of this program",
+            "train all parameters, or give globs",
+        )
     return out
 
 
@@ -286,9 +298,22 @@ class _Interrupted(Exception):
     pass
 
 
-def train(model: str | Program, data: str | list[str], out: str, *, resume: bool = False, force: bool = False,
-          nproc: int = 1, stages: int | None = None, microbatches: int = 4, schedule: str = "1f1b",
-          tensor_parallel: int | None = None, progress: bool | None = None, stop_after: int | None = None, **options) -> TrainResult:
+def train(
+    model: str | Program,
+    data: str | list[str],
+    out: str,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    nproc: int = 1,
+    stages: int | None = None,
+    microbatches: int = 4,
+    schedule: str = "1f1b",
+    tensor_parallel: int | None = None,
+    progress: bool | None = None,
+    stop_after: int | None = None,
+    **options,
+) -> TrainResult:
     """Train `model` (an OUT folder, any MODEL form, or a Program) on `data` and write OUT2=`out`.
 
     `options` are `TrainConfig` fields. `nproc>1` launches that many ranks with torchrun (gloo on
@@ -298,14 +323,27 @@ def train(model: str | Program, data: str | list[str], out: str, *, resume: bool
     steps as if interrupted (tests)."""
     config = TrainConfig(**options)
     if stages and tensor_parallel:
-        raise UsageError("train: --stages and --tensor-parallel together are not supported yet",
-                         "choose one; --nproc adds data parallelism to --tensor-parallel")
+        raise UsageError(
+            "train: --stages and --tensor-parallel together are not supported yet",
+            "choose one; --nproc adds data parallelism to --tensor-parallel",
+        )
     if tensor_parallel:
-        return _train_tensor_parallel(model, data, out, config, ways=tensor_parallel, force=force, resume=resume,
-                                      nproc=nproc)
+        return _train_tensor_parallel(
+            model, data, out, config, ways=tensor_parallel, force=force, resume=resume, nproc=nproc
+        )
     if stages:
-        return _train_pipelined(model, data, out, config, stages=stages, microbatches=microbatches,
-                                schedule=schedule, force=force, resume=resume, nproc=nproc)
+        return _train_pipelined(
+            model,
+            data,
+            out,
+            config,
+            stages=stages,
+            microbatches=microbatches,
+            schedule=schedule,
+            force=force,
+            resume=resume,
+            nproc=nproc,
+        )
     if nproc > 1 and not _distributed():
         return _launch(model, data, out, config, resume=resume, force=force, nproc=nproc)
     return Trainer(model, data, out, config, resume=resume, force=force, progress=progress).run(stop_after)
@@ -315,7 +353,11 @@ class Trainer:
     def __init__(self, model, data, out: str, config: TrainConfig, *, resume=False, force=False, progress=None):
         self.config, self.out = config, os.path.abspath(out)
         self.rank, self.world = _rank_world()
-        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if config.target == "cuda" else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            if config.target == "cuda"
+            else torch.device("cpu")
+        )
         if config.target == "cuda" and not torch.cuda.is_available():
             raise UsageError("train --target cuda: no CUDA device is available", "use --target cpu")
         _refuse_writing_into(self.out, model, config.distill_from)
@@ -329,8 +371,10 @@ class Trainer:
         self.progress = sys.stderr.isatty() if progress is None else progress
         seq_len = config.seq_len or int(self.program.example_inputs[0].shape[-1])
         if self.world > 1 and (config.batch_size // config.grad_accum) % self.world:
-            raise UsageError(f"train: micro-batch {config.batch_size // config.grad_accum} is not divisible by "
-                             f"{self.world} ranks", "make --batch-size a multiple of --grad-accum × --nproc")
+            raise UsageError(
+                f"train: micro-batch {config.batch_size // config.grad_accum} is not divisible by {self.world} ranks",
+                "make --batch-size a multiple of --grad-accum × --nproc",
+            )
         self.data = _training_data(self.program, self.source_dir, data, config, seq_len)
         self.inputs_for = _input_builder(self.program)
         self.names = select_trainable(self.program, config.trainable, self.teacher)
@@ -346,19 +390,27 @@ class Trainer:
         if config.target in BACKEND_TRAINED:
             groups = param_groups(named, config)
             self.backend = get_target(config.target).trainer(
-                self.program, objective=config.objective, trainable=self.names, lr=config.lr, betas=config.betas,
-                eps=config.eps, weight_decay=config.weight_decay, clip=config.clip or None,
+                self.program,
+                objective=config.objective,
+                trainable=self.names,
+                lr=config.lr,
+                betas=config.betas,
+                eps=config.eps,
+                weight_decay=config.weight_decay,
+                clip=config.clip or None,
                 lr_scales={n: g["lr_scale"] for g in groups for n in g["names"]},
-                weight_decays={n: g["weight_decay"] for g in groups for n in g["names"]})
+                weight_decays={n: g["weight_decay"] for g in groups for n in g["names"]},
+            )
             if resume and not hasattr(self.backend, "optimizer_state"):
-                raise UsageError(f"train --target {config.target} cannot --resume (its optimizer state is not "
-                                 "checkpointed)", "resume on --target cpu, or start the run again")
+                raise UsageError(
+                    f"train --target {config.target} cannot --resume (its optimizer state is not checkpointed)",
+                    "resume on --target cpu, or start the run again",
+                )
             self.optimizer = None
         else:
             self.backend = None
             groups = param_groups(named, config)
-            self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
-                                               foreach=False)
+            self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, foreach=False)
         _prepare_out(self.out, resume=resume, force=force, rank=self.rank)  # everything checked: now write
         self.step = 0
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
@@ -370,8 +422,9 @@ class Trainer:
         self.tap_paths: list[str] = []
         self.tap_scale: list[float] | None = None
         if self.teacher is not None and config.hidden_weight > 0:
-            wanted = block_paths(self.program) + [p for p in rewritten_paths(self.program)
-                                                   if any(k in p for k in ("attn", "attention"))]
+            wanted = block_paths(self.program) + [
+                p for p in rewritten_paths(self.program) if any(k in p for k in ("attn", "attention"))
+            ]
             student, found = tapped_module(self.program, wanted)
             teacher, tfound = tapped_module(self.teacher, found)
             keep = [p for p in found if p in tfound]
@@ -391,7 +444,9 @@ class Trainer:
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.model = DistributedDataParallel(self.student_fn, device_ids=None if self.device.type == "cpu" else [self.device])
+            self.model = DistributedDataParallel(
+                self.student_fn, device_ids=None if self.device.type == "cpu" else [self.device]
+            )
         if config.compile:
             self.model = torch.compile(self.model)
 
@@ -403,7 +458,7 @@ class Trainer:
         per_rank = micro // self.world
         for a in range(cfg.grad_accum):
             lo = a * micro + self.rank * per_rank
-            yield {k: v[lo:lo + per_rank] for k, v in batch.items()}
+            yield {k: v[lo : lo + per_rank] for k, v in batch.items()}
 
     def _forward_loss(self, mb: dict, count: int) -> torch.Tensor:
         """Loss of a micro-batch, normalised by the global label count `count`, times the world
@@ -430,11 +485,16 @@ class Trainer:
         if self.tap_scale is None:
             batch = self.data.validation_batches(1, self.config.batch_size)
             with torch.no_grad():
-                ref = (self.teacher_fn(*self.inputs_for(batch[0]["input_ids"].to(self.device)))[1:] if batch
-                       else teacher_taps)
+                ref = (
+                    self.teacher_fn(*self.inputs_for(batch[0]["input_ids"].to(self.device)))[1:]
+                    if batch
+                    else teacher_taps
+                )
             self.tap_scale = [float(t.float().var().clamp_min(1e-6)) for t in ref]
-        total = sum(F.mse_loss(s.float(), t.float(), reduction="sum") / (scale * t.shape[-1])
-                    for s, t, scale in zip(student_taps, teacher_taps, self.tap_scale))
+        total = sum(
+            F.mse_loss(s.float(), t.float(), reduction="sum") / (scale * t.shape[-1])
+            for s, t, scale in zip(student_taps, teacher_taps, self.tap_scale)
+        )
         return total / len(student_taps)
 
     def _label_count(self, batch: dict) -> int:
@@ -455,8 +515,11 @@ class Trainer:
         micro = list(self._micro_batches(batch))
         for i, mb in enumerate(micro):
             sync = i == len(micro) - 1
-            ctx = (self.model.no_sync() if self.world > 1 and not sync and hasattr(self.model, "no_sync")
-                   else contextlib.nullcontext())
+            ctx = (
+                self.model.no_sync()
+                if self.world > 1 and not sync and hasattr(self.model, "no_sync")
+                else contextlib.nullcontext()
+            )
             with ctx:
                 loss = self._forward_loss(mb, count)
                 loss.backward()
@@ -466,19 +529,24 @@ class Trainer:
 
             dist.all_reduce(loss_sum)
         if self.config.clip:
-            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                           self.config.clip, foreach=False)
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in self.optimizer.param_groups for p in g["params"]], self.config.clip, foreach=False
+            )
         self.optimizer.step()
         return float(loss_sum)
 
     def _backend_step(self, batch: dict, lr: float) -> float:
         if self.world > 1 or self.teacher is not None:
-            raise UsageError(f"train --target {self.config.target}: one process, no distillation",
-                             "distill or run data parallel on --target cpu/cuda")
+            raise UsageError(
+                f"train --target {self.config.target}: one process, no distillation",
+                "distill or run data parallel on --target cpu/cuda",
+            )
         count, losses = self._label_count(batch), 0.0
         for mb in self._micro_batches(batch):
             n = self._label_count(mb)
-            losses += self.backend.accumulate(self.inputs_for(mb["input_ids"]), mb["labels"], scale=n / count) * n / count
+            losses += (
+                self.backend.accumulate(self.inputs_for(mb["input_ids"]), mb["labels"], scale=n / count) * n / count
+            )
         self.backend.optimizer_step(lr)
         return losses
 
@@ -486,8 +554,14 @@ class Trainer:
         """(mean validation loss over the label tokens, perplexity) of the current weights."""
         batches = self.data.validation_batches(self.config.val_batches, self.config.batch_size)
         if self.backend is None:
-            return validation_loss(self.student_fn, self.inputs_for, batches, self.config.objective,
-                                   device=self.device, amp=self.config.amp)
+            return validation_loss(
+                self.student_fn,
+                self.inputs_for,
+                batches,
+                self.config.objective,
+                device=self.device,
+                amp=self.config.amp,
+            )
         if not batches:
             return None
         total, count = 0.0, 0
@@ -500,13 +574,26 @@ class Trainer:
 
     # checkpoints ----------------------------------------------------------------------------------
     def _state(self) -> dict:
-        weights = (self.backend.state_dict() if self.backend is not None else
-                   {n: p.detach().cpu().clone() for n, p in self.program.gm.named_parameters()})
-        optimizer = (self.optimizer.state_dict() if self.optimizer is not None else
-                     self.backend.optimizer_state() if hasattr(self.backend, "optimizer_state") else None)
-        return {"step": self.step, "weights": weights, "optimizer": optimizer,
-                "data": self.data.state_dict(), "rng": torch.get_rng_state(),
-                "config": json.dumps(self.config.to_dict(), sort_keys=True)}
+        weights = (
+            self.backend.state_dict()
+            if self.backend is not None
+            else {n: p.detach().cpu().clone() for n, p in self.program.gm.named_parameters()}
+        )
+        optimizer = (
+            self.optimizer.state_dict()
+            if self.optimizer is not None
+            else self.backend.optimizer_state()
+            if hasattr(self.backend, "optimizer_state")
+            else None
+        )
+        return {
+            "step": self.step,
+            "weights": weights,
+            "optimizer": optimizer,
+            "data": self.data.state_dict(),
+            "rng": torch.get_rng_state(),
+            "config": json.dumps(self.config.to_dict(), sort_keys=True),
+        }
 
     def save_checkpoint(self) -> str | None:
         if self.rank != 0:
@@ -538,11 +625,17 @@ class Trainer:
         state = torch.load(path, weights_only=True)
         saved = json.loads(state["config"])
         mine = self.config.to_dict()
-        differ = [k for k in saved if k not in ("steps", "log_every", "checkpoint_every", "val_every")
-                  and json.dumps(saved[k]) != json.dumps(mine.get(k))]
+        differ = [
+            k
+            for k in saved
+            if k not in ("steps", "log_every", "checkpoint_every", "val_every")
+            and json.dumps(saved[k]) != json.dumps(mine.get(k))
+        ]
         if differ:
-            raise UsageError(f"train --resume: {', '.join(differ)} differ from the run in {self.out}",
-                             "resume with the same options (only --steps and logging may change)")
+            raise UsageError(
+                f"train --resume: {', '.join(differ)} differ from the run in {self.out}",
+                "resume with the same options (only --steps and logging may change)",
+            )
         params = dict(self.program.gm.named_parameters(remove_duplicate=False))  # tied: every name
         with torch.no_grad():
             for name, value in state["weights"].items():
@@ -563,9 +656,16 @@ class Trainer:
         if self.resume and not self.load_checkpoint() and self.rank == 0:
             print(f"optpipe train: no checkpoint in {self.out}; starting from step 0", file=sys.stderr)
         if self.rank == 0:
-            _write_json(os.path.join(self.out, "train.json"),
-                        {"config": cfg.to_dict(), "trainable": self.names, "taps": self.tap_paths,
-                         "world_size": self.world, "model": self.program.meta.get("source")})
+            _write_json(
+                os.path.join(self.out, "train.json"),
+                {
+                    "config": cfg.to_dict(),
+                    "trainable": self.names,
+                    "taps": self.tap_paths,
+                    "world_size": self.world,
+                    "model": self.program.meta.get("source"),
+                },
+            )
         val_every = cfg.val_every or max(1, cfg.steps // 4)
         ckpt_every = cfg.checkpoint_every
         tokens_per_step = cfg.batch_size * self.data.seq_len
@@ -584,8 +684,9 @@ class Trainer:
                 lr = cfg.lr_at(self.step)
                 last_loss = self.train_step(batch, lr)
                 if not math.isfinite(last_loss):
-                    raise OptpipeError(f"train: loss is {last_loss} at step {self.step + 1}",
-                                       "lower --lr, or use --clip")
+                    raise OptpipeError(
+                        f"train: loss is {last_loss} at step {self.step + 1}", "lower --lr, or use --clip"
+                    )
                 self.step += 1
                 window_tokens += tokens_per_step
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
@@ -616,8 +717,15 @@ class Trainer:
             self.save_checkpoint()
         self._finish()
         elapsed = time.perf_counter() - started
-        return TrainResult(self.out, self.step, last_loss, val[0] if val else None, val[1] if val else None,
-                           (self.step - start_step) * tokens_per_step / max(elapsed, 1e-9), rows)
+        return TrainResult(
+            self.out,
+            self.step,
+            last_loss,
+            val[0] if val else None,
+            val[1] if val else None,
+            (self.step - start_step) * tokens_per_step / max(elapsed, 1e-9),
+            rows,
+        )
 
     def _log(self, row: dict, started: float, start_step: int) -> None:
         if self.rank != 0:
@@ -626,8 +734,10 @@ class Trainer:
             f.write(json.dumps(row) + "\n")
         done = self.step - start_step
         eta = (time.perf_counter() - started) / max(done, 1) * (self.config.steps - self.step)
-        line = (f"step {self.step}/{self.config.steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
-                f"{row['tokens_per_s']:.0f} tok/s  ETA {_duration(eta)}")
+        line = (
+            f"step {self.step}/{self.config.steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+            f"{row['tokens_per_s']:.0f} tok/s  ETA {_duration(eta)}"
+        )
         if "val_ppl" in row:
             line += f"  val ppl {row['val_ppl']:.2f}"
         if self.progress:
@@ -645,13 +755,19 @@ class Trainer:
         self.program.gm.to("cpu")
         for p in self.program.gm.parameters():
             p.requires_grad_(True)
-        _write_trained(self.program, self.out, target="cuda" if self.config.target == "cuda" else "cpu",
-                       trained_on=self.config.target, tokenizer=self.data.tokenizer)
+        _write_trained(
+            self.program,
+            self.out,
+            target="cuda" if self.config.target == "cuda" else "cpu",
+            trained_on=self.config.target,
+            tokenizer=self.data.tokenizer,
+        )
 
 
 @torch.no_grad()
-def validation_loss(fn, inputs_for, batches, objective: str, *, device=None,
-                    amp: bool = False) -> tuple[float, float] | None:
+def validation_loss(
+    fn, inputs_for, batches, objective: str, *, device=None, amp: bool = False
+) -> tuple[float, float] | None:
     """(mean loss over the label tokens of `batches`, perplexity) of module `fn` (outputs[0]: logits)."""
     if not batches:
         return None
@@ -676,8 +792,9 @@ def evaluate(model, data, **options) -> dict:
     seq_len = config.seq_len or int(program.example_inputs[0].shape[-1])
     tdata = _training_data(program, folder, data, config, seq_len)
     fn, _ = tapped_module(program, [])
-    res = validation_loss(fn, _input_builder(program), tdata.validation_batches(config.val_batches, config.batch_size),
-                          config.objective)
+    res = validation_loss(
+        fn, _input_builder(program), tdata.validation_batches(config.val_batches, config.batch_size), config.objective
+    )
     if res is None:
         raise UsageError("evaluate: the data has no validation split", "use a val fraction > 0")
     return {"val_loss": res[0], "val_ppl": res[1]}
@@ -689,8 +806,10 @@ class TrainingInterrupted(OptpipeError):
     exit_code = 130
 
     def __init__(self, step: int, checkpoint: str | None):
-        super().__init__(f"training interrupted at step {step}; checkpoint {checkpoint or 'not written'}",
-                         "rerun the same command with --resume to continue")
+        super().__init__(
+            f"training interrupted at step {step}; checkpoint {checkpoint or 'not written'}",
+            "rerun the same command with --resume to continue",
+        )
         self.step, self.checkpoint = step, checkpoint
 
 
@@ -771,8 +890,10 @@ def _load_trainable(model) -> tuple[Program, str | None]:
 
     program = load_model(model)
     if program.meta.get("kv_cache"):
-        raise UsageError(f"{model} is a kv-cache step program (generation only)",
-                         "train the program before the kv-cache pass, then add kv-cache")
+        raise UsageError(
+            f"{model} is a kv-cache step program (generation only)",
+            "train the program before the kv-cache pass, then add kv-cache",
+        )
     folder = model if os.path.isdir(model) else None
     return program, folder
 
@@ -780,10 +901,18 @@ def _load_trainable(model) -> tuple[Program, str | None]:
 def _training_data(program: Program, folder: str | None, data, config: TrainConfig, seq_len: int):
     from .data import TrainingData, tokenizer_for_program
 
-    return TrainingData(data, tokenizer_for_program(program, folder), seq_len=seq_len,
-                        objective=config.objective, seed=config.seed,
-                        val_fraction=config.val_fraction, mask=config.mask, mask_rate=config.mask_rate,
-                        text_key=config.text_key, vocab_size=_vocab(program))
+    return TrainingData(
+        data,
+        tokenizer_for_program(program, folder),
+        seq_len=seq_len,
+        objective=config.objective,
+        seed=config.seed,
+        val_fraction=config.val_fraction,
+        mask=config.mask,
+        mask_rate=config.mask_rate,
+        text_key=config.text_key,
+        vocab_size=_vocab(program),
+    )
 
 
 def _check_lm_head(program: Program, source) -> None:
@@ -795,9 +924,11 @@ def _check_lm_head(program: Program, source) -> None:
     if val is None or vocab is None:
         return
     if val.dim() != 3 or val.shape[-1] != vocab:
-        raise UsageError(f"train: {source if isinstance(source, str) else 'the program'} outputs "
-                         f"{list(val.shape)}, not logits over its {vocab}-token vocabulary",
-                         "train a model with a language-model head (e.g. AutoModelForCausalLM, BertForMaskedLM)")
+        raise UsageError(
+            f"train: {source if isinstance(source, str) else 'the program'} outputs "
+            f"{list(val.shape)}, not logits over its {vocab}-token vocabulary",
+            "train a model with a language-model head (e.g. AutoModelForCausalLM, BertForMaskedLM)",
+        )
 
 
 def _vocab(program: Program) -> int | None:
@@ -808,9 +939,11 @@ def _vocab(program: Program) -> int | None:
 def _input_builder(program: Program) -> Callable[[torch.Tensor], tuple]:
     """input_ids -> the program's positional inputs (attention mask of ones, token types of zeros)."""
     names = [n.lower() for n in program.input_names]
-    if not names or "ids" not in names[0] and "input" not in names[0]:
-        raise UsageError(f"train: the program's first input is {program.input_names[0]!r}, not token ids",
-                         "train language models whose first input is input_ids")
+    if not names or ("ids" not in names[0] and "input" not in names[0]):
+        raise UsageError(
+            f"train: the program's first input is {program.input_names[0]!r}, not token ids",
+            "train language models whose first input is input_ids",
+        )
     refs = program.example_inputs
 
     def build(ids: torch.Tensor) -> tuple:
@@ -823,68 +956,126 @@ def _input_builder(program: Program) -> Callable[[torch.Tensor], tuple]:
             elif "position" in name:
                 out.append(torch.arange(ids.shape[1], device=ids.device).expand(ids.shape).to(ref.dtype))
             else:
-                raise UsageError(f"train: cannot build the program input {name!r} from token ids",
-                                 "train programs that take input_ids (and masks / token types)")
+                raise UsageError(
+                    f"train: cannot build the program input {name!r} from token ids",
+                    "train programs that take input_ids (and masks / token types)",
+                )
         return tuple(out)
 
     return build
 
 
 # -- data parallel ---------------------------------------------------------------------------------
-def _train_pipelined(model, data, out: str, config: TrainConfig, *, stages: int, microbatches: int, schedule: str,
-                     force: bool, resume: bool, nproc: int) -> TrainResult:
+def _train_pipelined(
+    model,
+    data,
+    out: str,
+    config: TrainConfig,
+    *,
+    stages: int,
+    microbatches: int,
+    schedule: str,
+    force: bool,
+    resume: bool,
+    nproc: int,
+) -> TrainResult:
     """Pipeline-parallel training (one rank per stage, torch.distributed.pipelining)."""
     from .parallel import pipeline_train
 
     if config.batch_size % microbatches:
-        raise UsageError(f"train --stages: batch size {config.batch_size} is not divisible by {microbatches} "
-                         "micro-batches", "make --batch-size a multiple of --microbatches")
+        raise UsageError(
+            f"train --stages: batch size {config.batch_size} is not divisible by {microbatches} micro-batches",
+            "make --batch-size a multiple of --microbatches",
+        )
 
     def run(program, batches):
-        res = pipeline_train(program, batches, stages=stages, microbatches=microbatches, schedule=schedule,
-                             lr=config.lr, optimizer="adamw", objective=config.objective, betas=config.betas,
-                             eps=config.eps, weight_decay=config.weight_decay)
+        res = pipeline_train(
+            program,
+            batches,
+            stages=stages,
+            microbatches=microbatches,
+            schedule=schedule,
+            lr=config.lr,
+            optimizer="adamw",
+            objective=config.objective,
+            betas=config.betas,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+        )
         return res, {"stages": stages, "microbatches": microbatches, "schedule": schedule}
 
-    return _train_parallel("--stages", run, f"{stages} pipeline stages", model, data, out, config, force=force,
-                           refused=(("--resume", resume), ("--nproc", nproc > 1)))
+    return _train_parallel(
+        "--stages",
+        run,
+        f"{stages} pipeline stages",
+        model,
+        data,
+        out,
+        config,
+        force=force,
+        refused=(("--resume", resume), ("--nproc", nproc > 1)),
+    )
 
 
-def _train_tensor_parallel(model, data, out: str, config: TrainConfig, *, ways: int, force: bool, resume: bool,
-                           nproc: int) -> TrainResult:
+def _train_tensor_parallel(
+    model, data, out: str, config: TrainConfig, *, ways: int, force: bool, resume: bool, nproc: int
+) -> TrainResult:
     """Tensor-parallel training: every block sharded over `ways` ranks (DTensor), times `nproc`
     data-parallel replicas."""
     from .parallel import tensor_train
 
     if config.batch_size % nproc:
-        raise UsageError(f"train --tensor-parallel: batch size {config.batch_size} does not split over {nproc} "
-                         "data-parallel replicas", "make --batch-size a multiple of --nproc")
+        raise UsageError(
+            f"train --tensor-parallel: batch size {config.batch_size} does not split over {nproc} "
+            "data-parallel replicas",
+            "make --batch-size a multiple of --nproc",
+        )
 
     def run(program, batches):
-        res = tensor_train(program, batches, ways=ways, data_parallel=nproc, lr=config.lr, optimizer="adamw",
-                           objective=config.objective, betas=config.betas, eps=config.eps,
-                           weight_decay=config.weight_decay)
+        res = tensor_train(
+            program,
+            batches,
+            ways=ways,
+            data_parallel=nproc,
+            lr=config.lr,
+            optimizer="adamw",
+            objective=config.objective,
+            betas=config.betas,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+        )
         return res, {"tensor_parallel": ways, "data_parallel": nproc}
 
     where = f"{ways}-way tensor parallel" + (f" x {nproc} data-parallel replicas" if nproc > 1 else "")
-    return _train_parallel("--tensor-parallel", run, where, model, data, out, config, force=force,
-                           refused=(("--resume", resume),))
+    return _train_parallel(
+        "--tensor-parallel", run, where, model, data, out, config, force=force, refused=(("--resume", resume),)
+    )
 
 
-def _train_parallel(flag: str, run, trained_on: str, model, data, out: str, config: TrainConfig, *, force: bool,
-                    refused) -> TrainResult:
+def _train_parallel(
+    flag: str, run, trained_on: str, model, data, out: str, config: TrainConfig, *, force: bool, refused
+) -> TrainResult:
     """Model-parallel training through optpipe.runtime.parallel (`run(program, batches) -> (result, info)`).
     AdamW at the scheduled lr of each step is not available there: the run uses AdamW at constant
     `lr`, and has no checkpoints, distillation, gradient accumulation or frozen parameters (yet):
     those options are refused."""
-    unsupported = [name for name, on in (*refused, ("--distill-from", config.distill_from),
-                                         ("--checkpoint-every", config.checkpoint_every),
-                                         ("--grad-accum", config.grad_accum > 1),
-                                         ("--trainable", config.trainable != ("*",)),
-                                         ("--target", config.target != "cpu")) if on]
+    unsupported = [
+        name
+        for name, on in (
+            *refused,
+            ("--distill-from", config.distill_from),
+            ("--checkpoint-every", config.checkpoint_every),
+            ("--grad-accum", config.grad_accum > 1),
+            ("--trainable", config.trainable != ("*",)),
+            ("--target", config.target != "cpu"),
+        )
+        if on
+    ]
     if unsupported:
-        raise UsageError(f"train {flag} does not take {', '.join(unsupported)} yet",
-                         f"train with the plain options, or without {flag}")
+        raise UsageError(
+            f"train {flag} does not take {', '.join(unsupported)} yet",
+            f"train with the plain options, or without {flag}",
+        )
     program, folder = _load_trainable(model)
     _check_lm_head(program, model)
     out = os.path.abspath(out)
@@ -902,19 +1093,33 @@ def _train_parallel(flag: str, run, trained_on: str, model, data, out: str, conf
             if name in params:
                 params[name].copy_(value)
     tokens = config.batch_size * seq_len
-    rows = [{"step": i + 1, "loss": round(float(l), 6), "lr": config.lr, "tokens_per_s": round(tokens / max(t, 1e-9), 1)}
-            for i, (l, t) in enumerate(zip(res["losses"], res["seconds"]))]
-    val = validation_loss(tapped_module(program, [])[0], _input_builder(program),
-                          data_.validation_batches(config.val_batches, config.batch_size), config.objective)
+    rows = [
+        {"step": i + 1, "loss": round(float(l), 6), "lr": config.lr, "tokens_per_s": round(tokens / max(t, 1e-9), 1)}
+        for i, (l, t) in enumerate(zip(res["losses"], res["seconds"]))
+    ]
+    val = validation_loss(
+        tapped_module(program, [])[0],
+        _input_builder(program),
+        data_.validation_batches(config.val_batches, config.batch_size),
+        config.objective,
+    )
     if val:
         rows[-1].update(val_loss=round(val[0], 6), val_ppl=round(val[1], 4))
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    _write_json(os.path.join(out, "train.json"), {"config": config.to_dict(), **info,
-                                                  "model": program.meta.get("source")})
+    _write_json(
+        os.path.join(out, "train.json"), {"config": config.to_dict(), **info, "model": program.meta.get("source")}
+    )
     _write_trained(program, out, target="cpu", trained_on=trained_on, tokenizer=data_.tokenizer)
-    return TrainResult(out, config.steps, rows[-1]["loss"], val[0] if val else None, val[1] if val else None,
-                       tokens * config.steps / max(elapsed, 1e-9), rows)
+    return TrainResult(
+        out,
+        config.steps,
+        rows[-1]["loss"],
+        val[0] if val else None,
+        val[1] if val else None,
+        tokens * config.steps / max(elapsed, 1e-9),
+        rows,
+    )
 
 
 def _distributed() -> bool:
@@ -930,7 +1135,9 @@ def _rank_world() -> tuple[int, int]:
 
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("OPTPIPE_TRAIN_TARGET") == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(os.environ.get("OPTPIPE_DIST_TIMEOUT", 120))))
+        dist.init_process_group(
+            backend, timeout=datetime.timedelta(seconds=float(os.environ.get("OPTPIPE_DIST_TIMEOUT", 120)))
+        )
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -946,15 +1153,29 @@ def _launch(model, data, out, config: TrainConfig, *, resume, force, nproc) -> T
         spec_path = os.path.join(tmp, "spec.json")
         result_path = os.path.join(tmp, "result.json")
         _write_json(spec_path, spec)
-        env = dict(os.environ, OPTPIPE_TRAIN_TARGET=config.target, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "--max-restarts=0", "-m", "optpipe.runtime.training", spec_path, result_path]
+        env = dict(
+            os.environ, OPTPIPE_TRAIN_TARGET=config.target, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "--max-restarts=0",
+            "-m",
+            "optpipe.runtime.training",
+            spec_path,
+            result_path,
+        ]
         proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             lines = [l for l in proc.stderr.splitlines() if l.startswith(("optpipe", "error:")) or "Error" in l]
-            raise OptpipeError(f"data-parallel training failed (exit {proc.returncode}): "
-                               f"{lines[-1] if lines else proc.stderr.strip().splitlines()[-1:]}",
-                               "a rank died; the others were stopped; see the messages above")
+            raise OptpipeError(
+                f"data-parallel training failed (exit {proc.returncode}): "
+                f"{lines[-1] if lines else proc.stderr.strip().splitlines()[-1:]}",
+                "a rank died; the others were stopped; see the messages above",
+            )
         with open(result_path) as f:
             res = json.load(f)
     return TrainResult(**res, metrics=_read_metrics(os.path.join(out, "metrics.jsonl")))
@@ -974,8 +1195,15 @@ def _rank_main(spec_path: str, result_path: str) -> int:
     cfg["betas"] = tuple(cfg["betas"])
     cfg["trainable"] = tuple(cfg["trainable"])
     try:
-        trainer = Trainer(spec["model"], spec["data"], spec["out"], TrainConfig(**cfg), resume=spec["resume"],
-                          force=spec["force"], progress=False)
+        trainer = Trainer(
+            spec["model"],
+            spec["data"],
+            spec["out"],
+            TrainConfig(**cfg),
+            resume=spec["resume"],
+            force=spec["force"],
+            progress=False,
+        )
         result = trainer.run()
     except OptpipeError as e:
         print(f"optpipe train (rank {os.environ.get('RANK')}): {e.one_line()}", file=sys.stderr)

@@ -9,6 +9,7 @@ every causal kind; BERT padding honoured by every kind; Llama's K/V stay un-repe
 selection; refusals (custom masks, linformer on decoders) leave the graph untouched; save/load;
 lowering through the ATen decompositions and, when the targets are installed, ONNX Runtime / TVM.
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,11 +28,11 @@ import optpipe
 import optpipe.ops
 from examples import tiny_gpt
 from optpipe.capture import capture
+from optpipe.passes import attention as attention_pass  # registers the `attention` pass
+from optpipe.passes import attention_ops as ops
 from optpipe.pipeline import Pipeline
 from optpipe.pipeline_text import parse_pipeline
 from optpipe.registry import get_pass
-from optpipe.passes import attention as attention_pass  # registers the `attention` pass
-from optpipe.passes import attention_ops as ops
 from tests import hf_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -39,13 +40,25 @@ SPARSE = ops.SPARSE_PATTERNS
 CAUSAL_KINDS = ("sliding-window", "block-sparse", "random", "strided", "linear", "performer")
 ENCODER_KINDS = CAUSAL_KINDS + ("linformer",)
 # small options so that 16-48 token sequences are really sparse
-OPTIONS = {"sliding-window": "window=4", "block-sparse": "block=4,global-tokens=2",
-           "random": "block=4,random=1,global-tokens=1", "strided": "stride=4", "linear": "chunk=4",
-           "performer": "features=32,chunk=4", "linformer": "k=8", "dense": ""}
-OP_CALL = {"sliding-window": "optpipe.sparse_attention", "block-sparse": "optpipe.sparse_attention",
-           "random": "optpipe.sparse_attention", "strided": "optpipe.sparse_attention",
-           "linear": "optpipe.linear_attention", "performer": "optpipe.performer_attention",
-           "linformer": "optpipe.linformer_attention"}
+OPTIONS = {
+    "sliding-window": "window=4",
+    "block-sparse": "block=4,global-tokens=2",
+    "random": "block=4,random=1,global-tokens=1",
+    "strided": "stride=4",
+    "linear": "chunk=4",
+    "performer": "features=32,chunk=4",
+    "linformer": "k=8",
+    "dense": "",
+}
+OP_CALL = {
+    "sliding-window": "optpipe.sparse_attention",
+    "block-sparse": "optpipe.sparse_attention",
+    "random": "optpipe.sparse_attention",
+    "strided": "optpipe.sparse_attention",
+    "linear": "optpipe.linear_attention",
+    "performer": "optpipe.performer_attention",
+    "linformer": "optpipe.linformer_attention",
+}
 SDPA_CALL = "torch.ops.aten.scaled_dot_product_attention.default("
 
 
@@ -83,23 +96,29 @@ def explicit_mask(kind, n, causal, window=0, block=0, global_tokens=0, random_bl
         ok = ((qb - kb).abs() <= 1) | (j < global_tokens) | (i < global_tokens)
         if kind == "random":  # the seeded draw is part of the pattern's definition
             nb = -(-n // block)
-            picks, valid = ops.SparsePattern(kind, causal, block=block, random_blocks=random_blocks,
-                                             seed=seed).random_picks(nb)
+            picks, valid = ops.SparsePattern(
+                kind, causal, block=block, random_blocks=random_blocks, seed=seed
+            ).random_picks(nb)
             for b in range(nb):
                 for p, v in zip(picks[b].tolist(), valid[b].tolist()):
                     if v:
-                        ok[b * block:(b + 1) * block, p * block:(p + 1) * block] = True
+                        ok[b * block : (b + 1) * block, p * block : (p + 1) * block] = True
     return ok & (j <= i) if causal else ok
 
 
-PATTERN_ARGS = {"sliding-window": dict(window=13), "block-sparse": dict(block=8, global_tokens=5),
-                "random": dict(block=8, global_tokens=3, random_blocks=2, seed=7), "strided": dict(stride=6)}
+PATTERN_ARGS = {
+    "sliding-window": {"window": 13},
+    "block-sparse": {"block": 8, "global_tokens": 5},
+    "random": {"block": 8, "global_tokens": 3, "random_blocks": 2, "seed": 7},
+    "strided": {"stride": 6},
+}
 
 
 def call_sparse(q, k, v, kpm, kind, causal, scale, args):
     p = ops.SparsePattern(kind, causal, **args)
-    return ops.sparse_attention(q, k, v, kpm, kind, causal, scale, p.window, p.block, p.global_tokens,
-                                p.random_blocks, p.stride, p.seed)
+    return ops.sparse_attention(
+        q, k, v, kpm, kind, causal, scale, p.window, p.block, p.global_tokens, p.random_blocks, p.stride, p.seed
+    )
 
 
 @pytest.fixture
@@ -133,8 +152,12 @@ def test_sparse_kind_equals_dense_attention_with_explicit_mask(kind, causal, pat
     mask = allowed if kpm is None else allowed & kpm[:, None, None, :]
     alive = mask.any(-1, keepdim=True)
     rep = q.shape[1] // k.shape[1]
-    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
-                                         attn_mask=mask | ~alive, scale=scale) * alive
+    ref = (
+        F.scaled_dot_product_attention(
+            q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask | ~alive, scale=scale
+        )
+        * alive
+    )
     assert_close(out, ref, atol=1e-5, rtol=1e-5)
     grad = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
@@ -143,7 +166,7 @@ def test_sparse_kind_equals_dense_attention_with_explicit_mask(kind, causal, pat
 
 def test_sliding_window_covering_the_sequence_is_exactly_dense(blocked):
     q, k, v = qkv(b=1, h=4, hkv=4, n=300, d=32)
-    out = call_sparse(q, k, v, None, "sliding-window", True, 32 ** -0.5, dict(window=300))
+    out = call_sparse(q, k, v, None, "sliding-window", True, 32**-0.5, {"window": 300})
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert torch.equal(out, ref)
     grad = torch.randn_like(out)
@@ -162,22 +185,24 @@ def test_backward_without_saved_statistics_recomputes(blocked):
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-@pytest.mark.parametrize("n, window, fwd_block, bwd_block", [
-    (77, 13, 8, 16),    # neither the length nor the window a multiple of either blocking
-    (64, 16, 16, 16),   # window and length exact multiples: the band's far edge on a block edge
-    (65, 1, 8, 8),      # each query attends itself only
-    (40, 39, 8, 64),    # one backward block longer than the sequence
-    (100, 50, 32, 8),   # forward blocks larger than backward ones
-])
+@pytest.mark.parametrize(
+    "n, window, fwd_block, bwd_block",
+    [
+        (77, 13, 8, 16),  # neither the length nor the window a multiple of either blocking
+        (64, 16, 16, 16),  # window and length exact multiples: the band's far edge on a block edge
+        (65, 1, 8, 8),  # each query attends itself only
+        (40, 39, 8, 64),  # one backward block longer than the sequence
+        (100, 50, 32, 8),  # forward blocks larger than backward ones
+    ],
+)
 def test_sliding_window_kernels_at_block_edges(monkeypatch, causal, n, window, fwd_block, bwd_block):
     monkeypatch.setattr(ops, "DENSE_MAX_LEN", 0)
     monkeypatch.setattr(ops, "FORWARD_BLOCK", fwd_block)
     monkeypatch.setattr(ops, "BACKWARD_BLOCK", bwd_block)
     monkeypatch.setattr(ops, "_BACKWARD_TILE", 1)  # one query block per backward tile
     q, k, v = qkv(b=1, h=4, hkv=2, n=n, d=8, seed=n)
-    out = call_sparse(q, k, v, None, "sliding-window", causal, 0.4, dict(window=window))
-    ref = ops.sparse_attention_reference(q, k, v, None, ops.SparsePattern("sliding-window", causal, window=window),
-                                         0.4)
+    out = call_sparse(q, k, v, None, "sliding-window", causal, 0.4, {"window": window})
+    ref = ops.sparse_attention_reference(q, k, v, None, ops.SparsePattern("sliding-window", causal, window=window), 0.4)
     assert_close(out, ref, atol=1e-5, rtol=1e-5)
     grad = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
@@ -189,11 +214,16 @@ def test_blocked_sparse_kernels_pass_gradcheck(blocked, kind):
     """float64 finite differences through the blocked forward (flash) and backward (batched GEMMs)."""
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, hh, 13, 3, generator=g, dtype=torch.float64, requires_grad=True) for hh in (2, 1, 1))
-    args = {"sliding-window": dict(window=5), "block-sparse": dict(block=4, global_tokens=2),
-            "random": dict(block=4, global_tokens=1, random_blocks=1, seed=3), "strided": dict(stride=3)}[kind]
+    args = {
+        "sliding-window": {"window": 5},
+        "block-sparse": {"block": 4, "global_tokens": 2},
+        "random": {"block": 4, "global_tokens": 1, "random_blocks": 1, "seed": 3},
+        "strided": {"stride": 3},
+    }[kind]
     for causal in (True, False):
-        assert torch.autograd.gradcheck(lambda a, b, c: call_sparse(a, b, c, None, kind, causal, 0.5, args), (q, k, v),
-                                        fast_mode=True)
+        assert torch.autograd.gradcheck(
+            lambda a, b, c: call_sparse(a, b, c, None, kind, causal, 0.5, args), (q, k, v), fast_mode=True
+        )
 
 
 def _saved_numels(fn):
@@ -203,6 +233,7 @@ def _saved_numels(fn):
     def pack(t):
         sizes.append(t.numel())
         return t
+
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sizes
@@ -215,9 +246,9 @@ def test_training_saves_only_sequence_sized_tensors(kind):
     n, d = 1024, 16
     q, k, v = qkv(b=1, h=2, hkv=2, n=n, d=d)
     if kind == "linear":
-        run = lambda: ops.linear_attention(q, k, v, None, "elu", True, 64)  # noqa: E731
+        run = lambda: ops.linear_attention(q, k, v, None, "elu", True, 64)
     else:
-        run = lambda: call_sparse(q, k, v, None, kind, True, 0.25, PATTERN_ARGS[kind])  # noqa: E731
+        run = lambda: call_sparse(q, k, v, None, kind, True, 0.25, PATTERN_ARGS[kind])
     sizes = _saved_numels(run)
     assert sizes and max(sizes) <= 2 * n * d, sizes
 
@@ -242,7 +273,7 @@ def test_chunked_causal_product_equals_masked_quadratic_form(reverse, gq, gk, n,
 def test_causal_linear_analytic_backward_matches_quadratic_form(feature, n):
     q, k, v = (x.detach().double().requires_grad_() for x in qkv(n=n, seed=n))
     kpm = torch.ones(2, n, dtype=torch.bool)
-    kpm[1, n // 2 + 1:] = False
+    kpm[1, n // 2 + 1 :] = False
     out = ops.linear_attention(q, k, v, kpm, feature, True, 16)
     phi = (lambda x: F.elu(x) + 1) if feature == "elu" else F.relu
     ref = naive_kernel_attention(phi(q), phi(k) * kpm[:, None, :, None], v, True)
@@ -263,7 +294,7 @@ def test_causal_linear_head_by_head_partial_gradients(wrt, n, chunk):
     for name in ("q", "k", "v"):
         needs[name].requires_grad_(name in wrt)
     kpm = torch.ones(2, n, dtype=torch.bool)
-    kpm[0, n - 5:] = False
+    kpm[0, n - 5 :] = False
     out = ops.linear_attention(q, k, v, kpm, "elu", True, chunk)
     ref = naive_kernel_attention(F.elu(q) + 1, (F.elu(k) + 1) * kpm[:, None, :, None], v, True)
     assert_close(out, ref, atol=1e-10, rtol=1e-10)
@@ -309,9 +340,11 @@ def test_linear_op_gradients_match_their_math():
     proj = ops.orthogonal_random_features(24, 16, 0, torch.float64)
     e = torch.randn(6, 40, dtype=torch.float64, requires_grad=True)
     f = torch.randn(6, 40, dtype=torch.float64, requires_grad=True)
-    cases = [(ops.linear_attention, ops.linear_attention_math, (kpm, "relu", True, 5), (q, k, v)),
-             (ops.performer_attention, ops.performer_attention_math, (kpm, proj, True, 5, 0.3, 0), (q, k, v)),
-             (ops.linformer_attention, ops.linformer_attention_math, (kpm, e, f, 0.3), (q, k, v, e, f))]
+    cases = [
+        (ops.linear_attention, ops.linear_attention_math, (kpm, "relu", True, 5), (q, k, v)),
+        (ops.performer_attention, ops.performer_attention_math, (kpm, proj, True, 5, 0.3, 0), (q, k, v)),
+        (ops.linformer_attention, ops.linformer_attention_math, (kpm, e, f, 0.3), (q, k, v, e, f)),
+    ]
     for op, math_fn, extra, wrt in cases:
         out, ref = op(q, k, v, *extra), math_fn(q, k, v, *extra)
         assert_close(out, ref)
@@ -342,11 +375,15 @@ def _tiny_gpt(seq: int):
     return model, {"input_ids": torch.randint(0, 256, (1, seq), generator=torch.Generator().manual_seed(1))}
 
 
-MODELS = {"tiny_gpt": _tiny_gpt, "gpt2": lambda seq: hf_models.gpt2("sdpa", seq),
-          "llama": lambda seq: hf_models.llama("eager", seq), "bert": lambda seq: hf_models.bert("sdpa", seq)}
+MODELS = {
+    "tiny_gpt": _tiny_gpt,
+    "gpt2": lambda seq: hf_models.gpt2("sdpa", seq),
+    "llama": lambda seq: hf_models.llama("eager", seq),
+    "bert": lambda seq: hf_models.bert("sdpa", seq),
+}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fused(name: str):
     """(eager model, fused program): captured at 16-32 tokens, canonicalized by fuse-attention."""
     model, inputs = MODELS[name](32 if name == "tiny_gpt" else 16)
@@ -364,7 +401,7 @@ def other_inputs(name: str, seq: int = 24, seed: int = 3):
     if name != "bert":
         return (ids,)
     mask = torch.ones(2, seq, dtype=torch.int64)
-    mask[1, seq - 7:] = 0
+    mask[1, seq - 7 :] = 0
     return ids, mask
 
 
@@ -377,11 +414,28 @@ def test_pass_is_registered_with_documented_options():
     info = get_pass("attention")
     assert not info.exact and info.module == "optpipe.passes.attention"
     names = {o["name"] for o in info.options()}
-    assert {"kind", "window", "block", "global-tokens", "random", "stride", "feature-map", "chunk", "features",
-            "redraw", "k", "seed", "layers", "min-sqnr"} <= names
+    assert {
+        "kind",
+        "window",
+        "block",
+        "global-tokens",
+        "random",
+        "stride",
+        "feature-map",
+        "chunk",
+        "features",
+        "redraw",
+        "k",
+        "seed",
+        "layers",
+        "min-sqnr",
+    } <= names
     assert all(o["help"] for o in info.options())
-    for text in ("attention{kind=sliding-window,window=256,layers=2:}", "attention{kind=random,layers=[0,11]}",
-                 "attention{kind=linear,feature-map=relu,chunk=128}"):
+    for text in (
+        "attention{kind=sliding-window,window=256,layers=2:}",
+        "attention{kind=random,layers=[0,11]}",
+        "attention{kind=linear,feature-map=relu,chunk=128}",
+    ):
         assert str(Pipeline.parse(text)) == text
     with pytest.raises(optpipe.UsageError, match="window"):
         Pipeline.parse("attention{kind=sliding-window,window=0}")
@@ -419,14 +473,17 @@ def test_window_covering_the_sequence_reproduces_each_model(name):
     model, program = fused(name)
     rewritten, result = rewrite(program, "sliding-window", window=64)
     assert result.stats["rewritten"] == 2
-    FileCheck().check_count("torch.ops.optpipe.sparse_attention.default(", 2, exactly=True).check_not(
-        SDPA_CALL).run(rewritten.gm.code)
+    FileCheck().check_count("torch.ops.optpipe.sparse_attention.default(", 2, exactly=True).check_not(SDPA_CALL).run(
+        rewritten.gm.code
+    )
     inputs = other_inputs(name)
     assert_close(outputs(rewritten, inputs), outputs(program, inputs), atol=1e-5, rtol=1e-5)
 
     params = list(program.gm.parameters())  # shared by the rewritten copy
-    grads = [torch.autograd.grad(p.gm(*inputs).float().pow(2).mean(), params, allow_unused=True)
-             for p in (rewritten, program)]
+    grads = [
+        torch.autograd.grad(p.gm(*inputs).float().pow(2).mean(), params, allow_unused=True)
+        for p in (rewritten, program)
+    ]
     for a, b in zip(*grads):
         assert (a is None) == (b is None)
         if a is not None:
@@ -587,15 +644,24 @@ def _target_available(module: str) -> str | None:
 # (`random` and `performer` on tvm: their decompositions avoid what Relax cannot take — an int64
 # clamp with an infinite bound, a slice whose length it cannot prove is 1, `amax`)
 @pytest.mark.slow
-@pytest.mark.parametrize("target, module, name, kind", [
-    ("onnxruntime", "optpipe.targets.onnxruntime_backend", "bert", "random"),
-    ("onnxruntime", "optpipe.targets.onnxruntime_backend", "llama", "linear"),
-    ("tvm", "optpipe.targets.tvm_backend", "bert", "strided"),
-    ("tvm", "optpipe.targets.tvm_backend", "llama", "sliding-window"),
-    # random (bert) and performer (llama) on tvm build too but take minutes: OPTPIPE_SLOW_TESTS=1
-    *([("tvm", "optpipe.targets.tvm_backend", "bert", "random"),
-       ("tvm", "optpipe.targets.tvm_backend", "llama", "performer")] if os.environ.get("OPTPIPE_SLOW_TESTS") else []),
-])
+@pytest.mark.parametrize(
+    "target, module, name, kind",
+    [
+        ("onnxruntime", "optpipe.targets.onnxruntime_backend", "bert", "random"),
+        ("onnxruntime", "optpipe.targets.onnxruntime_backend", "llama", "linear"),
+        ("tvm", "optpipe.targets.tvm_backend", "bert", "strided"),
+        ("tvm", "optpipe.targets.tvm_backend", "llama", "sliding-window"),
+        # random (bert) and performer (llama) on tvm build too but take minutes: OPTPIPE_SLOW_TESTS=1
+        *(
+            [
+                ("tvm", "optpipe.targets.tvm_backend", "bert", "random"),
+                ("tvm", "optpipe.targets.tvm_backend", "llama", "performer"),
+            ]
+            if os.environ.get("OPTPIPE_SLOW_TESTS")
+            else []
+        ),
+    ],
+)
 def test_target_parity(target, module, name, kind):
     """The target takes the rewritten program and matches the torch program (optimize's check)."""
     reason = _target_available(module)
@@ -619,11 +685,16 @@ def test_target_parity(target, module, name, kind):
 
 
 def test_efficient_attention_example_runs(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "efficient_attention.py"), "--seq", "96",
-                        "--window", "16"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "efficient_attention.py"), "--seq", "96", "--window", "16"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rewritten" in r.stdout and "sqnr_db=" in r.stdout and "all finite=True" in r.stdout
-    exact = [line for line in r.stdout.splitlines() if "covers the sequence" in line][0]
+    exact = next(line for line in r.stdout.splitlines() if "covers the sequence" in line)
     assert float(exact.rsplit("=", 1)[1]) < 1e-4
 
 
@@ -635,8 +706,13 @@ def test_slower_than_dense_at_short_lengths_is_said_not_hidden(tmp_path):
     model, inputs = tiny_gpt.build()
     notes = inspect_program(capture(model, inputs))["notes"]
     assert any("slower than dense SDPA" in n and "sliding-window (below ~512)" in n for n in notes)
-    res = optpipe.optimize(model, inputs, pipeline="fuse-attention,attention{kind=sliding-window,window=8}",
-                           target="cpu", target_options={"mode": "eager"})
+    res = optpipe.optimize(
+        model,
+        inputs,
+        pipeline="fuse-attention,attention{kind=sliding-window,window=8}",
+        target="cpu",
+        target_options={"mode": "eager"},
+    )
     pass_notes = res.report["passes"][1]["details"]["notes"]
     assert any("kind=sliding-window is slower than dense SDPA" in n for n in pass_notes)
     html = render_report_html(res.report, res.diffs)

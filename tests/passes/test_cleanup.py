@@ -1,4 +1,5 @@
 """dce and cse: fired (stats), IR (FileCheck), numerics, and what they must never touch."""
+
 from __future__ import annotations
 
 import torch

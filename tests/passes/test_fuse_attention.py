@@ -5,6 +5,7 @@ against the eager model at the example inputs and at another sequence length, an
 Lookalikes (gates, softmax over queries, returned scores, training dropout, broadcasting keys) must
 leave the graph untouched.
 """
+
 from __future__ import annotations
 
 import functools
@@ -93,7 +94,7 @@ CASES = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def captured(case: Case):
     model, inputs = case.build()
     return model, inputs, capture(model, inputs)
@@ -110,8 +111,7 @@ def fused(request):
 
 def test_every_site_fused(fused):
     case, model, inputs, program, result = fused
-    assert result.stats == {"fused": case.fused, "canonicalized": case.canonicalized,
-                            "sites": case.layers}
+    assert result.stats == {"fused": case.fused, "canonicalized": case.canonicalized, "sites": case.layers}
     assert result.modified == bool(case.fused or case.canonicalized)
 
     code = program.gm.code
@@ -195,7 +195,7 @@ def test_real_minilm():
     valid = inputs["attention_mask"].bool()
     assert (~valid).any(), "the batch should contain padding"
     assert_close(actual[valid], expected[valid])
-    pooled = lambda h: (h * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)  # noqa: E731
+    pooled = lambda h: (h * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
     assert_close(pooled(actual), pooled(expected))  # the sentence embedding
     # padded positions (which no one reads) drift more under SDPA's blocked kernel
     assert_close(actual, expected, rtol=1e-4, atol=1e-4)
@@ -297,7 +297,7 @@ class Bmm3d(nn.Module):
 
 def _padding_mask(seq=L, batch=B):
     mask = torch.ones(batch, seq, dtype=torch.int64)
-    mask[-1, seq // 2:] = 0
+    mask[-1, seq // 2 :] = 0
     return mask
 
 
@@ -313,8 +313,7 @@ VARIANTS = {
     "bias-before-scale": (BiasBeforeScale, _with_bias, "custom", True),
     "where-padding": (WherePadding, lambda seq: qkv(seq) + (_padding_mask(seq),), "padding", True),
     "masked-fill-padding": (MaskedFillPadding, lambda seq: qkv(seq) + (_padding_mask(seq),), "padding", True),
-    "causal-and-padding": (CausalAndPadding, lambda seq: qkv(seq) + (_padding_mask(seq),),
-                           "causal+padding", True),
+    "causal-and-padding": (CausalAndPadding, lambda seq: qkv(seq) + (_padding_mask(seq),), "causal+padding", True),
     "sliding-window": (SlidingWindow, qkv, "custom", True),
     "upcast-softmax-bf16": (UpcastSoftmax, lambda seq: qkv(seq, dtype=torch.bfloat16), "none", False),
     "bmm-3d": (Bmm3d, qkv, "none", False),

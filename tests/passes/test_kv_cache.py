@@ -9,6 +9,7 @@ generated length; left-padded batches equal each prompt alone; sampling,
 stop tokens and speculative decoding; save/load; onnxruntime and tvm parity of the step program;
 refusals (bidirectional, masks, extra inputs, too short a cache) with clear errors.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,9 +22,9 @@ import optpipe
 from examples import tiny_gpt
 from optpipe.errors import PassError, UsageError
 from optpipe.kv_step import cached_logits, prefill
-from optpipe.runtime.generation import Sampling, generate, step_function
 from optpipe.pipeline import Pipeline
 from optpipe.program import load_program
+from optpipe.runtime.generation import Sampling, generate, step_function
 from tests import hf_models
 
 NEW = 128
@@ -34,8 +35,9 @@ def gpt2(layers: int = 2):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=128, n_positions=256, n_embd=64, n_layer=layers, n_head=4,
-                        bos_token_id=127, eos_token_id=127)
+    config = GPT2Config(
+        vocab_size=128, n_positions=256, n_embd=64, n_layer=layers, n_head=4, bos_token_id=127, eos_token_id=127
+    )
     return GPT2LMHeadModel(config).eval()
 
 
@@ -43,8 +45,15 @@ def llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -60,7 +69,9 @@ MODELS = {"tiny-gpt": tiny, "gpt2": gpt2, "llama": llama}
 def programs(request):
     """(plain LM program after fuse-attention, step program) for each model."""
     model = MODELS[request.param]()
-    plain = optpipe.capture(model, {"input_ids": torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))})
+    plain = optpipe.capture(
+        model, {"input_ids": torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))}
+    )
     plain, _ = Pipeline.parse("fuse-attention,dce").run(plain)
     step, records = Pipeline.parse("kv-cache{max-len=160}").run(plain)
     return request.param, plain, step, records[0]
@@ -74,9 +85,9 @@ def test_fires_and_rewrites_the_graph(programs):
     assert step.input_names[:4] == ["input_ids", "position_ids", "cache_position", "key_mask"]
     assert step.input_names[4:] == ["k_cache_0", "v_cache_0", "k_cache_1", "v_cache_1"]
     code = step.gm.code
-    FileCheck().check("def forward(self, input_ids, position_ids, cache_position, key_mask, k_cache_0") \
-        .check("index_put_.default(k_cache_0").check("scaled_dot_product_attention.default(") \
-        .check("index_put_.default(k_cache_1").run(code)
+    FileCheck().check("def forward(self, input_ids, position_ids, cache_position, key_mask, k_cache_0").check(
+        "index_put_.default(k_cache_0"
+    ).check("scaled_dot_product_attention.default(").check("index_put_.default(k_cache_1").run(code)
     assert "is_causal = True" not in code  # the cache mask replaces the causal flag
     assert "position_ids" in code.split("def forward", 1)[1].split("\n", 2)[2]  # positions read
     kv = step.meta["kv_cache"]
@@ -105,9 +116,9 @@ def test_dense_sites_attend_over_the_filled_slots_only(programs):
     _, plain, step, _ = programs
     code = step.gm.code
     # L = key_mask.shape[1]; each cache written in full, then narrowed to L for SDPA (a view)
-    FileCheck().check("index_put_.default(k_cache_0").check("sym_size.int(key_mask, 1)") \
-        .check("aten.slice.Tensor(index_put_").check("aten.slice.Tensor(index_put_") \
-        .check("scaled_dot_product_attention.default(").run(code)
+    FileCheck().check("index_put_.default(k_cache_0").check("sym_size.int(key_mask, 1)").check(
+        "aten.slice.Tensor(index_put_"
+    ).check("aten.slice.Tensor(index_put_").check("scaled_dot_product_attention.default(").run(code)
     FileCheck().check_count("aten.slice.Tensor(index_put_", 4, exactly=True).run(code)
     assert step.dynamic_shapes[3] == {0: "batch", 1: "kv_len"}
     key_mask = next(n for n in step.gm.graph.nodes if n.target == "key_mask")
@@ -151,19 +162,22 @@ def test_left_padded_batch_equals_each_prompt_alone(programs):
     batch = generate(step, PROMPTS, 12)
     for row, prompt in enumerate(PROMPTS):
         assert batch.new_ids[row] == generate(step, [prompt], 12).new_ids[0]
-        assert batch.ids[row][:len(prompt)] == prompt
+        assert batch.ids[row][: len(prompt)] == prompt
 
 
-@pytest.mark.parametrize("attention, kind", [("attention{kind=sliding-window,window=8}", "sliding-window"),
-                                             ("attention{kind=linear}", "linear")])
+@pytest.mark.parametrize(
+    "attention, kind",
+    [("attention{kind=sliding-window,window=8}", "sliding-window"), ("attention{kind=linear}", "linear")],
+)
 @pytest.mark.parametrize("model", ["tiny-gpt", "llama"])
 def test_efficient_caches_match_the_swapped_model(model, attention, kind):
     plain = optpipe.capture(MODELS[model](), {"input_ids": torch.randint(0, 128, (1, 16))})
     swapped, _ = Pipeline.parse(f"fuse-attention,dce,{attention}").run(plain)
     step, records = Pipeline.parse("kv-cache{max-len=160}").run(swapped)
     assert records[0].stats[kind] == 2 and records[0].verify["ok"]
-    FileCheck().check(f"optpipe.cached_{'window' if kind == 'sliding-window' else 'linear'}_attention") \
-        .check_not("sym_size.int(key_mask, 1)").run(step.gm.code)  # nothing dense to narrow
+    FileCheck().check(f"optpipe.cached_{'window' if kind == 'sliding-window' else 'linear'}_attention").check_not(
+        "sym_size.int(key_mask, 1)"
+    ).run(step.gm.code)  # nothing dense to narrow
     cached = generate(step, PROMPTS, 40)
     assert cached.new_ids == generate(swapped, PROMPTS, 40).new_ids
     shapes = [c["shape"] for layer in step.meta["kv_cache"]["layers"] for c in layer["caches"]]
@@ -180,8 +194,9 @@ def test_mixed_dense_and_window_layers_narrow_only_the_dense_one():
     step, records = Pipeline.parse("kv-cache{max-len=160}").run(swapped)
     assert records[0].stats["dense"] == records[0].stats["sliding-window"] == 1 and records[0].verify["ok"]
     code = step.gm.code
-    FileCheck().check("index_put_.default(k_cache_0").check_count("aten.slice.Tensor(index_put_", 2, exactly=True) \
-        .check("optpipe.cached_window_attention").run(code)
+    FileCheck().check("index_put_.default(k_cache_0").check_count(
+        "aten.slice.Tensor(index_put_", 2, exactly=True
+    ).check("optpipe.cached_window_attention").run(code)
     assert "index_put_.default(k_cache_1" not in code  # the ring is written by its own op, whole
     assert generate(step, PROMPTS, 40).new_ids == generate(swapped, PROMPTS, 40).new_ids
 
@@ -190,8 +205,10 @@ def test_sampling_is_seeded_and_reduces_to_greedy(programs):
     _, _, step, _ = programs
     greedy = generate(step, PROMPTS[:1], 16)
     assert generate(step, PROMPTS[:1], 16, sampling=Sampling(top_k=1, seed=3)).new_ids == greedy.new_ids
-    assert generate(step, PROMPTS[:1], 16, sampling=Sampling(temperature=1.0, top_p=1e-6, seed=3)).new_ids \
+    assert (
+        generate(step, PROMPTS[:1], 16, sampling=Sampling(temperature=1.0, top_p=1e-6, seed=3)).new_ids
         == greedy.new_ids
+    )
     a = generate(step, PROMPTS, 16, sampling=Sampling(temperature=1.5, top_k=50, top_p=0.95, seed=7))
     b = generate(step, PROMPTS, 16, sampling=Sampling(temperature=1.5, top_k=50, top_p=0.95, seed=7))
     assert a.new_ids == b.new_ids and a.new_ids != greedy.new_ids * 3
@@ -203,7 +220,7 @@ def test_stop_tokens_end_a_row(programs):
     stop = free[0][3]
     stopped = generate(step, PROMPTS, 10, stop_tokens=[stop]).new_ids
     first = free[0].index(stop)
-    assert stopped[0] == free[0][:first + 1]
+    assert stopped[0] == free[0][: first + 1]
     for row in range(1, 3):  # other rows run on (until they meet the stop token themselves)
         cut = free[row].index(stop) + 1 if stop in free[row] else 10
         assert stopped[row] == free[row][:cut]
@@ -244,8 +261,12 @@ def test_step_program_on_targets(target, attention, tmp_path):
     from optpipe.cli import _target_step
 
     model, _ = tiny_gpt.build(block_size=256, vocab_size=128, n_layer=1)  # one layer: quick builds
-    res = optpipe.optimize(model, (torch.randint(0, 128, (1, 16)),),
-                           pipeline=f"fuse-attention,dce{attention},kv-cache{{max-len=64}}", target=target)
+    res = optpipe.optimize(
+        model,
+        (torch.randint(0, 128, (1, 16)),),
+        pipeline=f"fuse-attention,dce{attention},kv-cache{{max-len=64}}",
+        target=target,
+    )
     check = res.report["target_check"]
     # prefill and a decode step over random caches, within 1e-4 relative to the logits' magnitude
     assert check["ok"] and check["inputs"] >= 2 and check["max_abs"] <= check["tolerance"]

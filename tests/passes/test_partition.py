@@ -14,6 +14,7 @@ does not exist, a rank that dies or hangs (the others stop, the error names it).
 from a saved program folder runs in examples/partition.py (tests/test_examples.py), to keep this
 file's torchrun launches few.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,16 +28,15 @@ from torch.testing import FileCheck, assert_close
 import optpipe
 from optpipe.capture import capture
 from optpipe.errors import PassError, UsageError
-from optpipe.runtime.parallel import FAIL_MODE_ENV, FAIL_RANK_ENV, PipelineError, pipeline_train
-from optpipe.passes import partition as partition_pass  # registers the `partition` pass
 from optpipe.losses import task_loss
+from optpipe.passes import partition as partition_pass  # registers the `partition` pass
+from optpipe.runtime.parallel import FAIL_MODE_ENV, FAIL_RANK_ENV, PipelineError, pipeline_train
 from tests import hf_models
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def captured(name: str):
     if name == "gpt2":
         model, inputs = hf_models.gpt2()
@@ -132,8 +132,7 @@ def test_plan_survives_save_and_load_and_stage_archives_run(tmp_path):
     inputs = (torch.randint(0, 256, (2, 20)),)
     with torch.no_grad():
         expected = program.gm(*inputs)
-        assert_close(partition_pass.run_stages(partition_pass.stage_modules(loaded), inputs), expected,
-                     rtol=0, atol=0)
+        assert_close(partition_pass.run_stages(partition_pass.stage_modules(loaded), inputs), expected, rtol=0, atol=0)
     paths = partition_pass.save_stages(out, tmp_path)
     assert [p.rsplit("/", 1)[-1] for p in paths] == ["stage_0.pt2", "stage_1.pt2", "stage_2.pt2"]
     assert (tmp_path / "stages" / "partition.json").exists()
@@ -204,7 +203,8 @@ def _single_process(program, batches, optimizer: str, lr: float):
     for p in gm.parameters():
         p.requires_grad_(True)
     opt = (torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW)(
-        gm.parameters(), lr=lr, **({} if optimizer == "sgd" else {"weight_decay": 0.0}))
+        gm.parameters(), lr=lr, **({} if optimizer == "sgd" else {"weight_decay": 0.0})
+    )
     losses, grads = [], {}
     for b in batches:
         opt.zero_grad()
@@ -216,17 +216,29 @@ def _single_process(program, batches, optimizer: str, lr: float):
     return gm, losses, grads
 
 
-@pytest.mark.parametrize("stages,ranks,schedule,optimizer", [
-    (2, 2, "1f1b", "sgd"),
-    (4, 4, "gpipe", "adamw"),
-    (4, 2, "1f1b", "sgd"),  # interleaved 1F1B: rank r holds stages r and r+2
-])
+@pytest.mark.parametrize(
+    "stages,ranks,schedule,optimizer",
+    [
+        (2, 2, "1f1b", "sgd"),
+        (4, 4, "gpipe", "adamw"),
+        (4, 2, "1f1b", "sgd"),  # interleaved 1F1B: rank r holds stages r and r+2
+    ],
+)
 def test_pipelined_training_matches_one_process(stages, ranks, schedule, optimizer):
     program = captured("build")
     batches = _batches()
     lr = 0.05 if optimizer == "sgd" else 1e-3
-    res = pipeline_train(program, batches, stages=stages, ranks=ranks, microbatches=4, schedule=schedule,
-                         optimizer=optimizer, lr=lr, timeout=60)
+    res = pipeline_train(
+        program,
+        batches,
+        stages=stages,
+        ranks=ranks,
+        microbatches=4,
+        schedule=schedule,
+        optimizer=optimizer,
+        lr=lr,
+        timeout=60,
+    )
     gm, losses, grads = _single_process(program, batches, optimizer, lr)
     assert res["stages"] == stages and res["ranks"] == ranks
     assert res["losses"] == pytest.approx(losses, abs=1e-5)
@@ -258,8 +270,13 @@ def test_a_rank_that_dies_or_hangs_stops_the_others(monkeypatch, mode):
     assert ("stopped responding: rank(s) 0 timed out" in message) == (mode == "hang")
 
 
-@pytest.mark.parametrize("before", ["attention{kind=sliding-window,window=8},prune{method=structured,target=mlp,sparsity=0.5}",
-                                    "quantize{scheme=int8-dynamic,skip=[lm_head]}"])
+@pytest.mark.parametrize(
+    "before",
+    [
+        "attention{kind=sliding-window,window=8},prune{method=structured,target=mlp,sparsity=0.5}",
+        "quantize{scheme=int8-dynamic,skip=[lm_head]}",
+    ],
+)
 def test_partitions_after_lossy_passes(before):
     """An attention-swapped and pruned (or quantized) program splits, and its stages compose to it;
     balance uses the cost after compression."""
@@ -271,6 +288,6 @@ def test_partitions_after_lossy_passes(before):
     ids = program.example_inputs[0]
     torch.testing.assert_close(partition_pass.run_stages(stages, (ids,)), out.gm(ids), rtol=0, atol=0)
     dense, _ = partitioned(program, "partition{stages=2}")
-    cost = lambda p: sum(s["cost"] for s in p.meta["partition"]["stages"])  # noqa: E731
+    cost = lambda p: sum(s["cost"] for s in p.meta["partition"]["stages"])
     if "prune" in before:  # half the MLP channels gone: the stages are balanced on the smaller cost
         assert cost(out) < 0.9 * cost(dense)

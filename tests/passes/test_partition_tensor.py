@@ -16,6 +16,7 @@ GQA sharding is checked in lock step above. Errors: heads not divisible by ways,
 dies. `optpipe train --tensor-parallel` is in tests/test_training.py, examples/partition.py runs
 tensor-parallel inference (tests/test_examples.py).
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,16 +29,16 @@ from torch.testing import FileCheck, assert_close
 import optpipe
 from optpipe.capture import capture
 from optpipe.errors import PassError
+from optpipe.losses import task_loss
 from optpipe.pipeline_text import PipelineSyntaxError
 from optpipe.runtime.parallel import FAIL_RANK_ENV, PipelineError, tensor_train
-from optpipe.losses import task_loss
 from passes.partition_tensor import rank_module, run_lockstep
 from tests import hf_models
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def captured(name: str):
     if name == "build":
         from examples import tiny_gpt
@@ -81,12 +82,29 @@ def _longer(x: torch.Tensor) -> torch.Tensor:
 def test_rank_program_ir_nanogpt_fused_qkv():
     out, _ = sharded(captured("build"))
     code = rank_module(out, 1).code
-    (FileCheck().check("tp_copy").check("aten.linear").check("aten.split.Tensor").check_same(", 32, 2")
-     .check("aten.view.default").check_same(", 2, 16]").check("scaled_dot_product_attention")
-     .check("aten.view.default").check_same(", 32]").check("aten.linear").check_not("_bias)")
-     .check("tp_reduce").check("aten.add.Tensor").check_same("c_proj_bias")
-     .check("tp_copy").check("aten.linear").check("aten.gelu").check("aten.linear").check("tp_reduce")
-     .run(code))
+    (
+        FileCheck()
+        .check("tp_copy")
+        .check("aten.linear")
+        .check("aten.split.Tensor")
+        .check_same(", 32, 2")
+        .check("aten.view.default")
+        .check_same(", 2, 16]")
+        .check("scaled_dot_product_attention")
+        .check("aten.view.default")
+        .check_same(", 32]")
+        .check("aten.linear")
+        .check_not("_bias)")
+        .check("tp_reduce")
+        .check("aten.add.Tensor")
+        .check_same("c_proj_bias")
+        .check("tp_copy")
+        .check("aten.linear")
+        .check("aten.gelu")
+        .check("aten.linear")
+        .check("tp_reduce")
+        .run(code)
+    )
     assert code.count("tp_copy(") == 4 and code.count("tp_reduce(") == 4
     w = dict(rank_module(out, 1).named_parameters())
     full = dict(out.gm.named_parameters())
@@ -99,10 +117,24 @@ def test_rank_program_ir_nanogpt_fused_qkv():
 def test_rank_program_ir_llama_gqa():
     out, _ = sharded(captured("llama"))
     code = rank_module(out, 0).code
-    (FileCheck().check("tp_copy").check("q_proj").check("k_proj").check("v_proj")
-     .check("scaled_dot_product_attention").check_same("enable_gqa = True").check("o_proj").check("tp_reduce")
-     .check("tp_copy").check("gate_proj").check("up_proj").check("aten.silu").check("down_proj").check("tp_reduce")
-     .run(code))
+    (
+        FileCheck()
+        .check("tp_copy")
+        .check("q_proj")
+        .check("k_proj")
+        .check("v_proj")
+        .check("scaled_dot_product_attention")
+        .check_same("enable_gqa = True")
+        .check("o_proj")
+        .check("tp_reduce")
+        .check("tp_copy")
+        .check("gate_proj")
+        .check("up_proj")
+        .check("aten.silu")
+        .check("down_proj")
+        .check("tp_reduce")
+        .run(code)
+    )
     w = dict(rank_module(out, 0).named_parameters())
     attn = "model.layers.0.self_attn"
     assert w[f"{attn}.q_proj.weight"].shape == (32, 64)  # 4 query heads -> 2 per rank (head_dim 16)
@@ -122,8 +154,9 @@ def test_pruned_program_shards_and_plan_survives_save_and_load(tmp_path):
     assert_close(run_lockstep(ranks, loaded.example_inputs)[0], out.run(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("before", ["attention{kind=sliding-window,window=8}", "attention{kind=linear}",
-                                    "attention{kind=performer}"])
+@pytest.mark.parametrize(
+    "before", ["attention{kind=sliding-window,window=8}", "attention{kind=linear}", "attention{kind=performer}"]
+)
 def test_swapped_attention_shards_by_heads(before):
     program = captured("build")
     out, record = sharded(program, before=before + ",")  # the pass's lock-step check ran
@@ -168,16 +201,21 @@ def test_unfused_attention_is_replicated_with_the_reason():
 # -- execution (torchrun, gloo) ---------------------------------------------------------------------------
 def _batches(steps: int = 2, batch: int = 4, seq: int = 16):
     g = torch.Generator().manual_seed(1)
-    return [{"input_ids": ids, "labels": ids}
-            for ids in (torch.randint(0, hf_models.VOCAB, (batch, seq), generator=g) for _ in range(steps))]
+    return [
+        {"input_ids": ids, "labels": ids}
+        for ids in (torch.randint(0, hf_models.VOCAB, (batch, seq), generator=g) for _ in range(steps))
+    ]
 
 
 def _single_process(program, batches, optimizer: str, lr: float):
     gm = copy.deepcopy(program.gm)
     for p in gm.parameters():
         p.requires_grad_(True)
-    opt = (torch.optim.SGD(gm.parameters(), lr=lr) if optimizer == "sgd"
-           else torch.optim.AdamW(gm.parameters(), lr=lr, weight_decay=0.0))
+    opt = (
+        torch.optim.SGD(gm.parameters(), lr=lr)
+        if optimizer == "sgd"
+        else torch.optim.AdamW(gm.parameters(), lr=lr, weight_decay=0.0)
+    )
     losses = []
     for b in batches:
         opt.zero_grad()
@@ -203,8 +241,7 @@ def test_tensor_parallel_training_matches_one_process(name, dp, optimizer):
     for name_, g in res["grads"].items():
         assert_close(g, grads[name_], rtol=0, atol=1e-5, msg=name_)
     for name_, w in res["weights"].items():  # AdamW's first steps amplify 1e-7 gradient differences
-        assert_close(w, gm.get_parameter(name_).detach(), rtol=0, atol=1e-5 if optimizer == "sgd" else 1e-4,
-                     msg=name_)
+        assert_close(w, gm.get_parameter(name_).detach(), rtol=0, atol=1e-5 if optimizer == "sgd" else 1e-4, msg=name_)
 
 
 def test_a_tensor_parallel_rank_that_dies_stops_the_others(monkeypatch):

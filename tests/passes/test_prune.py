@@ -8,6 +8,7 @@ calibration data, save/load, the CLI, the real MiniLM's sentence embeddings. Uns
 the claimed zeros per layer / per row / per group of four, graph unchanged. Negative cases: bad
 options are one-line errors, a program without a prunable site is unmodified.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,9 +24,9 @@ from torch.testing import FileCheck, assert_close
 import optpipe
 from optpipe.calibration import with_calibration
 from optpipe.capture import capture
+from optpipe.passes import prune as prune_pass  # registers the `prune` pass
 from optpipe.pipeline import Pipeline
 from optpipe.pipeline_text import parse_pipeline
-from optpipe.passes import prune as prune_pass  # registers the `prune` pass
 from tests import hf_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,7 +46,7 @@ def _model(name: str):
     return _tiny_gpt() if name == "tiny_gpt" else getattr(hf_models, name)()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fused(name: str):
     """The model captured and run through fuse-attention (what prune expects)."""
     model, inputs = _model(name)
@@ -76,22 +77,54 @@ def weight(program, name: str) -> torch.Tensor:
 # -- structured ---------------------------------------------------------------------------------------------
 STRUCTURED = {
     # name: (heads removed, channels removed, IR checks, weight shapes after 50% of everything)
-    "tiny_gpt": (4, 256, ["aten.split.Tensor(linear, 32, 2)", "sym_size_int_5, 2, 16]", "sym_size_int_5, 32]"],
-                 {"transformer.h.0.attn.c_attn.weight": (96, 64), "transformer.h.0.attn.c_proj.weight": (64, 32),
-                  "transformer.h.0.mlp.c_fc.weight": (128, 64), "transformer.h.0.mlp.c_proj.weight": (64, 128)}),
-    "gpt2": (4, 256, ["sym_size_int_13, 96]", "aten.split.Tensor(view_2, 32, 2)", "[-1, 32]", "[-1, 128]"],
-             {"transformer.h.0.attn.c_attn.weight": (64, 96), "transformer.h.0.attn.c_proj.weight": (32, 64),
-              "transformer.h.0.mlp.c_fc.weight": (64, 128), "transformer.h.0.mlp.c_proj.weight": (128, 64)}),
-    "bert": (4, 128, ["aten.linear.default(reshape"],
-             {"encoder.layer.0.attention.self.query.weight": (32, 64),
-              "encoder.layer.0.attention.output.dense.weight": (64, 32),
-              "encoder.layer.0.intermediate.dense.weight": (64, 64), "encoder.layer.0.output.dense.weight": (64, 64)}),
+    "tiny_gpt": (
+        4,
+        256,
+        ["aten.split.Tensor(linear, 32, 2)", "sym_size_int_5, 2, 16]", "sym_size_int_5, 32]"],
+        {
+            "transformer.h.0.attn.c_attn.weight": (96, 64),
+            "transformer.h.0.attn.c_proj.weight": (64, 32),
+            "transformer.h.0.mlp.c_fc.weight": (128, 64),
+            "transformer.h.0.mlp.c_proj.weight": (64, 128),
+        },
+    ),
+    "gpt2": (
+        4,
+        256,
+        ["sym_size_int_13, 96]", "aten.split.Tensor(view_2, 32, 2)", "[-1, 32]", "[-1, 128]"],
+        {
+            "transformer.h.0.attn.c_attn.weight": (64, 96),
+            "transformer.h.0.attn.c_proj.weight": (32, 64),
+            "transformer.h.0.mlp.c_fc.weight": (64, 128),
+            "transformer.h.0.mlp.c_proj.weight": (128, 64),
+        },
+    ),
+    "bert": (
+        4,
+        128,
+        ["aten.linear.default(reshape"],
+        {
+            "encoder.layer.0.attention.self.query.weight": (32, 64),
+            "encoder.layer.0.attention.output.dense.weight": (64, 32),
+            "encoder.layer.0.intermediate.dense.weight": (64, 64),
+            "encoder.layer.0.output.dense.weight": (64, 64),
+        },
+    ),
     # GQA: 4 query heads share 2 K/V heads; a unit is one K/V head with its 2 query heads
-    "llama": (4, 128, ["enable_gqa = True"],
-              {"model.layers.0.self_attn.q_proj.weight": (32, 64), "model.layers.0.self_attn.k_proj.weight": (16, 64),
-               "model.layers.0.self_attn.v_proj.weight": (16, 64), "model.layers.0.self_attn.o_proj.weight": (64, 32),
-               "model.layers.0.mlp.gate_proj.weight": (64, 64), "model.layers.0.mlp.up_proj.weight": (64, 64),
-               "model.layers.0.mlp.down_proj.weight": (64, 64)}),
+    "llama": (
+        4,
+        128,
+        ["enable_gqa = True"],
+        {
+            "model.layers.0.self_attn.q_proj.weight": (32, 64),
+            "model.layers.0.self_attn.k_proj.weight": (16, 64),
+            "model.layers.0.self_attn.v_proj.weight": (16, 64),
+            "model.layers.0.self_attn.o_proj.weight": (64, 32),
+            "model.layers.0.mlp.gate_proj.weight": (64, 64),
+            "model.layers.0.mlp.up_proj.weight": (64, 64),
+            "model.layers.0.mlp.down_proj.weight": (64, 64),
+        },
+    ),
 }
 
 
@@ -104,8 +137,9 @@ def test_structured_removes_heads_and_channels(name):
     assert result.stats["pruned_heads"] == heads and result.stats["pruned_channels"] == channels
     assert result.stats["refused"] == 0 and result.stats["groups"] == 4
     assert result.stats["params_after"] == sum(p.numel() for p in pruned.gm.parameters())
-    assert result.stats["params_after"] < result.stats["params_before"] == \
-        sum(p.numel() for p in program.gm.parameters())
+    assert (
+        result.stats["params_after"] < result.stats["params_before"] == sum(p.numel() for p in program.gm.parameters())
+    )
     code = pruned.gm.code
     FileCheck().check_count("torch.ops.aten.scaled_dot_product_attention.default(", 2, exactly=True).run(code)
     for check in checks:
@@ -118,7 +152,9 @@ def test_structured_removes_heads_and_channels(name):
     longer = tuple(torch.cat([x, x[:, :5]], 1) for x in program.example_inputs)  # another length
     assert first(pruned.gm(*longer)).shape[:2] == (ids.shape[0], ids.shape[1] + 5)
     heads_entry = next(d for d in result.details["modules"] if d["kind"] == "heads")
-    assert len(heads_entry["scores"]) == heads_entry["units"] and len(heads_entry["removed"]) == heads_entry["units"] // 2
+    assert (
+        len(heads_entry["scores"]) == heads_entry["units"] and len(heads_entry["removed"]) == heads_entry["units"] // 2
+    )
     mlp_entry = next(d for d in result.details["modules"] if d["kind"] == "mlp")
     assert set(mlp_entry["scores"]) >= {"min", "median", "max"} and mlp_entry["importance"] == "magnitude"
 
@@ -130,12 +166,12 @@ def _dead_units(name: str):
     with torch.no_grad():
         if name == "gpt2":  # Conv1D weights are [in, out]
             for block in model.transformer.h:
-                block.attn.c_proj.weight[0:16] = 0      # head 0
-                block.attn.c_proj.weight[32:48] = 0     # head 2
+                block.attn.c_proj.weight[0:16] = 0  # head 0
+                block.attn.c_proj.weight[32:48] = 0  # head 2
                 block.mlp.c_proj.weight[::2] = 0
         else:
             for layer in model.model.layers:
-                layer.self_attn.o_proj.weight[:, 32:64] = 0   # K/V group 1 = query heads 2, 3
+                layer.self_attn.o_proj.weight[:, 32:64] = 0  # K/V group 1 = query heads 2, 3
                 layer.mlp.down_proj.weight[:, 1::2] = 0
     return model, inputs
 
@@ -204,8 +240,7 @@ def test_activation_importance_from_calibration():
     program = fused("bert").copy()
     gen = torch.Generator().manual_seed(5)
     ids, mask = program.example_inputs
-    with_calibration(program, [(torch.randint(0, hf_models.VOCAB, ids.shape, generator=gen), mask)
-                               for _ in range(2)])
+    with_calibration(program, [(torch.randint(0, hf_models.VOCAB, ids.shape, generator=gen), mask) for _ in range(2)])
     _, result = rewrite(program, "prune{target=mlp,sparsity=0.5}")  # auto: calibration attached
     entries = [d for d in result.details["modules"] if d["kind"] == "mlp"]
     assert all(d["importance"] == "activation" for d in entries) and result.stats["pruned_channels"] == 128
@@ -215,7 +250,7 @@ def test_activation_importance_from_calibration():
 
 # -- unstructured --------------------------------------------------------------------------------------------
 def _linears(program):
-    from optpipe.passes.quantize import _Site, _site, _linear_shape
+    from optpipe.passes.quantize import _linear_shape, _Site, _site
 
     out = {}
     for node in program.gm.graph.nodes:
@@ -267,13 +302,16 @@ def test_unstructured_skips_tied_weights_and_skip_globs():
 
 
 # -- negative cases ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("element, message", [
-    ("prune{method=random}", "expected one of"),
-    ("prune{sparsity=1.5}", "sparsity must be in [0, 1)"),
-    ("prune{method=2:4,sparsity=0.3}", "2:4 always removes half"),
-    ("prune{method=magnitude,target=heads}", "for method=structured only"),
-    ("prune{modules=[]}", "modules is empty"),
-])
+@pytest.mark.parametrize(
+    "element, message",
+    [
+        ("prune{method=random}", "expected one of"),
+        ("prune{sparsity=1.5}", "sparsity must be in [0, 1)"),
+        ("prune{method=2:4,sparsity=0.3}", "2:4 always removes half"),
+        ("prune{method=magnitude,target=heads}", "for method=structured only"),
+        ("prune{modules=[]}", "modules is empty"),
+    ],
+)
 def test_bad_options_are_one_line_errors(element, message):
     with pytest.raises(Exception) as info:
         parse_pipeline(element)
@@ -317,10 +355,29 @@ def test_save_load_round_trip(tmp_path):
 def test_cli_optimize(tmp_path):
     out = tmp_path / "OUT"
     pipeline = "fuse-attention,prune{method=structured,target=mlp,sparsity=0.25}"
-    r = subprocess.run([sys.executable, "-m", "optpipe", "optimize", "examples/tiny_gpt.py:build",
-                        "--target", "cpu", "--mode", "eager", "--pipeline", pipeline, "-o", str(out), "--json"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "optpipe",
+            "optimize",
+            "examples/tiny_gpt.py:build",
+            "--target",
+            "cpu",
+            "--mode",
+            "eager",
+            "--pipeline",
+            pipeline,
+            "-o",
+            str(out),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout)
     record = next(p for p in report["passes"] if p["name"] == "prune")
@@ -348,6 +405,8 @@ def test_minilm_structured_mlp_keeps_sentence_embeddings():
 
     with torch.no_grad():
         cosine = torch.nn.functional.cosine_similarity(embed(program), embed(pruned), dim=-1)
-    print(f"MiniLM 25% MLP pruned: params {result.stats['params_before']} -> {result.stats['params_after']}, "
-          f"sentence-embedding cosine mean {cosine.mean():.4f} min {cosine.min():.4f}")
+    print(
+        f"MiniLM 25% MLP pruned: params {result.stats['params_before']} -> {result.stats['params_after']}, "
+        f"sentence-embedding cosine mean {cosine.mean():.4f} min {cosine.min():.4f}"
+    )
     assert cosine.min() > 0.92, cosine  # bias compensation: 0.91 -> 0.95 mean

@@ -12,6 +12,7 @@ selects; bad options are one-line errors; the budget gate stops a pass that lose
 save/load; decompositions and ONNX Runtime / TVM parity; the real MiniLM's sentence embeddings over
 64 sentences; the example script runs.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,23 +31,25 @@ import optpipe.ops
 from optpipe.calibration import calibration_inputs, with_calibration
 from optpipe.capture import capture
 from optpipe.errors import VerificationError
-from optpipe.pipeline_text import parse_pipeline
 from optpipe.passes import quantize as quantize_pass  # registers the `quantize` pass
 from optpipe.passes import quantize_ops as ops
+from optpipe.pipeline_text import parse_pipeline
 from tests import hf_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-OP_CALL = {"int8-dynamic": "torch.ops.optpipe.linear_int8_dynamic.default(",
-           "int8-static": "torch.ops.optpipe.linear_int8_static.default(",
-           "int8-weight": "torch.ops.optpipe.linear_int8_weight.default(",
-           "int4-weight": "torch.ops.optpipe.linear_int4_weight.default("}
+OP_CALL = {
+    "int8-dynamic": "torch.ops.optpipe.linear_int8_dynamic.default(",
+    "int8-static": "torch.ops.optpipe.linear_int8_static.default(",
+    "int8-weight": "torch.ops.optpipe.linear_int8_weight.default(",
+    "int4-weight": "torch.ops.optpipe.linear_int4_weight.default(",
+}
 SCHEMES = tuple(OP_CALL)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def captured(name: str):
     model, inputs = getattr(hf_models, name)()
     return model, capture(model, inputs)
@@ -186,7 +189,7 @@ def test_int4_pack_round_trip(group):
     scale, zero = qparams[..., :1], qparams[..., 1:]
     dense = ops.dequantize_int4(packed, qparams, group, torch.float32)
     levels = dense.reshape(8, -1, group) / scale + zero
-    assert_close(levels, levels.round(), atol=1e-4, rtol=0)                 # integer levels
+    assert_close(levels, levels.round(), atol=1e-4, rtol=0)  # integer levels
     assert levels.round().min() >= 0 and levels.round().max() <= 15
     assert sqnr(w, dense) > 15
 
@@ -217,8 +220,9 @@ def test_gradients_reach_activations_and_bias(scheme):
 
 
 # -- the pass ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("scheme, min_db", [("int8-dynamic", 35), ("int8-static", 30), ("int8-weight", 35),
-                                            ("int4-weight", 20)])
+@pytest.mark.parametrize(
+    "scheme, min_db", [("int8-dynamic", 35), ("int8-static", 30), ("int8-weight", 35), ("int4-weight", 20)]
+)
 def test_bert_linears_rewritten(scheme, min_db):
     _, program = captured("bert")
     element = f"quantize{{scheme={scheme}}}" if scheme != "int4-weight" else "quantize{scheme=int4-weight,group=32}"
@@ -234,8 +238,10 @@ def test_bert_linears_rewritten(scheme, min_db):
     ref, out = first(program.run()), first(rewritten.run())
     assert sqnr(ref, out) > min_db
     quantized = [d for d in result.details["modules"] if d["action"] == "quantized"]
-    assert {d["module_path"] for d in quantized} >= {"encoder.layer.0.attention.self.query",
-                                                     "encoder.layer.1.output.dense"}
+    assert {d["module_path"] for d in quantized} >= {
+        "encoder.layer.0.attention.self.query",
+        "encoder.layer.1.output.dense",
+    }
 
 
 def test_int8_dynamic_fuses_linears_that_share_an_input(monkeypatch):
@@ -244,8 +250,9 @@ def test_int8_dynamic_fuses_linears_that_share_an_input(monkeypatch):
     _, program = captured("bert")
     fused, result = rewrite(program, "quantize{scheme=int8-dynamic}")
     assert result.stats["fused"] == 6  # 2 layers x (q, k, v)
-    FileCheck().check("fused_weight_int8").check(OP_CALL["int8-dynamic"]).check("split_with_sizes") \
-        .check_count("getitem", 3).run(fused.gm.code)
+    FileCheck().check("fused_weight_int8").check(OP_CALL["int8-dynamic"]).check("split_with_sizes").check_count(
+        "getitem", 3
+    ).run(fused.gm.code)
     assert not any(n.endswith("query.bias") for n, _ in fused.gm.named_parameters())
     monkeypatch.setattr(quantize_pass, "fuse_shared_input_linears", lambda gm: (0, set()))
     separate, plain = rewrite(program, "quantize{scheme=int8-dynamic}")
@@ -300,8 +307,11 @@ def test_skip_leaves_named_modules_bit_identical(scheme):
     for name, tensor in original.items():
         if name.startswith("encoder.layer.0.") or ".output.dense." in name:
             assert kept[name] is tensor and torch.equal(kept[name], tensor), name
-    linears = lambda gm: {str(n.args[1].target) for n in gm.graph.nodes  # noqa: E731
-                          if n.op == "call_function" and n.target is torch.ops.aten.linear.default}
+    linears = lambda gm: {
+        str(n.args[1].target)
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.target is torch.ops.aten.linear.default
+    }
     expected = {t for t in linears(program.gm) if t.startswith("encoder.layer.0.") or ".output.dense." in t}
     assert linears(rewritten.gm) == expected and len(expected) == 8
 
@@ -332,8 +342,9 @@ def test_int8_static_calibrates_on_verification_inputs_without_data():
     assert len(scales) == 12 and len({tuple(v) for v in scales.values()}) == 8
     assert all(v[0] > 0 and 0 <= v[1] <= 255 and v[1] == int(v[1]) for v in scales.values())
     # the same sets attached explicitly give the same scales: they are what it used
-    attached, result = rewrite(with_calibration(program.copy(), calibration_inputs(program)),
-                               "quantize{scheme=int8-static}")
+    attached, result = rewrite(
+        with_calibration(program.copy(), calibration_inputs(program)), "quantize{scheme=int8-static}"
+    )
     assert result.details["calibration"]["source"] == "attached calibration data"
     assert _act_qparams(attached.gm) == scales
 
@@ -343,8 +354,9 @@ def test_int8_static_calibration_data_changes_the_scales():
     baseline, _ = rewrite(program, "quantize{scheme=int8-static}")
     g = torch.Generator().manual_seed(7)
     sets = [(torch.randint(0, 8, (3, 24), generator=g), torch.ones(3, 24, dtype=torch.int64)) for _ in range(5)]
-    calibrated, result = rewrite(with_calibration(program.copy(), sets),
-                                 "quantize{scheme=int8-static,calibration-batches=2}")
+    calibrated, result = rewrite(
+        with_calibration(program.copy(), sets), "quantize{scheme=int8-static,calibration-batches=2}"
+    )
     assert result.details["calibration"]["source"] == "attached calibration data"
     assert result.details["calibration"]["sets"] == 2
     before, after = _act_qparams(baseline.gm), _act_qparams(calibrated.gm)
@@ -362,7 +374,7 @@ def test_int8_static_methods_clip_in_order(method):
     assert result.details["calibration"]["method"] == method and result.details["calibration"]["smoothing"] == {"0": 8}
     assert not any(name.endswith("input_smooth") for name, _ in rewritten.gm.named_buffers())
     minmax, _ = rewrite(program, "quantize{scheme=int8-static,smoothing=0,calibration-method=minmax}")
-    widths = lambda gm: {k: v[0] for k, v in _act_qparams(gm).items()}  # noqa: E731  (scale = range / 255)
+    widths = lambda gm: {k: v[0] for k, v in _act_qparams(gm).items()}
     ours, widest = widths(rewritten.gm), widths(minmax.gm)
     assert all(ours[k] <= widest[k] * (1 + 1e-6) for k in ours)
     assert sqnr(first(program.run()), first(rewritten.run())) > 30
@@ -381,13 +393,13 @@ class _MLP(torch.nn.Module):
         return self.down(torch.nn.functional.gelu(self.up(x)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mlp_program():
     x = torch.randn(2, 24, 96, generator=torch.Generator().manual_seed(0))
     return capture(_MLP().eval(), (x,))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _onnx_size(pipeline: str) -> tuple:
     """(model.onnx initializer bytes, op types, report, native ops) of the MLP on onnxruntime."""
     import onnx
@@ -403,10 +415,13 @@ def _onnx_size(pipeline: str) -> tuple:
         return weights, kinds, res.report, res.compiled.info.get("optpipe_ops_native")
 
 
-@pytest.mark.parametrize("pipeline, native_ops, op, smaller", [
-    ("quantize{scheme=int8-static}", {"QuantizeLinear", "MatMulInteger"}, "optpipe.linear_int8_static", 3.6),
-    ("quantize{scheme=int4-weight,group=32}", {"MatMulNBits"}, "optpipe.linear_int4_weight", 6.0),
-])
+@pytest.mark.parametrize(
+    "pipeline, native_ops, op, smaller",
+    [
+        ("quantize{scheme=int8-static}", {"QuantizeLinear", "MatMulInteger"}, "optpipe.linear_int8_static", 3.6),
+        ("quantize{scheme=int4-weight,group=32}", {"MatMulNBits"}, "optpipe.linear_int4_weight", 6.0),
+    ],
+)
 def test_onnxruntime_native_lowering(pipeline, native_ops, op, smaller):
     """int8-static lowers to QuantizeLinear + MatMulInteger, int4-weight to com.microsoft::MatMulNBits
     (ORT's block-wise int4 GEMM); both match the torch program on ORT and shrink the ONNX weights by
@@ -423,14 +438,17 @@ def test_onnxruntime_native_lowering(pipeline, native_ops, op, smaller):
     assert fp32_bytes / size > smaller, (fp32_bytes, size)
 
 
-@pytest.mark.parametrize("element, message", [
-    ("quantize{scheme=int3}", "expected one of"),
-    ("quantize{scheme=int4-weight,group=48}", "group must be one of 32, 64, 128"),
-    ("quantize{modules=[]}", "modules is empty"),
-    ("quantize{scheme=int8-static,calibration-batches=0}", "calibration-batches must be a positive integer"),
-    ("quantize{calibration-method=kl}", "expected one of"),
-    ("quantize{scheme=int8-static,smoothing=1.5}", "smoothing must be in [0, 1)"),
-])
+@pytest.mark.parametrize(
+    "element, message",
+    [
+        ("quantize{scheme=int3}", "expected one of"),
+        ("quantize{scheme=int4-weight,group=48}", "group must be one of 32, 64, 128"),
+        ("quantize{modules=[]}", "modules is empty"),
+        ("quantize{scheme=int8-static,calibration-batches=0}", "calibration-batches must be a positive integer"),
+        ("quantize{calibration-method=kl}", "expected one of"),
+        ("quantize{scheme=int8-static,smoothing=1.5}", "smoothing must be in [0, 1)"),
+    ],
+)
 def test_bad_options_are_one_line_errors(element, message):
     with pytest.raises(Exception) as info:
         parse_pipeline(element)
@@ -447,16 +465,18 @@ def test_pipeline_text_round_trips():
 def test_budget_stops_a_pass_that_loses_too_much():
     _, program = captured("bert")
     with pytest.raises(VerificationError, match="over budget"):
-        optpipe.optimize(program, pipeline="quantize{scheme=int4-weight,group=128,min-sqnr=90}",
-                         target="cpu", diffs=False)
-    res = optpipe.optimize(program, pipeline="quantize{min-cosine=0.99}", target="cpu", diffs=False,
-                           target_options={"mode": "eager"})  # the budget is the point, not torch.compile
+        optpipe.optimize(
+            program, pipeline="quantize{scheme=int4-weight,group=128,min-sqnr=90}", target="cpu", diffs=False
+        )
+    res = optpipe.optimize(
+        program, pipeline="quantize{min-cosine=0.99}", target="cpu", diffs=False, target_options={"mode": "eager"}
+    )  # the budget is the point, not torch.compile
     record = res.report["passes"][-1]
     assert record["exact"] is False and record["verify"]["ok"] and record["verify"]["cosine"] > 0.99
     assert record["stats"]["quantized"] == 12
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def saved_size(name: str) -> int:
     """Bytes of the captured fp32 program's saved archive (saved once for every scheme)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -500,13 +520,16 @@ def _target_available(module: str) -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target, module, scheme", [
-    ("onnxruntime", "optpipe.targets.onnxruntime_backend", "int8-dynamic"),
-    ("onnxruntime", "optpipe.targets.onnxruntime_backend", "int4-weight"),
-    ("onnxruntime", "optpipe.targets.onnxruntime_backend", "int8-static"),
-    ("tvm", "optpipe.targets.tvm_backend", "int8-dynamic"),
-    ("tvm", "optpipe.targets.tvm_backend", "int8-weight"),
-])
+@pytest.mark.parametrize(
+    "target, module, scheme",
+    [
+        ("onnxruntime", "optpipe.targets.onnxruntime_backend", "int8-dynamic"),
+        ("onnxruntime", "optpipe.targets.onnxruntime_backend", "int4-weight"),
+        ("onnxruntime", "optpipe.targets.onnxruntime_backend", "int8-static"),
+        ("tvm", "optpipe.targets.tvm_backend", "int8-dynamic"),
+        ("tvm", "optpipe.targets.tvm_backend", "int8-weight"),
+    ],
+)
 def test_target_parity(target, module, scheme):
     """The target takes the quantized program and matches the torch program (optimize's check)."""
     reason = _target_available(module)
@@ -520,8 +543,11 @@ def test_target_parity(target, module, scheme):
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"{target} unavailable: {e}")
     _, program = captured("bert")
-    element = f"quantize{{scheme={scheme},embeddings=true}}" if scheme != "int4-weight" else \
-        "quantize{scheme=int4-weight,group=32}"
+    element = (
+        f"quantize{{scheme={scheme},embeddings=true}}"
+        if scheme != "int4-weight"
+        else "quantize{scheme=int4-weight,group=32}"
+    )
     res = optpipe.optimize(program, pipeline=element, target=target, diffs=False)
     assert res.report["passes"][-1]["stats"]["quantized"] >= 12
     assert res.report["target_check"]["ok"], res.report["target_check"]
@@ -538,24 +564,50 @@ def test_target_parity(target, module, scheme):
 
 
 # -- real weights ---------------------------------------------------------------------------------------------
-SUBJECTS = ["The cat", "A senior engineer", "My grandmother", "The stock market", "This small robot",
-            "Our football team", "The new vaccine", "A quiet village", "The compiler", "Heavy rain"]
-PREDICATES = ["sat on the warm windowsill all afternoon.", "fixed the bug before the release went out.",
-              "bakes bread every Sunday morning for the neighbours.", "fell sharply after the announcement.",
-              "learned to sort recycling without any help.", "won the championship after extra time!",
-              "reduced hospital admissions by a third.", "floods every spring when the river rises."]
-QUESTIONS = ["How do I reset my password?", "Where is the nearest train station?", "Why is the sky blue?",
-             "What time does the museum open on Mondays?", "Can transformers run on a phone?",
-             "Is it going to snow tomorrow in Oslo?", "Who wrote the theory of general relativity?",
-             "What is the capital of Australia?"]
+SUBJECTS = [
+    "The cat",
+    "A senior engineer",
+    "My grandmother",
+    "The stock market",
+    "This small robot",
+    "Our football team",
+    "The new vaccine",
+    "A quiet village",
+    "The compiler",
+    "Heavy rain",
+]
+PREDICATES = [
+    "sat on the warm windowsill all afternoon.",
+    "fixed the bug before the release went out.",
+    "bakes bread every Sunday morning for the neighbours.",
+    "fell sharply after the announcement.",
+    "learned to sort recycling without any help.",
+    "won the championship after extra time!",
+    "reduced hospital admissions by a third.",
+    "floods every spring when the river rises.",
+]
+QUESTIONS = [
+    "How do I reset my password?",
+    "Where is the nearest train station?",
+    "Why is the sky blue?",
+    "What time does the museum open on Mondays?",
+    "Can transformers run on a phone?",
+    "Is it going to snow tomorrow in Oslo?",
+    "Who wrote the theory of general relativity?",
+    "What is the capital of Australia?",
+]
 
 
 def sentences(count: int = 64) -> list[str]:
     """Varied sentences: statements mixing subjects and predicates, questions, short and long lines."""
     out = [f"{s} {p}" for i, s in enumerate(SUBJECTS) for j, p in enumerate(PREDICATES) if (i + j) % 4 != 3]
-    out += QUESTIONS + ["Hi.", "ok", "Quantization makes large language models cheaper to serve.",
-                        "Int8 matrix multiplication with per-token activation scales keeps accuracy high "
-                        "while the weights take a quarter of the memory they used to."]
+    out += QUESTIONS + [
+        "Hi.",
+        "ok",
+        "Quantization makes large language models cheaper to serve.",
+        "Int8 matrix multiplication with per-token activation scales keeps accuracy high "
+        "while the weights take a quarter of the memory they used to.",
+    ]
     assert len(out) >= count
     return out[:count]
 
@@ -580,9 +632,14 @@ def embed(program, inputs) -> torch.Tensor:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("element, least", [("quantize{scheme=int8-dynamic}", 0.99),
-                                            ("quantize{scheme=int8-static}", 0.99),
-                                            ("quantize{scheme=int4-weight,group=32}", 0.97)])
+@pytest.mark.parametrize(
+    "element, least",
+    [
+        ("quantize{scheme=int8-dynamic}", 0.99),
+        ("quantize{scheme=int8-static}", 0.99),
+        ("quantize{scheme=int4-weight,group=32}", 0.97),
+    ],
+)
 def test_minilm_sentence_embeddings_keep_cosine(minilm_batch, element, least):
     program, inputs = minilm_batch
     rewritten, result = rewrite(program, element)
@@ -595,8 +652,13 @@ def test_minilm_sentence_embeddings_keep_cosine(minilm_batch, element, least):
 
 @pytest.mark.slow
 def test_quantize_example_runs(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "quantize.py"), "--repeat", "2"],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "quantize.py"), "--repeat", "2"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "int8-dynamic" in r.stdout and "smaller" in r.stdout
 
@@ -606,7 +668,7 @@ def test_minilm_int8_static_calibrated_on_sentences(minilm_batch):
     """Calibrated on real sentences (32 of them, attached as calibration data) instead of random
     token ids, int8-static keeps int8-dynamic's quality on the other 32."""
     program, (ids, mask) = minilm_batch
-    calibrated = with_calibration(program.copy(), [(ids[i:i + 8], mask[i:i + 8]) for i in range(32, 64, 8)])
+    calibrated = with_calibration(program.copy(), [(ids[i : i + 8], mask[i : i + 8]) for i in range(32, 64, 8)])
     rewritten, result = rewrite(calibrated, "quantize{scheme=int8-static}")
     assert result.details["calibration"]["source"] == "attached calibration data"
     held_out = (ids[:32], mask[:32])

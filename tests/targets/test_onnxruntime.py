@@ -1,6 +1,7 @@
 """Target onnxruntime: parity with the torch program (example inputs and a second sequence length),
 the saved OUT run in a fresh process, the capability check, and optpipe ops lowered through their
 decomposition or a native onnxscript lowering."""
+
 import json
 import os
 import subprocess
@@ -36,6 +37,7 @@ aten = torch.ops.aten
 
 # ---- test-only optpipe ops, a native lowering, and the passes that introduce them -------------------
 
+
 def _scaled_gelu(x: torch.Tensor, scale: float) -> torch.Tensor:
     return F.gelu(x) * scale
 
@@ -52,8 +54,9 @@ def _opaque_gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x)
 
 
-scaled_gelu = define_op("test_ort_scaled_gelu", _scaled_gelu, fake=_same_shape,
-                        decomposition=_scaled_gelu_decomposition)
+scaled_gelu = define_op(
+    "test_ort_scaled_gelu", _scaled_gelu, fake=_same_shape, decomposition=_scaled_gelu_decomposition
+)
 opaque_gelu = define_op("test_ort_opaque_gelu", _opaque_gelu, fake=lambda x: torch.empty_like(x))  # no way down
 
 MSFT = onnxscript.values.Opset("com.microsoft", 1)
@@ -94,6 +97,7 @@ def opaque_gelu_pass(program, config):
 
 # ---- fixtures ----------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def target():
     return get_target("onnxruntime")
@@ -123,6 +127,7 @@ def onnx_ops(compiled) -> list[tuple[str, str]]:
 
 # ---- parity ------------------------------------------------------------------------------------------
 
+
 def test_tiny_gpt_parity_and_model_file(target, tiny):
     _, program = tiny
     assert "scaled_dot_product_attention" in program.gm.code
@@ -145,9 +150,15 @@ def test_tiny_gpt_parity_and_model_file(target, tiny):
 BERT_FUSED = {"Attention", "SkipLayerNormalization", "BiasGelu"}  # QKV + attention in one op; biases folded
 
 
-@pytest.mark.parametrize("name,attn,contrib", [("gpt2", "sdpa", {"MultiHeadAttention", "SkipLayerNormalization"}),
-                                               ("llama", "sdpa", {"MultiHeadAttention"}),
-                                               ("bert", "eager", BERT_FUSED), ("minilm", "sdpa", BERT_FUSED)])
+@pytest.mark.parametrize(
+    "name,attn,contrib",
+    [
+        ("gpt2", "sdpa", {"MultiHeadAttention", "SkipLayerNormalization"}),
+        ("llama", "sdpa", {"MultiHeadAttention"}),
+        ("bert", "eager", BERT_FUSED),
+        ("minilm", "sdpa", BERT_FUSED),
+    ],
+)
 def test_hf_model_parity(target, name, attn, contrib):
     model, inputs = getattr(hf_models, name)(attn=attn)
     if "attention_mask" in inputs:
@@ -166,6 +177,7 @@ def test_hf_model_parity(target, name, attn, contrib):
 
 
 # ---- contrib-op fusions -------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def bert_program():
@@ -232,6 +244,7 @@ def test_fusion_failure_is_a_note(target, tiny, monkeypatch):
 
 
 # ---- optpipe ops: decomposition, native lowering, neither ---------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def scaled(tiny):
@@ -332,11 +345,13 @@ def test_op_onnxruntime_has_no_kernel_for_is_one_line(target, scaled):
 
 # ---- CLI: optimize -> OUT -> run in a fresh process -------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
     out = tmp_path_factory.mktemp("ort") / "OUT"
-    r = CliRunner().invoke(main, ["optimize", TINY, "--target", "onnxruntime", "-p", "fuse-attention,dce",
-                                  "-o", str(out)])
+    r = CliRunner().invoke(
+        main, ["optimize", TINY, "--target", "onnxruntime", "-p", "fuse-attention,dce", "-o", str(out)]
+    )
     assert r.exit_code == 0, r.output
     return out
 
@@ -352,8 +367,14 @@ def test_cli_optimize_writes_the_onnx_artifacts(out):
 def test_run_in_a_fresh_process_matches_the_model(out, tiny):
     ids = [[5, 17, 200, 3, 99, 42, 7]]
     env = dict(os.environ, PYTHONPATH="")  # no model code: OUT alone
-    r = subprocess.run([sys.executable, "-m", "optpipe", "run", str(out), "--input", f"input_ids={ids}", "--json"],
-                       capture_output=True, text=True, cwd=out.parent, env=env, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "optpipe", "run", str(out), "--input", f"input_ids={ids}", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=out.parent,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(r.stdout)
     model, _ = tiny
@@ -362,8 +383,7 @@ def test_run_in_a_fresh_process_matches_the_model(out, tiny):
     assert (torch.tensor(doc["outputs"][0]) - ref).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("spec,pattern", [("input_ids:int64[1,2,3]", "has 3 dims"),
-                                          ("input_ids:int32[1,4]", "int32")])
+@pytest.mark.parametrize("spec,pattern", [("input_ids:int64[1,2,3]", "has 3 dims"), ("input_ids:int32[1,4]", "int32")])
 def test_run_with_bad_input_is_one_line(out, spec, pattern):
     r = CliRunner().invoke(main, ["run", str(out), "--input", spec])
     assert r.exit_code == 2, r.output
@@ -372,8 +392,13 @@ def test_run_with_bad_input_is_one_line(out, spec, pattern):
 
 
 def test_example_script(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "onnxruntime_target.py"), str(tmp_path / "OUT")],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "onnxruntime_target.py"), str(tmp_path / "OUT")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ok=True" in r.stdout and "plain onnxruntime" in r.stdout
     assert (tmp_path / "OUT" / "model.onnx").exists() and (tmp_path / "OUT" / "model.optimized.onnx").exists()

@@ -2,8 +2,8 @@
 the loss curve matches a plain torch.optim.AdamW loop on the same program, batches and weights; MLM
 with mostly-ignored labels and frozen parameters; a program rewritten by a lossy pass; trained
 weights written back into the program; and the trainability check naming what blocks training."""
+
 import copy
-import os
 from dataclasses import dataclass
 
 import pytest
@@ -14,15 +14,15 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 pytest.importorskip("onnxruntime.training")
 
-from optpipe import capture  # noqa: E402
-from optpipe.errors import TargetError, UsageError  # noqa: E402
-from optpipe.ops import define_op  # noqa: E402
-from optpipe.pipeline import Pipeline  # noqa: E402
-from optpipe.registry import PassResult, register_pass  # noqa: E402
-from optpipe.targets.onnxruntime_backend import OrtTrainer, check_trainable, training_loss  # noqa: E402
+from optpipe import capture
+from optpipe.errors import TargetError, UsageError
+from optpipe.ops import define_op
+from optpipe.pipeline import Pipeline
+from optpipe.registry import PassResult, register_pass
+from optpipe.targets.onnxruntime_backend import OrtTrainer, check_trainable, training_loss
 
 aten = torch.ops.aten
-HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+HYPER = {"lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
 
 
 def batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0, ignore: float = 0.0):
@@ -64,6 +64,7 @@ def tiny():
 
 
 # ---- clm: the tiny GPT, all parameters -----------------------------------------------------------------
+
 
 def test_clm_loss_curve_matches_torch_adamw_and_weights_load_back(tiny):
     program = tiny.copy()
@@ -115,11 +116,19 @@ def test_clm_loss_curve_matches_torch_adamw_and_weights_load_back(tiny):
 
 # ---- mlm: a tiny Hugging Face BERT with an MLM head, most labels ignored, part of it frozen --------------
 
+
 def test_mlm_bert_with_frozen_parameters():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, max_position_embeddings=64, attn_implementation="eager")
+    config = transformers.BertConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
     model = transformers.BertForMaskedLM(config).eval()
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     program = capture(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
@@ -154,23 +163,30 @@ def test_mlm_bert_with_frozen_parameters():
 
 # ---- a program after a lossy, rewriting pass ------------------------------------------------------------
 
-@pytest.mark.parametrize("attention, op", [
-    ("kind=sliding-window,window=8", "optpipe.sparse_attention"),
-    ("kind=linear,chunk=8", "optpipe.linear_attention"),  # elu+1 features: ONNX Elu has no ORT gradient
-])
+
+@pytest.mark.parametrize(
+    "attention, op",
+    [
+        ("kind=sliding-window,window=8", "optpipe.sparse_attention"),
+        ("kind=linear,chunk=8", "optpipe.linear_attention"),  # elu+1 features: ONNX Elu has no ORT gradient
+    ],
+)
 def test_program_after_attention_rewrite_trains(tiny, attention, op):
     program, _ = Pipeline.parse(f"fuse-attention,attention{{{attention}}},dce").run(tiny.copy(), verify=False)
     assert op in program.gm.code
     program.gm = copy.deepcopy(program.gm)
     ref, opt = torch_reference(program.gm)
     trainer = OrtTrainer(program, objective="clm", **HYPER)
-    diffs = [abs(trainer.step((ids,), labels) - torch_step(ref, opt, (ids,), labels, "clm"))
-             for ids, labels in batches(5, batch=2, seq=32, vocab=256, seed=3)]
+    diffs = [
+        abs(trainer.step((ids,), labels) - torch_step(ref, opt, (ids,), labels, "clm"))
+        for ids, labels in batches(5, batch=2, seq=32, vocab=256, seed=3)
+    ]
     print(f"{attention}: max |ORT - torch| loss over 5 steps: {max(diffs):.3g}")
     assert max(diffs) < 1e-3, diffs
 
 
 # ---- the trainability check -----------------------------------------------------------------------------
+
 
 def _native_only_gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x)

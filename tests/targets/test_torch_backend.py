@@ -1,4 +1,5 @@
 """Targets cpu and cuda: parity with the torch program, mode choice, device retargeting."""
+
 import pytest
 import torch
 import torch.nn as nn

@@ -4,6 +4,7 @@ native Relax lowering, capability error), the ONNX fallback and MetaSchedule tun
 
 TVM builds cost seconds each: models are tiny (1-2 layers, hidden 32-64) and each is built once.
 """
+
 import json
 import os
 import subprocess
@@ -16,21 +17,22 @@ import torch.nn as nn
 
 pytest.importorskip("tvm")
 
-from examples.tiny_gpt import build  # noqa: E402
-from optpipe import capture  # noqa: E402
-from optpipe.errors import TargetError, UsageError  # noqa: E402
-from optpipe.ops import define_op, register_lowering  # noqa: E402
-from optpipe.optimization import check_target, optimize  # noqa: E402
-from optpipe.program import load_program  # noqa: E402
-from optpipe.registry import PassResult, get_target, register_pass  # noqa: E402
-from optpipe.targets import tvm_backend  # noqa: E402
-from tests import hf_models  # noqa: E402
+from examples.tiny_gpt import build
+from optpipe import capture
+from optpipe.errors import TargetError, UsageError
+from optpipe.ops import define_op, register_lowering
+from optpipe.optimization import check_target, optimize
+from optpipe.program import load_program
+from optpipe.registry import PassResult, get_target, register_pass
+from optpipe.targets import tvm_backend
+from tests import hf_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOL = 1e-4  # fp32 max-abs
 
 
 # -- test-only optpipe ops, and a pass that puts them in a graph ---------------------------------
+
 
 def _silu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(x)
@@ -111,10 +113,12 @@ def _assert_parity(report):
 
 # -- the tiny GPT: `optpipe optimize` in one process, `optpipe run` in another -------------------
 
+
 def _optpipe(*args):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "optpipe", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "optpipe", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -123,8 +127,19 @@ def _optpipe(*args):
 def gpt_out(tmp_path_factory):
     """OUT of `optpipe optimize examples/tiny_gpt.py:build --target tvm`, and its report."""
     out = tmp_path_factory.mktemp("tvm") / "OUT"
-    report = json.loads(_optpipe("optimize", "examples/tiny_gpt.py:build", "--target", "tvm", "--pipeline",
-                                 "fuse-attention,dce", "-o", str(out), "--json"))
+    report = json.loads(
+        _optpipe(
+            "optimize",
+            "examples/tiny_gpt.py:build",
+            "--target",
+            "tvm",
+            "--pipeline",
+            "fuse-attention,dce",
+            "-o",
+            str(out),
+            "--json",
+        )
+    )
     return out, report
 
 
@@ -190,6 +205,7 @@ def test_tvm_cuda_lowering_builds_with_dlight_schedules(raw_gpt):
 
 # -- default CPU schedules -------------------------------------------------------------------------
 
+
 def _prim_funcs(mod) -> dict:
     import tvm
 
@@ -213,14 +229,19 @@ def test_untuned_cpu_build_parallelizes_and_vectorizes_the_hot_kernels(raw_gpt):
 
 # static M and N; a ragged M (no tile height divides 7); a ragged N (50); N = 3 * 29 with a bias
 # epilogue: 29-wide tiles; without one (a tied LM head): N padded to whole 64-wide tiles
-@pytest.mark.parametrize("rows, cols, bias", [(12, 80, True), (7, 80, True), (8, 50, True), (8, 87, True),
-                                              (8, 87, False), (7, 200, False)])
+@pytest.mark.parametrize(
+    "rows, cols, bias", [(12, 80, True), (7, 80, True), (8, 50, True), (8, 87, True), (8, 87, False), (7, 200, False)]
+)
 def test_matmul_schedule_matches_numpy(rows, cols, bias):
     import numpy as np
     import tvm
     from tvm import te
 
-    a, b, c = te.placeholder((rows, 48), name="A"), te.placeholder((48, cols), name="B"), te.placeholder((cols,), name="bias")
+    a, b, c = (
+        te.placeholder((rows, 48), name="A"),
+        te.placeholder((48, cols), name="B"),
+        te.placeholder((cols,), name="bias"),
+    )
     k = te.reduce_axis((0, 48), name="k")
     mm = te.compute((rows, cols), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="matmul")
     out = te.compute((rows, cols), lambda i, j: mm[i, j] + c[j], name="T_add") if bias else mm
@@ -231,7 +252,7 @@ def test_matmul_schedule_matches_numpy(rows, cols, bias):
     assert ("B_pad" in script) == (not bias), script  # padded only where no epilogue needs the columns
     lib = tvm.compile(sch.mod, target=target)
     rng = np.random.default_rng(0)
-    args = [rng.standard_normal(s, dtype="float32") for s in ((rows, 48), (48, cols), (cols,))][:3 if bias else 2]
+    args = [rng.standard_normal(s, dtype="float32") for s in ((rows, 48), (48, cols), (cols,))][: 3 if bias else 2]
     result = tvm.runtime.tensor(np.zeros((rows, cols), "float32"))
     lib(*[tvm.runtime.tensor(x) for x in args], result)
     np.testing.assert_allclose(result.numpy(), args[0] @ args[1] + (args[2] if bias else 0), rtol=1e-5, atol=1e-5)
@@ -281,16 +302,23 @@ def test_hf_model_parity(name):
 
 # -- the example ------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_example_script(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "tvm_target.py"), "--out",
-                           str(tmp_path / "OUT")], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "tvm_target.py"), "--out", str(tmp_path / "OUT")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "compiled for llvm" in proc.stdout and "reloaded" in proc.stdout
     assert (tmp_path / "OUT" / "tvm" / "model.so").is_file()
 
 
 # -- optpipe ops ---------------------------------------------------------------------------------
+
 
 def _relax_text(program) -> str:
     return get_target("tvm").import_program(program).mod.script(show_meta=False)
@@ -314,8 +342,11 @@ def test_optpipe_op_uses_its_native_tvm_lowering(mlp):
 
 
 def test_optpipe_op_without_lowering_is_a_capability_error(mlp):
-    with pytest.raises(TargetError, match=r"optpipe\.tvm_test_silu_opaque at act .*introduced by "
-                                          r"test-tvm-swap-silu"):
+    with pytest.raises(
+        TargetError,
+        match=r"optpipe\.tvm_test_silu_opaque at act .*introduced by "
+        r"test-tvm-swap-silu",
+    ):
         optimize(mlp, pipeline="test-tvm-swap-silu{op=opaque}", target="tvm", diffs=False)
 
 
@@ -327,6 +358,7 @@ def test_a_failing_lowering_is_a_one_line_target_error(mlp):
 
 
 # -- ops the Relax torch importer lacks ----------------------------------------------------------
+
 
 class Erfinv(nn.Module):
     def __init__(self):
@@ -366,6 +398,7 @@ def test_onnx_fallback_when_the_torch_importer_lacks_an_op():
 
 # -- options and devices -------------------------------------------------------------------------
 
+
 def test_bad_tune_value_is_a_usage_error(mlp):
     with pytest.raises(UsageError, match="tune must be"):
         get_target("tvm").check(mlp, tune=-3)
@@ -404,8 +437,10 @@ def test_tuning_refused_clearly_when_metaschedule_cannot_run(mlp):
     assert "apache-tvm-ffi" in err.value.hint
 
 
-@pytest.mark.skipif(tvm_backend.metaschedule_blocker() is not None,
-                    reason=f"MetaSchedule cannot run here: {tvm_backend.metaschedule_blocker()}")
+@pytest.mark.skipif(
+    tvm_backend.metaschedule_blocker() is not None,
+    reason=f"MetaSchedule cannot run here: {tvm_backend.metaschedule_blocker()}",
+)
 def test_tuning_specializes_tunes_and_saves_the_database(mlp, tmp_path):
     # a few trials on the MLP's two matmuls: seconds, not minutes
     res = optimize(mlp, pipeline="dce", target="tvm", diffs=False, target_options={"tune": 4})

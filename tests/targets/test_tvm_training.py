@@ -4,6 +4,7 @@ sliding-window's masks) the losses and weights follow a torch.optim.AdamW loop o
 and batches; MLM with most labels ignored and only some parameters trainable (the frozen ones do
 not move); eval_loss at another shape. The op-naming refusal and the CLI run (`train --target tvm`,
 clipping, layer decay, resume) are in tests/test_training.py."""
+
 import copy
 
 import pytest
@@ -11,11 +12,11 @@ import torch
 
 pytest.importorskip("tvm")
 
-import optpipe  # noqa: E402
-from optpipe.targets.tvm_training import TvmTrainer  # noqa: E402
-from optpipe.losses import task_loss  # noqa: E402
+import optpipe
+from optpipe.losses import task_loss
+from optpipe.targets.tvm_training import TvmTrainer
 
-HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+HYPER = {"lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
@@ -35,8 +36,10 @@ def reference(gm, trainable=None):
     named = dict(ref.named_parameters())
     for n, p in named.items():
         p.requires_grad_(trainable is None or n in trainable)
-    groups = [{"params": [p for p in named.values() if p.requires_grad and p.dim() >= 2]},
-              {"params": [p for p in named.values() if p.requires_grad and p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in named.values() if p.requires_grad and p.dim() >= 2]},
+        {"params": [p for p in named.values() if p.requires_grad and p.dim() < 2], "weight_decay": 0.0},
+    ]
     return ref, torch.optim.AdamW(groups, foreach=False, **HYPER)
 
 
