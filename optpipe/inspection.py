@@ -86,17 +86,10 @@ def _describe_inputs(program: Program) -> list[dict]:
 def _attention_advice(program: Program) -> list[str]:
     """What the `attention` pass would say at this program's sequence length (e.g. kinds that are
     slower than dense SDPA there), through the pass module's `length_advice(n)`."""
-    import importlib
-
-    from .registry import get_pass
+    from .registry import get_hook
 
     lengths = [x.shape[1] for x in program.example_inputs if hasattr(x, "shape") and len(x.shape) >= 2]
-    if not lengths:
-        return []
-    try:
-        advice = getattr(importlib.import_module(get_pass("attention").module), "length_advice", None)
-    except Exception:  # noqa: BLE001 - advice is optional
-        return []
+    advice = get_hook("attention", "length_advice") if lengths else None
     return advice(max(lengths)) if advice else []
 
 

@@ -23,7 +23,7 @@ from .outdir import atomic_folder
 from .pipeline import PassRecord, Pipeline
 from .presets import load_recipe, preset_pipeline
 from .program import Program
-from .registry import get_target
+from .registry import get_hook, get_target
 from .verify import Budget, compare, run_outputs, verification_inputs
 from .version import __version__
 
@@ -44,12 +44,10 @@ class OptimizeResult:
 
         with atomic_folder(out, force=force) as tmp:
             self.program.save(os.path.join(tmp, "program.pt2"))
-            if self.program.meta.get("partition"):  # OUT/stages/stage_K.pt2 for the pipeline ranks
-                import importlib
-
-                from .registry import get_pass
-
-                importlib.import_module(get_pass("partition").fn.__module__).save_stages(self.program, tmp)
+            for name in dict.fromkeys(element.split("{", 1)[0] for element in self.program.history):
+                save = get_hook(name, "save")  # e.g. partition's OUT/stages/ for the pipeline ranks
+                if save is not None:
+                    save(self.program, tmp)
             if self.target is not None and self.compiled is not None:
                 self.target.save(self.compiled, tmp)
             with open(os.path.join(tmp, "pipeline.txt"), "w") as f:

@@ -109,6 +109,32 @@ def register_pass(name: str, config: type, *, exact: bool, summary: str | None =
     return wrap
 
 
+HOOKS = {
+    "save": "fn(program, folder): write the pass's own files into an OUT folder being written",
+    "length_advice": "fn(n) -> list[str]: what the pass would say about a program at sequence length n",
+}
+"""What a pass module may offer the core besides the rewrite itself (`@register_hook(pass, name)`)."""
+_HOOKS: dict[tuple[str, str], Callable] = {}
+
+
+def register_hook(pass_name: str, hook: str):
+    """Decorator registering `fn` as pass `pass_name`'s `hook` (one of HOOKS)."""
+    if hook not in HOOKS:
+        raise ValueError(f"unknown pass hook {hook!r}; one of {', '.join(HOOKS)}")
+
+    def wrap(fn):
+        _HOOKS[(pass_name, hook)] = fn
+        return fn
+
+    return wrap
+
+
+def get_hook(pass_name: str, hook: str) -> Callable | None:
+    """Pass `pass_name`'s `hook`, loading the pass's module; None if the pass offers none."""
+    get_pass(pass_name)
+    return _HOOKS.get((pass_name, hook))
+
+
 def load_op_modules() -> None:
     for name in OP_MODULES:
         importlib.import_module(name)

@@ -47,7 +47,7 @@ from torch._guards import detect_fake_mode
 
 from optpipe.attention_sites import SDPA, _mask_module, find_attention_sites, same_size, sdpa_arguments, val
 from optpipe.program import Program
-from optpipe.registry import PassResult, register_pass
+from optpipe.registry import PassResult, register_hook, register_pass
 from optpipe.selection import LayerSelection
 
 from . import attention_ops as ops
@@ -403,6 +403,7 @@ def _rewrite(program: Program, plan: _Plan, config: AttentionConfig) -> dict:
     }
 
 
+@register_hook("attention", "length_advice")
 def length_advice(n: int) -> list[str]:
     """For `optpipe inspect`: the kinds that do not pay off at sequence length `n` on CPU."""
     slower = [f"{kind} (below ~{even})" for kind, even in BREAK_EVEN_LENGTH.items() if n < even]

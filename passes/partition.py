@@ -59,7 +59,7 @@ import torch.fx
 from optpipe.analysis import TensorSpec, analyze, concrete_shapes, get_attribute, node_module
 from optpipe.errors import PassError
 from optpipe.program import Program
-from optpipe.registry import PassResult, register_pass
+from optpipe.registry import PassResult, register_hook, register_pass
 
 aten = torch.ops.aten
 
@@ -749,6 +749,7 @@ def stage_example_inputs(program: Program, stages) -> list[tuple]:
     return out
 
 
+@register_hook("partition", "save")
 def save_stages(program: Program, out: str | os.PathLike) -> list[str]:
     """Write `out/stages/stage_K.pt2` (one torch.export archive per stage, dynamic where the program
     is) and `out/stages/partition.json`; returns the archive paths. The core's save hook. A
@@ -756,7 +757,8 @@ def save_stages(program: Program, out: str | os.PathLike) -> list[str]:
     its share from the program."""
     from optpipe.program import export_module
 
-    if program.meta["partition"].get("strategy") == "tensor":
+    plan = program.meta.get("partition")
+    if not plan or plan.get("strategy") == "tensor":
         return []
     folder = os.path.join(os.fspath(out), "stages")
     os.makedirs(folder, exist_ok=True)

@@ -562,7 +562,7 @@ def _run_tensor_rank(spec_path: str, folder: str, rank: int) -> int:
     load_op_modules()  # optpipe's ops, before the program loads
 
     from ..program import load_program
-    from .training import task_loss
+    from ..losses import task_loss
 
     with open(spec_path) as f:
         spec = json.load(f)
@@ -654,7 +654,7 @@ def _run_rank(spec_path: str, folder: str, rank: int) -> int:
 
     load_op_modules()  # optpipe's ops, before stage archives load
 
-    from .training import task_loss
+    from ..losses import task_loss
 
     with open(spec_path) as f:
         spec = json.load(f)
