@@ -6,7 +6,7 @@ export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY ?= error
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -n auto --dist loadscope
+
+# ruff (lint + format check), then the layers: import-linter contracts, no cycles, no private names
+# across modules, no function over 80 lines (tools/layers.py)
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) tools/layers.py
 
 bench: setup
 	$(PY) benchmarks/capture.py
