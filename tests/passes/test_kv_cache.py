@@ -258,7 +258,7 @@ def test_save_load_round_trip(programs, tmp_path):
 @pytest.mark.parametrize("target", ["onnxruntime", "tvm"])
 @pytest.mark.parametrize("attention", ["", ",attention{kind=sliding-window,window=8}", ",attention{kind=linear}"])
 def test_step_program_on_targets(target, attention, tmp_path):
-    from optpipe.cli import _target_step
+    from optpipe.runtime.generation import target_step_function
 
     model, _ = tiny_gpt.build(block_size=256, vocab_size=128, n_layer=1)  # one layer: quick builds
     res = optpipe.optimize(
@@ -270,7 +270,7 @@ def test_step_program_on_targets(target, attention, tmp_path):
     check = res.report["target_check"]
     # prefill and a decode step over random caches, within 1e-4 relative to the logits' magnitude
     assert check["ok"] and check["inputs"] >= 2 and check["max_abs"] <= check["tolerance"]
-    on_target = generate(res.program, PROMPTS, 16, step=_target_step(res.target, res.compiled))
+    on_target = generate(res.program, PROMPTS, 16, step=target_step_function(res.target, res.compiled))
     assert on_target.new_ids == generate(res.program, PROMPTS, 16).new_ids
 
 
