@@ -1,6 +1,14 @@
-"""OUT/report.html: one self-contained page (inline CSS and SVG, no scripts, no external assets) for
-an `optimize` run: the model's before → after numbers, a table of passes with their verification,
-and every pass's graph diff with drawings of the changed region.
+"""optpipe's HTML pages: self-contained (inline CSS and SVG, no scripts, no external assets).
+
+- `html_page`: the page around a body, with optpipe's stylesheet (`PAGE_CSS`).
+- `diff_html_section` / `diff_html_page`: a graph diff as tables (totals, changed modules) and
+  drawings of each changed region before and after (`optpipe.graph_svg`); `GraphDiff.html_section`
+  / `.to_html` (`optpipe diff --html`) come here.
+- `render_report_html`: OUT/report.html of an `optimize` run: the model's before → after numbers, a
+  table of passes with their verification, and every pass's graph diff.
+
+How a diff names things is shared with its terminal text (`GraphDiff.to_text`) and lives here too:
+`display_path` (the root module shows as "(root)") and `op_count_text` ("matmul×2").
 
 >>> html = render_report_html(result.report, result.diffs)   # doctest: +SKIP
 """
@@ -12,14 +20,160 @@ import json
 import math
 from typing import Any
 
-from .analysis import format_count, format_percent
-from .graph_diff import GraphDiff, html_page
+from .analysis import ROOT, format_count, format_percent, short_op_name
+from .graph_svg import ROLE_COLORS, render_svg
+
+PAGE_CSS = """
+body{font-family:-apple-system,BlinkMacSystemFont,"Segoe UI",Helvetica,Arial,sans-serif;margin:24px auto;
+ max-width:1200px;padding:0 16px;color:#1f2328;line-height:1.45}
+h1{font-size:1.5em;margin-bottom:.2em} h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #d8dee4;
+ padding-bottom:.2em} h3{font-size:1.05em;margin:1.2em 0 .4em} h4{font-size:.95em;margin:1em 0 .3em}
+code,.mono,td.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.88em}
+table{border-collapse:collapse;margin:.4em 0 1em;font-size:.9em}
+th,td{border:1px solid #d8dee4;padding:4px 9px;text-align:left;vertical-align:top}
+th{background:#f6f8fa;font-weight:600} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.muted{color:#656d76} .ok{color:#1a7f37;font-weight:600} .bad{color:#cf222e;font-weight:600}
+.rm{color:#c62828} .add{color:#2e7d32} .status{font-size:.8em;padding:1px 6px;border-radius:8px;
+ background:#eef1f4;white-space:nowrap}
+.pair{display:flex;gap:18px;flex-wrap:wrap;align-items:flex-start}
+.pane{border:1px solid #d8dee4;border-radius:6px;padding:6px 8px;overflow:auto;max-width:100%;background:#fff}
+.pane .cap{font-size:.8em;color:#656d76;text-transform:uppercase;letter-spacing:.05em;margin-bottom:4px}
+.legend span{display:inline-block;margin-right:14px;font-size:.85em}
+.legend i{display:inline-block;width:12px;height:12px;border-radius:3px;margin-right:5px;vertical-align:-1px;
+ border:1.4px solid}
+.kv td:first-child{color:#656d76}
+pre{background:#f6f8fa;border-radius:6px;padding:8px 10px;overflow:auto;font-size:.85em}
+a{color:#0969da;text-decoration:none}
+"""
+
+_LEGEND = (
+    '<p class="legend">'
+    + "".join(
+        f'<span><i style="background:{f};border-color:{s}"></i>{name}</span>'
+        for name, (f, s) in (
+            ("removed", ROLE_COLORS["removed"]),
+            ("added", ROLE_COLORS["added"]),
+            ("unchanged neighbour", ROLE_COLORS["context"]),
+            ("input / weight", ROLE_COLORS["input"]),
+        )
+    )
+    + "</p>"
+)
+_SAME_REWRITE_NAMED = 6
+"""Modules named in "the same rewrite in ..." before "and N more"."""
 
 
 def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
+def html_page(title: str, body: str) -> str:
+    """A complete self-contained page around `body` with optpipe's stylesheet."""
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{PAGE_CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )
+
+
+def diff_html_page(diff, title: str = "optpipe graph diff") -> str:
+    """A self-contained page of `diff` alone (`optpipe diff --html`)."""
+    return html_page(title, f"<h1>{_e(title)}</h1>\n{diff_html_section(diff)}")
+
+
+# -- how a diff names things ------------------------------------------------------------------------
+def display_path(path: str) -> str:
+    """A module path as shown to a person: the root module as "(root)"."""
+    return path if path != ROOT else "(root)"
+
+
+def op_count_text(op: str, n: int) -> str:
+    """An op and how many of it, as shown in a diff: "matmul×2", or "softmax" for one."""
+    name = short_op_name(op)
+    return f"{name}×{n}" if n > 1 else name
+
+
+# -- a graph diff -----------------------------------------------------------------------------------
+def diff_html_section(diff, id_prefix: str = "d") -> str:
+    """`diff` (an `optpipe.graph_diff.GraphDiff`) as an HTML fragment: its summary, the totals and
+    changed modules tables, and before/after drawings of its changed regions. `id_prefix` keeps
+    the drawings' ids unique on a page that holds several diffs."""
+    if diff.empty:
+        return '<p class="muted">No changes to the graph.</p>'
+    out = [f"<p><b>{_e(diff.summary_line())}</b></p>", _totals_table(diff.totals), _modules_table(diff.modules)]
+    if diff.regions:
+        out.append(_LEGEND)
+    for i, region in enumerate(diff.regions):
+        out.append(_region_html(region, f"{id_prefix}{i}"))
+    if diff.undrawn_regions:
+        out.append(f'<p class="muted">{diff.undrawn_regions} more changed region(s) not drawn.</p>')
+    return "\n".join(out)
+
+
+def _totals_table(totals: dict[str, tuple[int, int]]) -> str:
+    rows = []
+    for key, label, unit in (
+        ("nodes", "compute nodes", ""),
+        ("params", "parameters", ""),
+        ("flops", "FLOPs", ""),
+        ("activation_bytes", "activation memory", "B"),
+    ):
+        before, after = totals[key]
+        rows.append(
+            f'<tr><td>{label}</td><td class="num">{format_count(before, unit)}</td>'
+            f'<td class="num">{format_count(after, unit)}</td>'
+            f'<td class="num">{_e(format_percent(before, after))}</td></tr>'
+        )
+    return "<table><tr><th></th><th>before</th><th>after</th><th>change</th></tr>" + "".join(rows) + "</table>"
+
+
+def _ops_html(ops: dict[str, int], cls: str, sign: str) -> str:
+    return " ".join(f'<span class="{cls}">{sign}{_e(op_count_text(op, n))}</span>' for op, n in ops.items())
+
+
+def _change_html(pair: tuple[int, int], unit: str = "") -> str:
+    """A (before, after) number as "before → after (change)", or a dash when it did not move."""
+    if pair[0] == pair[1]:
+        return '<span class="muted">—</span>'
+    return f"{format_count(pair[0], unit)} → {format_count(pair[1], unit)} ({_e(format_percent(*pair))})"
+
+
+def _modules_table(modules: list) -> str:
+    """One row per `ModuleDiff`: its status, the ops it lost and gained, and its numbers."""
+    rows = [
+        f'<tr><td class="mono">{_e(display_path(m.path))}</td>'
+        f'<td><span class="status">{_e(m.status)}</span></td>'
+        f'<td class="mono">{_ops_html(m.removed, "rm", "−")}</td>'
+        f'<td class="mono">{_ops_html(m.added, "add", "+")}</td>'
+        f'<td class="num">{_change_html(m.params)}</td><td class="num">{_change_html(m.flops)}</td>'
+        f'<td class="num">{_change_html(m.activation_bytes, "B")}</td></tr>'
+        for m in modules
+    ]
+    return (
+        "<table><tr><th>module</th><th>status</th><th>removed</th><th>added</th><th>params</th>"
+        "<th>FLOPs</th><th>activations</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
+def _region_html(region, id_prefix: str) -> str:
+    """A `ChangedRegion`: its module, the modules with the same rewrite, and before | after drawings."""
+    note = ""
+    if region.same_rewrite_in:
+        shown = ", ".join(display_path(p) for p in region.same_rewrite_in[:_SAME_REWRITE_NAMED])
+        hidden = len(region.same_rewrite_in) - _SAME_REWRITE_NAMED
+        more = f" and {hidden} more" if hidden > 0 else ""
+        note = f'<p class="muted">The same rewrite in {_e(shown)}{more}.</p>'
+    if region.truncated:
+        note += f'<p class="muted">Only the first {region.drawn_limit} changed nodes are drawn.</p>'
+    return (
+        f'<h4 class="mono">{_e(display_path(region.module))}</h4>{note}<div class="pair">'
+        f'<div class="pane"><div class="cap">before</div>{render_svg(region.before, id_prefix + "b")}</div>'
+        f'<div class="pane"><div class="cap">after</div>{render_svg(region.after, id_prefix + "a")}</div>'
+        "</div>"
+    )
+
+
+# -- the report of an optimize run ------------------------------------------------------------------
 def _num(x: Any, fmt: str = "{:.4g}") -> str:
     if x is None:
         return "—"
@@ -114,14 +268,14 @@ def _passes_table(passes: list[dict]) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def _pass_section(i: int, p: dict, diff: GraphDiff | None) -> str:
+def _pass_section(i: int, p: dict, diff) -> str:
     title = p.get("pipeline") or p.get("name", "?")
     out = [f'<h3 id="pass-{i}">{i}. <code>{_e(title)}</code></h3>']
     for note in (p.get("details") or {}).get("notes") or []:  # e.g. "slower than dense below N tokens"
         out.append(f'<p class="note">note: {_e(note)}</p>')
     if diff is not None:
         out.append(f'<pre class="mono">{_e(diff.to_text())}</pre>')
-        out.append(diff.html_section(id_prefix=f"p{i}-"))
+        out.append(diff_html_section(diff, id_prefix=f"p{i}-"))
     elif p.get("modified") is False:
         out.append('<p class="muted">The pass left the graph unchanged.</p>')
     else:
@@ -129,7 +283,7 @@ def _pass_section(i: int, p: dict, diff: GraphDiff | None) -> str:
     return "\n".join(out)
 
 
-def render_report_html(report: dict, pass_diffs: list[GraphDiff | None]) -> str:
+def render_report_html(report: dict, pass_diffs: list) -> str:
     """The self-contained report page of an `optimize` run. `pass_diffs[i]` is the GraphDiff of
     `report["passes"][i]` (None when the pass did not modify the graph or diffs were off)."""
     passes = list(report.get("passes") or [])

@@ -1,7 +1,6 @@
 """Semantic graph diff keyed by module path: empty for equal programs, exactly the rewritten modules
 for a manual rewrite and for fuse-attention, programs with different parameter sets, HTML page."""
 
-import importlib
 import json
 from unittest import mock
 
@@ -9,13 +8,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from optpipe import capture
-from optpipe.analysis import node_module
+from optpipe import capture, graph_svg
 from optpipe.graph_diff import diff_programs
+from optpipe.graph_svg import GraphPicture, layered_svg, render_svg
+from optpipe.graph_toolkit import module_path
 from tests.fixtures.tiny_models import TinyGPT, ids
 
 aten = torch.ops.aten
-diff_module = importlib.import_module("optpipe.graph_diff")
 
 
 class Block(nn.Module):
@@ -47,11 +46,11 @@ def program():
     return capture(Stack(), (torch.randn(2, 4, 8),))
 
 
-def replace_op(program, module_path, old, new):
+def replace_op(program, path, old, new):
     """relu -> gelu (or any unary op) in the nodes of one module path."""
     graph = program.gm.graph
     for node in list(graph.nodes):
-        if node.target is old and node_module(node)[0] == module_path:
+        if node.target is old and module_path(node) == path:
             with graph.inserting_after(node):
                 repl = graph.call_function(new, node.args, node.kwargs)
             repl.meta = dict(node.meta)
@@ -100,7 +99,7 @@ def test_rewired_module_with_the_same_ops(program):
     after = program.copy()
     graph = after.gm.graph
     # fc2(relu(fc1(x))) -> fc2(fc1(x)) with the relu kept alive elsewhere: same ops, other wiring
-    relu = next(n for n in graph.nodes if n.target is aten.relu.default and node_module(n)[0] == "blocks.0.act")
+    relu = next(n for n in graph.nodes if n.target is aten.relu.default and module_path(n) == "blocks.0.act")
     (fc2,) = list(relu.users)
     fc2.replace_input_with(relu, relu.args[0])
     out = next(n for n in graph.nodes if n.op == "output")
@@ -152,9 +151,9 @@ def test_programs_with_different_parameter_sets(program):
 def test_html_is_self_contained_with_a_drawing(program):
     after = replace_op(program.copy(), "blocks.1.act", aten.relu.default, aten.gelu.default)
     d = diff_programs(program, after)
-    with mock.patch.object(diff_module.shutil, "which", return_value=None):  # our own layout
+    with mock.patch.object(graph_svg.shutil, "which", return_value=None):  # our own layout
         page = d.to_html()
-    for html in [page] + ([d.to_html()] if diff_module.shutil.which("dot") else []):
+    for html in [page] + ([d.to_html()] if graph_svg.shutil.which("dot") else []):
         assert html.startswith("<!DOCTYPE html>") and "<svg" in html and "</svg>" in html
         assert "http" not in html and "<script" not in html and "<link" not in html
         assert "blocks.1.act" in html and "gelu" in html and "relu" in html
@@ -162,7 +161,7 @@ def test_html_is_self_contained_with_a_drawing(program):
 
 
 def test_layered_svg_layout():
-    pic = diff_module.GraphPicture(
+    pic = GraphPicture(
         nodes=[
             ("x", "x", "input", "input"),
             ("w", "fc.weight", "parameter", "input"),
@@ -172,14 +171,14 @@ def test_layered_svg_layout():
         ],
         edges=[("x", "mm"), ("w", "mm"), ("mm", "sm"), ("sm", "out")],
     )
-    svg = diff_module._layered_svg(pic, "t")
+    svg = layered_svg(pic, "t")
     assert svg.startswith("<svg") and svg.count("<rect") == 5 and svg.count("<path") == 4 + 1
     assert 'marker-end="url(#t-arrow)"' in svg
     # x feeds both the first and the last op: that long edge gets a lane through the rows between
     pic.edges.append(("x", "out"))
-    svg = diff_module._layered_svg(pic, "t")
+    svg = layered_svg(pic, "t")
     assert svg.count("<rect") == 5 and " L" in svg
-    assert diff_module.render_svg(diff_module.GraphPicture()) == '<p class="muted">(nothing)</p>'
+    assert render_svg(GraphPicture()) == '<p class="muted">(nothing)</p>'
 
 
 def test_optpipe_diff_api_survives_importing_the_module(program):

@@ -4,8 +4,8 @@ import torch
 import torch.nn as nn
 
 from optpipe import capture
-from optpipe.analysis import node_module
 from optpipe.graph_diff import diff_programs
+from optpipe.graph_toolkit import module_path
 from optpipe.report import render_report_html
 
 aten = torch.ops.aten
@@ -17,7 +17,7 @@ def relu_to_gelu_diff():
     after = before.copy()
     graph = after.gm.graph
     relu = next(n for n in graph.nodes if n.target is aten.relu.default)
-    assert node_module(relu)[0] == "1"
+    assert module_path(relu) == "1"
     with graph.inserting_after(relu):
         gelu = graph.call_function(aten.gelu.default, relu.args)
     gelu.meta = dict(relu.meta)
