@@ -23,6 +23,7 @@ meta (a pass forgot it, or a data-dependent size) is the graph re-interpreted on
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import warnings
@@ -34,12 +35,8 @@ import torch
 import torch.fx
 from torch.utils import flop_counter
 
+from .graph_toolkit import ROOT, get_attribute, module_path, module_stack, module_type_name, qualified_type_name
 from .program import Program
-import contextlib
-
-ROOT = ""
-# export marks shape bookkeeping nodes (sym_size, ...) with this pseudo module.
-_EMPTY_STACK_MARK = "_empty_nn_module_stack_from_metadata_hook"
 
 
 # -- names ------------------------------------------------------------------------------------------
@@ -64,18 +61,8 @@ def short_op_name(name: str) -> str:
 
 
 def node_module(node: torch.fx.Node) -> tuple[str, str]:
-    """(module path, module type) of the innermost module a node was traced in; ROOT if none."""
-    stack = node.meta.get("nn_module_stack") or {}
-    for path, mod_type in reversed(list(stack.values())):
-        if path != _EMPTY_STACK_MARK:
-            return path, _type_name(mod_type)
-    return ROOT, ""
-
-
-def _type_name(mod_type: Any) -> str:
-    if isinstance(mod_type, type):
-        return f"{mod_type.__module__}.{mod_type.__qualname__}"
-    return str(mod_type)
+    """(module path, module type) of the innermost module a node was traced in; (ROOT, "") if none."""
+    return module_path(node), module_type_name(node)
 
 
 def parent_paths(path: str) -> list[str]:
@@ -213,9 +200,8 @@ def analyze(program: Program) -> ProgramCosts:
             continue
         path, mod_type = node_module(node)
         # the types of enclosing modules come along in the stack; keep them for the rows
-        for p, t in (node.meta.get("nn_module_stack") or {}).values():
-            if p != _EMPTY_STACK_MARK:
-                row(p, _type_name(t))
+        for p, t in module_stack(node):
+            row(p, qualified_type_name(t))
         flops = node_flops(node, shapes)
         if flops is None:
             unknown.add(counted_op_name(node))
@@ -352,14 +338,6 @@ def concrete_shapes(gm: torch.fx.GraphModule, example_inputs) -> tuple[dict[torc
 
 
 _MISSING = object()
-
-
-def get_attribute(gm: torch.nn.Module, target: str):
-    """The object at dotted `target` under `gm` (a get_attr node's target), or None."""
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj
 
 
 def _concrete_int(d, bindings) -> int:

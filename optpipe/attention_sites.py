@@ -34,6 +34,8 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .graph_toolkit import module_path, value
+
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 
@@ -81,12 +83,6 @@ class AttentionSite:
 
 
 # -- small graph facts ----------------------------------------------------------------------------
-def val(node) -> torch.Tensor | None:
-    """The fake tensor export recorded for `node`, if it is a tensor."""
-    v = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
-
-
 def same_size(a, b) -> bool:
     """Sizes (ints or SymInts) that are equal for every value of the dynamic dims."""
     if isinstance(a, int) and isinstance(b, int):
@@ -102,11 +98,6 @@ def concrete(size) -> int | None:
     return size if isinstance(size, int) else None
 
 
-def module_path(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
-
-
 def sdpa_arguments(node: torch.fx.Node) -> dict:
     """The arguments of an SDPA node by name, defaults filled in."""
     args = dict(_SDPA_DEFAULTS)
@@ -119,7 +110,7 @@ def skip_noop_slices(node):
     """`x[:, :, :]`-style slices that keep the whole dim (export leaves them around repeat_kv)."""
     while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is aten.slice.Tensor:
         _, dim, start, end, step = list(node.args) + [0, None, None, 1][len(node.args) - 1 :]
-        src = val(node.args[0])
+        src = value(node.args[0])
         if src is None or start not in (0, None) or step != 1:
             break
         if end is not None and not (isinstance(end, int) and end >= 2**62) and not same_size(end, src.shape[dim]):
@@ -131,12 +122,12 @@ def skip_noop_slices(node):
 def repeat_kv_source(node) -> tuple[torch.fx.Node, int] | None:
     """If `node` is K or V repeated along heads (Llama's `repeat_kv`: unsqueeze(2) -> expand ->
     reshape, or `repeat_interleave(n, dim=1)`), return (un-repeated tensor, n_rep)."""
-    out = val(node)
+    out = value(node)
     if out is None or out.dim() != 4 or node.op != "call_function":
         return None
     if node.target is aten.repeat_interleave.self_int:
         src, reps, dim = (list(node.args) + [None])[:3]
-        src_val = val(src)
+        src_val = value(src)
         if dim is None or dim % 4 != 1 or not isinstance(reps, int) or src_val is None:
             return None
         return (src, reps) if src_val.shape[1] * reps == out.shape[1] else None
@@ -149,7 +140,7 @@ def repeat_kv_source(node) -> tuple[torch.fx.Node, int] | None:
     if not (isinstance(unsq, torch.fx.Node) and unsq.target is aten.unsqueeze.default and unsq.args[1] % 5 == 2):
         return None
     src = skip_noop_slices(unsq.args[0])
-    src_val, wide = val(src), val(expand)
+    src_val, wide = value(src), value(expand)
     if src_val is None or wide is None or src_val.dim() != 4 or wide.dim() != 5:
         return None
     n_rep = concrete(wide.shape[2])
@@ -190,7 +181,7 @@ def reads_input_data(node: torch.fx.Node) -> bool:
     return False
 
 
-def _mask_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.GraphModule:
+def mask_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.GraphModule:
     """A GraphModule over `gm` (so get_attr finds its buffers) computing just `node` from all of
     `gm`'s placeholders."""
     needed = _ancestors(node)
@@ -207,7 +198,7 @@ def _size_hints(gm, example_inputs) -> dict:
     hints = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, ph in enumerate(placeholders):
-        v = val(ph)
+        v = value(ph)
         if v is None:
             continue
         real = example_inputs[i] if example_inputs is not None and i < len(example_inputs) else None
@@ -226,7 +217,7 @@ def _inputs_at(gm, example_inputs, sizes: dict | None, ones: bool) -> tuple:
     values = []
     for i, ph in enumerate(placeholders):
         real = example_inputs[i] if example_inputs is not None and i < len(example_inputs) else None
-        v = val(ph)
+        v = value(ph)
         if v is None or (sizes is None and real is not None and not ones):
             values.append(real)
             continue
@@ -248,9 +239,9 @@ def _very_negative(dtype: torch.dtype) -> float:
     return max(torch.finfo(dtype).min / 2, -1e9)
 
 
-def is_blocking_value(value, dtype: torch.dtype) -> bool:
+def is_blocking_value(fill, dtype: torch.dtype) -> bool:
     """A fill value (masked_fill / where) that blocks attention just as -inf does."""
-    return isinstance(value, (int, float)) and value <= _very_negative(dtype)
+    return isinstance(fill, (int, float)) and fill <= _very_negative(dtype)
 
 
 def _allowed(mask: torch.Tensor, blocked_when_true: bool) -> torch.Tensor | None:
@@ -291,7 +282,7 @@ def classify_mask(
     `example_inputs` are the program's inputs; without them, sizes come from the graph's shape hints.
     """
     try:
-        sub = _mask_module(gm, mask_node)
+        sub = mask_module(gm, mask_node)
     except Exception:  # noqa: BLE001 - a mask we cannot extract is one we cannot vouch for
         return "custom"
     data = reads_input_data(mask_node)
@@ -306,14 +297,14 @@ def classify_mask(
     for i, sizes in enumerate(variants):
         try:
             with torch.no_grad():
-                value = sub(*_inputs_at(gm, example_inputs, sizes, ones=data))
+                mask = sub(*_inputs_at(gm, example_inputs, sizes, ones=data))
         except Exception:  # noqa: BLE001 - other sizes may exceed the model's limits
             if i == 0:
                 return "custom"
             continue
-        if not isinstance(value, torch.Tensor):
+        if not isinstance(mask, torch.Tensor):
             return "custom"
-        allowed = _allowed(value, blocked_when_true)
+        allowed = _allowed(mask, blocked_when_true)
         kinds.add("custom" if allowed is None else _pattern(allowed))
     kind = kinds.pop() if len(kinds) == 1 else "custom"
     if data:
@@ -326,7 +317,7 @@ def describe_site(
     gm: torch.fx.GraphModule, node: torch.fx.Node, example_inputs: Sequence | None = None
 ) -> AttentionSite:
     args = sdpa_arguments(node)
-    q, k = val(args["query"]), val(args["key"])
+    q, k = value(args["query"]), value(args["key"])
     heads = concrete(q.shape[-3]) if q is not None and q.dim() == 4 else None
     kv_heads = concrete(k.shape[-3]) if k is not None and k.dim() == 4 else None
     repeated = repeat_kv_source(args["key"])

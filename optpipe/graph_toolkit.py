@@ -4,9 +4,12 @@ Passes say what they rewrite; how a node is read, placed and described lives her
 
     value(node)                       the fake tensor export recorded for a node (None if not a tensor)
     module_path(node)                 the innermost module the node was traced in ("" for the root)
+    module_stack(node)                every module it was traced in, outermost first, with their types
+    get_attribute(gm, target)         the object a get_attr target names (None if there is none)
     insert_call(graph, op, args, like=node)
                                       `op(*args)` at the graph's insert point, with `node`'s module path
                                       and stack trace, and a fake value computed from the arguments'
+    copy_placement(like, node)        give an already inserted node `like`'s module path and stack trace
     add_tensor(gm, owner, name, t)    a parameter or buffer under a fresh name; returns its path
     insert_get_attr(gm, target, like=node)
                                       a get_attr node for that tensor, with meta and a fake value
@@ -56,9 +59,11 @@ def module_path(node: torch.fx.Node) -> str:
 def module_type_name(node: torch.fx.Node) -> str:
     """Qualified class name of the innermost module `node` was traced in ("" for the root)."""
     stack = module_stack(node)
-    if not stack:
-        return ""
-    kind = stack[-1][1]
+    return qualified_type_name(stack[-1][1]) if stack else ""
+
+
+def qualified_type_name(kind: Any) -> str:
+    """`package.module.Class` of a module type in `nn_module_stack` (export may record a string)."""
     return f"{kind.__module__}.{kind.__qualname__}" if isinstance(kind, type) else str(kind)
 
 
@@ -102,10 +107,12 @@ def insert_call(
     *,
     like: torch.fx.Node,
     val: Any = _COMPUTE,
+    name: str | None = None,
 ) -> torch.fx.Node:
     """Insert `op(*args, **kwargs)` at the graph's insert point, placed like `like`. Its fake value is
-    computed from the arguments' unless `val` is given (e.g. the value of the node it replaces)."""
-    node = copy_placement(like, graph.call_function(op, args, kwargs or {}))
+    computed from the arguments' unless `val` is given (e.g. the value of the node it replaces; None
+    leaves it unset). `name` is the node's name if free (default: derived from `op`)."""
+    node = copy_placement(like, graph.create_node("call_function", op, args, kwargs or {}, name=name))
     fake = fake_value(op, args, kwargs) if val is _COMPUTE else val
     if fake is not None:
         node.meta["val"] = fake
@@ -133,13 +140,20 @@ def add_tensor(
     return prefix + name
 
 
-def insert_get_attr(gm: torch.fx.GraphModule, target: str, *, like: torch.fx.Node, graph=None) -> torch.fx.Node:
+def insert_get_attr(
+    gm: torch.fx.GraphModule, target: str, *, like: torch.fx.Node, graph: torch.fx.Graph | None = None
+) -> torch.fx.Node:
     """A get_attr node reading `target` at the insert point of `graph` (default `gm.graph`), placed
-    like `like`, with a static-shaped fake value of the tensor."""
+    like `like`, with a static-shaped fake value of the tensor (in the fake mode of `like`'s value,
+    else of the graph inputs')."""
     graph = gm.graph if graph is None else graph
     node = copy_placement(like, graph.get_attr(target))
     tensor = get_attribute(gm, target)
-    mode = detect_fake_mode([v for v in (value(n) for n in graph.nodes if n.op == "placeholder") if v is not None])
+    mode = detect_fake_mode([value(like)]) or detect_fake_mode(_input_values(graph))
     if mode is not None and isinstance(tensor, torch.Tensor):
         node.meta["val"] = mode.from_tensor(tensor, static_shapes=True)
     return node
+
+
+def _input_values(graph: torch.fx.Graph) -> list[torch.Tensor]:
+    return [v for v in (value(n) for n in graph.nodes if n.op == "placeholder") if v is not None]

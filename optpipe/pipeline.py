@@ -5,7 +5,8 @@
 A pass rewrites `program.gm` in place (weights are replaced, never mutated, so the caller's model is
 untouched). After it, the graph is linted and recompiled, and verification compares the outputs on
 the verification inputs with those of the program before the pass (computed once and reused).
-Exact passes must match within dtype tolerance; lossy passes must keep the budget. A failing pass
+Exact passes must match within dtype tolerance; lossy passes must keep the budget (`--budget`, and
+the pass's own `min-sqnr` / `min-cosine`, see `optpipe.registry.LossyConfig`). A failing pass
 stops the pipeline with an error naming it and the passes before it.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 from .errors import PassError, VerificationError
 from .pipeline_text import PassSpec, format_pipeline, parse_pipeline
 from .program import Program
+from .registry import LossyConfig
 from .verify import Budget, Metrics, check_exact, compare, output_dtype, run_outputs, verification_inputs
 
 
@@ -178,11 +180,8 @@ def _judge(m: Metrics, spec: PassSpec, budget: Budget, dtype, records) -> None:
                 "this is a bug in the pass; --dump-ir DIR shows its rewrite",
             )
         return
-    pass_budget = Budget(
-        getattr(spec.config, "min_sqnr", None),
-        getattr(spec.config, "min_cosine", None),
-        getattr(spec.config, "min_top1", None),
-    )
+    config: LossyConfig = spec.config  # register_pass requires it of a lossy pass
+    pass_budget = Budget(sqnr=config.min_sqnr, cosine=config.min_cosine)
     problems = budget.merged(pass_budget).violations(m)
     if problems:
         m.ok = False

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import UsageError
-from .registry import PassInfo, get_pass, pass_names
+from .registry import PassInfo, config_fields, get_pass, pass_names
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 
@@ -211,11 +211,11 @@ class PassSpec:
         return self.info.name
 
     def options(self) -> dict[str, Any]:
-        """Non-default options in field order, kebab-case keys."""
+        """Non-default options in option order (`config_fields`: a lossy budget last), kebab-case keys."""
         out = {}
-        for f in dataclasses.fields(self.config):
+        for f in config_fields(self.config):
             value = getattr(self.config, f.name)
-            if f.init and value != _default(f):
+            if value != _default(f):
                 out[f.name.replace("_", "-")] = value
         return out
 
@@ -226,11 +226,7 @@ class PassSpec:
         return self.name + "{" + ",".join(f"{k}={format_value(v)}" for k, v in opts.items()) + "}"
 
     def config_dict(self) -> dict[str, Any]:
-        return {
-            f.name.replace("_", "-"): _jsonable(getattr(self.config, f.name))
-            for f in dataclasses.fields(self.config)
-            if f.init
-        }
+        return {f.name.replace("_", "-"): _jsonable(getattr(self.config, f.name)) for f in config_fields(self.config)}
 
 
 def _jsonable(v):

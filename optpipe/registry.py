@@ -2,7 +2,8 @@
 
 A pass is a function `(program, config) -> PassResult` registered with `@register_pass(name,
 Config, exact=...)`. It rewrites `program.gm` in place and reports what it did in counted stats.
-Configs are frozen dataclasses; each field's help text is `field(metadata={"help": ...})`.
+Configs are frozen dataclasses; each field's help text is `field(metadata={"help": ...})`. A lossy
+pass's config subclasses `LossyConfig`, whose fields are the budget the pipeline holds it to.
 
 The core imports pass and target modules only through these tables (built-ins by module path,
 third-party ones through the `optpipe.passes` / `optpipe.targets` entry-point groups), so heavy
@@ -55,6 +56,38 @@ class PassResult:
     """JSON-serialisable extras for the report (e.g. per-module-path decisions)."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class LossyConfig:
+    """Base of every lossy pass's config (`register_pass(..., exact=False)`): the pass's own quality
+    budget, checked by the pipeline after the pass together with the global `--budget` (the pass's
+    value wins where both are given). Options `min-sqnr` and `min-cosine`, listed after the pass's own.
+
+    A subclass that defines `__post_init__` calls `super().__post_init__()`.
+    """
+
+    min_sqnr: float | None = field(
+        default=None, metadata={"help": "verification budget: stop the pipeline when output SQNR (dB) falls below this"}
+    )
+    min_cosine: float | None = field(
+        default=None,
+        metadata={"help": "verification budget: stop the pipeline when output cosine similarity falls below this"},
+    )
+
+    def __post_init__(self):
+        if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
+            raise ValueError(f"min-cosine must be in [-1, 1], got {self.min_cosine}")
+
+
+def config_fields(config) -> list[dataclasses.Field]:
+    """The options of a pass config (class or instance) in their documented order: the pass's own
+    fields, then, for a lossy pass, `LossyConfig`'s budget fields (a dataclass lists a base class's
+    fields first; option listings and canonical pipeline text keep the budget last)."""
+    cls = config if isinstance(config, type) else type(config)
+    own = [f for f in dataclasses.fields(cls) if f.init]
+    budget = {f.name for f in dataclasses.fields(LossyConfig)} if issubclass(cls, LossyConfig) else set()
+    return [f for f in own if f.name not in budget] + [f for f in own if f.name in budget]
+
+
 @dataclass(frozen=True)
 class PassInfo:
     name: str
@@ -68,9 +101,7 @@ class PassInfo:
     def options(self) -> list[dict]:
         """Documented options: name (kebab-case), type, default, help."""
         rows = []
-        for f in dataclasses.fields(self.config_cls):
-            if not f.init:
-                continue
+        for f in config_fields(self.config_cls):
             default = (
                 f.default
                 if f.default is not dataclasses.MISSING
@@ -97,9 +128,15 @@ _PLUGINS_LOADED = False
 
 
 def register_pass(name: str, config: type, *, exact: bool, summary: str | None = None):
-    """Decorator registering `fn(program, config) -> PassResult` as pass `name`."""
+    """Decorator registering `fn(program, config) -> PassResult` as pass `name`. `config` is a frozen
+    dataclass; a lossy pass's (`exact=False`) subclasses `LossyConfig`."""
     if not dataclasses.is_dataclass(config) or not config.__dataclass_params__.frozen:
         raise TypeError(f"pass {name!r}: config {config.__name__} must be a frozen dataclass")
+    if not exact and not issubclass(config, LossyConfig):
+        raise TypeError(
+            f"pass {name!r} is lossy (exact=False): its config {config.__name__} must subclass "
+            "optpipe.registry.LossyConfig, whose min-sqnr / min-cosine are the budget it is verified against"
+        )
 
     def wrap(fn):
         doc = (fn.__doc__ or "").strip()
@@ -154,7 +191,7 @@ def _load_plugins() -> None:
         for ep in importlib.metadata.entry_points(group=group):
             try:
                 ep.load()
-            except Exception as e:  # a broken plugin must not take the tool down
+            except Exception as e:  # noqa: BLE001 - a broken plugin must not take the tool down
                 import warnings
 
                 warnings.warn(f"optpipe: plugin {ep.name!r} ({ep.value}) failed to load: {e}", stacklevel=2)

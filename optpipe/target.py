@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .graph_toolkit import module_path
+
 
 @dataclass
 class UnsupportedNode:
@@ -126,9 +128,7 @@ def unsupported_nodes(program, target_name: str, supports: Callable[[Any], bool]
         else:
             ok = supports(target)
         if not ok:
-            stack = node.meta.get("nn_module_stack") or {}
-            path = list(stack.values())[-1][0] if stack else ""
-            found.append(UnsupportedNode(node.name, op_label(target), path, introduced_by(node)))
+            found.append(UnsupportedNode(node.name, op_label(target), module_path(node), introduced_by(node)))
     return found
 
 

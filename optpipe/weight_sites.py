@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from .attention_sites import module_path as _module_path
+from .graph_toolkit import module_path
 
 aten = torch.ops.aten
 
@@ -46,7 +46,7 @@ class WeightSite:
     @property
     def path(self) -> str:
         """Module that calls it (a tied weight has one owner name but several callers)."""
-        return _module_path(self.node) or self.owner
+        return module_path(self.node) or self.owner
 
 
 def weight_tensor(gm: torch.fx.GraphModule, target: str) -> torch.Tensor | None:
@@ -88,6 +88,12 @@ def weight_site(gm, node: torch.fx.Node) -> WeightSite | str | None:
         w = _weight_node(gm, node.args[0])  # padding_idx/scale_grad_by_freq only affect gradients
         return WeightSite(node, "embedding", w, False) if w is not None else None
     return None
+
+
+def logical_weight(gm, site: WeightSite) -> torch.Tensor:
+    """A linear site's weight (detached) as [out_features, in_features], however it is stored."""
+    w = weight_tensor(gm, site.weight.target).detach()
+    return w.t() if site.transposed else w
 
 
 def linear_shape(gm, site: WeightSite) -> tuple[int, int]:

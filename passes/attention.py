@@ -38,16 +38,16 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.fx
-from torch._guards import detect_fake_mode
 
-from optpipe.attention_sites import SDPA, _mask_module, find_attention_sites, same_size, sdpa_arguments, val
+from optpipe.attention_sites import SDPA, find_attention_sites, mask_module, same_size, sdpa_arguments
+from optpipe.graph_toolkit import add_tensor, insert_call, insert_get_attr, value
 from optpipe.program import Program
-from optpipe.registry import PassResult, register_hook, register_pass
+from optpipe.registry import LossyConfig, PassResult, config_fields, register_hook, register_pass
 from optpipe.selection import LayerSelection
 
 from . import attention_ops as ops
@@ -57,7 +57,6 @@ aten = torch.ops.aten
 
 KINDS = ("sliding-window", "block-sparse", "random", "strided", "linear", "performer", "linformer", "dense")
 Kind = Literal["sliding-window", "block-sparse", "random", "strided", "linear", "performer", "linformer", "dense"]
-_META_KEYS = ("nn_module_stack", "stack_trace")
 
 # Below these example lengths a kind is slower than dense SDPA on CPU, forward or forward+backward
 # (benchmarks/attention.py at 256, 512, 1024 and 4096 tokens, fp32, 8 heads x 64, one thread; the
@@ -74,7 +73,7 @@ BREAK_EVEN_LENGTH = {
 
 
 @dataclass(frozen=True)
-class AttentionConfig:
+class AttentionConfig(LossyConfig):
     kind: Kind = field(
         default="dense",
         metadata={
@@ -120,15 +119,9 @@ class AttentionConfig:
         default=LayerSelection(),
         metadata={"help": "which attention sites (graph order): a slice 2:, :-1, an index 3, or a list [0,11]"},
     )
-    min_sqnr: float | None = field(
-        default=None, metadata={"help": "verification budget: stop the pipeline when output SQNR (dB) falls below this"}
-    )
-    min_cosine: float | None = field(
-        default=None,
-        metadata={"help": "verification budget: stop the pipeline when output cosine similarity falls below this"},
-    )
 
     def __post_init__(self):
+        super().__post_init__()
         if self.kind not in KINDS:
             raise ValueError(f"attention: unknown kind {self.kind!r} (kinds: {', '.join(KINDS)})")
         positive = {
@@ -155,7 +148,7 @@ class AttentionConfig:
             raise ValueError("attention: kind=random needs random >= 1 (random key blocks per query block)")
 
     def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in config_fields(self)}
 
 
 # -- site analysis -------------------------------------------------------------------------------------
@@ -178,7 +171,7 @@ def _threshold(dtype: torch.dtype) -> float:
 def _key_padding_source(gm, mask_node, causal: bool, example_inputs) -> tuple | str:
     """(mask node, polarity) when `mask_node` is a key padding mask (each query row equal to the
     last one, with the causal pattern on top when `causal`) on the example inputs; else why not."""
-    mv = val(mask_node)
+    mv = value(mask_node)
     if mv is None or mv.dim() < 2:
         return "mask without a known shape"
     if mv.dim() == 4 and not (isinstance(mv.shape[1], int) and mv.shape[1] == 1):
@@ -190,10 +183,10 @@ def _key_padding_source(gm, mask_node, causal: bool, example_inputs) -> tuple | 
         return f"mask of dtype {mv.dtype}"
     try:
         with torch.no_grad():
-            value = _mask_module(gm, mask_node)(*example_inputs)
+            mask = mask_module(gm, mask_node)(*example_inputs)
     except Exception as e:  # noqa: BLE001 - a mask we cannot evaluate is one we cannot vouch for
         return f"mask could not be evaluated on the example inputs ({type(e).__name__})"
-    allowed = value if value.dtype == torch.bool else value > _threshold(value.dtype)
+    allowed = mask if mask.dtype == torch.bool else mask > _threshold(mask.dtype)
     if allowed.shape[-2] == 1 and not causal:
         return (mask_node, polarity)
     keys = allowed[..., -1:, :]
@@ -213,7 +206,7 @@ def _key_padding_source(gm, mask_node, causal: bool, example_inputs) -> tuple | 
 def _plan_site(gm, node, index, site, config: AttentionConfig, example_inputs) -> _Plan | str:
     """A rewrite plan for one SDPA node, or the reason it is refused."""
     args = sdpa_arguments(node)
-    q, k, v = (val(args[n]) for n in ("query", "key", "value"))
+    q, k, v = (value(args[n]) for n in ("query", "key", "value"))
     if q is None or k is None or v is None:
         return "query/key/value without recorded shapes"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -245,79 +238,28 @@ def _plan_site(gm, node, index, site, config: AttentionConfig, example_inputs) -
 
 
 # -- rewriting -------------------------------------------------------------------------------------
-def _insert(graph: torch.fx.Graph, op, args: tuple, like: torch.fx.Node, fake_mode, kwargs=None):
-    node = graph.call_function(op, args, kwargs or {})
-    for key in _META_KEYS:
-        if key in like.meta:
-            node.meta[key] = like.meta[key]
-    fake_args = torch.fx.node.map_arg((args, kwargs or {}), lambda n: n.meta.get("val"))
-    if fake_mode is not None:
-        with fake_mode:
-            node.meta["val"] = op(*fake_args[0], **fake_args[1])
-    return node
-
-
-def _key_mask_node(graph, plan: _Plan, like, fake_mode):
+def _key_mask_node(graph, plan: _Plan, like):
     """Graph nodes turning the site's mask into a (B|1, S) bool key padding mask."""
     mask_node, polarity = plan.key_mask
     # read the mask before its broadcast over queries: then nothing O(L·S) needs to stay alive
     while (
         mask_node.op == "call_function"
         and mask_node.target is aten.expand.default
-        and val(mask_node.args[0]) is not None
-        and val(mask_node.args[0]).dim() == val(mask_node).dim()
-        and val(mask_node.args[0]).shape[-2] == 1
+        and value(mask_node.args[0]) is not None
+        and value(mask_node.args[0]).dim() == value(mask_node).dim()
+        and value(mask_node.args[0]).shape[-2] == 1
     ):
         mask_node = mask_node.args[0]
-    mv = val(mask_node)
+    mv = value(mask_node)
     x = mask_node
     if polarity == "additive":
-        x = _insert(graph, aten.gt.Scalar, (x, _threshold(mv.dtype)), like, fake_mode)
-    x = _insert(graph, aten.select.int, (x, -2, -1), like, fake_mode)  # the last query row
+        x = insert_call(graph, aten.gt.Scalar, (x, _threshold(mv.dtype)), like=like)
+    x = insert_call(graph, aten.select.int, (x, -2, -1), like=like)  # the last query row
     if mv.dim() == 4:
-        x = _insert(graph, aten.select.int, (x, 1, 0), like, fake_mode)  # the (size-1) head axis
+        x = insert_call(graph, aten.select.int, (x, 1, 0), like=like)  # the (size-1) head axis
     elif mv.dim() == 2:
-        x = _insert(graph, aten.unsqueeze.default, (x, 0), like, fake_mode)
+        x = insert_call(graph, aten.unsqueeze.default, (x, 0), like=like)
     return x
-
-
-def _new_tensor_attr(
-    gm: torch.fx.GraphModule, owner_path: str, name: str, tensor: torch.Tensor, parameter: bool
-) -> str:
-    """Register `tensor` on the submodule at `owner_path` (or the root); returns its attribute path."""
-    owner, prefix = gm, ""
-    if owner_path:
-        try:
-            owner, prefix = gm.get_submodule(owner_path), owner_path + "."
-        except AttributeError:
-            name = owner_path.replace(".", "_") + "_" + name
-    base, i = name, 1
-    while hasattr(owner, name):
-        name, i = f"{base}_{i}", i + 1
-    if parameter:
-        owner.register_parameter(name, torch.nn.Parameter(tensor))
-    else:
-        owner.register_buffer(name, tensor)
-    return prefix + name
-
-
-def _get_attr(gm, graph, target: str, like, fake_mode):
-    node = graph.get_attr(target)
-    for key in _META_KEYS:
-        if key in like.meta:
-            node.meta[key] = like.meta[key]
-    tensor = gm.get_parameter(target) if _is_param(gm, target) else gm.get_buffer(target)
-    if fake_mode is not None:
-        node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
-    return node
-
-
-def _is_param(gm, target) -> bool:
-    try:
-        gm.get_parameter(target)
-        return True
-    except AttributeError:
-        return False
 
 
 def _max_len(program: Program, config: AttentionConfig) -> int | None:
@@ -343,11 +285,10 @@ def _rewrite(program: Program, plan: _Plan, config: AttentionConfig) -> dict:
     gm, graph, node = program.gm, program.gm.graph, plan.node
     args = sdpa_arguments(node)
     q, k, v = args["query"], args["key"], args["value"]
-    qv = val(q)
-    fake_mode = detect_fake_mode([val(x) for x in (q, k, v)])
+    qv = value(q)
     scale = args["scale"] if args["scale"] is not None else 1.0 / math.sqrt(qv.shape[-1])
     with graph.inserting_before(node):
-        key_mask = _key_mask_node(graph, plan, node, fake_mode) if plan.key_mask else None
+        key_mask = _key_mask_node(graph, plan, node) if plan.key_mask else None
         if config.kind in ops.SPARSE_PATTERNS:
             op = ops.sparse_attention
             op_args = (
@@ -373,21 +314,22 @@ def _rewrite(program: Program, plan: _Plan, config: AttentionConfig) -> dict:
             proj = ops.orthogonal_random_features(
                 config.features, qv.shape[-1], config.seed + plan.index, dtype=qv.dtype
             )
-            target = _new_tensor_attr(gm, plan.path, "performer_projection", proj, parameter=False)
-            proj_node = _get_attr(gm, graph, target, node, fake_mode)
+            target = add_tensor(gm, plan.path, "performer_projection", proj)
+            proj_node = insert_get_attr(gm, target, like=node)
             op_args = (q, k, v, key_mask, proj_node, plan.causal, config.chunk, float(scale), config.redraw)
         else:  # linformer
             op = ops.linformer_attention
             max_len = _max_len(program, config)
             init = mean_pooling_projection(config.k, max_len, dtype=qv.dtype)
             targets = [
-                _new_tensor_attr(gm, plan.path, f"linformer_proj_{which}", init.clone(), parameter=True)
+                add_tensor(gm, plan.path, f"linformer_proj_{which}", init.clone(), parameter=True)
                 for which in ("key", "value")
             ]
-            ek, ev = (_get_attr(gm, graph, t, node, fake_mode) for t in targets)
+            ek, ev = (insert_get_attr(gm, t, like=node) for t in targets)
             op_args = (q, k, v, key_mask, ek, ev, float(scale))
-        new = _insert(graph, op, op_args, node, fake_mode)
-    new.meta["val"] = node.meta.get("val", new.meta.get("val"))
+        new = insert_call(graph, op, op_args, like=node)
+    if "val" in node.meta:  # the op's value has the shape of the SDPA value it stands for
+        new.meta["val"] = node.meta["val"]
     node.replace_all_uses_with(new)
     graph.erase_node(node)
     _reshape_after(new)

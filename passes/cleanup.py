@@ -37,7 +37,7 @@ class DceConfig:
 
     def __post_init__(self):
         if not isinstance(self.remove_attrs, bool):
-            raise TypeError(f"dce: remove-attrs must be a bool, got {self.remove_attrs!r}")
+            raise ValueError(f"dce: remove-attrs must be a bool, got {self.remove_attrs!r}")
 
 
 @dataclass(frozen=True)

@@ -34,21 +34,18 @@ from functools import reduce
 
 import torch
 import torch.fx
-from torch._guards import detect_fake_mode
 
 from optpipe.attention_sites import (
     SDPA,
     classify_mask,
     concrete,
     is_blocking_value,
-    module_path,
     repeat_kv_source,
     same_shape,
     same_size,
     sdpa_arguments,
-    val,
 )
-from optpipe.errors import UsageError
+from optpipe.graph_toolkit import get_attribute, insert_call, module_path, value
 from optpipe.program import Program
 from optpipe.registry import PassResult, register_pass
 
@@ -83,7 +80,6 @@ _VIEWS = (
     + _PASS_THROUGH
     + _CASTS
 )
-_META_KEYS = ("val", "nn_module_stack", "stack_trace")
 
 
 @dataclass(frozen=True)
@@ -106,7 +102,7 @@ class FuseAttentionConfig:
     def __post_init__(self):
         for f in fields(self):
             if not isinstance(getattr(self, f.name), bool):
-                raise UsageError(
+                raise ValueError(
                     f"fuse-attention: {f.name.replace('_', '-')} must be true or false, got {getattr(self, f.name)!r}"
                 )
 
@@ -143,7 +139,7 @@ def _arg(node: torch.fx.Node, i: int, name: str, default=None):
 
 
 def _is_noop_cast(node: torch.fx.Node) -> bool:
-    src, out = val(node.args[0]) if node.args else None, val(node)
+    src, out = value(node.args[0]) if node.args else None, value(node)
     return (
         node.target in _CASTS
         and src is not None
@@ -155,7 +151,7 @@ def _is_noop_cast(node: torch.fx.Node) -> bool:
 
 def _is_float_cast(node: torch.fx.Node) -> bool:
     """A cast between float dtypes on the same device (softmax in fp32, then back)."""
-    src, out = val(node.args[0]) if node.args else None, val(node)
+    src, out = value(node.args[0]) if node.args else None, value(node)
     return (
         node.target in _CASTS
         and src is not None
@@ -196,7 +192,7 @@ class _Matcher:
         if arg.target in _PASS_THROUGH:
             return self.constant(arg.args[0])
         if arg.op == "get_attr" and arg.target not in self.state_names:
-            t = _getattr_path(self.gm, arg.target)
+            t = get_attribute(self.gm, arg.target)
             if isinstance(t, torch.Tensor) and t.dim() == 0:
                 return float(t.item())
         return None
@@ -209,17 +205,14 @@ class _Matcher:
 
     def untransposed(self, kt: torch.fx.Node) -> torch.fx.Node | None:
         """k when `kt` is k with its last two dims swapped."""
-        out = val(kt)
+        out = value(kt)
         if out is None or out.dim() < 2 or kt.op != "call_function":
             return None
         r = out.dim()
-        if kt.target is aten.transpose.int:
-            if {kt.args[1] % r, kt.args[2] % r} == {r - 2, r - 1}:
-                return kt.args[0]
-        elif kt.target is aten.permute.default:
-            if [d % r for d in kt.args[1]] == list(range(r - 2)) + [r - 1, r - 2]:
-                return kt.args[0]
-        return None
+        swaps_last_two = (kt.target is aten.transpose.int and {kt.args[1] % r, kt.args[2] % r} == {r - 2, r - 1}) or (
+            kt.target is aten.permute.default and [d % r for d in kt.args[1]] == list(range(r - 2)) + [r - 1, r - 2]
+        )
+        return kt.args[0] if swaps_last_two else None
 
     # -- the score chain: from softmax's input back to q @ kᵀ ------------------------------------
     def scores(self, node, steps: list) -> torch.fx.Node | None:
@@ -233,9 +226,9 @@ class _Matcher:
             a, b = node.args[:2]
             pairs = [(a, b), (b, a)] if t in (aten.mul.Tensor, aten.mul.Scalar) else [(a, b)]
             for x, c in pairs:
-                value = self.constant(c)
-                if isinstance(x, torch.fx.Node) and value is not None and value > 0:
-                    steps.append((node, "scale", value if t in (aten.mul.Tensor, aten.mul.Scalar) else 1 / value))
+                factor = self.constant(c)
+                if isinstance(x, torch.fx.Node) and factor is not None and factor > 0:
+                    steps.append((node, "scale", factor if t in (aten.mul.Tensor, aten.mul.Scalar) else 1 / factor))
                     return self.scores(x, steps)
             return None
         if t is aten.add.Tensor and node.kwargs.get("alpha", 1) == 1:
@@ -249,14 +242,14 @@ class _Matcher:
                         return found
             return None
         if t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
-            x, cond, value = node.args[:3]
-            if is_blocking_value(self.constant(value), val(node).dtype):
+            x, cond, fill = node.args[:3]
+            if is_blocking_value(self.constant(fill), value(node).dtype):
                 steps.append((node, "mask", _Mask(cond, "block")))
                 return self.scores(x, steps)
             return None
         if t in (aten.where.ScalarOther, aten.where.self):
             cond, x, other = node.args[:3]
-            if is_blocking_value(self.constant(other), val(node).dtype):
+            if is_blocking_value(self.constant(other), value(node).dtype):
                 steps.append((node, "mask", _Mask(cond, "attend")))
                 return self.scores(x, steps)
             return None
@@ -282,7 +275,7 @@ class _Matcher:
         softmax = node
         chain.append(softmax)
         s_in = softmax.args[0]
-        s_val = val(s_in)
+        s_val = value(s_in)
         if s_val is None or softmax.args[1] % s_val.dim() != s_val.dim() - 1:
             return None
         steps: list = []
@@ -307,9 +300,9 @@ class _Matcher:
                     m.factor *= payload if m.polarity == "additive" else 1.0
             elif kind == "mask":
                 masks.append(payload)
-        qv = val(q)
+        qv = value(q)
         for m in masks:
-            mv = val(m.node)
+            mv = value(m.node)
             if (
                 mv is None
                 or (m.polarity == "additive" and mv.dtype != qv.dtype)
@@ -319,7 +312,7 @@ class _Matcher:
         return _Match(q, k, v, scale, masks, pv, chain)
 
     def shapes_ok(self, q, k, v, qk, pv, probs, chain) -> bool:
-        qv, kv, vv, sv, ov, pval = (val(n) for n in (q, k, v, qk, pv, probs))
+        qv, kv, vv, sv, ov, pval = (value(n) for n in (q, k, v, qk, pv, probs))
         if any(x is None for x in (qv, kv, vv, sv, ov, pval)):
             return False
         r = qv.dim()
@@ -327,7 +320,7 @@ class _Matcher:
             return False
         if not (qv.dtype == kv.dtype == vv.dtype == pval.dtype == sv.dtype) or not qv.is_floating_point():
             return False
-        if not all(_as_precise(val(n).dtype, qv.dtype) for n in chain[1 : chain.index(qk)] if val(n) is not None):
+        if not all(_as_precise(value(n).dtype, qv.dtype) for n in chain[1 : chain.index(qk)] if value(n) is not None):
             return False
         if not (same_size(qv.shape[-1], kv.shape[-1]) and same_size(kv.shape[-2], vv.shape[-2])):
             return False
@@ -336,35 +329,12 @@ class _Matcher:
         if not (same_size(sv.shape[-2], qv.shape[-2]) and same_size(sv.shape[-1], kv.shape[-2])):
             return False
         # every score / probability node keeps the score shape (a mask may not broadcast it wider)
-        return all(val(n) is not None and same_shape(val(n), sv) for n in chain[1:]) and same_size(
+        return all(value(n) is not None and same_shape(value(n), sv) for n in chain[1:]) and same_size(
             ov.shape[-1], vv.shape[-1]
         )
 
 
-def _getattr_path(root: torch.nn.Module, target: str):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj
-
-
 # -- rewriting --------------------------------------------------------------------------------------
-def _call(graph: torch.fx.Graph, op, args: tuple, like: torch.fx.Node, kwargs: dict | None = None):
-    """Insert `op(*args)` (at the graph's insert point) with meta from `like` and a fake value."""
-    node = graph.call_function(op, args, kwargs or {})
-    for key in _META_KEYS[1:]:
-        if key in like.meta:
-            node.meta[key] = like.meta[key]
-    fake_args, fake_kwargs = torch.fx.node.map_arg((args, kwargs or {}), lambda n: n.meta.get("val"))
-    mode = detect_fake_mode(
-        [a for a in torch.utils._pytree.tree_leaves((fake_args, fake_kwargs)) if isinstance(a, torch.Tensor)]
-    )
-    if mode is not None:
-        with mode:
-            node.meta["val"] = op(*fake_args, **fake_kwargs)
-    return node
-
-
 def _sdpa_kwargs(attn_mask, dropout_p, is_causal, scale, enable_gqa) -> dict:
     """SDPA arguments in canonical form: defaults left out, the scale always explicit."""
     kwargs = {}
@@ -394,7 +364,7 @@ class _Rewriter:
 
     def unrepeated(self, k, v):
         """(k, v, enable_gqa): K/V before repeat_kv when both are repeated alike."""
-        if self.config.enable_gqa and val(k) is not None and val(k).dim() == 4:
+        if self.config.enable_gqa and value(k) is not None and value(k).dim() == 4:
             rk, rv = repeat_kv_source(k), repeat_kv_source(v)
             if rk and rv and rk[1] == rv[1]:
                 return rk[0], rv[0], True
@@ -408,7 +378,7 @@ class _Rewriter:
         kinds = [kind for kind in kinds if kind != "none"]
         if not masks:
             return None, False
-        square = same_size(val(q).shape[-2], val(k).shape[-2])
+        square = same_size(value(q).shape[-2], value(k).shape[-2])
         if self.config.causal and square and all(kind == "causal" for kind in kinds):
             return None, True
         bools, floats = [], []
@@ -416,18 +386,18 @@ class _Rewriter:
             if m.polarity == "block" and m.node.target in _NOTS:
                 bools.append(m.node.args[0])  # masked_fill(~allowed, -inf): attend where allowed
             elif m.polarity == "block":
-                bools.append(_call(graph, aten.logical_not.default, (m.node,), like))
+                bools.append(insert_call(graph, aten.logical_not.default, (m.node,), like=like))
             elif m.polarity == "attend":
                 bools.append(m.node)
             elif m.factor != 1.0:
-                floats.append(_call(graph, aten.mul.Tensor, (m.node, m.factor), like))
+                floats.append(insert_call(graph, aten.mul.Tensor, (m.node, m.factor), like=like))
             else:
                 floats.append(m.node)
         if not floats:
-            return reduce(lambda a, b: _call(graph, aten.logical_and.default, (a, b), like), bools), False
-        acc = reduce(lambda a, b: _call(graph, aten.add.Tensor, (a, b), like), floats)
+            return reduce(lambda a, b: insert_call(graph, aten.logical_and.default, (a, b), like=like), bools), False
+        acc = reduce(lambda a, b: insert_call(graph, aten.add.Tensor, (a, b), like=like), floats)
         for b in bools:
-            acc = _call(graph, aten.where.ScalarOther, (b, acc, float("-inf")), like)
+            acc = insert_call(graph, aten.where.ScalarOther, (b, acc, float("-inf")), like=like)
         return acc, False
 
     def fuse(self, match: _Match) -> dict:
@@ -436,12 +406,15 @@ class _Rewriter:
             attn_mask, is_causal = self.mask_operand(match.masks, match.q, match.k, out)
             k, v, gqa = self.unrepeated(match.k, match.v)
             kwargs = _sdpa_kwargs(attn_mask, 0.0, is_causal, match.scale, gqa)
-            sdpa = graph.create_node(
-                "call_function", SDPA, (match.q, k, v), kwargs, name="scaled_dot_product_attention"
+            sdpa = insert_call(
+                graph,
+                SDPA,
+                (match.q, k, v),
+                kwargs,
+                like=out,
+                val=out.meta.get("val"),
+                name="scaled_dot_product_attention",
             )
-        for key in _META_KEYS:
-            if key in out.meta:
-                sdpa.meta[key] = out.meta[key]
         out.replace_all_uses_with(sdpa)
         for node in match.chain:  # output first: each node's only user is already gone
             for check in [u for u in node.users if u.target is _ASSERT_METADATA]:
@@ -460,14 +433,14 @@ class _Rewriter:
         args = sdpa_arguments(node)
         q, k, v, mask = args["query"], args["key"], args["value"], args["attn_mask"]
         is_causal, scale, gqa = args["is_causal"], args["scale"], args["enable_gqa"]
-        qv = val(q)
-        if qv is None or val(k) is None:
+        qv = value(q)
+        if qv is None or value(k) is None:
             return None
         if mask is not None and not is_causal:
             kind = self.mask_kind(mask, "attend")
             if kind == "none":
                 mask = None
-            elif kind == "causal" and self.config.causal and same_size(qv.shape[-2], val(k).shape[-2]):
+            elif kind == "causal" and self.config.causal and same_size(qv.shape[-2], value(k).shape[-2]):
                 mask, is_causal = None, True
         if not gqa:
             k, v, gqa = self.unrepeated(k, v)

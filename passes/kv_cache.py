@@ -56,8 +56,9 @@ import torch.fx
 from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from optpipe.attention_sites import SDPA, module_path, sdpa_arguments, val
+from optpipe.attention_sites import SDPA, sdpa_arguments
 from optpipe.errors import PassError
+from optpipe.graph_toolkit import copy_placement, module_path, value
 from optpipe.kv_step import STEP_INPUTS
 from optpipe.ops import is_optpipe_op
 from optpipe.program import Program
@@ -213,7 +214,7 @@ def _single_output(gm: torch.fx.GraphModule) -> None:
     out = next(n for n in gm.graph.nodes if n.op == "output")
     flat = out.args[0]
     flat = list(flat) if isinstance(flat, (list, tuple)) else [flat]
-    v = val(flat[0]) if len(flat) == 1 and isinstance(flat[0], torch.fx.Node) else None
+    v = value(flat[0]) if len(flat) == 1 and isinstance(flat[0], torch.fx.Node) else None
     if v is None or v.dim() != 3:
         raise PassError(
             "kv-cache: the program must return one tensor of logits [batch, seq, vocab]",
@@ -256,7 +257,7 @@ class _StepBuilder:
     # positions ---------------------------------------------------------------------------------
     def replace_positions(self) -> int:
         """`arange(seq)` (and `arange(seq).unsqueeze(0)`) -> position_ids [B, T]."""
-        seq = val(self.tokens).shape[1]
+        seq = value(self.tokens).shape[1]
         count = 0
         for node in list(self.graph.nodes):
             if node.op != "call_function" or node.target not in _ARANGES or not node.users:
@@ -286,7 +287,7 @@ class _StepBuilder:
     # caches --------------------------------------------------------------------------------------
     def cache_site(self, index: int, site: _Site) -> dict:
         """Give `site` its cache inputs and replace it by its cached form; returns its cache spec."""
-        k_val, v_val = val(site.key), val(site.value)
+        k_val, v_val = value(site.key), value(site.value)
         kv_heads, head_dim, v_dim = k_val.shape[1], k_val.shape[-1], v_val.shape[-1]
         dtype = str(k_val.dtype).replace("torch.", "")
         if site.kind == "linear":  # recurrent state Σφ(k)vᵀ and Σφ(k), per K/V head
@@ -304,7 +305,7 @@ class _StepBuilder:
         with self.graph.inserting_before(site.node):
             new, updated = self._cached_form(site, first, second)
         self.cache_outputs += updated
-        _copy_meta(site.node, new)
+        copy_placement(site.node, new)
         site.node.replace_all_uses_with(new)
         self.graph.erase_node(site.node)
         return {
@@ -354,10 +355,10 @@ class _StepBuilder:
         """cache[:, :, cache_position] = new, in place, as an `index_put_` with one broadcast index
         tensor per dim (what every target's importer takes; TVM's cannot fill in omitted dims).
         The index tensors are built once per shape of `new` and shared by every site that has it."""
-        shape = tuple(str(s) for s in val(new).shape)
+        shape = tuple(str(s) for s in value(new).shape)
         if shape not in self._write_index:
             size = lambda d: self._call(aten.sym_size.int, new, d)
-            device = val(self.tokens).device
+            device = value(self.tokens).device
             shapes = ([-1, 1, 1, 1], [1, -1, 1, 1], None, [1, 1, 1, -1])
             index = []
             for d, view in enumerate(shapes):
@@ -379,7 +380,7 @@ class _StepBuilder:
     def _mask(self) -> torch.fx.Node:
         """[B, 1, T, L] bool: slot <= the query's slot and a real token, or the query itself."""
         if self._dense_mask is None:  # at the caller's insertion point: before the first dense site
-            slots = self._call(aten.arange.default, self._filled(), dtype=torch.int64, device=val(self.tokens).device)
+            slots = self._call(aten.arange.default, self._filled(), dtype=torch.int64, device=value(self.tokens).device)
             q_slot = self._call(aten.unsqueeze.default, self.cache_position, -1)
             causal = self._call(aten.le.Tensor, slots, q_slot)
             itself = self._call(aten.eq.Tensor, slots, q_slot)
@@ -431,12 +432,6 @@ def _same_sym(end, seq) -> bool:
         return str(end_val) == str(seq)
     except Exception:  # noqa: BLE001
         return False
-
-
-def _copy_meta(old: torch.fx.Node, new: torch.fx.Node) -> None:
-    for key in ("nn_module_stack", "stack_trace"):
-        if key in old.meta:
-            new.meta[key] = old.meta[key]
 
 
 def _example_step_inputs(program: Program, batch: int, length: int) -> tuple:

@@ -56,8 +56,9 @@ from typing import Literal
 import torch
 import torch.fx
 
-from optpipe.analysis import TensorSpec, analyze, concrete_shapes, get_attribute, node_module
+from optpipe.analysis import TensorSpec, analyze, concrete_shapes
 from optpipe.errors import PassError
+from optpipe.graph_toolkit import get_attribute, module_path, module_stack
 from optpipe.program import Program
 from optpipe.registry import PassResult, register_hook, register_pass
 
@@ -185,13 +186,14 @@ def recomputable_nodes(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
     free: set[torch.fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            if not _is_parameter(gm, node):
-                free.add(node)
-        elif node.op == "call_function":
-            if node.target is aten.sym_size.int or (
-                not _nondeterministic(node.target) and all(a in free for a in node.all_input_nodes)
-            ):
-                free.add(node)
+            recomputable = not _is_parameter(gm, node)
+        else:
+            recomputable = node.op == "call_function" and (
+                node.target is aten.sym_size.int
+                or (not _nondeterministic(node.target) and all(a in free for a in node.all_input_nodes))
+            )
+        if recomputable:
+            free.add(node)
     return free
 
 
@@ -217,7 +219,7 @@ class GraphView:
 
 
 def _block_key(node: torch.fx.Node) -> str | None:
-    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+    for path, _ in module_stack(node):
         m = _LAYER_RE.search(path)
         if m:
             return path[: m.end()].rstrip(".")
@@ -243,7 +245,7 @@ def graph_view(gm: torch.fx.GraphModule) -> GraphView:
     else:  # no transformer blocks: any module boundary may be cut
         current = PRE
         for n in compute:
-            path = node_module(n)[0]
+            path = module_path(n)
             current = path or current
             keys.append(current)
     segments: list[tuple[int, int, str]] = []
@@ -503,7 +505,7 @@ def build_stage(view: GraphView, plan: StagePlan) -> torch.fx.GraphModule:
             return env[arg]
         raise PassError(
             f"partition: stage {plan.index} reads {arg.name} "
-            f"({node_module(arg)[0] or 'top level'}), which no earlier stage sends"
+            f"({module_path(arg) or 'top level'}), which no earlier stage sends"
         )
 
     for node in view.compute[plan.start : plan.end]:
@@ -578,9 +580,32 @@ def partition(program: Program, config: PartitionConfig) -> PassResult:
     seg_costs = [sum(costs[s:e]) for s, e, _ in view.segments]
     seg_bytes = [sum(_spec(shapes, v)["bytes"] for v in crossing(view, e)) for s, e, _ in view.segments[:-1]]
     cuts = choose_cuts(seg_costs, seg_bytes, config.stages, config.penalty)
-    boundaries = [view.segments[i][1] for i in cuts]
-    plans = stage_plans(view, boundaries)
+    plans = stage_plans(view, [view.segments[i][1] for i in cuts])
+    rows, tied = _stage_rows(view, plans, costs, shapes, config)
+    cut_rows = _cut_rows(view, plans, shapes)
+    info = _plan_info(program, config, view, rows, cut_rows, tied)
+    program.meta["partition"] = json.loads(json.dumps(info, default=str))
+    if config.check and not _on_meta(program):
+        check_composition(program)
+    scale = 1e6 if config.balance == "measured" else 1.0
+    stats = {
+        "stages": config.stages,
+        "cut_bytes": sum(c["bytes"] for c in cut_rows),
+        "max_stage_cost": int(round(info["max_stage_cost"] * scale)),
+        "mean_stage_cost": int(round(info["mean_stage_cost"] * scale)),
+    }
+    details = {
+        "stages": [{k: v for k, v in r.items() if k not in ("param_names", "segments")} for r in rows],
+        "cuts": cut_rows,
+        "tied": tied,
+        **{key: info[key] for key in ("bubble", "microbatches", "imbalance", "cost_unit")},
+    }
+    return PassResult(True, stats, details)
 
+
+def _stage_rows(view: GraphView, plans: list[StagePlan], costs, shapes, config: PartitionConfig):
+    """(one row per stage: cost, nodes, segments, parameters, inputs, bytes sent; the parameters
+    several stages read, each with the stage that owns it and the name each stage reads it by)."""
     holders: dict[int, dict[int, str]] = {}  # tensor -> {stage: the name it reads it by}
     tensors: dict[int, torch.Tensor] = {}
     rows = []
@@ -590,13 +615,12 @@ def partition(program: Program, config: PartitionConfig) -> PassResult:
             holders.setdefault(id(t), {}).setdefault(plan.index, name)
             tensors[id(t)] = t
         keys = list(dict.fromkeys(view.keys[plan.start : plan.end]))
-        cost = sum(costs[plan.start : plan.end])
         sends = [_spec(shapes, v) for v in plan.outputs] if plan.outputs is not None else []
         rows.append(
             {
                 "stage": plan.index,
                 "device": config.devices[plan.index] if config.devices else "cpu",
-                "cost": cost,
+                "cost": sum(costs[plan.start : plan.end]),
                 "nodes": plan.end - plan.start,
                 "segments": keys,
                 "first": keys[0],
@@ -612,21 +636,25 @@ def partition(program: Program, config: PartitionConfig) -> PassResult:
     for key, names in holders.items():
         if len(names) > 1:
             owner = min(names)
-            t = tensors[key]
             tied.append(
                 {
                     "param": names[owner],
                     "stages": sorted(names),
                     "owner": owner,
                     "names": {str(k): v for k, v in sorted(names.items())},
-                    "shape": list(t.shape),
-                    "dtype": str(t.dtype).replace("torch.", ""),
+                    "shape": list(tensors[key].shape),
+                    "dtype": str(tensors[key].dtype).replace("torch.", ""),
                 }
             )
-    cut_rows = []
+    return rows, tied
+
+
+def _cut_rows(view: GraphView, plans: list[StagePlan], shapes) -> list[dict]:
+    """One row per cut: the segment it comes before and the tensors crossing it."""
+    rows = []
     for plan in plans[:-1]:
         tensors = [_spec(shapes, v) for v in plan.outputs]
-        cut_rows.append(
+        rows.append(
             {
                 "after_stage": plan.index,
                 "before": view.keys[plan.end],
@@ -635,10 +663,14 @@ def partition(program: Program, config: PartitionConfig) -> PassResult:
                 "bytes": sum(t["bytes"] for t in tensors),
             }
         )
+    return rows
+
+
+def _plan_info(program: Program, config: PartitionConfig, view: GraphView, rows, cut_rows, tied) -> dict:
+    """The plan as stored in program.meta["partition"] (format optpipe-partition/1)."""
     stage_costs = [r["cost"] for r in rows]
     mean = statistics.fmean(stage_costs)
-    scale = 1e6 if config.balance == "measured" else 1.0
-    info = {
+    return {
         "format": "optpipe-partition/1",
         "num_stages": config.stages,
         "balance": config.balance,
@@ -656,25 +688,6 @@ def partition(program: Program, config: PartitionConfig) -> PassResult:
         "imbalance": max(stage_costs) / mean if mean else 1.0,
         "example_inputs": [list(x.shape) for x in program.example_inputs if isinstance(x, torch.Tensor)],
     }
-    program.meta["partition"] = json.loads(json.dumps(info, default=str))
-    if config.check and not _on_meta(program):
-        check_composition(program)
-    stats = {
-        "stages": config.stages,
-        "cut_bytes": sum(c["bytes"] for c in cut_rows),
-        "max_stage_cost": int(round(max(stage_costs) * scale)),
-        "mean_stage_cost": int(round(mean * scale)),
-    }
-    details = {
-        "stages": [{k: v for k, v in r.items() if k not in ("param_names", "segments")} for r in rows],
-        "cuts": cut_rows,
-        "tied": tied,
-        "bubble": info["bubble"],
-        "microbatches": config.microbatches,
-        "imbalance": info["imbalance"],
-        "cost_unit": info["cost_unit"],
-    }
-    return PassResult(True, stats, details)
 
 
 def _on_meta(program: Program) -> bool:

@@ -245,7 +245,7 @@ def _insert_collectives(gm: torch.fx.GraphModule, groups) -> None:
             with graph.inserting_after(reduced):
                 out = graph.call_function(aten.add.Tensor, (reduced, bias))
             out.meta = dict(node.meta)
-        node.replace_all_uses_with(out, delete_user_cb=lambda u: u is not reduced)
+        node.replace_all_uses_with(out, delete_user_cb=lambda u, reduced=reduced: u is not reduced)
     graph.lint()
     gm.recompile()
 

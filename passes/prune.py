@@ -51,20 +51,17 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.fx
 
-from optpipe.attention_sites import SDPA, concrete, module_path, sdpa_arguments, val
+from optpipe.attention_sites import SDPA, concrete, sdpa_arguments
+from optpipe.graph_toolkit import module_path, value
 from optpipe.program import Program
-from optpipe.registry import PassResult, register_pass
-from optpipe.weight_sites import WeightSite as _Site
-from optpipe.weight_sites import linear_shape as _linear_shape
-from optpipe.weight_sites import path_matches
-from optpipe.weight_sites import weight_site as _site
-from optpipe.weight_sites import weight_tensor as _tensor
+from optpipe.registry import LossyConfig, PassResult, config_fields, register_pass
+from optpipe.weight_sites import WeightSite, linear_shape, logical_weight, path_matches, weight_site, weight_tensor
 
 aten = torch.ops.aten
 
@@ -120,7 +117,7 @@ _FREE = {
 
 
 @dataclass(frozen=True)
-class PruneConfig:
+class PruneConfig(LossyConfig):
     method: Method = field(
         default="structured",
         metadata={
@@ -151,15 +148,9 @@ class PruneConfig:
         default=(),
         metadata={"help": "globs of module paths (or dotted tails) to leave untouched, e.g. [lm_head,*.0.*]"},
     )
-    min_sqnr: float | None = field(
-        default=None, metadata={"help": "verification budget: stop the pipeline when output SQNR (dB) falls below this"}
-    )
-    min_cosine: float | None = field(
-        default=None,
-        metadata={"help": "verification budget: stop the pipeline when output cosine similarity falls below this"},
-    )
 
     def __post_init__(self):
+        super().__post_init__()
         if self.method not in METHODS:
             raise ValueError(f"prune: unknown method {self.method!r} (methods: {', '.join(METHODS)})")
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
@@ -178,11 +169,9 @@ class PruneConfig:
                 raise ValueError(f"prune: {name} must be a list of module-path globs, got {value!r}")
         if not self.modules:
             raise ValueError("prune: modules is empty; use [*] for every module")
-        if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
-            raise ValueError(f"prune: min-cosine must be in [-1, 1], got {self.min_cosine}")
 
     def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in config_fields(self)}
 
 
 class Refused(Exception):
@@ -245,10 +234,10 @@ def _selected(path: str, config: PruneConfig) -> str | None:
     return None
 
 
-def is_tied(gm: torch.fx.GraphModule, site: _Site) -> bool:
+def is_tied(gm: torch.fx.GraphModule, site: WeightSite) -> bool:
     """Whether the weight is shared: read by another node or registered under another name."""
-    weight = _tensor(gm, site.weight.target)
-    readers = [n for n in gm.graph.nodes if n.op == "get_attr" and _tensor(gm, n.target) is weight]
+    weight = weight_tensor(gm, site.weight.target)
+    readers = [n for n in gm.graph.nodes if n.op == "get_attr" and weight_tensor(gm, n.target) is weight]
     users = {u for r in readers for u in r.users}
     names = [k for k, t in gm.named_parameters(remove_duplicate=False) if t is weight]
     return len(users) > 1 or len(names) > 1
@@ -270,12 +259,6 @@ def _replace_param(gm, target: str, tensor: torch.Tensor) -> torch.Tensor:
     return old
 
 
-def _logical(gm, site: _Site) -> torch.Tensor:
-    """The weight as [out_features, in_features]."""
-    w = _tensor(gm, site.weight.target).detach()
-    return w.t() if site.transposed else w
-
-
 def _count_params(gm) -> int:
     seen, total = set(), 0
     for t in gm.parameters():
@@ -291,7 +274,7 @@ class _Slice:
     """Rows (producer) or columns (consumer) of a linear that carry one group's units:
     unit u owns [offset + u*per_unit, offset + (u+1)*per_unit)."""
 
-    site: _Site
+    site: WeightSite
     offset: int
     per_unit: int
 
@@ -310,27 +293,27 @@ class _Group:
     nodes: set = field(default_factory=set)
     heads_per_unit: int = 1
 
-    def linears(self) -> list[_Site]:
+    def linears(self) -> list[WeightSite]:
         return [s.site for s in self.producers] + [self.consumer.site]
 
 
-def _sites_by_node(gm) -> dict[torch.fx.Node, _Site]:
+def _sites_by_node(gm) -> dict[torch.fx.Node, WeightSite]:
     out = {}
     for node in gm.graph.nodes:
-        site = _site(gm, node)
-        if isinstance(site, _Site) and site.kind == "linear":
+        site = weight_site(gm, node)
+        if isinstance(site, WeightSite) and site.kind == "linear":
             out[node] = site
     return out
 
 
 def _last(node) -> int | None:
-    v = val(node)
+    v = value(node)
     return concrete(v.shape[-1]) if v is not None and v.dim() else None
 
 
-def _mlp_group(gm, consumer: _Site, sites: dict) -> _Group:
+def _mlp_group(gm, consumer: WeightSite, sites: dict) -> _Group:
     """The linears feeding `consumer` through channel-wise ops (an MLP), or Refused."""
-    k = _linear_shape(gm, consumer)[1]
+    k = linear_shape(gm, consumer)[1]
     interior, producers, stack = set(), [], [consumer.x]
     while stack:
         node = stack.pop()
@@ -339,7 +322,7 @@ def _mlp_group(gm, consumer: _Site, sites: dict) -> _Group:
         if not isinstance(node, torch.fx.Node) or _last(node) != k:
             raise Refused("input is not computed channel-wise from other linears")
         if node in sites:
-            if _linear_shape(gm, sites[node])[0] != k:
+            if linear_shape(gm, sites[node])[0] != k:
                 raise Refused("a producing linear has a different width")
             producers.append(sites[node])
             continue
@@ -394,12 +377,12 @@ def _head_path(start, heads: int, nodes: set) -> torch.fx.Node:
         if (node, axis) in seen:
             continue
         seen.add((node, axis))
-        v = val(node)
+        v = value(node)
         if v is None or v.dim() != 4 or concrete(v.shape[axis]) != heads or node.op != "call_function":
             raise Refused(f"unexpected value on the head path at {getattr(node, 'name', node)}")
         nodes.add(node)
         t = node.target
-        src = val(node.args[0]) if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        src = value(node.args[0]) if node.args and isinstance(node.args[0], torch.fx.Node) else None
         if t in _VIEWS and src is not None and src.dim() == 3:
             if axis != 2:
                 raise Refused(f"head split {node.name} does not put heads at dim 2")
@@ -416,7 +399,7 @@ def _head_path(start, heads: int, nodes: set) -> torch.fx.Node:
                     raise Refused(f"{node.name} slices or concatenates across heads")
             args = node.args[0] if t is aten.cat.default else node.args
             for a in list(args):
-                av = val(a)
+                av = value(a)
                 if av is None:
                     continue
                 pos = axis - (4 - av.dim())
@@ -430,7 +413,7 @@ def _head_path(start, heads: int, nodes: set) -> torch.fx.Node:
     return splits.pop()
 
 
-def _producer(split_view, sites: dict, nodes: set) -> tuple[_Site, int]:
+def _producer(split_view, sites: dict, nodes: set) -> tuple[WeightSite, int]:
     """The linear (and row offset inside it) whose output the head split reads."""
     node, offset = split_view.args[0], 0
     while True:
@@ -445,7 +428,7 @@ def _producer(split_view, sites: dict, nodes: set) -> tuple[_Site, int]:
         ):
             split = node.args[0]
             dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
-            if dim not in (-1, val(split.args[0]).dim() - 1):
+            if dim not in (-1, value(split.args[0]).dim() - 1):
                 raise Refused("projection split along a non-channel dim")
             offset += node.args[1] * split.args[1]
             nodes.add(split)
@@ -455,11 +438,11 @@ def _producer(split_view, sites: dict, nodes: set) -> tuple[_Site, int]:
 
 
 def _same_shape(a: torch.fx.Node, b: torch.fx.Node) -> bool:
-    va, vb = val(a), val(b)
+    va, vb = value(a), value(b)
     return va is not None and vb is not None and tuple(va.shape) == tuple(vb.shape)
 
 
-def _output_consumer(sdpa, heads: int, head_dim: int, sites: dict, nodes: set) -> _Site:
+def _output_consumer(sdpa, heads: int, head_dim: int, sites: dict, nodes: set) -> WeightSite:
     node, axis, merged = sdpa, 1, False
     while True:
         if len(node.users) != 1:
@@ -510,7 +493,7 @@ def _attention_arguments(node: torch.fx.Node) -> dict:
 
 def _head_group(gm, sdpa, sites: dict) -> _Group:
     args = _attention_arguments(sdpa)
-    q, k, v = val(args["query"]), val(args["key"]), val(args["value"])
+    q, k, v = value(args["query"]), value(args["key"]), value(args["value"])
     if q is None or q.dim() != 4 or k is None or k.dim() != 4:
         raise Refused("attention inputs are not 4-d")
     heads, kv_heads, head_dim = concrete(q.shape[1]), concrete(k.shape[1]), concrete(q.shape[-1])
@@ -521,7 +504,7 @@ def _head_group(gm, sdpa, sites: dict) -> _Group:
     if args["dropout_p"]:
         raise Refused("dropout inside attention")
     mask = args["attn_mask"]
-    mv = val(mask) if mask is not None else None
+    mv = value(mask) if mask is not None else None
     if mv is not None and mv.dim() == 4 and mv.shape[1] != 1:
         raise Refused("per-head attention mask")
     rep = heads // kv_heads
@@ -538,9 +521,9 @@ def _head_group(gm, sdpa, sites: dict) -> _Group:
     consumer = _output_consumer(sdpa, heads, head_dim, sites, nodes)
     for site in {id(s.site): s.site for s in slices}.values():
         rows = sum(len(s.indices(range(kv_heads))) for s in slices if s.site is site)
-        if rows != _linear_shape(gm, site)[0]:
+        if rows != linear_shape(gm, site)[0]:
             raise Refused(f"projection {site.path} has rows the attention does not read")
-    if _linear_shape(gm, consumer)[1] != heads * head_dim:
+    if linear_shape(gm, consumer)[1] != heads * head_dim:
         raise Refused("output projection width is not heads * head_dim")
     for n in nodes:
         if not set(n.users) <= nodes | {consumer.node}:
@@ -592,13 +575,13 @@ def _unit_norms(w: torch.Tensor, s: _Slice, units: int, dim: int) -> torch.Tenso
 def score_group(gm, group: _Group, norms: dict | None) -> torch.Tensor:
     """Importance per unit (higher: keep)."""
     c = group.consumer
-    w_out = _logical(gm, c.site)
+    w_out = logical_weight(gm, c.site)
     out_sq = _unit_norms(w_out, c, group.units, 1)
     if norms is not None and c.site.x in norms:
         x = norms[c.site.x].double().pow(2)
         x_sq = x.narrow(0, c.offset, group.units * c.per_unit).reshape(group.units, -1).sum(1)
         return (x_sq * out_sq).sqrt().float()
-    in_sq = sum(_unit_norms(_logical(gm, p.site), p, group.units, 0) for p in group.producers)
+    in_sq = sum(_unit_norms(logical_weight(gm, p.site), p, group.units, 0) for p in group.producers)
     return (in_sq * out_sq).sqrt().float()
 
 
@@ -766,7 +749,7 @@ def _refresh_vals(gm, old_shapes, new_shapes) -> None:
             n.meta["val"] = resized(fake, old, new)
     for n in gm.graph.nodes:  # get_attr values of the replaced weights
         if n.op == "get_attr":
-            t = _tensor(gm, n.target)
+            t = weight_tensor(gm, n.target)
             v = n.meta.get("val")
             if t is not None and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(t.shape):
                 n.meta["val"] = fake_mode.from_tensor(t, static_shapes=True)
@@ -779,18 +762,18 @@ def _compensated_bias(gm, group: _Group, removed: list[int], means: dict | None)
     if means is None or c.site.x not in means or c.site.bias is None:
         return None
     cols = torch.tensor(c.indices(removed), dtype=torch.long)
-    w = _logical(gm, c.site)
-    b = _tensor(gm, c.site.bias.target).detach()
+    w = logical_weight(gm, c.site)
+    b = weight_tensor(gm, c.site.bias.target).detach()
     return b + (w.index_select(1, cols).double() @ means[c.site.x].double()[cols]).to(b.dtype)
 
 
 def apply_groups(program: Program, plan: list[tuple[_Group, list[int], list[int]]], means: dict | None = None) -> None:
     """Shrink the linears of every (group, kept units) and the graph's sizes; all or nothing."""
     gm = program.gm
-    rows: dict[int, tuple[_Site, list[int]]] = {}
-    cols: dict[int, tuple[_Site, list[int]]] = {}
+    rows: dict[int, tuple[WeightSite, list[int]]] = {}
+    cols: dict[int, tuple[WeightSite, list[int]]] = {}
     biases = {}
-    for group, kept, removed in plan:
+    for group, _kept, removed in plan:
         bias = _compensated_bias(gm, group, removed, means)
         if bias is not None:
             biases[group.consumer.site.bias.target] = bias
@@ -807,12 +790,12 @@ def apply_groups(program: Program, plan: list[tuple[_Group, list[int], list[int]
     try:
         for key in set(rows) | set(cols):
             site = (rows.get(key) or cols.get(key))[0]
-            w = _logical(gm, site)
+            w = logical_weight(gm, site)
             if key in rows:
                 keep = torch.tensor(sorted(rows[key][1]), dtype=torch.long)
                 w = w.index_select(0, keep)
                 if site.bias is not None:
-                    b = _tensor(gm, site.bias.target).detach()
+                    b = weight_tensor(gm, site.bias.target).detach()
                     replaced.append((site.bias.target, _replace_param(gm, site.bias.target, b.index_select(0, keep))))
             if key in cols:
                 w = w.index_select(1, torch.tensor(sorted(cols[key][1]), dtype=torch.long))
@@ -930,7 +913,7 @@ def _mask(w: torch.Tensor, score: torch.Tensor, config: PruneConfig) -> torch.Te
     return keep
 
 
-def _store_masked(gm, site: _Site, masked: torch.Tensor, semi_structured: bool) -> None:
+def _store_masked(gm, site: WeightSite, masked: torch.Tensor, semi_structured: bool) -> None:
     stored = masked.t() if site.transposed else masked
     if semi_structured and stored.is_cuda and stored.dtype in (torch.float16, torch.bfloat16) and not site.transposed:
         # CUDA sparse tensor cores: F.linear dispatches on the semi-structured subclass
@@ -948,11 +931,11 @@ def _unstructured(program: Program, config: PruneConfig) -> PassResult:
     params_before = _count_params(gm)
     sites, details = [], []
     for node in gm.graph.nodes:
-        site = _site(gm, node)
-        if not isinstance(site, _Site) or site.kind != "linear":
+        site = weight_site(gm, node)
+        if not isinstance(site, WeightSite) or site.kind != "linear":
             continue
         entry = {"module_path": site.path, "node": node.name}
-        n, k = _linear_shape(gm, site)
+        n, k = linear_shape(gm, site)
         reason = _selected(site.path, config)
         if reason is None and is_tied(gm, site):
             reason = "weight tied to another module"
@@ -967,7 +950,7 @@ def _unstructured(program: Program, config: PruneConfig) -> PassResult:
         norms = channel_norms(program, {s.x for s, _ in sites})
     zeroed = 0
     for site, entry in sites:
-        w = _logical(gm, site)
+        w = logical_weight(gm, site)
         score = w.abs().float()
         if norms is not None and site.x in norms:
             score = score * norms[site.x][None, :]

@@ -30,9 +30,10 @@ least squared error, `minmax` keeps it whole, `percentile` takes the 99.99th per
 tail. The buffers `input_qparams` [2] and `input_smooth` [K] sit next to each weight.
 details["calibration"] says which inputs were used and how many inputs chose each α.
 
-Selection: `modules` and `skip` are globs over the module path that owns the weight (`encoder.layer.0.attention.self.query`, `lm_head`); a pattern
-matches the whole path or any dotted tail of it (`skip=[lm_head,*embed*]`, `modules=[*.mlp.*]`).
-Skipped modules keep their nodes and fp32 weights untouched.
+Selection: `modules` and `skip` are globs over the module path that owns the weight
+(`encoder.layer.0.attention.self.query`, `lm_head`); a pattern matches the whole path or any dotted
+tail of it (`skip=[lm_head,*embed*]`, `modules=[*.mlp.*]`). Skipped modules keep their nodes and
+fp32 weights untouched.
 
 Preconditions: none beyond a captured program; run it last among the rewrites that need fp32
 weights (fuse-attention, attention, prune), and for int8-static after every rewrite that changes
@@ -44,21 +45,16 @@ reason it was skipped.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.fx
-from torch._guards import detect_fake_mode
 
-from optpipe.attention_sites import module_path as _module_path
+from optpipe.graph_toolkit import add_tensor, insert_call, insert_get_attr, module_path, value
 from optpipe.program import Program
-from optpipe.registry import PassResult, register_pass
-from optpipe.weight_sites import WeightSite as _Site
-from optpipe.weight_sites import linear_shape as _linear_shape
-from optpipe.weight_sites import path_matches
-from optpipe.weight_sites import weight_site as _site
-from optpipe.weight_sites import weight_tensor as _tensor
+from optpipe.registry import LossyConfig, PassResult, config_fields, register_pass
+from optpipe.weight_sites import WeightSite, linear_shape, logical_weight, path_matches, weight_site, weight_tensor
 
 from . import quantize_ops as ops
 from .cleanup import eliminate_dead_code
@@ -75,11 +71,10 @@ smoothing searches."""
 SMOOTHING_ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9)
 SAMPLE = 1 << 18
 GROUPS = (32, 64, 128)
-_META_KEYS = ("nn_module_stack", "stack_trace")
 
 
 @dataclass(frozen=True)
-class QuantizeConfig:
+class QuantizeConfig(LossyConfig):
     scheme: Scheme = field(
         default="int8-dynamic",
         metadata={
@@ -126,15 +121,9 @@ class QuantizeConfig:
             f"minmax (no clipping), percentile ({PERCENTILE}th of each tail)"
         },
     )
-    min_sqnr: float | None = field(
-        default=None, metadata={"help": "verification budget: stop the pipeline when output SQNR (dB) falls below this"}
-    )
-    min_cosine: float | None = field(
-        default=None,
-        metadata={"help": "verification budget: stop the pipeline when output cosine similarity falls below this"},
-    )
 
     def __post_init__(self):
+        super().__post_init__()
         if self.scheme not in SCHEMES:
             raise ValueError(f"quantize: unknown scheme {self.scheme!r} (schemes: {', '.join(SCHEMES)})")
         if self.group not in GROUPS or isinstance(self.group, bool):
@@ -166,56 +155,24 @@ class QuantizeConfig:
                 f"quantize: unknown calibration-method {self.calibration_method!r} "
                 f"(methods: {', '.join(CALIBRATION_METHODS)})"
             )
-        if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
-            raise ValueError(f"quantize: min-cosine must be in [-1, 1], got {self.min_cosine}")
 
     def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in config_fields(self)}
 
 
-def _refusal(gm, site: _Site, config: QuantizeConfig) -> str | None:
+def _refusal(gm, site: WeightSite, config: QuantizeConfig) -> str | None:
     if site.kind == "embedding":
         return None
-    _, k = _linear_shape(gm, site)
+    _, k = linear_shape(gm, site)
     if config.scheme == "int4-weight" and k % config.group:
         return f"in_features {k} is not a multiple of group={config.group}"
-    xv = site.x.meta.get("val") if isinstance(site.x, torch.fx.Node) else None
+    xv = value(site.x)
     if xv is None or not xv.is_floating_point():
         return "input without a recorded floating-point value"
     return None
 
 
 # -- rewriting -------------------------------------------------------------------------------------------------
-def _new_buffer(gm: torch.fx.GraphModule, owner_path: str, name: str, tensor: torch.Tensor) -> str:
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    base, i = name, 1
-    while hasattr(owner, name):
-        name, i = f"{base}_{i}", i + 1
-    owner.register_buffer(name, tensor)
-    return f"{owner_path}.{name}" if owner_path else name
-
-
-def _get_attr(gm, target: str, like: torch.fx.Node, fake_mode) -> torch.fx.Node:
-    node = gm.graph.get_attr(target)
-    for key in _META_KEYS:
-        if key in like.meta:
-            node.meta[key] = like.meta[key]
-    if fake_mode is not None:
-        node.meta["val"] = fake_mode.from_tensor(_tensor(gm, target), static_shapes=True)
-    return node
-
-
-def _call(gm, op, args: tuple, like: torch.fx.Node) -> torch.fx.Node:
-    """The new node keeps the replaced node's module path, stack trace and value (same shape)."""
-    node = gm.graph.call_function(op, args)
-    for key in _META_KEYS:
-        if key in like.meta:
-            node.meta[key] = like.meta[key]
-    if "val" in like.meta:
-        node.meta["val"] = like.meta["val"]
-    return node
-
-
 class _Quantizer:
     """Quantizes each fp32 weight once (a tied weight read by a linear and an embedding is shared)."""
 
@@ -223,10 +180,10 @@ class _Quantizer:
         self.gm, self.config = gm, config
         self.done: dict[tuple[int, str, bool], tuple[str, str]] = {}
 
-    def buffers(self, site: _Site, layout: str, smooth: torch.Tensor | None = None) -> tuple[str, str]:
+    def buffers(self, site: WeightSite, layout: str, smooth: torch.Tensor | None = None) -> tuple[str, str]:
         """Attribute paths of (quantized weight, scale) for `site` in `layout` (int8-rows | int4), of
         the weight times `smooth` per input channel when given."""
-        weight = _tensor(self.gm, site.weight.target)
+        weight = weight_tensor(self.gm, site.weight.target)
         key = (id(weight), layout, site.transposed, id(smooth))
         if key in self.done:
             return self.done[key]
@@ -240,40 +197,42 @@ class _Quantizer:
         name = site.weight.target.rpartition(".")[2]
         owner = site.owner
         names = (
-            _new_buffer(self.gm, owner, f"{name}_{layout.replace('-', '_')}", q),
-            _new_buffer(self.gm, owner, f"{name}_{'qparams' if layout == 'int4' else 'scale'}", scale),
+            add_tensor(self.gm, owner, f"{name}_{layout.replace('-', '_')}", q),
+            add_tensor(self.gm, owner, f"{name}_{'qparams' if layout == 'int4' else 'scale'}", scale),
         )
         self.done[key] = names
         return names
 
 
-def _rewrite(gm, site: _Site, config: QuantizeConfig, quantizer: _Quantizer, activation: tuple | None = None) -> str:
+def _rewrite(
+    gm, site: WeightSite, config: QuantizeConfig, quantizer: _Quantizer, activation: tuple | None = None
+) -> str:
     node = site.node
-    fake_mode = detect_fake_mode([n.meta.get("val") for n in node.all_input_nodes])
     layout = "int4" if (site.kind == "linear" and config.scheme == "int4-weight") else "int8"
     act_qparams, smooth = activation or (None, None)
     q_name, s_name = quantizer.buffers(site, layout, smooth)
     with gm.graph.inserting_before(node):
-        q_node = _get_attr(gm, q_name, site.weight, fake_mode)
-        s_node = _get_attr(gm, s_name, site.weight, fake_mode)
+        q_node = insert_get_attr(gm, q_name, like=site.weight)
+        s_node = insert_get_attr(gm, s_name, like=site.weight)
         if site.kind == "embedding":
             op, args = ops.embedding_int8, (q_node, s_node, node.args[1])
         elif config.scheme == "int4-weight":
             op, args = ops.linear_int4_weight, (site.x, q_node, s_node, site.bias, config.group)
         elif config.scheme == "int8-static":
-            a_node = _get_attr(
-                gm, _new_buffer(gm, site.owner, "input_qparams", act_qparams.clone()), site.weight, fake_mode
+            a_node = insert_get_attr(
+                gm, add_tensor(gm, site.owner, "input_qparams", act_qparams.clone()), like=site.weight
             )
             m_node = (
                 None
                 if smooth is None
-                else _get_attr(gm, _new_buffer(gm, site.owner, "input_smooth", smooth.clone()), site.weight, fake_mode)
+                else insert_get_attr(gm, add_tensor(gm, site.owner, "input_smooth", smooth.clone()), like=site.weight)
             )
             op, args = ops.linear_int8_static, (site.x, q_node, s_node, a_node, m_node, site.bias)
         else:
             op = ops.linear_int8_dynamic if config.scheme == "int8-dynamic" else ops.linear_int8_weight
             args = (site.x, q_node, s_node, site.bias)
-        new = _call(gm, op, args, node)
+        # the new node keeps the replaced node's value (same shape)
+        new = insert_call(gm.graph, op, args, like=node, val=node.meta.get("val"))
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     return f"optpipe.{op._opname}"
@@ -293,13 +252,13 @@ def fuse_shared_input_linears(gm: torch.fx.GraphModule) -> tuple[int, set[str]]:
     for x, members in groups.items():
         if len(members) < 2 or any(not all(isinstance(a, torch.fx.Node) for a in m.args[1:3]) for m in members):
             continue
-        weights = [_tensor(gm, m.args[1].target) for m in members]
-        scales = [_tensor(gm, m.args[2].target) for m in members]
+        weights = [weight_tensor(gm, m.args[1].target) for m in members]
+        scales = [weight_tensor(gm, m.args[2].target) for m in members]
         if any(w is None or w.dim() != 2 for w in weights) or len({w.shape[1] for w in weights}) != 1:
             continue
         rows = [w.shape[0] for w in weights]
         biases = [
-            (_tensor(gm, m.args[3].target) if isinstance(m.args[3], torch.fx.Node) else None)
+            (weight_tensor(gm, m.args[3].target) if isinstance(m.args[3], torch.fx.Node) else None)
             if len(m.args) > 3
             else None
             for m in members
@@ -313,11 +272,11 @@ def fuse_shared_input_linears(gm: torch.fx.GraphModule) -> tuple[int, set[str]]:
                 break
             common.append(parts[0])
         owner = ".".join(common)
-        q_name = _new_buffer(gm, owner, "fused_weight_int8", torch.cat(weights))
-        s_name = _new_buffer(gm, owner, "fused_weight_scale", torch.cat(scales))
+        q_name = add_tensor(gm, owner, "fused_weight_int8", torch.cat(weights))
+        s_name = add_tensor(gm, owner, "fused_weight_scale", torch.cat(scales))
         b_name = None
         if any(b is not None for b in biases):
-            b_name = _new_buffer(
+            b_name = add_tensor(
                 gm,
                 owner,
                 "fused_bias",
@@ -326,24 +285,12 @@ def fuse_shared_input_linears(gm: torch.fx.GraphModule) -> tuple[int, set[str]]:
                 ),
             )
         first = min(members, key=lambda n: list(gm.graph.nodes).index(n))
-        fake_mode = detect_fake_mode([n.meta.get("val") for n in first.all_input_nodes])
         with gm.graph.inserting_before(first):
-            args = [x] + [_get_attr(gm, t, first.args[1], fake_mode) for t in (q_name, s_name)]
-            args.append(_get_attr(gm, b_name, first.args[1], fake_mode) if b_name else None)
-            new = gm.graph.call_function(op, tuple(args))
-            parts = gm.graph.call_function(aten.split_with_sizes.default, (new, rows, -1))
-            outs = [gm.graph.call_function(operator.getitem, (parts, i)) for i in range(len(members))]
-        for node in (new, parts, *outs):
-            for key in _META_KEYS:
-                if key in first.meta:
-                    node.meta[key] = first.meta[key]
-        if fake_mode is not None:
-            with fake_mode:
-                vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in args]
-                new.meta["val"] = op(*vals)
-                parts.meta["val"] = list(torch.split(new.meta["val"], rows, -1))
-            for i, o in enumerate(outs):
-                o.meta["val"] = parts.meta["val"][i]
+            args = [x] + [insert_get_attr(gm, t, like=first.args[1]) for t in (q_name, s_name)]
+            args.append(insert_get_attr(gm, b_name, like=first.args[1]) if b_name else None)
+            new = insert_call(gm.graph, op, tuple(args), like=first)
+            parts = insert_call(gm.graph, aten.split_with_sizes.default, (new, rows, -1), like=first)
+            outs = [insert_call(gm.graph, operator.getitem, (parts, i), like=first) for i in range(len(members))]
         for member, out in zip(members, outs):
             replaced.update(a.target for a in member.args[1:] if isinstance(a, torch.fx.Node) and a.op == "get_attr")
             member.replace_all_uses_with(out)
@@ -355,8 +302,8 @@ def fuse_shared_input_linears(gm: torch.fx.GraphModule) -> tuple[int, set[str]]:
 def _drop_unused_weights(gm: torch.fx.GraphModule, candidates: set[str]) -> list[str]:
     """Delete fp32 weights that no graph node reads any more, under every name they have (a tied
     embedding is registered under both of its names even when the graph reads only one)."""
-    read = {id(_tensor(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr"}
-    dead = {id(t) for t in (_tensor(gm, c) for c in candidates) if t is not None and id(t) not in read}
+    read = {id(weight_tensor(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr"}
+    dead = {id(t) for t in (weight_tensor(gm, c) for c in candidates) if t is not None and id(t) not in read}
     named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
     dropped = []
     for target, tensor in named:
@@ -412,18 +359,9 @@ class _RangeRecorder(torch.fx.Interpreter):
         return out
 
 
-def _dense_weights(gm, sites: list[_Site]) -> torch.Tensor:
+def _dense_weights(gm, sites: list[WeightSite]) -> torch.Tensor:
     """The [ΣN, K] fp32 weights of every linear reading the same input, stacked."""
-    return torch.cat(
-        [
-            (
-                _tensor(gm, s.weight.target).detach().float().t()
-                if s.transposed
-                else _tensor(gm, s.weight.target).detach().float()
-            )
-            for s in sites
-        ]
-    )
+    return torch.cat([logical_weight(gm, s).float() for s in sites])
 
 
 def _activation_choice(st: dict, weight: torch.Tensor, alpha: float, method: str):
@@ -451,7 +389,7 @@ def _activation_choice(st: dict, weight: torch.Tensor, alpha: float, method: str
 
 
 def _calibrate(
-    program: Program, gm, sites: list[_Site], config: QuantizeConfig, all_sites: list[_Site]
+    program: Program, gm, sites: list[WeightSite], config: QuantizeConfig, all_sites: list[WeightSite]
 ) -> tuple[dict, dict]:
     """({input node: (act_qparams [2], smoothing [K] or None)}, details): one per-tensor uint8 range
     and one smoothing per distinct input, so linears reading the same activation (q, k, v) share it."""
@@ -464,20 +402,20 @@ def _calibrate(
     with torch.no_grad():
         for inputs in sets:
             recorder.run(*inputs)
-    by_input: dict[torch.fx.Node, list[_Site]] = {}
+    by_input: dict[torch.fx.Node, list[WeightSite]] = {}
     for site in sites:
         by_input.setdefault(site.x, []).append(site)
     alphas = SMOOTHING_ALPHAS if config.smoothing is None else (config.smoothing,)
     readers: dict[int, set] = {}  # weight tensor -> the inputs it is applied to (embedding: None)
     for site in all_sites:
-        readers.setdefault(id(_tensor(gm, site.weight.target)), set()).add(site.x)
+        readers.setdefault(id(weight_tensor(gm, site.weight.target)), set()).add(site.x)
     activations, chosen = {}, {}
     with torch.no_grad():
         for node, st in recorder.stats.items():
             weight = _dense_weights(gm, by_input[node])
             # a weight shared with another input or an embedding (a tied LM head) keeps one int8 copy:
             # smoothing it for this input would need a second
-            tied = any(readers[id(_tensor(gm, s.weight.target))] != {node} for s in by_input[node])
+            tied = any(readers[id(weight_tensor(gm, s.weight.target))] != {node} for s in by_input[node])
             options = [
                 (_activation_choice(st, weight, a, config.calibration_method), a) for a in ((0.0,) if tied else alphas)
             ]
@@ -503,7 +441,7 @@ def quantize(program: Program, config: QuantizeConfig) -> PassResult:
     quantizer = _Quantizer(gm, config)
     decided = []
     for node in list(gm.graph.nodes):
-        site = _site(gm, node)
+        site = weight_site(gm, node)
         if site is not None:
             decided.append((node, site, _decide(gm, site, config)))
     calibration, act_qparams = None, {}
@@ -513,7 +451,7 @@ def quantize(program: Program, config: QuantizeConfig) -> PassResult:
         act_qparams, calibration = _calibrate(program, gm, linears, config, chosen)
     details, weights = [], set()
     for node, site, reason in decided:
-        path = site.path if isinstance(site, _Site) else _module_path(node)
+        path = site.path if isinstance(site, WeightSite) else module_path(node)
         entry = {"module_path": path, "node": node.name, "kind": getattr(site, "kind", "linear")}
         if reason is None and site.kind == "linear" and config.scheme == "int8-static" and site.x not in act_qparams:
             reason = "input not reached by the calibration inputs"
@@ -536,7 +474,7 @@ def quantize(program: Program, config: QuantizeConfig) -> PassResult:
         dropped = _drop_unused_weights(gm, weights)
         gm.graph.lint()
         gm.recompile()
-    kept = sorted(t for t in weights - set(dropped) if _tensor(gm, t) is not None)
+    kept = sorted(t for t in weights - set(dropped) if weight_tensor(gm, t) is not None)
     stats = {
         "quantized": quantized,
         "skipped": len(details) - quantized,

@@ -6,15 +6,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from optpipe.registry import PassResult, register_pass
+from optpipe.registry import LossyConfig, PassResult, register_pass
 
 
 @dataclass(frozen=True)
-class AddNoiseConfig:
+class AddNoiseConfig(LossyConfig):  # lossy: its budget is LossyConfig's min-sqnr / min-cosine
     scale: float = field(default=1e-3, metadata={"help": "relative size of the noise added to the output"})
-    min_sqnr: float | None = field(default=None, metadata={"help": "per-pass SQNR budget (dB)"})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.scale < 0:
             raise ValueError("scale must be >= 0")
 

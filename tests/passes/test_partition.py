@@ -141,19 +141,29 @@ def test_plan_survives_save_and_load_and_stage_archives_run(tmp_path):
         assert_close(partition_pass.run_stages(stages, inputs), expected, rtol=0, atol=0)
 
 
+class _Logits(torch.nn.Module):
+    """A Hugging Face LM called on `input_ids` alone, returning its logits (what capture() calls)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False, return_dict=True).logits
+
+
 def _gpt2_small_on_meta(seq: int = 1024):
     """GPT-2 small's shape (12 layers, 768 wide, 50257 tokens) with no weights in memory: captured
     by torch.export on the meta device (capture() would run it eagerly first)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from optpipe.capture import _output_selector, export_module
+    from optpipe.capture import export_module
 
     config = GPT2Config(n_layer=12, n_embd=768, n_head=12, attn_implementation="sdpa")
     with torch.device("meta"):
         model = GPT2LMHeadModel(config).eval()
     ids = torch.zeros(1, seq, dtype=torch.long, device="meta")
-    module = _output_selector(model, ["input_ids"], "logits", {"use_cache": False, "return_dict": True})
-    ep, kept = export_module(module, (ids,), ["input_ids"], [{0: "batch", 1: "seq"}])
+    ep, kept = export_module(_Logits(model), (ids,), ["input_ids"], [{0: "batch", 1: "seq"}])
     return optpipe.Program(ep.module(), (ids,), ["input_ids"], kept, {}, [])
 
 

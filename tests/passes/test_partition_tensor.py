@@ -11,9 +11,9 @@ window, linear, performer) the swapped attention shards by heads; int8 attention
 with the reason; the plan survives save/load.
 Execution (torchrun, gloo): 2-way tensor-parallel training (tiny GPT, SGD), and 2-way tensor x 2-way
 data parallel (GPT-2: Conv1D weights stored [in, out], AdamW), follow the single-process run (losses,
-gradients within 1e-5; weights within 1e-5 with SGD, 1e-4 with AdamW). Llama's
-GQA sharding is checked in lock step above. Errors: heads not divisible by ways, nothing to shard, a pipeline-only option, a rank that
-dies. `optpipe train --tensor-parallel` is in tests/test_training.py, examples/partition.py runs
+gradients within 1e-5; weights within 1e-5 with SGD, 1e-4 with AdamW). Llama's GQA sharding is
+checked in lock step above. Errors: heads not divisible by ways, nothing to shard, a pipeline-only
+option, a rank that dies. `optpipe train --tensor-parallel` is in tests/test_training.py, examples/partition.py runs
 tensor-parallel inference (tests/test_examples.py).
 """
 

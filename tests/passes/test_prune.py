@@ -24,9 +24,9 @@ from torch.testing import FileCheck, assert_close
 import optpipe
 from optpipe.calibration import with_calibration
 from optpipe.capture import capture
-from optpipe.passes import prune as prune_pass  # registers the `prune` pass
 from optpipe.pipeline import Pipeline
 from optpipe.pipeline_text import parse_pipeline
+from optpipe.weight_sites import WeightSite, linear_shape, logical_weight, weight_site
 from tests import hf_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -250,14 +250,12 @@ def test_activation_importance_from_calibration():
 
 # -- unstructured --------------------------------------------------------------------------------------------
 def _linears(program):
-    from optpipe.passes.quantize import _linear_shape, _Site, _site
-
     out = {}
     for node in program.gm.graph.nodes:
-        site = _site(program.gm, node)
-        if isinstance(site, _Site) and site.kind == "linear":
-            w = prune_pass._logical(program.gm, site)
-            assert tuple(w.shape) == _linear_shape(program.gm, site)
+        site = weight_site(program.gm, node)
+        if isinstance(site, WeightSite) and site.kind == "linear":
+            w = logical_weight(program.gm, site)
+            assert tuple(w.shape) == linear_shape(program.gm, site)
             out[site.path] = w
     return out
 
