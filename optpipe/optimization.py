@@ -109,35 +109,12 @@ def optimize(
     from .analysis import analyze
 
     step = progress or _NoProgress()
-    if isinstance(pipeline, Pipeline):
-        pipe = pipeline
-    else:
-        text, extras = resolve_pipeline(pipeline, preset, recipe)
-        if extras.get("budget") and budget is None:
-            budget = extras["budget"]
-        with step("parse pipeline"):
-            pipe = Pipeline.parse(text)
-    if isinstance(budget, dict):
-        budget = Budget(**{k: float(v) for k, v in budget.items()})
+    pipe, budget = _pipeline_and_budget(pipeline, preset, recipe, budget, step)
     tgt = get_target(target)
-
     tgt.available()  # fails fast on e.g. a missing GPU, before any work
-    program = _as_program(model_or_program, example_inputs, step)
-    if calibration is not None:
-        from .calibration import with_calibration
-
-        if isinstance(calibration, (str, os.PathLike)):
-            raise UsageError(
-                f"calibration data {os.fspath(calibration)!r} is a file: read it first",
-                "call optpipe.optimize (it tokenizes files), or pass input sets",
-            )
-        if callable(calibration):  # reads the data for the captured program (optpipe.optimize's files)
-            with step("read calibration data"):
-                calibration = calibration(program)
-        program = with_calibration(program.copy(), calibration)
+    program = _with_calibration(_as_program(model_or_program, example_inputs, step), calibration, step)
 
     before_costs = analyze(program)
-    records: list[PassRecord] = []
     with step(f"run {len(pipe)} pass(es)") as s:
 
         def on_pass(i, spec):
@@ -148,46 +125,13 @@ def optimize(
         )
     after_costs = analyze(optimized)
 
-    unsupported = tgt.check(
-        optimized, **(target_options or {})
-    )  # before lowering: name every node the target cannot take
-    if unsupported:
-        listing = "; ".join(str(u) for u in unsupported[:10])
-        more = f" and {len(unsupported) - 10} more" if len(unsupported) > 10 else ""
-        raise TargetError(
-            f"target {target} cannot take {len(unsupported)} node(s): {listing}{more}",
-            "choose another target or drop the pass that introduced them",
-        )
-    with step(f"compile for {target}"):
-        compiled = tgt.compile(optimized, **(target_options or {}))
-    with step(f"check {target} against the torch program"):
-        target_check = check_target(tgt, compiled, optimized)
-    if not target_check["ok"]:
-        raise TargetError(
-            f"target {target} output differs from the torch program: max-abs {target_check['max_abs']:.3g}",
-            "report this with the OUT folder's report.json",
-        )
-
-    pass_diffs = []
-    if diffs:
-        from .graph_diff import diff_programs
-
-        for r in records:
-            pass_diffs.append(diff_programs(r.before, _next_program(records, r, optimized)) if r.modified else None)
-            r.before = None
+    compiled, target_check = _compile_and_check(tgt, target, optimized, target_options or {}, step)
+    pass_diffs = _pass_diffs(records, optimized) if diffs else []
     report = {
         "optpipe_version": __version__,
         "pipeline": str(pipe),
         "target": target,
-        "model": {
-            "params_before": before_costs.params,
-            "params_after": after_costs.params,
-            "flops_before": before_costs.flops,
-            "flops_after": after_costs.flops,
-            "output": program.meta.get("output"),
-            "class": program.meta.get("model_class"),
-            "source": program.meta.get("source"),
-        },
+        "model": _model_numbers(program, before_costs, after_costs),
         "capture": {
             "input_names": program.input_names,
             "inputs": [_describe(x) for x in program.example_inputs],
@@ -198,6 +142,88 @@ def optimize(
         "target_check": target_check,
     }
     return OptimizeResult(optimized, program, records, report, tgt, compiled, pass_diffs)
+
+
+def _pipeline_and_budget(pipeline, preset, recipe, budget, step) -> tuple[Pipeline, Budget | None]:
+    """The parsed pipeline (from a Pipeline, a string, a preset or a recipe) and the verification
+    budget (the one given, else the recipe's)."""
+    if isinstance(pipeline, Pipeline):
+        pipe = pipeline
+    else:
+        text, extras = resolve_pipeline(pipeline, preset, recipe)
+        if extras.get("budget") and budget is None:
+            budget = extras["budget"]
+        with step("parse pipeline"):
+            pipe = Pipeline.parse(text)
+    if isinstance(budget, dict):
+        budget = Budget(**{k: float(v) for k, v in budget.items()})
+    return pipe, budget
+
+
+def _with_calibration(program: Program, calibration, step) -> Program:
+    """`program` with its calibration input sets attached (a copy), or itself when there are none."""
+    if calibration is None:
+        return program
+    from .calibration import with_calibration
+
+    if isinstance(calibration, (str, os.PathLike)):
+        raise UsageError(
+            f"calibration data {os.fspath(calibration)!r} is a file: read it first",
+            "call optpipe.optimize (it tokenizes files), or pass input sets",
+        )
+    if callable(calibration):  # reads the data for the captured program (optpipe.optimize's files)
+        with step("read calibration data"):
+            calibration = calibration(program)
+    return with_calibration(program.copy(), calibration)
+
+
+def _compile_and_check(tgt, target: str, program: Program, options: dict, step) -> tuple[Any, dict]:
+    """(the compiled program, its check against the torch program). The capability check comes
+    before lowering and names every node the target cannot take; a target whose outputs differ
+    from the torch program's is an error."""
+    unsupported = tgt.check(program, **options)
+    if unsupported:
+        listing = "; ".join(str(u) for u in unsupported[:10])
+        more = f" and {len(unsupported) - 10} more" if len(unsupported) > 10 else ""
+        raise TargetError(
+            f"target {target} cannot take {len(unsupported)} node(s): {listing}{more}",
+            "choose another target or drop the pass that introduced them",
+        )
+    with step(f"compile for {target}"):
+        compiled = tgt.compile(program, **options)
+    with step(f"check {target} against the torch program"):
+        target_check = check_target(tgt, compiled, program)
+    if not target_check["ok"]:
+        raise TargetError(
+            f"target {target} output differs from the torch program: max-abs {target_check['max_abs']:.3g}",
+            "report this with the OUT folder's report.json",
+        )
+    return compiled, target_check
+
+
+def _pass_diffs(records: list[PassRecord], final: Program) -> list:
+    """The GraphDiff of every pass that modified the program (None for the others). The records
+    then drop their `before` programs: the result keeps no intermediate program."""
+    from .graph_diff import diff_programs
+
+    pass_diffs = []
+    for r in records:
+        pass_diffs.append(diff_programs(r.before, _next_program(records, r, final)) if r.modified else None)
+        r.before = None
+    return pass_diffs
+
+
+def _model_numbers(program: Program, before, after) -> dict:
+    """report.json's "model": parameters and FLOPs before and after, and what the model is."""
+    return {
+        "params_before": before.params,
+        "params_after": after.params,
+        "flops_before": before.flops,
+        "flops_after": after.flops,
+        "output": program.meta.get("output"),
+        "class": program.meta.get("model_class"),
+        "source": program.meta.get("source"),
+    }
 
 
 def _next_program(records, record, final):
