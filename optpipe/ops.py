@@ -9,6 +9,7 @@ module too, so adding an op never means editing a target module.
     op = define_op("scaled_gelu", scaled_gelu_impl, fake=scaled_gelu_fake,
                    decomposition=scaled_gelu_decomposition)
     register_lowering(op, "onnxruntime", onnxscript_function)
+    defer_lowerings("onnxruntime", install)   # when the lowering needs the target's libraries
 
 What a lowering is depends on the target: for "onnxruntime" an onnxscript function for the dynamo
 exporter's `custom_translation_table` — written as `@onnxscript.script(opset, default_opset=...)`
@@ -44,6 +45,7 @@ class OpDef:
 
 
 _OPS: dict[str, OpDef] = {}
+_DEFERRED: dict[str, list[Callable[[], None]]] = {}
 
 
 def define_op(
@@ -78,6 +80,18 @@ def define_op(
 def register_lowering(op, target: str, lowering: Any) -> None:
     """Register a target-native translation of an optpipe op (its meaning is the target's)."""
     opdef(op).lowerings[target] = lowering
+
+
+def defer_lowerings(target: str, install: Callable[[], None]) -> None:
+    """Run `install` (which calls `register_lowering(..., target, ...)`) the first time anything asks
+    for `target`'s lowerings. A lowering may need the target's own libraries (onnxscript for
+    onnxruntime), which `import optpipe` must not pay for."""
+    _DEFERRED.setdefault(target, []).append(install)
+
+
+def _install_deferred(target: str) -> None:
+    for install in _DEFERRED.pop(target, []):
+        install()
 
 
 def opdef(op) -> OpDef:
@@ -116,6 +130,7 @@ def all_ops() -> list[OpDef]:
 
 def lowerings_for(target: str) -> dict:
     """{OpOverload: lowering} of the optpipe ops with a native lowering on `target`."""
+    _install_deferred(target)
     return {d.op: d.lowerings[target] for d in _OPS.values() if target in d.lowerings}
 
 
@@ -127,5 +142,6 @@ def decompositions(exclude=()) -> dict:
 
 def can_lower(target_name: str, op) -> bool:
     """An optpipe op lowers to a target natively or through its decomposition."""
+    _install_deferred(target_name)
     d = _OPS.get(_op_name(op))
     return d is not None and (target_name in d.lowerings or d.decomposition is not None)
