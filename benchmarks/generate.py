@@ -123,7 +123,7 @@ def interpolate(xs: list[int], ys: list[float]) -> list[float]:
     return out + [ys[-1]]
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=512)
@@ -146,36 +146,23 @@ def main() -> None:
     ap.add_argument("--linear", action="store_true", help="linear-attention decode latency at 256 vs 8192")
     ap.add_argument("--speculative", action="store_true", help="speculative decoding with a half-depth draft")
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return ap.parse_args()
+
+
+def real_no_cache_tokens(args) -> int:
+    """How many tokens (a) generates for real (0: none)."""
+    if args.no_cache_tokens is None:
+        return 0 if args.no_cache_sample > 0 else min(64, args.new)
+    if args.no_cache_sample > 0:
+        return min(max(args.no_cache_tokens, 0), args.new)  # 0 here: skip the real run
+    return args.new if args.no_cache_tokens <= 0 else min(args.no_cache_tokens, args.new)
+
+
+def no_cache_rows(args, base, prompt, cached) -> tuple[list[dict], dict, dict | None]:
+    """Row (a): without a cache, estimated over the whole run and/or measured over its first tokens."""
     from optpipe.runtime.generation import generate
 
-    model = gpt2_small()
-    prompt = torch.randint(0, 50257, (1, args.prompt), generator=torch.Generator().manual_seed(0))
-    max_len = args.prompt + args.new
-    base, step = cached_program(model, prompt, max_len)
-    rows = []
-
-    hf_generate(model, prompt, 4)  # warm-up, as (b) gets
-    hf_tokens, hf_s = hf_generate(model, prompt, args.new)
-    generate(step, prompt, 4)  # warm-up
-    cached = generate(step, prompt, args.new)
-    if args.no_cache_tokens is None:
-        n_a = 0 if args.no_cache_sample > 0 else min(64, args.new)
-    elif args.no_cache_sample > 0:
-        n_a = min(max(args.no_cache_tokens, 0), args.new)  # 0 here: skip the real run
-    else:
-        n_a = args.new if args.no_cache_tokens <= 0 else min(args.no_cache_tokens, args.new)
-    compiled_gm = torch.compile(step.gm, dynamic=True)
-
-    def compiled_step(*inputs):
-        with torch.no_grad():
-            return compiled_gm(*inputs)
-
-    generate(step, prompt, 4, step=compiled_step)  # compiles prefill and decode shapes
-    compiled = generate(step, prompt, args.new, step=compiled_step)
-    checks = {}
+    rows, checks, sampled = [], {}, None
     if args.no_cache_sample > 0:
         sampled = sample_no_cache(base, prompt, cached.new_ids[0], args.no_cache_sample, max(1, args.no_cache_repeats))
         rows.append(
@@ -188,6 +175,7 @@ def main() -> None:
             }
         )
         checks["a_sampled_agrees_with_b"] = f"{sampled['agree']}/{sampled['samples']}"
+    n_a = real_no_cache_tokens(args)
     if n_a:
         plain = generate(base, prompt, n_a)
         real = {
@@ -196,37 +184,54 @@ def main() -> None:
             "seconds": plain.seconds,
             "tokens_per_s": plain.tokens_per_s,
         }
-        if args.no_cache_sample > 0:  # the estimate for the same stretch, as a cross-check
+        if sampled is not None:  # the estimate for the same stretch, as a cross-check
             real["estimate_same_tokens_s"] = sum(sampled["per_step_estimate"][:n_a])
         rows.append(real)
         checks["b_equals_a"] = cached.new_ids[0][:n_a] == plain.new_ids[0]
-    rows.append(
-        {
-            "name": "(b) optpipe kv-cache",
-            "tokens": args.new,
-            "seconds": cached.seconds,
-            "tokens_per_s": cached.tokens_per_s,
-            "prefill_s": cached.prefill_seconds,
-        }
-    )
-    rows.append(
-        {
-            "name": "(b') optpipe kv-cache, torch.compile",
-            "tokens": args.new,
-            "seconds": compiled.seconds,
-            "tokens_per_s": compiled.tokens_per_s,
-            "prefill_s": compiled.prefill_seconds,
-        }
-    )
+    return rows, checks, sampled
+
+
+def cached_row(name: str, tokens: int, result) -> dict:
+    return {
+        "name": name,
+        "tokens": tokens,
+        "seconds": result.seconds,
+        "tokens_per_s": result.tokens_per_s,
+        "prefill_s": result.prefill_seconds,
+    }
+
+
+def measure(args) -> dict:
+    """Rows (a), (b), (b') and (c) on GPT-2 small, with the checks that they generate the same tokens."""
+    from optpipe.runtime.generation import generate
+
+    model = gpt2_small()
+    prompt = torch.randint(0, 50257, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    max_len = args.prompt + args.new
+    base, step = cached_program(model, prompt, max_len)
+    hf_generate(model, prompt, 4)  # warm-up, as (b) gets
+    hf_tokens, hf_s = hf_generate(model, prompt, args.new)
+    generate(step, prompt, 4)  # warm-up
+    cached = generate(step, prompt, args.new)
+    compiled_gm = torch.compile(step.gm, dynamic=True)
+
+    def compiled_step(*inputs):
+        with torch.no_grad():
+            return compiled_gm(*inputs)
+
+    generate(step, prompt, 4, step=compiled_step)  # compiles prefill and decode shapes
+    compiled = generate(step, prompt, args.new, step=compiled_step)
+    rows, checks, sampled = no_cache_rows(args, base, prompt, cached)
+    rows.append(cached_row("(b) optpipe kv-cache", args.new, cached))
+    rows.append(cached_row("(b') optpipe kv-cache, torch.compile", args.new, compiled))
     rows.append(
         {"name": "(c) transformers generate()", "tokens": args.new, "seconds": hf_s, "tokens_per_s": args.new / hf_s}
     )
     checks.update(
         {"b_equals_c": cached.new_ids[0] == hf_tokens, "b_compiled_equals_c": compiled.new_ids[0] == hf_tokens}
     )
-    a_rate = rows[0]["tokens_per_s"]
     for r in rows:
-        r["vs_no_cache"] = r["tokens_per_s"] / a_rate
+        r["vs_no_cache"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
     b, b_compiled, c = rows[-3], rows[-2], rows[-1]
     result = {
         "model": "GPT-2 small (124M, random init)",
@@ -238,19 +243,21 @@ def main() -> None:
         "b_vs_c": b["tokens_per_s"] / c["tokens_per_s"],
         "b_compiled_vs_c": b_compiled["tokens_per_s"] / c["tokens_per_s"],
     }
-    if args.no_cache_sample > 0:
+    if sampled is not None:
         result["no_cache_sample"] = {k: v for k, v in sampled.items() if k != "per_step_estimate"}
     if args.speculative:
         result["speculative"] = speculative(model, prompt, args.new, max_len, cached)
     if args.linear:
         result["linear_decode"] = linear_decode()
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return
+    return result
+
+
+def print_result(result: dict, args) -> None:
+    rows, checks = result["rows"], result["checks"]
     print(
         f"{result['model']}, prompt {args.prompt}, {args.new} new tokens, greedy, batch 1, {result['threads']} threads"
     )
-    if args.no_cache_sample > 0:
+    if "no_cache_sample" in result:
         s = result["no_cache_sample"]
         print(
             f"(a) over all {args.new} tokens is an ESTIMATE: its step (full forward + argmax) timed at "
@@ -283,6 +290,17 @@ def main() -> None:
             f"linear-attention decode, ms/token: context {d['short']} {d['short_ms']:.2f}, context "
             f"{d['long']} {d['long_ms']:.2f} (ratio {d['ratio']:.2f}x)"
         )
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = measure(args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_result(result, args)
 
 
 def speculative(model, prompt, new, max_len, reference, k: int = 4) -> dict:

@@ -62,7 +62,7 @@ def one_process_step(program, data: list[dict]) -> float:
     return statistics.median(times[1:])
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stages", type=int, nargs="*", default=[2, 4])
     ap.add_argument("--tensor-ways", type=int, nargs="*", default=[2])
@@ -73,13 +73,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--json")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    model, _ = build(n_layer=args.layers, n_embd=args.width, n_head=max(1, args.width // 64), block_size=args.seq)
-    program = optpipe.capture(model, (torch.zeros(1, args.seq, dtype=torch.long),))
-    data = lm_batches(args.steps, args.batch, args.seq)
-    base = one_process_step(program, data)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+def pipeline_rows(args, program, data, base: float) -> list[dict]:
+    """One row per (stages, micro-batches): the pipelined step next to the bubble model."""
     rows = []
     for p in args.stages:
         split = partitioned(program, p)
@@ -102,30 +100,17 @@ def main() -> None:
                 }
             )
             print(f"  p={p} m={m}: {step * 1e3:.1f} ms/step", file=sys.stderr)
+    return rows
 
-    print(
-        f"GPT {args.layers}x{args.width}, batch {args.batch} x seq {args.seq}, SGD step, fp32; "
-        f"{cores} CPU core(s) available, torch {torch.__version__}\n"
-    )
-    if rows:
-        print(
-            "| stages p | micro-batches m | bubble (p-1)/(m+p-1) | stage imbalance (max/mean FLOPs) | "
-            "pipeline step ms | one process ms | speedup | ideal p·m/(m+p-1) | efficiency |"
-        )
-        print("|---|---|---|---|---|---|---|---|---|")
-        for r in rows:
-            print(
-                f"| {r['stages']} | {r['microbatches']} | {r['bubble']:.1%} | {r['imbalance']:.3f} | "
-                f"{r['step_ms']:.1f} | {r['one_process_ms']:.1f} | {r['speedup']:.2f}x | "
-                f"{r['ideal_speedup']:.2f}x | {r['efficiency']:.0%} |"
-            )
 
-    tensor_rows = []
+def tensor_rows(args, program, data, base: float) -> list[dict]:
+    """One row per tensor-parallel width: the step, the parameters per rank and the all-reduced bytes."""
+    rows = []
     for t in args.tensor_ways:
         res = tensor_train(program, data, ways=t, lr=1e-3, timeout=300)
         step = statistics.median(res["seconds"][1:])
         plan = tensor_partitioned(program, t).meta["partition"]
-        tensor_rows.append(
+        rows.append(
             {
                 "ways": t,
                 "params_per_rank": plan["params_per_rank"],
@@ -137,26 +122,58 @@ def main() -> None:
             }
         )
         print(f"  tensor t={t}: {step * 1e3:.1f} ms/step", file=sys.stderr)
-    if tensor_rows:
+    return rows
+
+
+def print_tables(pipeline: list[dict], tensor: list[dict], cores: int) -> None:
+    if pipeline:
+        print(
+            "| stages p | micro-batches m | bubble (p-1)/(m+p-1) | stage imbalance (max/mean FLOPs) | "
+            "pipeline step ms | one process ms | speedup | ideal p·m/(m+p-1) | efficiency |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in pipeline:
+            print(
+                f"| {r['stages']} | {r['microbatches']} | {r['bubble']:.1%} | {r['imbalance']:.3f} | "
+                f"{r['step_ms']:.1f} | {r['one_process_ms']:.1f} | {r['speedup']:.2f}x | "
+                f"{r['ideal_speedup']:.2f}x | {r['efficiency']:.0%} |"
+            )
+    if tensor:
         print(
             "\n| tensor ways t | params per rank | all-reduced per step (fwd + bwd) | tensor step ms | "
             "one process ms | speedup | ideal |"
         )
         print("|---|---|---|---|---|---|---|")
-        for r in tensor_rows:
+        for r in tensor:
             print(
                 f"| {r['ways']} | {r['params_per_rank'] / 1e6:.2f}M of {r['params'] / 1e6:.2f}M | "
                 f"{r['all_reduce_bytes'] / 2**20:.1f} MiB | {r['step_ms']:.1f} | {r['one_process_ms']:.1f} | "
                 f"{r['speedup']:.2f}x | {r['ways']}x |"
             )
-    if any(r["stages"] > cores for r in rows) or any(r["ways"] > cores for r in tensor_rows):
+    if any(r["stages"] > cores for r in pipeline) or any(r["ways"] > cores for r in tensor):
         print(
             f"\nNote: rows with more ranks than the {cores} available core(s) oversubscribe the CPU "
             "(one single-threaded process per rank); their speedup is bounded by the core count."
         )
+
+
+def main() -> None:
+    args = parse_args()
+    model, _ = build(n_layer=args.layers, n_embd=args.width, n_head=max(1, args.width // 64), block_size=args.seq)
+    program = optpipe.capture(model, (torch.zeros(1, args.seq, dtype=torch.long),))
+    data = lm_batches(args.steps, args.batch, args.seq)
+    base = one_process_step(program, data)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    pipeline = pipeline_rows(args, program, data, base)
+    print(
+        f"GPT {args.layers}x{args.width}, batch {args.batch} x seq {args.seq}, SGD step, fp32; "
+        f"{cores} CPU core(s) available, torch {torch.__version__}\n"
+    )
+    tensor = tensor_rows(args, program, data, base)
+    print_tables(pipeline, tensor, cores)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"pipeline": rows, "tensor": tensor_rows}, f, indent=2)
+            json.dump({"pipeline": pipeline, "tensor": tensor}, f, indent=2)
 
 
 def _batch(program) -> int:

@@ -76,7 +76,7 @@ def bench_model(name, model, inputs, targets, iters: int, tune: int, block: int 
             with torch.no_grad():
                 compiled(*prepared)  # warm-up
             runners.append((row, compiled, prepared))
-        except Exception as e:  # a target that fails is a row that says so, not a crashed run
+        except Exception as e:  # noqa: BLE001 - a target that fails is a row that says so, not a crashed run
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
             print(f"  {label:<14} failed: {row['error']}", file=sys.stderr)
     times: dict[int, list[float]] = {id(r): [] for r, _, _ in runners}

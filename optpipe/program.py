@@ -12,6 +12,7 @@ file inside the archive (`optpipe.json`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -98,10 +99,10 @@ class Program:
         """Write `path` (a .pt2 torch.export archive) atomically."""
         path = os.fspath(path)
         ep = self.export()
-        try:  # keep the user's example inputs, not the widened ones export traced with
+        # keep the user's example inputs, not the widened ones export traced with (an older torch
+        # without the setter keeps the traced ones)
+        with contextlib.suppress(Exception):
             ep.example_inputs = (tuple(self.example_inputs), {})
-        except Exception:  # noqa: BLE001 - an older torch without the setter keeps the traced ones
-            pass
         meta = {
             "format": "optpipe-program/1",
             "input_names": self.input_names,
