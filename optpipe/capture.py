@@ -169,17 +169,43 @@ def capture(
     for flag, value in (("use_cache", False), ("return_dict", True)):
         if flag not in input_names and _accepts(model, flag) and hasattr(model, "config"):
             call_kwargs[flag] = value
+    out = _run_once(model, input_names, example_inputs, call_kwargs)
+    key, description = _choose_output(out)
+    meta.setdefault("output", description)
+    _describe_model(model, meta)
+    module = _output_selector(model, input_names, key, call_kwargs)
+
+    if dynamic_shapes is None:
+        dynamic_shapes = guess_dynamic_dims(example_inputs, input_names)
+    try:
+        ep, kept = export_module(module, example_inputs, input_names, dynamic_shapes)
+    except Exception as first_error:  # noqa: BLE001 - retried static, reported below
+        try:
+            ep, kept = export_module(module, example_inputs, input_names, None)
+        except Exception:  # noqa: BLE001 - the first (dynamic) error is the one that explains it
+            raise UsageError(
+                f"torch.export could not capture {type(model).__name__}: {_first_line(first_error)}",
+                "check that forward() runs on the example inputs; see torch.export docs",
+            ) from first_error
+    gm = ep.module()
+    return Program(gm, example_inputs, input_names, kept, meta, [])
+
+
+def _run_once(model: nn.Module, input_names: list[str], example_inputs: tuple, call_kwargs: dict):
+    """The model's output on the example inputs; its own error on them as one line."""
     try:
         with torch.no_grad():
-            out = model(**dict(zip(input_names, example_inputs)), **call_kwargs)
+            return model(**dict(zip(input_names, example_inputs)), **call_kwargs)
     except Exception as e:  # the model's own error on these inputs: say so in one line
         shapes = ", ".join(f"{n}:{_describe(x)}" for n, x in zip(input_names, example_inputs))
         raise UsageError(
             f"{type(model).__name__} fails on the example inputs ({shapes}): {_first_line(e)}",
             "check the --input names, dtypes and shapes",
         ) from e
-    key, description = _choose_output(out)
-    meta.setdefault("output", description)
+
+
+def _describe_model(model: nn.Module, meta: dict) -> None:
+    """Fill what `meta` does not say yet: the model's config, class and tokenizer folder."""
     if "config" not in meta:
         config = getattr(model, "config", None)
         if hasattr(config, "to_dict"):  # transformers
@@ -191,22 +217,6 @@ def capture(
         folder = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
         if isinstance(folder, str) and folder and os.path.isfile(os.path.join(folder, "tokenizer.json")):
             meta["tokenizer"] = os.path.abspath(folder)
-    module = _output_selector(model, input_names, key, call_kwargs)
-
-    if dynamic_shapes is None:
-        dynamic_shapes = guess_dynamic_dims(example_inputs, input_names)
-    try:
-        ep, kept = export_module(module, example_inputs, input_names, dynamic_shapes)
-    except Exception as first_error:  # noqa: BLE001 - retried static, reported below
-        try:
-            ep, kept = export_module(module, example_inputs, input_names, None)
-        except Exception:
-            raise UsageError(
-                f"torch.export could not capture {type(model).__name__}: {_first_line(first_error)}",
-                "check that forward() runs on the example inputs; see torch.export docs",
-            ) from first_error
-    gm = ep.module()
-    return Program(gm, example_inputs, input_names, kept, meta, [])
 
 
 def _describe(x) -> str:

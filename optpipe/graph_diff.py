@@ -200,43 +200,11 @@ def diff_programs(
     for n in added_nodes:
         changed_by_module[module_path(n)]["added"].append(n.name)
 
-    rows = []
-    for path in sorted(set(costs_a.modules) | set(costs_b.modules), key=module_sort_key):
-        ma, mb = costs_a.modules.get(path), costs_b.modules.get(path)
-        ops_a = ma.ops if ma else Counter()
-        ops_b = mb.ops if mb else Counter()
-        added, removed = ops_b - ops_a, ops_a - ops_b
-        numbers = {
-            k: (getattr(ma, k, 0) if ma else 0, getattr(mb, k, 0) if mb else 0)
-            for k in ("params", "flops", "activation_bytes")
-        }
-        structural = path in changed_by_module
-        if added and removed:
-            status = "rewritten"
-        elif added:
-            status = "added"
-        elif removed:
-            status = "removed"
-        elif structural:
-            status = "rewired"
-        elif any(x != y for x, y in numbers.values()):
-            status = "changed"
-        else:
-            continue
-        rows.append(
-            ModuleDiff(
-                path,
-                (mb.type if mb else "") or (ma.type if ma else ""),
-                status,
-                dict(sorted(added.items())),
-                dict(sorted(removed.items())),
-                numbers["params"],
-                numbers["flops"],
-                numbers["activation_bytes"],
-                changed_by_module.get(path, {"removed": [], "added": []}),
-            )
-        )
-
+    paths = sorted(set(costs_a.modules) | set(costs_b.modules), key=module_sort_key)
+    module_diffs = (
+        _module_diff(p, costs_a.modules.get(p), costs_b.modules.get(p), changed_by_module.get(p)) for p in paths
+    )
+    rows = [row for row in module_diffs if row is not None]
     totals = {
         "nodes": (sum(costs_a.ops.values()), sum(costs_b.ops.values())),
         "params": (costs_a.params, costs_b.params),
@@ -245,6 +213,41 @@ def diff_programs(
     }
     regions, undrawn = _changed_regions(removed_nodes, added_nodes)
     return GraphDiff(rows, totals, regions, undrawn)
+
+
+def _module_diff(path: str, ma, mb, changed: dict[str, list[str]] | None) -> ModuleDiff | None:
+    """How the module at `path` changed from its costs `ma` (before) to `mb` (after), either None
+    where the module is absent; None when it did not change. `changed`: its unmatched nodes."""
+    ops_a = ma.ops if ma else Counter()
+    ops_b = mb.ops if mb else Counter()
+    added, removed = ops_b - ops_a, ops_a - ops_b
+    numbers = {
+        k: (getattr(ma, k, 0) if ma else 0, getattr(mb, k, 0) if mb else 0)
+        for k in ("params", "flops", "activation_bytes")
+    }
+    if added and removed:
+        status = "rewritten"
+    elif added:
+        status = "added"
+    elif removed:
+        status = "removed"
+    elif changed is not None:
+        status = "rewired"
+    elif any(x != y for x, y in numbers.values()):
+        status = "changed"
+    else:
+        return None
+    return ModuleDiff(
+        path,
+        (mb.type if mb else "") or (ma.type if ma else ""),
+        status,
+        dict(sorted(added.items())),
+        dict(sorted(removed.items())),
+        numbers["params"],
+        numbers["flops"],
+        numbers["activation_bytes"],
+        changed or {"removed": [], "added": []},
+    )
 
 
 def _node_signature(node: torch.fx.Node) -> tuple:

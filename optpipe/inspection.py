@@ -169,32 +169,39 @@ def format_inspect(d: dict) -> str:
         f"params {format_count(d['params'])}   FLOPs {format_count(d['flops'])}   "
         f"activations {format_count(d['activation_bytes'], 'B')}   nodes {d['nodes']}"
     )
+    out += _attention_lines(d.get("attention") or [])
+    out += _module_lines(d["modules"])
+    ops = d.get("ops") or {}
+    out += ["", f"ops ({len(ops)} kinds, {sum(ops.values())} nodes)"]
+    out += ["  " + line for line in format_table(["op", "count"], [[k, v] for k, v in ops.items()], right={1})]
 
-    sites = d.get("attention") or []
-    out += ["", f"attention sites ({len(sites)})"]
-    if sites:
-        rows = [
-            [
-                s["module"] or "(root)",
-                s["form"],
-                s["mask"],
-                s["heads"],
-                s["kv_heads"],
-                s["head_dim"],
-                f"{s['scale']:.4g}" if isinstance(s.get("scale"), float) else s.get("scale"),
-            ]
-            for s in sites
-        ]
-        out += [
-            "  " + line
-            for line in format_table(
-                ["module", "form", "mask", "heads", "kv-heads", "head-dim", "scale"], rows, right={3, 4, 5, 6}
-            )
-        ]
-    else:
-        out.append("  none")
+    for note in d.get("notes") or []:
+        out.append(f"note: {note}")
+    return "\n".join(out)
 
-    out += ["", f"modules ({len(d['modules'])}; totals include sub-modules)"]
+
+def _attention_lines(sites: list[dict]) -> list[str]:
+    out = ["", f"attention sites ({len(sites)})"]
+    if not sites:
+        return [*out, "  none"]
+    rows = [
+        [
+            s["module"] or "(root)",
+            s["form"],
+            s["mask"],
+            s["heads"],
+            s["kv_heads"],
+            s["head_dim"],
+            f"{s['scale']:.4g}" if isinstance(s.get("scale"), float) else s.get("scale"),
+        ]
+        for s in sites
+    ]
+    headers = ["module", "form", "mask", "heads", "kv-heads", "head-dim", "scale"]
+    return out + ["  " + line for line in format_table(headers, rows, right={3, 4, 5, 6})]
+
+
+def _module_lines(modules: list[dict]) -> list[str]:
+    """The module tree, indented by depth, with each module's totals (sub-modules included)."""
     rows = [
         [
             "  " * m["depth"] + (m["module"].rsplit(".", 1)[-1] if m["module"] != ROOT else "(root)"),
@@ -204,19 +211,9 @@ def format_inspect(d: dict) -> str:
             format_count(m["activation_bytes"], "B"),
             m["nodes"],
         ]
-        for m in d["modules"]
+        for m in modules
     ]
-    out += [
-        "  " + line
-        for line in format_table(
-            ["module", "type", "params", "FLOPs", "activations", "nodes"], rows, right={2, 3, 4, 5}
-        )
+    headers = ["module", "type", "params", "FLOPs", "activations", "nodes"]
+    return ["", f"modules ({len(modules)}; totals include sub-modules)"] + [
+        "  " + line for line in format_table(headers, rows, right={2, 3, 4, 5})
     ]
-
-    ops = d.get("ops") or {}
-    out += ["", f"ops ({len(ops)} kinds, {sum(ops.values())} nodes)"]
-    out += ["  " + line for line in format_table(["op", "count"], [[k, v] for k, v in ops.items()], right={1})]
-
-    for note in d.get("notes") or []:
-        out.append(f"note: {note}")
-    return "\n".join(out)

@@ -98,7 +98,7 @@ def test_named_dims_become_dynamic():
 def test_plain_dims_stay_static():
     program = load_model(spec("gpt"), inputs=specs("idx:int64[2,8]"))
     assert program.dynamic_shapes == [None]
-    with pytest.raises(Exception):
+    with pytest.raises((AssertionError, RuntimeError)):  # export's guard on the input's shape
         program.run((ids(2, 9),))
 
 
