@@ -5,15 +5,20 @@ stdout and nothing else there; progress and messages go to stderr."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import sys
 import time
+import types
+import typing
+from collections.abc import Callable
 
 import click
 
 from .errors import OptpipeError, UsageError
+from .runtime.train_config import TrainConfig
 
 EPILOG = "Docs: README.md. Pipeline language: pass{opt=value,...},pass — see `optpipe passes`."
 
@@ -415,7 +420,7 @@ def generate(
     as_json,
 ):
     """Generate tokens from the (kv-cache) program in OUT on its target."""
-    from .runtime.generation import Sampling
+    from .runtime.generation import Sampling, target_step_function
     from .runtime.generation import generate as run_generate
 
     if bool(prompts) == bool(prompt_ids):
@@ -430,12 +435,16 @@ def generate(
     options = {}
     if draft:
         d_program, _, d_tgt, d_compiled = _load_out(draft)
-        options = {"draft": d_program, "draft_step": _target_step(d_tgt, d_compiled), "draft_tokens": draft_tokens}
+        options = {
+            "draft": d_program,
+            "draft_step": target_step_function(d_tgt, d_compiled),
+            "draft_tokens": draft_tokens,
+        }
     result = run_generate(
         program,
         rows,
         max_new_tokens,
-        step=_target_step(tgt, compiled),
+        step=target_step_function(tgt, compiled),
         sampling=Sampling(temperature, top_k, top_p, seed),
         stop_tokens=stops,
         **options,
@@ -457,6 +466,38 @@ def generate(
     )
 
 
+def _config_option(f: dataclasses.Field, annotation) -> Callable:
+    """The click option of TrainConfig field `f` (optpipe.runtime.train_config: name, type, default,
+    and the metadata's help, min, choices, metavar)."""
+    meta = f.metadata
+    flag = "--" + f.name.replace("_", "-")
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)  # `int | None`: an int
+    kind = next(t for t in typing.get_args(annotation) if t is not type(None)) if optional else annotation
+    if kind is bool:
+        return click.option(flag, f.name, is_flag=True, help=meta.get("help") or None)
+    options = {"default": f.default, "show_default": True, "help": meta.get("help") or None}
+    if "choices" in meta:
+        options["type"] = click.Choice(list(meta["choices"]))
+    elif kind is int and "min" in meta:
+        options["type"] = click.IntRange(min=meta["min"])
+    elif kind in (int, float):
+        options["type"] = kind
+    if typing.get_origin(kind) is tuple:  # a list of names, given comma-separated
+        options["default"] = ",".join(f.default)
+    if "metavar" in meta:
+        options["metavar"] = meta["metavar"]
+    return click.option(flag, f.name, **options)
+
+
+def _train_config_options(command: Callable) -> Callable:
+    """Every TrainConfig field that is a CLI option, in the order of the fields."""
+    annotations = typing.get_type_hints(TrainConfig)
+    fields = [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)]
+    for f in reversed(fields):  # click lists the options applied last first
+        command = _config_option(f, annotations[f.name])(command)
+    return command
+
+
 @main.command()
 @click.argument("model", metavar="OUT")
 @click.option(
@@ -467,64 +508,7 @@ def generate(
     metavar="FILE",
     help="Text or JSONL file(s) or folders (repeatable); tokenized with OUT's tokenizer, else bytes.",
 )
-@click.option("--objective", type=click.Choice(["clm", "mlm"]), default="clm", show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True, help="Optimizer steps.")
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    help="Global batch in sequences (over ranks and accumulation).",
-)
-@click.option("--seq-len", type=click.IntRange(min=2), default=None, help="Default: the program's example length.")
-@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate (warmup, then cosine).")
-@click.option("--min-lr", type=float, default=None, help="End of the cosine schedule (default lr/10).")
-@click.option("--warmup", type=click.IntRange(min=0), default=None, help="Warmup steps (default 5%% of --steps).")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clipping (0: off).")
-@click.option("--layer-decay", type=float, default=None, help="Layer-wise lr decay, e.g. 0.8.")
-@click.option(
-    "--trainable",
-    default="*",
-    show_default=True,
-    metavar="GLOBS",
-    help="Parameters to train: comma-separated globs over names, or `changed` (what passes rewrote).",
-)
-@click.option("--distill-from", metavar="MODEL", help="Teacher (e.g. the model before the lossy passes).")
-@click.option("--temperature", type=float, default=2.0, show_default=True, help="Distillation temperature.")
-@click.option("--alpha", type=float, default=0.0, show_default=True, help="Weight of the task loss when distilling.")
-@click.option(
-    "--hidden-weight",
-    type=float,
-    default=1.0,
-    show_default=True,
-    help="Weight of per-module hidden-state matching when distilling (0: logits only).",
-)
-@click.option(
-    "--mask",
-    type=click.Choice(["random", "whole-word", "span", "frequency"]),
-    default="random",
-    show_default=True,
-    help="MLM masking strategy.",
-)
-@click.option("--mask-rate", type=float, default=0.15, show_default=True)
-@click.option("--val-fraction", type=float, default=0.05, show_default=True)
-@click.option("--val-batches", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--val-every", type=click.IntRange(min=1), default=None, help="Default: a quarter of the run.")
-@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, help="Steps between checkpoints.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--target",
-    type=click.Choice(["cpu", "cuda", "onnxruntime", "tvm"]),
-    default="cpu",
-    show_default=True,
-    help="Where to train: torch on cpu/cuda, onnxruntime-training, or TVM (Relax autodiff).",
-)
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the program (cpu/cuda).")
-@click.option("--amp", is_flag=True, help="bf16 autocast (cuda).")
-@click.option("--text-key", default="text", show_default=True, help="JSONL field holding the text.")
+@_train_config_options
 @click.option(
     "--nproc",
     type=click.IntRange(min=1),
@@ -563,50 +547,11 @@ def generate(
 @click.option("--force", is_flag=True, help="Replace an existing OUT2.")
 @click.option("-o", "--out", "out", required=True, metavar="OUT2")
 @click.option("--json", "as_json", is_flag=True)
-def train(
-    model,
-    data,
-    objective,
-    steps,
-    batch_size,
-    seq_len,
-    grad_accum,
-    lr,
-    min_lr,
-    warmup,
-    weight_decay,
-    clip,
-    layer_decay,
-    trainable,
-    distill_from,
-    temperature,
-    alpha,
-    hidden_weight,
-    mask,
-    mask_rate,
-    val_fraction,
-    val_batches,
-    val_every,
-    log_every,
-    checkpoint_every,
-    seed,
-    target,
-    compile_,
-    amp,
-    text_key,
-    nproc,
-    stages,
-    microbatches,
-    schedule,
-    tensor_parallel,
-    resume,
-    force,
-    out,
-    as_json,
-):
+def train(model, data, nproc, stages, microbatches, schedule, tensor_parallel, resume, force, out, as_json, **config):
     """Train (pre-train, fine-tune, or heal by distillation) the program in OUT; write OUT2."""
     from .runtime.training import train as run_train
 
+    config["clip"] = config["clip"] or None  # --clip 0: no clipping
     result = run_train(
         model,
         list(data),
@@ -618,34 +563,7 @@ def train(
         microbatches=microbatches,
         schedule=schedule,
         tensor_parallel=tensor_parallel,
-        objective=objective,
-        steps=steps,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        grad_accum=grad_accum,
-        lr=lr,
-        min_lr=min_lr,
-        warmup=warmup,
-        weight_decay=weight_decay,
-        clip=clip or None,
-        layer_decay=layer_decay,
-        trainable=trainable,
-        distill_from=distill_from,
-        temperature=temperature,
-        alpha=alpha,
-        hidden_weight=hidden_weight,
-        mask=mask,
-        mask_rate=mask_rate,
-        val_fraction=val_fraction,
-        val_batches=val_batches,
-        val_every=val_every,
-        log_every=log_every,
-        checkpoint_every=checkpoint_every,
-        seed=seed,
-        target=target,
-        compile=compile_,
-        amp=amp,
-        text_key=text_key,
+        **config,
     )
     if as_json:
         click.echo(json.dumps(result.to_dict()))
@@ -656,17 +574,6 @@ def train(
         f"{result.tokens_per_s:.0f} tokens/s; wrote {out}",
         err=True,
     )
-
-
-def _target_step(tgt, compiled):
-    import torch
-
-    def step(*inputs):
-        with torch.no_grad():
-            out = compiled(*tgt.prepare_inputs(inputs))
-        return tuple(out) if isinstance(out, (list, tuple)) else out
-
-    return step
 
 
 def _parse_ids(text: str) -> list[int]:

@@ -218,7 +218,8 @@ def test_atomic_folder_cleans_up_on_interrupt(tmp_path):
     from optpipe.outdir import atomic_folder
 
     with pytest.raises(KeyboardInterrupt), atomic_folder(str(tmp_path / "o")) as tmp:
-        (open(os.path.join(tmp, "half"), "w")).write("x")
+        with open(os.path.join(tmp, "half"), "w") as f:
+            f.write("x")
         raise KeyboardInterrupt
     assert os.listdir(tmp_path) == []
 

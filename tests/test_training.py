@@ -14,6 +14,7 @@ import torch
 
 import optpipe
 from optpipe.errors import UsageError
+from optpipe.losses import task_loss
 from optpipe.runtime.training import (
     TrainConfig,
     TrainingInterrupted,
@@ -21,7 +22,6 @@ from optpipe.runtime.training import (
     param_groups,
     rewritten_paths,
     tapped_module,
-    task_loss,
     train,
 )
 
@@ -29,13 +29,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(ROOT, "examples", "heal.py") + ":build_quick"  # byte-level GPT, context 32
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def write_corpus(tmp_path_factory) -> str:
+    """A text file of Python's own docs (`optpipe.runtime.data.pydoc_corpus`) to train on."""
     from optpipe.runtime.data import pydoc_corpus
 
     path = tmp_path_factory.mktemp("data") / "pydoc.txt"
     pydoc_corpus(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +56,8 @@ def _metrics(out):
         return [json.loads(line) for line in f]
 
 
-def _weights(out):
+def trained_weights(out):
+    """{name: tensor} of the program in OUT folder (or MODEL) `out`."""
     prog = optpipe.load(out)
     return {n: p.detach().clone() for n, p in prog.gm.named_parameters()}
 
@@ -107,7 +113,7 @@ def test_gradient_accumulation_gives_the_same_steps(corpus, tmp_path):
     a = train(QUICK, corpus, str(tmp_path / "a"), steps=4, batch_size=8, log_every=1, progress=False)
     b = train(QUICK, corpus, str(tmp_path / "b"), steps=4, batch_size=8, grad_accum=4, log_every=1, progress=False)
     assert [r["loss"] for r in a.metrics] == pytest.approx([r["loss"] for r in b.metrics], abs=1e-5)
-    wa, wb = _weights(a.out), _weights(b.out)
+    wa, wb = trained_weights(a.out), trained_weights(b.out)
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=1e-4)
 
@@ -183,7 +189,7 @@ def test_trainable_changed_trains_only_rewritten_modules(dense, corpus, tmp_path
         distill_from=dense,
         progress=False,
     )
-    before, after = _weights(swapped), _weights(res.out)
+    before, after = trained_weights(swapped), trained_weights(res.out)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and all(n.startswith("transformer.h.1.attn.") for n in changed)
     with pytest.raises(UsageError, match="no parameter matches"):
@@ -224,7 +230,7 @@ def test_mlm_on_the_real_minilm_with_whole_word_masking(tmp_path):
     )
     assert res.val_ppl is not None and all(r["loss"] < 12 for r in res.metrics)
     assert os.path.isfile(os.path.join(res.out, "tokenizer.json"))  # the WordPiece tokenizer, not bytes
-    before, after = _weights(mlm), _weights(res.out)
+    before, after = trained_weights(mlm), trained_weights(res.out)
     assert torch.equal(
         before["bert.encoder.layer.0.output.dense.weight"], after["bert.encoder.layer.0.output.dense.weight"]
     )
@@ -247,7 +253,7 @@ def test_interrupt_saves_a_checkpoint_and_resume_is_bit_exact(corpus, tmp_path):
     resumed = train(
         QUICK, corpus, out, steps=12, batch_size=4, checkpoint_every=4, log_every=2, progress=False, resume=True
     )
-    wa, wb = _weights(full.out), _weights(resumed.out)
+    wa, wb = trained_weights(full.out), trained_weights(resumed.out)
     assert all(torch.equal(wa[n], wb[n]) for n in wa)
     assert _metrics(full.out) == [
         {**r, "tokens_per_s": r2["tokens_per_s"]} for r, r2 in zip(_metrics(out), _metrics(full.out))
@@ -294,7 +300,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(corpus, tmp_path):
     assert not (out / "program.pt2").exists(), "the run finished before it was killed; kill it sooner"
     resumed = _cli(*args, "-o", str(out), "--resume")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
-    wa, wb = _weights(str(tmp_path / "full")), _weights(str(out))
+    wa, wb = trained_weights(str(tmp_path / "full")), trained_weights(str(out))
     assert all(torch.equal(wa[n], wb[n]) for n in wa)
 
 
@@ -316,7 +322,7 @@ def test_two_process_data_parallel_matches_one_process(corpus, tmp_path):
     one = train(QUICK, corpus, str(tmp_path / "one"), steps=6, batch_size=8, log_every=1, progress=False)
     two = train(QUICK, corpus, str(tmp_path / "two"), steps=6, batch_size=8, log_every=1, nproc=2)
     assert [r["loss"] for r in two.metrics] == pytest.approx([r["loss"] for r in one.metrics], abs=1e-5)
-    wa, wb = _weights(one.out), _weights(two.out)
+    wa, wb = trained_weights(one.out), trained_weights(two.out)
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=1e-4)
 

@@ -12,9 +12,14 @@ import torch
 import optpipe
 from optpipe.errors import UsageError
 from optpipe.runtime.training import TrainingInterrupted, train
-from tests.test_training import QUICK, _weights, corpus  # noqa: F401 - corpus is a fixture
+from tests.test_training import QUICK, trained_weights, write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory)
 
 
 def test_onnxruntime_target_follows_the_torch_loss_curve(corpus, tmp_path):
@@ -54,14 +59,14 @@ def test_tvm_target_follows_the_torch_loss_curve_and_resumes(corpus, tmp_path):
     assert tvm.val_loss == pytest.approx(cpu.val_loss, abs=1e-3)
     ev = optpipe.runtime.training.evaluate(tvm.out, corpus, batch_size=4)  # the written program holds TVM's weights
     assert ev["val_loss"] == pytest.approx(tvm.val_loss, abs=1e-5)
-    wa, wb = _weights(cpu.out), _weights(tvm.out)
+    wa, wb = trained_weights(cpu.out), trained_weights(tvm.out)
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=1e-4, rtol=1e-3)
     with pytest.raises(TrainingInterrupted):
         train(QUICK, corpus, str(tmp_path / "part"), target="tvm", stop_after=10, **common)
     resumed = train(QUICK, corpus, str(tmp_path / "part"), target="tvm", resume=True, **common)
     assert [r["loss"] for r in resumed.metrics][-5:] == [r["loss"] for r in tvm.metrics][-5:]
-    wa, wb = _weights(tvm.out), _weights(resumed.out)
+    wa, wb = trained_weights(tvm.out), trained_weights(resumed.out)
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
 
@@ -97,10 +102,10 @@ def test_model_parallel_training_matches_one_process(corpus, tmp_path):
     one = train(QUICK, corpus, str(tmp_path / "one"), progress=False, **common)
     two = train(QUICK, corpus, str(tmp_path / "two"), stages=2, microbatches=2, **common)
     tp = train(QUICK, corpus, str(tmp_path / "tp"), tensor_parallel=2, **common)
-    wa = _weights(one.out)
+    wa = trained_weights(one.out)
     for run in (two, tp):
         assert [r["loss"] for r in run.metrics] == pytest.approx([r["loss"] for r in one.metrics], abs=1e-5)
-        wb = _weights(run.out)
+        wb = trained_weights(run.out)
         for name in wa:
             torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=1e-4)
     info = json.loads((tmp_path / "tp" / "train.json").read_text())

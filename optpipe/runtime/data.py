@@ -64,7 +64,7 @@ import math
 import os
 import random
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from itertools import chain, count, islice
 from pathlib import Path
@@ -72,10 +72,9 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from ..losses import IGNORE_INDEX, OBJECTIVES
 
 MAX_DOCUMENT_CHARS = 1 << 20
-IGNORE_INDEX = -100
-OBJECTIVES = ("clm", "mlm")
 STRATEGIES = ("random", "whole-word", "span", "frequency")
 _JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
 _DATA_HINT = 'give a text file (documents separated by blank lines) or JSONL with a "text" field'
@@ -406,7 +405,7 @@ def load_tokenizer(path_or_dir: str | os.PathLike | None = None, required: bool 
         return ByteTokenizer()
     try:
         tok = Tokenizer.from_file(str(file))
-    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
         raise UsageError(
             f"{file} is not a tokenizers tokenizer.json ({str(e).splitlines()[0]})",
             "save it with tokenizers' Tokenizer.save, or transformers' save_pretrained",
@@ -889,7 +888,7 @@ def calibration_batches(
     )
     config = program.meta.get("config") or {}
     vocab = config.get("vocab_size") or program.meta.get("vocab_size")
-    framing = max(sum(document_frame(tok, objective), []), default=0)  # ids every document brings
+    framing = max((i for ids in document_frame(tok, objective) for i in ids), default=0)  # ids every document brings
     sets = []
     for ids in islice(stream, batches):
         top = max(int(ids.max()), framing)
@@ -916,6 +915,36 @@ def calibration_batches(
 
 
 # -- what `optpipe train` uses ---------------------------------------------------------------------
+def input_builder(program) -> Callable[[torch.Tensor], tuple]:
+    """The function from a batch of input_ids to `program`'s positional inputs (an attention mask
+    of ones, token types of zeros, positions 0..T-1): what trainers feed the program."""
+    names = [n.lower() for n in program.input_names]
+    if not names or ("ids" not in names[0] and "input" not in names[0]):
+        raise UsageError(
+            f"train: the program's first input is {program.input_names[0]!r}, not token ids",
+            "train language models whose first input is input_ids",
+        )
+    refs = program.example_inputs
+
+    def build(ids: torch.Tensor) -> tuple:
+        out = [ids]
+        for name, ref in zip(names[1:], refs[1:]):
+            if "mask" in name:
+                out.append(torch.ones(ids.shape, dtype=ref.dtype, device=ids.device))
+            elif "type" in name:
+                out.append(torch.zeros(ids.shape, dtype=ref.dtype, device=ids.device))
+            elif "position" in name:
+                out.append(torch.arange(ids.shape[1], device=ids.device).expand(ids.shape).to(ref.dtype))
+            else:
+                raise UsageError(
+                    f"train: cannot build the program input {name!r} from token ids",
+                    "train programs that take input_ids (and masks / token types)",
+                )
+        return tuple(out)
+
+    return build
+
+
 class TrainingData:
     """The data of one training run: endless shuffled train batches, a fixed validation set, and a
     state to checkpoint. Batches are dicts `{"input_ids", "labels"}` of int64 `[batch, seq_len]`.
@@ -965,7 +994,7 @@ class TrainingData:
             text_key=text_key,
         )
         self._generator = torch.Generator().manual_seed(seed)
-        self._framing = max(sum(document_frame(tokenizer, objective), []), default=-1)
+        self._framing = max((i for ids in document_frame(tokenizer, objective) for i in ids), default=-1)
         self._val: dict[int, tuple[int, list[dict]]] = {}  # batch size -> (batches asked, prepared batches)
 
     def _prepare(self, ids: torch.Tensor, generator: torch.Generator, masker: TokenMasker | None) -> dict:

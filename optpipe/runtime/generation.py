@@ -132,6 +132,18 @@ def step_function(program) -> Callable:
     return step
 
 
+def target_step_function(target, compiled) -> Callable:
+    """The step callable of a program compiled for a target (`Target.load`'s result): the target's
+    own input preparation, no autograd, outputs as a tuple."""
+
+    def step(*inputs):
+        with torch.no_grad():
+            out = compiled(*target.prepare_inputs(inputs))
+        return tuple(out) if isinstance(out, (list, tuple)) else out
+
+    return step
+
+
 def generate(
     program,
     prompts,

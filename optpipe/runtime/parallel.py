@@ -1,18 +1,21 @@
-"""Pipeline-parallel execution of partitioned programs on torch.distributed (one process per stage).
+"""Model-parallel execution of programs on torch.distributed: pipeline parallelism (one process per
+stage) and tensor parallelism (every block sharded over ranks, times data-parallel replicas).
 
     res = pipeline_train(program, batches, stages=4, microbatches=8, schedule="1f1b", lr=1e-3)
     res["losses"], res["weights"], res["grads"]
     logits = pipeline_run(program, (input_ids,), stages=2, microbatches=4)
+    res = tensor_train(program, batches, ways=2, data_parallel=2)
 
 The program is split by the `partition` pass (run here with `stages=N` unless the program already
 carries a plan for N stages, or an OUT folder already holds `stages/stage_K.pt2`). The stages are
-written as torch.export archives, and `torchrun` starts one rank per stage
-(`python -m torch.distributed.run --standalone --nproc-per-node N -m optpipe.runtime.parallel SPEC RESULT`,
-the way `optpipe.runtime.training` launches data-parallel ranks). Each rank loads its stage(s), wraps them
-in `torch.distributed.pipelining.PipelineStage` and runs a schedule: `gpipe` (all forwards, then
-all backwards) or `1f1b`; with fewer ranks than stages (`ranks=R`, stages a multiple of R) rank r
-holds stages r, r+R, … and runs `ScheduleInterleaved1F1B`. Inference uses the forward-only pass of
-the same schedule.
+written as torch.export archives, and `optpipe.runtime.launch` starts one torchrun rank per stage
+(the launcher data-parallel training uses too; each rank runs `run_pipeline_rank`). Each rank
+loads its stage(s), wraps them in `torch.distributed.pipelining.PipelineStage` and runs a
+schedule: `gpipe` (all forwards, then all backwards) or `1f1b`; with fewer ranks than stages
+(`ranks=R`, stages a multiple of R) rank r holds stages r, r+R, … and runs
+`ScheduleInterleaved1F1B`. Inference uses the forward-only pass of the same schedule. Tensor
+parallelism (`partition{strategy=tensor}`) runs `run_tensor_rank` on each rank of a 2-d
+DeviceMesh ("dp", "tp").
 
 Training: each batch (`{"input_ids", "labels"}`) is one optimizer step (SGD or AdamW on each rank's
 own parameters). The loss is `optpipe.losses.task_loss` per micro-batch; gradients are averaged
@@ -24,7 +27,7 @@ Failure: every collective and point-to-point wait of the run is bounded by `time
 pipeline's process group; start-up and rendezvous get `STARTUP_TIMEOUT`), and torchrun stops the
 other ranks as soon as one exits with an error, so a rank that dies stops the run with an error
 naming it instead of hanging; a rank that stays alive but stuck is named as the silent neighbour
-of the ranks whose waits timed out. For tests,
+of the ranks whose waits timed out (`optpipe.runtime.launch`). For tests,
 `OPTPIPE_PIPELINE_FAIL_RANK=r` makes rank r exit abruptly before step `OPTPIPE_PIPELINE_FAIL_STEP`
 (default 0).
 """
@@ -34,9 +37,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import re
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -44,19 +44,16 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import PipelineError, UsageError
+from ..losses import task_loss
 from ..passes import partition, partition_tensor
 from ..passes.partition_tensor_ops import tensor_parallel_mesh
 from ..program import Program
 from ..registry import load_op_modules
+from .data import input_builder
+from .launch import FAIL_MODE_ENV, FAIL_RANK_ENV, FAIL_STEP_ENV, STARTUP_TIMEOUT, fault_point, run_ranks
 
 SCHEDULES = ("1f1b", "gpipe")
 OPTIMIZERS = ("sgd", "adamw")
-FAIL_RANK_ENV = "OPTPIPE_PIPELINE_FAIL_RANK"
-FAIL_STEP_ENV = "OPTPIPE_PIPELINE_FAIL_STEP"
-FAIL_MODE_ENV = "OPTPIPE_PIPELINE_FAIL_MODE"
-FAIL_EXIT_CODE = 43
-STARTUP_TIMEOUT = 120.0
-"""Seconds the ranks may take to start and meet (imports on a busy machine); `timeout` bounds the rest."""
 
 
 # -- the parent: prepare stages, launch ranks, gather results -------------------------------------------
@@ -199,9 +196,7 @@ def _load(model) -> Program:
 
 def _inputs_builder(program: Program | None, info: dict):
     if program is not None:
-        from .training import _input_builder
-
-        return _input_builder(program)
+        return input_builder(program)
     names = info.get("input_names") or ["input_ids"]
     if len(names) != 1:
         raise UsageError(
@@ -271,6 +266,7 @@ def _launch(
                 )
         torch.save(data, os.path.join(tmp, "batches.pt"))
         spec = {
+            "kind": "pipeline",
             "mode": mode,
             "stage_dir": stage_dir,
             "info": info,
@@ -283,16 +279,13 @@ def _launch(
             "steps": steps,
             "objective": objective,
             "timeout": timeout,
-            "result_dir": tmp,
         }
-        spec_path = os.path.join(tmp, "spec.json")
-        with open(spec_path, "w") as f:
-            json.dump(spec, f)
-        _torchrun(
-            spec_path,
+        run_ranks(
+            spec,
             tmp,
             ranks,
-            timeout,
+            what="pipeline",
+            timeout=timeout,
             describe=lambda r: f"rank {r} (stage {_held(r, ranks, n)})",
             neighbours=lambda r: _pipeline_neighbours(r, ranks, n),
         )
@@ -308,75 +301,6 @@ def _pipeline_neighbours(r: int, ranks: int, stages: int) -> set[int]:
     if stages == ranks:
         return {p for p in (r - 1, r + 1) if 0 <= p < ranks}
     return {(r - 1) % ranks, (r + 1) % ranks} - {r}
-
-
-def _torchrun(
-    spec_path: str, folder: str, ranks: int, timeout: float, *, describe, neighbours, what: str = "pipeline"
-) -> None:
-    """Run `python -m optpipe.runtime.parallel SPEC FOLDER` on `ranks` torchrun ranks; PipelineError naming
-    the rank that failed first (`describe(r)`: "rank 1 (stage 1)") when the run fails."""
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={ranks}",
-        "--max-restarts=0",
-        "-m",
-        "optpipe.runtime.parallel",
-        spec_path,
-        folder,
-    ]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout * 2 + 120)
-    except subprocess.TimeoutExpired as e:
-        raise PipelineError(
-            f"{what}: the ranks did not finish within {timeout * 2 + 120:.0f} s",
-            "a rank hangs; rerun with a smaller timeout to see which",
-        ) from e
-    if proc.returncode != 0:
-        message = _failure_message(proc.stderr, folder, ranks, describe, neighbours, what)
-        hint = (
-            "the stuck rank is alive but not communicating (a deadlock, or a rank far slower than "
-            "the others: raise timeout)"
-            if "stopped responding" in message
-            else "a rank that leaves no message crashed or was killed (out of memory?)"
-        )
-        raise PipelineError(message, hint)
-
-
-def _failure_message(stderr: str, folder: str, ranks: int, describe, neighbours, what: str = "pipeline") -> str:
-    """One line naming the rank that failed first (its own message when it left one)."""
-    errors = {}
-    for r in range(ranks):
-        path = os.path.join(folder, f"rank_{r}.error")
-        if os.path.isfile(path):
-            with open(path) as f:
-                errors[r] = f.read().strip()
-    root = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", stderr, re.S)
-    first = int(root.group(1)) if root else (min(errors) if errors else None)
-    code = int(root.group(2)) if root else None
-    if first is None:
-        tail = [l for l in stderr.strip().splitlines() if l.strip()][-1:] or ["no message"]
-        return f"{what} failed: {tail[0]}"
-    timed_out = sorted(r for r, e in errors.items() if "timed out" in e.lower())
-    if timed_out and first in timed_out:
-        # ranks blocked on a peer that is alive but stuck: the silent neighbour is the culprit
-        suspects = {p for r in timed_out for p in neighbours(r) if p not in errors}
-        if len(suspects) == 1:
-            stuck = suspects.pop()
-            waiting = ", ".join(map(str, timed_out))
-            return (
-                f"{what} {describe(stuck)} stopped responding: rank(s) {waiting} timed "
-                f"out waiting for it; all ranks were stopped"
-            )
-    message = errors.get(first) or (f"exited with code {code}" if code is not None else "failed")
-    if code is not None and code < 0:
-        message = f"was killed by signal {-code}"
-    elif code == FAIL_EXIT_CODE and first not in errors:
-        message = f"exited with code {code} (fault injected by {FAIL_RANK_ENV})"
-    return f"{what} {describe(first)} {message}; the other ranks were stopped"
 
 
 def _gather(mode: str, folder: str, ranks: int, info: dict) -> dict:
@@ -512,6 +436,7 @@ def _launch_tensor(
         program.save(os.path.join(tmp, "program.pt2"))
         torch.save(data, os.path.join(tmp, "batches.pt"))
         spec = {
+            "kind": "tensor",
             "mode": mode,
             "program": os.path.join(tmp, "program.pt2"),
             "ways": ways,
@@ -525,16 +450,13 @@ def _launch_tensor(
             "objective": objective,
             "timeout": timeout,
         }
-        spec_path = os.path.join(tmp, "spec.json")
-        with open(spec_path, "w") as f:
-            json.dump(spec, f)
         ranks = ways * dp
-        _torchrun(
-            spec_path,
+        run_ranks(
+            spec,
             tmp,
             ranks,
-            timeout,
             what="tensor parallel",
+            timeout=timeout,
             describe=lambda r: f"rank {r} (shard {r % ways} of {ways}, replica {r // ways})",
             neighbours=lambda r: set(range(ranks)) - {r} if ranks == 2 else set(),
         )
@@ -555,109 +477,14 @@ def _launch_tensor(
         }
 
 
-def _run_tensor_rank(spec_path: str, folder: str, rank: int) -> int:
+# -- a rank of a pipelined run (optpipe.runtime.rank) ---------------------------------------------------
+def run_pipeline_rank(spec: dict, folder: str, rank: int) -> int:
+    """Rank `rank` of a pipelined run: load its stages, run the schedule's steps, write its results
+    (`rank_R.pt`: weights and last gradients per stage; the last stage's `result.json`, `output.pt`)."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    load_op_modules()  # optpipe's ops, before the program loads
-
-    from ..program import load_program
-    from ..losses import task_loss
-
-    with open(spec_path) as f:
-        spec = json.load(f)
-    ways, dp = spec["ways"], spec["dp"]
-    device = torch.device(spec["devices"][rank % ways])
-    if device.type == "cuda" and dp > 1:  # every rank needs a GPU of its own: the node's local rank's
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(device)
-    timeout = float(spec["timeout"])
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=max(STARTUP_TIMEOUT, timeout)))
-    mesh = init_device_mesh(device.type, (dp, ways), mesh_dim_names=("dp", "tp"))
-    tp_rank, replica = mesh["tp"].get_local_rank(), mesh["dp"].get_local_rank()
-    train = spec["mode"] == "tensor-train"
-    program = load_program(spec["program"])
-    gm = partition_tensor.rank_module(program, tp_rank, ways).to(device)
-    del program
-    params = [p for p in gm.parameters() if p.is_floating_point()]
-    for p in params:
-        p.requires_grad_(train)
-    opt = _optimizer(params, spec) if train and params else None
-    data = torch.load(spec["batches"])
-    dp_group = mesh["dp"].get_group() if dp > 1 else None
-    losses, grads, output, seconds = [], {}, None, []
-    steps = spec["steps"] + (0 if train else 1)  # inference: one warm-up run
-    with tensor_parallel_mesh(mesh["tp"]):
-        for step in range(steps):
-            _fault_point(rank, step, timeout)
-            inputs, labels = data[step % len(data)]
-            inputs = tuple(x.chunk(dp)[replica].to(device) for x in inputs)
-            dist.barrier()
-            start = time.perf_counter()
-            if train:
-                opt.zero_grad(set_to_none=True)
-                loss = task_loss(gm(*inputs), labels.chunk(dp)[replica].to(device), spec["objective"])
-                loss.backward()
-                total = loss.detach().clone()
-                if dp_group is not None:  # data parallel: average gradients (and the loss) over replicas
-                    for p in params:
-                        dist.all_reduce(p.grad, group=dp_group)
-                        p.grad /= dp
-                    dist.all_reduce(total, group=dp_group)
-                    total /= dp
-                if step == steps - 1:
-                    grads = {k: p.grad.detach().cpu().clone() for k, p in gm.named_parameters() if p.grad is not None}
-                opt.step()
-                losses.append(float(total))
-            else:
-                with torch.no_grad():
-                    output = gm(*inputs)
-            dist.barrier()
-            if train or step > 0:
-                seconds.append(time.perf_counter() - start)
-    if train and replica == 0:
-        torch.save(
-            ({k: p.detach().cpu().clone() for k, p in gm.named_parameters()}, grads),
-            os.path.join(folder, f"rank_{rank}.pt"),
-        )
-    if not train and tp_rank == 0:
-        torch.save(output.cpu(), os.path.join(folder, f"output_{replica}.pt"))
-    if rank == 0:
-        with open(os.path.join(folder, "result.json"), "w") as f:
-            json.dump({"losses": losses, "seconds": seconds}, f)
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
-
-
-# -- a rank ------------------------------------------------------------------------------------------
-def _rank_main(spec_path: str, folder: str) -> int:
-    rank = int(os.environ.get("RANK", "0"))
-    try:
-        with open(spec_path) as f:
-            mode = json.load(f)["mode"]
-        return (_run_tensor_rank if mode.startswith("tensor") else _run_rank)(spec_path, folder, rank)
-    except Exception as e:  # noqa: BLE001 - every failure is reported with the rank that saw it
-        text = str(e).strip().splitlines()
-        message = f"failed: {type(e).__name__}: {text[0].rstrip('.') if text else ''}"
-        with open(os.path.join(folder, f"rank_{rank}.error"), "w") as f:
-            f.write(message)
-        print(f"optpipe pipeline (rank {rank}): {message}", file=sys.stderr, flush=True)
-        return 1
-
-
-def _run_rank(spec_path: str, folder: str, rank: int) -> int:
-    import torch.distributed as dist
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+    from torch.distributed.pipelining import PipelineStage
 
     load_op_modules()  # optpipe's ops, before stage archives load
-
-    from ..losses import task_loss
-
-    with open(spec_path) as f:
-        spec = json.load(f)
     info = spec["info"]
     n = info["num_stages"]
     devices = info.get("devices") or ["cpu"] * n
@@ -673,29 +500,53 @@ def _run_rank(spec_path: str, folder: str, rank: int) -> int:
     train = spec["mode"] == "train"
     modules, stages = {}, []
     for s in local:
-        device = torch.device(devices[s])
-        module = torch.export.load(os.path.join(spec["stage_dir"], f"stage_{s}.pt2")).module().to(device)
+        module = torch.export.load(os.path.join(spec["stage_dir"], f"stage_{s}.pt2")).module().to(devices[s])
         for p in module.parameters():
             p.requires_grad_(train and p.is_floating_point())
         modules[s] = module
-        stages.append(PipelineStage(module, s, n, device, group=group))
+        stages.append(PipelineStage(module, s, n, torch.device(devices[s]), group=group))
+    res = _pipeline_steps(spec, _schedule(spec, stages, train), stages, modules, rank, world, group)
+    if train:
+        state = {s: (_tensors(mod.named_parameters()), res["grads"].get(s, {})) for s, mod in modules.items()}
+        torch.save(state, os.path.join(folder, f"rank_{rank}.pt"))
+    if n - 1 in modules:
+        if res["output"] is not None:
+            torch.save(res["output"], os.path.join(folder, "output.pt"))
+        with open(os.path.join(folder, "result.json"), "w") as f:
+            json.dump({"losses": res["losses"], "seconds": res["seconds"]}, f)
+    dist.barrier(group=group)
+    dist.destroy_process_group()
+    return 0
+
+
+def _schedule(spec: dict, stages: list, train: bool):
+    """The pipelining schedule of this rank's stages (interleaved 1F1B when it holds several)."""
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
     m = spec["microbatches"]
     objective = spec["objective"]
     loss_fn = (lambda out, target: task_loss(out, target, objective)) if train else None
     if len(stages) > 1:
-        schedule = ScheduleInterleaved1F1B(stages, m, loss_fn=loss_fn)
-    elif spec["schedule"] == "gpipe" or not train:
-        schedule = ScheduleGPipe(stages[0], m, loss_fn=loss_fn)
-    else:
-        schedule = Schedule1F1B(stages[0], m, loss_fn=loss_fn)
+        return ScheduleInterleaved1F1B(stages, m, loss_fn=loss_fn)
+    if spec["schedule"] == "gpipe" or not train:
+        return ScheduleGPipe(stages[0], m, loss_fn=loss_fn)
+    return Schedule1F1B(stages[0], m, loss_fn=loss_fn)
+
+
+def _pipeline_steps(spec: dict, schedule, stages: list, modules: dict, rank: int, world: int, group) -> dict:
+    """The run's steps on this rank: {"losses" (last stage), "grads" (of the last step, per stage),
+    "output" (last stage, inference), "seconds" (per step)}."""
+    import torch.distributed as dist
+
+    info, train, timeout = spec["info"], spec["mode"] == "train", float(spec["timeout"])
+    first, last = 0 in modules, info["num_stages"] - 1 in modules
     params = [p for mod in modules.values() for p in mod.parameters() if p.requires_grad]
     opt = _optimizer(params, spec) if train and params else None
     data = torch.load(spec["batches"])
-    first, last = 0 in local, n - 1 in local
-    losses, grads, output, seconds = [], {}, None, []
+    res = {"losses": [], "grads": {}, "output": None, "seconds": []}
     steps = spec["steps"] + (0 if train else 1)  # inference: one warm-up run
     for step in range(steps):
-        _fault_point(rank, step, timeout)
+        fault_point(rank, step, timeout)
         inputs, labels = data[step % len(data)]
         inputs = tuple(x.to(stages[0].device) for x in inputs) if first else ()
         labels = labels.to(stages[-1].device) if last and labels is not None else None
@@ -708,40 +559,108 @@ def _run_rank(spec_path: str, folder: str, rank: int) -> int:
             schedule.step(*inputs, target=labels, losses=mb_losses if last else None)
             _sync_tied(modules, info, world, group)
             if step == steps - 1:
-                grads = {
-                    s: {k: p.grad.detach().cpu().clone() for k, p in mod.named_parameters() if p.grad is not None}
-                    for s, mod in modules.items()
-                }
+                res["grads"] = {s: _gradients(mod) for s, mod in modules.items()}
             if opt is not None:
                 opt.step()
             if last:
-                losses.append(float(torch.stack([l.detach() for l in mb_losses]).mean()))
+                res["losses"].append(float(torch.stack([l.detach() for l in mb_losses]).mean()))
         else:
             with torch.no_grad():
                 out = schedule.step(*inputs)
             if last:
-                output = out.cpu()
+                res["output"] = out.cpu()
         dist.barrier(group=group)
         if train or step > 0:
-            seconds.append(time.perf_counter() - start)
-    if train:
-        torch.save(
-            {
-                s: ({k: p.detach().cpu().clone() for k, p in mod.named_parameters()}, grads.get(s, {}))
-                for s, mod in modules.items()
-            },
-            os.path.join(folder, f"rank_{rank}.pt"),
-        )
-    if last:
-        if output is not None:
-            torch.save(output, os.path.join(folder, "output.pt"))
+            res["seconds"].append(time.perf_counter() - start)
+    return res
+
+
+# -- a rank of a tensor-parallel run (optpipe.runtime.rank) ----------------------------------------------
+def run_tensor_rank(spec: dict, folder: str, rank: int) -> int:
+    """Rank `rank` of a tensor-parallel run: shard `rank % ways` of replica `rank // ways` on a 2-d
+    DeviceMesh ("dp", "tp"); writes `rank_R.pt` (replica 0, training), `output_D.pt` (shard 0,
+    inference) and rank 0's `result.json`."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    load_op_modules()  # optpipe's ops, before the program loads
+
+    from ..program import load_program
+
+    ways, dp = spec["ways"], spec["dp"]
+    device = torch.device(spec["devices"][rank % ways])
+    if device.type == "cuda" and dp > 1:  # every rank needs a GPU of its own: the node's local rank's
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    timeout = float(spec["timeout"])
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=max(STARTUP_TIMEOUT, timeout)))
+    mesh = init_device_mesh(device.type, (dp, ways), mesh_dim_names=("dp", "tp"))
+    tp_rank, replica = mesh["tp"].get_local_rank(), mesh["dp"].get_local_rank()
+    train = spec["mode"] == "tensor-train"
+    program = load_program(spec["program"])
+    gm = partition_tensor.rank_module(program, tp_rank, ways).to(device)
+    del program
+    with tensor_parallel_mesh(mesh["tp"]):
+        res = _tensor_steps(spec, gm, mesh, device, rank, train)
+    if train and replica == 0:
+        torch.save((_tensors(gm.named_parameters()), res["grads"]), os.path.join(folder, f"rank_{rank}.pt"))
+    if not train and tp_rank == 0:
+        torch.save(res["output"].cpu(), os.path.join(folder, f"output_{replica}.pt"))
+    if rank == 0:
         with open(os.path.join(folder, "result.json"), "w") as f:
-            json.dump({"losses": losses, "seconds": seconds}, f)
-    dist.barrier(group=group)
+            json.dump({"losses": res["losses"], "seconds": res["seconds"]}, f)
+    dist.barrier()
     dist.destroy_process_group()
     return 0
 
 
+def _tensor_steps(spec: dict, gm: torch.nn.Module, mesh, device: torch.device, rank: int, train: bool) -> dict:
+    """The run's steps on this shard: {"losses" (averaged over replicas), "grads" (of the last
+    step), "output" (inference), "seconds" (per step)}."""
+    import torch.distributed as dist
+
+    dp, replica = spec["dp"], mesh["dp"].get_local_rank()
+    params = [p for p in gm.parameters() if p.is_floating_point()]
+    for p in params:
+        p.requires_grad_(train)
+    opt = _optimizer(params, spec) if train and params else None
+    data = torch.load(spec["batches"])
+    dp_group = mesh["dp"].get_group() if dp > 1 else None
+    res = {"losses": [], "grads": {}, "output": None, "seconds": []}
+    steps = spec["steps"] + (0 if train else 1)  # inference: one warm-up run
+    for step in range(steps):
+        fault_point(rank, step, float(spec["timeout"]))
+        inputs, labels = data[step % len(data)]
+        inputs = tuple(x.chunk(dp)[replica].to(device) for x in inputs)
+        dist.barrier()
+        start = time.perf_counter()
+        if train:
+            opt.zero_grad(set_to_none=True)
+            loss = task_loss(gm(*inputs), labels.chunk(dp)[replica].to(device), spec["objective"])
+            loss.backward()
+            total = loss.detach().clone()
+            if dp_group is not None:  # data parallel: average gradients (and the loss) over replicas
+                for p in params:
+                    dist.all_reduce(p.grad, group=dp_group)
+                    p.grad /= dp
+                dist.all_reduce(total, group=dp_group)
+                total /= dp
+            if step == steps - 1:
+                res["grads"] = _gradients(gm)
+            opt.step()
+            res["losses"].append(float(total))
+        else:
+            with torch.no_grad():
+                res["output"] = gm(*inputs)
+        dist.barrier()
+        if train or step > 0:
+            res["seconds"].append(time.perf_counter() - start)
+    return res
+
+
+# -- shared by both kinds of rank ------------------------------------------------------------------------
 def _optimizer(params: list, spec: dict) -> torch.optim.Optimizer:
     if spec["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=spec["lr"])
@@ -755,13 +674,14 @@ def _optimizer(params: list, spec: dict) -> torch.optim.Optimizer:
     )
 
 
-def _fault_point(rank: int, step: int, timeout: float) -> None:
-    """Fault injection for tests (`OPTPIPE_PIPELINE_FAIL_RANK` / `_STEP` / `_MODE`)."""
-    fail_rank = os.environ.get(FAIL_RANK_ENV)
-    if fail_rank is not None and int(fail_rank) == rank and step == int(os.environ.get(FAIL_STEP_ENV, "0")):
-        if os.environ.get(FAIL_MODE_ENV) == "hang":  # alive but stuck: the others' waits time out
-            time.sleep(10 * timeout + 600)
-        os._exit(FAIL_EXIT_CODE)  # die without a word, as a killed process would
+def _tensors(named) -> dict[str, torch.Tensor]:
+    """CPU copies of named tensors (parameters), to save."""
+    return {k: p.detach().cpu().clone() for k, p in named}
+
+
+def _gradients(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of the gradients `module`'s parameters hold."""
+    return {k: p.grad.detach().cpu().clone() for k, p in module.named_parameters() if p.grad is not None}
 
 
 def _sync_tied(modules: dict, info: dict, world: int, group) -> None:
@@ -788,7 +708,21 @@ def _sync_tied(modules: dict, info: dict, world: int, group) -> None:
             p.grad = total.clone()
 
 
-if __name__ == "__main__":  # a torchrun rank (see _torchrun); run as optpipe.parallel, the module the
-    from optpipe.runtime.parallel import _rank_main as _main  # ranks' graphs call tp_copy/tp_reduce from
-
-    sys.exit(_main(sys.argv[1], sys.argv[2]))
+__all__ = [
+    "FAIL_MODE_ENV",  # the fault hooks of these runs (optpipe.runtime.launch)
+    "FAIL_RANK_ENV",
+    "FAIL_STEP_ENV",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "PipelineError",  # what a failed run raises
+    "partitioned",
+    "pipeline_run",
+    "pipeline_run_timed",
+    "pipeline_train",
+    "prepare_stages",
+    "run_pipeline_rank",
+    "run_tensor_rank",
+    "tensor_partitioned",
+    "tensor_run",
+    "tensor_train",
+]

@@ -18,8 +18,12 @@ Objectives (losses are means over the label tokens, `-100` ignored):
 Runs a person can trust: a progress line (loss, tokens/s, ETA) on stderr, `metrics.jsonl`,
 validation perplexity, checkpoints written atomically every N steps, `resume=True` continuing
 bit-exactly after the process was killed, Ctrl-C saving a checkpoint first. Data parallelism runs
-one process per rank under torch.distributed (`nproc`): each rank takes its slice of the global
-batch and the loss is normalised by the global token count, so N ranks follow the 1-rank curve.
+one process per rank under torch.distributed (`nproc`; torchrun ranks started by
+`optpipe.runtime.launch`): each rank takes its slice of the global batch and the loss is normalised
+by the global token count, so N ranks follow the 1-rank curve. Pipeline (`stages`) and tensor
+(`tensor_parallel`) parallelism train through `optpipe.runtime.parallel`.
+
+What a run does is a `TrainConfig` (`optpipe.runtime.train_config`; the `optpipe train` options).
 
 OUT2 holds `program.pt2` (the trained program), `train.json`, `metrics.jsonl`, `checkpoints/`, and
 what `optpipe run`/`generate` need (`target.json`, `pipeline.txt`, `tokenizer.json`).
@@ -38,9 +42,10 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -48,121 +53,17 @@ import torch.fx
 import torch.nn.functional as F
 
 from ..errors import OptpipeError, UsageError
-from ..losses import IGNORE_INDEX, OBJECTIVES, distill_kl_sum, task_loss_sum
+from ..graph_toolkit import module_path, module_stack
+from ..losses import IGNORE_INDEX, distill_kl_sum, task_loss_sum
 from ..program import Program
+from .data import TrainingData, input_builder, tokenizer_for_program
+from .launch import run_ranks
+from .parallel import pipeline_train, tensor_train
+from .train_config import TARGETS, TrainConfig
 
-TARGETS = ("cpu", "cuda", "onnxruntime", "tvm")
 BACKEND_TRAINED = ("onnxruntime", "tvm")
 """Targets that train through their own trainer (Target.trainer): forward, backward and AdamW there."""
 _LAYER_RE = re.compile(r"(?:^|\.)(?:h|layers?|blocks?)\.(\d+)(?:\.|$)")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """What `optpipe train` does; every field is a CLI option of the same name."""
-
-    objective: str = "clm"
-    steps: int = 100
-    batch_size: int = 8
-    """Global batch (sequences per optimizer step, over all ranks and accumulation steps)."""
-    seq_len: int | None = None
-    """Tokens per sequence (default: the program's example input length)."""
-    grad_accum: int = 1
-    lr: float = 3e-4
-    min_lr: float | None = None
-    """End of the cosine schedule (default lr/10)."""
-    warmup: int | None = None
-    """Linear warmup steps (default 5% of steps)."""
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    clip: float | None = 1.0
-    layer_decay: float | None = None
-    """Layer-wise lr decay: layer i of L gets lr·decay^(L-i); embeddings decay^(L+1)."""
-    trainable: tuple[str, ...] = ("*",)
-    """Globs over parameter names, or `changed`: the parameters of modules a pass rewrote or added."""
-    distill_from: str | None = None
-    temperature: float = 2.0
-    alpha: float = 0.0
-    """Weight of the task loss when distilling (the KL term gets 1-alpha)."""
-    hidden_weight: float = 1.0
-    """Weight of the per-module hidden-state matching when distilling (0: logits only)."""
-    mask: str = "random"
-    mask_rate: float = 0.15
-    val_fraction: float = 0.05
-    val_batches: int = 8
-    val_every: int | None = None
-    log_every: int = 10
-    checkpoint_every: int | None = None
-    seed: int = 0
-    target: str = "cpu"
-    compile: bool = False
-    amp: bool = False
-    """bf16 autocast (CUDA only)."""
-    text_key: str = "text"
-
-    def __post_init__(self):
-        def bad(what, hint):
-            raise UsageError(f"train: {what}", hint)
-
-        if self.objective not in OBJECTIVES:
-            bad(f"unknown objective {self.objective!r}", f"one of {', '.join(OBJECTIVES)}")
-        if self.target not in TARGETS:
-            bad(f"cannot train on target {self.target!r}", f"one of {', '.join(TARGETS)}")
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "val_batches"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                bad(
-                    f"{name} must be a positive integer, got {getattr(self, name)!r}",
-                    f"e.g. --{name.replace('_', '-')} 1",
-                )
-        for name in ("seq_len", "checkpoint_every", "val_every", "warmup"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < (0 if name == "warmup" else 1)):
-                bad(f"{name} must be a positive integer, got {v!r}", f"e.g. --{name.replace('_', '-')} 100")
-        if self.batch_size % self.grad_accum:
-            bad(
-                f"batch size {self.batch_size} is not divisible by grad-accum {self.grad_accum}",
-                "make --batch-size a multiple of --grad-accum",
-            )
-        if not self.lr > 0:
-            bad(f"lr must be > 0, got {self.lr}", "e.g. --lr 3e-4")
-        if not 0 <= self.alpha <= 1:
-            bad(f"alpha must be in [0, 1], got {self.alpha}", "e.g. --alpha 0.5")
-        if not 0 < self.mask_rate < 1:
-            bad(f"mask rate must be in (0, 1), got {self.mask_rate}", "e.g. --mask-rate 0.15")
-        if not 0 <= self.val_fraction < 1:
-            bad(f"val fraction must be in [0, 1), got {self.val_fraction}", "e.g. --val-fraction 0.05")
-        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
-            bad(f"layer decay must be in (0, 1], got {self.layer_decay}", "e.g. --layer-decay 0.8")
-        if self.target == "onnxruntime":
-            if self.clip:
-                bad("--target onnxruntime has no gradient clipping", "pass --clip 0")
-            if self.layer_decay is not None or self.weight_decay:
-                bad(
-                    "--target onnxruntime trains with one AdamW group (no layer decay, no weight decay groups)",
-                    "drop --layer-decay / --weight-decay, or train on cpu",
-                )
-        if self.amp and self.target != "cuda":
-            bad("--amp (bf16 autocast) needs --target cuda", "drop --amp on CPU")
-        if isinstance(self.trainable, str):
-            object.__setattr__(self, "trainable", tuple(p for p in self.trainable.split(",") if p))
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @property
-    def warmup_steps(self) -> int:
-        return self.steps // 20 if self.warmup is None else self.warmup
-
-    def lr_at(self, step: int) -> float:
-        """Warmup then cosine to min_lr; `step` counts from 0."""
-        min_lr = self.lr / 10 if self.min_lr is None else self.min_lr
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        span = max(1, self.steps - self.warmup_steps)
-        t = min(1.0, (step - self.warmup_steps) / span)
-        return min_lr + 0.5 * (self.lr - min_lr) * (1 + math.cos(math.pi * t))
 
 
 # -- module taps (hidden-state matching) ---------------------------------------------------------
@@ -170,7 +71,7 @@ def block_paths(program: Program) -> list[str]:
     """Module paths of the transformer blocks (`…h.3`, `…layers.3`, `…layer.3`), in order."""
     seen: dict[str, None] = {}
     for node in program.gm.graph.nodes:
-        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        for path, _ in module_stack(node):
             m = _LAYER_RE.search(path)
             if m and path[: m.end()].rstrip(".") == path:
                 seen.setdefault(path, None)
@@ -181,10 +82,8 @@ def rewritten_paths(program: Program) -> list[str]:
     """Innermost module paths that own an optpipe op (what attention/quantize/... rewrote)."""
     seen: dict[str, None] = {}
     for node in program.gm.graph.nodes:
-        if node.op == "call_function" and str(getattr(node.target, "namespace", "")) == "optpipe":
-            stack = list((node.meta.get("nn_module_stack") or {}).values())
-            if stack and stack[-1][0]:
-                seen.setdefault(stack[-1][0], None)
+        if node.op == "call_function" and str(getattr(node.target, "namespace", "")) == "optpipe" and module_path(node):
+            seen.setdefault(module_path(node), None)
     return list(seen)
 
 
@@ -202,7 +101,7 @@ def tapped_module(program: Program, paths: list[str]) -> tuple[torch.fx.GraphMod
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor) or not val.is_floating_point() or val.dim() < 2:
             continue
-        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        for path, _ in module_stack(node):
             if path in wanted:
                 last[path] = node
     for node in list(graph.nodes):  # shape guards of the capture: the trainer feeds valid shapes
@@ -317,10 +216,10 @@ def train(
     """Train `model` (an OUT folder, any MODEL form, or a Program) on `data` and write OUT2=`out`.
 
     `options` are `TrainConfig` fields. `nproc>1` launches that many ranks with torchrun (gloo on
-    CPU, NCCL on CUDA). `stages=N` trains pipeline-parallel over N ranks (`optpipe.runtime.parallel`,
-    `microbatches` per step, `schedule` 1f1b or gpipe). `tensor_parallel=N` shards every block over
-    N ranks (DTensor), times `nproc` data-parallel replicas. `stop_after` ends the run after that many
-    steps as if interrupted (tests)."""
+    CPU, NCCL on CUDA; `optpipe.runtime.launch`). `stages=N` trains pipeline-parallel over N ranks
+    (`optpipe.runtime.parallel`, `microbatches` per step, `schedule` 1f1b or gpipe).
+    `tensor_parallel=N` shards every block over N ranks (DTensor), times `nproc` data-parallel
+    replicas. `stop_after` ends the run after that many steps as if interrupted (tests)."""
     config = TrainConfig(**options)
     if stages and tensor_parallel:
         raise UsageError(
@@ -345,7 +244,7 @@ def train(
             nproc=nproc,
         )
     if nproc > 1 and not _distributed():
-        return _launch(model, data, out, config, resume=resume, force=force, nproc=nproc)
+        return _launch_data_parallel(model, data, out, config, resume=resume, force=force, nproc=nproc)
     return Trainer(model, data, out, config, resume=resume, force=force, progress=progress).run(stop_after)
 
 
@@ -376,7 +275,7 @@ class Trainer:
                 "make --batch-size a multiple of --grad-accum × --nproc",
             )
         self.data = _training_data(self.program, self.source_dir, data, config, seq_len)
-        self.inputs_for = _input_builder(self.program)
+        self.inputs_for = input_builder(self.program)
         self.names = select_trainable(self.program, config.trainable, self.teacher)
         params = dict(self.program.gm.named_parameters())
         trainable = set(self.names)
@@ -793,7 +692,7 @@ def evaluate(model, data, **options) -> dict:
     tdata = _training_data(program, folder, data, config, seq_len)
     fn, _ = tapped_module(program, [])
     res = validation_loss(
-        fn, _input_builder(program), tdata.validation_batches(config.val_batches, config.batch_size), config.objective
+        fn, input_builder(program), tdata.validation_batches(config.val_batches, config.batch_size), config.objective
     )
     if res is None:
         raise UsageError("evaluate: the data has no validation split", "use a val fraction > 0")
@@ -899,8 +798,6 @@ def _load_trainable(model) -> tuple[Program, str | None]:
 
 
 def _training_data(program: Program, folder: str | None, data, config: TrainConfig, seq_len: int):
-    from .data import TrainingData, tokenizer_for_program
-
     return TrainingData(
         data,
         tokenizer_for_program(program, folder),
@@ -936,36 +833,7 @@ def _vocab(program: Program) -> int | None:
     return cfg.get("vocab_size") or program.meta.get("vocab_size")
 
 
-def _input_builder(program: Program) -> Callable[[torch.Tensor], tuple]:
-    """input_ids -> the program's positional inputs (attention mask of ones, token types of zeros)."""
-    names = [n.lower() for n in program.input_names]
-    if not names or ("ids" not in names[0] and "input" not in names[0]):
-        raise UsageError(
-            f"train: the program's first input is {program.input_names[0]!r}, not token ids",
-            "train language models whose first input is input_ids",
-        )
-    refs = program.example_inputs
-
-    def build(ids: torch.Tensor) -> tuple:
-        out = [ids]
-        for name, ref in zip(names[1:], refs[1:]):
-            if "mask" in name:
-                out.append(torch.ones(ids.shape, dtype=ref.dtype, device=ids.device))
-            elif "type" in name:
-                out.append(torch.zeros(ids.shape, dtype=ref.dtype, device=ids.device))
-            elif "position" in name:
-                out.append(torch.arange(ids.shape[1], device=ids.device).expand(ids.shape).to(ref.dtype))
-            else:
-                raise UsageError(
-                    f"train: cannot build the program input {name!r} from token ids",
-                    "train programs that take input_ids (and masks / token types)",
-                )
-        return tuple(out)
-
-    return build
-
-
-# -- data parallel ---------------------------------------------------------------------------------
+# -- model parallel (optpipe.runtime.parallel) -----------------------------------------------------
 def _train_pipelined(
     model,
     data,
@@ -980,8 +848,6 @@ def _train_pipelined(
     nproc: int,
 ) -> TrainResult:
     """Pipeline-parallel training (one rank per stage, torch.distributed.pipelining)."""
-    from .parallel import pipeline_train
-
     if config.batch_size % microbatches:
         raise UsageError(
             f"train --stages: batch size {config.batch_size} is not divisible by {microbatches} micro-batches",
@@ -1022,8 +888,6 @@ def _train_tensor_parallel(
 ) -> TrainResult:
     """Tensor-parallel training: every block sharded over `ways` ranks (DTensor), times `nproc`
     data-parallel replicas."""
-    from .parallel import tensor_train
-
     if config.batch_size % nproc:
         raise UsageError(
             f"train --tensor-parallel: batch size {config.batch_size} does not split over {nproc} "
@@ -1099,7 +963,7 @@ def _train_parallel(
     ]
     val = validation_loss(
         tapped_module(program, [])[0],
-        _input_builder(program),
+        input_builder(program),
         data_.validation_batches(config.val_batches, config.batch_size),
         config.objective,
     )
@@ -1141,42 +1005,22 @@ def _rank_world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _launch(model, data, out, config: TrainConfig, *, resume, force, nproc) -> TrainResult:
-    """Run this training under torchrun with `nproc` ranks; returns rank 0's result."""
-    import subprocess
-    import tempfile
-
+def _launch_data_parallel(model, data, out, config: TrainConfig, *, resume, force, nproc) -> TrainResult:
+    """Run this training on `nproc` torchrun ranks (`run_data_rank`); returns rank 0's result."""
     if isinstance(model, Program):
         raise UsageError("train with nproc > 1 needs a model path (each rank loads it)", "save the program first")
-    spec = {"model": model, "data": data, "out": out, "resume": resume, "force": force, "config": config.to_dict()}
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_path = os.path.join(tmp, "spec.json")
-        result_path = os.path.join(tmp, "result.json")
-        _write_json(spec_path, spec)
-        env = dict(
-            os.environ, OPTPIPE_TRAIN_TARGET=config.target, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")
-        )
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            "--max-restarts=0",
-            "-m",
-            "optpipe.runtime.training",
-            spec_path,
-            result_path,
-        ]
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if proc.returncode != 0:
-            lines = [l for l in proc.stderr.splitlines() if l.startswith(("optpipe", "error:")) or "Error" in l]
-            raise OptpipeError(
-                f"data-parallel training failed (exit {proc.returncode}): "
-                f"{lines[-1] if lines else proc.stderr.strip().splitlines()[-1:]}",
-                "a rank died; the others were stopped; see the messages above",
-            )
-        with open(result_path) as f:
+    spec = {
+        "kind": "data",
+        "model": model,
+        "data": data,
+        "out": out,
+        "resume": resume,
+        "force": force,
+        "config": config.to_dict(),
+    }
+    with tempfile.TemporaryDirectory(prefix="optpipe-train-") as tmp:
+        run_ranks(spec, tmp, nproc, what="data-parallel training", env={"OPTPIPE_TRAIN_TARGET": config.target})
+        with open(os.path.join(tmp, "result.json")) as f:
             res = json.load(f)
     return TrainResult(**res, metrics=_read_metrics(os.path.join(out, "metrics.jsonl")))
 
@@ -1188,34 +1032,44 @@ def _read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _rank_main(spec_path: str, result_path: str) -> int:
-    with open(spec_path) as f:
-        spec = json.load(f)
-    cfg = spec["config"]
-    cfg["betas"] = tuple(cfg["betas"])
-    cfg["trainable"] = tuple(cfg["trainable"])
-    try:
-        trainer = Trainer(
-            spec["model"],
-            spec["data"],
-            spec["out"],
-            TrainConfig(**cfg),
-            resume=spec["resume"],
-            force=spec["force"],
-            progress=False,
-        )
-        result = trainer.run()
-    except OptpipeError as e:
-        print(f"optpipe train (rank {os.environ.get('RANK')}): {e.one_line()}", file=sys.stderr)
-        return e.exit_code
+def run_data_rank(spec: dict, folder: str, rank: int) -> int:
+    """Rank `rank` of a data-parallel run (`optpipe.runtime.rank`): its Trainer, joined to the others
+    through torch.distributed; rank 0 writes `folder/result.json`."""
     import torch.distributed as dist
 
+    trainer = Trainer(
+        spec["model"],
+        spec["data"],
+        spec["out"],
+        TrainConfig.from_dict(spec["config"]),
+        resume=spec["resume"],
+        force=spec["force"],
+        progress=False,
+    )
+    result = trainer.run()
     if trainer.rank == 0:
-        _write_json(result_path, result.to_dict())
+        _write_json(os.path.join(folder, "result.json"), result.to_dict())
     dist.barrier()
     dist.destroy_process_group()
     return 0
 
 
-if __name__ == "__main__":  # a torchrun rank (see _launch)
-    sys.exit(_rank_main(sys.argv[1], sys.argv[2]))
+__all__ = [
+    "BACKEND_TRAINED",
+    "TARGETS",  # optpipe.runtime.train_config's, with TrainConfig
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "TrainingInterrupted",
+    "block_paths",
+    "changed_parameters",
+    "evaluate",
+    "layer_of",
+    "param_groups",
+    "rewritten_paths",
+    "run_data_rank",
+    "select_trainable",
+    "tapped_module",
+    "train",
+    "validation_loss",
+]
