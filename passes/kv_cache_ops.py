@@ -25,7 +25,7 @@ import torch
 
 from optpipe.ops import define_op
 
-from .attention_ops import _EPS
+from .attention_ops import KERNEL_EPS
 from .attention_ops import feature_map as apply_feature_map
 
 
@@ -101,7 +101,7 @@ def _linear_step(
     scores = (qg @ kf.unsqueeze(2).transpose(-1, -2)).tril()  # [B, Hkv, G, T, T] causal inside
     num = scores @ value.unsqueeze(2) + qg @ kv_state.unsqueeze(2)  # [B, Hkv, G, T, Dv]
     den = scores.sum(-1) + (qg @ k_sum[:, :, None, :, None]).squeeze(-1)
-    out = (num / (den.unsqueeze(-1) + _EPS)).reshape(b, h, t, dv)
+    out = (num / (den.unsqueeze(-1) + KERNEL_EPS)).reshape(b, h, t, dv)
     return out, kv_state + kf.transpose(-1, -2) @ value, k_sum + kf.sum(2)
 
 

@@ -34,12 +34,12 @@ for oneDNN (cached per weight tensor, so the saved program stores plain int8 buf
 both run `torch._int_mm` (int8 x int8 -> int32; int8-dynamic symmetric per token, int8-static with
 the zero point folded in through the weight's row sums) when there are more than 16 rows and K, N
 are multiples of 8. Other devices/dtypes/shapes, or a torch without oneDNN, run the decomposition.
-The weight-only ops dequantize on the fly in plain torch (their point is memory, not CPU speed: torch's int4/int8 packed CPU
-kernels were 30-100x slower than fp32 here). Every op's decomposition is plain ATen (no amax, no
-bit shifts: TVM's importer lacks them) and is what ONNX Runtime and TVM lower; for ONNX Runtime,
-`linear_int8_dynamic` has a native lowering to DynamicQuantizeLinear + MatMulInteger,
-`linear_int8_static` to QuantizeLinear + MatMulInteger and `linear_int4_weight` to ORT's
-`com.microsoft::MatMulNBits` (block-wise int4; ORT 1.19's CPU kernel takes bits=4 only, so
+The weight-only ops dequantize on the fly in plain torch (their point is memory, not CPU speed:
+torch's int4/int8 packed CPU kernels were 30-100x slower than fp32 here). Every op's decomposition
+is plain ATen (no amax, no bit shifts: TVM's importer lacks them) and is what ONNX Runtime and TVM
+lower; for ONNX Runtime, `linear_int8_dynamic` has a native lowering to DynamicQuantizeLinear +
+MatMulInteger, `linear_int8_static` to QuantizeLinear + MatMulInteger and `linear_int4_weight` to
+ORT's `com.microsoft::MatMulNBits` (block-wise int4; ORT 1.19's CPU kernel takes bits=4 only, so
 int8-weight keeps its decomposition there).
 
 Autograd: the activations and the bias get gradients (straight through the dequantized weight), so
@@ -520,14 +520,21 @@ QUANTIZED_LINEARS = (linear_int8_dynamic, linear_int8_static, linear_int8_weight
 def _register_onnx_lowering() -> None:
     """int8-dynamic on ONNX Runtime as DynamicQuantizeLinear + MatMulInteger (ORT's u8s8 int8 GEMM)
     instead of its fp32 decomposition, int8-static as QuantizeLinear + MatMulInteger, int4-weight as
-    com.microsoft::MatMulNBits. A traced onnxscript function (plain Python over `op.*`), so the
+    com.microsoft::MatMulNBits. Each a traced onnxscript function (plain Python over `op.*`), so the
     optional bias is a Python `None` test rather than an ONNX optional."""
     try:
         import onnxscript
-        from onnxscript import FLOAT, INT8
     except ImportError:  # the onnxruntime target is optional: the decomposition still lowers
         return
     op = onnxscript.opset18
+    register_lowering(linear_int8_dynamic, "onnxruntime", _linear_int8_dynamic_onnx(op))
+    register_lowering(linear_int8_static, "onnxruntime", _linear_int8_static_onnx(op))
+    register_lowering(linear_int4_weight, "onnxruntime", _linear_int4_weight_onnx(op))
+
+
+def _linear_int8_dynamic_onnx(op):
+    """int8-dynamic as DynamicQuantizeLinear + MatMulInteger, over opset `op`."""
+    from onnxscript import FLOAT, INT8
 
     def linear_int8_dynamic_onnx(x: FLOAT, weight: INT8, weight_scale: FLOAT, bias: FLOAT | None = None) -> FLOAT:
         row = op.Max(
@@ -540,7 +547,12 @@ def _register_onnx_lowering() -> None:
         y = op.Mul(op.Mul(op.Cast(acc, to=1), op.Mul(act_scale, weight_scale)), row)
         return y if bias is None else op.Add(y, bias)
 
-    register_lowering(linear_int8_dynamic, "onnxruntime", linear_int8_dynamic_onnx)
+    return linear_int8_dynamic_onnx
+
+
+def _linear_int8_static_onnx(op):
+    """int8-static as QuantizeLinear (calibrated scale and zero point) + MatMulInteger, over opset `op`."""
+    from onnxscript import FLOAT, INT8
 
     def linear_int8_static_onnx(
         x: FLOAT,
@@ -559,7 +571,13 @@ def _register_onnx_lowering() -> None:
         y = op.Mul(op.Cast(acc, to=1), op.Mul(act_scale, weight_scale))
         return y if bias is None else op.Add(y, bias)
 
-    register_lowering(linear_int8_static, "onnxruntime", linear_int8_static_onnx)
+    return linear_int8_static_onnx
+
+
+def _linear_int4_weight_onnx(op):
+    """int4-weight as com.microsoft::MatMulNBits, over opset `op`."""
+    import onnxscript
+    from onnxscript import FLOAT
 
     matmul_nbits = onnxscript.values.Op(
         onnxscript.values.Opset("com.microsoft", 1), "MatMulNBits", _matmul_nbits_schema()
@@ -603,7 +621,7 @@ def _register_onnx_lowering() -> None:
         y = matmul_nbits(x, packed, scales, zero_points, K=k, N=n, bits=4, block_size=group)
         return y if bias is None else op.Add(y, bias)
 
-    register_lowering(linear_int4_weight, "onnxruntime", linear_int4_weight_onnx)
+    return linear_int4_weight_onnx
 
 
 def _matmul_nbits_schema():

@@ -29,7 +29,9 @@ import optpipe.ops
 from examples import tiny_gpt
 from optpipe.capture import capture
 from optpipe.passes import attention as attention_pass  # registers the `attention` pass
+from optpipe.passes import attention_linear_cpu as linear_cpu
 from optpipe.passes import attention_ops as ops
+from optpipe.passes import attention_sparse_cpu as sparse_cpu
 from optpipe.pipeline import Pipeline
 from optpipe.pipeline_text import parse_pipeline
 from optpipe.registry import get_pass
@@ -124,10 +126,10 @@ def call_sparse(q, k, v, kpm, kind, causal, scale, args):
 @pytest.fixture
 def blocked(monkeypatch):
     """Force the block-banded CPU path at test sizes (several blocks per sequence)."""
-    monkeypatch.setattr(ops, "DENSE_MAX_LEN", 0)
-    monkeypatch.setattr(ops, "FORWARD_BLOCK", 8)
-    monkeypatch.setattr(ops, "BACKWARD_BLOCK", 16)
-    monkeypatch.setattr(ops, "_BACKWARD_TILE", 700)  # backward tiles of a few blocks, and a ragged last one
+    monkeypatch.setattr(sparse_cpu, "DENSE_MAX_LEN", 0)
+    monkeypatch.setattr(sparse_cpu, "FORWARD_BLOCK", 8)
+    monkeypatch.setattr(sparse_cpu, "BACKWARD_BLOCK", 16)
+    monkeypatch.setattr(sparse_cpu, "BACKWARD_TILE", 700)  # backward tiles of a few blocks, and a ragged last one
 
 
 def qkv(b=2, h=4, hkv=2, n=77, d=16, seed=0):
@@ -196,10 +198,10 @@ def test_backward_without_saved_statistics_recomputes(blocked):
     ],
 )
 def test_sliding_window_kernels_at_block_edges(monkeypatch, causal, n, window, fwd_block, bwd_block):
-    monkeypatch.setattr(ops, "DENSE_MAX_LEN", 0)
-    monkeypatch.setattr(ops, "FORWARD_BLOCK", fwd_block)
-    monkeypatch.setattr(ops, "BACKWARD_BLOCK", bwd_block)
-    monkeypatch.setattr(ops, "_BACKWARD_TILE", 1)  # one query block per backward tile
+    monkeypatch.setattr(sparse_cpu, "DENSE_MAX_LEN", 0)
+    monkeypatch.setattr(sparse_cpu, "FORWARD_BLOCK", fwd_block)
+    monkeypatch.setattr(sparse_cpu, "BACKWARD_BLOCK", bwd_block)
+    monkeypatch.setattr(sparse_cpu, "BACKWARD_TILE", 1)  # one query block per backward tile
     q, k, v = qkv(b=1, h=4, hkv=2, n=n, d=8, seed=n)
     out = call_sparse(q, k, v, None, "sliding-window", causal, 0.4, {"window": window})
     ref = ops.sparse_attention_reference(q, k, v, None, ops.SparsePattern("sliding-window", causal, window=window), 0.4)
@@ -222,7 +224,9 @@ def test_blocked_sparse_kernels_pass_gradcheck(blocked, kind):
     }[kind]
     for causal in (True, False):
         assert torch.autograd.gradcheck(
-            lambda a, b, c: call_sparse(a, b, c, None, kind, causal, 0.5, args), (q, k, v), fast_mode=True
+            lambda a, b, c, causal=causal: call_sparse(a, b, c, None, kind, causal, 0.5, args),
+            (q, k, v),
+            fast_mode=True,
         )
 
 
@@ -265,7 +269,7 @@ def test_chunked_causal_product_equals_masked_quadratic_form(reverse, gq, gk, n,
     keep = (i[:, None] <= i[None, :]) if reverse else (i[:, None] >= i[None, :])
     scores = torch.einsum("xgif,xhjf->xgihj", q, k) * keep[:, None, :]
     ref = torch.einsum("xgihj,xhje->xgie", scores, v)
-    assert_close(ops.chunked_causal_product(q, k, v, chunk, reverse), ref, atol=1e-10, rtol=1e-10)
+    assert_close(linear_cpu.chunked_causal_product(q, k, v, chunk, reverse), ref, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("feature", ops.FEATURE_MAPS)
