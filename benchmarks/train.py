@@ -81,7 +81,7 @@ def round_robin(steps: dict, repeat: int) -> dict:
 
 
 TRAINERS = {
-    "onnxruntime-training": ("optpipe.targets.onnxruntime_backend", "OrtTrainer"),
+    "onnxruntime-training": ("optpipe.targets.onnxruntime_training", "OrtTrainer"),
     "tvm": ("optpipe.targets.tvm_training", "TvmTrainer"),
 }
 

@@ -82,7 +82,7 @@ class TorchTarget(Target):
             compiled = torch.compile(gm, dynamic=dynamic or None)
             with torch.no_grad():
                 compiled(*inputs)  # compile now, not on the user's first call
-        except Exception as e:  # no C compiler, unsupported op, ...: eager still works
+        except Exception as e:  # noqa: BLE001 - no C compiler, unsupported op, ...: eager still works
             if mode == "compile":
                 raise UsageError(
                     f"target {self.name}: torch.compile failed: {type(e).__name__}: "

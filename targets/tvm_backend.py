@@ -19,14 +19,15 @@ How it lowers
    ONNX fallback, taken only when the torch importer lacks converters for some ops (e.g.
    `aten.amax`) and `torch.onnx.export` + `relax.frontend.onnx` convert every node; the report
    says why. Native lowerings do not apply there, so optpipe ops must decompose.
-3. Build: (CPU: fast math) → LegalizeOps → FoldConstant → FuseOps/FuseTIR → default schedules →
-   Relax VM, for `{"kind": "llvm", "mcpu": <this host>, "num-cores": N}`. CPU default schedules
-   (`default_cpu_schedule`): matmuls register-tiled, parallel over column panels (each packed
-   by its task; a ragged N padded to whole tiles), vectorised along the output row, epilogue
-   fused (`schedule_matmul`); softmax/norms by dlight's CPU Reduction
-   rule; elementwise/layout kernels parallel and vectorised. Fast math (`fast_math_pass`): fp32
-   exp/erf/tanh/softmax/GELU use TOPI's polynomial versions, which vectorise (LLVM's libm calls
-   do not). tvm-cuda builds for the local GPU's arch with dlight's default GPU schedules.
+3. Build (targets/tvm_build.py, which tvm training builds with too): (CPU: fast math) →
+   LegalizeOps → FoldConstant → FuseOps/FuseTIR → default schedules → Relax VM, for
+   `{"kind": "llvm", "mcpu": <this host>, "num-cores": N}`. CPU default schedules
+   (`default_cpu_schedule`): matmuls register-tiled, parallel over column panels (each packed by
+   its task; a ragged N padded to whole tiles), vectorised along the output row, epilogue fused
+   (`schedule_matmul`); softmax/norms by dlight's CPU Reduction rule; elementwise/layout kernels
+   parallel and vectorised. Fast math (`fast_math_pass`): fp32 exp/erf/tanh/softmax/GELU use
+   TOPI's polynomial versions, which vectorise (LLVM's libm calls do not). tvm-cuda builds for the
+   local GPU's arch with dlight's default GPU schedules.
    Beside the dynamic `main`, a copy specialised to the example input shapes (`main_static`,
    called when the inputs have them; `static=False` leaves it out): with static extents the
    matmul tiles divide their loops, and MiniLM b8 s128 ran 2.7x faster through it than through
@@ -45,9 +46,12 @@ How it lowers
 Limits: checked in fp32; inference only. The library is built for this host's CPU (mcpu): rebuild
 for another machine. Weights live inside model.so in their own layout (repacking them into
 column panels at build time measured slower here); each matmul task copies its panel into a
-contiguous buffer at run time instead. Tuning helps the example shape only. MetaSchedule needs a TVM FFI whose
-`tvm.ir.save_json` works (apache-tvm-ffi 0.1.14.*; 0.1.15.* segfaults), and tuning is refused up
-front otherwise.
+contiguous buffer at run time instead. Tuning helps the example shape only. MetaSchedule needs a
+TVM FFI whose `tvm.ir.save_json` works (apache-tvm-ffi 0.1.14.*; 0.1.15.* segfaults), and tuning
+is refused up front otherwise.
+
+Training (`optpipe train --target tvm`) lives in targets/tvm_training.py, imported when a trainer
+is asked for.
 """
 
 from __future__ import annotations
@@ -71,8 +75,22 @@ import torch.utils._pytree as pytree
 
 from optpipe import ops
 from optpipe.errors import TargetError, UsageError
+from optpipe.graph_toolkit import module_path
+from optpipe.pipeline import introduced_by
 from optpipe.registry import register_target
 from optpipe.target import Compiled, Target, UnsupportedNode, op_label, unsupported_nodes
+
+from .tvm_build import (
+    build_relax,
+    cpu_target,
+    cuda_target,
+    decomposition_table,
+    default_matmul_schedule,
+    host_cpu,
+    legalize_and_fuse,
+    load_tvm,
+    schedule_matmul,
+)
 
 ARTIFACT = "tvm"
 LOWERING_KEY = "tvm"  # native lowerings registered for "tvm" serve tvm and tvm-cuda alike
@@ -80,38 +98,13 @@ FORMAT = "optpipe-tvm/1"
 STATIC_FN = "main_static"
 
 
-# -- the TVM side, imported lazily (the core reaches this module only through the registry) -------
-
-
-def _tvm():
-    # TVM sizes its CPU thread pool once, when it first runs a parallel kernel, from TVM_NUM_THREADS
-    # (else half the logical CPUs: on a 2-core machine without SMT, one thread). Follow torch's
-    # thread count, as the onnxruntime target does, unless the user chose one.
-    os.environ.setdefault("TVM_NUM_THREADS", str(max(1, torch.get_num_threads())))
-    try:
-        import tvm
-        from tvm import relax  # noqa: F401
-    except ImportError as e:
-        raise UsageError(
-            f"target tvm: Apache TVM is not importable ({e})", "pip install apache-tvm==0.27.0.post1"
-        ) from None
-    return tvm
-
-
-def host_cpu() -> str:
-    """The LLVM name of this machine's CPU (e.g. "rocketlake"), which the library is built for."""
-    return str(_tvm().target.codegen.llvm_get_system_cpu())
-
-
-def _cpu_target():
-    # num-cores is what MetaSchedule sizes its parallel loops by; codegen ignores it.
-    return _tvm().target.Target({"kind": "llvm", "mcpu": host_cpu(), "num-cores": os.cpu_count() or 1})
+# -- the Relax torch importer --------------------------------------------------------------------
 
 
 @functools.cache
 def torch_importer_ops() -> frozenset[str]:
     """Names (`OpOverload.__name__`, e.g. "add.Tensor") the Relax torch importer converts."""
-    _tvm()
+    load_tvm()
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
     return frozenset(k for k in ExportedProgramImporter().create_convert_map() if isinstance(k, str))
@@ -119,28 +112,6 @@ def torch_importer_ops() -> frozenset[str]:
 
 def _fn_name(target) -> str:
     return getattr(target, "__name__", str(target))
-
-
-def _view_of_any_layout(x, size):
-    """`aten.view` that also takes a non-contiguous input (by copying it first).
-
-    Decomposing SDPA into math changes its output's strides, so a later `view` that was legal on
-    the fused kernel's output (GPT-2's `c_proj` input) fails to re-trace. The copy is correct
-    anywhere, and free in Relax, whose tensors have no strides."""
-    from torch._prims_common import is_contiguous_or_false
-
-    if is_contiguous_or_false(x):
-        return NotImplemented  # a plain view
-    aten = torch.ops.aten
-    return aten.view.default(aten.clone.default(x, memory_format=torch.contiguous_format), size)
-
-
-def decomposition_table(native=()) -> dict:
-    """Core ATen decompositions plus optpipe's own, except ops lowered natively."""
-    table = dict(torch.export.default_decompositions())
-    table[torch.ops.aten.view.default] = _view_of_any_layout
-    table.update(ops.decompositions(exclude=native))
-    return table
 
 
 def _one_line(e: BaseException) -> str:
@@ -234,7 +205,7 @@ class TvmModule:
     """A built Relax VM library, callable with the program's positional torch inputs."""
 
     def __init__(self, executable, meta: dict, device: str, out_spec=None, tuning_dir=None):
-        tvm = _tvm()
+        tvm = load_tvm()
         from tvm import relax
 
         self.executable = executable
@@ -248,7 +219,7 @@ class TvmModule:
         self._functions: dict = {}
 
     def _to_tvm(self, x: torch.Tensor, dtype: str):
-        tvm = _tvm()
+        tvm = load_tvm()
         want = getattr(torch, dtype)
         x = x.detach().to(want).contiguous()
         if x.device.type == self.device_type:
@@ -284,7 +255,7 @@ class TvmModule:
 
 
 def _flatten(value) -> list:
-    tvm = _tvm()
+    tvm = load_tvm()
     if isinstance(value, tvm.runtime.Tensor):
         return [value]
     return [t for item in value for t in _flatten(item)]
@@ -312,7 +283,7 @@ class TvmTarget(Target):
 
     # -- capability ---------------------------------------------------------------------------
     def available(self) -> None:
-        tvm = _tvm()
+        tvm = load_tvm()
         if not tvm.runtime.enabled("llvm"):
             raise UsageError(
                 f"target {self.name}: this TVM build has no LLVM backend",
@@ -370,7 +341,7 @@ class TvmTarget(Target):
     # -- import ---------------------------------------------------------------------------------
     def import_program(self, program) -> RelaxImport:
         """The program as a Relax IRModule (function `main`), before any TVM optimisation."""
-        _tvm()
+        load_tvm()
         if self._plan is None or self._plan.gm is not program.gm:
             unsupported = self.check(program)
             if unsupported:
@@ -407,14 +378,14 @@ class TvmTarget(Target):
 
     # -- build ------------------------------------------------------------------------------------
     def build_target(self):
-        return _cpu_target()
+        return cpu_target()
 
     def compile(self, program, tune: int = 0, static: bool = True, **options) -> Compiled:
         """`tune`: MetaSchedule trials (0: untuned). `static`: beside the dynamic-shape `main`, also
         build `main_static`, specialised to the example input shapes and called when the inputs
         have them (static tiles: MiniLM b8 s128 ran 2.7x faster than through `main`). Options
         meant for other targets are ignored."""
-        tvm = _tvm()
+        tvm = load_tvm()
         tune = _trials(tune, self.name)
         start = time.perf_counter()
         imported = self.import_program(program)
@@ -483,7 +454,7 @@ class TvmTarget(Target):
             shutil.copytree(module.tuning_dir.name, os.path.join(folder, "tuning"), dirs_exist_ok=True)
 
     def load(self, out_dir: str, program) -> Compiled:
-        tvm = _tvm()
+        tvm = load_tvm()
         folder = os.path.join(out_dir, ARTIFACT)
         lib_path, meta_path = os.path.join(folder, "model.so"), os.path.join(folder, "model.json")
         if not (os.path.isfile(lib_path) and os.path.isfile(meta_path)):
@@ -518,7 +489,7 @@ class TvmCudaTarget(TvmTarget):
     device_type = "cuda"
 
     def available(self) -> None:
-        tvm = _tvm()
+        tvm = load_tvm()
         if not tvm.runtime.enabled("cuda") or not tvm.cuda(0).exist:
             raise UsageError(
                 "target tvm-cuda: no CUDA device here (tvm.cuda().exist is False)",
@@ -532,13 +503,6 @@ class TvmCudaTarget(TvmTarget):
 
     def build_target(self):
         return cuda_target()
-
-
-def cuda_target(arch: str | None = None):
-    """CUDA for `arch` (e.g. "sm_90"; default: the local GPU's), with this CPU as the host."""
-    tvm = _tvm()
-    device = tvm.target.Target.from_device(tvm.cuda(0)) if arch is None else {"kind": "cuda", "arch": arch}
-    return tvm.target.Target(device, host={"kind": "llvm", "mcpu": host_cpu()})
 
 
 def _trials(tune, target_name: str) -> int:
@@ -555,11 +519,7 @@ def _trials(tune, target_name: str) -> int:
 
 
 def _unsupported(node) -> UnsupportedNode:
-    from optpipe.pipeline import introduced_by
-
-    stack = node.meta.get("nn_module_stack") or {}
-    path = list(stack.values())[-1][0] if stack else ""
-    return UnsupportedNode(node.name, op_label(node.target), path, introduced_by(node))
+    return UnsupportedNode(node.name, op_label(node.target), module_path(node), introduced_by(node))
 
 
 def _out_spec(program):
@@ -568,7 +528,7 @@ def _out_spec(program):
 
 def _input_specs(mod, program) -> list[dict]:
     """Name, dtype and dims (ints, or the symbolic var's name) of each `main` parameter."""
-    tvm = _tvm()
+    tvm = load_tvm()
     from tvm import relax
 
     specs = []
@@ -589,7 +549,7 @@ def _input_specs(mod, program) -> list[dict]:
 
 def _example_binding(func, program) -> dict:
     """{symbolic dim var: its size in the example inputs} over `func`'s parameters."""
-    tvm = _tvm()
+    tvm = load_tvm()
     from tvm import relax
 
     binding = {}
@@ -609,302 +569,6 @@ def _specialize(func, program, name: str = "main"):
 
     bound = func.bind_symbolic_vars(_example_binding(func, program))
     return copy_with_new_vars(bound).with_attr("global_symbol", name)
-
-
-def _legalize_and_fuse(mod, target):
-    """Relax ops → fused TIR kernels, still unscheduled; the same passes for tuning (task
-    extraction) and building, so the database's workloads match the built kernels."""
-    tvm = _tvm()
-    from tvm import relax
-
-    cpu = "gpu" not in target.keys
-    passes = [
-        relax.transform.DecomposeOpsForInference(),
-        *([fast_math_pass()] if cpu else []),
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-        relax.transform.DeadCodeElimination(),
-    ]
-    with target:
-        return tvm.transform.Sequential(passes)(mod)
-
-
-def schedule_relax(mod, target, database=None):
-    """An imported Relax module legalized, fused and scheduled for `target`: MetaSchedule
-    `database`'s schedules first, then the default ones (dlight's on a GPU, `default_cpu_schedule`
-    on a CPU) for every kernel the database does not cover. What `build_relax` compiles."""
-    _tvm()
-    from tvm import relax
-
-    mod = _legalize_and_fuse(mod, target)
-    if database is not None:
-        with target, database:
-            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-    if "gpu" in target.keys:
-        from tvm.s_tir import dlight as dl
-
-        rules = dl.ApplyDefaultSchedule(
-            dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()
-        )
-    else:
-        rules = default_cpu_schedule()
-    with target:
-        return rules(mod)
-
-
-def build_relax(mod, target, database=None):
-    """Build an imported Relax module into a VM executable for `target` (a `tvm.target.Target`),
-    scheduled by `schedule_relax`."""
-    tvm = _tvm()
-    from tvm import relax
-
-    # the default_build pipeline: memory planning, shape lowering and VM codegen
-    return tvm.compile(
-        schedule_relax(mod, target, database), target, relax_pipeline=relax.get_pipeline("default_build")
-    )
-
-
-# -- default CPU schedules -----------------------------------------------------------------------
-# LegalizeOps leaves every kernel a plain serial loop nest: one core, scalar code, a matmul that
-# walks its weight column by column (MiniLM-L6 ran ~100x slower than torch). TVM 0.27's dlight has
-# CPU rules for reductions (softmax, layer norm) and GEMV, none for matmul or plain elementwise
-# kernels; the two rules below fill that gap, so an untuned build is within reach of torch eager.
-
-MATMUL_ROWS = (4, 8, 6, 2)  # register-tile heights to try, first that divides a static M wins
-MATMUL_VECTORS = 4  # register-tile width in vectors: 4 x 4 zmm accumulators with AVX-512
-
-
-def _vector_lanes(target, bits: int = 32) -> int:
-    from tvm.target.codegen import llvm_get_vector_width
-
-    width = llvm_get_vector_width(target)
-    return max((width if width > 0 else 128) // bits, 4)
-
-
-def _is_var(region, var) -> bool:
-    return isinstance(region.min, _tvm().tirx.Var) and region.min.same_as(var)
-
-
-def _normalized_blocks(sch):
-    """The function's blocks after inlining its elementwise pro/epilogues where possible."""
-    from tvm.s_tir.dlight.analysis import normalize_prim_func
-    from tvm.s_tir.dlight.base.common_schedules import try_inline_contiguous_spatial
-
-    infos = normalize_prim_func(sch)
-    return None if infos is None else try_inline_contiguous_spatial(sch, infos)
-
-
-def _matmul_schedule(func, target):
-    """The default register-tiled schedule of a matmul kernel (see `schedule_matmul`), or None."""
-    from tvm import s_tir
-    from tvm.s_tir.schedule import ScheduleError
-
-    sch = s_tir.Schedule(func)
-    try:
-        return sch if schedule_matmul(sch, target) else None
-    except ScheduleError:  # e.g. an epilogue that cannot be inlined: leave it to the other rules
-        return None
-
-
-def _choice(sch, options: list[int], tunable: bool):
-    """options[0], or with `tunable` a decision MetaSchedule samples among all of them."""
-    if not tunable or len(options) == 1:
-        return options[0]
-    return sch.sample_categorical(candidates=options, probs=[1.0 / len(options)] * len(options))
-
-
-def schedule_matmul(sch, target, tunable: bool = False) -> bool:
-    """Schedule `C[..., i, j] = sum_k A[..., i, k] * B[..., k, j]` (plus an elementwise epilogue)
-    in `sch`; False (with `sch` possibly inlined, otherwise untouched) when it is not such a kernel.
-
-    Each parallel task owns a column panel of B, which it first copies into a contiguous buffer
-    (packing: a 3072 x 64 panel of a 768-wide B is 3072 strided rows; packed, 512x3072x768 ran at
-    205 instead of 108 GFLOP/s on 2 threads) and keeps in cache while it walks the rows in tiles of
-    `rows` rows; a tile's `rows` x `cols` accumulator lives in vector registers across the whole k
-    loop, and the epilogue (bias add, residual, ...) is applied on the way out. A ragged N with no
-    epilogue (GPT-2's tied 50257-token head) is padded to whole tiles instead (`pad_einsum`: the
-    panel copy zero-fills the missing columns, the tile rows are cut back on the way out): 1367 →
-    197 ms on that head, against the odd-width tiles below.
-    `tunable`: the tile sizes become MetaSchedule decisions (the tuned design space)."""
-    from tvm.s_tir.dlight.base import get_extent
-
-    blocks = _normalized_blocks(sch)
-    if not blocks or blocks[0].is_injective() or any(not b.is_injective() for b in blocks[1:]):
-        return False
-    kinds = blocks[0].dom_kind()
-    if not kinds.endswith("SSR") or kinds.count("R") != 1 or "O" in kinds:
-        return False
-    block = blocks[0].block_rv
-    stmt = sch.get(block)
-    if len(stmt.reads) != 2 or len(stmt.writes) != 1:
-        return False
-    vj = stmt.iter_vars[-2].var
-    # j must be the contiguous (last) axis of the output and of one operand: that is the axis
-    # vectorised; a transposed operand (B[..., j, k]) would turn every vector load into a gather
-    if not _is_var(stmt.writes[0].region[-1], vj) or not any(_is_var(r.region[-1], vj) for r in stmt.reads):
-        return False
-    lanes = _vector_lanes(target)
-    width = lanes * MATMUL_VECTORS
-    *batch, i, j, k = sch.get_loops(block)
-    rows, cols = get_extent(sch, i), get_extent(sch, j)
-    padded_in = padded_out = ()
-    if isinstance(cols, int) and cols > width and cols % width and len(blocks) == 1:
-        sch.pad_einsum(block, [1] * (len(batch) + 1) + [width, 1])
-        padded_in, padded_out = sch.get_producers(block), sch.get_consumers(block)
-        *batch, i, j, k = sch.get_loops(block)
-        cols = get_extent(sch, j)
-    # tile heights dividing a static M (no ragged last tile), the preferred one first
-    row_options = [m for m in MATMUL_ROWS if isinstance(rows, int) and rows % m == 0] or [MATMUL_ROWS[0]]
-    col_options = [lanes * v for v in (MATMUL_VECTORS, 2, 1) if not isinstance(cols, int) or cols % (lanes * v) == 0]
-    if isinstance(cols, int) and cols < width:
-        col_options = [cols if cols < lanes else cols // lanes * lanes]
-    elif isinstance(cols, int) and not col_options:
-        # no vector multiple divides N (GPT-2's vocabulary, 50257 = 29 * 1733): an odd-width tile
-        # that divides it (LLVM splits <29 x float> into 16+8+4+1) beats a ragged last tile,
-        # whose predicate would keep the whole loop from vectorising (~5x slower)
-        col_options = [d for d in range(width, lanes - 1, -1) if cols % d == 0][:1]
-    i0, i1 = sch.split(i, [None, _choice(sch, row_options, tunable)])
-    j0, j1 = sch.split(j, [None, _choice(sch, col_options or [width], tunable)])
-    sch.reorder(*batch, j0, i0, k, i1, j1)
-    task = sch.fuse(*batch, j0) if batch else j0
-    sch.parallel(task)
-    # the panel copy: the padding block where N was padded, else a cache read of B (the operand
-    # whose last axis is j)
-    panels = padded_in or (
-        sch.cache_read(block, next(n for n, r in enumerate(stmt.reads) if _is_var(r.region[-1], vj)), "global"),
-    )
-    for panel in panels:
-        sch.compute_at(panel, task)
-    accumulator = sch.cache_write(block, 0, "local")
-    for epilogue in blocks[1:]:
-        sch.reverse_compute_inline(epilogue.block_rv)
-    sch.reverse_compute_at(accumulator, i0, preserve_unit_loops=True)
-    for cut in padded_out:
-        sch.reverse_compute_at(cut, task)
-    sch.unroll(i1)
-    sch.vectorize(j1)
-    init = sch.decompose_reduction(block, k)  # after vectorize: the split-off update is no reduction
-    for b in (init, accumulator, *padded_out, *panels):
-        sch.vectorize(sch.get_loops(b)[-1])
-    return True
-
-
-def _elementwise_schedule(func, target):
-    """One elementwise/layout loop nest (after inlining): outer loops fused and parallel, the
-    innermost vectorised when its static extent is a multiple of the vector width."""
-    from tvm import s_tir
-    from tvm.s_tir.dlight.base import get_extent
-
-    sch = s_tir.Schedule(func)
-    blocks = _normalized_blocks(sch)
-    if not blocks or len(blocks) != 1 or not blocks[0].is_injective():
-        return None
-    block = blocks[0].block_rv
-    loops = sch.get_loops(block)
-    if not loops:
-        return None
-    lanes, vector = _vector_lanes(target), None
-    extent = get_extent(sch, loops[-1])
-    if isinstance(extent, int) and extent % lanes == 0:
-        outer_inner, vector = sch.split(loops[-1], [None, lanes])
-        loops = [*loops[:-1], outer_inner]
-    sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
-    if vector is not None:
-        sch.vectorize(vector)
-    return sch
-
-
-def default_cpu_schedule():
-    """ApplyDefaultSchedule with matmul, reduction (softmax, norms), GEMV and elementwise rules;
-    kernels none of them takes (and those a tuning database scheduled) are left as they are."""
-    from tvm.s_tir import dlight as dl
-    from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
-
-    def rule(fn):
-        class _Rule(CPUScheduleRule):
-            def apply(self, func, target, _tunable):
-                if not isinstance(func, _tvm().tirx.PrimFunc) or not self.is_target_available(target):
-                    return None
-                return fn(func, target)
-
-        _Rule.__name__ = fn.__name__
-        return _Rule()
-
-    def guarded(inner):  # dlight's analyses assert on some backward kernels: leave those to the next rule
-        def apply(func, target):
-            try:
-                return inner.apply(func, target, False)
-            except Exception:  # noqa: BLE001 - a heuristic schedule that fails is just not applied
-                return None
-
-        apply.__name__ = type(inner).__name__
-        return rule(apply)
-
-    return dl.ApplyDefaultSchedule(
-        rule(_matmul_schedule), guarded(dl.cpu.Reduction()), guarded(dl.cpu.GEMV()), rule(_elementwise_schedule)
-    )
-
-
-# -- fast math -------------------------------------------------------------------------------------
-# LLVM has no vector exp/erf: `T.exp`/`T.erf` become one libm call per element, and MiniLM's GELU
-# alone took longer than all its matmuls. TOPI's polynomial versions (relative error ~1e-7) vectorise.
-
-
-def _fast_gelu(x):
-    from tvm import tirx, topi
-
-    half = tirx.const(0.5, x.dtype)
-    erf = topi.fast_erf(topi.multiply(x, tirx.const(0.7071067811865476, x.dtype)))
-    return topi.multiply(x, topi.add(topi.multiply(erf, half), half))
-
-
-def fast_math_pass():
-    """Relax pass: fp32 `exp`, `erf`, `tanh`, `nn.softmax` and `nn.gelu` (erf form) → TOPI's fast,
-    vectorisable approximations, and `x ** 2`, `x ** 3` → products (`powf` is a libm call per
-    element: GPT-2's tanh GELU took 9.5 ms a layer at seq 512). Put it before LegalizeOps."""
-    tvm = _tvm()
-    from tvm import relax, topi
-    from tvm.relax.expr_functor import PyExprMutator, mutator
-
-    unary = {"relax.exp": topi.fast_exp, "relax.erf": topi.fast_erf, "relax.tanh": topi.fast_tanh}
-
-    @mutator
-    class FastMath(PyExprMutator):
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if (
-                not isinstance(call.op, tvm.ir.Op)
-                or not call.args
-                or getattr(call.args[0].ty, "dtype", None) != "float32"
-                or not isinstance(getattr(call.args[0].ty, "shape", None), relax.ShapeExpr)
-            ):
-                return call  # call_te needs a known-rank shape (a data-dependent one stays as it is)
-            name, x = call.op.name, call.args[0]
-            if name == "relax.nn.gelu":
-                return self.builder_.call_te(_fast_gelu, x, primfunc_name_hint="fast_gelu")
-            if name == "relax.nn.softmax":
-                return self.builder_.call_te(topi.nn.fast_softmax, x, call.attrs.axis)
-            if name in unary:
-                return self.builder_.call_te(unary[name], x)
-            if name == "relax.power" and isinstance(call.args[1], tvm.ir.expr.Constant):  # x**2, x**3 (tanh GELU)
-                exponent = call.args[1].value.numpy()
-                if exponent.size == 1 and float(exponent) in (2.0, 3.0):
-                    square = self.builder_.emit(relax.op.multiply(x, x))
-                    return square if float(exponent) == 2.0 else relax.op.multiply(square, x)
-            return call
-
-    @tvm.transform.module_pass(opt_level=0, name="FastMath")
-    def fast_math(mod, _ctx):
-        mutator_ = FastMath(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mutator_.builder_.update_func(gv, mutator_.visit_expr(func))
-        return mutator_.builder_.get()
-
-    return fast_math
 
 
 # -- ONNX fallback -------------------------------------------------------------------------------
@@ -1008,7 +672,7 @@ def _in_process_measure():
     from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, PyRunner, RunnerFuture, RunnerResult
     from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common, run_evaluator_common
 
-    tvm = _tvm()
+    tvm = load_tvm()
     built: dict = {}
 
     @derived_object
@@ -1092,7 +756,7 @@ def _tune_contexts(tasks, target, work_dir: str, strategy: str):
 
     contexts, weights = [], []
     for task in tasks:
-        matmul = _matmul_schedule(task.dispatched[0], target) is not None
+        matmul = default_matmul_schedule(task.dispatched[0], target) is not None
         space = (
             ms.space_generator.SpaceGeneratorUnion(
                 [ms.space_generator.PostOrderApply(), ms.space_generator.ScheduleFn(template)]
@@ -1111,13 +775,13 @@ def _tune_contexts(tasks, target, work_dir: str, strategy: str):
 def tune_static(mod, program, target, trials: int, work_dir: str):
     """MetaSchedule-tune `main` specialised to the example shapes; returns (database, summary)."""
     _require_metaschedule()
-    tvm = _tvm()
+    tvm = load_tvm()
     from tvm.s_tir import meta_schedule as ms
 
     _x86_intrinsics_only()
     static = tvm.IRModule({"main": _specialize(mod["main"], program)})
     specialized = bool(_example_binding(mod["main"], program))
-    static = _legalize_and_fuse(static, target)
+    static = legalize_and_fuse(static, target)
     tasks = _heavy_tasks([t for t in ms.relax_integration.extract_tasks(static, target) if _float_only(t)])
     try:
         import xgboost  # noqa: F401 - a learned cost model makes the evolutionary search worthwhile
@@ -1178,7 +842,7 @@ register_target("tvm", TvmTarget)
 register_target("tvm-cuda", TvmCudaTarget)
 
 
-# -- training: targets/tvm_training.py ---------------------------------------------------------------------
+# -- training: targets/tvm_training.py (imported when asked for) -------------------------------------
 def check_trainable(program, objective: str = "clm") -> None:
     """TargetError (naming the op without a Relax gradient) unless tvm can train `program`."""
     from .tvm_training import check_trainable as check

@@ -6,7 +6,7 @@ imported with Relax's `from_exported_program`, parameters as function inputs. Re
 (loss, grads)`; AdamW (torch.optim.AdamW's update: decoupled weight decay, bias corrections, eps
 outside the square root), gradient clipping by global norm, per-parameter learning-rate scales
 (layer decay) and weight decay (none on 1-d tensors) are a second Relax function, `adamw`. Both
-are built for the host CPU (llvm with the default CPU schedules of targets/tvm_backend.py) and
+are built for the host CPU (llvm with the default CPU schedules of targets/tvm_build.py) and
 run on TVM's VM; parameters and the optimizer state live as TVM tensors between steps.
 
 The loss is written for Relax's gradient rules: the mean token cross-entropy of
@@ -18,7 +18,8 @@ training micro-batch and the validation batch: two builds of a few seconds each)
 Before any work, `check_trainable` imports the program and runs the Gradient pass; an op Relax
 cannot differentiate is named (with the torch op it came from when the name tells) as a
 TargetError. `relax.nn.gelu` and `relax.squeeze` have no gradient in TVM 0.27: this module
-registers them (exact erf GELU; squeeze's is a reshape back). Relax's `layer_norm` is decomposed (`DecomposeOpsForTraining`) into ops that have one.
+registers them (exact erf GELU; squeeze's is a reshape back). Relax's `layer_norm` is decomposed
+(`DecomposeOpsForTraining`) into ops that have one.
 """
 
 from __future__ import annotations
@@ -31,14 +32,10 @@ import warnings
 import torch
 
 from optpipe.errors import TargetError, UsageError
+from optpipe.losses import IGNORE_INDEX, OBJECTIVES
+from optpipe.target import token_input
 
-IGNORE = -100
-
-
-def _tvm():
-    from .tvm_backend import _tvm as load
-
-    return load()
+from .tvm_build import build_relax, cpu_target, decomposition_table, load_tvm
 
 
 @torch.no_grad()
@@ -46,10 +43,10 @@ def loss_targets(labels: torch.Tensor, objective: str, scale: float = 1.0) -> tu
     """(targets, weights) for `_LossModule`: per position the label it predicts (0 where ignored)
     and its weight (scale / number of counted tokens; 0 where ignored)."""
     if objective == "clm":
-        labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)
+        labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
     elif objective != "mlm":
-        raise UsageError(f"unknown objective {objective!r}", "one of clm, mlm")
-    valid = labels != IGNORE
+        raise UsageError(f"unknown objective {objective!r}", f"one of {', '.join(OBJECTIVES)}")
+    valid = labels != IGNORE_INDEX
     count = int(valid.sum())
     weights = valid.float() * (scale / max(count, 1))
     return torch.where(valid, labels, torch.zeros_like(labels)), weights
@@ -81,7 +78,7 @@ def _register_gradients() -> None:
     global _RULES_REGISTERED
     if _RULES_REGISTERED:
         return
-    _tvm()
+    load_tvm()
     from tvm import relax
     from tvm.relax import op as R
     from tvm.relax.op.base import register_gradient
@@ -152,11 +149,9 @@ def _relax_training_module(program, example: tuple, trainable_ids: set):
     """(Relax IRModule with `main` (loss) and `main_adjoint`, per non-user Relax input its source:
     ("state", name in `_LossModule(program.gm)`) or ("const", tensor), and the names of the
     parameters `main_adjoint` returns gradients for, in order)."""
-    _tvm()
+    load_tvm()
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
-
-    from .tvm_backend import decomposition_table
 
     _register_gradients()
     module = _LossModule(program.gm)
@@ -215,8 +210,8 @@ def check_trainable(program, objective: str = "clm") -> None:
     """TargetError before any training when tvm cannot train `program`: fp32 parameters only, and
     every op between the parameters and the loss must have a Relax gradient (checked by importing
     the program at its example shape and running the Gradient pass)."""
-    if objective not in ("clm", "mlm"):
-        raise UsageError(f"unknown objective {objective!r}", "one of clm, mlm")
+    if objective not in OBJECTIVES:
+        raise UsageError(f"unknown objective {objective!r}", f"one of {', '.join(OBJECTIVES)}")
     bad = [n for n, p in program.gm.named_parameters() if p.dtype != torch.float32]
     if bad:
         raise TargetError(
@@ -228,8 +223,6 @@ def check_trainable(program, objective: str = "clm") -> None:
 
 
 def _example(program) -> tuple:
-    from optpipe.target import token_input
-
     inputs = tuple(program.example_inputs)
     ids = inputs[token_input(program)]
     targets, weights = loss_targets(ids, "mlm")
@@ -258,7 +251,7 @@ class TvmTrainer:
         lr_scales: dict | None = None,
         weight_decays: dict | None = None,
     ):
-        tvm = _tvm()
+        tvm = load_tvm()
         names = dict(program.gm.named_parameters(remove_duplicate=False))
         wanted = set(names) if trainable is None else set(trainable)
         unknown = sorted(wanted - set(names))
@@ -297,7 +290,7 @@ class TvmTrainer:
 
     # -- tensors ----------------------------------------------------------------------------------
     def _to_tvm(self, x: torch.Tensor):
-        tvm = _tvm()
+        tvm = load_tvm()
         return tvm.runtime.tensor(x.detach().cpu().contiguous().numpy(), self._device)
 
     def _zeros(self, like: torch.Tensor):
@@ -317,15 +310,13 @@ class TvmTrainer:
     def _module_for(self, inputs: tuple, targets, weights) -> _Compiled:
         key = tuple((tuple(x.shape), str(x.dtype)) for x in (*inputs, targets, weights))
         if key not in self._compiled:
-            from .tvm_backend import _cpu_target, build_relax
-
             start = time.perf_counter()
             cache_key = (_structure_key(self.program), key, tuple(sorted(self._first[i] for i in self._trainable)))
             if cache_key not in _BUILDS:  # a resumed run or a second trainer of the same program reuses it
                 mod, refs, grad_names = _relax_training_module(
                     self.program, (*inputs, targets, weights), set(self._trainable)
                 )
-                _BUILDS[cache_key] = (build_relax(mod, _cpu_target()), refs, grad_names)
+                _BUILDS[cache_key] = (build_relax(mod, cpu_target()), refs, grad_names)
             executable, refs, grad_names = _BUILDS[cache_key]
             module = _LossModule(self.program.gm)
             state = dict(module.named_parameters(remove_duplicate=False)) | dict(
@@ -334,18 +325,16 @@ class TvmTrainer:
             values = [state[ref] if kind == "state" else ref for kind, ref in refs]
             for v in values:
                 self._tensors.setdefault(id(v), v)
-            vm = _tvm().relax.VirtualMachine(executable, self._device)
+            vm = load_tvm().relax.VirtualMachine(executable, self._device)
             self._compiled[key] = _Compiled(vm, [id(v) for v in values], [id(state[n]) for n in grad_names])
             self.info.setdefault("build_s", []).append(round(time.perf_counter() - start, 2))
         return self._compiled[key]
 
     def _build_adamw(self):
         """The Relax AdamW: (params, grads, m, v, lr, 1/bc1, 1/sqrt(bc2)) -> (params', m', v')."""
-        tvm = _tvm()
+        tvm = load_tvm()
         from tvm import relax
         from tvm.relax import op as R
-
-        from .tvm_backend import _cpu_target, build_relax
 
         shapes = [tuple(self._tensors[i].shape) for i in self._trainable]
         b1, b2 = self.betas
@@ -387,7 +376,7 @@ class TvmTrainer:
                     new_v.append(v1)
                 out = bb.emit_output(relax.Tuple([*new_p, *new_m, *new_v]))
             bb.emit_func_output(out)
-        _BUILDS[key] = build_relax(bb.get(), _cpu_target())
+        _BUILDS[key] = build_relax(bb.get(), cpu_target())
         return tvm.relax.VirtualMachine(_BUILDS[key], self._device)
 
     # -- training -----------------------------------------------------------------------------------
@@ -404,7 +393,7 @@ class TvmTrainer:
         compiled, (loss, grads) = self._run(inputs, labels, scale, "main_adjoint")
         if self._grads is None:
             self._grads = {}
-        tvm = _tvm()
+        tvm = load_tvm()
         # gradients of a tied tensor (read under two names) add up, and so do micro-batches
         for key, g in zip(compiled.grad_ids, grads):
             self._grads[key] = g if key not in self._grads else tvm.runtime.tensor(self._grads[key].numpy() + g.numpy())

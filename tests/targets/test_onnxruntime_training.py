@@ -19,7 +19,7 @@ from optpipe.errors import TargetError, UsageError
 from optpipe.ops import define_op
 from optpipe.pipeline import Pipeline
 from optpipe.registry import PassResult, register_pass
-from optpipe.targets.onnxruntime_backend import OrtTrainer, check_trainable, training_loss
+from optpipe.targets.onnxruntime_training import OrtTrainer, check_trainable, training_loss
 
 aten = torch.ops.aten
 HYPER = {"lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
@@ -264,11 +264,11 @@ def test_check_trainable_names_an_op_without_ort_gradient():
 
 
 def test_gradient_builder_failure_names_the_onnx_op_and_its_module(monkeypatch):
-    from optpipe.targets import onnxruntime_backend as backend
+    from optpipe.targets import onnxruntime_training as training
 
     # without the split -> slice decomposition torchlib writes SplitToSequence, which ORT cannot differentiate
-    kept = {op: fn for op, fn in backend._TRAINING_DECOMPOSITIONS.items() if "split" not in str(op)}
-    monkeypatch.setattr(backend, "_TRAINING_DECOMPOSITIONS", kept)
+    kept = {op: fn for op, fn in training.TRAINING_DECOMPOSITIONS.items() if "split" not in str(op)}
+    monkeypatch.setattr(training, "TRAINING_DECOMPOSITIONS", kept)
     with pytest.raises(TargetError) as info:
         OrtTrainer(toy_program(), objective="clm")
     msg = str(info.value)

@@ -24,7 +24,7 @@ from optpipe.ops import define_op, register_lowering
 from optpipe.optimization import check_target, optimize
 from optpipe.program import load_program
 from optpipe.registry import PassResult, get_target, register_pass
-from optpipe.targets import tvm_backend
+from optpipe.targets import tvm_backend, tvm_build
 from tests import hf_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -154,7 +154,7 @@ def test_tiny_gpt_parity(gpt_out, gpt_loaded):
     _assert_parity(report)
     info = report["target_info"]
     assert info["importer"] == "torch" and info["mode"] == "untuned" and info["target"]["kind"] == "llvm"
-    assert info["target"]["mcpu"] == tvm_backend.host_cpu()
+    assert info["target"]["mcpu"] == tvm_build.host_cpu()
     assert {p.name for p in (out / "tvm").iterdir()} == {"model.so", "model.json"}
     # one library for every batch and length: the dims stay symbolic, named as the program names them
     assert gpt_loaded.fn.meta["inputs"] == [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}]
@@ -199,7 +199,7 @@ def test_tvm_cuda_lowering_builds_with_dlight_schedules(raw_gpt):
     # no GPU needed to build: every kernel must get a GPU schedule (thread bindings), or TVM's
     # memory verification rejects it
     tgt, program, _ = raw_gpt
-    executable = tvm_backend.build_relax(tgt.import_program(program).mod, tvm_backend.cuda_target("sm_90"))
+    executable = tvm_build.build_relax(tgt.import_program(program).mod, tvm_build.cuda_target("sm_90"))
     assert executable is not None
 
 
@@ -215,7 +215,7 @@ def _prim_funcs(mod) -> dict:
 def test_untuned_cpu_build_parallelizes_and_vectorizes_the_hot_kernels(raw_gpt):
     # without default schedules every kernel is a serial scalar loop nest (MiniLM: 100x eager)
     tgt, program, _ = raw_gpt
-    mod = tvm_backend.schedule_relax(tgt.import_program(program).mod, tvm_backend._cpu_target())
+    mod = tvm_build.schedule_relax(tgt.import_program(program).mod, tvm_build.cpu_target())
     funcs = _prim_funcs(mod)
     hot = {name: f for name, f in funcs.items() if "matmul" in name or "softmax" in name or "layer_norm" in name}
     assert any("matmul" in name for name in hot), sorted(funcs)
@@ -245,8 +245,8 @@ def test_matmul_schedule_matches_numpy(rows, cols, bias):
     k = te.reduce_axis((0, 48), name="k")
     mm = te.compute((rows, cols), lambda i, j: te.sum(a[i, k] * b[k, j], axis=k), name="matmul")
     out = te.compute((rows, cols), lambda i, j: mm[i, j] + c[j], name="T_add") if bias else mm
-    target = tvm_backend._cpu_target()
-    sch = tvm_backend._matmul_schedule(te.create_prim_func([a, b, c, out] if bias else [a, b, out]), target)
+    target = tvm_build.cpu_target()
+    sch = tvm_build.default_matmul_schedule(te.create_prim_func([a, b, c, out] if bias else [a, b, out]), target)
     script = sch.mod.script() if sch is not None else ""
     assert "T.parallel" in script
     assert ("B_pad" in script) == (not bias), script  # padded only where no epilogue needs the columns
@@ -269,7 +269,7 @@ def test_fast_math_turns_small_integer_powers_into_products():
             other = bb.emit(relax.op.power(cube, relax.const(0.5, "float32")))
             out = bb.emit_output(other)
         bb.emit_func_output(out)
-    text = tvm_backend.fast_math_pass()(bb.get()).script()
+    text = tvm_build.fast_math_pass()(bb.get()).script()
     assert text.count("R.multiply") == 2 and text.count("R.power") == 1, text  # x**0.5 stays a power
 
 
@@ -280,7 +280,7 @@ def test_transposed_matmul_is_left_to_the_other_rules():
     a, b = te.placeholder((16, 32), name="A"), te.placeholder((64, 32), name="B")
     k = te.reduce_axis((0, 32), name="k")
     mm = te.compute((16, 64), lambda i, j: te.sum(a[i, k] * b[j, k], axis=k), name="matmul")
-    assert tvm_backend._matmul_schedule(te.create_prim_func([a, b, mm]), tvm_backend._cpu_target()) is None
+    assert tvm_build.default_matmul_schedule(te.create_prim_func([a, b, mm]), tvm_build.cpu_target()) is None
 
 
 HF_MODELS = {"gpt2": hf_models.gpt2, "llama": hf_models.llama, "bert": hf_models.bert, "minilm": hf_models.minilm}
@@ -423,10 +423,10 @@ def test_untuned_build_adds_a_static_fast_path_at_the_example_shapes(mlp):
 def test_tvm_thread_pool_follows_torch_unless_the_user_chose(monkeypatch):
     # TVM reads TVM_NUM_THREADS when its pool starts (its default: half the logical CPUs)
     monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
-    tvm_backend._tvm()
+    tvm_build.load_tvm()
     assert os.environ["TVM_NUM_THREADS"] == str(torch.get_num_threads())
     monkeypatch.setenv("TVM_NUM_THREADS", "7")
-    tvm_backend._tvm()
+    tvm_build.load_tvm()
     assert os.environ["TVM_NUM_THREADS"] == "7"
 
 
