@@ -45,6 +45,7 @@ STUCK_HINT = (
     "the stuck rank is alive but not communicating (a deadlock, or a rank far slower than the others: raise timeout)"
 )
 DIED_HINT = "a rank that leaves no message crashed or was killed (out of memory?)"
+FAILED_HINT = "the error is that rank's own; the other ranks only stopped because it failed"
 
 
 # -- the parent ---------------------------------------------------------------------------------------
@@ -92,8 +93,7 @@ def run_ranks(
             "a rank hangs; rerun with a smaller timeout to see which",
         ) from e
     if proc.returncode != 0:
-        message = _failure_message(proc.stderr, folder, ranks, describe, neighbours, what)
-        raise PipelineError(message, STUCK_HINT if "stopped responding" in message else DIED_HINT)
+        raise PipelineError(*_failure(proc.stderr, folder, ranks, describe, neighbours, what))
 
 
 def _rank_errors(folder: str, ranks: int) -> dict[int, str]:
@@ -107,15 +107,15 @@ def _rank_errors(folder: str, ranks: int) -> dict[int, str]:
     return errors
 
 
-def _failure_message(stderr: str, folder: str, ranks: int, describe, neighbours, what: str) -> str:
-    """One line naming the rank that failed first (its own message when it left one)."""
+def _failure(stderr: str, folder: str, ranks: int, describe, neighbours, what: str) -> tuple[str, str]:
+    """(one line naming the rank that failed first, with its own message when it left one; hint)."""
     errors = _rank_errors(folder, ranks)
     root = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", stderr, re.S)
     first = int(root.group(1)) if root else (min(errors) if errors else None)
     code = int(root.group(2)) if root else None
     if first is None:
         tail = [line for line in stderr.strip().splitlines() if line.strip()][-1:] or ["no message"]
-        return f"{what} failed: {tail[0]}"
+        return f"{what} failed: {tail[0]}", DIED_HINT
     timed_out = sorted(r for r, e in errors.items() if "timed out" in e.lower())
     if timed_out and first in timed_out:
         # ranks blocked on a peer that is alive but stuck: the silent neighbour is the culprit
@@ -126,13 +126,16 @@ def _failure_message(stderr: str, folder: str, ranks: int, describe, neighbours,
             return (
                 f"{what} {describe(stuck)} stopped responding: rank(s) {waiting} timed "
                 f"out waiting for it; all ranks were stopped"
-            )
-    message = errors.get(first) or (f"exited with code {code}" if code is not None else "failed")
+            ), STUCK_HINT
     if code is not None and code < 0:
-        message = f"was killed by signal {-code}"
-    elif code == FAIL_EXIT_CODE and first not in errors:
-        message = f"exited with code {code} (fault injected by {FAIL_RANK_ENV})"
-    return f"{what} {describe(first)} {message}; the other ranks were stopped"
+        message, hint = f"was killed by signal {-code}", DIED_HINT
+    elif errors.get(first):
+        message, hint = errors[first], FAILED_HINT
+    elif code == FAIL_EXIT_CODE:
+        message, hint = f"exited with code {code} (fault injected by {FAIL_RANK_ENV})", DIED_HINT
+    else:
+        message, hint = (f"exited with code {code}" if code is not None else "failed"), DIED_HINT
+    return f"{what} {describe(first)} {message}; the other ranks were stopped", hint
 
 
 # -- what the ranks share with it --------------------------------------------------------------------
