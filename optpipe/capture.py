@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 from .program import Program, export_module
 
 OUTPUT_PREFERENCE = ("logits", "last_hidden_state", "prediction_logits", "start_logits")
@@ -184,7 +184,7 @@ def capture(
             ep, kept = export_module(module, example_inputs, input_names, None)
         except Exception:  # noqa: BLE001 - the first (dynamic) error is the one that explains it
             raise UsageError(
-                f"torch.export could not capture {type(model).__name__}: {_first_line(first_error)}",
+                f"torch.export could not capture {type(model).__name__}: {first_line(first_error)}",
                 "check that forward() runs on the example inputs; see torch.export docs",
             ) from first_error
     gm = ep.module()
@@ -199,7 +199,7 @@ def _run_once(model: nn.Module, input_names: list[str], example_inputs: tuple, c
     except Exception as e:  # the model's own error on these inputs: say so in one line
         shapes = ", ".join(f"{n}:{_describe(x)}" for n, x in zip(input_names, example_inputs))
         raise UsageError(
-            f"{type(model).__name__} fails on the example inputs ({shapes}): {_first_line(e)}",
+            f"{type(model).__name__} fails on the example inputs ({shapes}): {first_line(e)}",
             "check the --input names, dtypes and shapes",
         ) from e
 
@@ -223,11 +223,6 @@ def _describe(x) -> str:
     if isinstance(x, torch.Tensor):
         return f"{str(x.dtype).replace('torch.', '')}{list(x.shape)}"
     return type(x).__name__
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 def _jsonable(obj):

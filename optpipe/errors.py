@@ -8,6 +8,13 @@ Both carry a short `hint` that the CLI prints after the message.
 from __future__ import annotations
 
 
+def first_line(e: BaseException) -> str:
+    """'ExceptionType: first non-empty line of its message' — how a library's error is quoted in
+    one of ours (some put the useful part after a blank preamble line)."""
+    first = next((line.strip() for line in str(e).strip().splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 class OptpipeError(Exception):
     exit_code = 1
 
@@ -44,6 +51,7 @@ class TargetError(OptpipeError):
 
 
 class PipelineError(OptpipeError):
-    """A model-parallel rank (pipeline, tensor) failed or died, and the run was stopped."""
+    """A rank of a multi-process run (data, pipeline or tensor parallel) failed or died, and the
+    run was stopped."""
 
     exit_code = 1

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from .capture import capture
-from .errors import UsageError
+from .errors import UsageError, first_line
 from .inputs import InputSpec, check_specs, dtype_name, dynamic_shapes_of, make_example_inputs, parse_input_spec
 from .program import Program, load_program
 
@@ -194,7 +194,7 @@ def _load_archive(path: str, specs: list[InputSpec], tensors=None) -> Program:
         raise
     except Exception as e:
         raise UsageError(
-            f"corrupt archive: cannot load the torch.export archive {path} ({_first_line(e)})",
+            f"corrupt archive: cannot load the torch.export archive {path} ({first_line(e)})",
             "it may be truncated, or saved by another torch version; export it again",
         ) from e
     program.meta.setdefault("source", os.path.abspath(path))
@@ -230,7 +230,7 @@ def _override_inputs(program: Program, specs: list[InputSpec], tensors, path: st
         program.run(new_inputs)
     except Exception as e:
         raise UsageError(
-            f"--input does not fit the program in {path}: {_first_line(e)}",
+            f"--input does not fit the program in {path}: {first_line(e)}",
             f"it was captured with {describe_inputs(program)}",
         ) from e
     program.example_inputs = new_inputs
@@ -311,7 +311,7 @@ def load_factory(spec: str) -> tuple[nn.Module, tuple | dict | None]:
                 result = obj()
             except Exception as e:
                 raise UsageError(
-                    f"{spec}: the factory raised {_first_line(e)}",
+                    f"{spec}: the factory raised {first_line(e)}",
                     "it must build the model when called with no arguments",
                 ) from e
     else:
@@ -378,7 +378,7 @@ def _import_file(path: str, spec: str):
         except Exception as e:
             del sys.modules[name]
             raise UsageError(
-                f"cannot import {path}: {_first_line(e)}", "check that the file runs: python " + path
+                f"cannot import {path}: {first_line(e)}", "check that the file runs: python " + path
             ) from e
     return module
 
@@ -394,10 +394,10 @@ def _import_module(name: str, spec: str):
                     f"no module named {name!r} (in the Python spec {spec!r})",
                     "give a file path (path/to/file.py:factory) or install the package",
                 ) from e
-            raise UsageError(f"cannot import {name}: {_first_line(e)}", "install what it needs") from e
+            raise UsageError(f"cannot import {name}: {first_line(e)}", "install what it needs") from e
         except Exception as e:
             raise UsageError(
-                f"cannot import {name}: {_first_line(e)}", f"check that `python -c 'import {name}'` works"
+                f"cannot import {name}: {first_line(e)}", f"check that `python -c 'import {name}'` works"
             ) from e
 
 
@@ -446,18 +446,18 @@ def _torch_load(path: str, trust_pickle: bool):
             ) from e
     except Exception as e:
         raise UsageError(
-            f"corrupt file: cannot read {path} with torch.load ({_first_line(e)})",
+            f"corrupt file: cannot read {path} with torch.load ({first_line(e)})",
             "the file may be truncated; save or copy it again",
         ) from e
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (AttributeError, ImportError) as e:
         raise UsageError(
-            f"cannot unpickle {path}: {_first_line(e)}",
+            f"cannot unpickle {path}: {first_line(e)}",
             "the model's class must be importable; or save model.state_dict() and pass --arch",
         ) from e
     except Exception as e:
-        raise UsageError(f"cannot unpickle {path}: {_first_line(e)}", FORMS_HINT) from e
+        raise UsageError(f"cannot unpickle {path}: {first_line(e)}", FORMS_HINT) from e
 
 
 def _read_safetensors(path: str) -> dict:
@@ -471,7 +471,7 @@ def _read_safetensors(path: str) -> dict:
         return load_file(path, device="cpu")
     except Exception as e:
         raise UsageError(
-            f"corrupt file: cannot read {path} as safetensors ({_first_line(e)})",
+            f"corrupt file: cannot read {path} as safetensors ({first_line(e)})",
             "the file may be truncated; save or copy it again",
         ) from e
 
@@ -517,7 +517,7 @@ def _load_weights(model: nn.Module, state_dict: dict, path: str, arch: str) -> N
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
         raise UsageError(
-            f"{path} does not fit the model from {arch}: {lines[0] if lines else _first_line(e)}",
+            f"{path} does not fit the model from {arch}: {lines[0] if lines else first_line(e)}",
             "--arch must build the same architecture (and sizes) the state dict was saved from",
         ) from e
 
@@ -557,7 +557,7 @@ def _load_hf_folder(path: str, specs: list[InputSpec], tensors, trust_pickle: bo
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:
         raise UsageError(
-            f"cannot read the Hugging Face config in {path}: {_first_line(e)}",
+            f"cannot read the Hugging Face config in {path}: {first_line(e)}",
             "optpipe loads only model types that the installed transformers knows (never remote code)",
         ) from e
     architecture = (config.architectures or [None])[0]
@@ -567,7 +567,7 @@ def _load_hf_folder(path: str, specs: list[InputSpec], tensors, trust_pickle: bo
         model = model_class.from_pretrained(path, config=config, local_files_only=True, use_safetensors=has_safetensors)
     except Exception as e:
         raise UsageError(
-            f"cannot load the Hugging Face model in {path} as {model_class.__name__}: {_first_line(e)}",
+            f"cannot load the Hugging Face model in {path} as {model_class.__name__}: {first_line(e)}",
             "check that the weights match config.json",
         ) from e
     model.eval()
@@ -646,7 +646,7 @@ def _capture(
     except Exception as e:
         given = " ".join(str(s) for s in specs) if specs else _describe_example(example)
         raise UsageError(
-            f"{source}: the model failed on its example inputs ({_first_line(e)})",
+            f"{source}: the model failed on its example inputs ({first_line(e)})",
             f"inputs were {given}; check names, dtypes and shapes against forward({_signature_text(model)})",
         ) from e
 
@@ -692,10 +692,3 @@ def _embedding_vocab_size(model: nn.Module) -> int | None:
     if not isinstance(embedding, nn.Embedding):
         embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
     return embedding.num_embeddings if embedding is not None else None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    # weights_only errors and the like put the useful part after a blank preamble line
-    first = next((line.strip() for line in text if line.strip()), "")
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__

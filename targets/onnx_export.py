@@ -18,7 +18,7 @@ import logging
 import re
 import warnings
 
-from optpipe.errors import TargetError, UsageError
+from optpipe.errors import TargetError, UsageError, first_line
 from optpipe.graph_toolkit import module_path
 from optpipe.ops import lowerings_for
 from optpipe.target import op_label
@@ -94,12 +94,6 @@ def quiet_exporter():
             yield
     finally:
         logger.setLevel(level)
-
-
-def first_line(e: BaseException) -> str:
-    """'ExceptionType: first line of its message'."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".strip()
 
 
 _NODE_IN_ERROR = re.compile(r"translating node %(\w+) : .*?target=([\w.:]+)")

@@ -55,7 +55,7 @@ import weakref
 import torch
 import torch.utils._pytree as pytree
 
-from optpipe.errors import TargetError, UsageError
+from optpipe.errors import TargetError, UsageError, first_line
 from optpipe.graph_toolkit import module_path
 from optpipe.ops import decompositions, is_optpipe_op, lowerings_for
 from optpipe.pipeline import introduced_by
@@ -69,7 +69,6 @@ from .onnx_export import (
     OPSETS,
     TARGET,
     export_error,
-    first_line,
     native_lowerings_key,
     onnx_decomposition_table,
     onnx_origins,

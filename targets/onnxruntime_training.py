@@ -60,7 +60,7 @@ import weakref
 import torch
 import torch.utils._pytree as pytree
 
-from optpipe.errors import TargetError, UsageError
+from optpipe.errors import TargetError, UsageError, first_line
 from optpipe.graph_toolkit import module_path
 from optpipe.losses import OBJECTIVES, task_loss
 from optpipe.ops import decompositions, is_optpipe_op
@@ -72,7 +72,6 @@ from .onnx_export import (
     EXPORTER_DROPS,
     MAX_IR_VERSION,
     export_error,
-    first_line,
     name_scopes,
     native_lowerings_key,
     onnx_decomposition_table,
