@@ -5,7 +5,7 @@
 
 The program's GraphModule is an ordinary `nn.Module` whose parameters are attributes, so the torch
 backend trains it directly (eager, or `torch.compile`d); onnxruntime trains artifacts generated from
-the same graph (`optpipe.targets.onnxruntime_backend.OrtTrainer`).
+the same graph (`optpipe.targets.onnxruntime_training.OrtTrainer`).
 
 Objectives (losses are means over the label tokens, `-100` ignored):
 - `clm`: next-token cross-entropy, logits[:, :-1] against ids[:, 1:];
