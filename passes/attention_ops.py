@@ -61,15 +61,7 @@ KERNEL_EPS = 1e-6
 zero, however small the features."""
 
 
-def _pattern(
-    pattern: str, causal: bool, window: int, block: int, global_tokens: int, random_blocks: int, stride: int, seed: int
-) -> SparsePattern:
-    return SparsePattern(
-        pattern, bool(causal), int(window), int(block), int(global_tokens), int(random_blocks), int(stride), int(seed)
-    )
-
-
-# -- generic recompute-in-backward ---------------------------------------------------------------------
+# -- what every op shares: shape checks, fake impl, argument lookup, recompute-in-backward ----------
 def _recompute_backward(forward: Callable, ctx, grad, tensor_inputs: dict):
     """Gradients of `forward(**inputs)` w.r.t. the differentiable inputs, recomputed from the saved
     inputs alone (nothing else is kept between forward and backward)."""
@@ -79,6 +71,66 @@ def _recompute_backward(forward: Callable, ctx, grad, tensor_inputs: dict):
         out = forward(**inputs)
         grads = torch.autograd.grad(out, [inputs[n] for n in names], grad, allow_unused=True)
     return dict(zip(names, grads))
+
+
+def _check_shapes(op: str, query, key, value, key_padding_mask):
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError(
+            f"optpipe.{op}: expected 4-d (B, H, L, D) query/key/value, got "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    if query.shape[1] % key.shape[1] or key.shape[1] != value.shape[1]:
+        raise ValueError(
+            f"optpipe.{op}: {query.shape[1]} query heads do not group over "
+            f"{key.shape[1]} key / {value.shape[1]} value heads"
+        )
+    if key_padding_mask is not None and (key_padding_mask.dim() != 2 or key_padding_mask.shape[-1] != key.shape[-2]):
+        raise ValueError(
+            f"optpipe.{op}: key_padding_mask must be (B, S) with S={key.shape[-2]}, got {tuple(key_padding_mask.shape)}"
+        )
+
+
+def _attention_fake(query, key, value, *args, **kwargs):
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
+def _arg(args, kwargs, names, name, default=None):
+    i = names.index(name)
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+def _math_forward(math_fn, names, inputs) -> torch.Tensor:
+    return math_fn(**dict(zip(names, inputs))).contiguous()
+
+
+def _setup_recompute(names):
+    """Save the inputs only; the backward recomputes the forward (nothing but O(L) activations,
+    alive only during the backward)."""
+
+    def setup(ctx, inputs, output):
+        args = dict(zip(names, inputs))
+        ctx.args = {n: a for n, a in args.items() if not isinstance(a, torch.Tensor)}
+        ctx.tensor_names = [n for n, a in args.items() if isinstance(a, torch.Tensor)]
+        ctx.needs_grad = {n: ctx.needs_input_grad[i] for i, n in enumerate(names)}
+        ctx.names = names
+        ctx.save_for_backward(*(args[n] for n in ctx.tensor_names))
+
+    return setup
+
+
+def _backward_recompute(math_fn):
+    def backward(ctx, grad):
+        tensors = dict(zip(ctx.tensor_names, ctx.saved_tensors))
+        differentiable = {n: t for n, t in tensors.items() if t.is_floating_point()}
+        fixed = {n: t for n, t in tensors.items() if not t.is_floating_point()}
+
+        def forward(**diff):
+            return math_fn(**{**ctx.args, **fixed, **diff})
+
+        grads = _recompute_backward(forward, ctx, grad, differentiable)
+        return tuple(grads.get(n) if ctx.needs_grad[n] else None for n in ctx.names)
+
+    return backward
 
 
 # -- sparse_attention op -------------------------------------------------------------------------------
@@ -97,6 +149,15 @@ _SPARSE_ARGS = (
     "stride",
     "seed",
 )
+
+
+def _pattern(
+    pattern: str, causal: bool, window: int, block: int, global_tokens: int, random_blocks: int, stride: int, seed: int
+) -> SparsePattern:
+    """The pattern the op's arguments name (as the op schema passes them: plain ints and bools)."""
+    return SparsePattern(
+        pattern, bool(causal), int(window), int(block), int(global_tokens), int(random_blocks), int(stride), int(seed)
+    )
 
 
 def _sparse_impl(
@@ -124,27 +185,6 @@ def _sparse_impl(
             out._optpipe_lse = lse  # the backward's softmax statistics; recomputed when missing
         return out
     return sparse_attention_reference(query, key, value, key_padding_mask, p, scale).contiguous()
-
-
-def _check_shapes(op: str, query, key, value, key_padding_mask):
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        raise ValueError(
-            f"optpipe.{op}: expected 4-d (B, H, L, D) query/key/value, got "
-            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
-        )
-    if query.shape[1] % key.shape[1] or key.shape[1] != value.shape[1]:
-        raise ValueError(
-            f"optpipe.{op}: {query.shape[1]} query heads do not group over "
-            f"{key.shape[1]} key / {value.shape[1]} value heads"
-        )
-    if key_padding_mask is not None and (key_padding_mask.dim() != 2 or key_padding_mask.shape[-1] != key.shape[-2]):
-        raise ValueError(
-            f"optpipe.{op}: key_padding_mask must be (B, S) with S={key.shape[-2]}, got {tuple(key_padding_mask.shape)}"
-        )
-
-
-def _attention_fake(query, key, value, *args, **kwargs):
-    return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
 def _sparse_setup(ctx, inputs, output):
@@ -212,11 +252,6 @@ def _sparse_decomposition(
 ):
     p = _pattern(pattern, causal, window, block, global_tokens, random_blocks, stride, seed)
     return sparse_attention_reference(query, key, value, key_padding_mask, p, scale)
-
-
-def _arg(args, kwargs, names, name, default=None):
-    i = names.index(name)
-    return args[i] if len(args) > i else kwargs.get(name, default)
 
 
 def _sparse_flops(*args, out_shape=None, **kwargs) -> int:
@@ -322,6 +357,7 @@ def _exclusive_prefix(x: torch.Tensor) -> torch.Tensor:
 
 
 def feature_map(x: torch.Tensor, name: str) -> torch.Tensor:
+    """φ(x) of the linear op: elu(x)+1 or relu(x) (`FEATURE_MAPS`)."""
     if name == "elu":  # in place on elu's fresh output (its backward reads the input)
         return F.elu(x).add_(1) if _eager() else F.elu(x) + 1
     if name == "relu":
@@ -387,40 +423,6 @@ def _linear_backward(ctx, grad):
     dq, dk, dv = causal_linear_backward(grad.contiguous(), query, key, value, kpm, name, out, den, chunk, needs)
     found = {"query": dq, "key": dk, "value": dv}
     return tuple(found.get(n) for n in _LINEAR_ARGS)
-
-
-def _math_forward(math_fn, names, inputs) -> torch.Tensor:
-    return math_fn(**dict(zip(names, inputs))).contiguous()
-
-
-def _setup_recompute(names):
-    """Save the inputs only; the backward recomputes the forward (nothing but O(L) activations,
-    alive only during the backward)."""
-
-    def setup(ctx, inputs, output):
-        args = dict(zip(names, inputs))
-        ctx.args = {n: a for n, a in args.items() if not isinstance(a, torch.Tensor)}
-        ctx.tensor_names = [n for n, a in args.items() if isinstance(a, torch.Tensor)]
-        ctx.needs_grad = {n: ctx.needs_input_grad[i] for i, n in enumerate(names)}
-        ctx.names = names
-        ctx.save_for_backward(*(args[n] for n in ctx.tensor_names))
-
-    return setup
-
-
-def _backward_recompute(math_fn):
-    def backward(ctx, grad):
-        tensors = dict(zip(ctx.tensor_names, ctx.saved_tensors))
-        differentiable = {n: t for n, t in tensors.items() if t.is_floating_point()}
-        fixed = {n: t for n, t in tensors.items() if not t.is_floating_point()}
-
-        def forward(**diff):
-            return math_fn(**{**ctx.args, **fixed, **diff})
-
-        grads = _recompute_backward(forward, ctx, grad, differentiable)
-        return tuple(grads.get(n) if ctx.needs_grad[n] else None for n in ctx.names)
-
-    return backward
 
 
 def _linear_math_kw(query, key, value, key_padding_mask=None, feature_map="elu", causal=False, chunk=64):
