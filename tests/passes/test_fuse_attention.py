@@ -429,11 +429,9 @@ def test_lookalikes_are_not_fused(name):
 
 
 def test_config_is_validated():
-    from optpipe.errors import UsageError
-
     info = get_pass("fuse-attention")
     assert info.exact
     assert {o["name"] for o in info.options()} >= {"enable-gqa", "causal"}
     assert all(o["help"] for o in info.options())
-    with pytest.raises(UsageError):
+    with pytest.raises(ValueError, match="enable-gqa must be true or false"):
         info.config_cls(enable_gqa="yes")
