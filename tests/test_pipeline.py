@@ -65,6 +65,34 @@ def test_budget_stops_a_lossy_pass(program):
     Pipeline.parse("test-add-noise{scale=0.1}").run(program, budget=Budget(sqnr=15))  # within budget
 
 
+def test_pass_budget_overrides_the_global_one(program):
+    with pytest.raises(VerificationError, match="over budget: SQNR 20.0 dB < 25"):  # SQNR 20 dB
+        Pipeline.parse("test-add-noise{scale=0.1,min-sqnr=25}").run(program, budget=Budget(sqnr=15))
+    Pipeline.parse("test-add-noise{scale=0.1,min-sqnr=15}").run(program, budget=Budget(sqnr=30))
+
+
+def test_a_lossy_pass_config_subclasses_lossy_config():
+    from dataclasses import dataclass
+
+    from optpipe.pipeline_text import parse_pipeline
+    from optpipe.registry import config_fields, get_pass, register_pass
+
+    @dataclass(frozen=True)
+    class OwnBudget:
+        min_sqnr: float | None = None
+
+    with pytest.raises(TypeError, match="must subclass optpipe.registry.LossyConfig"):
+        register_pass("test-lossy-without-budget", OwnBudget, exact=False)
+    # the budget options come after the pass's own, in listings and in canonical text
+    info = get_pass("test-add-noise")
+    assert [f.name for f in config_fields(info.config_cls)] == ["scale", "min_sqnr", "min_cosine"]
+    assert [o["name"] for o in info.options()] == ["scale", "min-sqnr", "min-cosine"]
+    (spec,) = parse_pipeline("test-add-noise{min-cosine=0.5,scale=0.2}")
+    assert str(spec) == "test-add-noise{scale=0.2,min-cosine=0.5}"
+    with pytest.raises(UsageError, match=r"min-cosine must be in \[-1, 1\]"):
+        parse_pipeline("test-add-noise{min-cosine=2}")
+
+
 def test_unmodified_pass_is_not_rerun(program):
     _, (rec,) = Pipeline.parse("test-add-noise{scale=0}").run(program)
     assert not rec.modified and rec.verify["note"] == "unchanged"
