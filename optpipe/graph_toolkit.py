@@ -5,10 +5,12 @@ Passes say what they rewrite; how a node is read, placed and described lives her
     value(node)                       the fake tensor export recorded for a node (None if not a tensor)
     module_path(node)                 the innermost module the node was traced in ("" for the root)
     module_stack(node)                every module it was traced in, outermost first, with their types
+    module_type_name(node)            the innermost module's class, `package.module.Class`
     get_attribute(gm, target)         the object a get_attr target names (None if there is none)
     insert_call(graph, op, args, like=node)
                                       `op(*args)` at the graph's insert point, with `node`'s module path
                                       and stack trace, and a fake value computed from the arguments'
+    fake_value(op, args)              that fake value alone (None for a graph without fake values)
     copy_placement(like, node)        give an already inserted node `like`'s module path and stack trace
     add_tensor(gm, owner, name, t)    a parameter or buffer under a fresh name; returns its path
     insert_get_attr(gm, target, like=node)
