@@ -44,11 +44,17 @@ int8-weight keeps its decomposition there).
 
 Autograd: the activations and the bias get gradients (straight through the dequantized weight), so
 a quantized model can still be fine-tuned around its frozen int8/int4 weights (adapters, biases).
+
+On an x86 CPU without VNNI (AVX2 only), u8 x s8 int8 GEMMs (oneDNN's, and MLAS's behind ORT's
+MatMulInteger) sum products pairwise in saturating int16 (vpmaddubsw): 22-25 dB against exact int8
+math. There the CPU kernels fall back to the exact reference, and int8-static's ORT lowering runs
+u8 x u8 around zero point 128, which MLAS sums exactly (HAS_EXACT_INT8_DOT).
 """
 
 from __future__ import annotations
 
 import functools
+import platform
 import threading
 import warnings
 import weakref
@@ -56,7 +62,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from optpipe.ops import define_op, register_lowering
+from optpipe.ops import defer_lowerings, define_op, register_lowering
 
 ROW_EPS = 1e-12
 """Floor of a token's max |x| (an all-zero row stays zero instead of dividing by zero)."""
@@ -186,7 +192,24 @@ def _prepack(weight: torch.Tensor, scale: torch.Tensor):
 
 
 PREPACKED = _PrepackCache(_prepack)
-HAS_ONEDNN = "onednn" in torch.backends.quantized.supported_engines
+
+
+def _exact_int8_dot_products() -> bool:
+    """Whether this CPU sums u8 x s8 products exactly in oneDNN: with VNNI (or AMX) it does. Without
+    (AVX2-only x86), oneDNN goes through vpmaddubsw, whose pairwise int16 sums saturate: 25 dB
+    against exact int8 math instead of > 60, so the exact reference kernel runs instead."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:  # not Linux: trust the build
+        return True
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+HAS_EXACT_INT8_DOT = _exact_int8_dot_products()
+HAS_ONEDNN = "onednn" in torch.backends.quantized.supported_engines and HAS_EXACT_INT8_DOT
 
 
 def _uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -567,7 +590,12 @@ def _linear_int8_static_onnx(op):
         # Div + per-tensor QuantizeLinear: a per-axis QuantizeLinear over the smoothing ran 3.5x slower in
         # ORT 1.19 (22 vs 6 ms, one 1024x384x1536 linear, 1 thread)
         xq = op.QuantizeLinear(x if act_smooth is None else op.Div(x, act_smooth), act_scale, zero)
-        acc = op.MatMulInteger(xq, op.Transpose(weight, perm=[1, 0]), zero)
+        if HAS_EXACT_INT8_DOT:
+            acc = op.MatMulInteger(xq, op.Transpose(weight, perm=[1, 0]), zero)
+        else:  # u8 x u8 around zero point 128: MLAS's u8s8 AVX2 kernel saturates (vpmaddubsw), u8u8 does not
+            shifted = op.Add(op.Cast(weight, to=INT64_TYPE), op.Constant(value_int=128))  # folded at load
+            weight_u8 = op.Cast(op.Transpose(shifted, perm=[1, 0]), to=UINT8_TYPE)
+            acc = op.MatMulInteger(xq, weight_u8, zero, op.Cast(op.Constant(value_int=128), to=UINT8_TYPE))
         y = op.Mul(op.Cast(acc, to=1), op.Mul(act_scale, weight_scale))
         return y if bias is None else op.Add(y, bias)
 
@@ -658,4 +686,5 @@ def _matmul_nbits_schema():
 
 
 UINT8_TYPE = 2  # onnx.TensorProto.UINT8
-_register_onnx_lowering()
+INT64_TYPE = 7  # onnx.TensorProto.INT64
+defer_lowerings("onnxruntime", _register_onnx_lowering)  # onnxscript loads when the target asks
