@@ -13,7 +13,7 @@ from .capture import capture
 from .errors import OptpipeError, PassError, TargetError, UsageError, VerificationError
 from .pipeline import PassRecord, Pipeline
 from .program import Program, load_program
-from .registry import PassResult, register_pass, register_target
+from .registry import LossyConfig, PassResult, register_pass, register_target
 from .version import __version__
 
 
@@ -64,6 +64,7 @@ def train(model, data, out: str, **options):
 
 
 __all__ = [
+    "LossyConfig",
     "OptpipeError",
     "PassError",
     "PassRecord",
