@@ -27,7 +27,7 @@ demo: setup
 	$(PY) -m optpipe diff examples/tiny_gpt.py:build demo-out --html demo-out/diff.html
 
 test: setup
-	$(PY) -m pytest -q -n auto --dist worksteal
+	$(PY) -m pytest -q -n auto --dist loadscope
 
 # ruff (lint + format check), then the layers: import-linter contracts, no cycles, no private names
 # across modules, no function over 80 lines (tools/layers.py)
