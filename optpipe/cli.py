@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import click
 
-from .errors import OptpipeError, UsageError
+from .errors import OptpipeError, UsageError, first_line
 from .runtime.train_config import TrainConfig
 
 EPILOG = "Docs: README.md. Pipeline language: pass{opt=value,...},pass — see `optpipe passes`."
@@ -78,8 +78,7 @@ class _Group(click.Group):
             if os.environ.get("OPTPIPE_DEBUG"):
                 raise
             click.echo(
-                f"optpipe: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                "(hint: rerun with OPTPIPE_DEBUG=1 for the traceback)",
+                f"optpipe: internal error: {first_line(e)} (hint: rerun with OPTPIPE_DEBUG=1 for the traceback)",
                 err=True,
             )
             sys.exit(1)

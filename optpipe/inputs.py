@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 
 DTYPES: dict[str, torch.dtype] = {
     "int64": torch.int64,
@@ -153,8 +153,7 @@ def _load_tensor_file(path: str, where: str) -> torch.Tensor:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UsageError(
-            f"bad --input {where!r}: cannot read {path} as a tensor "
-            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})",
+            f"bad --input {where!r}: cannot read {path} as a tensor ({first_line(e)})",
             "save it with torch.save(tensor, path)",
         ) from e
     if not isinstance(obj, torch.Tensor):
