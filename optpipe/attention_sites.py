@@ -11,7 +11,8 @@ A mask is classified by evaluating the part of the graph that builds it:
 - "padding": depends on input data (an `attention_mask` input), attends everywhere when that input
   is all ones;
 - "causal+padding": depends on input data, causal when that input is all ones;
-- "custom": anything else (sliding windows, biases such as ALiBi, masks that could not be evaluated).
+- "custom": anything else (sliding windows, biases such as ALiBi, masks that could not be evaluated,
+  masks computed from parameters: learned relative-position biases).
 
 A mask that reaches the graph inputs only through their shapes (`sym_size`, `new_ones`, ...) is a
 static pattern; it is evaluated at the example shapes and again at other sizes of the dynamic dims,
@@ -181,6 +182,23 @@ def reads_input_data(node: torch.fx.Node) -> bool:
     return False
 
 
+def reads_parameters(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether `node`'s values are computed from a parameter of `gm` (a learned bias, not a mask
+    pattern); reading only a parameter's shape (`new_ones(embeds)`) does not count."""
+    params = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr" and n.target in params:
+            return True
+        if not (n.op == "call_function" and n.target in _SHAPE_ONLY_OPS):
+            stack.extend(n.all_input_nodes)
+    return False
+
+
 def mask_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.GraphModule:
     """A GraphModule over `gm` (so get_attr finds its buffers) computing just `node` from all of
     `gm`'s placeholders."""
@@ -281,6 +299,8 @@ def classify_mask(
     additive: 0 to attend, -inf or dtype-min to block; any other value makes the mask "custom".
     `example_inputs` are the program's inputs; without them, sizes come from the graph's shape hints.
     """
+    if reads_parameters(gm, mask_node):
+        return "custom"  # a learned bias (T5's, DeBERTa's relative positions): no need to run the model to see it
     try:
         sub = mask_module(gm, mask_node)
     except Exception:  # noqa: BLE001 - a mask we cannot extract is one we cannot vouch for

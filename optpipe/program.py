@@ -16,6 +16,7 @@ import contextlib
 import copy
 import inspect
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -66,6 +67,7 @@ class Program:
             warnings.simplefilter("ignore", FutureWarning)
             graph = copy.deepcopy(gm.graph)
         new_gm = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+        _unregister_copied_constants(gm, new_gm)
         for attr in ("_in_spec", "_out_spec"):  # immutable pytree specs: share them
             if hasattr(gm, attr):
                 setattr(new_gm, attr, getattr(gm, attr))
@@ -142,6 +144,18 @@ class Program:
         return cls(gm, tuple(args), list(input_names), dyn, info.get("meta", {}), list(info.get("history", [])))
 
 
+def _unregister_copied_constants(gm: torch.nn.Module, new_gm: torch.nn.Module) -> None:
+    """GraphModule registers every plain tensor attribute it copies (export's lifted constants) as a
+    buffer; keep them plain attributes, so that passes still tell constants from state."""
+    buffers = {name for name, _ in gm.named_buffers(remove_duplicate=False)}
+    for name, _ in list(new_gm.named_buffers(remove_duplicate=False)):
+        if name not in buffers:
+            owner_path, _, attr = name.rpartition(".")
+            owner = new_gm.get_submodule(owner_path) if owner_path else new_gm
+            tensor = owner._buffers.pop(attr)
+            setattr(owner, attr, tensor)
+
+
 def _widen(x: torch.Tensor, dims) -> torch.Tensor:
     for d in dims or {}:
         if x.shape[d] == 1:
@@ -205,5 +219,19 @@ def retie_weights(module: torch.nn.Module, groups: list[list[str]]) -> None:
 def load_program(path: str | os.PathLike) -> Program:
     """Load a Program saved by `Program.save` (or any torch.export archive)."""
     extra = {META_FILE: ""}
-    ep = torch.export.load(os.fspath(path), extra_files=extra)
+    with _quiet_export_log():
+        ep = torch.export.load(os.fspath(path), extra_files=extra)
     return Program.from_exported(ep, extra[META_FILE] or None)
+
+
+@contextlib.contextmanager
+def _quiet_export_log():
+    """torch.export.load logs a whole traceback before it raises on a damaged archive; the error
+    it raises (chained to ours) carries the same, so keep stderr to the one-line error."""
+    logger = logging.getLogger("torch.export")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

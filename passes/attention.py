@@ -17,21 +17,35 @@ keeps the first and last layers dense.
 
 Masks: a causal site (`is_causal=True`, or a mask that evaluates to the causal pattern) becomes a
 causal pattern; an encoder's padding mask (a mask that depends on an input and only on the key
-position, checked on the example inputs) becomes the op's `key_padding_mask`, honoured by every
-kind; causal+padding likewise. Any other mask (sliding windows already, ALiBi or other biases,
-per-head masks), dropout inside attention, cross-attention (query and key lengths that differ) and
-non-4-d inputs are REFUSED: the site stays dense and the result's details say why. Linformer refuses
-causal sites (its projections mix the whole sequence, so every token would see the future).
+position, shared by all heads, checked on the example inputs) becomes the op's `key_padding_mask`,
+honoured by every kind; causal+padding likewise. A model's own causal sliding window (Mistral's
+`sliding_window`: the same width at the example length and at twice it) is kept by
+kind=sliding-window, at the narrower of the two windows, and refused by every other kind.
+A mask that adds a score bias (ALiBi: BLOOM, MPT; T5's relative positions; DeBERTa-v2's
+disentangled terms) is kept by the exact sparse kinds (sliding-window, block-sparse, random,
+strided): the whole mask becomes the op's `bias` input (added to the scores of the keys the pattern
+keeps), so whatever it blocks stays blocked (DeBERTa's padded queries too); the site is causal when
+the mask blocks every later key, and gets a key padding mask when it blocks exactly key padding. The
+linear kinds refuse it, naming the bias. Cross-attention (query and key lengths that differ) with no
+mask or a padding mask is swapped by the bidirectional kernel forms (linear, performer, linformer);
+the positional patterns refuse it. Any other mask (per-head masks, per-query patterns), dropout
+inside attention and non-4-d inputs are REFUSED, as are score-modifying sites
+(`optpipe.score_mod_attention`, Gemma-2's soft-capping, from fuse-attention) and causal sites for
+linformer (its projections mix the whole sequence, so every token would see the future): the site
+stays dense and the result says which mask and why, per site.
 
 New weights: linformer adds two trainable `(k, max_len)` projections per site (initialised to mean
 pooling over k segments, so at init it attends to segment averages; projected keys that see no
 token are ignored), performer a `(features, head_dim)` buffer of orthogonal random features drawn
 from `seed`; `redraw_projections(gm, step)` redraws them every `redraw` steps of a training loop.
+Linformer's max_len: `max-len`, else the site's key length when it is static (a fixed-size input such
+as ViT's patches), else the model config's maximum positions; k is at most max_len.
 
 Preconditions: run after `fuse-attention` (which canonicalizes hand-written attention into SDPA
 nodes with an explicit scale, `is_causal` and un-repeated GQA K/V): this pass only looks at SDPA
 nodes. Stats: {"rewritten", "skipped" (not selected, or kind=dense), "refused", "sites"}; details:
-one entry per site, keyed by module path, and `notes` on lengths where a kind does not pay off.
+`sites`, one entry per site keyed by module path; `skipped`, `{"site", "reason"}` per refused site;
+`notes` on lengths (the sites' query lengths) where a kind does not pay off.
 """
 
 from __future__ import annotations
@@ -45,7 +59,7 @@ import torch
 import torch.fx
 
 from optpipe.attention_sites import SDPA, find_attention_sites, mask_module, same_size, sdpa_arguments
-from optpipe.graph_toolkit import add_tensor, insert_call, insert_get_attr, value
+from optpipe.graph_toolkit import add_tensor, insert_call, insert_get_attr, module_path, value
 from optpipe.program import Program
 from optpipe.registry import LossyConfig, PassResult, config_fields, register_hook, register_pass
 from optpipe.selection import LayerSelection
@@ -161,6 +175,14 @@ class _Plan:
     causal: bool
     key_mask: tuple | None = None
     """(mask node, polarity "bool" or "additive") of a padding mask."""
+    window: int | None = None
+    """The model's own causal sliding window (kind=sliding-window keeps it)."""
+    max_len: int | str | None = None
+    """linformer: the longest key length its projections take."""
+    length: int | None = None
+    """The site's query length on the example inputs (for the pass's notes)."""
+    bias: torch.fx.Node | None = None
+    """The site's mask when it adds a score bias (the sparse kinds' `bias` input)."""
 
 
 def _threshold(dtype: torch.dtype) -> float:
@@ -174,8 +196,6 @@ def _key_padding_source(gm, mask_node, causal: bool, example_inputs) -> tuple | 
     mv = value(mask_node)
     if mv is None or mv.dim() < 2:
         return "mask without a known shape"
-    if mv.dim() == 4 and not (isinstance(mv.shape[1], int) and mv.shape[1] == 1):
-        return "per-head mask (only masks shared by all heads map to a key padding mask)"
     if mv.dim() > 4:
         return f"{mv.dim()}-d mask"
     polarity = "bool" if mv.dtype == torch.bool else "additive"
@@ -187,6 +207,8 @@ def _key_padding_source(gm, mask_node, causal: bool, example_inputs) -> tuple | 
     except Exception as e:  # noqa: BLE001 - a mask we cannot evaluate is one we cannot vouch for
         return f"mask could not be evaluated on the example inputs ({type(e).__name__})"
     allowed = mask if mask.dtype == torch.bool else mask > _threshold(mask.dtype)
+    if allowed.dim() == 4 and not torch.equal(allowed, allowed[:, :1].expand_as(allowed)):
+        return "a per-head mask (only masks shared by all heads map to a key padding mask)"
     if allowed.shape[-2] == 1 and not causal:
         return (mask_node, polarity)
     keys = allowed[..., -1:, :]
@@ -203,8 +225,124 @@ def _key_padding_source(gm, mask_node, causal: bool, example_inputs) -> tuple | 
     return (mask_node, polarity)
 
 
-def _plan_site(gm, node, index, site, config: AttentionConfig, example_inputs) -> _Plan | str:
-    """A rewrite plan for one SDPA node, or the reason it is refused."""
+def _length(size) -> int | None:
+    """A sequence length as an int: itself when static, its example value (hint) when dynamic."""
+    if isinstance(size, int):
+        return size
+    hint = getattr(getattr(size, "node", None), "hint", None)
+    return int(hint) if hint is not None else None
+
+
+def _grown_inputs(program: Program) -> tuple | None:
+    """The example inputs with every dynamic dim doubled (tiled), or None when no dim is dynamic."""
+    specs = list(program.dynamic_shapes or [])
+    if not any(specs):
+        return None
+    grown = []
+    for x, spec in zip(program.example_inputs, specs + [None] * len(program.example_inputs)):
+        for d in sorted(spec or {}) if isinstance(x, torch.Tensor) else ():
+            x = torch.cat([x, x], dim=d)
+        grown.append(x)
+    return tuple(grown)
+
+
+def _allowed_at(gm, mask_node, inputs) -> torch.Tensor | str:
+    """Boolean "query may attend key" of the mask on `inputs`, or why it is not a plain mask."""
+    try:
+        with torch.no_grad():
+            mask = mask_module(gm, mask_node)(*inputs)
+    except Exception as e:  # noqa: BLE001 - a mask we cannot evaluate is one we cannot vouch for
+        return f"the mask could not be evaluated on the example inputs ({type(e).__name__})"
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        return f"a mask of dtype {mask.dtype}"
+    blocked = mask <= _threshold(mask.dtype)
+    if not bool(((mask == 0) | blocked).all()):
+        return SCORE_BIAS
+    return ~blocked
+
+
+SCORE_BIAS = (
+    "an additive score bias in the mask (values other than 0 and -inf: ALiBi, a relative-position bias or similar)"
+)
+
+
+def _bias_blocking(allowed: torch.Tensor) -> tuple[bool, bool]:
+    """(causal, padded) of what a biased mask blocks: causal when it blocks every later key; padded
+    when what it blocks is exactly key padding (on top of causality), which then also becomes the op's
+    key padding mask. Anything else it blocks (padded queries, per-head or per-query masks) stays in
+    the bias, blocked as the site blocks it."""
+    n, s = allowed.shape[-2:]
+    future = torch.ones(n, s, dtype=torch.bool).triu(1)
+    causal = n == s and not bool((allowed & future).any())
+    keys = allowed[..., -1:, :]  # a causal mask's last query row sees every key but padding
+    expected = keys.expand_as(allowed) & ~future if causal else keys.expand_as(allowed)
+    same_heads = allowed.dim() < 4 or torch.equal(allowed, allowed[:, :1].expand_as(allowed))
+    return causal, same_heads and allowed.dim() in (2, 4) and not bool(keys.all()) and torch.equal(allowed, expected)
+
+
+def _plan_bias(program: Program, mask_node, plan: _Plan, config: AttentionConfig) -> _Plan | str:
+    """A site whose mask adds a score bias: the exact sparse kinds take the whole mask as their bias
+    (what it blocks stays blocked, so the site is kept exactly but for the keys the pattern drops),
+    causal when the mask blocks every later key and with a key padding mask when it blocks exactly
+    key padding (the same at the example length and, with dynamic dims, at twice it); the others refuse."""
+    if config.kind not in ops.SPARSE_PATTERNS:
+        return (
+            f"custom mask: {SCORE_BIAS}, which kind={config.kind} has no input for (the exact sparse kinds "
+            f"keep it: {', '.join(ops.SPARSE_PATTERNS)})"
+        )
+    found = []
+    for inputs in (program.example_inputs, _grown_inputs(program)):
+        if inputs is None:
+            continue
+        try:
+            with torch.no_grad():
+                mask = mask_module(program.gm, mask_node)(*inputs)
+        except Exception as e:  # noqa: BLE001 - a mask we cannot evaluate is one we cannot vouch for
+            return f"custom mask: {SCORE_BIAS} that could not be evaluated ({type(e).__name__})"
+        found.append(_bias_blocking(mask > _threshold(mask.dtype)))
+    # (not causal, no key padding mask: still exact, the bias blocking what the site blocks)
+    causal, padded = all(f[0] for f in found), all(f[1] for f in found)
+    plan.causal, plan.bias = causal, mask_node
+    plan.key_mask = (mask_node, "additive") if padded else None
+    plan.mask = "+".join([*(["causal"] if causal else []), *(["padding"] if padded else []), "bias"])
+    return plan
+
+
+def _causal_window(allowed: torch.Tensor) -> int | None:
+    """W when `allowed` is the causal sliding window "key j <= query i and i - j < W" (same for every
+    batch row and head), narrower than the sequence; else None."""
+    n = allowed.shape[-1]
+    if allowed.dim() < 2 or allowed.shape[-2] != n or not bool((allowed == allowed[(0,) * (allowed.dim() - 2)]).all()):
+        return None
+    rows = allowed[(0,) * (allowed.dim() - 2)]
+    w = int(rows[-1].sum())
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    return w if 0 < w < n and torch.equal(rows, (j <= i) & (i - j < w)) else None
+
+
+def _custom_mask(program: Program, mask_node) -> int | str:
+    """The window of a model's causal sliding-window mask (the same width at the example length and
+    at twice it), or which mask this is and why no efficient form keeps it."""
+    gm = program.gm
+    allowed = _allowed_at(gm, mask_node, program.example_inputs)
+    if isinstance(allowed, str):
+        return allowed
+    if allowed.dim() == 4 and not torch.equal(allowed, allowed[:, :1].expand_as(allowed)):
+        return "a per-head mask (only masks shared by all heads map to the efficient forms)"
+    window = _causal_window(allowed)
+    grown = _grown_inputs(program)
+    if window is not None and grown is not None:
+        again = _allowed_at(gm, mask_node, grown)
+        window = window if not isinstance(again, str) and _causal_window(again) == window else None
+    if window is not None:
+        return window
+    return "a per-query mask that is neither causal, a causal sliding window nor key padding"
+
+
+def _plan_site(program: Program, node, index, site, config: AttentionConfig) -> _Plan | str:
+    """A rewrite plan for one SDPA node, or the reason it is refused (naming the mask)."""
     args = sdpa_arguments(node)
     q, k, v = (value(args[n]) for n in ("query", "key", "value"))
     if q is None or k is None or v is None:
@@ -213,28 +351,66 @@ def _plan_site(gm, node, index, site, config: AttentionConfig, example_inputs) -
         return f"{q.dim()}-d attention (the efficient forms take (batch, heads, seq, dim))"
     if args["dropout_p"]:
         return f"dropout_p={args['dropout_p']} inside attention cannot be preserved"
-    if not same_size(q.shape[-2], k.shape[-2]):
-        return "query and key lengths differ (cross-attention or a KV cache): positions do not line up"
     if not (isinstance(q.shape[1], int) and isinstance(k.shape[1], int)) or q.shape[1] % k.shape[1]:
         return f"{q.shape[1]} query heads do not group over {k.shape[1]} key/value heads"
-    if site.mask == "custom":
-        return (
-            "custom mask (a window, bias or per-query pattern) cannot be preserved: only causal and "
-            "key-padding masks are"
-        )
     causal = site.mask in ("causal", "causal+padding")
-    if causal and config.kind == "linformer":
+    plan = _plan_mask(program, node, index, site, config, causal)
+    if isinstance(plan, str):
+        return plan
+    if not same_size(q.shape[-2], k.shape[-2]):
+        cross = _plan_cross(plan, config)
+        if cross:
+            return cross
+    if plan.causal and config.kind == "linformer":
         return (
-            "linformer is bidirectional only: its projections mix the whole sequence, so a causal "
-            "site would see the future (use sliding-window, linear or performer for decoders)"
+            f"{plan.mask} mask: linformer is bidirectional only (its projections mix the whole sequence, so "
+            "a causal site would see the future); use sliding-window, linear or performer for decoders"
         )
+    if config.kind == "linformer":
+        plan.max_len = _max_len(program, config, k.shape[-2])
+        if isinstance(plan.max_len, str):
+            return plan.max_len
+    return plan
+
+
+def _plan_mask(program: Program, node, index, site, config: AttentionConfig, causal: bool) -> _Plan | str:
+    """The part of the plan the mask decides: causal, key padding, the model's own window."""
+    gm, mask_node = program.gm, sdpa_arguments(node)["attn_mask"]
     plan = _Plan(node, index, site.module_path, site.mask, causal)
     if site.mask in ("padding", "causal+padding"):
-        source = _key_padding_source(gm, args["attn_mask"], causal, example_inputs)
+        source = _key_padding_source(gm, mask_node, causal, program.example_inputs)
         if isinstance(source, str):
-            return source
+            return f"{site.mask} mask: {source}"
         plan.key_mask = source
+    elif site.mask == "custom":
+        found = _custom_mask(program, mask_node)
+        if found == SCORE_BIAS:
+            return _plan_bias(program, mask_node, plan, config)
+        if isinstance(found, str):
+            return f"custom mask: {found}"
+        if config.kind != "sliding-window":
+            return (
+                f"the model's causal sliding-window mask (window {found}) cannot be kept by kind={config.kind}, "
+                "which would attend beyond the window; kind=sliding-window keeps it"
+            )
+        plan.causal, plan.mask, plan.window = True, f"causal sliding window {found}", found
     return plan
+
+
+def _plan_cross(plan: _Plan, config: AttentionConfig) -> str | None:
+    """Why a site whose query and key lengths differ (cross-attention, a KV cache) cannot take
+    `config.kind`; None when it can: a bidirectional kernel form needs no position alignment."""
+    if plan.causal:
+        return (
+            f"{plan.mask} mask over query and key lengths that differ (a KV cache): the causal diagonal "
+            "does not line up"
+        )
+    if config.kind in ops.SPARSE_PATTERNS:
+        return (
+            f"cross-attention (query and key lengths differ): kind={config.kind} relates query and key "
+            "positions, which belong to different sequences; linear, performer or linformer swap it"
+        )
+    return None
 
 
 # -- rewriting -------------------------------------------------------------------------------------
@@ -262,14 +438,23 @@ def _key_mask_node(graph, plan: _Plan, like):
     return x
 
 
-def _max_len(program: Program, config: AttentionConfig) -> int | None:
+def _max_len(program: Program, config: AttentionConfig, key_length) -> int | str:
+    """Linformer's projection length: max-len, else the site's key length when it is static (a
+    fixed-size input such as ViT's patches), else the model config's maximum positions."""
     if config.max_len:
+        if isinstance(key_length, int) and key_length > config.max_len:
+            return f"max-len={config.max_len} is shorter than this site's key length {key_length}"
         return config.max_len
+    if isinstance(key_length, int):
+        return key_length
     cfg = program.meta.get("config") or {}
     for key in ("max_position_embeddings", "n_positions", "max_seq_len", "block_size"):
         if isinstance(cfg.get(key), int) and cfg[key] > 0:
             return cfg[key]
-    return None
+    return (
+        "linformer needs max-len (the longest sequence its projections accept): this site's key length "
+        "is dynamic and the model config names no maximum"
+    )
 
 
 def mean_pooling_projection(k: int, max_len: int, dtype=torch.float32) -> torch.Tensor:
@@ -299,12 +484,13 @@ def _rewrite(program: Program, plan: _Plan, config: AttentionConfig) -> dict:
                 config.kind,
                 plan.causal,
                 float(scale),
-                config.window,
+                min(config.window, plan.window or config.window),
                 config.block,
                 config.global_tokens,
                 config.random if config.kind == "random" else 0,
                 config.stride,
                 config.seed,
+                *((plan.bias,) if plan.bias is not None else ()),
             )
         elif config.kind == "linear":
             op = ops.linear_attention
@@ -319,8 +505,7 @@ def _rewrite(program: Program, plan: _Plan, config: AttentionConfig) -> dict:
             op_args = (q, k, v, key_mask, proj_node, plan.causal, config.chunk, float(scale), config.redraw)
         else:  # linformer
             op = ops.linformer_attention
-            max_len = _max_len(program, config)
-            init = mean_pooling_projection(config.k, max_len, dtype=qv.dtype)
+            init = mean_pooling_projection(min(config.k, plan.max_len), plan.max_len, dtype=qv.dtype)
             targets = [
                 add_tensor(gm, plan.path, f"linformer_proj_{which}", init.clone(), parameter=True)
                 for which in ("key", "value")
@@ -341,7 +526,9 @@ def _rewrite(program: Program, plan: _Plan, config: AttentionConfig) -> dict:
         "op": f"optpipe.{op._opname}",
         "mask": plan.mask,
         "causal": plan.causal,
+        **({"window": min(config.window, plan.window)} if plan.window and config.kind == "sliding-window" else {}),
         "key_padding_mask": key_mask is not None,
+        **({"bias": True} if plan.bias is not None else {}),
     }
 
 
@@ -408,33 +595,19 @@ def attention(program: Program, config: AttentionConfig) -> PassResult:
             details.append({**entry, "action": "skipped", "reason": "kind=dense keeps dense attention"})
             continue
         if not config.layers.selects(index, total):
-            details.append(
-                {
-                    **entry,
-                    "action": "skipped",
-                    "reason": f"layers={config.layers} does not select site {index} of {total}",
-                }
-            )
+            reason = f"layers={config.layers} does not select site {index} of {total}"
+            details.append({**entry, "action": "skipped", "reason": reason})
             continue
-        plan = _plan_site(gm, node, index, site, config, program.example_inputs)
+        plan = _plan_site(program, node, index, site, config)
         if isinstance(plan, str):
             details.append({**entry, "action": "refused", "reason": plan})
             continue
-        if config.kind == "linformer" and _max_len(program, config) is None:
-            details.append(
-                {
-                    **entry,
-                    "action": "refused",
-                    "reason": "linformer needs max-len (the longest "
-                    "sequence its projections accept) and the model config names none",
-                }
-            )
-            continue
+        plan.length = _length(value(node).shape[-2]) if value(node) is not None else None
         plans.append(plan)
         details.append(None)  # filled in after the rewrite, in site order
     for plan in plans:
         details[details.index(None)] = _rewrite(program, plan, config)
-    lengths = {int(x.shape[1]) for x in program.example_inputs if isinstance(x, torch.Tensor) and x.dim() >= 2}
+    details += _score_mod_sites(gm, total) if config.kind != "dense" else []
     if plans:
         eliminate_dead_code(gm)
         gm.graph.lint()
@@ -443,10 +616,37 @@ def attention(program: Program, config: AttentionConfig) -> PassResult:
         action: sum(1 for d in details if d["action"] == action) for action in ("rewritten", "skipped", "refused")
     }
     result_details = {"sites": details}
-    notes = _notes(config, lengths) if plans else []
+    refused = [{"site": d["module_path"], "reason": d["reason"]} for d in details if d["action"] == "refused"]
+    if refused:
+        result_details["skipped"] = refused
+    notes = _notes(config, {p.length for p in plans if p.length}) if plans else []
+    if not details:
+        notes.append(
+            "no attention sites (aten.scaled_dot_product_attention) in the graph: run fuse-attention "
+            "first, which canonicalizes hand-written attention into them"
+        )
     if notes:
         result_details["notes"] = notes
-    return PassResult(bool(plans), {**counts, "sites": total}, result_details)
+    return PassResult(bool(plans), {**counts, "sites": len(details)}, result_details)
+
+
+def _score_mod_sites(gm, first_index: int) -> list[dict]:
+    """Refusals for attention that fuse-attention made a score-modifying op (Gemma-2's soft-capped
+    scores): the sparse and linear forms have no score modifier, so these stay as they are."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not getattr(ops, "score_mod_attention", None):
+            continue
+        args = dict(zip(("query", "key", "value", "attn_mask", "score_mod", "mod_value"), node.args))
+        args.update(node.kwargs)
+        mod = f"{args.get('score_mod', 'score_mod')}={args.get('mod_value', '?')}"
+        reason = (
+            f"scores modified before the softmax ({mod}, optpipe.score_mod_attention): the sparse and "
+            "linear forms have no score modifier, so the site stays as it is"
+        )
+        entry = {"index": first_index + len(found), "module_path": module_path(node), "node": node.name}
+        found.append({**entry, "mask": "score-mod", "action": "refused", "reason": reason})
+    return found
 
 
 # -- training support ------------------------------------------------------------------------------------

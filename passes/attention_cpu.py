@@ -4,7 +4,9 @@
 - `CONSTANT_MASKS`: a small LRU of the constant masks and ones matrices the kernels build from
   their shapes (band masks, causal chunk masks, prefix matrices), reused across layers and between
   forward and backward;
-- `Workspace`: per-call scratch buffers reused across heads and tiles.
+- `Workspace`: per-call scratch buffers reused across heads and tiles;
+- `score_mod_attention_cpu`: the eager kernel of `optpipe.score_mod_attention` (dense attention with a
+  score modifier such as soft-capping), query block by query block.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import math
 from collections import OrderedDict
 
 import torch
+
+from .attention_patterns import apply_score_mod, masked_scores, repeat_kv
 
 _LOG2E = 1.0 / math.log(2.0)
 MASK_CACHE_SIZE = 64
@@ -75,3 +79,28 @@ class Workspace:
             out[before + t.shape[0] :].zero_()
         out[before : before + t.shape[0]].copy_(t)
         return out
+
+
+SCORE_MOD_BLOCK = 256
+"""Queries per block in `score_mod_attention_cpu`: the scores live as (B, H, block, S), not (B, H, L, S)."""
+
+
+def score_mod_attention_cpu(query, key, value, attn_mask, score_mod: str, mod_value: float, scale: float, is_causal):
+    """Dense attention with a score modifier, one block of queries at a time (the scores of a block
+    only), modifier and softmax in place. Same semantics as `score_mod_attention_reference`: the
+    scores are modified, then masked, then softmaxed in float32 at least."""
+    key, value = repeat_kv(query, key, value) if query.dim() == 4 else (key, value)
+    n = query.shape[-2]
+    out = query.new_empty((*query.shape[:-1], value.shape[-1]))
+    kt = key.transpose(-2, -1)
+    for start in range(0, n, SCORE_MOD_BLOCK):
+        stop = min(start + SCORE_MOD_BLOCK, n)
+        scores = torch.matmul(query[..., start:stop, :], kt).mul_(scale)
+        scores = apply_score_mod(scores, score_mod, mod_value)
+        mask = attn_mask
+        if mask is not None and mask.dim() >= 2 and mask.shape[-2] == n:
+            mask = mask[..., start:stop, :]
+        scores = masked_scores(scores, mask, is_causal, row0=start)
+        probs = torch.softmax(scores, -1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
+        out[..., start:stop, :] = torch.matmul(probs, value)
+    return out

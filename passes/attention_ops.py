@@ -1,17 +1,23 @@
-"""Efficient attention operators that the `attention` pass puts in place of dense SDPA.
+"""Efficient attention operators that the `attention` pass puts in place of dense SDPA, and the
+dense attention with a score modifier that `fuse-attention` makes of soft-capped attention.
 
     torch.ops.optpipe.sparse_attention(q, k, v, key_padding_mask, pattern, causal, scale,
-                                       window, block, global_tokens, random_blocks, stride, seed)
+                                       window, block, global_tokens, random_blocks, stride, seed, bias=None)
     torch.ops.optpipe.linear_attention(q, k, v, key_padding_mask, feature_map, causal, chunk)
     torch.ops.optpipe.performer_attention(q, k, v, key_padding_mask, projection, causal, chunk,
                                           scale, redraw)
     torch.ops.optpipe.linformer_attention(q, k, v, key_padding_mask, proj_key, proj_value, scale)
+    torch.ops.optpipe.score_mod_attention(q, k, v, attn_mask, score_mod, mod_value, scale, is_causal,
+                                          enable_gqa)
 
 Shapes follow SDPA: q `(B, H, L, D)`, k/v `(B, Hkv, S, D)` with `H % Hkv == 0` (grouped-query
 attention: K/V are never repeated on the fast paths), out `(B, H, L, Dv)`. `key_padding_mask` is
 None or a bool `(B|1, S)`, True where a key may be attended (an encoder's padding mask). A query
 row that may attend no key at all (a padded query whose whole window is padding) outputs zeros, on
-every path.
+every path. `sparse_attention`'s `bias` is None or an additive float score bias broadcastable to
+`(B, H, L, S)` (ALiBi, a relative-position bias), added to the scaled scores of the keys the pattern
+keeps (its -inf entries exclude a key, as padding does); it gets a gradient when it requires one
+(a learned bias), through the recompute path.
 
 Each op is defined here once through `optpipe.ops.define_op` — what its graph node is: eager
 implementation, fake impl, autograd, a FLOP formula and a decomposition into standard ATen ops that
@@ -23,7 +29,13 @@ registers every op.) The work lives beside it:
 - `attention_sparse_cpu`: the CPU kernel of sparse attention (block-banded flash, flash-style GEMM
   backward from the saved output and log-sum-exp, kept on the output and recomputed if missing);
 - `attention_flex`: its CUDA path (FlexAttention with a block mask from the same pattern);
-- `attention_linear_cpu`: the eager causal kernel-attention kernels and their analytic backward.
+- `attention_linear_cpu`: the eager causal kernel-attention kernels and their analytic backward;
+- `attention_cpu`: the eager kernel of `score_mod_attention` (query block by query block).
+
+`score_mod_attention` is SDPA (same arguments, mask semantics, GQA) with the scaled scores passed
+through a modifier before the mask: `softcap` = `cap·tanh(s / cap)` (Gemma-2); `apply_score_mod`
+in `attention_patterns` is THE definition, and `score_mod_attention_reference` (its decomposition,
+standard ATen ops) the semantics every path matches; CUDA runs it as FlexAttention's `score_mod`.
 
 Kernel (linear) attention: `out_i = φ(q_i)·Σ_j φ(k_j)v_jᵀ / φ(q_i)·Σ_j φ(k_j)`, with φ = elu+1 or
 relu (`linear`), or FAVOR+ positive orthogonal random features (`performer`). Causal through the
@@ -49,9 +61,18 @@ import torch.nn.functional as F
 
 from optpipe.ops import define_op
 
-from .attention_flex import sparse_attention_flex
+from .attention_cpu import score_mod_attention_cpu
+from .attention_flex import score_mod_attention_flex, sparse_attention_flex
 from .attention_linear_cpu import FEATURE_MAPS, CausalKernelAttention, causal_linear_backward, causal_linear_forward
-from .attention_patterns import SPARSE_PATTERNS, SparsePattern, dense_pattern_mask, sparse_attention_reference
+from .attention_patterns import (
+    SCORE_MODS,
+    SPARSE_PATTERNS,
+    SparsePattern,
+    check_score_mod,
+    dense_pattern_mask,
+    score_mod_attention_reference,
+    sparse_attention_reference,
+)
 from .attention_sparse_cpu import sparse_backward_cpu, sparse_forward_cpu, supports_cpu_kernel
 
 aten = torch.ops.aten
@@ -148,6 +169,7 @@ _SPARSE_ARGS = (
     "random_blocks",
     "stride",
     "seed",
+    "bias",
 )
 
 
@@ -174,17 +196,35 @@ def _sparse_impl(
     random_blocks: int,
     stride: int,
     seed: int,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     p = _pattern(pattern, causal, window, block, global_tokens, random_blocks, stride, seed)
     _check_shapes("sparse_attention", query, key, value, key_padding_mask)
+    _check_bias(query, key, bias)
     if query.is_cuda:
-        return sparse_attention_flex(query, key, value, key_padding_mask, p, scale)
+        return sparse_attention_flex(query, key, value, key_padding_mask, p, scale, bias)
     if supports_cpu_kernel(query):
-        out, lse = sparse_forward_cpu(query, key, value, key_padding_mask, p, scale)
+        out, lse = sparse_forward_cpu(query, key, value, key_padding_mask, p, scale, bias)
         if query.requires_grad or key.requires_grad or value.requires_grad:
             out._optpipe_lse = lse  # the backward's softmax statistics; recomputed when missing
         return out
-    return sparse_attention_reference(query, key, value, key_padding_mask, p, scale).contiguous()
+    return sparse_attention_reference(query, key, value, key_padding_mask, p, scale, bias).contiguous()
+
+
+def _check_bias(query, key, bias) -> None:
+    if bias is None:
+        return
+    full = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    if not bias.is_floating_point() or bias.dim() > 4:
+        raise ValueError(
+            f"optpipe.sparse_attention: bias must be a float tensor of at most 4 dims, got {bias.dtype} "
+            f"{tuple(bias.shape)}"
+        )
+    shape = (1,) * (4 - bias.dim()) + tuple(bias.shape)
+    if any(b != 1 and b != f for b, f in zip(shape, full)):
+        raise ValueError(
+            f"optpipe.sparse_attention: bias {tuple(bias.shape)} does not broadcast to (B, H, L, S) = {full}"
+        )
 
 
 def _sparse_setup(ctx, inputs, output):
@@ -194,15 +234,16 @@ def _sparse_setup(ctx, inputs, output):
     )
     ctx.scale = args["scale"]
     ctx.needs_grad = {
-        "query": ctx.needs_input_grad[0],
-        "key": ctx.needs_input_grad[1],
-        "value": ctx.needs_input_grad[2],
+        name: ctx.needs_input_grad[_SPARSE_ARGS.index(name)] for name in ("query", "key", "value", "bias")
     }
     lse = getattr(output, "_optpipe_lse", None)
     saved = [args["query"], args["key"], args["value"], output]
     ctx.has_mask = args["key_padding_mask"] is not None
     if ctx.has_mask:
         saved.append(args["key_padding_mask"])
+    ctx.has_bias = args.get("bias") is not None
+    if ctx.has_bias:
+        saved.append(args["bias"])
     if lse is not None:
         saved.append(lse)
     ctx.has_lse = lse is not None
@@ -212,27 +253,24 @@ def _sparse_setup(ctx, inputs, output):
 def _sparse_backward(ctx, grad):
     saved = list(ctx.saved_tensors)
     query, key, value, out = saved[:4]
-    kpm = saved[4] if ctx.has_mask else None
-    lse = saved[-1] if ctx.has_lse else None
+    rest = iter(saved[4:])
+    kpm = next(rest) if ctx.has_mask else None
+    bias = next(rest) if ctx.has_bias else None
+    lse = next(rest) if ctx.has_lse else None
     p, scale = ctx.pattern, ctx.scale
-    if supports_cpu_kernel(query) and not query.is_cuda:
+    # a bias that needs a gradient (a learned one) takes the recompute path, which differentiates it too
+    if supports_cpu_kernel(query) and not query.is_cuda and not ctx.needs_grad["bias"]:
         if lse is None:
-            out, lse = sparse_forward_cpu(query, key, value, kpm, p, scale)
-        dq, dk, dv = sparse_backward_cpu(grad.contiguous(), query, key, value, kpm, p, scale, out, lse)
+            out, lse = sparse_forward_cpu(query, key, value, kpm, p, scale, bias)
+        dq, dk, dv = sparse_backward_cpu(grad.contiguous(), query, key, value, kpm, p, scale, out, lse, bias)
+        grads = {"query": dq, "key": dk, "value": dv}
     else:
         fwd = sparse_attention_flex if query.is_cuda else sparse_attention_reference
+        inputs = {"query": query, "key": key, "value": value, **({"bias": bias} if bias is not None else {})}
         grads = _recompute_backward(
-            lambda query, key, value: fwd(query, key, value, kpm, p, scale),
-            ctx,
-            grad,
-            {"query": query, "key": key, "value": value},
+            lambda query, key, value, bias=None: fwd(query, key, value, kpm, p, scale, bias), ctx, grad, inputs
         )
-        dq, dk, dv = grads.get("query"), grads.get("key"), grads.get("value")
-    return (
-        dq if ctx.needs_grad["query"] else None,
-        dk if ctx.needs_grad["key"] else None,
-        dv if ctx.needs_grad["value"] else None,
-    ) + (None,) * (len(_SPARSE_ARGS) - 3)
+    return tuple(grads.get(n) if ctx.needs_grad.get(n) else None for n in _SPARSE_ARGS)
 
 
 def _sparse_decomposition(
@@ -249,9 +287,10 @@ def _sparse_decomposition(
     random_blocks,
     stride,
     seed,
+    bias=None,
 ):
     p = _pattern(pattern, causal, window, block, global_tokens, random_blocks, stride, seed)
-    return sparse_attention_reference(query, key, value, key_padding_mask, p, scale)
+    return sparse_attention_reference(query, key, value, key_padding_mask, p, scale, bias)
 
 
 def _sparse_flops(*args, out_shape=None, **kwargs) -> int:
@@ -551,7 +590,12 @@ def linformer_attention_math(query, key, value, key_padding_mask=None, proj_key=
     b, h, n, d = query.shape
     hkv = key.shape[1]
     q = query.reshape(b, hkv, (h // hkv) * n, d)  # groups share the projected K/V
-    seen = (proj_key[:, :s].abs().sum(-1) > 0).unsqueeze(0)  # projected keys that see a token
+    # projected keys that see a (real) token: one that sums only padding would enter the softmax as a 0 score
+    reach = proj_key[:, :s].abs().to(key.dtype)
+    if key_padding_mask is None:
+        seen = (reach.sum(-1) > 0).unsqueeze(0)
+    else:
+        seen = (key_padding_mask.to(key.dtype) @ reach.transpose(0, 1) > 0)[:, None, None, :]  # (B, 1, 1, k)
     out = aten.scaled_dot_product_attention.default(q, k_low, v_low, attn_mask=seen, scale=scale)
     return out.reshape(b, h, n, value.shape[-1])
 
@@ -593,12 +637,69 @@ linformer_attention = define_op(
     flops=_linformer_flops,
 )
 
-ATTENTION_OPS = (sparse_attention, linear_attention, performer_attention, linformer_attention)
+# -- dense attention with a score modifier -------------------------------------------------------------
+_SCORE_MOD_ARGS = ("query", "key", "value", "attn_mask", "score_mod", "mod_value", "scale", "is_causal", "enable_gqa")
+
+
+def _score_mod_impl(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    score_mod: str,
+    mod_value: float,
+    scale: float,
+    is_causal: bool,
+    enable_gqa: bool,
+) -> torch.Tensor:
+    check_score_mod(score_mod, mod_value)
+    if query.dim() == 4 and query.is_cuda:
+        return score_mod_attention_flex(query, key, value, attn_mask, score_mod, mod_value, scale, is_causal)
+    return score_mod_attention_cpu(query, key, value, attn_mask, score_mod, mod_value, scale, is_causal)
+
+
+def _score_mod_math(
+    query, key, value, attn_mask=None, score_mod="softcap", mod_value=1.0, scale=1.0, is_causal=False, enable_gqa=False
+):
+    return score_mod_attention_reference(
+        query, key, value, attn_mask, score_mod, mod_value, scale, is_causal, enable_gqa
+    )
+
+
+def _score_mod_differentiable(
+    query, key, value, attn_mask=None, score_mod="softcap", mod_value=1.0, scale=1.0, is_causal=False, enable_gqa=False
+):
+    """What the backward recomputes: FlexAttention (its own fused backward) on CUDA, the reference elsewhere."""
+    if query.dim() == 4 and query.is_cuda:
+        return score_mod_attention_flex(query, key, value, attn_mask, score_mod, mod_value, scale, is_causal)
+    return score_mod_attention_reference(
+        query, key, value, attn_mask, score_mod, mod_value, scale, is_causal, enable_gqa
+    )
+
+
+def _score_mod_flops(*args, out_shape=None, **kwargs) -> int:
+    q, k, v = (_arg(args, kwargs, _SCORE_MOD_ARGS, n) for n in ("query", "key", "value"))
+    *batch, n, d = q
+    return int(2 * math.prod(batch) * n * k[-2] * (d + v[-1]))
+
+
+score_mod_attention = define_op(
+    "score_mod_attention",
+    _score_mod_impl,
+    fake=_attention_fake,
+    decomposition=_score_mod_math,
+    backward=_backward_recompute(_score_mod_differentiable),
+    setup_context=_setup_recompute(_SCORE_MOD_ARGS),
+    flops=_score_mod_flops,
+)
+
+ATTENTION_OPS = (sparse_attention, linear_attention, performer_attention, linformer_attention, score_mod_attention)
 
 __all__ = [
     "ATTENTION_OPS",
     "FEATURE_MAPS",
     "KERNEL_EPS",
+    "SCORE_MODS",
     "SPARSE_PATTERNS",
     "SparsePattern",
     "dense_pattern_mask",
@@ -612,6 +713,8 @@ __all__ = [
     "orthogonal_random_features",
     "performer_attention",
     "performer_attention_math",
+    "score_mod_attention",
+    "score_mod_attention_reference",
     "sparse_attention",
     "sparse_attention_reference",
 ]

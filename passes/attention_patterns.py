@@ -192,16 +192,26 @@ def dense_pattern_mask(
     return allowed
 
 
-def sparse_attention_reference(query, key, value, key_padding_mask, pattern: SparsePattern, scale: float):
+def sparse_attention_reference(
+    query, key, value, key_padding_mask, pattern: SparsePattern, scale: float, bias: torch.Tensor | None = None
+):
     """Dense SDPA with the pattern's explicit mask; rows that may attend nothing give zeros. This is
-    the op's decomposition (standard ATen ops only) and the semantics every fast path matches."""
+    the op's decomposition (standard ATen ops only) and the semantics every fast path matches.
+
+    `bias` (float, broadcastable to (B, H, L, S)) is added to the scaled scores of the keys the
+    pattern keeps; its -inf entries exclude a key as the pattern does (a row left with no key: zeros)."""
     n = query.shape[-2]
     allowed = dense_pattern_mask(pattern, n, key_padding_mask, device=query.device)
+    if bias is not None:
+        allowed = allowed & (bias != float("-inf"))
     alive = allowed.any(-1, keepdim=True)
-    # a dead row attends everything (no NaN anywhere, in forward or backward), then is zeroed
-    allowed = allowed | ~alive
     key, value = repeat_kv(query, key, value)
-    out = aten.scaled_dot_product_attention.default(query, key, value, attn_mask=allowed, scale=scale)
+    if bias is None:
+        # a dead row attends everything (no NaN anywhere, in forward or backward), then is zeroed
+        mask = allowed | ~alive
+    else:  # the bias where allowed, -inf elsewhere; 0 on dead rows (no NaN), which are zeroed
+        mask = torch.where(alive, torch.where(allowed, bias, float("-inf")), 0.0).to(query.dtype)
+    out = aten.scaled_dot_product_attention.default(query, key, value, attn_mask=mask, scale=scale)
     return torch.where(alive, out, torch.zeros_like(out))
 
 
@@ -211,3 +221,51 @@ def repeat_kv(query, key, value):
     if groups == 1:
         return key, value
     return key.repeat_interleave(groups, dim=-3), value.repeat_interleave(groups, dim=-3)
+
+
+# -- score modifiers: dense attention whose scores pass through a function before softmax ------------
+SCORE_MODS = ("softcap",)
+"""`softcap`: tanh soft-capping of the scaled scores, `s -> cap·tanh(s / cap)` (Gemma-2, Grok), before
+any mask is added."""
+
+
+def check_score_mod(score_mod: str, mod_value: float) -> None:
+    if score_mod not in SCORE_MODS:
+        raise ValueError(f"unknown score modifier {score_mod!r} (known: {', '.join(SCORE_MODS)})")
+    if score_mod == "softcap" and not mod_value > 0:
+        raise ValueError(f"softcap needs a cap > 0, got {mod_value}")
+
+
+def apply_score_mod(scores: torch.Tensor, score_mod: str, mod_value: float) -> torch.Tensor:
+    """The modifier on scaled scores (THE definition: the CPU kernel and FlexAttention's score_mod
+    call it too)."""
+    if score_mod == "softcap":
+        return torch.tanh(scores / mod_value) * mod_value
+    raise ValueError(f"unknown score modifier {score_mod!r} (known: {', '.join(SCORE_MODS)})")
+
+
+def masked_scores(scores: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, row0=0) -> torch.Tensor:
+    """Scores with SDPA's mask semantics: a bool mask attends where True, a float mask is added;
+    `is_causal` blocks keys after the query (top-left aligned; `row0` is the first query's index)."""
+    if is_causal:
+        n, s = scores.shape[-2:]
+        rows = torch.arange(n, device=scores.device).unsqueeze(-1) + row0
+        scores = scores.masked_fill(torch.arange(s, device=scores.device) > rows, float("-inf"))
+    if attn_mask is None:
+        return scores
+    if attn_mask.dtype == torch.bool:
+        return scores.masked_fill(attn_mask.logical_not(), float("-inf"))
+    return scores + attn_mask
+
+
+def score_mod_attention_reference(
+    query, key, value, attn_mask, score_mod: str, mod_value: float, scale: float, is_causal: bool, enable_gqa: bool
+):
+    """softmax(mask(mod(q·kᵀ·scale))) @ v in standard ATen ops: the `score_mod_attention` op's
+    semantics and its decomposition. The softmax runs in float32 at least (as the eager models do)."""
+    if enable_gqa and query.dim() >= 3:
+        key, value = repeat_kv(query, key, value)
+    scores = apply_score_mod((query @ key.transpose(-2, -1)) * scale, score_mod, mod_value)
+    scores = masked_scores(scores, attn_mask, is_causal)
+    probs = torch.softmax(scores, -1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
+    return probs @ value

@@ -14,8 +14,13 @@ in per-call buffers reused across heads and tiles: large allocations come as fre
 faulting them in cost as much as the GEMMs. Autograd keeps q, k, v, out and lse only: O(L·D); the
 O(L·window) scores exist for one tile at a time.
 
+An additive score bias (ALiBi, a relative-position bias: broadcastable to (B, H, L, S)) is gathered
+per K/V head and key set for the set's rows and keys (`_ScoreBias`) and added to the set's mask, in
+the forward and in the backward's recomputed P; the bias itself gets no gradient here (the op's
+recompute path differentiates a learned one).
+
 Short sequences (and windows covering the whole sequence) take one dense flash call instead; with
-`window >= length` it is exactly causal SDPA. Shapes as the op's (see `attention_ops`); the
+`window >= length` and no bias it is exactly causal SDPA. Shapes as the op's (see `attention_ops`); the
 semantics are `attention_patterns.sparse_attention_reference`'s.
 """
 
@@ -114,6 +119,7 @@ class _KeySet:
     additive mask and says how to view its keys in one (padded) K/V head and where their grads go."""
 
     name: str
+    positions: torch.Tensor  # key positions (nb, S); (S,) when flat (out of range where padded)
     mask: torch.Tensor  # additive (Xm|1, nb, R, S); (Xm|1, 1, nb·R, S) when flat
     alive: torch.Tensor  # bool (Xm|1, nb, R) / (Xm|1, 1, nb·R): rows with an allowed key here
     flat: bool  # one key list shared by every row (rows: the whole layout flattened)
@@ -135,6 +141,39 @@ class _KeySet:
 
     def unrows(self, t: torch.Tensor, layout: _Layout) -> torch.Tensor:
         return t.reshape(layout.n_blocks, layout.rows, *t.shape[2:]) if self.flat else t
+
+
+class _ScoreBias:
+    """The op's score bias (None: none) gathered for one K/V head x and one key set: (m, R, S) for
+    query blocks first..last, or (1, nb·R, S) for a flat set, to add to the set's mask."""
+
+    def __init__(self, bias: torch.Tensor | None, layout: _Layout, dtype, device):
+        self.bias = None if bias is None else bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).to(dtype)
+        self.layout = layout
+        if bias is not None:
+            self.rows = layout.row_positions(device).clamp(max=layout.n - 1)  # padded rows read the last one
+            self.row_heads = torch.arange(layout.rows, device=device) // layout.block  # the group's head of a row
+
+    def head(self, x: int) -> torch.Tensor:
+        """(G|1, L|1, S|1): the bias of the query heads sharing K/V head x."""
+        layout, bias = self.layout, self.bias
+        b, kv = divmod(x, layout.kv_heads)
+        t = bias[b if bias.shape[0] > 1 else 0]
+        return t[kv * layout.groups : (kv + 1) * layout.groups] if t.shape[0] > 1 else t
+
+    def add(self, s: _KeySet, x: int, mask: torch.Tensor, first: int = 0, last: int | None = None) -> torch.Tensor:
+        if self.bias is None:
+            return mask
+        t, layout = self.head(x), self.layout
+        last = layout.n_blocks if s.flat or last is None else last
+        first = 0 if s.flat else first
+        zero = torch.zeros((), dtype=torch.long, device=t.device)
+        heads = self.row_heads[None, :, None] if t.shape[0] > 1 else zero
+        rows = self.rows[first:last, :, None] if t.shape[1] > 1 else zero
+        keys = s.positions if s.flat else s.positions[first:last]
+        keys = keys.clamp(0, layout.n - 1)[..., None, :] if t.shape[2] > 1 else zero
+        gathered = t[heads, rows, keys].expand(last - first, layout.rows, s.positions.shape[-1])
+        return mask + (s.rows(gathered, layout) if s.flat else gathered)
 
 
 def _pad_mask(key_padding_mask: torch.Tensor | None, before: int, total: int):
@@ -216,7 +255,7 @@ class _KeySetBuilder:
                 dvp[lo : lo + m * bs].view(m, bs, -1).add_(dv[:, t * bs : (t + 1) * bs])
 
         mask, alive = self.additive("local", local_allowed, lambda: kpm.unfold(1, span, bs).unsqueeze(2))
-        return _KeySet("local", mask, alive, False, local_kv, local_scatter)
+        return _KeySet("local", local_keys, mask, alive, False, local_kv, local_scatter)
 
     def shared(self, name: str, positions: torch.Tensor, sel: slice) -> _KeySet:
         """A key list every query row may draw from (global tokens, strided summary columns): the
@@ -238,7 +277,7 @@ class _KeySetBuilder:
             dkp[sel].add_(dk[0])
             dvp[sel].add_(dv[0])
 
-        return _KeySet(name, mask, alive, True, kv, scatter)
+        return _KeySet(name, positions, mask, alive, True, kv, scatter)
 
     def random(self, global_keys: int) -> _KeySet:
         """Random key blocks, gathered per query block (block kinds use the layout's own blocking);
@@ -281,7 +320,7 @@ class _KeySetBuilder:
             for grads, blocks in ((dkp, dk), (dvp, dv)):
                 grads[offset : offset + nb * bs].view(nb, -1).index_add_(0, picks_here, blocks.reshape(m * r, -1))
 
-        return _KeySet("random", mask, alive, False, random_kv, random_scatter)
+        return _KeySet("random", rpos, mask, alive, False, random_kv, random_scatter)
 
 
 def _key_sets(pattern: SparsePattern, layout: _Layout, key_padding_mask, dtype, device):
@@ -316,7 +355,7 @@ def _global_rows(pattern: SparsePattern, n: int) -> int:
     return 0 if pattern.causal else min(pattern.global_keys, n)
 
 
-def _rows_attending_all(query, key, value, key_padding_mask, g, groups):
+def _rows_attending_all(query, key, value, key_padding_mask, g, groups, bias=None):
     """Bidirectional global tokens (rows < g) attend every key: the inputs of one dense flash call,
     with the G query heads of a K/V head stacked as rows (K/V not repeated)."""
     b, hkv = key.shape[0], key.shape[1]
@@ -325,6 +364,11 @@ def _rows_attending_all(query, key, value, key_padding_mask, g, groups):
     if key_padding_mask is not None:
         allowed = key_padding_mask.to(torch.bool)[:, None, None, :].expand(-1, 1, q.shape[-2], -1)
         mask = additive_mask(allowed, query.dtype)
+    if bias is not None:  # the first g query rows of each head, stacked as the rows are
+        full = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+        rows = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).to(query.dtype).expand(full)[:, :, :g]
+        rows = rows.reshape(q.shape[0], hkv, groups * g, key.shape[2])
+        mask = rows if mask is None else mask + rows
     return q, key, value, mask
 
 
@@ -335,7 +379,7 @@ def _neighbour_blocks(pattern, block: int) -> tuple[int, int]:
     return reach, (0 if pattern.causal else reach)
 
 
-def sparse_forward_cpu(query, key, value, key_padding_mask, pattern: SparsePattern, scale: float):
+def sparse_forward_cpu(query, key, value, key_padding_mask, pattern: SparsePattern, scale: float, bias=None):
     """(out (B, H, N, Dv), lse (B, H, N); float32, float64 for float64 inputs): per K/V head, one
     ATen CPU flash call per key set over all query blocks (as the heads of one batch), merged
     through the log-sum-exp. (One call over all K/V heads as the batch measured slower: it pads
@@ -344,9 +388,10 @@ def sparse_forward_cpu(query, key, value, key_padding_mask, pattern: SparsePatte
     hkv = key.shape[1]
     groups = h // hkv
     if n <= DENSE_MAX_LEN or pattern.covers_all(n):
-        return _dense_forward_cpu(query, key, value, key_padding_mask, pattern, scale)
+        return _dense_forward_cpu(query, key, value, key_padding_mask, pattern, scale, bias)
     layout = _Layout(b, hkv, groups, n, _blocking(pattern, forward=True))
     sets, offset, total = _key_sets(pattern, layout, key_padding_mask, query.dtype, query.device)
+    score_bias = _ScoreBias(bias, layout, query.dtype, query.device)
     q_blocks = layout.to_blocks(query)  # (X, nb, R, D)
     x_count = b * hkv
     k3, v3 = key.reshape(x_count, n, key.shape[-1]), value.reshape(x_count, n, value.shape[-1])
@@ -365,7 +410,7 @@ def sparse_forward_cpu(query, key, value, key_padding_mask, pattern: SparsePatte
                 v_s.unsqueeze(0),
                 0.0,
                 False,
-                attn_mask=s.head_mask(x).unsqueeze(0),
+                attn_mask=score_bias.add(s, x, s.head_mask(x)).unsqueeze(0),
                 scale=scale,
             )
             o, l = s.unrows(o[0], layout), s.unrows(l[0], layout)
@@ -388,7 +433,7 @@ def sparse_forward_cpu(query, key, value, key_padding_mask, pattern: SparsePatte
     out, lse = layout.from_blocks(out_blocks), layout.from_blocks(lse_blocks.unsqueeze(-1)).squeeze(-1)
     g = _global_rows(pattern, n)
     if g:
-        q, k4, v4, mask = _rows_attending_all(query, key, value, key_padding_mask, g, groups)
+        q, k4, v4, mask = _rows_attending_all(query, key, value, key_padding_mask, g, groups, bias)
         og, lg = _flash(q, k4, v4, attn_mask=mask, scale=scale)
         out = out.clone()
         lse = lse.clone()
@@ -397,7 +442,7 @@ def sparse_forward_cpu(query, key, value, key_padding_mask, pattern: SparsePatte
     return out.contiguous(), lse.contiguous()
 
 
-def sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: SparsePattern, scale, out, lse):
+def sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: SparsePattern, scale, out, lse, bias=None):
     """Flash-style backward from the saved (out, lse), as batched GEMMs per K/V head and key set:
     P = exp(QKᵀ·scale + mask − lse), dV = PᵀdO, dS = P∘(dO·Vᵀ − rowsum(dO∘O)), dQ = dS·K·scale,
     dK = dSᵀ·Q·scale. Only one head's (nb, R, S) scores are alive at a time."""
@@ -405,7 +450,7 @@ def sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: Spar
     hkv = key.shape[1]
     groups = h // hkv
     if n <= DENSE_MAX_LEN or pattern.covers_all(n):
-        return _dense_backward_cpu(grad, query, key, value, key_padding_mask, pattern, scale, out, lse)
+        return _dense_backward_cpu(grad, query, key, value, key_padding_mask, pattern, scale, out, lse, bias)
     layout = _Layout(b, hkv, groups, n, _blocking(pattern, forward=False))
     g = _global_rows(pattern, n)
     grad_rest = grad
@@ -414,6 +459,7 @@ def sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: Spar
         grad_rest[:, :, :g] = 0
     cdt = query.dtype if query.dtype in (torch.float32, torch.float64) else torch.float32
     sets, offset, total = _key_sets(pattern, layout, key_padding_mask, cdt, query.device)
+    score_bias = _ScoreBias(bias, layout, cdt, query.device)
     q_blocks, g_blocks, o_blocks = (layout.to_blocks(t) for t in (query, grad_rest, out))
     l_blocks = layout.to_blocks(lse.unsqueeze(-1))  # (X, nb, R, 1)
     # rows that attend nothing: any finite lse makes their probabilities exp(-inf) = 0
@@ -446,6 +492,7 @@ def sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: Spar
                     k_s, v_s = k_all[b0:b1], v_all[b0:b1]
                     mask = mask_all[b0:b1] if mask_all.shape[0] > 1 else mask_all
                     qr, gr, lr, dr, dqr = (t[b0:b1] for t in (qx, gx, l_blocks[x], deltax, dqx))
+                mask = score_bias.add(s, x, mask, b0, b1)
                 m, r, keys = qr.shape[0], qr.shape[1], k_s.shape[1]
                 # (mask − lse) first: one pass over the tile, then the GEMM accumulates into it
                 p = exp_(torch.sub(mask, lr, out=ws.get("p", (m, r, keys))).baddbmm_(qr, k_s.transpose(1, 2)))
@@ -463,7 +510,7 @@ def sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: Spar
     dq = layout.from_blocks(dq_blocks).to(query.dtype)
     dk, dv = dk3.reshape(key.shape), dv3.reshape(value.shape)
     if g:
-        q, k4, v4, mask = _rows_attending_all(query, key, value, key_padding_mask, g, groups)
+        q, k4, v4, mask = _rows_attending_all(query, key, value, key_padding_mask, g, groups, bias)
         og = out[:, :, :g].reshape(q.shape[:-1] + (out.shape[-1],))
         lg = lse[:, :, :g].reshape(q.shape[:-1])
         gg = grad[:, :, :g].reshape(og.shape).to(query.dtype)
@@ -475,25 +522,28 @@ def sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: Spar
     return dq, dk, dv
 
 
-def _dense_inputs(query, key, value, key_padding_mask, pattern: SparsePattern):
+def _dense_inputs(query, key, value, key_padding_mask, pattern: SparsePattern, bias=None):
     """One flash call over the whole sequence: (key, value, attn_mask, is_causal)."""
     n = query.shape[-2]
     key, value = repeat_kv(query, key, value)  # short sequences only: the copies are small
-    if pattern.covers_all(n) and key_padding_mask is None:
+    if pattern.covers_all(n) and key_padding_mask is None and bias is None:
         return key, value, None, pattern.causal
     allowed = dense_pattern_mask(pattern, n, key_padding_mask, device=query.device)
     if allowed.dim() == 2:
         allowed = allowed[None, None]
-    return key, value, additive_mask(allowed, query.dtype), False
+    mask = additive_mask(allowed, query.dtype)
+    if bias is not None:
+        mask = mask + bias.to(query.dtype)
+    return key, value, mask, False
 
 
-def _dense_forward_cpu(query, key, value, key_padding_mask, pattern, scale):
-    k, v, mask, causal = _dense_inputs(query, key, value, key_padding_mask, pattern)
+def _dense_forward_cpu(query, key, value, key_padding_mask, pattern, scale, bias=None):
+    k, v, mask, causal = _dense_inputs(query, key, value, key_padding_mask, pattern, bias)
     return _flash(query, k, v, 0.0, causal, attn_mask=mask, scale=scale)
 
 
-def _dense_backward_cpu(grad, query, key, value, key_padding_mask, pattern, scale, out, lse):
-    k, v, mask, causal = _dense_inputs(query, key, value, key_padding_mask, pattern)
+def _dense_backward_cpu(grad, query, key, value, key_padding_mask, pattern, scale, out, lse, bias=None):
+    k, v, mask, causal = _dense_inputs(query, key, value, key_padding_mask, pattern, bias)
     lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     dq, dk, dv = _flash_backward(grad.to(query.dtype), query, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
     groups = query.shape[1] // key.shape[1]

@@ -2,28 +2,46 @@
 
 Rewrites, in the exported ATen graph,
 
-    softmax((q @ kᵀ) * scale  [+ mask | masked_fill(cond, -inf) | where(cond, ·, -inf)]*,  dim=-1)
+    softmax((q·a @ (kᵀ·b)) * scale  [+ bias | masked_fill(cond, min) | where(cond, ·, min)]*,  dim=-1)
         [-> cast back] [-> dropout(train=False)] @ v
 
 into `aten.scaled_dot_product_attention(q, k, v, attn_mask=?, is_causal=?, scale=s)`, and
 canonicalizes SDPA nodes already in the graph (transformers' "sdpa" implementation) the same way:
 
-- the scale is always explicit (`mul`/`div` by a python scalar or a 0-dim constant, folded);
-- a mask that is the static causal pattern on square attention becomes `is_causal=True` with no
-  mask tensor (later passes see the site is causal), a static all-allowed mask disappears, and any
-  other mask (padding, custom) stays as `attn_mask` (a `masked_fill` condition as its
-  `logical_not`; several masks combined into one);
-- K/V repeated for grouped-query attention (Llama's `repeat_kv`) are replaced by the un-repeated
-  tensors with `enable_gqa=True` (option `enable-gqa`).
+- the scale is always explicit: `mul`/`div` by a python scalar or a 0-dim constant (arithmetic on
+  constants, such as DeBERTa's `sqrt(d·3)`, folded), on the scores, on q or on k, in place or not;
+- `baddbmm(bias, q, kᵀ, beta, alpha)` (Bloom's ALiBi) is the matmul, the scale `alpha` and the
+  additive bias `beta·bias`; `scores += bias` (`add_`, T5) is an addition;
+- additive biases (ALiBi, relative positions, DeBERTa's disentangled terms) become the SDPA
+  `attn_mask`, combined with the other masks into one (a `masked_fill` condition as its
+  `logical_not`, its fill value kept where floats are combined, so a query row blocked everywhere
+  stays uniform as in eager); a mask that is the static causal pattern on square attention becomes
+  `is_causal=True` with no mask tensor, a static all-allowed mask disappears;
+- matmuls on (B·H, L, ·) with softmax on (B, H, L, S) (Bloom, DeBERTa: views between scores,
+  softmax and `bmm`) become one 4-d site on the (B, H, L, D) tensors q/k/v were reshaped from
+  (an `unflatten` where there is none), so later passes see heads;
+- K/V repeated for grouped-query attention (Llama's `repeat_kv`), or one K/V head that matmul
+  broadcasts over the query heads (Falcon's multi-query), are fed un-repeated with
+  `enable_gqa=True` (option `enable-gqa`; off, a broadcast K/V head is expanded);
+- soft-capped scores, `cap·tanh(s / cap)` before the masks (Gemma-2), are not SDPA: the site
+  becomes ONE `optpipe.score_mod_attention(q, k, v, attn_mask, "softcap", cap, scale, is_causal,
+  enable_gqa)` node (its CPU kernel, FlexAttention `score_mod` on CUDA, a decomposition for the
+  other targets: see `attention_ops`).
 
 New nodes keep the replaced node's `val`, `nn_module_stack` and `stack_trace`; dead nodes are
 removed afterwards (the causal buffers they read are left to `dce`).
 
+Every softmax whose output reaches a matmul as its left operand looks like attention: one that is
+not fused gets `{"site": module path, "reason": ..., "node": softmax}` in `details["skipped"]`
+(the reason names what was not understood, e.g. the op between the scores and softmax), and
+`details["notes"]` says when sites were left unfused or none was found at all.
+
 Preconditions: an ATen-level graph with fake-tensor `meta["val"]` on every node (what
 `optpipe.capture` produces). Not fused (lookalikes): softmax over another dim, a matmul with a
 weight instead of a transposed activation, scores or probabilities used elsewhere, dropout in
-training mode, dtype changes other than softmax's upcast-and-back, broadcasting batch dims.
-Run it first: attention passes (`attention{...}`, `kv-cache`) look for SDPA nodes.
+training mode, dtype changes other than softmax's upcast-and-back, broadcasting batch dims, a mask
+added before soft-capping. Run it first: attention passes (`attention{...}`, `kv-cache`) look for
+SDPA nodes.
 """
 
 from __future__ import annotations
@@ -45,18 +63,28 @@ from optpipe.attention_sites import (
     same_size,
     sdpa_arguments,
 )
-from optpipe.graph_toolkit import get_attribute, insert_call, module_path, value
+from optpipe.graph_toolkit import fake_value, get_attribute, insert_call, module_path, value
 from optpipe.program import Program
 from optpipe.registry import PassResult, register_pass
 
+from .attention_ops import score_mod_attention
 from .cleanup import eliminate_dead_code
 
 aten = torch.ops.aten
 _MATMULS = (aten.matmul.default, aten.bmm.default)
 _SOFTMAXES = (aten.softmax.int, aten._softmax.default)
-_CASTS = (aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default)
+_CASTS = (aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.type_as.default)
 _ASSERT_METADATA = aten._assert_tensor_metadata.default
 _NOTS = (aten.logical_not.default, aten.bitwise_not.default)
+_MULS = (aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor, aten.mul_.Scalar)
+_SCALES = _MULS + (aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor, aten.div_.Scalar)
+# In-place forms (`scores /= c`, `scores += bias`) update their first argument: it must be the scores.
+_IN_PLACE = (aten.mul_.Tensor, aten.mul_.Scalar, aten.div_.Tensor, aten.div_.Scalar, aten.add_.Tensor)
+_ADDS = (aten.add.Tensor, aten.add_.Tensor)
+_MASKED_FILLS = (aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.masked_fill_.Scalar, aten.masked_fill_.Tensor)
+_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+# Ops whose output holds the same values in the same logical order as their input.
+_SAME_VALUES = _RESHAPES + (aten.clone.default, aten.contiguous.default, aten.alias.default)
 # Ops through which a 0-dim constant or a weight keeps its identity.
 _PASS_THROUGH = (
     aten.detach.default,
@@ -115,6 +143,10 @@ class _Mask:
     (bool masked_fill condition, True = blocked)."""
     factor: float = 1.0
     """Scale applied to the scores after an additive mask was added (the mask must carry it)."""
+    fill: float = float("-inf")
+    """What a bool mask writes into blocked scores."""
+    split: int | None = None
+    """Heads to split the mask's (B·H, L, S) batch into: added before the scores became (B, H, L, S)."""
 
 
 @dataclass
@@ -127,11 +159,22 @@ class _Match:
     output: torch.fx.Node
     chain: list[torch.fx.Node]
     """The replaced nodes, from the output back to q @ kᵀ."""
+    heads: int | None = None
+    """The matmuls run on (B·H, L, ·) and softmax on (B, H, L, S): heads to split q, k, v into."""
+    softcap: float | None = None
+    """The scores are soft-capped, `cap·tanh(s / cap)`, before the masks."""
+    shared_kv: bool = False
+    """K and V have one head that matmul broadcasts over the query heads (multi-query attention)."""
 
 
 def _users(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """Users that compute something (export's metadata checks do not count as uses)."""
-    return [u for u in node.users if u.target is not _ASSERT_METADATA]
+    """Users that read `node`'s values (export's metadata checks and `x.type_as(node)`, which reads
+    only its dtype, do not count)."""
+    return [
+        u
+        for u in node.users
+        if u.target is not _ASSERT_METADATA and not (u.target is aten.type_as.default and u.args[0] is not node)
+    ]
 
 
 def _arg(node: torch.fx.Node, i: int, name: str, default=None):
@@ -168,6 +211,29 @@ def _as_precise(dtype: torch.dtype, ref: torch.dtype) -> bool:
     return dtype == ref or (dtype.is_floating_point and dtype.itemsize > ref.itemsize)
 
 
+class _Unmatched(Exception):
+    """Why a softmax-attention-looking subgraph is not fused: the `reason` of its `skipped` entry."""
+
+
+def _describe(node) -> str:
+    if not isinstance(node, torch.fx.Node):
+        return f"a constant ({node!r})"
+    if node.op == "call_function":
+        return f"`{node.target}`"
+    return f"a {node.op} ({node.target})"
+
+
+def _is_batch_view(node: torch.fx.Node) -> bool:
+    """A reshape between (B·H, L, S) and (B, H, L, S) (or an identity one): last two dims kept,
+    leading dims merged or split."""
+    src, out = value(node.args[0]) if node.args else None, value(node)
+    if node.target not in _RESHAPES or src is None or out is None or not {src.dim(), out.dim()} <= {3, 4}:
+        return False
+    if not all(same_size(a, b) for a, b in zip(src.shape[-2:], out.shape[-2:])):
+        return False
+    return same_size(math.prod(src.shape[:-2]), math.prod(out.shape[:-2]))
+
+
 class _Matcher:
     def __init__(self, gm: torch.fx.GraphModule):
         self.gm = gm
@@ -175,10 +241,12 @@ class _Matcher:
         self.state_names = {n for n, _ in gm.named_parameters(remove_duplicate=False)} | {
             n for n, _ in gm.named_buffers(remove_duplicate=False)
         }
+        self._folded: dict = {}
 
     def constant(self, arg) -> float | None:
         """The value of a python scalar or a 0-dim constant tensor (`full([], v)`, a lifted
-        constant), None for anything else (including parameters and buffers, which may change)."""
+        constant, arithmetic on those such as DeBERTa's `sqrt(d·3)`), None for anything else
+        (including parameters and buffers, which may change)."""
         if isinstance(arg, bool):
             return None
         if isinstance(arg, (int, float)):
@@ -195,13 +263,69 @@ class _Matcher:
             t = get_attribute(self.gm, arg.target)
             if isinstance(t, torch.Tensor) and t.dim() == 0:
                 return float(t.item())
+        if arg.op == "call_function":
+            return self.folded(arg)
         return None
+
+    def folded(self, node: torch.fx.Node) -> float | None:
+        """A 0-dim tensor computed from constants alone (no input, parameter or buffer), evaluated once."""
+        if node not in self._folded:
+            self._folded[node] = None
+            v = value(node)
+            needed = self.constant_subgraph(node) if isinstance(v, torch.Tensor) and v.dim() == 0 else None
+            if needed:
+                graph, env = torch.fx.Graph(), {}
+                for n in self.gm.graph.nodes:
+                    if n in needed:
+                        env[n] = graph.node_copy(n, lambda x: env[x])
+                graph.output(env[node])
+                with torch.no_grad():
+                    self._folded[node] = float(torch.fx.GraphModule(self.gm, graph)())
+        return self._folded[node]
+
+    def constant_subgraph(self, node: torch.fx.Node, limit: int = 32) -> set[torch.fx.Node] | None:
+        """The few aten nodes and constants `node` is computed from, None when it reads anything else
+        (an input, a parameter, a buffer) or more than `limit` nodes."""
+        seen, stack = set(), [node]
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            if len(seen) >= limit or not self.foldable(n):
+                return None
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+        return seen
+
+    def foldable(self, n: torch.fx.Node) -> bool:
+        if n.op == "get_attr":
+            return n.target not in self.state_names
+        return n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "aten"
 
     def is_weight(self, node) -> bool:
         """A tensor read from the module (parameter, buffer) through views only."""
         while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in _VIEWS:
             node = node.args[0]
         return isinstance(node, torch.fx.Node) and node.op == "get_attr"
+
+    def scaled(self, node) -> tuple[torch.fx.Node, float] | None:
+        """(x, c) when `node` is x·c or x/c by a positive constant."""
+        if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in _SCALES):
+            return None
+        a, b = node.args[:2]
+        mul = node.target in _MULS
+        for x, c in [(a, b), (b, a)] if mul and node.target not in _IN_PLACE else [(a, b)]:
+            factor = self.constant(c)
+            if isinstance(x, torch.fx.Node) and factor is not None and factor > 0:
+                return x, factor if mul else 1 / factor
+        return None
+
+    def peel(self, node) -> tuple[torch.fx.Node, float]:
+        """`node` without its constant scalings (q·c, kᵀ/c: DeBERTa scales K), and their product."""
+        factor = 1.0
+        while (found := self.scaled(node)) is not None:
+            node, factor = found[0], factor * found[1]
+        return node, factor
 
     def untransposed(self, kt: torch.fx.Node) -> torch.fx.Node | None:
         """k when `kt` is k with its last two dims swapped."""
@@ -214,124 +338,201 @@ class _Matcher:
         )
         return kt.args[0] if swaps_last_two else None
 
+    def softcap(self, node) -> tuple[float, list[torch.fx.Node], torch.fx.Node] | None:
+        """(cap, [mul, tanh, div], x) when `node` is cap·tanh(x / cap) (Gemma-2's soft-capping)."""
+        outer = self.scaled(node)
+        if outer is None or outer[0].op != "call_function" or outer[0].target is not aten.tanh.default:
+            return None
+        tanh, cap = outer
+        inner = self.scaled(tanh.args[0])
+        if inner is None or not math.isclose(inner[1] * cap, 1.0, rel_tol=1e-6):
+            return None
+        return cap, [node, tanh, tanh.args[0]], inner[0]
+
     # -- the score chain: from softmax's input back to q @ kᵀ ------------------------------------
-    def scores(self, node, steps: list) -> torch.fx.Node | None:
+    def scores(self, node, steps: list) -> torch.fx.Node:
         """Walk back from `node` to the q @ kᵀ matmul, appending (node, kind, payload) steps."""
         if not isinstance(node, torch.fx.Node) or node.op != "call_function":
-            return None
+            raise _Unmatched(f"the scores come from {_describe(node)}, not from q @ kᵀ")
         t = node.target
         if t in _MATMULS:
             return node
-        if t in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
-            a, b = node.args[:2]
-            pairs = [(a, b), (b, a)] if t in (aten.mul.Tensor, aten.mul.Scalar) else [(a, b)]
-            for x, c in pairs:
-                factor = self.constant(c)
-                if isinstance(x, torch.fx.Node) and factor is not None and factor > 0:
-                    steps.append((node, "scale", factor if t in (aten.mul.Tensor, aten.mul.Scalar) else 1 / factor))
-                    return self.scores(x, steps)
-            return None
-        if t is aten.add.Tensor and node.kwargs.get("alpha", 1) == 1:
-            a, b = node.args[:2]
-            for x, m in ((a, b), (b, a)):
-                if isinstance(x, torch.fx.Node) and isinstance(m, torch.fx.Node) and m is not x:
-                    trial = steps + [(node, "mask", _Mask(m, "additive"))]
-                    found = self.scores(x, trial)
-                    if found is not None:
-                        steps[:] = trial
-                        return found
-            return None
-        if t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
-            x, cond, fill = node.args[:3]
-            if is_blocking_value(self.constant(fill), value(node).dtype):
-                steps.append((node, "mask", _Mask(cond, "block")))
+        if t is aten.baddbmm.default:  # beta·bias + alpha·(q @ kᵀ) (Bloom's ALiBi)
+            beta, alpha = self.constant(_arg(node, 3, "beta", 1)), self.constant(_arg(node, 4, "alpha", 1))
+            if beta is None or alpha is None or alpha <= 0:
+                raise _Unmatched("`aten.baddbmm` with a non-constant or non-positive alpha/beta")
+            if beta:
+                steps.append((node, "mask", _Mask(node.args[0], "additive", beta)))
+            steps.append((node, "scale", alpha))
+            return node
+        if t in _SCALES:
+            capped = self.softcap(node)
+            if capped is not None:
+                cap, nodes, x = capped
+                steps += [(nodes[0], "softcap", cap), (nodes[1], "softcap", None), (nodes[2], "softcap", None)]
                 return self.scores(x, steps)
-            return None
-        if t in (aten.where.ScalarOther, aten.where.self):
-            cond, x, other = node.args[:3]
-            if is_blocking_value(self.constant(other), value(node).dtype):
-                steps.append((node, "mask", _Mask(cond, "attend")))
-                return self.scores(x, steps)
-            return None
-        if _is_noop_cast(node):
-            steps.append((node, "cast", None))
+            found = self.scaled(node)
+            if found is None:
+                raise _Unmatched(f"{_describe(node)} by a non-constant between the scores and softmax")
+            steps.append((node, "scale", found[1]))
+            return self.scores(found[0], steps)
+        if t in _ADDS and node.kwargs.get("alpha", 1) == 1:
+            return self.additive(node, steps)
+        if t in _MASKED_FILLS + (aten.where.ScalarOther, aten.where.self):
+            fill_first = t in _MASKED_FILLS
+            a, b, fill = node.args[:3]
+            x, cond = (a, b) if fill_first else (b, a)  # masked_fill(x, cond, fill), where(cond, x, fill)
+            if not is_blocking_value(self.constant(fill), value(node).dtype):
+                raise _Unmatched(f"{_describe(node)} with a fill value that does not block attention")
+            steps.append((node, "mask", _Mask(cond, "block" if fill_first else "attend", fill=self.constant(fill))))
+            return self.scores(x, steps)
+        if _is_noop_cast(node) or (t in _RESHAPES and _is_batch_view(node)):
+            steps.append((node, "cast" if t in _CASTS else "view", None))
             return self.scores(node.args[0], steps)
-        return None
+        raise _Unmatched(f"{_describe(node)} between the scores and softmax is not understood")
 
-    def match(self, pv: torch.fx.Node) -> _Match | None:
-        """Match softmax(scores) @ v ending at the matmul `pv`; None for lookalikes."""
-        probs, v = pv.args[:2]
-        chain = [pv]
-        node = probs
-        # probabilities: eval dropout and casts between softmax and @ v
+    def additive(self, node: torch.fx.Node, steps: list) -> torch.fx.Node:
+        """scores + bias (either order; `scores += bias` exports as `add_` on the scores)."""
+        a, b = node.args[:2]
+        first = None
+        for x, m in [(a, b)] if node.target in _IN_PLACE else [(a, b), (b, a)]:
+            if not (isinstance(x, torch.fx.Node) and isinstance(m, torch.fx.Node) and m is not x):
+                continue
+            trial = steps + [(node, "mask", _Mask(m, "additive"))]
+            try:
+                found = self.scores(x, trial)
+            except _Unmatched as e:
+                first = first or e
+                continue
+            steps[:] = trial
+            return found
+        raise first or _Unmatched(f"{_describe(node)} of the scores and a non-tensor")
+
+    def probabilities(self, pv: torch.fx.Node) -> list[torch.fx.Node]:
+        """[pv, ..., softmax]: eval dropout, casts and batch views between softmax and `@ v`."""
+        chain, node = [pv], pv.args[0]
         while isinstance(node, torch.fx.Node) and node.target not in _SOFTMAXES:
             eval_dropout = node.target is aten.dropout.default and _arg(node, 2, "train", True) is False
-            if not (eval_dropout or _is_float_cast(node)):
-                return None
+            if node.target is aten.dropout.default and not eval_dropout:
+                raise _Unmatched("dropout in training mode on the probabilities")
+            if not (eval_dropout or _is_float_cast(node) or (node.op == "call_function" and _is_batch_view(node))):
+                raise _Unmatched(f"{_describe(node)} between softmax and the matmul with V is not understood")
             chain.append(node)
             node = node.args[0]
         if not isinstance(node, torch.fx.Node):
-            return None
-        softmax = node
-        chain.append(softmax)
-        s_in = softmax.args[0]
-        s_val = value(s_in)
+            raise _Unmatched("no softmax before the matmul with V")
+        return chain + [node]
+
+    def match(self, pv: torch.fx.Node) -> _Match:
+        """Match softmax(scores) @ v ending at the matmul `pv`; raises _Unmatched for lookalikes."""
+        chain = self.probabilities(pv)
+        softmax = chain[-1]
+        s_in, s_val = softmax.args[0], value(softmax.args[0])
         if s_val is None or softmax.args[1] % s_val.dim() != s_val.dim() - 1:
-            return None
+            raise _Unmatched(f"softmax over dim {softmax.args[1]}, not over the keys (the last dim)")
         steps: list = []
         qk = self.scores(s_in, steps)
-        if qk is None:
-            return None
-        chain += [n for n, _, _ in steps] + [qk]
-        q, kt = qk.args[:2]
-        k = self.untransposed(kt)
-        if k is None or self.is_weight(k) or self.is_weight(v):
-            return None
-        if not self.shapes_ok(q, k, v, qk, pv, probs, chain):
-            return None
+        chain += list(dict.fromkeys(n for n, _, _ in steps if n is not qk)) + [qk]
+        operands = qk.args[1:3] if qk.target is aten.baddbmm.default else qk.args[:2]
+        q, q_factor = self.peel(operands[0])
+        kt, k_factor = self.peel(operands[1])
+        k, k_factor2 = self.peel(self.untransposed(kt))
+        v = pv.args[1]
+        if k is None or self.untransposed(kt) is None:
+            raise _Unmatched("the keys of q @ k are not transposed activations")
+        if self.is_weight(k) or self.is_weight(v):
+            raise _Unmatched("the keys or values are a weight (a gate or a classifier, not attention)")
+        heads = self.frame(qk, s_val, chain)
+        shared_kv = self.check_shapes(q, k, v, qk, pv, chain)
         if any(len(_users(n)) != 1 for n in chain[1:]):
-            return None  # scores or probabilities are used elsewhere (returned, logged, ...)
+            raise _Unmatched("the scores or probabilities are used elsewhere (returned or logged)")
+        scale, masks, softcap = _combine(steps)
+        masks = self.checked_masks(masks, steps, value(q), value(qk), heads)
+        scale *= q_factor * k_factor * k_factor2
+        return _Match(q, k, v, scale, masks, pv, chain, heads, softcap, shared_kv)
 
-        scale, masks = 1.0, []
-        for _, kind, payload in reversed(steps):  # in the order they are applied
-            if kind == "scale":
-                scale *= payload
-                for m in masks:
-                    m.factor *= payload if m.polarity == "additive" else 1.0
-            elif kind == "mask":
-                masks.append(payload)
-        qv = value(q)
-        for m in masks:
-            mv = value(m.node)
-            if (
-                mv is None
-                or (m.polarity == "additive" and mv.dtype != qv.dtype)
-                or (m.polarity != "additive" and mv.dtype != torch.bool)
-            ):
-                return None
-        return _Match(q, k, v, scale, masks, pv, chain)
+    def frame(self, qk, s_val, chain) -> int | None:
+        """Heads to split the matmuls' (B·H, L, ·) batch into when softmax runs on (B, H, L, S)
+        (Bloom, DeBERTa); None when matmuls and softmax share their rank."""
+        mm = value(qk)
+        if mm is None:
+            raise _Unmatched("the scores have no shape information")
+        if not all(
+            value(n) is not None and (same_shape(value(n), mm) or same_shape(value(n), s_val)) for n in chain[1:]
+        ):
+            raise _Unmatched("a mask broadcasts the scores or probabilities to a wider shape")
+        if mm.dim() == s_val.dim():
+            return None
+        heads = concrete(s_val.shape[1]) if (mm.dim(), s_val.dim()) == (3, 4) else None
+        if heads is None or not same_size(s_val.shape[0] * heads, mm.shape[0]):
+            raise _Unmatched(f"scores reshaped from {tuple(mm.shape)} to {tuple(s_val.shape)} around softmax")
+        return heads
 
-    def shapes_ok(self, q, k, v, qk, pv, probs, chain) -> bool:
-        qv, kv, vv, sv, ov, pval = (value(n) for n in (q, k, v, qk, pv, probs))
+    def check_shapes(self, q, k, v, qk, pv, chain) -> bool:
+        """Raises when SDPA cannot compute this matmul pair; True when K/V have one head for all."""
+        qv, kv, vv, sv, ov, pval = (value(n) for n in (q, k, v, qk, pv, pv.args[0]))
         if any(x is None for x in (qv, kv, vv, sv, ov, pval)):
-            return False
+            raise _Unmatched("q, k or v has no shape information")
         r = qv.dim()
         if r < 3 or kv.dim() != r or vv.dim() != r:
-            return False
+            raise _Unmatched(f"q, k, v of ranks {qv.dim()}, {kv.dim()}, {vv.dim()} (SDPA needs equal ranks >= 3)")
         if not (qv.dtype == kv.dtype == vv.dtype == pval.dtype == sv.dtype) or not qv.is_floating_point():
-            return False
-        if not all(_as_precise(value(n).dtype, qv.dtype) for n in chain[1 : chain.index(qk)] if value(n) is not None):
-            return False
+            raise _Unmatched("q, k, v, scores and probabilities differ in dtype")
+        if not all(_as_precise(value(n).dtype, qv.dtype) for n in chain[1 : chain.index(qk)]):
+            raise _Unmatched("the scores or probabilities are narrowed below the query's precision")
         if not (same_size(qv.shape[-1], kv.shape[-1]) and same_size(kv.shape[-2], vv.shape[-2])):
-            return False
-        if not all(same_size(a, b) and same_size(a, c) for a, b, c in zip(qv.shape[:-2], kv.shape[:-2], vv.shape[:-2])):
-            return False  # SDPA does not broadcast batch dims as matmul does
+            raise _Unmatched("q·k or k/v sizes do not agree")
+        batch = list(zip(qv.shape[:-2], kv.shape[:-2], vv.shape[:-2]))
+        # one K/V head shared by every query head (multi-query attention): SDPA's grouped-query form
+        shared_kv = r == 4 and kv.shape[1] == vv.shape[1] == 1 and isinstance(qv.shape[1], int) and qv.shape[1] > 1
+        if not all(
+            same_size(a, b) and same_size(a, c) for i, (a, b, c) in enumerate(batch) if not (shared_kv and i == 1)
+        ):
+            raise _Unmatched("matmul broadcasts the batch dims of k or v (SDPA does not)")
         if not (same_size(sv.shape[-2], qv.shape[-2]) and same_size(sv.shape[-1], kv.shape[-2])):
-            return False
-        # every score / probability node keeps the score shape (a mask may not broadcast it wider)
-        return all(value(n) is not None and same_shape(value(n), sv) for n in chain[1:]) and same_size(
-            ov.shape[-1], vv.shape[-1]
-        )
+            raise _Unmatched("the scores are not (queries, keys)")
+        if not same_size(ov.shape[-1], vv.shape[-1]):
+            raise _Unmatched("the output is not (queries, value dim)")
+        return shared_kv
+
+    def checked_masks(self, masks, steps, qv, mm, heads) -> list[_Mask]:
+        """The masks, those added before the scores were reshaped to (B, H, L, S) marked to be split too."""
+        before_view, seen_view = set(), False
+        for _, kind, payload in steps:  # walking order: from softmax back to q @ kᵀ
+            seen_view |= kind == "view"
+            if kind == "mask" and seen_view:
+                before_view.add(id(payload))
+        for m in masks:
+            mv = value(m.node)
+            if mv is None:
+                raise _Unmatched("a mask has no shape information")
+            if m.polarity == "additive" and mv.dtype != qv.dtype:
+                raise _Unmatched(f"an additive mask of dtype {mv.dtype} on {qv.dtype} scores")
+            if m.polarity != "additive" and mv.dtype != torch.bool:
+                raise _Unmatched(f"a masked_fill/where condition of dtype {mv.dtype}")
+            m.split = heads if heads and id(m) in before_view and mv.dim() == 3 else None
+            if m.split and not (mv.shape[0] == 1 or same_size(mv.shape[0], mm.shape[0])):
+                raise _Unmatched(f"a bias of shape {tuple(mv.shape)} on (B·H, L, S) scores")
+        return masks
+
+
+def _combine(steps: list) -> tuple[float, list[_Mask], float | None]:
+    """(scale, masks, softcap) from the steps in the order they are applied."""
+    scale, masks, cap = 1.0, [], None
+    for _, kind, payload in reversed(steps):
+        if kind == "scale":
+            if cap is not None:
+                raise _Unmatched("the scores are scaled after soft-capping")
+            scale *= payload
+            for m in masks:
+                m.factor *= payload if m.polarity == "additive" else 1.0
+        elif kind == "softcap" and payload is not None:
+            if cap is not None or masks:
+                raise _Unmatched("a mask or a second cap applied before soft-capping (tanh would bound it)")
+            cap = payload
+        elif kind == "mask":
+            masks.append(payload)
+    return scale, masks, cap
 
 
 # -- rewriting --------------------------------------------------------------------------------------
@@ -396,37 +597,70 @@ class _Rewriter:
         if not floats:
             return reduce(lambda a, b: insert_call(graph, aten.logical_and.default, (a, b), like=like), bools), False
         acc = reduce(lambda a, b: insert_call(graph, aten.add.Tensor, (a, b), like=like), floats)
-        for b in bools:
-            acc = insert_call(graph, aten.where.ScalarOther, (b, acc, float("-inf")), like=like)
+        for b, m in zip(bools, [m for m in masks if m.polarity != "additive"]):
+            # the model's own fill (dtype-min): a query row blocked everywhere stays uniform, not NaN
+            acc = insert_call(graph, aten.where.ScalarOther, (b, acc, m.fill), like=like)
         return acc, False
+
+    def split_heads(self, node: torch.fx.Node, heads: int, like) -> torch.fx.Node:
+        """A (B·H, L, ·) tensor as (B, H, L, ·): the 4-d tensor it was reshaped from where there is
+        one (Bloom's and DeBERTa's q/k/v), else an `unflatten` (a (1, L, S) bias: an `unsqueeze`)."""
+        v, src = value(node), node
+        while isinstance(src, torch.fx.Node) and src.op == "call_function" and src.target in _SAME_VALUES:
+            src = src.args[0]
+            sv = value(src)
+            if sv is not None and sv.dim() == 4 and sv.shape[1] == heads and same_shape(sv.flatten(0, 1), v):
+                return src
+        if v.shape[0] == 1:
+            return insert_call(self.gm.graph, aten.unsqueeze.default, (node, 0), like=like)
+        return insert_call(self.gm.graph, aten.unflatten.int, (node, 0, [-1, heads]), like=like)
+
+    def attention_call(self, match: _Match, q, k, v, attn_mask, is_causal, gqa, like) -> torch.fx.Node:
+        """SDPA, or optpipe's score_mod_attention when the scores are soft-capped (not SDPA)."""
+        graph, val = self.gm.graph, None if match.heads else like.meta.get("val")
+        if match.softcap is None:
+            kwargs = _sdpa_kwargs(attn_mask, 0.0, is_causal, match.scale, gqa)
+            val = fake_value(SDPA, (q, k, v), kwargs) if val is None else val
+            return insert_call(graph, SDPA, (q, k, v), kwargs, like=like, val=val, name="scaled_dot_product_attention")
+        args = (q, k, v, attn_mask, "softcap", match.softcap, match.scale, is_causal, gqa)
+        val = fake_value(score_mod_attention, args) if val is None else val
+        return insert_call(graph, score_mod_attention, args, like=like, val=val, name="score_mod_attention")
 
     def fuse(self, match: _Match) -> dict:
         graph, out = self.gm.graph, match.output
         with graph.inserting_before(out):
-            attn_mask, is_causal = self.mask_operand(match.masks, match.q, match.k, out)
-            k, v, gqa = self.unrepeated(match.k, match.v)
-            kwargs = _sdpa_kwargs(attn_mask, 0.0, is_causal, match.scale, gqa)
-            sdpa = insert_call(
-                graph,
-                SDPA,
-                (match.q, k, v),
-                kwargs,
-                like=out,
-                val=out.meta.get("val"),
-                name="scaled_dot_product_attention",
-            )
-        out.replace_all_uses_with(sdpa)
+            q, k, v = match.q, match.k, match.v
+            if match.heads:
+                q, k, v = (self.split_heads(x, match.heads, out) for x in (q, k, v))
+            for m in match.masks:
+                m.node = self.split_heads(m.node, m.split, out) if m.split else m.node
+            attn_mask, is_causal = self.mask_operand(match.masks, q, k, out)
+            k, v, gqa = self.unrepeated(k, v) if not match.shared_kv else (k, v, self.config.enable_gqa)
+            if match.shared_kv and not gqa:
+                k, v = (
+                    insert_call(self.gm.graph, aten.expand.default, (x, [-1, value(q).shape[1], -1, -1]), like=out)
+                    for x in (k, v)
+                )
+            fused = self.attention_call(match, q, k, v, attn_mask, is_causal, gqa, out)
+            result = fused
+            if match.heads:  # back to the (B·H, L, Dv) of the matmul; reshapes to 4-d read `fused`
+                result = insert_call(graph, aten.flatten.using_ints, (fused, 0, 1), like=out, val=out.meta.get("val"))
+        out.replace_all_uses_with(result)
+        for user in list(result.users) if result is not fused else []:
+            if user.op == "call_function" and user.target in _RESHAPES and same_shape(value(user), value(fused)):
+                user.replace_all_uses_with(fused)
         for node in match.chain:  # output first: each node's only user is already gone
             for check in [u for u in node.users if u.target is _ASSERT_METADATA]:
                 graph.erase_node(check)
             graph.erase_node(node)
         return {
-            "node": sdpa.name,
-            "module_path": module_path(sdpa),
+            "node": fused.name,
+            "module_path": module_path(fused),
             "action": "fused",
             "is_causal": is_causal,
             "attn_mask": attn_mask is not None,
             "gqa": gqa,
+            **({"score_mod": f"softcap={match.softcap:g}"} if match.softcap is not None else {}),
         }
 
     def canonicalize(self, node: torch.fx.Node) -> dict | None:
@@ -469,18 +703,40 @@ class _Rewriter:
         }
 
 
+def _consumer_matmul(softmax: torch.fx.Node, depth: int = 4) -> torch.fx.Node | None:
+    """The matmul that takes softmax's output (through up to `depth` ops) as its left operand: the
+    `@ v` of attention. None for softmax used otherwise (routers, classifier heads)."""
+    frontier = [softmax]
+    for _ in range(depth):
+        nxt = []
+        for node in frontier:
+            for user in _users(node):
+                if user.op == "call_function" and user.target in _MATMULS and user.args[0] is node:
+                    return user
+                if user.op == "call_function" and user.target not in _MATMULS:
+                    nxt.append(user)
+        frontier = nxt
+    return None
+
+
 @register_pass("fuse-attention", FuseAttentionConfig, exact=True)
 def fuse_attention(program: Program, config: FuseAttentionConfig) -> PassResult:
-    """Canonicalize attention into one scaled_dot_product_attention node per site."""
+    """Canonicalize attention into one scaled_dot_product_attention node per site (one
+    optpipe.score_mod_attention node where the scores are soft-capped)."""
     gm = program.gm
     rewriter, matcher = _Rewriter(program, config), _Matcher(gm)
     existing = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA]
-    sites = []
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in _MATMULS and not node._erased:
-            match = matcher.match(node)
-            if match is not None:
-                sites.append(rewriter.fuse(match))
+    sites, skipped = [], []
+    for softmax in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _SOFTMAXES]:
+        pv = _consumer_matmul(softmax) if not softmax._erased else None
+        if pv is None:
+            continue
+        try:
+            match = matcher.match(pv)
+        except _Unmatched as e:
+            skipped.append({"site": module_path(softmax), "reason": str(e), "node": softmax.name})
+            continue
+        sites.append(rewriter.fuse(match))
     fused = len(sites)
     if config.canonicalize_sdpa:
         sites += [d for d in map(rewriter.canonicalize, existing) if d is not None]
@@ -489,5 +745,21 @@ def fuse_attention(program: Program, config: FuseAttentionConfig) -> PassResult:
         eliminate_dead_code(gm)
         gm.graph.lint()
         gm.recompile()
-    total = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA)
-    return PassResult(bool(sites), {"fused": fused, "canonicalized": canonicalized, "sites": total}, {"sites": sites})
+    total = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in (SDPA, score_mod_attention))
+    return PassResult(
+        bool(sites),
+        {"fused": fused, "canonicalized": canonicalized, "sites": total},
+        {"sites": sites, "skipped": skipped, "notes": _notes(total, skipped)},
+    )
+
+
+def _notes(total: int, skipped: list[dict]) -> list[str]:
+    notes = []
+    if skipped:
+        notes.append(
+            f"{len(skipped)} softmax-attention subgraph(s) left unfused (see skipped): later attention passes "
+            "will not see them"
+        )
+    if not total and not skipped:
+        notes.append("no attention site found: no softmax feeds a matmul with values, and no SDPA node")
+    return notes
