@@ -3,7 +3,8 @@
     python benchmarks/generate.py [--prompt 128] [--new 512] [--no-cache-tokens 64] [--json]
     python benchmarks/generate.py --prompt 128 --new 512 --no-cache-sample 16 --threads 1
 
-Model: GPT-2 small (124M params, random init from its config), greedy decoding, batch 1.
+Model: GPT-2 small (124M params, random init from its config; `--model tiny-gpt`: examples/tiny_gpt.py,
+nanoGPT-style, 4 layers x 128), greedy decoding, batch 1.
 Rows (tokens/s, and the ratio to the no-cache row):
   (a) no cache: the captured program recomputes the whole sequence for every new token. Its cost
       per token only grows with the length, so by default it runs the first --no-cache-tokens of
@@ -25,9 +26,14 @@ Rows (tokens/s, and the ratio to the no-cache row):
   (b) optpipe: `fuse-attention,dce,kv-cache{max-len=prompt+new}`, the step program run eagerly,
       and (b') the same step program through torch.compile (what `--target cpu --mode compile` runs).
       Its caches are static (prompt+new slots); each step attends over the filled slots only.
-  (c) transformers' own `model.generate()` with its dynamic cache, same weights.
+  (c) transformers' own `model.generate()` with its dynamic cache, same weights (GPT-2 small only).
+  (d) default options, what a user gets: `optpipe.optimize(..., target="cpu")` (`optimize` without
+      --mode: the target picks eager or torch.compile on decode steps), saved, loaded back the way
+      `optpipe generate OUT` loads it (`Target.load`, which warms a compiled program up), then
+      generated through the target's step function; the mode it picked is in the row's name.
 (b), (b') and (c) each get a short warm-up generation first.
-Checks: (b) produces exactly the tokens of (c) and, over the tokens (a) ran, of (a) (with
+Checks: (d) is within 10% of the best of (b) and (b') and at least as fast as (c); (b) produces
+exactly the tokens of (c) and, over the tokens (a) ran, of (a) (with
 --no-cache-sample: at the sampled positions).
 
 Also, with --linear: per-token decode latency of the linear-attention cache (recurrent state) at
@@ -51,6 +57,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch
 
 from benchmarks.models import gpt2_small
+
+MODELS = ("gpt2-small", "tiny-gpt")
 
 
 def cached_program(model, prompt: torch.Tensor, max_len: int, extra: str = ""):
@@ -143,6 +151,7 @@ def parse_args():
     )
     ap.add_argument("--no-cache-repeats", type=int, default=3, help="timed runs per sampled context (median)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--model", choices=MODELS, default="gpt2-small")
     ap.add_argument("--linear", action="store_true", help="linear-attention decode latency at 256 vs 8192")
     ap.add_argument("--speculative", action="store_true", help="speculative decoding with a half-depth draft")
     ap.add_argument("--json", action="store_true")
@@ -201,16 +210,53 @@ def cached_row(name: str, tokens: int, result) -> dict:
     }
 
 
+def build_model(name: str, max_len: int):
+    """(model, vocabulary, description, is a transformers model)."""
+    if name == "tiny-gpt":
+        from examples import tiny_gpt
+
+        model, _ = tiny_gpt.build(block_size=max(256, max_len), vocab_size=512, n_layer=4, n_embd=128, n_head=4)
+        return model.eval(), 512, "tiny GPT (examples/tiny_gpt.py, 4 x 128, random init)", False
+    return gpt2_small(positions=max(1024, max_len)), 50257, "GPT-2 small (124M, random init)", True
+
+
+def default_options_row(model, prompt: torch.Tensor, max_len: int, new: int) -> tuple[dict, list[int]]:
+    """(d): optimize with the default target options, save, load as `optpipe generate` does, generate."""
+    import tempfile
+
+    import optpipe
+    from optpipe.loading import load_out
+    from optpipe.runtime.generation import generate, target_step_function
+
+    res = optpipe.optimize(
+        model, {"input_ids": prompt}, f"fuse-attention,dce,kv-cache{{max-len={max_len}}}", target="cpu", verify=False
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "OUT")
+        res.save(out)
+        program, _ = load_out(out)
+        tgt = res.target
+        compiled = tgt.load(out, program)  # what `optpipe generate OUT` runs
+    step = target_step_function(tgt, compiled)
+    generate(program, prompt, 4, step=step)  # warm-up, as the other rows get
+    out = generate(program, prompt, new, step=step)
+    mode = res.compiled.info.get("mode")
+    row = cached_row(f"(d) default options (auto -> {mode})", new, out)
+    row["reason"] = res.compiled.info.get("reason")
+    return row, out.new_ids[0]
+
+
 def measure(args) -> dict:
-    """Rows (a), (b), (b') and (c) on GPT-2 small, with the checks that they generate the same tokens."""
+    """Rows (a), (b), (b'), (c) and (d), with the checks that they generate the same tokens."""
     from optpipe.runtime.generation import generate
 
-    model = gpt2_small()
-    prompt = torch.randint(0, 50257, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     max_len = args.prompt + args.new
+    model, vocab, description, is_hf = build_model(args.model, max_len)
+    prompt = torch.randint(0, vocab, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     base, step = cached_program(model, prompt, max_len)
-    hf_generate(model, prompt, 4)  # warm-up, as (b) gets
-    hf_tokens, hf_s = hf_generate(model, prompt, args.new)
+    if is_hf:
+        hf_generate(model, prompt, 4)  # warm-up, as (b) gets
+        hf_tokens, hf_s = hf_generate(model, prompt, args.new)
     generate(step, prompt, 4)  # warm-up
     cached = generate(step, prompt, args.new)
     compiled_gm = torch.compile(step.gm, dynamic=True)
@@ -221,28 +267,41 @@ def measure(args) -> dict:
 
     generate(step, prompt, 4, step=compiled_step)  # compiles prefill and decode shapes
     compiled = generate(step, prompt, args.new, step=compiled_step)
+    default, default_tokens = default_options_row(model, prompt, max_len, args.new)
     rows, checks, sampled = no_cache_rows(args, base, prompt, cached)
     rows.append(cached_row("(b) optpipe kv-cache", args.new, cached))
     rows.append(cached_row("(b') optpipe kv-cache, torch.compile", args.new, compiled))
-    rows.append(
-        {"name": "(c) transformers generate()", "tokens": args.new, "seconds": hf_s, "tokens_per_s": args.new / hf_s}
-    )
-    checks.update(
-        {"b_equals_c": cached.new_ids[0] == hf_tokens, "b_compiled_equals_c": compiled.new_ids[0] == hf_tokens}
-    )
+    if is_hf:
+        rows.append(
+            {
+                "name": "(c) transformers generate()",
+                "tokens": args.new,
+                "seconds": hf_s,
+                "tokens_per_s": args.new / hf_s,
+            }
+        )
+    rows.append(default)
+    checks.update({"b_compiled_equals_b": compiled.new_ids[0] == cached.new_ids[0]})
+    checks["d_equals_b"] = default_tokens == cached.new_ids[0]
     for r in rows:
         r["vs_no_cache"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
-    b, b_compiled, c = rows[-3], rows[-2], rows[-1]
+    by_name = {r["name"][:4]: r for r in rows}
+    best = max(by_name["(b) "]["tokens_per_s"], by_name["(b')"]["tokens_per_s"])
     result = {
-        "model": "GPT-2 small (124M, random init)",
+        "model": description,
         "prompt": args.prompt,
         "new": args.new,
         "threads": torch.get_num_threads(),
         "rows": rows,
         "checks": checks,
-        "b_vs_c": b["tokens_per_s"] / c["tokens_per_s"],
-        "b_compiled_vs_c": b_compiled["tokens_per_s"] / c["tokens_per_s"],
+        "d_vs_best": default["tokens_per_s"] / best,
     }
+    if is_hf:
+        checks.update({"b_equals_c": cached.new_ids[0] == hf_tokens})
+        b_compiled, c = by_name["(b')"], by_name["(c) "]
+        result["b_vs_c"] = by_name["(b) "]["tokens_per_s"] / c["tokens_per_s"]
+        result["b_compiled_vs_c"] = b_compiled["tokens_per_s"] / c["tokens_per_s"]
+        result["d_vs_c"] = default["tokens_per_s"] / c["tokens_per_s"]
     if sampled is not None:
         result["no_cache_sample"] = {k: v for k, v in sampled.items() if k != "per_step_estimate"}
     if args.speculative:
@@ -276,7 +335,14 @@ def print_result(result: dict, args) -> None:
                 f"{'':{width}s} (measured {r['seconds']:.1f} s; the estimate for the same {r['tokens']} "
                 f"tokens: {r['estimate_same_tokens_s']:.1f} s)"
             )
-    print(f"(b) / (c) = {result['b_vs_c']:.2f}x, (b') / (c) = {result['b_compiled_vs_c']:.2f}x; checks: {checks}")
+    ratios = f"(d) / best of (b), (b') = {result['d_vs_best']:.2f}x"
+    if "b_vs_c" in result:
+        ratios += (
+            f", (d) / (c) = {result['d_vs_c']:.2f}x, (b) / (c) = {result['b_vs_c']:.2f}x, "
+            f"(b') / (c) = {result['b_compiled_vs_c']:.2f}x"
+        )
+    print(f"{ratios}; checks: {checks}")
+    print(f"(d) chose: {rows[-1].get('reason')}")
     if "speculative" in result:
         s = result["speculative"]
         print(

@@ -109,3 +109,30 @@ def cached_logits(step: Callable, kv: dict, input_ids: torch.Tensor, decode_last
         logits, *caches = step(input_ids[:, t : t + 1], slot.expand(b, 1), slot, filled(key_mask, t + 1), *caches)
         pieces.append(logits)
     return torch.cat(pieces, dim=1)
+
+
+def decode_step_seconds(step: Callable, kv: dict, input_ids: torch.Tensor, steps: int = 8, warmup: int = 2) -> list:
+    """Seconds of each of `steps` greedy decode steps after a prefill of `input_ids` and `warmup`
+    untimed decode steps: the work generation does (one token per call over a growing context),
+    at its shapes. A compiled step program compiles its prefill and decode graphs in the untimed
+    part (`steps=0` only warms it up); a program that recompiled per step would show it here."""
+    import time
+
+    b = input_ids.shape[0]
+    room = kv["max_len"] - warmup - steps - 1  # every step's mask narrower than the cache
+    ids = input_ids[:, : max(1, min(input_ids.shape[1], room))]
+    with torch.no_grad():
+        logits, key_mask, caches = prefill(step, kv, ids)
+        times = []
+        for i in range(warmup + steps):
+            slot = ids.shape[1] + i
+            key_mask[:, slot] = True
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            position = torch.tensor([slot], device=ids.device)
+            start = time.perf_counter()
+            logits, *caches = step(token, position.expand(b, 1), position, filled(key_mask, slot + 1), *caches)
+            if logits.is_cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return times

@@ -18,13 +18,21 @@
 Sites are found on use-def structure, not names:
 - an MLP group is a linear ("down") whose input is computed from other linears' outputs ("up",
   "gate") through elementwise ops and views that keep the channel dim only, where nothing else
-  reads those values (BERT intermediate/output, GPT-2 c_fc/c_proj via addmm, Llama gate/up/down);
+  reads those values (BERT intermediate/output, GPT-2 c_fc/c_proj via addmm, Llama gate/up/down,
+  Falcon's `x @ W.T`); a producer may be equal pieces of one fused linear (Phi-3's
+  `gate_up_proj(x).chunk(2, -1)`: the kept channels' rows are kept in every piece); MoE experts
+  stacked in [E, N, K] weights (transformers' experts modules, captured densely) form a group too,
+  and the same channel slots are removed from every expert (importance summed over the experts);
 - a head group is an `aten.scaled_dot_product_attention` node (run `fuse-attention` first) whose
   q, k and v come from projections through a head split (`view(.., H, D)`), transposes and RoPE-like
   elementwise ops (slices and cats over head_dim only), and whose output is merged back
   (`transpose -> reshape(.., H*D)`) into one output projection. Fused QKV (`split` of one linear,
   GPT-2 Conv1D, nanoGPT) works.
-Anything else is refused, with the reason in the details. After the weights shrink, the graph is
+Anything else is refused, with the reason in the details: a linear reached through an activation
+function (it looks like an MLP's down projection) or a linear-like node on an unsupported weight is
+listed in details["skipped"] as {"site": module path, "reason"} (the per-site contract, also for
+tied / deselected groups and unstructured skips), and details["notes"] says when nothing was found
+or nothing pruned. After the weights shrink, the graph is
 re-run on the example inputs and every view/reshape/expand/split whose input shape changed gets
 its literal sizes rewritten; a size that would have to change but comes from the input (a SymInt)
 refuses the whole rewrite and restores the program.
@@ -61,7 +69,16 @@ from optpipe.attention_sites import SDPA, concrete, sdpa_arguments
 from optpipe.graph_toolkit import module_path, value
 from optpipe.program import Program
 from optpipe.registry import LossyConfig, PassResult, config_fields, register_pass
-from optpipe.weight_sites import WeightSite, linear_shape, logical_weight, path_matches, weight_site, weight_tensor
+from optpipe.weight_sites import (
+    WeightSite,
+    experts_site,
+    linear_shape,
+    logical_weight,
+    path_matches,
+    weight_readers,
+    weight_site,
+    weight_tensor,
+)
 
 aten = torch.ops.aten
 
@@ -234,13 +251,13 @@ def _selected(path: str, config: PruneConfig) -> str | None:
     return None
 
 
-def is_tied(gm: torch.fx.GraphModule, site: WeightSite) -> bool:
-    """Whether the weight is shared: read by another node or registered under another name."""
+def is_tied(gm: torch.fx.GraphModule, site: WeightSite, among: set = frozenset()) -> bool:
+    """Whether the weight is shared: read by a node other than the site's (and those `among`), or
+    registered under another name."""
     weight = weight_tensor(gm, site.weight.target)
-    readers = [n for n in gm.graph.nodes if n.op == "get_attr" and weight_tensor(gm, n.target) is weight]
-    users = {u for r in readers for u in r.users}
+    others = set(weight_readers(gm, weight)) - {site.node} - set(among)
     names = [k for k, t in gm.named_parameters(remove_duplicate=False) if t is weight]
-    return len(users) > 1 or len(names) > 1
+    return bool(others) or len(names) > 1
 
 
 def _replace_param(gm, target: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -297,11 +314,13 @@ class _Group:
         return [s.site for s in self.producers] + [self.consumer.site]
 
 
-def _sites_by_node(gm) -> dict[torch.fx.Node, WeightSite]:
+def _sites_by_node(gm, experts: bool = False) -> dict[torch.fx.Node, WeightSite]:
     out = {}
     for node in gm.graph.nodes:
         site = weight_site(gm, node)
-        if isinstance(site, WeightSite) and site.kind == "linear":
+        if experts and not isinstance(site, WeightSite):
+            site = experts_site(gm, node) or site
+        if isinstance(site, WeightSite) and site.kind in ("linear", "experts"):
             out[node] = site
     return out
 
@@ -311,25 +330,79 @@ def _last(node) -> int | None:
     return concrete(v.shape[-1]) if v is not None and v.dim() else None
 
 
+_PIECES = (aten.chunk.default, aten.split.Tensor)
+
+
+def _piece(gm, node: torch.fx.Node, sites: dict, k: int) -> tuple[WeightSite, int] | None:
+    """(linear, row offset) when `node` is one of k-wide equal pieces of a linear's output along the
+    channel dim: Phi-3's fused `gate_up_proj(x).chunk(2, -1)`, or a `split(k, -1)`."""
+    if not (node.op == "call_function" and node.target is operator.getitem):
+        return None
+    src, index = node.args
+    if not (isinstance(src, torch.fx.Node) and src.target in _PIECES and src.args[0] in sites):
+        return None
+    site = sites[src.args[0]]
+    rows = linear_shape(gm, site)[0]
+    dim = src.args[2] if len(src.args) > 2 else src.kwargs.get("dim", 0)
+    if dim not in (-1, value(src.args[0]).dim() - 1):
+        return None
+    width = rows // src.args[1] if src.target is aten.chunk.default and rows % src.args[1] == 0 else src.args[1]
+    if width != k or rows % k:
+        return None
+    return site, index * k
+
+
+_ACTIVATIONS = {
+    aten.gelu.default,
+    aten.relu.default,
+    aten.silu.default,
+    aten.tanh.default,
+    aten.sigmoid.default,
+    aten.leaky_relu.default,
+    aten.hardtanh.default,
+}
+
+
 def _mlp_group(gm, consumer: WeightSite, sites: dict) -> _Group:
-    """The linears feeding `consumer` through channel-wise ops (an MLP), or Refused."""
+    """The linears feeding `consumer` through channel-wise ops (an MLP), or Refused. A refusal met
+    after an activation function is marked `mlp_like` (the linear looks like an MLP's down
+    projection, so the user wants to know why it was not pruned)."""
+    activations: list[torch.fx.Node] = []
+    try:
+        return _mlp_walk(gm, consumer, sites, activations)
+    except Refused as e:
+        e.mlp_like = bool(activations)
+        raise
+
+
+def _mlp_walk(gm, consumer: WeightSite, sites: dict, activations: list) -> _Group:
+    """`_mlp_group`'s use-def walk. A producer may be a piece of a fused linear (gate and up as
+    halves of one `gate_up_proj`): its rows of every piece are pruned together, so every piece must
+    belong to the MLP."""
     k = linear_shape(gm, consumer)[1]
     interior, producers, stack = set(), [], [consumer.x]
     while stack:
         node = stack.pop()
-        if node in interior or any(p.node is node for p in producers):
+        if node in interior or any(p.site.node is node for p in producers):
             continue
         if not isinstance(node, torch.fx.Node) or _last(node) != k:
             raise Refused("input is not computed channel-wise from other linears")
         if node in sites:
             if linear_shape(gm, sites[node])[0] != k:
                 raise Refused("a producing linear has a different width")
-            producers.append(sites[node])
+            producers.append(_Slice(sites[node], 0, 1))
+            continue
+        piece = _piece(gm, node, sites, k)
+        if piece is not None:
+            interior.update((node, node.args[0]))
+            producers.append(_Slice(piece[0], piece[1], 1))
             continue
         t = node.target
         if node.op != "call_function":
             raise Refused(f"input reaches {node.op} {node.name}")
         interior.add(node)
+        if t in _ACTIVATIONS:
+            activations.append(node)
         if t in _VIEWS or t in _UNARY:
             stack.append(node.args[0])
         elif t in _BINARY:
@@ -342,20 +415,15 @@ def _mlp_group(gm, consumer: WeightSite, sites: dict) -> _Group:
             raise Refused(f"input goes through {t} ({node.name})")
     if not producers:
         raise Refused("no producing linear")
-    group_nodes = interior | {p.node for p in producers}
+    for site in {id(p.site): p.site for p in producers}.values():
+        if sum(k for p in producers if p.site is site) != linear_shape(gm, site)[0]:
+            raise Refused(f"{site.path} has output rows the MLP does not read")
+    group_nodes = interior | {p.site.node for p in producers}
     for n in group_nodes:
         if not set(n.users) <= group_nodes | {consumer.node}:
             raise Refused(f"{n.name} is also read outside the MLP")
-    paths = [s.path for s in producers] + [consumer.path]
-    return _Group(
-        "mlp",
-        _common_prefix(paths),
-        k,
-        "channel",
-        [_Slice(p, 0, 1) for p in producers],
-        _Slice(consumer, 0, 1),
-        group_nodes,
-    )
+    paths = [p.site.path for p in producers] + [consumer.path]
+    return _Group("mlp", _common_prefix(paths), k, "channel", producers, _Slice(consumer, 0, 1), group_nodes)
 
 
 def _common_prefix(paths: list[str]) -> str:
@@ -472,9 +540,16 @@ def _output_consumer(sdpa, heads: int, head_dim: int, sites: dict, nodes: set) -
         node = user
 
 
-HEAD_PARALLEL_OPS = ("sparse_attention", "linear_attention", "performer_attention", "linformer_attention")
+HEAD_PARALLEL_OPS = (
+    "sparse_attention",
+    "linear_attention",
+    "performer_attention",
+    "linformer_attention",
+    "score_mod_attention",
+)
 """optpipe's attention ops (the `attention` pass's kinds): like SDPA, each head attends on its own
-(q, k, v are the first three arguments; masks and projections are shared by all heads)."""
+(q, k, v are the first three arguments; projections are shared by all heads; score_mod_attention's mask may
+be per head, and then its heads are not pruned)."""
 
 
 def attention_nodes(gm) -> list[torch.fx.Node]:
@@ -488,7 +563,16 @@ def attention_nodes(gm) -> list[torch.fx.Node]:
 def _attention_arguments(node: torch.fx.Node) -> dict:
     if node.target is SDPA:
         return sdpa_arguments(node)
-    return {"query": node.args[0], "key": node.args[1], "value": node.args[2], "dropout_p": 0.0, "attn_mask": None}
+    # score_mod_attention(q, k, v, attn_mask, ...) and sparse_attention(..., bias) carry the site's additive
+    # bias (ALiBi, relative position) like SDPA's mask
+    name = node.target.name()
+    if name.startswith("optpipe::score_mod_attention"):
+        mask = node.args[3]
+    elif name.startswith("optpipe::sparse_attention"):
+        mask = node.kwargs.get("bias", node.args[13] if len(node.args) > 13 else None)
+    else:
+        mask = None
+    return {"query": node.args[0], "key": node.args[1], "value": node.args[2], "dropout_p": 0.0, "attn_mask": mask}
 
 
 def _head_group(gm, sdpa, sites: dict) -> _Group:
@@ -540,9 +624,11 @@ def _head_group(gm, sdpa, sites: dict) -> _Group:
     )
 
 
-def find_groups(gm, config: PruneConfig) -> tuple[list[_Group], list[dict]]:
-    """Prunable head and MLP groups, and the refused candidates with their reasons."""
-    sites = _sites_by_node(gm)
+def find_groups(gm, config: PruneConfig, experts: bool = False) -> tuple[list[_Group], list[dict]]:
+    """Prunable head and MLP groups, and the refused candidates with their reasons. With `experts`,
+    MoE experts stacked in [E, N, K] weights form MLP groups too (the same channel slots of every
+    expert)."""
+    sites = _sites_by_node(gm, experts)
     groups, refused = [], []
     if config.target in ("all", "heads"):
         for node in attention_nodes(gm):
@@ -559,14 +645,54 @@ def find_groups(gm, config: PruneConfig) -> tuple[list[_Group], list[dict]]:
                 continue
             try:
                 groups.append(_mlp_group(gm, site, sites))
-            except Refused:
-                continue  # most linears are not the end of an MLP; not worth reporting
+            except Refused as e:
+                if getattr(e, "mlp_like", False):  # most linears are not the end of an MLP: only these
+                    refused.append({"module_path": site.path, "kind": "mlp", "action": "refused", "reason": str(e)})
+        grouped = {s.node for g in groups for s in g.linears()}
+        refused.extend(d for n, d in _unsupported_sites(gm) if n not in grouped)
     return groups, refused
+
+
+def _unsupported_sites(gm) -> list[tuple[torch.fx.Node, dict]]:
+    """Linear-like nodes that are not sites (MoE experts stacked in one 3-d weight), with the reason."""
+    out = []
+    for node in gm.graph.nodes:
+        reason = weight_site(gm, node)
+        if isinstance(reason, str):
+            out.append((node, {"module_path": module_path(node), "kind": "mlp", "action": "skipped", "reason": reason}))
+    return out
+
+
+def _choose(gm, groups: list[_Group], config: PruneConfig, details: list) -> tuple[list[_Group], dict]:
+    """(groups to prune, {id(group): paths of the groups running the same weights}); the others
+    go into `details` with the reason. Groups running the same weights (ALBERT's layers share one
+    set) are pruned once, through the first of them."""
+    clusters: dict[tuple, list[_Group]] = {}
+    for g in groups:
+        key = tuple((s.site.weight.target, s.offset, s.per_unit) for s in [*g.producers, g.consumer])
+        clusters.setdefault(key, []).append(g)
+    chosen, sharing = [], {}
+    for cluster in clusters.values():
+        g, nodes = cluster[0], {s.node for h in cluster for s in h.linears()}
+        reason = next((r for r in (_selected(s.path, config) for h in cluster for s in h.linears()) if r), None)
+        if reason is None and any(is_tied(gm, s, nodes) for s in g.linears()):
+            reason = "a weight is tied to another module"
+        if reason:
+            details.extend(
+                {"module_path": h.path, "kind": h.kind, "action": "skipped", "reason": reason} for h in cluster
+            )
+            continue
+        chosen.append(g)
+        sharing[id(g)] = [h.path for h in cluster[1:]]
+    return chosen, sharing
 
 
 # -- structured: scoring and choosing ---------------------------------------------------------------------------
 def _unit_norms(w: torch.Tensor, s: _Slice, units: int, dim: int) -> torch.Tensor:
-    """Frobenius norm per unit of a slice of `w` along `dim` (0: rows, 1: columns)."""
+    """Frobenius norm per unit of a slice of `w` along `dim` (0: rows, 1: columns); an experts
+    weight [E, N, K] counts every expert's rows (columns) of the unit."""
+    if w.dim() == 3:
+        w = w.transpose(0, 1).reshape(w.shape[1], -1) if dim == 0 else w.reshape(-1, w.shape[-1])
     part = w.narrow(dim, s.offset, units * s.per_unit).double()
     part = part.reshape(units, s.per_unit, -1) if dim == 0 else part.t().reshape(units, s.per_unit, -1)
     return part.pow(2).sum((1, 2))
@@ -770,8 +896,8 @@ def _compensated_bias(gm, group: _Group, removed: list[int], means: dict | None)
 def apply_groups(program: Program, plan: list[tuple[_Group, list[int], list[int]]], means: dict | None = None) -> None:
     """Shrink the linears of every (group, kept units) and the graph's sizes; all or nothing."""
     gm = program.gm
-    rows: dict[int, tuple[WeightSite, list[int]]] = {}
-    cols: dict[int, tuple[WeightSite, list[int]]] = {}
+    rows: dict[str, tuple[WeightSite, list[int]]] = {}
+    cols: dict[str, tuple[WeightSite, list[int]]] = {}
     biases = {}
     for group, _kept, removed in plan:
         bias = _compensated_bias(gm, group, removed, means)
@@ -779,8 +905,10 @@ def apply_groups(program: Program, plan: list[tuple[_Group, list[int], list[int]
             biases[group.consumer.site.bias.target] = bias
     for group, kept, _ in plan:
         for s in group.producers:
-            rows.setdefault(id(s.site.node), (s.site, []))[1].extend(s.indices(kept))
-        cols.setdefault(id(group.consumer.site.node), (group.consumer.site, []))[1].extend(group.consumer.indices(kept))
+            rows.setdefault(s.site.weight.target, (s.site, []))[1].extend(s.indices(kept))
+        cols.setdefault(group.consumer.site.weight.target, (group.consumer.site, []))[1].extend(
+            group.consumer.indices(kept)
+        )
     with torch.no_grad():
         recorder = _Shapes(gm)
         recorder.run(*program.example_inputs)
@@ -793,16 +921,19 @@ def apply_groups(program: Program, plan: list[tuple[_Group, list[int], list[int]
             w = logical_weight(gm, site)
             if key in rows:
                 keep = torch.tensor(sorted(rows[key][1]), dtype=torch.long)
-                w = w.index_select(0, keep)
+                w = w.index_select(-2, keep)
                 if site.bias is not None:
                     b = weight_tensor(gm, site.bias.target).detach()
                     replaced.append((site.bias.target, _replace_param(gm, site.bias.target, b.index_select(0, keep))))
             if key in cols:
-                w = w.index_select(1, torch.tensor(sorted(cols[key][1]), dtype=torch.long))
+                w = w.index_select(-1, torch.tensor(sorted(cols[key][1]), dtype=torch.long))
                 if site.bias is not None and site.bias.target in biases:
                     replaced.append((site.bias.target, _replace_param(gm, site.bias.target, biases[site.bias.target])))
             replaced.append(
-                (site.weight.target, _replace_param(gm, site.weight.target, w.t() if site.transposed else w))
+                (
+                    site.weight.target,
+                    _replace_param(gm, site.weight.target, w.transpose(-1, -2) if site.transposed else w),
+                )
             )
         with torch.no_grad():
             resizer.run(*program.example_inputs)
@@ -821,17 +952,9 @@ def apply_groups(program: Program, plan: list[tuple[_Group, list[int], list[int]
 def _structured(program: Program, config: PruneConfig) -> PassResult:
     gm = program.gm
     params_before = _count_params(gm)
-    groups, refused = find_groups(gm, config)
+    groups, refused = find_groups(gm, config, experts=True)
     details = list(refused)
-    chosen = []
-    for g in groups:
-        reason = next((r for r in (_selected(s.path, config) for s in g.linears()) if r), None)
-        if reason is None and any(is_tied(gm, s) for s in g.linears()):
-            reason = "a weight is tied to another module"
-        if reason:
-            details.append({"module_path": g.path, "kind": g.kind, "action": "skipped", "reason": reason})
-        else:
-            chosen.append(g)
+    chosen, sharing = _choose(gm, groups, config, details)
     norms, means = None, None
     if chosen and _use_activations(program, config):
         stats = channel_stats(program, {g.consumer.site.x for g in chosen})
@@ -854,6 +977,8 @@ def _structured(program: Program, config: PruneConfig) -> PassResult:
             "linears": list(dict.fromkeys(s.path for s in g.linears())),
             "importance": "activation" if norms is not None else "magnitude",
         }
+        if sharing.get(id(g)):
+            entry["shared_with"] = sharing[id(g)]
         if g.kind == "heads":
             entry["scores"] = [round(float(s), 4) for s in scores]
             entry["removed"] = removed
@@ -890,14 +1015,14 @@ def _structured(program: Program, config: PruneConfig) -> PassResult:
         "params_before": params_before,
         "params_after": _count_params(gm),
     }
-    return PassResult(bool(plan), stats, {"modules": details})
+    return PassResult(bool(plan), stats, _report(details, config))
 
 
 # -- unstructured -----------------------------------------------------------------------------------------------
 def _mask(w: torch.Tensor, score: torch.Tensor, config: PruneConfig) -> torch.Tensor:
     """Boolean keep-mask of the logical [N, K] weight."""
     n, k = w.shape
-    keep = torch.ones(w.shape, dtype=torch.bool)
+    keep = torch.ones(w.shape, dtype=torch.bool, device=w.device)
     if config.method == "2:4":
         groups = score.reshape(n, k // 4, 4)
         drop = groups.argsort(dim=-1, stable=True)[..., :2]
@@ -932,6 +1057,8 @@ def _unstructured(program: Program, config: PruneConfig) -> PassResult:
     sites, details = [], []
     for node in gm.graph.nodes:
         site = weight_site(gm, node)
+        if isinstance(site, str):
+            details.append({"module_path": module_path(node), "node": node.name, "action": "skipped", "reason": site})
         if not isinstance(site, WeightSite) or site.kind != "linear":
             continue
         entry = {"module_path": site.path, "node": node.name}
@@ -981,7 +1108,27 @@ def _unstructured(program: Program, config: PruneConfig) -> PassResult:
         "params_after": _count_params(gm),
         "nonzero_after": nonzero,
     }
-    return PassResult(bool(sites), stats, {"modules": details})
+    return PassResult(bool(sites), stats, _report(details, config))
+
+
+def _report(details: list[dict], config: PruneConfig) -> dict:
+    """details["modules"] plus the per-site contract: {"site", "reason"} for each site refused or
+    skipped, and pass-level notes (nothing found, nothing pruned)."""
+    skipped = [
+        {"site": d["module_path"], "reason": d["reason"]} for d in details if d["action"] in ("refused", "skipped")
+    ]
+    notes = []
+    what = {"heads": "attention head groups", "mlp": "MLP groups"}.get(config.target, "head or MLP groups")
+    if not details:
+        found = what if config.method == "structured" else "linear layers"
+        notes.append(f"no site found: no prunable {found} in the graph; nothing to prune")
+    elif not any(d["action"] == "pruned" for d in details):
+        kept = sum(1 for d in details if d["action"] == "kept")
+        notes.append(
+            f"nothing pruned: {len(skipped)} sites refused or skipped (see skipped), "
+            f"{kept} kept whole at sparsity={config.sparsity}"
+        )
+    return {"modules": details, "skipped": skipped, "notes": notes}
 
 
 @register_pass("prune", PruneConfig, exact=False)

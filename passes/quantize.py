@@ -5,6 +5,7 @@ buffers on the same module; the fp32 weight is deleted from the module (unless s
 reads it), so the saved program shrinks with it:
 
     before   linear(x, W, b)                  | addmm(b, x, Wc) / mm(x, Wc)   (HF Conv1D: Wc = Wᵀ)
+             | matmul(x, numpy_T(W)) (Falcon's x @ W.T) | matmul(x, Wc)
     after    scheme=int8-dynamic  -> optpipe.linear_int8_dynamic(x, W_q int8, W_scale[N], b)
              scheme=int8-static   -> optpipe.linear_int8_static(x, W_q int8, W_scale[N], x_qparams[2], b)
              scheme=int8-weight   -> optpipe.linear_int8_weight(x, W_q int8, W_scale[N], b)
@@ -35,11 +36,18 @@ Selection: `modules` and `skip` are globs over the module path that owns the wei
 tail of it (`skip=[lm_head,*embed*]`, `modules=[*.mlp.*]`). Skipped modules keep their nodes and
 fp32 weights untouched.
 
+A compression pass never makes the model bigger: a weight that some other reader keeps in fp32 (a
+tied LM head whose embedding stays fp32 with embeddings=false, a weight also read by a non-linear
+op) would gain an int8 copy and free nothing, and a weight too small for its scales to pay off
+(in_features 1) would grow; their sites are skipped with the reason, before anything is rewritten.
+MoE experts stacked in one [E, N, K] weight are skipped too (no batched int8 kernel).
+
 Preconditions: none beyond a captured program; run it last among the rewrites that need fp32
 weights (fuse-attention, attention, prune), and for int8-static after every rewrite that changes
 the activations the linears read. Stats: {"quantized", "skipped", "bytes_before",
-"bytes_after"}; details: one entry per linear/embedding, keyed by module path, with the op or the
-reason it was skipped.
+"bytes_after"}; details: "modules", one entry per linear/embedding, keyed by module path, with the
+op or the reason it was skipped; "skipped", [{"site": module path, "reason"}] for every site left
+as it was; "notes", pass-level remarks (no site found, nothing quantized).
 """
 
 from __future__ import annotations
@@ -54,7 +62,15 @@ import torch.fx
 from optpipe.graph_toolkit import add_tensor, insert_call, insert_get_attr, module_path, value
 from optpipe.program import Program
 from optpipe.registry import LossyConfig, PassResult, config_fields, register_pass
-from optpipe.weight_sites import WeightSite, linear_shape, logical_weight, path_matches, weight_site, weight_tensor
+from optpipe.weight_sites import (
+    WeightSite,
+    linear_shape,
+    logical_weight,
+    path_matches,
+    weight_readers,
+    weight_site,
+    weight_tensor,
+)
 
 from . import quantize_ops as ops
 from .cleanup import eliminate_dead_code
@@ -208,6 +224,9 @@ def _rewrite(
     gm, site: WeightSite, config: QuantizeConfig, quantizer: _Quantizer, activation: tuple | None = None
 ) -> str:
     node = site.node
+    # read x and the bias from the node now, not from when the sites were collected: a linear feeding
+    # another (ALBERT's embedding_hidden_mapping_in feeds q, k and v) was replaced meanwhile
+    site = weight_site(gm, node)
     layout = "int4" if (site.kind == "linear" and config.scheme == "int4-weight") else "int8"
     act_qparams, smooth = activation or (None, None)
     q_name, s_name = quantizer.buffers(site, layout, smooth)
@@ -242,52 +261,23 @@ def fuse_shared_input_linears(gm: torch.fx.GraphModule) -> tuple[int, set[str]]:
     """int8-dynamic linears reading the same activation (q, k, v) -> ONE call on their weights
     stacked by output rows, then a split: the activation is quantized once, not once per linear,
     and the GEMM is wider. Exact: per-output-channel weight scales and per-token activation scales
-    are the same rows either way. Returns (linears fused, buffer targets no longer read)."""
+    are the same rows either way. Layers sharing their weights (ALBERT) share the stacked copy too.
+    Returns (linears fused, buffer targets no longer read)."""
     op = ops.linear_int8_dynamic
     groups: dict[torch.fx.Node, list[torch.fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in (op, getattr(op, "default", None)):
             groups.setdefault(node.args[0], []).append(node)
-    fused, replaced = 0, set()
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    fused, replaced, stacked = 0, set(), {}
     for x, members in groups.items():
-        if len(members) < 2 or any(not all(isinstance(a, torch.fx.Node) for a in m.args[1:3]) for m in members):
+        names = _stacked_buffers(gm, members, stacked)
+        if names is None:
             continue
-        weights = [weight_tensor(gm, m.args[1].target) for m in members]
-        scales = [weight_tensor(gm, m.args[2].target) for m in members]
-        if any(w is None or w.dim() != 2 for w in weights) or len({w.shape[1] for w in weights}) != 1:
-            continue
-        rows = [w.shape[0] for w in weights]
-        biases = [
-            (weight_tensor(gm, m.args[3].target) if isinstance(m.args[3], torch.fx.Node) else None)
-            if len(m.args) > 3
-            else None
-            for m in members
-        ]
-        if any(isinstance(m.args[3], torch.fx.Node) and b is None for m, b in zip(members, biases) if len(m.args) > 3):
-            continue  # a bias computed in the graph, not a stored one
-        paths = [m.args[1].target.rpartition(".")[0].split(".") for m in members]
-        common = []
-        for parts in zip(*paths):
-            if len(set(parts)) != 1:
-                break
-            common.append(parts[0])
-        owner = ".".join(common)
-        q_name = add_tensor(gm, owner, "fused_weight_int8", torch.cat(weights))
-        s_name = add_tensor(gm, owner, "fused_weight_scale", torch.cat(scales))
-        b_name = None
-        if any(b is not None for b in biases):
-            b_name = add_tensor(
-                gm,
-                owner,
-                "fused_bias",
-                torch.cat(
-                    [b if b is not None else torch.zeros(n, dtype=scales[0].dtype) for b, n in zip(biases, rows)]
-                ),
-            )
-        first = min(members, key=lambda n: list(gm.graph.nodes).index(n))
+        rows = [weight_tensor(gm, m.args[1].target).shape[0] for m in members]
+        first = min(members, key=order.__getitem__)
         with gm.graph.inserting_before(first):
-            args = [x] + [insert_get_attr(gm, t, like=first.args[1]) for t in (q_name, s_name)]
-            args.append(insert_get_attr(gm, b_name, like=first.args[1]) if b_name else None)
+            args = [x] + [insert_get_attr(gm, t, like=first.args[1]) if t else None for t in names]
             new = insert_call(gm.graph, op, tuple(args), like=first)
             parts = insert_call(gm.graph, aten.split_with_sizes.default, (new, rows, -1), like=first)
             outs = [insert_call(gm.graph, operator.getitem, (parts, i), like=first) for i in range(len(members))]
@@ -297,6 +287,46 @@ def fuse_shared_input_linears(gm: torch.fx.GraphModule) -> tuple[int, set[str]]:
             gm.graph.erase_node(member)
         fused += len(members)
     return fused, replaced
+
+
+def _stacked_buffers(gm, members: list[torch.fx.Node], stacked: dict) -> tuple | None:
+    """(weight, scale, bias or None) targets of `members`' weights stacked by rows (made once per
+    distinct set of weights), or None when they cannot be stacked."""
+    if len(members) < 2 or any(not all(isinstance(a, torch.fx.Node) for a in m.args[1:3]) for m in members):
+        return None
+    weights = [weight_tensor(gm, m.args[1].target) for m in members]
+    scales = [weight_tensor(gm, m.args[2].target) for m in members]
+    if any(w is None or w.dim() != 2 for w in weights) or len({w.shape[1] for w in weights}) != 1:
+        return None
+    bias_args = [m.args[3] if len(m.args) > 3 else None for m in members]
+    biases = [weight_tensor(gm, b.target) if isinstance(b, torch.fx.Node) else None for b in bias_args]
+    if any(isinstance(a, torch.fx.Node) and b is None for a, b in zip(bias_args, biases)):
+        return None  # a bias computed in the graph, not a stored one
+    key = tuple(id(t) if t is not None else None for t in weights + scales + biases)
+    if key in stacked:
+        return stacked[key]
+    owner = _common_prefix([m.args[1].target.rpartition(".")[0] for m in members])
+    bias = None
+    if any(b is not None for b in biases):
+        zeros = [torch.zeros(w.shape[0], dtype=scales[0].dtype) for w in weights]
+        bias = add_tensor(
+            gm, owner, "fused_bias", torch.cat([b if b is not None else z for b, z in zip(biases, zeros)])
+        )
+    stacked[key] = (
+        add_tensor(gm, owner, "fused_weight_int8", torch.cat(weights)),
+        add_tensor(gm, owner, "fused_weight_scale", torch.cat(scales)),
+        bias,
+    )
+    return stacked[key]
+
+
+def _common_prefix(paths: list[str]) -> str:
+    common = []
+    for parts in zip(*(p.split(".") for p in paths)):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return ".".join(common)
 
 
 def _drop_unused_weights(gm: torch.fx.GraphModule, candidates: set[str]) -> list[str]:
@@ -336,6 +366,57 @@ def _decide(gm, site, config: QuantizeConfig) -> str | None:
     if not path_matches(site.path, config.modules):
         return f"not selected by modules={list(config.modules)}"
     return _refusal(gm, site, config)
+
+
+# -- size guard: a compression pass never makes the model bigger -----------------------------------------------
+def _quantized_bytes(n: int, k: int, layout: str, config: QuantizeConfig) -> int:
+    """Bytes of one weight's quantized buffers: int8 [N,K] + fp32 scale [N]; int4 [N,K/2] + fp32 [N,K/g,2]."""
+    if layout == "int4":
+        return n * (k // 2) + n * (k // config.group) * 2 * 4
+    return n * k + n * 4
+
+
+def _growth_refusals(gm, decided: list, config: QuantizeConfig) -> dict[torch.fx.Node, str]:
+    """{site node: reason} for the chosen sites whose weight would cost more bytes quantized than it
+    frees: a weight another reader keeps in fp32 (a tied LM head whose embedding stays fp32) gains an
+    int8 copy and frees nothing; a tiny weight's scales can outweigh its savings."""
+    by_weight: dict[int, list] = {}
+    for node, site, reason in decided:
+        if isinstance(site, WeightSite):
+            by_weight.setdefault(id(weight_tensor(gm, site.weight.target)), []).append((node, site, reason))
+    why_fp32 = {node: (site.path, reason) for node, site, reason in decided if isinstance(site, WeightSite)}
+    refusals = {}
+    for entries in by_weight.values():
+        chosen = [(node, site) for node, site, reason in entries if reason is None]
+        if not chosen:
+            continue
+        tensor = weight_tensor(gm, chosen[0][1].weight.target)
+        chosen_nodes = {node for node, _ in chosen}
+        fp32_readers = [n for n in weight_readers(gm, tensor) if n not in chosen_nodes]
+        freed = 0 if fp32_readers else tensor.numel() * tensor.element_size()
+        added, layouts = 0, set()
+        for _, site in chosen:
+            n, k = linear_shape(gm, site) if site.kind == "linear" else tuple(tensor.shape)
+            layout = "int4" if (site.kind == "linear" and config.scheme == "int4-weight") else "int8"
+            if (layout, site.transposed) not in layouts:
+                layouts.add((layout, site.transposed))
+                added += _quantized_bytes(n, k, layout, config)
+            if config.scheme == "int8-static" and site.kind == "linear":
+                added += 8 + 4 * k  # input_qparams and (at most) input_smooth
+        if added < freed:
+            continue
+        reader = fp32_readers[0] if fp32_readers else None
+        if reader in why_fp32:
+            path, why = why_fp32[reader]
+            reason = f"weight shared with {path}, which stays fp32 ({why}): an int8 copy would add {added:,} bytes"
+        elif reader is not None:
+            reason = (
+                f"weight also read by {reader.name} ({reader.target}) in fp32: an int8 copy would add {added:,} bytes"
+            )
+        else:
+            reason = f"quantized buffers ({added:,} bytes) would not be smaller than the fp32 weight ({freed:,})"
+        refusals.update(dict.fromkeys(chosen_nodes, reason))
+    return refusals
 
 
 # -- calibration (int8-static) ----------------------------------------------------------------------------
@@ -444,6 +525,8 @@ def quantize(program: Program, config: QuantizeConfig) -> PassResult:
         site = weight_site(gm, node)
         if site is not None:
             decided.append((node, site, _decide(gm, site, config)))
+    growth = _growth_refusals(gm, decided, config)
+    decided = [(node, site, reason or growth.get(node)) for node, site, reason in decided]
     calibration, act_qparams = None, {}
     chosen = [site for _, site, reason in decided if reason is None]
     linears = [site for site in chosen if site.kind == "linear"]
@@ -482,7 +565,7 @@ def quantize(program: Program, config: QuantizeConfig) -> PassResult:
         "bytes_before": bytes_before,
         "bytes_after": state_bytes(gm),
     }
-    result = {"modules": details}
+    result = {"modules": details, "skipped": _skipped(details), "notes": _notes(details, stats)}
     if calibration is not None:
         result["calibration"] = calibration
     if kept:
@@ -490,6 +573,22 @@ def quantize(program: Program, config: QuantizeConfig) -> PassResult:
             kept, "still read by a node that was not quantized (tied or skipped)"
         )
     return PassResult(bool(quantized), stats, result)
+
+
+def _skipped(details: list[dict]) -> list[dict]:
+    """The per-site reporting contract: {"site", "reason"} for every site left as it was."""
+    return [{"site": d["module_path"], "reason": d["reason"]} for d in details if d["action"] == "skipped"]
+
+
+def _notes(details: list[dict], stats: dict) -> list[str]:
+    if not details:
+        return [
+            "no site found: no aten.linear / addmm / mm / matmul on a stored 2-d weight (nor embedding); "
+            "nothing to quantize"
+        ]
+    if not stats["quantized"]:
+        return [f"nothing quantized: all {len(details)} sites were skipped (see skipped for the reasons)"]
+    return []
 
 
 __all__ = ["SCHEMES", "QuantizeConfig", "path_matches", "quantize", "state_bytes"]

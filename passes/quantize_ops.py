@@ -11,14 +11,18 @@ asymmetric per group of `group` input channels (`w ≈ (u - zero[n, g]) · scale
 u in [0, 15], two per byte, the even k in the low nibble; scale and zero stored as qparams[n, g, :]).
 
 int8-dynamic activations (per token): each token row is divided by its own max |x| (so every row
-spans [-1, 1]), then the whole normalized tensor is quantized the way ONNX's DynamicQuantizeLinear
-does it (uint8, asymmetric, scale = (max(0, hi) - min(0, lo)) / 255, zero point = round(-lo/scale)),
-multiplied by the int8 weight with int32 accumulation, and rescaled by activation scale · row max ·
-weight scale. The normalization makes one per-tensor quantizer behave per token, which is what lets
-the fast kernels (oneDNN's dynamic quantized linear — AMX/VNNI int8 on x86 — and ORT's
-DynamicQuantizeLinear + MatMulInteger) serve a per-token scheme; measured on this CPU (1 thread,
-1024x384x1536): fp32 linear 25 ms, oneDNN int8 2.7 ms + 1.3 ms of normalization, `torch._int_mm`
-14 ms + quantize/dequantize 40 ms, `aten._weight_int8pack_mm` 800 ms (no fast path here).
+lies in [-1, 1]), then quantized with FIXED parameters — uint8, scale 1/127, zero point 128 (levels
+1..255: symmetric int8 stored as uint8, the same numbers as the CUDA kernel's symmetric int8 with
+scale max|x|/127) — multiplied by the int8 weight with int32 accumulation, and rescaled by
+row max / 127 · weight scale. No statistic is taken across rows, so a token's output depends on that
+token alone: a one-token decode step over a kv-cache quantizes it exactly as the full-sequence run
+does, and a batched request does not depend on what it is batched with. (A per-tensor dynamic range
+over the normalized rows — what DynamicQuantizeLinear or oneDNN's dynamic linear would compute —
+is NOT per token: it moves with the other rows of the call.) Constant quantization parameters let
+the static u8 x s8 kernels (oneDNN's qlinear, ORT's QuantizeLinear + MatMulInteger) serve the scheme.
+Measured on this CPU (1 thread, 1024x384x1536, with oneDNN's dynamic linear, which the static kernel
+replaced): fp32 linear 25 ms, oneDNN int8 2.7 ms + 1.3 ms of normalization, `torch._int_mm` 14 ms +
+quantize/dequantize 40 ms, `aten._weight_int8pack_mm` 800 ms (no fast path here).
 
 int8-static activations: one calibrated per-tensor uint8 (scale, zero point) per linear input
 (act_qparams = [scale, zero point], fp32), xq = clamp(round(x / scale) + zero, 0, 255) as ONNX
@@ -27,19 +31,19 @@ time: on this CPU (1 thread, 1024x384x1536) 1.5 ms vs 3.1 ms for int8-dynamic an
 With SmoothQuant smoothing (act_smooth[K], chosen by the pass) x is divided by it first, and the
 weight was multiplied by it before quantization.
 
-Kernels: `linear_int8_dynamic` runs `torch.ops.quantized.linear_dynamic` on weights prepacked once
-for oneDNN (cached per weight tensor, so the saved program stores plain int8 buffers only);
-`linear_int8_static` quantizes x with `torch.quantize_per_tensor` and runs oneDNN's
-`onednn.qlinear_pointwise` (u8 x s8, fp32 output, weight scales and bias in its epilogue). On CUDA
-both run `torch._int_mm` (int8 x int8 -> int32; int8-dynamic symmetric per token, int8-static with
-the zero point folded in through the weight's row sums) when there are more than 16 rows and K, N
-are multiples of 8. Other devices/dtypes/shapes, or a torch without oneDNN, run the decomposition.
-The weight-only ops dequantize on the fly in plain torch (their point is memory, not CPU speed:
-torch's int4/int8 packed CPU kernels were 30-100x slower than fp32 here). Every op's decomposition
-is plain ATen (no amax, no bit shifts: TVM's importer lacks them) and is what ONNX Runtime and TVM
-lower; for ONNX Runtime, `linear_int8_dynamic` has a native lowering to DynamicQuantizeLinear +
-MatMulInteger, `linear_int8_static` to QuantizeLinear + MatMulInteger and `linear_int4_weight` to
-ORT's `com.microsoft::MatMulNBits` (block-wise int4; ORT 1.19's CPU kernel takes bits=4 only, so
+Kernels: both int8 activation ops quantize x (int8-dynamic: x / row max) with
+`torch.quantize_per_tensor` and run oneDNN's `onednn.qlinear_pointwise` (u8 x s8, fp32 output, weight
+scales in its epilogue) on weights prepacked once for oneDNN (cached per weight tensor, so the saved
+program stores plain int8 buffers only). On CUDA both run `torch._int_mm` (int8 x int8 -> int32;
+int8-dynamic symmetric per token, int8-static with the zero point folded in through the weight's row
+sums) when there are more than 16 rows and K, N are multiples of 8. Other devices/dtypes/shapes, or a
+torch without oneDNN, run the decomposition. The weight-only ops dequantize on the fly in plain torch
+(their point is memory, not CPU speed: torch's int4/int8 packed CPU kernels were 30-100x slower than
+fp32 here). Every op's decomposition is plain ATen (no amax, no bit shifts: TVM's importer lacks them)
+and is what ONNX Runtime and TVM lower; for ONNX Runtime, `linear_int8_dynamic` has a native lowering
+to Div (per token) + QuantizeLinear (constant scale and zero point) + MatMulInteger,
+`linear_int8_static` to QuantizeLinear + MatMulInteger and `linear_int4_weight` to ORT's
+`com.microsoft::MatMulNBits` (block-wise int4; ORT 1.19's CPU kernel takes bits=4 only, so
 int8-weight keeps its decomposition there).
 
 Autograd: the activations and the bias get gradients (straight through the dequantized weight), so
@@ -47,8 +51,8 @@ a quantized model can still be fine-tuned around its frozen int8/int4 weights (a
 
 On an x86 CPU without VNNI (AVX2 only), u8 x s8 int8 GEMMs (oneDNN's, and MLAS's behind ORT's
 MatMulInteger) sum products pairwise in saturating int16 (vpmaddubsw): 22-25 dB against exact int8
-math. There the CPU kernels fall back to the exact reference, and int8-static's ORT lowering runs
-u8 x u8 around zero point 128, which MLAS sums exactly (HAS_EXACT_INT8_DOT).
+math. There the CPU kernels fall back to the exact reference, and both int8 ORT lowerings run u8 x u8
+around zero point 128, which MLAS sums exactly (HAS_EXACT_INT8_DOT).
 """
 
 from __future__ import annotations
@@ -66,6 +70,9 @@ from optpipe.ops import defer_lowerings, define_op, register_lowering
 
 ROW_EPS = 1e-12
 """Floor of a token's max |x| (an all-zero row stays zero instead of dividing by zero)."""
+ACT_SCALE = 1 / 127
+ACT_ZERO = 128
+"""int8-dynamic's fixed uint8 quantizer of x / max|x| (in [-1, 1]): levels 1..255, symmetric around 128."""
 INT4_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
@@ -135,17 +142,13 @@ def _row_max(x: torch.Tensor) -> torch.Tensor:
 def int8_dynamic_reference(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """The decomposition: per-token normalization, DynamicQuantizeLinear-style uint8 activations,
-    an integer-valued matmul in x's dtype (exact up to fp32 rounding of the int32 sums)."""
+    """The decomposition: per-token normalization, uint8 activations with the fixed (scale 1/127,
+    zero point 128) as ONNX QuantizeLinear, an integer-valued matmul in x's dtype (exact up to fp32
+    rounding of the int32 sums). Row by row: nothing is reduced across tokens."""
     row = _row_max(x)
-    xn = x / row
-    lo = xn.min().clamp(max=0)
-    hi = xn.max().clamp(min=0)
-    act_scale = ((hi - lo) / 255).clamp(min=torch.finfo(x.dtype).tiny)
-    zero = torch.round(-lo / act_scale).clamp(0, 255)
-    centered = torch.round(xn / act_scale).add(zero).clamp(0, 255) - zero  # xq - zero point
+    centered = torch.round(x / row / ACT_SCALE).clamp(-ACT_ZERO, 255 - ACT_ZERO)  # xq - zero point
     acc = F.linear(centered, weight.to(x.dtype))
-    return _add_bias(acc * (act_scale * row), weight_scale.to(x.dtype), bias)
+    return _add_bias(acc * (row * ACT_SCALE), weight_scale.to(x.dtype), bias)
 
 
 class _PrepackCache:
@@ -178,17 +181,7 @@ class _PrepackCache:
 
 
 def _prepack(weight: torch.Tensor, scale: torch.Tensor):
-    previous = torch.backends.quantized.engine
-    with warnings.catch_warnings():  # quantized tensor constructors are deprecated, the kernels are not
-        warnings.simplefilter("ignore")
-        try:
-            torch.backends.quantized.engine = "onednn"
-            qweight = torch._make_per_channel_quantized_tensor(
-                weight, scale.double(), torch.zeros(weight.shape[0], dtype=torch.long), 0
-            )
-            return torch.ops.quantized.linear_prepack(qweight, None)
-        finally:
-            torch.backends.quantized.engine = previous
+    return torch.ops.onednn.qlinear_prepack(weight, None)
 
 
 PREPACKED = _PrepackCache(_prepack)
@@ -209,7 +202,11 @@ def _exact_int8_dot_products() -> bool:
 
 
 HAS_EXACT_INT8_DOT = _exact_int8_dot_products()
-HAS_ONEDNN = "onednn" in torch.backends.quantized.supported_engines and HAS_EXACT_INT8_DOT
+HAS_ONEDNN = (
+    "onednn" in torch.backends.quantized.supported_engines
+    and hasattr(torch.ops.onednn, "qlinear_pointwise")
+    and HAS_EXACT_INT8_DOT
+)
 
 
 def _uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -253,11 +250,45 @@ def linear_int8_dynamic_impl(
         return int8_dynamic_reference(x, weight, weight_scale, bias)
     # max |x| per row from two reductions: x.abs() would allocate an x-sized temporary per call
     row = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg_()).clamp_(min=ROW_EPS)
-    # the packed weight carries the per-channel scales; the op quantizes x/row per tensor (uint8)
-    y = torch.ops.quantized.linear_dynamic((x / row).contiguous(), PREPACKED.get(weight, weight_scale), False)
+    y = onednn_linear(x / row, ACT_SCALE, ACT_ZERO, weight, weight_scale, None)
     # in place: a fresh [M, N] output per call costs page faults that outweigh the arithmetic
     y.mul_(row)
     return y if bias is None else y.add_(bias)
+
+
+def onednn_linear(
+    x: torch.Tensor,
+    act_scale: float,
+    zero: int,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x quantized per tensor with (act_scale, zero) to uint8, then oneDNN u8 x s8 with fp32 output:
+    per-channel weight scales and the bias applied in its epilogue."""
+    with warnings.catch_warnings():  # quantized tensor constructors are deprecated, the kernels are not
+        warnings.simplefilter("ignore")
+        xq = torch.quantize_per_tensor(x.contiguous(), act_scale, zero, torch.quint8).int_repr()
+    return torch.ops.onednn.qlinear_pointwise(
+        xq,
+        act_scale,
+        zero,
+        PREPACKED.get(weight, weight_scale),
+        weight_scale,
+        _zeros(weight.shape[0]),
+        bias,
+        1.0,
+        0,
+        x.dtype,
+        "none",
+        [],
+        "",
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _zeros(n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.long)
 
 
 def _linear_fake(x, weight, weight_scale, bias):
@@ -328,14 +359,6 @@ def int8_static_reference(
     return _add_bias(acc, act_scale * weight_scale.to(x.dtype), bias)
 
 
-def _prepack_static(weight: torch.Tensor, scale: torch.Tensor):
-    return torch.ops.onednn.qlinear_prepack(weight, None)
-
-
-STATIC_PREPACKED = _PrepackCache(_prepack_static)
-HAS_ONEDNN_STATIC = HAS_ONEDNN and hasattr(torch.ops.onednn, "qlinear_pointwise")
-
-
 def int8_static_int_mm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -362,7 +385,7 @@ def int8_static_kernel(x: torch.Tensor, weight: torch.Tensor) -> str:
     """Which kernel `linear_int8_static` runs: "int_mm" (CUDA), "onednn" (CPU) or "reference"."""
     if x.is_cuda and weight.dtype == torch.int8 and _int_mm_fits(x, weight):
         return "int_mm"
-    return "onednn" if HAS_ONEDNN_STATIC and _uses_onednn(x, weight) else "reference"
+    return "onednn" if _uses_onednn(x, weight) else "reference"
 
 
 def linear_int8_static_impl(
@@ -381,31 +404,7 @@ def linear_int8_static_impl(
     act_scale, zero = act_qparams.tolist()
     # a division then a per-tensor quantizer: torch's per-channel quantizer (one pass in principle)
     # measured 5x slower than both together
-    x = x.contiguous() if act_smooth is None else x / act_smooth
-    with warnings.catch_warnings():  # quantized tensor constructors are deprecated, the kernels are not
-        warnings.simplefilter("ignore")
-        xq = torch.quantize_per_tensor(x, act_scale, int(zero), torch.quint8).int_repr()
-    # oneDNN u8 x s8 with fp32 output: per-channel weight scales and the bias applied in its epilogue
-    return torch.ops.onednn.qlinear_pointwise(
-        xq,
-        act_scale,
-        int(zero),
-        STATIC_PREPACKED.get(weight, weight_scale),
-        weight_scale,
-        _zeros(weight.shape[0]),
-        bias,
-        1.0,
-        0,
-        x.dtype,
-        "none",
-        [],
-        "",
-    )
-
-
-@functools.lru_cache(maxsize=256)
-def _zeros(n: int) -> torch.Tensor:
-    return torch.zeros(n, dtype=torch.long)
+    return onednn_linear(x if act_smooth is None else x / act_smooth, act_scale, int(zero), weight, weight_scale, bias)
 
 
 def _static_fake(x, weight, weight_scale, act_qparams, act_smooth, bias):
@@ -541,8 +540,8 @@ QUANTIZED_LINEARS = (linear_int8_dynamic, linear_int8_static, linear_int8_weight
 
 # -- native lowerings ---------------------------------------------------------------------------------------
 def _register_onnx_lowering() -> None:
-    """int8-dynamic on ONNX Runtime as DynamicQuantizeLinear + MatMulInteger (ORT's u8s8 int8 GEMM)
-    instead of its fp32 decomposition, int8-static as QuantizeLinear + MatMulInteger, int4-weight as
+    """int8-dynamic on ONNX Runtime as Div + QuantizeLinear + MatMulInteger (ORT's int8 GEMM) instead
+    of its fp32 decomposition, int8-static as QuantizeLinear + MatMulInteger, int4-weight as
     com.microsoft::MatMulNBits. Each a traced onnxscript function (plain Python over `op.*`), so the
     optional bias is a Python `None` test rather than an ONNX optional."""
     try:
@@ -556,21 +555,33 @@ def _register_onnx_lowering() -> None:
 
 
 def _linear_int8_dynamic_onnx(op):
-    """int8-dynamic as DynamicQuantizeLinear + MatMulInteger, over opset `op`."""
+    """int8-dynamic as Div (per token) + QuantizeLinear (constant scale and zero point) + MatMulInteger,
+    over opset `op`. Not DynamicQuantizeLinear: its range over the whole call would make a token's
+    output depend on the other tokens (a decode step would not match the full-sequence run)."""
     from onnxscript import FLOAT, INT8
 
     def linear_int8_dynamic_onnx(x: FLOAT, weight: INT8, weight_scale: FLOAT, bias: FLOAT | None = None) -> FLOAT:
         row = op.Max(
             op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1), op.Constant(value_float=ROW_EPS)
         )
-        xq, act_scale, zero = op.DynamicQuantizeLinear(op.Div(x, row))
-        acc = op.MatMulInteger(xq, op.Transpose(weight, perm=[1, 0]), zero)
-        # Cast · (act_scale · weight_scale) exactly as ORT's fusions expect: with the quantizer above
-        # they become one DynamicQuantizeMatMul (8% faster than MatMulIntegerToFloat on 1024x384x1536)
+        act_scale = op.Constant(value_float=ACT_SCALE)
+        zero = op.Cast(op.Constant(value_int=ACT_ZERO), to=UINT8_TYPE)
+        acc = _matmul_integer_u8(op, op.QuantizeLinear(op.Div(x, row), act_scale, zero), weight, zero)
         y = op.Mul(op.Mul(op.Cast(acc, to=1), op.Mul(act_scale, weight_scale)), row)
         return y if bias is None else op.Add(y, bias)
 
     return linear_int8_dynamic_onnx
+
+
+def _matmul_integer_u8(op, xq, weight, zero):
+    """MatMulInteger of uint8 xq (zero point `zero`) by int8 weight[N, K]ᵀ. Without exact u8 x s8 dot
+    products (HAS_EXACT_INT8_DOT), u8 x u8 around zero point 128: MLAS's u8s8 AVX2 kernel saturates
+    (vpmaddubsw), u8u8 does not."""
+    if HAS_EXACT_INT8_DOT:
+        return op.MatMulInteger(xq, op.Transpose(weight, perm=[1, 0]), zero)
+    shifted = op.Add(op.Cast(weight, to=INT64_TYPE), op.Constant(value_int=128))  # folded at load
+    weight_u8 = op.Cast(op.Transpose(shifted, perm=[1, 0]), to=UINT8_TYPE)
+    return op.MatMulInteger(xq, weight_u8, zero, op.Cast(op.Constant(value_int=128), to=UINT8_TYPE))
 
 
 def _linear_int8_static_onnx(op):
@@ -590,12 +601,7 @@ def _linear_int8_static_onnx(op):
         # Div + per-tensor QuantizeLinear: a per-axis QuantizeLinear over the smoothing ran 3.5x slower in
         # ORT 1.19 (22 vs 6 ms, one 1024x384x1536 linear, 1 thread)
         xq = op.QuantizeLinear(x if act_smooth is None else op.Div(x, act_smooth), act_scale, zero)
-        if HAS_EXACT_INT8_DOT:
-            acc = op.MatMulInteger(xq, op.Transpose(weight, perm=[1, 0]), zero)
-        else:  # u8 x u8 around zero point 128: MLAS's u8s8 AVX2 kernel saturates (vpmaddubsw), u8u8 does not
-            shifted = op.Add(op.Cast(weight, to=INT64_TYPE), op.Constant(value_int=128))  # folded at load
-            weight_u8 = op.Cast(op.Transpose(shifted, perm=[1, 0]), to=UINT8_TYPE)
-            acc = op.MatMulInteger(xq, weight_u8, zero, op.Cast(op.Constant(value_int=128), to=UINT8_TYPE))
+        acc = _matmul_integer_u8(op, xq, weight, zero)
         y = op.Mul(op.Cast(acc, to=1), op.Mul(act_scale, weight_scale))
         return y if bias is None else op.Add(y, bias)
 
