@@ -11,14 +11,25 @@ guessed for token-id style inputs) are exported as `Dim.AUTO`; torch.export keep
 the model allows and specialises the rest. Which dims stayed dynamic is recorded in
 `program.dynamic_shapes`. Size-1 dims would be specialised by export's 0/1 rule, so capture widens
 them to 2 for tracing only; the program still runs at size 1.
+
+Mixture-of-experts layers are captured in a dense form that every target runs: each experts module
+that follows transformers' stacked-expert convention (3-D `gate_up_proj`/`up_proj` and `down_proj`
+weights, `forward(hidden_states, top_k_index, top_k_weights)`) is traced as every expert on every
+token — batched matmuls over the stacked weights — combined with the router's top-k weights spread
+into a dense [tokens, experts] gate. This is exact up to fp32 rounding (it costs num_experts / top_k
+times the routed expert FLOPs: portability over speed) and leaves no
+`transformers::grouped_mm_fallback`, `histc`, sort or scatter in the graph, so `program.pt2` loads
+and runs without the model's code (or transformers) imported. How many modules were traced so is
+recorded in `program.meta["experts"]`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -178,10 +189,14 @@ def capture(
     if dynamic_shapes is None:
         dynamic_shapes = guess_dynamic_dims(example_inputs, input_names)
     try:
-        ep, kept = export_module(module, example_inputs, input_names, dynamic_shapes)
+        with dense_experts(model) as n_experts:
+            if n_experts:
+                meta["experts"] = f"dense: {n_experts} experts module(s), every expert on every token"
+            ep, kept = export_module(module, example_inputs, input_names, dynamic_shapes)
     except Exception as first_error:  # noqa: BLE001 - retried static, reported below
         try:
-            ep, kept = export_module(module, example_inputs, input_names, None)
+            with dense_experts(model):
+                ep, kept = export_module(module, example_inputs, input_names, None)
         except Exception:  # noqa: BLE001 - the first (dynamic) error is the one that explains it
             raise UsageError(
                 f"torch.export could not capture {type(model).__name__}: {first_line(first_error)}",
@@ -232,3 +247,65 @@ def _jsonable(obj):
         return json.loads(json.dumps(obj, default=str))
     except (TypeError, ValueError):
         return {}
+
+
+def is_stacked_experts(module: nn.Module) -> bool:
+    """A transformers experts module: stacked 3-D expert weights, called with the router's top-k."""
+    up = (
+        getattr(module, "gate_up_proj", None) if getattr(module, "has_gate", True) else getattr(module, "up_proj", None)
+    )
+    down = getattr(module, "down_proj", None)
+    return (
+        isinstance(up, torch.Tensor)
+        and isinstance(down, torch.Tensor)
+        and up.dim() == 3
+        and down.dim() == 3
+        and isinstance(getattr(module, "num_experts", None), int)
+        and hasattr(module, "is_transposed")
+    )
+
+
+@contextlib.contextmanager
+def dense_experts(model: nn.Module) -> Iterator[int]:
+    """Within the block, every stacked-experts module of `model` runs `dense_experts_forward`.
+
+    Yields how many modules were switched; the model's own forward is back afterwards.
+    """
+    switched = [m for m in model.modules() if is_stacked_experts(m)]
+    for m in switched:
+        m.forward = dense_experts_forward.__get__(m)
+    try:
+        yield len(switched)
+    finally:
+        for m in switched:
+            m.__dict__.pop("forward", None)
+
+
+def _expert_linear(x: torch.Tensor, weight: torch.Tensor, bias, is_transposed: bool) -> torch.Tensor:
+    # x [T, K] or [E, T, K]; weight [E, N, K] ([E, K, N] when transposed) -> [E, T, N]
+    out = torch.matmul(x, weight if is_transposed else weight.transpose(-1, -2))
+    return out if bias is None else out + bias.unsqueeze(-2)
+
+
+def dense_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    """Every expert on every token, weighted by a dense [tokens, experts] gate from the top-k routing.
+
+    Same result as transformers' grouped/batched expert forwards (tokens routed to an expert get its
+    output times their routing weight; an index outside [0, num_experts) contributes nothing), traced
+    to matmul, elementwise and reduction ops only.
+    """
+    has_bias = getattr(self, "has_bias", False)
+    if self.has_gate:
+        up, up_bias = self.gate_up_proj, getattr(self, "gate_up_proj_bias", None) if has_bias else None
+    else:
+        up, up_bias = self.up_proj, getattr(self, "up_proj_bias", None) if has_bias else None
+    down_bias = getattr(self, "down_proj_bias", None) if has_bias else None
+    h = _expert_linear(hidden_states.to(up.dtype), up, up_bias, self.is_transposed)  # [E, T, I]
+    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+    out = _expert_linear(h, self.down_proj, down_bias, self.is_transposed)  # [E, T, H]
+    if getattr(self, "has_post_expert_norm", False):
+        out = self.post_expert_norm(out)
+    experts = torch.arange(self.num_experts, device=top_k_index.device)
+    chosen = (top_k_index.unsqueeze(-1) == experts).to(out.dtype)  # [T, k, E]
+    gate = (chosen * top_k_weights.to(out.dtype).unsqueeze(-1)).sum(dim=1)  # [T, E]
+    return (out * gate.transpose(0, 1).unsqueeze(-1)).sum(dim=0).to(hidden_states.dtype)

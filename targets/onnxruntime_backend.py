@@ -10,6 +10,8 @@ Lowering, in order:
    module path and the pass that introduced them. optpipe ops are judged by
    `optpipe.target.unsupported_nodes` (natively lowered or decomposable). `compile` reuses that
    decomposed program (optimize() calls check then compile), else applies optpipe's table alone.
+   Every `view` of a computed tensor then reads a contiguous copy (`_views_as_reshapes`): the
+   exporter re-traces with strides of its own (T5's view after a transpose would not trace).
 3. `torch.onnx.export(ep, dynamo=True)` with an explicit opset (default 20; ORT 1.19 reads 18-21),
    `custom_translation_table=lowerings_for("onnxruntime")` (onnxscript functions, e.g. ORT contrib
    ops), named dynamic axes (batch/seq as captured) and the onnxscript graph optimizer. The IR
@@ -122,8 +124,8 @@ class OrtRunner:
             raise UsageError(
                 f"onnxruntime rejected the inputs: {ort_message(e)}", f"the model takes: {self._expected()}"
             ) from None
-        except Exception as e:  # noqa: BLE001 - a kernel failure: one line, not a traceback
-            raise TargetError(f"onnxruntime failed to run the model: {ort_message(e)}") from None
+        except Exception as e:  # a kernel failure: one line (the cause stays chained)
+            raise TargetError(f"onnxruntime failed to run the model: {ort_message(e)}") from e
         leaves = [torch.from_numpy(o.copy()) for o in outputs]
         if self.out_spec is not None and self.out_spec.num_leaves == len(leaves):
             return pytree.tree_unflatten(leaves, self.out_spec)
@@ -231,7 +233,7 @@ class OnnxRuntimeTarget(Target):
             return cached[2]
         ep = _reexport(program)
         table = decompositions(exclude=lowerings_for(TARGET))
-        return _decompose(ep, table) if table and _uses_any(program, table) else ep
+        return _decompose(ep, table) if table and _uses_any(program, table) else _views_as_reshapes(ep)
 
     # -- lowering ---------------------------------------------------------------------------------
     def compile(self, program, opset: int = DEFAULT_OPSET, fuse: bool = True, **options) -> Compiled:
@@ -324,11 +326,11 @@ def _uses_any(program, ops) -> bool:
 def _reexport(program):
     try:
         return program.export()
-    except Exception as e:  # noqa: BLE001 - a graph torch.export rejects: one line
+    except Exception as e:  # a graph torch.export rejects: one line
         raise TargetError(
             f"target onnxruntime: torch.export could not re-export the program: {first_line(e)}",
             "run the program on the cpu target, or drop the last pass",
-        ) from None
+        ) from e
 
 
 def _decompose(ep, table: dict):
@@ -339,12 +341,34 @@ def _decompose(ep, table: dict):
     try:
         # the exporter decomposes under the same flag (size-0/1 dims stay dynamic)
         with fx_config.patch(backed_size_oblivious=True), quiet_exporter():
-            return ep.run_decompositions(table)
-    except Exception as e:  # noqa: BLE001
+            ep = ep.run_decompositions(table)
+    except Exception as e:
         raise TargetError(
             f"target onnxruntime: decomposition failed: {first_line(e)}",
             "an optpipe op's decomposition does not trace; check the op that introduced it",
-        ) from None
+        ) from e
+    return _views_as_reshapes(ep)
+
+
+def _views_as_reshapes(ep):
+    """`ep` with every `aten.view` of a computed tensor reading a contiguous copy (in place): what
+    ONNX's Reshape is, and the copy is an Identity the optimizer drops.
+
+    The exporter re-traces the program, and its strides need not be ours: an SDPA output that was
+    laid out (batch, seq, heads, dim) at capture comes out contiguous (batch, heads, seq, dim)
+    there, and the view after its transpose (T5's attention: `.transpose(1, 2).reshape(b, n, -1)`)
+    no longer traces. With symbolic dims even `aten.reshape` decomposes into that view."""
+    aten, graph = torch.ops.aten, ep.graph
+    views = [n for n in graph.nodes if n.op == "call_function" and n.target is aten.view.default]
+    for view in views:
+        source = view.args[0]
+        with graph.inserting_before(view):
+            copy = graph.call_function(aten.clone.default, (source,), {"memory_format": torch.contiguous_format})
+        copy.meta = {**view.meta, "val": source.meta["val"].clone(memory_format=torch.contiguous_format)}
+        view.replace_input_with(source, copy)
+    if views:
+        ep.graph_module.recompile()
+    return ep
 
 
 def _clear(workdir: str) -> None:
@@ -382,13 +406,34 @@ def _export_and_open(ep, program, opset: int, fuse: bool, workdir: str):
     return onnx_program, notes, session, (export_s, time.perf_counter() - start)
 
 
+def _axis_names(ep, program) -> tuple:
+    """Named axes ("batch", "seq") instead of the exporter's s0, s1: one name per symbol of the
+    graph, so dims that torch.export proved equal share a name and dims it did not get their own
+    (T5's decoder_input_ids "seq" is another length than input_ids': "decoder_input_ids.seq")."""
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"][-len(program.example_inputs) :]
+    by_symbol: dict[str, str] = {}
+    taken: set[str] = set()
+    named = []
+    for node, input_name, spec in zip(placeholders, program.input_names, program.dynamic_shapes):
+        val = node.meta.get("val")
+        if not spec or not isinstance(val, torch.Tensor):
+            named.append(None)
+            continue
+        axes = {}
+        for dim, name in spec.items():
+            symbol = str(val.shape[dim])
+            if symbol not in by_symbol:
+                by_symbol[symbol] = name if name not in taken else f"{input_name}.{name}"
+                taken.add(by_symbol[symbol])
+            axes[dim] = by_symbol[symbol]
+        named.append(axes)
+    return tuple(named)
+
+
 def _export(ep, program, opset: int, fuse: bool = True):
     """torch.onnx.export of the decomposed program, optimized and (with `fuse`) rewritten into ORT
     contrib ops; returns (ONNXProgram, notes for the report: "onnx_optimizer", "ort_fusions")."""
-    dynamic = None
-    if any(program.dynamic_shapes or []):
-        # named axes ("batch", "seq") instead of the exporter's s0, s1
-        dynamic = tuple(dict(d) if d else None for d in program.dynamic_shapes)
+    dynamic = _axis_names(ep, program) if any(program.dynamic_shapes or []) else None
     tensor_names = [n for n, x in zip(program.input_names, program.example_inputs) if isinstance(x, torch.Tensor)]
     try:
         with quiet_exporter():
@@ -404,8 +449,8 @@ def _export(ep, program, opset: int, fuse: bool = True):
                 optimize=False,
                 verbose=False,
             )
-    except Exception as e:  # noqa: BLE001
-        raise export_error(e, ep) from None
+    except Exception as e:
+        raise export_error(e, ep) from e
     notes = {}
     try:  # the same optimizer optimize=True runs, separately so a failure in it is not fatal
         with quiet_exporter():
@@ -449,13 +494,13 @@ def _session(path: str, optimized_path: str | None):
             )
     try:
         return ort.InferenceSession(path, options, providers=providers())
-    except Exception as e:  # noqa: BLE001 - e.g. NOT_IMPLEMENTED: no kernel for an op at this opset
+    except Exception as e:  # e.g. NOT_IMPLEMENTED: no kernel for an op at this opset
         message = ort_message(e)
         raise TargetError(
             f"target onnxruntime: ONNX Runtime cannot load {os.path.basename(path)}: {message}"
             f"{onnx_origins(path, message)}",
             "ONNX Runtime has no kernel for that op: register an onnxruntime lowering for it or use another target",
-        ) from None
+        ) from e
 
 
 register_target(TARGET, OnnxRuntimeTarget)

@@ -133,12 +133,13 @@ _BIAS_INPUT = {"Attention": 5, "MultiHeadAttention": 5}  # the attention bias ("
 
 def _attention_bias_per_head(model) -> int:
     """Broadcast every attention bias of a fused Attention/MultiHeadAttention node to one row per
-    head; returns how many nodes needed it.
+    batch and head; returns how many nodes needed it.
 
-    Why: the fusions pass a (B, 1, S, L) additive mask through as the attention bias, which newer
-    ORT releases broadcast over heads; ORT 1.19's CPU kernels refuse it at run time ("dimension 1
-    should be same as number of heads"). One Expand per distinct bias, shared by the layers."""
-    import numpy as np
+    Why: the fusions pass a (B, 1, S, L) additive mask or a (1, H, S, L) position bias (T5's)
+    through as the attention bias, which newer ORT releases broadcast; ORT 1.19's CPU kernels
+    refuse a single head at run time ("dimension 1 should be same as number of heads") and read a
+    single batch row wrongly for every other row (no error, wrong outputs). One Expand per distinct
+    bias, shared by the layers, to (batch of the node's query, heads, 1, 1)."""
     import onnx_ir as ir
 
     expanded: dict[int, ir.Value] = {}
@@ -147,23 +148,29 @@ def _attention_bias_per_head(model) -> int:
         index = _BIAS_INPUT.get(node.op_type)
         if node.domain != "com.microsoft" or index is None or len(node.inputs) <= index:
             continue
-        bias = node.inputs[index]
+        bias, query = node.inputs[index], node.inputs[0]
         heads = node.attributes.get_int("num_heads", 0)
-        if bias is None or not heads:
+        if bias is None or query is None or not heads:
             continue
-        shape = bias.shape
-        if shape is not None and len(shape) == 4 and shape[1] == heads:
+        shape, batch = bias.shape, query.shape[0] if query.shape is not None else None
+        if shape is not None and len(shape) == 4 and shape[1] == heads and batch is not None and shape[0] == batch:
             continue
-        if id(bias) not in expanded:
-            repeat = ir.Value(name=f"{bias.name}_heads", const_value=ir.tensor(np.array([1, heads, 1, 1], np.int64)))
-            model.graph.register_initializer(repeat)
-            expand = ir.node("Expand", [bias, repeat], name=f"{bias.name}_per_head")
-            producer = bias.producer()
-            if producer is not None and producer.graph is model.graph:
-                model.graph.insert_after(producer, expand)
-            else:  # a graph input or initializer
-                model.graph.insert_before(node, expand)
-            expanded[id(bias)] = expand.outputs[0]
+        if id(bias) not in expanded:  # the first node using `bias` comes after its and the query's producers
+            expanded[id(bias)] = _expand_bias(model, node, bias, query, heads)
         node.replace_input_with(index, expanded[id(bias)])
         count += 1
     return count
+
+
+def _expand_bias(model, node, bias, query, heads: int):
+    """Expand(bias, [batch of `query`, heads, 1, 1]), inserted before `node`; returns its output."""
+    import numpy as np
+    import onnx_ir as ir
+
+    rest = ir.Value(name=f"{bias.name}_heads", const_value=ir.tensor(np.array([heads, 1, 1], np.int64)))
+    model.graph.register_initializer(rest)
+    batch = ir.node("Shape", [query], attributes={"start": 0, "end": 1}, name=f"{bias.name}_batch")
+    target = ir.node("Concat", [batch.outputs[0], rest], attributes={"axis": 0}, name=f"{bias.name}_shape")
+    expand = ir.node("Expand", [bias, target.outputs[0]], name=f"{bias.name}_per_head")
+    model.graph.insert_before(node, [batch, target, expand])
+    return expand.outputs[0]

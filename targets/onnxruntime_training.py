@@ -212,11 +212,11 @@ class _LossExport:
                 dynamic + [dynamic[self.token], None],
                 strict_dims=True,
             )
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise TargetError(
                 f"target onnxruntime: torch.export of the program with its {objective} loss failed: {first_line(e)}",
                 "train on cpu/cuda, or drop the last pass",
-            ) from None
+            ) from e
         # the exporter's own decompositions run inside torch.onnx.export; these are the ones it lacks
         table = {**TRAINING_DECOMPOSITIONS, **decompositions()}
         self.ep = ep
@@ -224,11 +224,11 @@ class _LossExport:
             if any(n.op == "call_function" and n.target in table for n in ep.graph.nodes):  # a retrace: seconds
                 with fx_config.patch(backed_size_oblivious=True), quiet_exporter():
                     self.ep = ep.run_decompositions(table)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise TargetError(
                 f"target onnxruntime: decomposition for training failed: {first_line(e)}",
                 "an optpipe op's decomposition does not trace; check the op that introduced it",
-            ) from None
+            ) from e
         tensors = [(n, d) for n, x, d in zip(names, inputs + (labels, scale), kept) if isinstance(x, torch.Tensor)]
         self.input_names = [n for n, _ in tensors]
         self.dynamic = tuple(dict(d) if d else None for _, d in tensors) if any(d for _, d in tensors) else None
@@ -529,8 +529,8 @@ class OrtTrainer:
                     optimize=False,
                     verbose=False,
                 )
-        except Exception as e:  # noqa: BLE001
-            raise export_error(e, exported.ep) from None
+        except Exception as e:
+            raise export_error(e, exported.ep) from e
         model = onnx_program.model_proto
         model.ir_version = min(model.ir_version, MAX_IR_VERSION)
         self.info["rewrites"] = _make_differentiable(model)
@@ -570,7 +570,7 @@ class OrtTrainer:
                     optimizer=artifacts.OptimType.AdamW,
                     artifact_directory=self.workdir,
                 )
-        except Exception as e:  # noqa: BLE001 - the gradient builder's refusal: one line, with the op
+        except Exception as e:
             text = str(e)
             no_grad = re.search(r"gradient builder has not been registered: ?(\w+)", text)
             m = re.search(r"partial derivative for '([^']+)'", text)
@@ -589,7 +589,7 @@ class OrtTrainer:
             raise TargetError(
                 f"target onnxruntime cannot build the gradient graph: {message}{blocking}",
                 "an op on the way to the loss has no gradient in onnxruntime-training: train on cpu/cuda",
-            ) from None
+            ) from e
         _use_torch_adamw(os.path.join(self.workdir, "optimizer_model.onnx"), betas, eps, weight_decay)
         for name in ("training_model.onnx", "eval_model.onnx"):
             _clamp_ir_version(os.path.join(self.workdir, name))
@@ -613,13 +613,13 @@ class OrtTrainer:
                     session_options=options,
                 )
                 self.optimizer = Optimizer(path("optimizer_model.onnx"), self.module)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             message = ort_message(e)
             raise TargetError(
                 f"target onnxruntime: ONNX Runtime cannot load the training graph: {message}"
                 f"{onnx_origins(path('training_model.onnx'), message)}",
                 "train on cpu/cuda",
-            ) from None
+            ) from e
         self.optimizer.set_learning_rate(self.lr)
         self.module.train()
         self.module.lazy_reset_grad()
@@ -660,8 +660,8 @@ class OrtTrainer:
             )
         except UsageError:
             raise
-        except Exception as e:  # noqa: BLE001 - shapes the graph rejects, a kernel failure
-            raise TargetError(f"onnxruntime training failed to run: {ort_message(e)}") from None
+        except Exception as e:
+            raise TargetError(f"onnxruntime training failed to run: {ort_message(e)}") from e
         loss = out[0] if isinstance(out, (list, tuple)) else out
         return float(loss.item() if hasattr(loss, "item") else loss) / float(scale)
 

@@ -11,11 +11,13 @@ How it lowers
    (`register_lowering(op, "tvm", fn)`, `fn(node, importer) -> relax expr`; tvm-cuda uses them
    too) in the custom convert map, so those ops are not decomposed. Batch/sequence dims stay
    symbolic (torch's range constraints become TIR var bounds): one library serves every length.
-   Three fixes on the way in, each needed by a real model: a `view` of a non-contiguous tensor
+   Fixes on the way in, each needed by a real model: a `view` of a non-contiguous tensor
    (left by SDPA's decomposition, GPT-2) copies first instead of failing to re-trace; a slice torch
    proved in bounds (nanoGPT's `mask[:, :, :T, :T]`) is imported as such, or its `min(T, 64)`
-   shape breaks broadcasting; gathers clamp indices (TVM's "fast" `take` reads out of bounds, and
-   can crash, on a bad token id where torch would raise).
+   shape breaks broadcasting, and its negative axis is normalised (Relax's dynamic strided_slice
+   takes none: Mistral, Gemma-2); gathers wrap indices (TVM's "fast" `take` reads out of bounds,
+   and can crash, on a negative index torch accepts, Falcon's `qkv[..., [-2], :]`, or on a bad
+   token id where torch would raise).
    ONNX fallback, taken only when the torch importer lacks converters for some ops (e.g.
    `aten.amax`) and `torch.onnx.export` + `relax.frontend.onnx` convert every node; the report
    says why. Native lowerings do not apply there, so optpipe ops must decompose.
@@ -78,7 +80,7 @@ from optpipe.errors import TargetError, UsageError
 from optpipe.graph_toolkit import module_path
 from optpipe.pipeline import introduced_by
 from optpipe.registry import register_target
-from optpipe.target import Compiled, Target, UnsupportedNode, op_label, unsupported_nodes
+from optpipe.target import Compiled, Target, UnsupportedNode, op_label, unsupported_hint, unsupported_nodes
 
 from .tvm_build import (
     build_relax,
@@ -140,49 +142,102 @@ def _symint_expr(x):
     return x if isinstance(x, int) else None
 
 
-def _slice_in_bounds(node, importer):
-    """`aten.slice` that torch proved in bounds (out size == end - start) → an in-bounds strided
-    slice, whose shape stays `T` rather than `min(T, size)`; anything else: the importer's own."""
+def _slice_end(node, dim: int, start: int, end, importer):
+    """The end of a step-1 `aten.slice` as a Relax bound that torch proved in bounds (the output
+    size is end - start, or src size - start for a slice to the end), or None."""
+    size = _symint_expr(node.meta["val"].shape[dim])
+    src_size = _symint_expr(node.args[0].meta["val"].shape[dim])
+    if size is None or start < 0:
+        return None
+    if isinstance(end, torch.fx.Node):
+        end_expr = _symint_expr(end)
+        return importer.env[end] if end_expr is not None and size - (end_expr - start) == 0 else None
+    if isinstance(end, int) and end >= start and size - (end - start) == 0:  # x[:1] of a symbolic dim >= 1
+        return end
+    if src_size is not None and size - (src_size - start) == 0:  # to the end (end >= size, e.g. 2**63 - 1)
+        return importer.shape_of(importer.env[node.args[0]])[dim]
+    return None
+
+
+def _slice(node, importer):
+    """`aten.slice`, with its axis normalised (Relax's strided_slice takes no negative axis on a
+    symbolic dim: Mistral's and Gemma-2's masks) and, where torch proved it in bounds (nanoGPT's
+    `mask[:, :, :T, :T]`, a slice to the end of a symbolic dim), imported as such: its shape stays
+    `T` rather than `min(T, size)`, which breaks broadcasting downstream."""
     from tvm import relax
 
     args = list(node.args) + [None] * (5 - len(node.args))
     src, dim, start, end, step = args[:5]
-    dim, start, step = dim or 0, start or 0, 1 if step is None else step
+    out, x = node.meta.get("val"), importer.env[src]
+    if not isinstance(out, torch.Tensor) or not isinstance(src.meta.get("val"), torch.Tensor):
+        return importer._slice(node)
+    dim, start, step = (dim or 0) % out.dim(), start or 0, 1 if step is None else step
+    end = sys.maxsize if end is None else end
+    stop = _slice_end(node, dim, start, end, importer) if step == 1 and isinstance(start, int) else None
+    if stop is not None:
+        if start == 0 and _symint_expr(out.shape[dim]) == _symint_expr(src.meta["val"].shape[dim]):
+            return x  # the whole dim
+        return importer.block_builder.emit(relax.op.strided_slice(x, [dim], [start], [stop], [1], assume_inbound=True))
+
+    def bound(a):
+        return importer.env[a] if isinstance(a, torch.fx.Node) else a
+
+    return importer.block_builder.emit(relax.op.strided_slice(x, [dim], [bound(start)], [bound(end)], [bound(step)]))
+
+
+def _cumsum(node, importer):
+    """`aten.cumsum` in the dtype torch gives it: a bool or integer input sums in int64 (Mistral's
+    and Gemma-2's masks cumsum a bool tensor), where Relax would keep a bool sum LLVM cannot add."""
+    from tvm import relax
+
     out = node.meta.get("val")
-    size = out.shape[dim] if isinstance(out, torch.Tensor) else None
-    end_expr = _symint_expr(end)
-    if (
-        step == 1
-        and isinstance(start, int)
-        and isinstance(end, torch.fx.Node)
-        and end_expr is not None
-        and size is not None
-        and _symint_expr(size) is not None
-        and (_symint_expr(size) - (end_expr - start)) == 0
-    ):
-        x = importer.env[src]
-        return importer.block_builder.emit(
-            relax.op.strided_slice(x, [dim], [start], [importer.env[end]], [1], assume_inbound=True)
-        )
-    return importer._slice(node)
+    if not isinstance(out, torch.Tensor):
+        return importer._cumsum(node)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+    dtype = str(out.dtype).replace("torch.", "")
+    return importer.block_builder.emit(relax.op.cumsum(importer.env[node.args[0]], dim, dtype))
 
 
-def _clamp_gathers(mod):
-    """`take` with mode "clip" instead of "fast": same values for valid indices, no stray reads."""
+def _repeat(node, importer):
+    """`aten.repeat` as reshape -> broadcast -> reshape, so that a repeat count may be symbolic
+    (BLOOM's and DeBERTa-v2's biases repeat per batch row), where Relax's `tile` takes ints only."""
+    from tvm import relax, sym
+
+    repeats = importer.retrieve_args(node)[1]
+    if all(isinstance(r, int) for r in repeats):
+        return importer._repeat(node)
+    x = importer.env[node.args[0]]
+    shape = list(importer.shape_of(x))
+    sizes = [1] * (len(repeats) - len(shape)) + shape  # torch: extra repeats add leading dims
+    simplify = sym.Analyzer().simplify
+    bb = importer.block_builder
+    y = bb.emit(relax.op.reshape(x, [d for size in sizes for d in (1, size)]))
+    y = bb.emit(relax.op.broadcast_to(y, [d for r, size in zip(repeats, sizes) for d in (r, size)]))
+    return bb.emit(relax.op.reshape(y, [simplify(r * size) for r, size in zip(repeats, sizes)]))
+
+
+# converters given to the Relax torch importer in place of (or in addition to) its own
+IMPORT_FIXES = {"slice.Tensor": _slice, "cumsum.default": _cumsum, "repeat.default": _repeat}
+
+
+def _wrap_gathers(mod):
+    """`take` with mode "wrap" instead of "fast": torch's values for every index torch accepts,
+    negative ones included (Falcon's `qkv[..., [-2], :]`: "fast" reads out of bounds and "clip"
+    clamps -2 to 0), and no stray read on an index torch would reject (it wraps)."""
     from tvm import relax
     from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
     x, idx = wildcard(), wildcard()
     pattern = is_op("relax.take")(x, idx)
 
-    def clip(call, m):
+    def wrap(call, m):
         if call.attrs.mode != "fast":
             return call
-        return relax.op.take(m[x], m[idx], axis=call.attrs.axis, mode="clip")
+        return relax.op.take(m[x], m[idx], axis=call.attrs.axis, mode="wrap")
 
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
-            mod[gv] = rewrite_call(pattern, clip, func)
+            mod[gv] = rewrite_call(pattern, wrap, func)
     return mod
 
 
@@ -300,14 +355,14 @@ class TvmTarget(Target):
         found = unsupported_nodes(program, LOWERING_KEY, lambda op: True)
         try:
             ep = self._decomposed(program)
-        except Exception as e:  # noqa: BLE001 - export itself failing is the user's first problem
+        except Exception as e:  # export itself failing is the user's first problem
             if found:
                 return found
             raise TargetError(
                 f"target {self.name}: re-exporting the program failed: {_one_line(e)}",
                 "run `optpipe inspect` on the model; the torch targets may still take it",
-            ) from None
-        convert = torch_importer_ops()
+            ) from e
+        convert = torch_importer_ops() | set(IMPORT_FIXES)
         missing = [
             n
             for n in ep.graph.nodes
@@ -348,7 +403,7 @@ class TvmTarget(Target):
                 raise TargetError(
                     f"target {self.name} cannot take {len(unsupported)} node(s): "
                     + "; ".join(str(u) for u in unsupported[:10]),
-                    "choose another target or drop the pass that introduced them",
+                    unsupported_hint(unsupported),
                 )
         plan = self._plan
         ep = self._decomposed(program)
@@ -359,22 +414,22 @@ class TvmTarget(Target):
                 model = plan.onnx_model
                 dtypes = {i.name: _onnx_dtype(i.type.tensor_type.elem_type) for i in model.graph.input}
                 mod = from_onnx(model, dtype_dict=dtypes, keep_params_in_input=False)
-                return RelaxImport(_clamp_gathers(mod), "onnx", reason=plan.reason)
+                return RelaxImport(_wrap_gathers(mod), "onnx", reason=plan.reason)
             from tvm.relax.frontend.torch import from_exported_program
 
             counts: dict = {}
-            convert = {"slice.Tensor": _slice_in_bounds}
+            convert = dict(IMPORT_FIXES)
             for op, fn in self._native_lowerings().items():
                 convert[_fn_name(op)] = _counted(ops.opdef(op).name, fn, counts)
             mod = from_exported_program(ep, custom_convert_map=convert, run_ep_decomposition=False)
-            return RelaxImport(_clamp_gathers(mod), "torch", counts)
+            return RelaxImport(_wrap_gathers(mod), "torch", counts)
         except (TargetError, UsageError):
             raise
-        except Exception as e:  # noqa: BLE001 - an importer traceback helps nobody
+        except Exception as e:  # one line; the cause stays chained (OPTPIPE_DEBUG=1)
             raise TargetError(
                 f"target {self.name}: Relax import ({plan.importer}) failed: {_one_line(e)}",
                 "report it with `optpipe inspect` output; the torch targets may take it",
-            ) from None
+            ) from e
 
     # -- build ------------------------------------------------------------------------------------
     def build_target(self):
@@ -413,21 +468,21 @@ class TvmTarget(Target):
                 database, summary = tune_static(mod, program, target, tune, tuning_dir.name)
             except (TargetError, UsageError):
                 raise
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 raise TargetError(
                     f"target {self.name}: MetaSchedule tuning failed: {_one_line(e)}",
                     "build untuned (--tune 0); the log is under the tuning logs/ folder",
-                ) from None
+                ) from e
             info.update(mode=f"tuned ({summary['trials']} trials)", tuning=summary)
         if (static or tune) and _example_binding(mod["main"], program):
             mod[STATIC_FN] = _specialize(mod["main"], program, STATIC_FN)
             functions[STATIC_FN] = _static_shapes(program)
         try:
             executable = build_relax(mod, target, database)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise TargetError(
                 f"target {self.name}: build failed: {_one_line(e)}", "rerun with OPTPIPE_DEBUG=1 for the traceback"
-            ) from None
+            ) from e
         info["compile_s"] = round(time.perf_counter() - start, 2)
         meta = {
             "format": FORMAT,

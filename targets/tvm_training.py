@@ -198,7 +198,8 @@ def _relax_training_module(program, example: tuple, trainable_ids: set):
         raise TargetError(
             f"target tvm cannot train this program: Relax has no gradient for "
             f"{op or 'an op of it'}" + ("" if op else f" ({text.strip().splitlines()[-1][:200]})"),
-            "train on cpu/cuda or onnxruntime, or drop the pass that introduced the op",
+            "train on cpu/cuda or onnxruntime, or drop the pass that introduced the op "
+            "(a node no pass tagged comes from the model itself)",
         ) from None
     mod, _ = relax.frontend.detach_params(mod)
     var_index = {v.name: i for i, v in enumerate(params[user:])}
