@@ -6,7 +6,7 @@ export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY ?= error
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test coverage coverage-table gpu-check lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,21 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -n auto --dist loadscope
+
+# every transformers family x every stage (tests/test_coverage_matrix.py; `make test` runs a slice)
+coverage: setup
+	$(PY) -m pytest -q -n auto --dist load -m coverage
+
+# every CUDA path run on the GPU against its CPU result, with a speed table (benchmarks/gpu_check.py;
+# exit 1 on any mismatch). Needs a CUDA build of torch (drop the torch pin from constraints.txt); prints
+# one line and exits 0 where there is no CUDA device. GPU_CHECK_ARGS: e.g. --only cuda-eager,int8-dynamic,
+# or --device cpu for the dry run (the same checks, CPU against CPU)
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+# the same matrix as the markdown table of the README's "Supported architectures"
+coverage-table: setup
+	$(PY) benchmarks/coverage.py --readme README.md
 
 # ruff (lint + format check), then the layers: import-linter contracts, no cycles, no private names
 # across modules, no function over 80 lines (tools/layers.py)

@@ -11,13 +11,15 @@ import json
 import os
 import sys
 import time
+import traceback
 import types
 import typing
+import warnings
 from collections.abc import Callable
 
 import click
 
-from .errors import OptpipeError, UsageError, first_line
+from .errors import OptpipeError, OptpipeWarning, UsageError, first_line
 from .runtime.train_config import TrainConfig
 
 EPILOG = "Docs: README.md. Pipeline language: pass{opt=value,...},pass — see `optpipe passes`."
@@ -29,24 +31,34 @@ class Progress:
     def __init__(self, quiet: bool = False):
         from rich.console import Console
 
-        self.console = Console(stderr=True, highlight=False)
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)  # a line stays one line
         self.quiet = quiet
 
     @contextlib.contextmanager
     def __call__(self, label: str):
+        """A step named `label` (plain text: paths and pipelines such as `skip=[lm_head]` are shown
+        as written, never read as rich markup)."""
         start = time.perf_counter()
         if self.quiet:
             yield _Status(None)
             return
-        with self.console.status(label) as status:
+        with self.console.status(escape(label)) as status:
             yield _Status(status)
         seconds = time.perf_counter() - start
         if seconds > 1.0:
-            self.console.print(f"[green]✓[/] {label} [dim]({seconds:.1f}s)[/]")
+            self.console.print(f"[green]✓[/] {escape(label)} [dim]({seconds:.1f}s)[/]")
 
     def say(self, text: str) -> None:
+        """`text` is rich markup: `escape()` every user or pipeline text put into it."""
         if not self.quiet:
             self.console.print(text)
+
+
+def escape(text: object) -> str:
+    """`text` as literal text inside rich markup (`[lm_head]` would otherwise be eaten as a tag)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(str(text))
 
 
 class _Status:
@@ -55,33 +67,50 @@ class _Status:
 
     def update(self, label: str) -> None:
         if self.status is not None:
-            self.status.update(label)
+            self.status.update(escape(label))
+
+
+def _debug() -> bool:
+    return os.environ.get("OPTPIPE_DEBUG", "").strip() not in ("", "0")
 
 
 def _fail(e: OptpipeError):
+    if _debug():  # the whole story: where it was raised and every chained cause (a target's own error)
+        traceback.print_exception(e, file=sys.stderr)
     click.echo(f"optpipe: error: {e.one_line()}", err=True)
     sys.exit(e.exit_code)
 
 
 class _Group(click.Group):
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except OptpipeError as e:
-            _fail(e)
-        except KeyboardInterrupt:
-            click.echo("optpipe: interrupted; nothing was written", err=True)
-            sys.exit(130)
-        except (click.exceptions.Exit, click.ClickException, SystemExit):
-            raise
-        except Exception as e:  # a bug: still one line, with a way to see more
-            if os.environ.get("OPTPIPE_DEBUG"):
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            try:
+                return super().invoke(ctx)
+            except OptpipeError as e:
+                _fail(e)
+            except KeyboardInterrupt:
+                click.echo("optpipe: interrupted; nothing was written", err=True)
+                sys.exit(130)
+            except (click.exceptions.Exit, click.ClickException, SystemExit):
                 raise
-            click.echo(
-                f"optpipe: internal error: {first_line(e)} (hint: rerun with OPTPIPE_DEBUG=1 for the traceback)",
-                err=True,
-            )
-            sys.exit(1)
+            except Exception as e:  # a bug: still one line, with a way to see more
+                if _debug():
+                    raise
+                click.echo(
+                    f"optpipe: internal error: {first_line(e)} (hint: rerun with OPTPIPE_DEBUG=1 for the traceback)",
+                    err=True,
+                )
+                sys.exit(1)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """optpipe's own warnings (a version drift in an OUT's manifest) as one line on stderr; others
+    as Python prints them."""
+    if issubclass(category, OptpipeWarning):
+        click.echo(f"optpipe: warning: {message}", err=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 @click.group(cls=_Group, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -173,6 +202,7 @@ def optimize(
     from .optimization import optimize as run_optimize
     from .optimization import resolve_pipeline
     from .outdir import check_writable
+    from .report import pass_remarks
     from .verify import Budget
 
     check_writable(out, force)  # before any work
@@ -192,7 +222,9 @@ def optimize(
         instruments.append(PrintAfterChange(sys.stderr))
     with progress(f"load {model}"):
         program = _load(model, inputs, arch, trust_pickle)
-    progress.say(f"captured output: {program.meta.get('output', 'tensor')}; dynamic dims: {_dims_text(program)}")
+    progress.say(
+        f"captured output: {escape(program.meta.get('output', 'tensor'))}; dynamic dims: {escape(_dims_text(program))}"
+    )
     calibration = None
     if calibration_data:
         from .runtime.data import calibration_batches as read_calibration
@@ -212,18 +244,22 @@ def optimize(
     )
     with progress(f"write {out}"):
         res.save(out, force=force, dump_ir=dump_ir)
-    for p in res.report["passes"]:
-        for note in (p.get("details") or {}).get("notes") or []:
-            click.echo(f"note: {p['pipeline']}: {note}", err=True)
+    for line in pass_remarks(res.report["passes"]):
+        click.echo(line, err=True)
     if as_json:
         click.echo(json.dumps(res.report, default=str))
     else:
-        r = res.report
-        progress.say(
-            f"[bold]wrote {out}[/]: pipeline {r['pipeline']} → {target} "
-            f"({r['target_info'].get('mode', '')}); params {r['model']['params_before']:,} → "
-            f"{r['model']['params_after']:,}; target check max-abs {r['target_check']['max_abs']:.2e}"
-        )
+        progress.say(summary_markup(out, target, res.report))
+
+
+def summary_markup(out: str, target: str, r: dict) -> str:
+    """The closing line of `optimize` as rich markup; the paths and the pipeline in it are escaped
+    (`quantize{skip=[lm_head]}` is shown as written)."""
+    return (
+        f"[bold]wrote {escape(out)}[/]: pipeline {escape(r['pipeline'])} → {escape(target)} "
+        f"({escape(r['target_info'].get('mode', ''))}); params {r['model']['params_before']:,} → "
+        f"{r['model']['params_after']:,}; target check max-abs {r['target_check']['max_abs']:.2e}"
+    )
 
 
 def _dims_text(program) -> str:
@@ -350,22 +386,23 @@ def run(out, inputs, as_json):
 
 
 def _load_out(out: str):
-    """(program, target name, Target, Compiled) of an OUT folder."""
-    from .program import load_program
+    """(program, target name, Target, Compiled) of an OUT folder, its manifest checked first."""
+    from .errors import TargetError
+    from .loading import load_out
     from .registry import get_target
 
-    if not os.path.isfile(os.path.join(out, "program.pt2")):
-        raise UsageError(
-            f"{out} is not an optpipe OUT folder (no program.pt2)", "run `optpipe optimize ... -o OUT` first"
-        )
-    target = "cpu"
-    tpath = os.path.join(out, "target.json")
-    if os.path.isfile(tpath):
-        with open(tpath) as f:
-            target = json.load(f).get("target", "cpu")
-    program = load_program(os.path.join(out, "program.pt2"))
+    program, target = load_out(out)
     tgt = get_target(target)
-    return program, target, tgt, tgt.load(out, program)
+    try:
+        compiled = tgt.load(out, program)
+    except OptpipeError:
+        raise
+    except Exception as e:
+        raise TargetError(
+            f"{out}: the {target} artifact does not load: {first_line(e)}",
+            "rerun with OPTPIPE_DEBUG=1 for the traceback, or write OUT again with `optpipe optimize`",
+        ) from e
+    return program, target, tgt, compiled
 
 
 @main.command()
@@ -419,6 +456,7 @@ def generate(
     as_json,
 ):
     """Generate tokens from the (kv-cache) program in OUT on its target."""
+    from .inputs import check_token_ids
     from .runtime.generation import Sampling, target_step_function
     from .runtime.generation import generate as run_generate
 
@@ -427,6 +465,7 @@ def generate(
     program, target, tgt, compiled = _load_out(out)
     tokenizer = _tokenizer(out, program) if prompts or not prompt_ids else _tokenizer(out, program, required=False)
     rows = [tokenizer.encode(p).ids for p in prompts] if prompts else [_parse_ids(t) for t in prompt_ids]
+    check_token_ids(program, rows, where="--prompt" if prompts else "--prompt-ids")
     stops = list(stop_tokens)
     eos = (program.meta.get("config") or {}).get("eos_token_id")
     if not stops and not ignore_eos and eos is not None:
@@ -434,6 +473,7 @@ def generate(
     options = {}
     if draft:
         d_program, _, d_tgt, d_compiled = _load_out(draft)
+        check_token_ids(d_program, rows, where=f"--draft {draft}: the prompt")
         options = {
             "draft": d_program,
             "draft_step": target_step_function(d_tgt, d_compiled),
@@ -607,25 +647,29 @@ def _tokenizer(out: str, program, required: bool = True):
 
 
 def _run_inputs(program, texts) -> tuple:
-    """The program's example inputs, with those named on the command line replaced."""
-    from .inputs import InputValue, make_example_inputs, parse_input_arg
+    """The program's example inputs, with those named on the command line replaced, checked
+    against what the program takes (names, dtypes, shapes, token ids) before anything runs."""
+    from .inputs import InputValue, check_inputs, make_example_inputs, parse_input_arg, program_inputs
 
     given = {}
+    expected = {p.name: p for p in program_inputs(program)}
     dtypes = {n: x.dtype for n, x in zip(program.input_names, program.example_inputs) if hasattr(x, "dtype")}
-    vocab = (program.meta.get("config") or {}).get("vocab_size") or program.meta.get("vocab_size")
+    fallback_vocab = (program.meta.get("config") or {}).get("vocab_size") or program.meta.get("vocab_size")
     for text in texts:
-        name = text.split("=", 1)[0].split(":", 1)[0]
+        name = text.split("=", 1)[0].split(":", 1)[0].strip()
+        if name not in program.input_names:
+            raise UsageError(
+                f"--input {name!r}: the program has no such input", f"it takes: {', '.join(program.input_names)}"
+            )
         arg = parse_input_arg(text, default_dtype=dtypes.get(name))
         if isinstance(arg, InputValue):
             given[arg.name] = arg.tensor
         else:
-            given.update(make_example_inputs([arg], vocab_size=vocab))
-    unknown = set(given) - set(program.input_names)
-    if unknown:
-        raise UsageError(
-            f"unknown input {sorted(unknown)[0]!r}", f"the program takes: {', '.join(program.input_names)}"
-        )
-    return tuple(given.get(n, x) for n, x in zip(program.input_names, program.example_inputs))
+            vocab = expected[name].vocab if name in expected else None
+            given.update(make_example_inputs([arg], vocab_size=vocab or fallback_vocab))
+    args = tuple(given.get(n, x) for n, x in zip(program.input_names, program.example_inputs))
+    check_inputs(program, args, where="--input")
+    return args
 
 
 def _tensor_json(t):

@@ -7,12 +7,25 @@ Both carry a short `hint` that the CLI prints after the message.
 
 from __future__ import annotations
 
+MAX_LINE = 300
+"""Characters of a quoted message kept in a one-line error; the rest is cut (torch.fx's lint
+errors, for one, carry the whole graph: tens of thousands of characters)."""
 
-def first_line(e: BaseException) -> str:
-    """'ExceptionType: first non-empty line of its message' — how a library's error is quoted in
-    one of ours (some put the useful part after a blank preamble line)."""
+
+def clip(text: str, limit: int = MAX_LINE) -> str:
+    """`text` on one line (newlines and runs of blanks become one space), cut at `limit` characters."""
+    flat = " ".join(text.split())
+    if len(flat) <= limit:
+        return flat
+    return f"{flat[: limit - 1].rstrip()}… ({len(flat) - limit + 1} more characters; OPTPIPE_DEBUG=1 shows all)"
+
+
+def first_line(e: BaseException, limit: int = MAX_LINE) -> str:
+    """'ExceptionType: first non-empty line of its message', clipped to `limit` characters — how a
+    library's error is quoted in one of ours (some put the useful part after a blank preamble line,
+    some put a whole graph after it)."""
     first = next((line.strip() for line in str(e).strip().splitlines() if line.strip()), "")
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return f"{type(e).__name__}: {clip(first, limit)}" if first else type(e).__name__
 
 
 class OptpipeError(Exception):
@@ -24,8 +37,8 @@ class OptpipeError(Exception):
         self.hint = hint
 
     def one_line(self) -> str:
-        text = self.message.replace("\n", " ").strip()
-        return f"{text} (hint: {self.hint})" if self.hint else text
+        text = clip(self.message, 4 * MAX_LINE)  # our own messages may quote a path or two: room for them
+        return f"{text} (hint: {clip(self.hint, 2 * MAX_LINE)})" if self.hint else text
 
 
 class UsageError(OptpipeError):
@@ -55,3 +68,8 @@ class PipelineError(OptpipeError):
     run was stopped."""
 
     exit_code = 1
+
+
+class OptpipeWarning(UserWarning):
+    """Something the user should know that does not stop the run (an OUT folder written by another
+    torch version); the CLI prints it as one `optpipe: warning:` line."""

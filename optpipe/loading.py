@@ -21,6 +21,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import json
 import os
 import pickle
 import re
@@ -36,6 +37,7 @@ import torch.nn as nn
 from .capture import capture
 from .errors import UsageError, first_line
 from .inputs import InputSpec, check_specs, dtype_name, dynamic_shapes_of, make_example_inputs, parse_input_spec
+from .outdir import is_optpipe_out, verify_out
 from .program import Program, load_program
 
 # What `detect_format` returns.
@@ -59,6 +61,8 @@ PICKLE_HINT = (
 # Checkpoint dicts (nanoGPT's ckpt.pt, Lightning, ...) keep the weights under one of these keys.
 CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 DEFAULT_SEQ = 128
+PROGRAM_FILE = "program.pt2"
+OUT_HINT = "it may be truncated or damaged; copy it again, or write it again with `optpipe optimize`"
 
 
 def load_model(
@@ -95,7 +99,8 @@ def load_model(
     if fmt == EXPORT_ARCHIVE:
         return _load_archive(spec, specs, tensors)
     if fmt == OPTPIPE_OUT:
-        return _load_archive(os.path.join(spec, "program.pt2"), specs, tensors)
+        verify_out(spec)
+        return _load_archive(os.path.join(spec, PROGRAM_FILE), specs, tensors, verified=True)
     if fmt == HF_FOLDER:
         return _load_hf_folder(spec, specs, tensors, trust_pickle)
     if fmt == TORCHSCRIPT:
@@ -168,7 +173,7 @@ def _zip_format(path: str) -> str:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:  # a damaged directory
         raise UsageError(
             f"corrupt archive: {path} is not a readable zip file ({e})",
             "the file may be truncated; save or copy it again",
@@ -187,7 +192,32 @@ def _zip_format(path: str) -> str:
 # -- torch.export archives and OUT folders ------------------------------------------------------
 
 
-def _load_archive(path: str, specs: list[InputSpec], tensors=None) -> Program:
+def load_out(folder: str) -> tuple[Program, str]:
+    """(program, target name) of an OUT folder, its files checked against its manifest first: a
+    damaged file or folder is a one-line UsageError naming it (a version drift, a warning)."""
+    if not os.path.isfile(os.path.join(folder, PROGRAM_FILE)):
+        raise UsageError(
+            f"{folder} is not an optpipe OUT folder (no {PROGRAM_FILE})", "run `optpipe optimize ... -o OUT` first"
+        )
+    verify_out(folder)
+    target = "cpu"
+    path = os.path.join(folder, "target.json")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                target = json.load(f).get("target", "cpu")
+        except (OSError, ValueError, AttributeError) as e:
+            raise UsageError(f"damaged file: {path} is not readable JSON ({first_line(e)})", OUT_HINT) from e
+    return _load_archive(os.path.join(folder, PROGRAM_FILE), [], verified=True), str(target)
+
+
+def _load_archive(path: str, specs: list[InputSpec], tensors=None, *, verified: bool = False) -> Program:
+    """`verified`: the manifest of the folder around `path` was checked already."""
+    folder, name = os.path.split(os.path.abspath(path))
+    if not verified and is_optpipe_out(folder):  # an OUT's program.pt2 named directly: check it too
+        verify_out(folder, [name])
+    if _zip_format(path) != EXPORT_ARCHIVE:
+        raise UsageError(f"corrupt archive: {path} is a zip file, but not a torch.export archive", OUT_HINT)
     try:
         program = load_program(path)
     except UsageError:

@@ -24,6 +24,7 @@ from .pipeline import PassRecord, Pipeline
 from .presets import load_recipe, preset_pipeline
 from .program import Program
 from .registry import get_hook, get_target
+from .target import unsupported_hint
 from .verify import Budget, compare, run_outputs, verification_inputs
 from .version import __version__
 
@@ -186,8 +187,7 @@ def _compile_and_check(tgt, target: str, program: Program, options: dict, step) 
         listing = "; ".join(str(u) for u in unsupported[:10])
         more = f" and {len(unsupported) - 10} more" if len(unsupported) > 10 else ""
         raise TargetError(
-            f"target {target} cannot take {len(unsupported)} node(s): {listing}{more}",
-            "choose another target or drop the pass that introduced them",
+            f"target {target} cannot take {len(unsupported)} node(s): {listing}{more}", unsupported_hint(unsupported)
         )
     with step(f"compile for {target}"):
         compiled = tgt.compile(program, **options)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import PassError, VerificationError
+from .errors import PassError, VerificationError, first_line
 from .pipeline_text import PassSpec, format_pipeline, parse_pipeline
 from .program import Program
 from .registry import LossyConfig
@@ -102,7 +102,7 @@ class Pipeline:
                 raise
             except Exception as e:  # a pass bug: name the pass, keep the cause chained
                 raise PassError(
-                    f"pass {spec} failed{_after(records)}: {type(e).__name__}: {e}",
+                    f"pass {spec} failed{_after(records)}: {first_line(e)}",
                     "rerun with --dump-ir DIR to see the graph it got",
                 ) from e
             seconds = time.perf_counter() - start
@@ -162,8 +162,7 @@ def _run_checked(program, inputs, spec, records):
     except Exception as e:
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs[-1] if hasattr(x, "shape"))
         raise VerificationError(
-            f"program after {spec}{_after(records)} fails to run: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}",
+            f"program after {spec}{_after(records)} fails to run: {first_line(e)}",
             f"verification inputs include shapes {shapes}",
         ) from e
 

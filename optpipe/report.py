@@ -173,6 +173,54 @@ def _region_html(region, id_prefix: str) -> str:
     )
 
 
+# -- what each pass left alone, and why --------------------------------------------------------------
+SITES_NAMED = 3
+"""Sites named in a line that collapses many skipped sites with one reason, before "…"."""
+
+
+def skipped_by_reason(details: dict | None) -> list[tuple[str, list[str]]]:
+    """A pass's `details["skipped"]` (`[{"site", "reason"}, ...]`) as (reason, [sites]) in the order
+    each reason first appears: many sites skipped for one reason are one entry."""
+    groups: dict[str, list[str]] = {}
+    for entry in (details or {}).get("skipped") or []:
+        if isinstance(entry, dict):
+            site, reason = entry.get("site"), entry.get("reason")
+        else:
+            site, reason = entry, None
+        groups.setdefault(str(reason or "no reason given"), []).append("(root)" if site in (None, "") else str(site))
+    return list(groups.items())
+
+
+def sites_text(sites: list[str], named: int = SITES_NAMED) -> str:
+    """One site as itself; many as "N sites (a, b, c, …)"."""
+    if len(sites) == 1:
+        return sites[0]
+    shown = ", ".join(sites[:named]) + (", …" if len(sites) > named else "")
+    return f"{len(sites)} sites ({shown})"
+
+
+def pass_remarks(passes: list[dict]) -> list[str]:
+    """The lines `optimize` prints on stderr about each pass of a report: that it changed nothing
+    (and why), its notes, and the sites it skipped (one line per reason, with a count):
+
+        note: quantize{skip=[lm_head]} changed nothing: all 3 sites were skipped
+        skipped: quantize{skip=[lm_head]}: 2 sites (h.0.mlp, h.1.mlp): excluded by skip=
+    """
+    lines = []
+    for p in passes:
+        element = p.get("pipeline") or p.get("name", "?")
+        details = p.get("details") or {}
+        notes = [str(n) for n in details.get("notes") or []]
+        groups = skipped_by_reason(details)
+        if p.get("modified") is False:
+            why = notes[0] if notes else "; ".join(reason for reason, _ in groups)
+            lines.append(f"note: {element} changed nothing" + (f": {why}" if why else ""))
+            notes = notes[1:]
+        lines += [f"note: {element}: {note}" for note in notes]
+        lines += [f"skipped: {element}: {sites_text(sites)}: {reason}" for reason, sites in groups]
+    return lines
+
+
 # -- the report of an optimize run ------------------------------------------------------------------
 def _num(x: Any, fmt: str = "{:.4g}") -> str:
     if x is None:
@@ -273,14 +321,32 @@ def _pass_section(i: int, p: dict, diff) -> str:
     out = [f'<h3 id="pass-{i}">{i}. <code>{_e(title)}</code></h3>']
     for note in (p.get("details") or {}).get("notes") or []:  # e.g. "slower than dense below N tokens"
         out.append(f'<p class="note">note: {_e(note)}</p>')
+    out.append(_skipped_table(p.get("details")))
     if diff is not None:
         out.append(f'<pre class="mono">{_e(diff.to_text())}</pre>')
         out.append(diff_html_section(diff, id_prefix=f"p{i}-"))
     elif p.get("modified") is False:
-        out.append('<p class="muted">The pass left the graph unchanged.</p>')
+        out.append('<p><span class="status">unchanged</span> The pass left the graph unchanged.</p>')
     else:
         out.append('<p class="muted">No diff recorded for this pass.</p>')
-    return "\n".join(out)
+    return "\n".join(x for x in out if x)
+
+
+def _skipped_table(details: dict | None) -> str:
+    """The sites a pass left alone: one row per reason, with every site it covers."""
+    groups = skipped_by_reason(details)
+    if not groups:
+        return ""
+    rows = "".join(
+        f'<tr><td>{_e(reason)}</td><td class="num">{len(sites)}</td>'
+        f'<td class="mono">{", ".join(_e(site) for site in sites)}</td></tr>'
+        for reason, sites in groups
+    )
+    total = sum(len(sites) for _, sites in groups)
+    return (
+        f'<h4>Skipped sites ({total})</h4><table class="skipped"><tr><th>reason</th><th>sites</th>'
+        f"<th>where</th></tr>{rows}</table>"
+    )
 
 
 def render_report_html(report: dict, pass_diffs: list) -> str:

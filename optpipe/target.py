@@ -29,6 +29,15 @@ class UnsupportedNode:
         return f"{self.op} at {self.module_path or '<top>'} [{self.node}]{origin}"
 
 
+def unsupported_hint(unsupported: list[UnsupportedNode]) -> str:
+    """What to do about nodes a target cannot take: drop the pass that introduced them, or, where
+    no pass did, know that the captured model itself contains the op."""
+    passes = sorted({u.introduced_by for u in unsupported if u.introduced_by})
+    if not passes:
+        return "the captured model itself contains the op(s): choose another target"
+    return f"choose another target or drop the pass that introduced them ({', '.join(passes)})"
+
+
 @dataclass
 class Compiled:
     """A program compiled for a target: `fn(*inputs)` runs it; `info` goes into the report."""

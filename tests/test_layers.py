@@ -59,7 +59,10 @@ def test_out_folders_written_by_0_1_0_still_load(name):
         assert doc["new_ids"] == expected["new_ids"]
     else:
         doc = _cli("run", out, "--input", "input_ids:int64[1,6]", "--json")
-        # recorded with the exact int8 kernel (oneDNN's u8s8 saturates on CPUs without VNNI)
+        # recorded by 0.1.0, whose int8-dynamic quantized activations over each whole call; since
+        # issue 16 every token is quantized on its own (a decode step gives the full run's numbers),
+        # so the old program runs with the new activation rounding: equal within int8's noise
         out, ref = torch.tensor(doc["outputs"]), torch.tensor(expected["outputs"])
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        sqnr = 10 * torch.log10(ref.pow(2).mean() / (out - ref).pow(2).mean())
+        assert sqnr > 30, f"SQNR {sqnr:.1f} dB against the outputs 0.1.0 recorded"  # 39 dB here
     assert {p.name: p.stat().st_mtime_ns for p in (FIXTURES / name).iterdir()} == before  # the input is never modified

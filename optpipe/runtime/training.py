@@ -54,7 +54,9 @@ import torch.nn.functional as F
 
 from ..errors import OptpipeError, UsageError
 from ..graph_toolkit import module_path, module_stack
+from ..inputs import check_inputs, token_vocab
 from ..losses import IGNORE_INDEX, distill_kl_sum, task_loss_sum
+from ..outdir import write_manifest
 from ..program import Program
 from .data import TrainingData, input_builder, tokenizer_for_program
 from .launch import run_ranks
@@ -580,6 +582,8 @@ class Trainer:
                 if stop_after is not None and self.step - start_step >= stop_after:
                     raise _Interrupted
                 batch = self.data.next_batch(cfg.batch_size)
+                if self.step == start_step:  # a wrong --seq-len or dtype fails here in one line, not in a kernel
+                    check_inputs(self.program, self.inputs_for(batch["input_ids"]), where="train --data")
                 lr = cfg.lr_at(self.step)
                 last_loss = self.train_step(batch, lr)
                 if not math.isfinite(last_loss):
@@ -754,9 +758,13 @@ def _write_trained(program: Program, out: str, *, target: str, trained_on: str, 
     _write_json(os.path.join(out, "target.json"), {"target": target, "info": {"trained_on": trained_on}})
     with open(os.path.join(out, "pipeline.txt"), "w") as f:
         f.write(program.pipeline + "\n")
+    files = ["program.pt2", "target.json", "pipeline.txt"]
     tok = getattr(tokenizer, "path", "")
     if tok and os.path.isfile(tok):
         shutil.copyfile(tok, os.path.join(out, "tokenizer.json"))
+        files.append("tokenizer.json")
+    # metrics.jsonl and checkpoints/ stay out: --resume rewrites them
+    write_manifest(out, files=files)
 
 
 def _prepare_out(out: str, *, resume: bool, force: bool, rank: int, check_only: bool = False) -> None:
@@ -830,7 +838,7 @@ def _check_lm_head(program: Program, source) -> None:
 
 def _vocab(program: Program) -> int | None:
     cfg = program.meta.get("config") or {}
-    return cfg.get("vocab_size") or program.meta.get("vocab_size")
+    return cfg.get("vocab_size") or program.meta.get("vocab_size") or token_vocab(program)
 
 
 # -- model parallel (optpipe.runtime.parallel) -----------------------------------------------------
