@@ -648,19 +648,11 @@ def check_data_parallel(ctx: Ctx) -> Outcome:
 
 def one_process(gm, batches: list[dict], lr: float) -> tuple[list[float], dict, float]:
     """(losses, final weights, ms per step) of plain SGD on a copy of `gm` in this process (CPU)."""
-    from optpipe.losses import task_loss
+    from examples.tiny_gpt import sgd_steps
 
     gm = deepcopy(gm)
-    for p in gm.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.SGD(gm.parameters(), lr=lr)
-    losses, start = [], time.perf_counter()
-    for b in batches:
-        opt.zero_grad()
-        loss = task_loss(gm(b["input_ids"]), b["labels"], "clm")
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    start = time.perf_counter()
+    losses = sgd_steps(gm, batches, lr)
     ms = (time.perf_counter() - start) * 1000 / len(batches)
     return losses, {n: p.detach().clone() for n, p in gm.named_parameters()}, ms
 

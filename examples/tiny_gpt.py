@@ -148,15 +148,10 @@ def lm_batches(steps: int, batch: int, seq: int = 32, vocab: int = 256, seed: in
     return out
 
 
-def check_against_one_process(gm: torch.fx.GraphModule, res: dict, batches: list[dict], lr: float, label: str) -> bool:
-    """Train a copy of `gm` with SGD on `batches` in this process and print how the distributed run's
-    result `res` ({"losses", "weights"}) compares: the losses, the largest weight difference and
-    whether both are within 1e-5 ("same training: True")."""
-    import copy
-
+def sgd_steps(gm: torch.fx.GraphModule, batches: list[dict], lr: float) -> list[float]:
+    """Train `gm` in place with plain SGD, one step per batch of `batches` (next-token loss); its losses."""
     from optpipe.losses import task_loss
 
-    gm = copy.deepcopy(gm)
     for p in gm.parameters():
         p.requires_grad_(True)
     opt = torch.optim.SGD(gm.parameters(), lr=lr)
@@ -167,6 +162,17 @@ def check_against_one_process(gm: torch.fx.GraphModule, res: dict, batches: list
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    return losses
+
+
+def check_against_one_process(gm: torch.fx.GraphModule, res: dict, batches: list[dict], lr: float, label: str) -> bool:
+    """Train a copy of `gm` with SGD on `batches` in this process and print how the distributed run's
+    result `res` ({"losses", "weights"}) compares: the losses, the largest weight difference and
+    whether both are within 1e-5 ("same training: True")."""
+    import copy
+
+    gm = copy.deepcopy(gm)
+    losses = sgd_steps(gm, batches, lr)
     worst = max((w - gm.get_parameter(n).detach()).abs().max().item() for n, w in res["weights"].items())
     print(f"{label} losses {[round(l, 6) for l in res['losses']]} vs one process {[round(l, 6) for l in losses]}")
     same = all(abs(a - b) <= 1e-5 for a, b in zip(res["losses"], losses)) and worst <= 1e-5

@@ -166,37 +166,31 @@ def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
     return seen
 
 
-def reads_input_data(node: torch.fx.Node) -> bool:
-    """Whether `node`'s value depends on the values (not just the shapes) of a graph input."""
+def _reads_value_of(node: torch.fx.Node, source) -> bool:
+    """Whether `node`'s value depends on the value (not just the shape) of a node `source` accepts."""
     seen, stack = set(), [node]
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
-        if n.op == "placeholder":
+        if source(n):
             return True
-        if n.op == "call_function" and n.target in _SHAPE_ONLY_OPS:
-            continue
-        stack.extend(n.all_input_nodes)
+        if not (n.op == "call_function" and n.target in _SHAPE_ONLY_OPS):
+            stack.extend(n.all_input_nodes)
     return False
+
+
+def reads_input_data(node: torch.fx.Node) -> bool:
+    """Whether `node`'s value depends on the values (not just the shapes) of a graph input."""
+    return _reads_value_of(node, lambda n: n.op == "placeholder")
 
 
 def reads_parameters(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """Whether `node`'s values are computed from a parameter of `gm` (a learned bias, not a mask
     pattern); reading only a parameter's shape (`new_ones(embeds)`) does not count."""
     params = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "get_attr" and n.target in params:
-            return True
-        if not (n.op == "call_function" and n.target in _SHAPE_ONLY_OPS):
-            stack.extend(n.all_input_nodes)
-    return False
+    return _reads_value_of(node, lambda n: n.op == "get_attr" and n.target in params)
 
 
 def mask_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.GraphModule:

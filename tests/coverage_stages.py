@@ -120,30 +120,31 @@ def stage_kv_cache(arch: str) -> str:
     return f"{NEW_TOKENS} tokens == generate()"
 
 
-def stage_quantize(arch: str) -> str:
+def _compressed(arch: str, element: str) -> tuple[object, int, int]:
+    """(the pass's record, weight bytes before, after) of one compression pipeline element, which
+    must change the program and shrink its weights."""
     program = captured(arch)
-    out, records = Pipeline.parse("quantize{scheme=int8-dynamic}").run(program)
+    out, records = Pipeline.parse(element).run(program)
     record = records[0]
-    assert record.modified, f"quantize changed nothing: {record.details.get('skipped')}"
+    assert record.modified, f"{element} changed nothing: {record.details.get('skipped')}"
     before, after = _weight_bytes(program), _weight_bytes(out)
-    assert after < before, f"weights grew: {before} -> {after} bytes"
+    assert after < before, f"weights did not shrink: {before} -> {after} bytes"
+    return record, before, after
+
+
+def stage_quantize(arch: str) -> str:
+    record, before, after = _compressed(arch, "quantize{scheme=int8-dynamic}")
     cosine = record.verify["cosine"]
     assert cosine >= QUANTIZE_MIN_COSINE, f"output cosine {cosine:.4f} < {QUANTIZE_MIN_COSINE}"
     return f"{before / after:.1f}x smaller, cos {cosine:.4f}"
 
 
 def stage_prune(arch: str) -> str:
-    program = captured(arch)
-    out, records = Pipeline.parse("prune{target=mlp,sparsity=0.25}").run(program)
-    record = records[0]
-    assert record.modified, f"prune removed nothing: {record.details.get('skipped')}"
-    before, after = _weight_bytes(program), _weight_bytes(out)
-    assert after < before, f"weights did not shrink: {before} -> {after} bytes"
+    _, before, after = _compressed(arch, "prune{target=mlp,sparsity=0.25}")
     return f"-{1 - after / before:.0%} weights"
 
 
 def _target_stage(arch: str, target: str, options: dict | None) -> str:
-    m, inputs = model(arch)
     res = optpipe.optimize(captured(arch), pipeline="fuse-attention", target=target, target_options=options)
     check = res.report["target_check"]
     assert check["ok"], f"{target} differs from torch: max-abs {check['max_abs']:.3g} > {check['tolerance']:.3g}"

@@ -21,8 +21,9 @@ from torch.testing import FileCheck, assert_close
 from optpipe.capture import capture
 from optpipe.passes import prune as _prune  # noqa: F401  (registers the `prune` pass)
 from optpipe.passes import quantize as _quantize  # noqa: F401  (registers the `quantize` pass)
-from optpipe.pipeline_text import parse_pipeline
 from tests import hf_zoo
+from tests.passes.test_prune import first, rewrite
+from tests.passes.test_quantize import sqnr
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -38,26 +39,6 @@ OP_CALL = {
 def captured(arch: str):
     model, inputs = hf_zoo.build(arch)
     return capture(model, inputs)
-
-
-def rewrite(program, element: str):
-    """(copy of `program` after the pipeline element, its PassResult)."""
-    spec = parse_pipeline(element)[0]
-    program = program.copy()
-    result = spec.info.fn(program, spec.config)
-    program.gm.graph.lint()
-    program.gm.recompile()
-    return program, result
-
-
-def first(out):
-    if isinstance(out, dict):
-        out = next(iter(out.values()))
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return (10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean().clamp(min=1e-30))).item()
 
 
 def skipped(result) -> dict[str, str]:
