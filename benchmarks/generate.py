@@ -31,7 +31,9 @@ Rows (tokens/s, and the ratio to the no-cache row):
       --mode: the target picks eager or torch.compile on decode steps), saved, loaded back the way
       `optpipe generate OUT` loads it (`Target.load`, which warms a compiled program up), then
       generated through the target's step function; the mode it picked is in the row's name.
-(b), (b') and (c) each get a short warm-up generation first.
+(b), (b'), (c) and (d) each get a short warm-up generation first, then run --repeats times (default 5)
+round-robin, the first to go rotating; each row shows its fastest run (the least disturbed by other
+work on the machine; the range over the runs is printed too).
 Checks: (d) is within 10% of the best of (b) and (b') and at least as fast as (c); (b) produces
 exactly the tokens of (c) and, over the tokens (a) ran, of (a) (with
 --no-cache-sample: at the sampled positions).
@@ -83,6 +85,14 @@ def hf_generate(model, prompt: torch.Tensor, new: int):
         )
         seconds = time.perf_counter() - start
     return out[0, prompt.shape[1] :].tolist(), seconds
+
+
+class HFRun:
+    """(c)'s result in the shape of a GenerationResult (the fields the rows use)."""
+
+    def __init__(self, new_ids: list[int], seconds: float):
+        self.new_ids, self.seconds = new_ids, seconds
+        self.tokens_per_s = len(new_ids) / seconds
 
 
 def sample_no_cache(base, prompt: torch.Tensor, new_ids: list[int], every: int, repeats: int) -> dict:
@@ -151,6 +161,12 @@ def parse_args():
     )
     ap.add_argument("--no-cache-repeats", type=int, default=3, help="timed runs per sampled context (median)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="generations per row for (b), (b'), (c) and (d), round-robin; each row shows its fastest",
+    )
     ap.add_argument("--model", choices=MODELS, default="gpt2-small")
     ap.add_argument("--linear", action="store_true", help="linear-attention decode latency at 256 vs 8192")
     ap.add_argument("--speculative", action="store_true", help="speculative decoding with a half-depth draft")
@@ -220,13 +236,14 @@ def build_model(name: str, max_len: int):
     return gpt2_small(positions=max(1024, max_len)), 50257, "GPT-2 small (124M, random init)", True
 
 
-def default_options_row(model, prompt: torch.Tensor, max_len: int, new: int) -> tuple[dict, list[int]]:
-    """(d): optimize with the default target options, save, load as `optpipe generate` does, generate."""
+def default_options_step(model, prompt: torch.Tensor, max_len: int):
+    """(d): optimize with the default target options, save, load as `optpipe generate` does; returns
+    (the program, the target's step function, the mode `auto` chose and why)."""
     import tempfile
 
     import optpipe
     from optpipe.loading import load_out
-    from optpipe.runtime.generation import generate, target_step_function
+    from optpipe.runtime.generation import target_step_function
 
     res = optpipe.optimize(
         model, {"input_ids": prompt}, f"fuse-attention,dce,kv-cache{{max-len={max_len}}}", target="cpu", verify=False
@@ -237,37 +254,61 @@ def default_options_row(model, prompt: torch.Tensor, max_len: int, new: int) -> 
         program, _ = load_out(out)
         tgt = res.target
         compiled = tgt.load(out, program)  # what `optpipe generate OUT` runs
-    step = target_step_function(tgt, compiled)
-    generate(program, prompt, 4, step=step)  # warm-up, as the other rows get
-    out = generate(program, prompt, new, step=step)
-    mode = res.compiled.info.get("mode")
-    row = cached_row(f"(d) default options (auto -> {mode})", new, out)
-    row["reason"] = res.compiled.info.get("reason")
-    return row, out.new_ids[0]
+    return program, target_step_function(tgt, compiled), res.compiled.info
 
 
-def measure(args) -> dict:
-    """Rows (a), (b), (b'), (c) and (d), with the checks that they generate the same tokens."""
+def interleaved_runs(runs: dict, repeats: int) -> dict:
+    """Each of `runs` (name -> a generation) `repeats` times, round-robin with the first to go
+    rotating, so that a burst of load on a shared machine hits every row, not one. Returns name ->
+    the fastest run (the least disturbed) and the spread of tokens/s over the repeats."""
+    names = list(runs)
+    results: dict[str, list] = {name: [] for name in names}
+    for r in range(max(1, repeats)):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            results[name].append(runs[name]())
+    return {name: (max(rs, key=lambda x: x.tokens_per_s), [x.tokens_per_s for x in rs]) for name, rs in results.items()}
+
+
+def timed_generations(args, model, prompt, max_len: int, step, is_hf: bool) -> tuple[dict, dict]:
+    """Rows (b), (b'), (c) and (d), each warmed up, then run `--repeats` times round-robin. Returns
+    (name -> (fastest run, tokens/s of every run), what `auto` chose for (d) and why)."""
     from optpipe.runtime.generation import generate
 
-    max_len = args.prompt + args.new
-    model, vocab, description, is_hf = build_model(args.model, max_len)
-    prompt = torch.randint(0, vocab, (1, args.prompt), generator=torch.Generator().manual_seed(0))
-    base, step = cached_program(model, prompt, max_len)
-    if is_hf:
-        hf_generate(model, prompt, 4)  # warm-up, as (b) gets
-        hf_tokens, hf_s = hf_generate(model, prompt, args.new)
-    generate(step, prompt, 4)  # warm-up
-    cached = generate(step, prompt, args.new)
     compiled_gm = torch.compile(step.gm, dynamic=True)
 
     def compiled_step(*inputs):
         with torch.no_grad():
             return compiled_gm(*inputs)
 
-    generate(step, prompt, 4, step=compiled_step)  # compiles prefill and decode shapes
-    compiled = generate(step, prompt, args.new, step=compiled_step)
-    default, default_tokens = default_options_row(model, prompt, max_len, args.new)
+    program, default_step, chose = default_options_step(model, prompt, max_len)
+    runs = {
+        "b": lambda: generate(step, prompt, args.new),
+        "b'": lambda: generate(step, prompt, args.new, step=compiled_step),
+        "d": lambda: generate(program, prompt, args.new, step=default_step),
+    }
+    if is_hf:
+        runs["c"] = lambda: HFRun(*hf_generate(model, prompt, args.new))
+        hf_generate(model, prompt, 4)
+    generate(step, prompt, 4)  # warm-ups (the compiled ones: their prefill and decode shapes)
+    generate(step, prompt, 4, step=compiled_step)
+    generate(program, prompt, 4, step=default_step)
+    return interleaved_runs(runs, args.repeats), chose
+
+
+def measure(args) -> dict:
+    """Rows (a), (b), (b'), (c) and (d), with the checks that they generate the same tokens."""
+    max_len = args.prompt + args.new
+    model, vocab, description, is_hf = build_model(args.model, max_len)
+    prompt = torch.randint(0, vocab, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    base, step = cached_program(model, prompt, max_len)
+    timed, chose = timed_generations(args, model, prompt, max_len, step, is_hf)
+    (cached, _), (compiled, _), (default_out, _) = timed["b"], timed["b'"], timed["d"]
+    default_tokens = default_out.new_ids[0]
+    default = cached_row(f"(d) default options (auto -> {chose.get('mode')})", args.new, default_out)
+    default["reason"] = chose.get("reason")
+    if is_hf:
+        hf_tokens, hf_s = timed["c"][0].new_ids, timed["c"][0].seconds
     rows, checks, sampled = no_cache_rows(args, base, prompt, cached)
     rows.append(cached_row("(b) optpipe kv-cache", args.new, cached))
     rows.append(cached_row("(b') optpipe kv-cache, torch.compile", args.new, compiled))
@@ -287,8 +328,11 @@ def measure(args) -> dict:
         r["vs_no_cache"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
     by_name = {r["name"][:4]: r for r in rows}
     best = max(by_name["(b) "]["tokens_per_s"], by_name["(b')"]["tokens_per_s"])
+    spread = {key: [round(x, 2) for x in timed[key][1]] for key in timed}
     result = {
         "model": description,
+        "repeats": args.repeats,
+        "tokens_per_s_each_run": spread,
         "prompt": args.prompt,
         "new": args.new,
         "threads": torch.get_num_threads(),
@@ -342,6 +386,8 @@ def print_result(result: dict, args) -> None:
             f"(b') / (c) = {result['b_compiled_vs_c']:.2f}x"
         )
     print(f"{ratios}; checks: {checks}")
+    each = ", ".join(f"({k}) {min(v):.1f}-{max(v):.1f}" for k, v in result["tokens_per_s_each_run"].items())
+    print(f"rows (b), (b'), (c), (d): the fastest of {result['repeats']} runs, round-robin; tokens/s range: {each}")
     print(f"(d) chose: {rows[-1].get('reason')}")
     if "speculative" in result:
         s = result["speculative"]

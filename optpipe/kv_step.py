@@ -14,7 +14,7 @@ The pass writes programs to this contract, verification checks them through it, 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -116,23 +116,39 @@ def decode_step_seconds(step: Callable, kv: dict, input_ids: torch.Tensor, steps
     untimed decode steps: the work generation does (one token per call over a growing context),
     at its shapes. A compiled step program compiles its prefill and decode graphs in the untimed
     part (`steps=0` only warms it up); a program that recompiled per step would show it here."""
+    return interleaved_decode_seconds({"step": step}, kv, input_ids, steps=steps, warmup=warmup)["step"]
+
+
+def interleaved_decode_seconds(
+    steps_by_name: Mapping[str, Callable], kv: dict, input_ids: torch.Tensor, steps: int = 8, warmup: int = 2
+) -> dict[str, list]:
+    """`decode_step_seconds` for several step callables (e.g. eager and torch.compile), timed side by
+    side: each gets its own prefill and caches, then decode step i runs on every callable before
+    step i+1 runs on any (the first to go alternates), so a burst of load on a shared machine lands
+    on all of them instead of deciding which one looks faster."""
     import time
 
     b = input_ids.shape[0]
     room = kv["max_len"] - warmup - steps - 1  # every step's mask narrower than the cache
     ids = input_ids[:, : max(1, min(input_ids.shape[1], room))]
+    names = list(steps_by_name)
+    times: dict[str, list] = {name: [] for name in names}
     with torch.no_grad():
-        logits, key_mask, caches = prefill(step, kv, ids)
-        times = []
+        state = {name: prefill(steps_by_name[name], kv, ids) for name in names}
         for i in range(warmup + steps):
             slot = ids.shape[1] + i
-            key_mask[:, slot] = True
-            token = logits[:, -1].argmax(-1, keepdim=True)
             position = torch.tensor([slot], device=ids.device)
-            start = time.perf_counter()
-            logits, *caches = step(token, position.expand(b, 1), position, filled(key_mask, slot + 1), *caches)
-            if logits.is_cuda:
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
+            for name in names if i % 2 == 0 else names[::-1]:
+                logits, key_mask, caches = state[name]
+                key_mask[:, slot] = True
+                token = logits[:, -1].argmax(-1, keepdim=True)
+                start = time.perf_counter()
+                logits, *caches = steps_by_name[name](
+                    token, position.expand(b, 1), position, filled(key_mask, slot + 1), *caches
+                )
+                if logits.is_cuda:
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - start)
+                state[name] = (logits, key_mask, caches)
     return times

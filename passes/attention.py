@@ -29,10 +29,17 @@ the mask blocks every later key, and gets a key padding mask when it blocks exac
 linear kinds refuse it, naming the bias. Cross-attention (query and key lengths that differ) with no
 mask or a padding mask is swapped by the bidirectional kernel forms (linear, performer, linformer);
 the positional patterns refuse it. Any other mask (per-head masks, per-query patterns), dropout
-inside attention and non-4-d inputs are REFUSED, as are score-modifying sites
-(`optpipe.score_mod_attention`, Gemma-2's soft-capping, from fuse-attention) and causal sites for
-linformer (its projections mix the whole sequence, so every token would see the future): the site
-stays dense and the result says which mask and why, per site.
+inside attention and non-4-d inputs are REFUSED, as are causal sites for linformer (its projections
+mix the whole sequence, so every token would see the future): the site stays dense and the result
+says which mask and why, per site.
+
+Score-modifying sites (`optpipe.score_mod_attention` from fuse-attention: Gemma-2's tanh
+soft-capping) are sites too, in graph order with the SDPA nodes, their masks read as SDPA's: the
+exact sparse kinds keep the modifier as the op's `score_mod`/`mod_value` (applied to the scaled
+scores before the bias and the pattern, as the site applies it before its mask). The kernel kinds
+(linear, performer, linformer) refuse them, naming the modifier: they never form the scores
+(φ(q)·φ(k) stands for exp(q·k)), and no feature map turns cap·tanh(s/cap) into one — applying the
+cap to the kernel values would need the L×S matrix those kinds exist to avoid.
 
 New weights: linformer adds two trainable `(k, max_len)` projections per site (initialised to mean
 pooling over k segments, so at init it attends to segment averages; projected keys that see no
@@ -43,8 +50,9 @@ as ViT's patches), else the model config's maximum positions; k is at most max_l
 
 Preconditions: run after `fuse-attention` (which canonicalizes hand-written attention into SDPA
 nodes with an explicit scale, `is_causal` and un-repeated GQA K/V): this pass only looks at SDPA
-nodes. Stats: {"rewritten", "skipped" (not selected, or kind=dense), "refused", "sites"}; details:
-`sites`, one entry per site keyed by module path; `skipped`, `{"site", "reason"}` per refused site;
+and score_mod_attention nodes. Stats: {"rewritten", "skipped" (not selected, or kind=dense),
+"refused", "sites"}; details: `sites`, one entry per site keyed by module path (with `score_mod`,
+e.g. "softcap=50.0", on a score-modifying site); `skipped`, `{"site", "reason"}` per refused site;
 `notes` on lengths (the sites' query lengths) where a kind does not pay off.
 """
 
@@ -58,7 +66,15 @@ from typing import Literal
 import torch
 import torch.fx
 
-from optpipe.attention_sites import SDPA, find_attention_sites, mask_module, same_size, sdpa_arguments
+from optpipe.attention_sites import (
+    SDPA,
+    AttentionSite,
+    classify_mask,
+    describe_site,
+    mask_module,
+    same_size,
+    sdpa_arguments,
+)
 from optpipe.graph_toolkit import add_tensor, insert_call, insert_get_attr, module_path, value
 from optpipe.program import Program
 from optpipe.registry import LossyConfig, PassResult, config_fields, register_hook, register_pass
@@ -183,6 +199,8 @@ class _Plan:
     """The site's query length on the example inputs (for the pass's notes)."""
     bias: torch.fx.Node | None = None
     """The site's mask when it adds a score bias (the sparse kinds' `bias` input)."""
+    score_mod: ops.ScoreMod | None = None
+    """The site's score modifier (an optpipe.score_mod_attention site: Gemma-2's soft-capping)."""
 
 
 def _threshold(dtype: torch.dtype) -> float:
@@ -341,9 +359,65 @@ def _custom_mask(program: Program, mask_node) -> int | str:
     return "a per-query mask that is neither causal, a causal sliding window nor key padding"
 
 
+def _is_score_mod(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target is ops.score_mod_attention
+
+
+def _site_arguments(node: torch.fx.Node) -> dict:
+    """An attention node's arguments by name, SDPA's defaults filled in; a score_mod_attention node's
+    (the same as SDPA's but dropout) plus its `score_mod` as a `ScoreMod`."""
+    if not _is_score_mod(node):
+        return sdpa_arguments(node)
+    args = {"attn_mask": None, "is_causal": False, "enable_gqa": False, **dict(zip(ops.SCORE_MOD_ARGS, node.args))}
+    args.update(node.kwargs)
+    return {**args, "dropout_p": 0.0, "score_mod": ops.ScoreMod.of(args["score_mod"], args["mod_value"])}
+
+
+def _describe(gm, node: torch.fx.Node, example_inputs) -> AttentionSite:
+    """The site an attention node is: SDPA's description, or the same facts of a score_mod_attention node."""
+    if not _is_score_mod(node):
+        return describe_site(gm, node, example_inputs)
+    args = _site_arguments(node)
+    q, k, mask = value(args["query"]), value(args["key"]), args["attn_mask"]
+    kind = classify_mask(gm, mask, example_inputs) if mask is not None else "none"
+    if args["is_causal"]:  # (this op, unlike SDPA, may take a mask and is_causal together)
+        kind = "causal" if kind in ("none", "causal") else "causal+" + kind
+    heads, kv_heads = (t.shape[1] if t is not None and t.dim() == 4 else None for t in (q, k))
+    return AttentionSite(
+        node=node.name,
+        module_path=module_path(node),
+        mask=kind,
+        is_causal=bool(args["is_causal"]),
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=q.shape[-1] if q is not None else None,
+        scale=args["scale"],
+        gqa=heads is not None and kv_heads is not None and kv_heads != heads,
+    )
+
+
+def _modifier_refusal(mod: ops.ScoreMod, config: AttentionConfig) -> str | None:
+    """Why `config.kind` cannot keep a site's score modifier; None for the sparse kinds, which take it."""
+    if config.kind in ops.SPARSE_PATTERNS:
+        return None
+    return (
+        f"scores modified before the softmax ({mod}, optpipe.score_mod_attention): kind={config.kind} never "
+        "forms the scores to modify (its kernel φ(q)·φ(k) stands for exp(q·k), and applying the modifier to "
+        "it would need the L×S matrix the kind avoids); the exact sparse kinds keep the modifier: "
+        + ", ".join(ops.SPARSE_PATTERNS)
+    )
+
+
 def _plan_site(program: Program, node, index, site, config: AttentionConfig) -> _Plan | str:
-    """A rewrite plan for one SDPA node, or the reason it is refused (naming the mask)."""
-    args = sdpa_arguments(node)
+    """A rewrite plan for one SDPA (or score_mod_attention) node, or the reason it is refused (naming
+    the mask or the score modifier)."""
+    args = _site_arguments(node)
+    mod = args.get("score_mod")
+    refusal = _modifier_refusal(mod, config) if mod is not None else None
+    if refusal:
+        return refusal
+    if site.mask.startswith("causal+") and site.mask != "causal+padding":
+        return f"{site.mask} mask with is_causal=True: only causality, key padding or a window is kept"
     q, k, v = (value(args[n]) for n in ("query", "key", "value"))
     if q is None or k is None or v is None:
         return "query/key/value without recorded shapes"
@@ -357,6 +431,7 @@ def _plan_site(program: Program, node, index, site, config: AttentionConfig) -> 
     plan = _plan_mask(program, node, index, site, config, causal)
     if isinstance(plan, str):
         return plan
+    plan.score_mod = mod
     if not same_size(q.shape[-2], k.shape[-2]):
         cross = _plan_cross(plan, config)
         if cross:
@@ -375,7 +450,7 @@ def _plan_site(program: Program, node, index, site, config: AttentionConfig) -> 
 
 def _plan_mask(program: Program, node, index, site, config: AttentionConfig, causal: bool) -> _Plan | str:
     """The part of the plan the mask decides: causal, key padding, the model's own window."""
-    gm, mask_node = program.gm, sdpa_arguments(node)["attn_mask"]
+    gm, mask_node = program.gm, _site_arguments(node)["attn_mask"]
     plan = _Plan(node, index, site.module_path, site.mask, causal)
     if site.mask in ("padding", "causal+padding"):
         source = _key_padding_source(gm, mask_node, causal, program.example_inputs)
@@ -468,7 +543,7 @@ def mean_pooling_projection(k: int, max_len: int, dtype=torch.float32) -> torch.
 
 def _rewrite(program: Program, plan: _Plan, config: AttentionConfig) -> dict:
     gm, graph, node = program.gm, program.gm.graph, plan.node
-    args = sdpa_arguments(node)
+    args = _site_arguments(node)
     q, k, v = args["query"], args["key"], args["value"]
     qv = value(q)
     scale = args["scale"] if args["scale"] is not None else 1.0 / math.sqrt(qv.shape[-1])
@@ -490,7 +565,8 @@ def _rewrite(program: Program, plan: _Plan, config: AttentionConfig) -> dict:
                 config.random if config.kind == "random" else 0,
                 config.stride,
                 config.seed,
-                *((plan.bias,) if plan.bias is not None else ()),
+                *((plan.bias,) if plan.bias is not None or plan.score_mod is not None else ()),
+                *((plan.score_mod.name, plan.score_mod.value) if plan.score_mod is not None else ()),
             )
         elif config.kind == "linear":
             op = ops.linear_attention
@@ -529,7 +605,14 @@ def _rewrite(program: Program, plan: _Plan, config: AttentionConfig) -> dict:
         **({"window": min(config.window, plan.window)} if plan.window and config.kind == "sliding-window" else {}),
         "key_padding_mask": key_mask is not None,
         **({"bias": True} if plan.bias is not None else {}),
+        **({"score_mod": str(plan.score_mod)} if plan.score_mod is not None else {}),
     }
+
+
+@register_hook("attention", "break_even")
+def break_even() -> dict[str, int]:
+    """For `optpipe tune`: per kind, the sequence length below which it is slower than dense SDPA on CPU."""
+    return dict(BREAK_EVEN_LENGTH)
 
 
 @register_hook("attention", "length_advice")
@@ -579,18 +662,19 @@ def _reshape_after(node: torch.fx.Node) -> None:
                 stack.append(user)
 
 
-@register_pass("attention", AttentionConfig, exact=False)
+@register_pass("attention", AttentionConfig, exact=False, needs=("sdpa-sites",))
 def attention(program: Program, config: AttentionConfig) -> PassResult:
     """Rewrite dense SDPA attention into sparse (sliding-window, block-sparse, random, strided) or
     linear (linear, performer, linformer) attention ops; refuse sites whose mask it cannot keep."""
     gm = program.gm
-    sites = find_attention_sites(gm, program.example_inputs)
-    by_name = {n.name: n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA}
-    total = len(sites)
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and (n.target is SDPA or _is_score_mod(n))]
+    total = len(nodes)
     details, plans = [], []
-    for index, site in enumerate(sites):
-        node = by_name[site.node]
+    for index, node in enumerate(nodes):
+        site = _describe(gm, node, program.example_inputs)
         entry = {"index": index, "module_path": site.module_path, "node": site.node, "mask": site.mask}
+        if _is_score_mod(node):
+            entry["score_mod"] = str(_site_arguments(node)["score_mod"])
         if config.kind == "dense":
             details.append({**entry, "action": "skipped", "reason": "kind=dense keeps dense attention"})
             continue
@@ -607,7 +691,6 @@ def attention(program: Program, config: AttentionConfig) -> PassResult:
         details.append(None)  # filled in after the rewrite, in site order
     for plan in plans:
         details[details.index(None)] = _rewrite(program, plan, config)
-    details += _score_mod_sites(gm, total) if config.kind != "dense" else []
     if plans:
         eliminate_dead_code(gm)
         gm.graph.lint()
@@ -628,25 +711,6 @@ def attention(program: Program, config: AttentionConfig) -> PassResult:
     if notes:
         result_details["notes"] = notes
     return PassResult(bool(plans), {**counts, "sites": len(details)}, result_details)
-
-
-def _score_mod_sites(gm, first_index: int) -> list[dict]:
-    """Refusals for attention that fuse-attention made a score-modifying op (Gemma-2's soft-capped
-    scores): the sparse and linear forms have no score modifier, so these stay as they are."""
-    found = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not getattr(ops, "score_mod_attention", None):
-            continue
-        args = dict(zip(("query", "key", "value", "attn_mask", "score_mod", "mod_value"), node.args))
-        args.update(node.kwargs)
-        mod = f"{args.get('score_mod', 'score_mod')}={args.get('mod_value', '?')}"
-        reason = (
-            f"scores modified before the softmax ({mod}, optpipe.score_mod_attention): the sparse and "
-            "linear forms have no score modifier, so the site stays as it is"
-        )
-        entry = {"index": first_index + len(found), "module_path": module_path(node), "node": node.name}
-        found.append({**entry, "mask": "score-mod", "action": "refused", "reason": reason})
-    return found
 
 
 # -- training support ------------------------------------------------------------------------------------

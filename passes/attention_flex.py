@@ -2,8 +2,9 @@
 backward goes through FlexAttention's own autograd):
 
 - `optpipe.sparse_attention`: a block mask made from the pattern (`SparsePattern.allowed`, the same
-  definition every path follows), and its score bias, if any, as a `score_mod` adding
-  `bias[b, h, q_idx, kv_idx]` (broadcast as SDPA broadcasts a mask);
+  definition every path follows), and its score modifier then its score bias, if any, as a
+  `score_mod`: `mod(score)` (`ScoreMod`, soft-capping) plus `bias[b, h, q_idx, kv_idx]` (broadcast as
+  SDPA broadcasts a mask);
 - `optpipe.score_mod_attention`: the modifier (`apply_score_mod`, the same definition) and the
   attention mask as a `score_mod` (FlexAttention scales the scores before calling it, as the op
   does), causality as a block mask.
@@ -16,7 +17,7 @@ import functools
 
 import torch
 
-from .attention_patterns import SparsePattern, apply_score_mod
+from .attention_patterns import ScoreMod, SparsePattern, apply_score_mod
 
 
 @functools.cache
@@ -26,9 +27,11 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def sparse_attention_flex(query, key, value, key_padding_mask, pattern: SparsePattern, scale: float, bias=None):
-    """FlexAttention with a block mask built from `pattern` and the score bias as a `score_mod` (CUDA;
-    the CPU test suite runs it through eager FlexAttention)."""
+def sparse_attention_flex(
+    query, key, value, key_padding_mask, pattern: SparsePattern, scale: float, bias=None, score_mod=None
+):
+    """FlexAttention with a block mask built from `pattern` and the score modifier (`ScoreMod`) then
+    the score bias as a `score_mod` (CUDA; untested on the CPU-only CI)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     n = query.shape[-2]
@@ -45,20 +48,30 @@ def sparse_attention_flex(query, key, value, key_padding_mask, pattern: SparsePa
     batch = query.shape[0] if kpm is not None and kpm.shape[0] > 1 else None
     block_mask = create_block_mask(mask_mod, batch, None, n, key.shape[-2], device=device)
     groups = query.shape[1] // key.shape[1]
-    lookup = _mask_lookup(bias.to(query.dtype) if bias is not None else None)
-
-    def add_bias(score, b, h, q_idx, kv_idx):
-        return score + lookup(b, h, q_idx, kv_idx)
-
     return _compiled_flex_attention()(
         query,
         key,
         value,
-        score_mod=add_bias if lookup is not None else None,
+        score_mod=_modify_then_add(score_mod, bias.to(query.dtype) if bias is not None else None),
         block_mask=block_mask,
         scale=scale,
         enable_gqa=groups > 1,
     )
+
+
+def _modify_then_add(score_mod: ScoreMod | None, bias):
+    """FlexAttention's score_mod for sparse attention: the modifier on the (scaled) score, then the
+    bias entry; None when there is neither."""
+    lookup = _mask_lookup(bias)
+    if score_mod is None and lookup is None:
+        return None
+
+    def modified(score, b, h, q_idx, kv_idx):
+        if score_mod is not None:
+            score = score_mod(score)
+        return score if lookup is None else score + lookup(b, h, q_idx, kv_idx)
+
+    return modified
 
 
 def _mask_lookup(attn_mask):

@@ -2,7 +2,8 @@
 dense attention with a score modifier that `fuse-attention` makes of soft-capped attention.
 
     torch.ops.optpipe.sparse_attention(q, k, v, key_padding_mask, pattern, causal, scale,
-                                       window, block, global_tokens, random_blocks, stride, seed, bias=None)
+                                       window, block, global_tokens, random_blocks, stride, seed, bias=None,
+                                       score_mod=None, mod_value=0.0)
     torch.ops.optpipe.linear_attention(q, k, v, key_padding_mask, feature_map, causal, chunk)
     torch.ops.optpipe.performer_attention(q, k, v, key_padding_mask, projection, causal, chunk,
                                           scale, redraw)
@@ -17,7 +18,13 @@ row that may attend no key at all (a padded query whose whole window is padding)
 every path. `sparse_attention`'s `bias` is None or an additive float score bias broadcastable to
 `(B, H, L, S)` (ALiBi, a relative-position bias), added to the scaled scores of the keys the pattern
 keeps (its -inf entries exclude a key, as padding does); it gets a gradient when it requires one
-(a learned bias), through the recompute path.
+(a learned bias), through the recompute path. Its `score_mod` (None, or a name in SCORE_MODS with
+`mod_value`: "softcap", cap) modifies the scaled scores before the bias and the pattern, as
+`score_mod_attention` does, so Gemma-2's soft-capped attention swaps to a sparse pattern:
+softmax(mod(q·kᵀ·scale) + bias, over the kept keys) @ v, on every path (the CPU kernel writes the
+scores out where ATen's flash kernel takes no modifier; FlexAttention's score_mod on CUDA).
+`linear_attention` and the other kernel forms take no modifier: they never form a score to modify
+(φ(q)·φ(k) stands for exp of the score), and the `attention` pass refuses them on such sites.
 
 Each op is defined here once through `optpipe.ops.define_op` — what its graph node is: eager
 implementation, fake impl, autograd, a FLOP formula and a decomposition into standard ATen ops that
@@ -67,6 +74,7 @@ from .attention_linear_cpu import FEATURE_MAPS, CausalKernelAttention, causal_li
 from .attention_patterns import (
     SCORE_MODS,
     SPARSE_PATTERNS,
+    ScoreMod,
     SparsePattern,
     check_score_mod,
     dense_pattern_mask,
@@ -170,6 +178,8 @@ _SPARSE_ARGS = (
     "stride",
     "seed",
     "bias",
+    "score_mod",
+    "mod_value",
 )
 
 
@@ -197,18 +207,21 @@ def _sparse_impl(
     stride: int,
     seed: int,
     bias: torch.Tensor | None = None,
+    score_mod: str | None = None,
+    mod_value: float = 0.0,
 ) -> torch.Tensor:
     p = _pattern(pattern, causal, window, block, global_tokens, random_blocks, stride, seed)
     _check_shapes("sparse_attention", query, key, value, key_padding_mask)
     _check_bias(query, key, bias)
+    mod = ScoreMod.of(score_mod, mod_value)
     if query.is_cuda:
-        return sparse_attention_flex(query, key, value, key_padding_mask, p, scale, bias)
+        return sparse_attention_flex(query, key, value, key_padding_mask, p, scale, bias, mod)
     if supports_cpu_kernel(query):
-        out, lse = sparse_forward_cpu(query, key, value, key_padding_mask, p, scale, bias)
+        out, lse = sparse_forward_cpu(query, key, value, key_padding_mask, p, scale, bias, mod)
         if query.requires_grad or key.requires_grad or value.requires_grad:
             out._optpipe_lse = lse  # the backward's softmax statistics; recomputed when missing
         return out
-    return sparse_attention_reference(query, key, value, key_padding_mask, p, scale, bias).contiguous()
+    return sparse_attention_reference(query, key, value, key_padding_mask, p, scale, bias, mod).contiguous()
 
 
 def _check_bias(query, key, bias) -> None:
@@ -233,6 +246,7 @@ def _sparse_setup(ctx, inputs, output):
         *(args[n] for n in ("pattern", "causal", "window", "block", "global_tokens", "random_blocks", "stride", "seed"))
     )
     ctx.scale = args["scale"]
+    ctx.score_mod = ScoreMod.of(args.get("score_mod"), args.get("mod_value", 0.0))
     ctx.needs_grad = {
         name: ctx.needs_input_grad[_SPARSE_ARGS.index(name)] for name in ("query", "key", "value", "bias")
     }
@@ -257,18 +271,18 @@ def _sparse_backward(ctx, grad):
     kpm = next(rest) if ctx.has_mask else None
     bias = next(rest) if ctx.has_bias else None
     lse = next(rest) if ctx.has_lse else None
-    p, scale = ctx.pattern, ctx.scale
+    p, scale, mod = ctx.pattern, ctx.scale, ctx.score_mod
     # a bias that needs a gradient (a learned one) takes the recompute path, which differentiates it too
     if supports_cpu_kernel(query) and not query.is_cuda and not ctx.needs_grad["bias"]:
         if lse is None:
-            out, lse = sparse_forward_cpu(query, key, value, kpm, p, scale, bias)
-        dq, dk, dv = sparse_backward_cpu(grad.contiguous(), query, key, value, kpm, p, scale, out, lse, bias)
+            out, lse = sparse_forward_cpu(query, key, value, kpm, p, scale, bias, mod)
+        dq, dk, dv = sparse_backward_cpu(grad.contiguous(), query, key, value, kpm, p, scale, out, lse, bias, mod)
         grads = {"query": dq, "key": dk, "value": dv}
     else:
         fwd = sparse_attention_flex if query.is_cuda else sparse_attention_reference
         inputs = {"query": query, "key": key, "value": value, **({"bias": bias} if bias is not None else {})}
         grads = _recompute_backward(
-            lambda query, key, value, bias=None: fwd(query, key, value, kpm, p, scale, bias), ctx, grad, inputs
+            lambda query, key, value, bias=None: fwd(query, key, value, kpm, p, scale, bias, mod), ctx, grad, inputs
         )
     return tuple(grads.get(n) if ctx.needs_grad.get(n) else None for n in _SPARSE_ARGS)
 
@@ -288,9 +302,13 @@ def _sparse_decomposition(
     stride,
     seed,
     bias=None,
+    score_mod=None,
+    mod_value=0.0,
 ):
     p = _pattern(pattern, causal, window, block, global_tokens, random_blocks, stride, seed)
-    return sparse_attention_reference(query, key, value, key_padding_mask, p, scale, bias)
+    return sparse_attention_reference(
+        query, key, value, key_padding_mask, p, scale, bias, ScoreMod.of(score_mod, mod_value)
+    )
 
 
 def _sparse_flops(*args, out_shape=None, **kwargs) -> int:
@@ -638,7 +656,7 @@ linformer_attention = define_op(
 )
 
 # -- dense attention with a score modifier -------------------------------------------------------------
-_SCORE_MOD_ARGS = ("query", "key", "value", "attn_mask", "score_mod", "mod_value", "scale", "is_causal", "enable_gqa")
+SCORE_MOD_ARGS = ("query", "key", "value", "attn_mask", "score_mod", "mod_value", "scale", "is_causal", "enable_gqa")
 
 
 def _score_mod_impl(
@@ -678,7 +696,7 @@ def _score_mod_differentiable(
 
 
 def _score_mod_flops(*args, out_shape=None, **kwargs) -> int:
-    q, k, v = (_arg(args, kwargs, _SCORE_MOD_ARGS, n) for n in ("query", "key", "value"))
+    q, k, v = (_arg(args, kwargs, SCORE_MOD_ARGS, n) for n in ("query", "key", "value"))
     *batch, n, d = q
     return int(2 * math.prod(batch) * n * k[-2] * (d + v[-1]))
 
@@ -689,7 +707,7 @@ score_mod_attention = define_op(
     fake=_attention_fake,
     decomposition=_score_mod_math,
     backward=_backward_recompute(_score_mod_differentiable),
-    setup_context=_setup_recompute(_SCORE_MOD_ARGS),
+    setup_context=_setup_recompute(SCORE_MOD_ARGS),
     flops=_score_mod_flops,
 )
 
@@ -700,7 +718,9 @@ __all__ = [
     "FEATURE_MAPS",
     "KERNEL_EPS",
     "SCORE_MODS",
+    "SCORE_MOD_ARGS",
     "SPARSE_PATTERNS",
+    "ScoreMod",
     "SparsePattern",
     "dense_pattern_mask",
     "favor_features",

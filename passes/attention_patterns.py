@@ -16,6 +16,10 @@ mask — is the semantics they all match and the `sparse_attention` op's decompo
 Causal patterns never attend a later key. A query row that may attend no key at all (a padded
 query whose whole window is padding) outputs zeros.
 
+Score modifiers (`ScoreMod`: soft-capping) act on the scaled scores before any bias or mask, in
+dense `score_mod_attention` and in `sparse_attention` alike; `apply_score_mod` and its derivative
+`score_mod_slope` are THE definitions (a new modifier adds a case to both and a name to SCORE_MODS).
+
 Everything here is written in standard ATen ops that export and the targets' importers accept
 (integer constants as int64 tensors, `maximum` rather than an int64 clamp): the decomposition runs it.
 """
@@ -193,25 +197,49 @@ def dense_pattern_mask(
 
 
 def sparse_attention_reference(
-    query, key, value, key_padding_mask, pattern: SparsePattern, scale: float, bias: torch.Tensor | None = None
+    query,
+    key,
+    value,
+    key_padding_mask,
+    pattern: SparsePattern,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    score_mod: ScoreMod | None = None,
 ):
     """Dense SDPA with the pattern's explicit mask; rows that may attend nothing give zeros. This is
     the op's decomposition (standard ATen ops only) and the semantics every fast path matches.
 
     `bias` (float, broadcastable to (B, H, L, S)) is added to the scaled scores of the keys the
-    pattern keeps; its -inf entries exclude a key as the pattern does (a row left with no key: zeros)."""
+    pattern keeps; its -inf entries exclude a key as the pattern does (a row left with no key: zeros).
+    `score_mod` (soft-capping) modifies the scaled scores first, as `score_mod_attention` does:
+    softmax(mod(q·kᵀ·scale) + bias, over the kept keys) @ v."""
     n = query.shape[-2]
     allowed = dense_pattern_mask(pattern, n, key_padding_mask, device=query.device)
     if bias is not None:
         allowed = allowed & (bias != float("-inf"))
     alive = allowed.any(-1, keepdim=True)
     key, value = repeat_kv(query, key, value)
+    if score_mod is not None:
+        return _modified_reference(query, key, value, allowed, alive, scale, bias, score_mod)
     if bias is None:
         # a dead row attends everything (no NaN anywhere, in forward or backward), then is zeroed
         mask = allowed | ~alive
     else:  # the bias where allowed, -inf elsewhere; 0 on dead rows (no NaN), which are zeroed
         mask = torch.where(alive, torch.where(allowed, bias, float("-inf")), 0.0).to(query.dtype)
     out = aten.scaled_dot_product_attention.default(query, key, value, attn_mask=mask, scale=scale)
+    return torch.where(alive, out, torch.zeros_like(out))
+
+
+def _modified_reference(query, key, value, allowed, alive, scale, bias, score_mod: ScoreMod):
+    """softmax(mod(q·kᵀ·scale) + bias) @ v over the allowed keys, written out (SDPA has no modifier);
+    the softmax in float32 at least, as `score_mod_attention_reference`'s. Dead rows: zeros."""
+    scores = score_mod((query @ key.transpose(-2, -1)) * scale)
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    # blocked keys -inf; a dead row's scores 0 (no NaN, forward or backward), its output zeroed
+    scores = torch.where(alive, torch.where(allowed, scores, float("-inf")), 0.0)
+    probs = torch.softmax(scores, -1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
+    out = probs @ value
     return torch.where(alive, out, torch.zeros_like(out))
 
 
@@ -237,11 +265,45 @@ def check_score_mod(score_mod: str, mod_value: float) -> None:
 
 
 def apply_score_mod(scores: torch.Tensor, score_mod: str, mod_value: float) -> torch.Tensor:
-    """The modifier on scaled scores (THE definition: the CPU kernel and FlexAttention's score_mod
+    """The modifier on scaled scores (THE definition: the CPU kernels and FlexAttention's score_mod
     call it too)."""
     if score_mod == "softcap":
         return torch.tanh(scores / mod_value) * mod_value
     raise ValueError(f"unknown score modifier {score_mod!r} (known: {', '.join(SCORE_MODS)})")
+
+
+def score_mod_slope(modified: torch.Tensor, score_mod: str, mod_value: float) -> torch.Tensor:
+    """d mod(s)/ds, written in terms of mod(s) (what the CPU kernels' backward has at hand):
+    softcap: 1 − (m/cap)² = 1 − tanh²(s/cap). A new modifier adds its case here and in `apply_score_mod`."""
+    if score_mod == "softcap":
+        return 1.0 - (modified / mod_value).square()
+    raise ValueError(f"unknown score modifier {score_mod!r} (known: {', '.join(SCORE_MODS)})")
+
+
+@dataclass(frozen=True)
+class ScoreMod:
+    """A score modifier as the ops' (score_mod, mod_value) arguments name it, checked; called on
+    scaled scores (before any bias or mask), `slope` its derivative from the modified scores."""
+
+    name: str
+    value: float
+
+    def __post_init__(self):
+        check_score_mod(self.name, self.value)
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        return apply_score_mod(scores, self.name, self.value)
+
+    def slope(self, modified: torch.Tensor) -> torch.Tensor:
+        return score_mod_slope(modified, self.name, self.value)
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.value}"
+
+    @staticmethod
+    def of(score_mod: str | None, mod_value: float) -> ScoreMod | None:
+        """The modifier the op arguments name; None for `score_mod=None` (no modifier)."""
+        return None if score_mod is None else ScoreMod(str(score_mod), float(mod_value))
 
 
 def masked_scores(scores: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, row0=0) -> torch.Tensor:

@@ -19,6 +19,11 @@ per K/V head and key set for the set's rows and keys (`_ScoreBias`) and added to
 the forward and in the backward's recomputed P; the bias itself gets no gradient here (the op's
 recompute path differentiates a learned one).
 
+A score modifier (soft-capping; ATen's flash kernel takes none) turns each flash call into the same
+attention with the scores written out (`attend`: GEMM, modifier, mask, log-sum-exp, GEMM) and the
+backward's recomputed P into exp(mod(QKᵀ·scale) + mask − lse), dS taking the modifier's slope; the
+key sets, blocking and merging are unchanged.
+
 Short sequences (and windows covering the whole sequence) take one dense flash call instead; with
 `window >= length` and no bias it is exactly causal SDPA. Shapes as the op's (see `attention_ops`); the
 semantics are `attention_patterns.sparse_attention_reference`'s.
@@ -33,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention_cpu import CONSTANT_MASKS, Workspace, exp_
-from .attention_patterns import SparsePattern, additive_mask, dense_pattern_mask, repeat_kv
+from .attention_patterns import ScoreMod, SparsePattern, additive_mask, dense_pattern_mask, repeat_kv
 
 aten = torch.ops.aten
 
@@ -51,6 +56,46 @@ tiles of about this many (rows x keys), so the scores, their grads and the K/V g
 
 _flash = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _flash_backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def attend(query, key, value, mask, scale: float, causal: bool = False, score_mod: ScoreMod | None = None):
+    """(out, lse) of softmax(mod(q·kᵀ·scale) + mask) @ v: ATen's CPU flash kernel without a modifier;
+    with one (flash takes none), the scores written out, softmax statistics in float32 at least. A row
+    with no allowed key gives 0 and lse -inf."""
+    if score_mod is None:
+        return _flash(query, key, value, 0.0, causal, attn_mask=mask, scale=scale)
+    scores = _modified_scores(query, key, mask, scale, causal, score_mod)
+    lse = torch.logsumexp(scores, -1)
+    p = torch.exp(scores - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1))
+    return torch.matmul(p.to(value.dtype), value), lse
+
+
+def attend_backward(grad, query, key, value, out, lse, mask, scale: float, score_mod: ScoreMod | None = None):
+    """(dq, dk, dv) of `attend` from its (out, lse): ATen's flash backward without a modifier; with one,
+    dS = P∘(dO·Vᵀ − rowsum(dO∘O))∘mod'(s), dQ = dS·K·scale, dK = dSᵀ·Q·scale, dV = PᵀdO."""
+    if score_mod is None:
+        return _flash_backward(grad, query, key, value, out, lse, 0.0, False, attn_mask=mask, scale=scale)
+    cdt = torch.promote_types(query.dtype, torch.float32)
+    q, k, v, g = (t.to(cdt) for t in (query, key, value, grad))
+    modified = score_mod(torch.matmul(q, k.transpose(-2, -1)).mul_(scale))
+    slope = score_mod.slope(modified)
+    scores = modified if mask is None else modified + mask
+    p = torch.exp(scores - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1).to(cdt))
+    dv = torch.matmul(p.transpose(-2, -1), g)
+    delta = (g * out.to(cdt)).sum(-1, keepdim=True)
+    ds = (torch.matmul(g, v.transpose(-2, -1)) - delta).mul_(p).mul_(slope)
+    dq = torch.matmul(ds, k).mul_(scale)
+    dk = torch.matmul(ds.transpose(-2, -1), q).mul_(scale)
+    return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
+
+
+def _modified_scores(query, key, mask, scale: float, causal: bool, score_mod: ScoreMod) -> torch.Tensor:
+    cdt = torch.promote_types(query.dtype, torch.float32)
+    scores = score_mod(torch.matmul(query.to(cdt), key.to(cdt).transpose(-2, -1)).mul_(scale))
+    if causal:
+        n, s = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(n, s, dtype=torch.bool, device=scores.device).triu(1), float("-inf"))
+    return scores if mask is None else scores + mask.to(cdt)
 
 
 def supports_cpu_kernel(query: torch.Tensor) -> bool:
@@ -379,7 +424,9 @@ def _neighbour_blocks(pattern, block: int) -> tuple[int, int]:
     return reach, (0 if pattern.causal else reach)
 
 
-def sparse_forward_cpu(query, key, value, key_padding_mask, pattern: SparsePattern, scale: float, bias=None):
+def sparse_forward_cpu(
+    query, key, value, key_padding_mask, pattern: SparsePattern, scale: float, bias=None, score_mod=None
+):
     """(out (B, H, N, Dv), lse (B, H, N); float32, float64 for float64 inputs): per K/V head, one
     ATen CPU flash call per key set over all query blocks (as the heads of one batch), merged
     through the log-sum-exp. (One call over all K/V heads as the batch measured slower: it pads
@@ -388,7 +435,7 @@ def sparse_forward_cpu(query, key, value, key_padding_mask, pattern: SparsePatte
     hkv = key.shape[1]
     groups = h // hkv
     if n <= DENSE_MAX_LEN or pattern.covers_all(n):
-        return _dense_forward_cpu(query, key, value, key_padding_mask, pattern, scale, bias)
+        return _dense_forward_cpu(query, key, value, key_padding_mask, pattern, scale, bias, score_mod)
     layout = _Layout(b, hkv, groups, n, _blocking(pattern, forward=True))
     sets, offset, total = _key_sets(pattern, layout, key_padding_mask, query.dtype, query.device)
     score_bias = _ScoreBias(bias, layout, query.dtype, query.device)
@@ -404,14 +451,13 @@ def sparse_forward_cpu(query, key, value, key_padding_mask, pattern: SparsePatte
         outs, lses = [], []
         for s in sets:
             k_s, v_s = s.kv(kp, vp)
-            o, l = _flash(
+            o, l = attend(
                 s.rows(q_blocks[x], layout).unsqueeze(0),
                 k_s.unsqueeze(0),
                 v_s.unsqueeze(0),
-                0.0,
-                False,
-                attn_mask=score_bias.add(s, x, s.head_mask(x)).unsqueeze(0),
-                scale=scale,
+                score_bias.add(s, x, s.head_mask(x)).unsqueeze(0),
+                scale,
+                score_mod=score_mod,
             )
             o, l = s.unrows(o[0], layout), s.unrows(l[0], layout)
             if len(sets) > 1:
@@ -434,7 +480,7 @@ def sparse_forward_cpu(query, key, value, key_padding_mask, pattern: SparsePatte
     g = _global_rows(pattern, n)
     if g:
         q, k4, v4, mask = _rows_attending_all(query, key, value, key_padding_mask, g, groups, bias)
-        og, lg = _flash(q, k4, v4, attn_mask=mask, scale=scale)
+        og, lg = attend(q, k4, v4, mask, scale, score_mod=score_mod)
         out = out.clone()
         lse = lse.clone()
         out[:, :, :g] = og.reshape(b, h, g, -1)
@@ -442,7 +488,9 @@ def sparse_forward_cpu(query, key, value, key_padding_mask, pattern: SparsePatte
     return out.contiguous(), lse.contiguous()
 
 
-def sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: SparsePattern, scale, out, lse, bias=None):
+def sparse_backward_cpu(
+    grad, query, key, value, key_padding_mask, pattern: SparsePattern, scale, out, lse, bias=None, score_mod=None
+):
     """Flash-style backward from the saved (out, lse), as batched GEMMs per K/V head and key set:
     P = exp(QKᵀ·scale + mask − lse), dV = PᵀdO, dS = P∘(dO·Vᵀ − rowsum(dO∘O)), dQ = dS·K·scale,
     dK = dSᵀ·Q·scale. Only one head's (nb, R, S) scores are alive at a time."""
@@ -450,7 +498,7 @@ def sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: Spar
     hkv = key.shape[1]
     groups = h // hkv
     if n <= DENSE_MAX_LEN or pattern.covers_all(n):
-        return _dense_backward_cpu(grad, query, key, value, key_padding_mask, pattern, scale, out, lse, bias)
+        return _dense_backward_cpu(grad, query, key, value, key_padding_mask, pattern, scale, out, lse, bias, score_mod)
     layout = _Layout(b, hkv, groups, n, _blocking(pattern, forward=False))
     g = _global_rows(pattern, n)
     grad_rest = grad
@@ -494,10 +542,10 @@ def sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: Spar
                     qr, gr, lr, dr, dqr = (t[b0:b1] for t in (qx, gx, l_blocks[x], deltax, dqx))
                 mask = score_bias.add(s, x, mask, b0, b1)
                 m, r, keys = qr.shape[0], qr.shape[1], k_s.shape[1]
-                # (mask − lse) first: one pass over the tile, then the GEMM accumulates into it
-                p = exp_(torch.sub(mask, lr, out=ws.get("p", (m, r, keys))).baddbmm_(qr, k_s.transpose(1, 2)))
+                p, slope = _tile_probabilities(ws, qr, k_s, mask, lr, score_mod)
                 dv_s = torch.bmm(p.transpose(1, 2), gr, out=ws.get("dv_s", (m, keys, gr.shape[-1])))
                 ds = torch.bmm(gr, v_s.transpose(1, 2), out=ws.get("ds", (m, r, keys))).sub_(dr).mul_(p)
+                ds = ds if slope is None else ds.mul_(slope)  # through the modifier: w.r.t. the unmodified scores
                 if i == 0:
                     torch.bmm(ds, k_s, out=dqr)
                 else:
@@ -514,7 +562,7 @@ def sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: Spar
         og = out[:, :, :g].reshape(q.shape[:-1] + (out.shape[-1],))
         lg = lse[:, :, :g].reshape(q.shape[:-1])
         gg = grad[:, :, :g].reshape(og.shape).to(query.dtype)
-        dqg, dkg, dvg = _flash_backward(gg, q, k4, v4, og, lg, 0.0, False, attn_mask=mask, scale=scale)
+        dqg, dkg, dvg = attend_backward(gg, q, k4, v4, og, lg, mask, scale, score_mod)
         dq = dq.clone()
         dq[:, :, :g] += dqg.reshape(b, h, g, -1)
         dk = dk + dkg
@@ -522,11 +570,23 @@ def sparse_backward_cpu(grad, query, key, value, key_padding_mask, pattern: Spar
     return dq, dk, dv
 
 
-def _dense_inputs(query, key, value, key_padding_mask, pattern: SparsePattern, bias=None):
-    """One flash call over the whole sequence: (key, value, attn_mask, is_causal)."""
+def _tile_probabilities(ws: Workspace, qr, k_s, mask, lr, score_mod):
+    """(P, slope) of a backward tile: P = exp(mod(QKᵀ·scale) + mask − lse) (qr holds Q·scale) and the
+    modifier's slope at the scores (None without a modifier)."""
+    m, r, keys = qr.shape[0], qr.shape[1], k_s.shape[1]
+    if score_mod is None:  # (mask − lse) first: one pass over the tile, then the GEMM accumulates into it
+        return exp_(torch.sub(mask, lr, out=ws.get("p", (m, r, keys))).baddbmm_(qr, k_s.transpose(1, 2))), None
+    modified = score_mod(torch.bmm(qr, k_s.transpose(1, 2), out=ws.get("p", (m, r, keys))))
+    slope = score_mod.slope(modified)
+    return exp_(modified.add_(mask).sub_(lr)), slope
+
+
+def _dense_inputs(query, key, value, key_padding_mask, pattern: SparsePattern, bias=None, explicit=False):
+    """One flash call over the whole sequence: (key, value, attn_mask, is_causal); `explicit`: the
+    pattern as a mask even where causality would do (the written-out path with a modifier)."""
     n = query.shape[-2]
     key, value = repeat_kv(query, key, value)  # short sequences only: the copies are small
-    if pattern.covers_all(n) and key_padding_mask is None and bias is None:
+    if pattern.covers_all(n) and key_padding_mask is None and bias is None and not explicit:
         return key, value, None, pattern.causal
     allowed = dense_pattern_mask(pattern, n, key_padding_mask, device=query.device)
     if allowed.dim() == 2:
@@ -537,15 +597,23 @@ def _dense_inputs(query, key, value, key_padding_mask, pattern: SparsePattern, b
     return key, value, mask, False
 
 
-def _dense_forward_cpu(query, key, value, key_padding_mask, pattern, scale, bias=None):
-    k, v, mask, causal = _dense_inputs(query, key, value, key_padding_mask, pattern, bias)
-    return _flash(query, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+def _dense_forward_cpu(query, key, value, key_padding_mask, pattern, scale, bias=None, score_mod=None):
+    k, v, mask, causal = _dense_inputs(query, key, value, key_padding_mask, pattern, bias, score_mod is not None)
+    out, lse = attend(query, k, v, mask, scale, causal, score_mod)
+    # flash lays its output out [B, N, H, D]; the op's contract (and its fake kernel, which
+    # torch.compile checks the strides against) is a contiguous [B, H, N, D]
+    return out.contiguous(), lse.contiguous()
 
 
-def _dense_backward_cpu(grad, query, key, value, key_padding_mask, pattern, scale, out, lse, bias=None):
-    k, v, mask, causal = _dense_inputs(query, key, value, key_padding_mask, pattern, bias)
+def _dense_backward_cpu(grad, query, key, value, key_padding_mask, pattern, scale, out, lse, bias=None, score_mod=None):
+    k, v, mask, causal = _dense_inputs(query, key, value, key_padding_mask, pattern, bias, score_mod is not None)
     lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    dq, dk, dv = _flash_backward(grad.to(query.dtype), query, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
+    if score_mod is not None:
+        dq, dk, dv = attend_backward(grad.to(query.dtype), query, k, v, out, lse, mask, scale, score_mod)
+    else:
+        dq, dk, dv = _flash_backward(
+            grad.to(query.dtype), query, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale
+        )
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         dk = dk.unflatten(1, (key.shape[1], groups)).sum(2)

@@ -116,7 +116,15 @@ class _Site:
     """A dense optpipe op's own arguments (score_mod_attention's modifier), kept as they are."""
 
 
-@register_pass("kv-cache", KVCacheConfig, exact=True)
+@register_pass(
+    "kv-cache",
+    KVCacheConfig,
+    exact=True,
+    needs=("sdpa-sites",),
+    takes=("sdpa-sites",),
+    after=("fuse-attention",),
+    why="it turns the attention sites into cached step attention, which fuse-attention no longer recognises",
+)
 def kv_cache(program: Program, config: KVCacheConfig) -> PassResult:
     """Turn a causal LM into a step program with static KV caches (prefill + decode)."""
     if program.meta.get("kv_cache"):
@@ -219,6 +227,8 @@ def _site(node: torch.fx.Node, shapes: ShapeValues, max_len: int) -> _Site:
         reason = "it has a key padding mask"
     elif a.get("bias") is not None:
         reason = "it carries an additive score bias (ALiBi, relative position), which the ring buffer does not shift"
+    elif a.get("score_mod") is not None:
+        reason = f"its scores are modified ({a['score_mod']}={a['mod_value']}), which the ring-buffer kernel does not"
     elif kind == "sliding-window":
         return _Site(node, kind, path, a["query"], a["key"], a["value"], a["scale"], window=a["window"])
     elif kind == "linear":

@@ -17,7 +17,11 @@ How it lowers
    shape breaks broadcasting, and its negative axis is normalised (Relax's dynamic strided_slice
    takes none: Mistral, Gemma-2); gathers wrap indices (TVM's "fast" `take` reads out of bounds,
    and can crash, on a negative index torch accepts, Falcon's `qkv[..., [-2], :]`, or on a bad
-   token id where torch would raise).
+   token id where torch would raise); `torch.sym_max`/`sym_min` of sizes become TIR max/min
+   (MPT's ALiBi cuts its bias at `max(0, 64 - T)`), and an input of a broadcasting op whose size
+   Relax cannot prove equal to the output's (that bias's `64 - max(0, 64 - T)` against `T`) is
+   cast to the size torch proved, checked at run time, or Relax infers no shape and the op is
+   never legalized.
    ONNX fallback, taken only when the torch importer lacks converters for some ops (e.g.
    `aten.amax`) and `torch.onnx.export` + `relax.frontend.onnx` convert every node; the report
    says why. Native lowerings do not apply there, so optpipe ops must decompose.
@@ -216,8 +220,112 @@ def _repeat(node, importer):
     return bb.emit(relax.op.reshape(y, [simplify(r * size) for r, size in zip(repeats, sizes)]))
 
 
+def _sym_extremum(name: str):
+    """`torch.sym_max` / `torch.sym_min` of sizes as a TIR max/min, which shapes and slice bounds
+    take like any size expression (MPT's ALiBi slices its bias from `max(0, 64 - T)`)."""
+
+    def convert(node, importer):
+        from tvm import tirx
+
+        a, b = importer.retrieve_args(node)
+        if isinstance(a, int) and isinstance(b, int):
+            return {"max": max, "min": min}[name](a, b)
+        return getattr(tirx, name)(a, b)
+
+    return convert
+
+
+def _torch_dim(t: torch.Tensor, axis: int):
+    """Dim `axis` of `t` counted from the right (-1: last), or None past its rank."""
+    return t.shape[axis] if -axis <= t.dim() else None
+
+
+def _broadcast_dim(node, axis: int, out_dim, importer):
+    """The Relax dim of a tensor input of `node` that torch sizes exactly as the output at `axis`."""
+    for arg in node.args:
+        val = arg.meta.get("val") if isinstance(arg, torch.fx.Node) else None
+        if isinstance(val, torch.Tensor) and _symint_expr(_torch_dim(val, axis)) == _symint_expr(out_dim):
+            shape = importer.shape_of(importer.env[arg])
+            if shape is not None:
+                return shape[axis]
+    return None
+
+
+def _cast_to_broadcast(node, importer) -> None:
+    """Give each tensor input of a broadcasting op the dims torch proved it has: 1 where it
+    broadcasts, else the output's. Relax infers no output shape (and LegalizeOps then skips the op)
+    when it cannot prove two dims equal, e.g. MPT's `T` against its sliced ALiBi bias's
+    `64 - max(0, 64 - T)` (equal for every T the model accepts). A runtime-checked `match_cast`,
+    after one to the rank alone: matching `(4, 1, T)` straight against `(4, 1, 64 - max(0, 64 - T))`
+    would bind T to an expression in T, on which CanonicalizeBindings and `dpl.rewrite_call`
+    (TVM 0.27, `SymbolicVarCanonicalizer`/`InferSymbolicVarMap`) recurse until the stack overflows."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    from tvm import relax, sym
+
+    out = node.meta.get("val")
+    if not isinstance(out, torch.Tensor):
+        return
+    can_prove_equal = sym.Analyzer().can_prove_equal
+    for arg in dict.fromkeys(a for a in node.args if isinstance(a, torch.fx.Node)):  # x + x: cast once
+        val, x = arg.meta.get("val"), importer.env.get(arg)
+        shape = importer.shape_of(x) if isinstance(val, torch.Tensor) and isinstance(x, relax.Expr) else None
+        if shape is None or len(shape) != val.dim():
+            continue
+        dims, cast = list(shape), False
+        for axis in range(-val.dim(), 0):
+            size = val.shape[axis]
+            if statically_known_true(size == 1):
+                want = 1
+            elif statically_known_true(size != 1):  # torch broadcasts no other way
+                want = _broadcast_dim(node, axis, out.shape[axis], importer)
+            else:
+                want = None
+            if want is not None and not can_prove_equal(dims[axis], want):
+                dims[axis], cast = want, True
+        if cast:
+            bb, dtype = importer.block_builder, x.ty.dtype
+            rank_only = bb.match_cast(x, relax.TensorType(ndim=len(dims), dtype=dtype))
+            importer.env[arg] = bb.match_cast(rank_only, relax.TensorType(dims, dtype))
+
+
+# elementwise ops that broadcast their tensor inputs (ATen names, after decomposition)
+BROADCASTING = (
+    "add.Tensor",
+    "sub.Tensor",
+    "mul.Tensor",
+    "div.Tensor",
+    "div.Tensor_mode",
+    "where.self",
+    "maximum.default",
+    "minimum.default",
+    "pow.Tensor_Tensor",
+    "eq.Tensor",
+    "ne.Tensor",
+    "lt.Tensor",
+    "le.Tensor",
+    "gt.Tensor",
+    "ge.Tensor",
+    "logical_and.default",
+    "logical_or.default",
+)
+
+
+def _broadcasting(name: str):
+    def convert(node, importer):
+        _cast_to_broadcast(node, importer)
+        return importer.create_convert_map()[name](node)  # the importer's own converter
+
+    return convert
+
+
 # converters given to the Relax torch importer in place of (or in addition to) its own
-IMPORT_FIXES = {"slice.Tensor": _slice, "cumsum.default": _cumsum, "repeat.default": _repeat}
+IMPORT_FIXES = {
+    "slice.Tensor": _slice,
+    "cumsum.default": _cumsum,
+    "repeat.default": _repeat,
+    "sym_max": _sym_extremum("max"),
+    "sym_min": _sym_extremum("min"),
+} | {name: _broadcasting(name) for name in BROADCASTING}
 
 
 def _wrap_gathers(mod):

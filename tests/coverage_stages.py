@@ -34,17 +34,7 @@ STAGE_TITLES = {
 # encoder self-, decoder self- and cross-attention in each of 2 layers
 EXPECTED_SITES = {"t5": 6, "bart": 6}
 # (arch, stage) -> the named limitation of the underlying tool. Empty cells are expected to pass.
-LIMITATIONS: dict[tuple[str, str], str] = {
-    ("mpt", "tvm"): (
-        "TVM 0.27: the Relax torch importer has no converter for torch.sym_max (MPT's max over sizes: "
-        "from_exported_program raises 'Unsupported function types [sym_max]'), and its ONNX importer fails "
-        "on the exported Max of sizes ('PrimType' object has no attribute 'shape')"
-    ),
-    ("gemma2", "swap"): (
-        "optpipe (open): the sparse and linear attention ops take no score modifier, so Gemma-2's "
-        "tanh soft-capped sites stay dense (reported per site)"
-    ),
-}
+LIMITATIONS: dict[tuple[str, str], str] = {}
 # What `make test` runs: the cells no narrower test stands for (each other failure of issue 16 has
 # its own regression test next to the pass or target it was fixed in): T5's two sequence lengths on
 # onnxruntime, an MoE model on onnxruntime, DeBERTa-v2 through the pipeline (a copied program).

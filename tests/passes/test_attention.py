@@ -723,3 +723,20 @@ def test_slower_than_dense_at_short_lengths_is_said_not_hidden(tmp_path):
     assert any("kind=sliding-window is slower than dense SDPA" in n for n in pass_notes)
     html = render_report_html(res.report, res.diffs)
     assert "note: kind=sliding-window is slower than dense SDPA" in html
+
+
+@pytest.mark.parametrize("path", ["dense", "blocked"])
+def test_sparse_op_output_strides_match_its_fake_kernel(path, monkeypatch):
+    """torch.compile checks a custom op's real output strides against its fake kernel's: the short
+    (one flash call) path returned flash's [B, N, H, D] layout, and `--mode compile` failed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if path == "blocked":
+        monkeypatch.setattr(sparse_cpu, "DENSE_MAX_LEN", 0)
+    # as models hand them over: [B, N, H, D] projections viewed as [B, H, N, D]
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv(n=40))
+    real = call_sparse(q, k, v, None, "sliding-window", True, 0.25, PATTERN_ARGS["sliding-window"])
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        fake = call_sparse(fq, fk, fv, None, "sliding-window", True, 0.25, PATTERN_ARGS["sliding-window"])
+    assert real.shape == fake.shape and real.stride() == fake.stride()

@@ -11,6 +11,13 @@ forward and gradients w.r.t. q/k/v (and a learned bias); the pass keeps ALiBi ex
 least the length: the model) and as the banded reference (a narrower one), whatever else the mask
 blocks (a model's own window, DeBERTa-v2's padded queries); the linear kinds refuse it, naming the bias.
 
+Score modifiers (Gemma-2's tanh soft-capping, `optpipe.score_mod_attention` after fuse-attention): the
+sparse kinds swap those sites keeping the cap (the model exactly where the window covers it, its
+gradients too, and not the model once the cap is dropped); the op with a cap equals the capped scores
+written out for every kind, path, causality, padding and bias, forward and gradients, and so do its
+decomposition (standard ATen ops, what the targets lower) and its FlexAttention path; the kernel kinds
+refuse such sites, naming the modifier.
+
 Exactness where it holds: sliding-window at the model's window is the model's attention; linformer
 with as many projected keys as keys (mean pooling over one-token segments) is dense attention."""
 
@@ -24,6 +31,7 @@ from torch.testing import FileCheck, assert_close
 
 import optpipe.ops
 from optpipe.capture import capture
+from optpipe.errors import PassError
 from optpipe.passes import attention as attention_pass  # noqa: F401 - registers the `attention` pass
 from optpipe.passes import attention_ops as ops
 from optpipe.registry import get_pass
@@ -160,16 +168,76 @@ def test_t5_cross_attention_swaps_and_biased_sites_name_the_bias():
         assert_close(got, _eager(model, inputs), atol=1e-5, rtol=1e-5)
 
 
-def test_gemma2_soft_capped_sites_are_reported_not_dropped():
-    _, _, program = _fused("gemma2")
-    if "optpipe.score_mod_attention" not in program.gm.code:
-        pytest.skip("fuse-attention keeps Gemma-2's soft-capped attention hand-written")
-    swapped, result = _swap(program, kind="linear")
-    assert not result.modified and result.stats["refused"] == 2 and result.stats["sites"] == 2
-    refusals = _refusals(result)
-    assert sorted(refusals) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
-    assert all("softcap=50.0" in r for r in refusals.values())
-    assert swapped.gm.code == program.gm.code
+@pytest.fixture(scope="module")
+def gemma2():
+    """Gemma-2 with its scores soft-capped at 2 (50 by default: at the tiny model's scores, tanh would be
+    near the identity and a lost cap would go unseen)."""
+    model, inputs = hf_zoo.build("gemma2", "eager")
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = 2.0
+    program = capture(model, inputs)
+    info = get_pass("fuse-attention")
+    info.fn(program, info.config_cls())
+    program.gm.recompile()
+    return model, program
+
+
+def test_gemma2_soft_capped_sites_swap_to_sliding_window(gemma2):
+    model, program = gemma2
+    assert "optpipe.score_mod_attention" in program.gm.code
+    swapped, result = _swap(program, kind="sliding-window", window=64)
+    assert result.stats == {"rewritten": 2, "skipped": 0, "refused": 0, "sites": 2}
+    sites = result.details["sites"]
+    assert [d["score_mod"] for d in sites] == ["softcap=2.0"] * 2
+    assert [d["mask"] for d in sites] == ["causal sliding window 8", "causal"] and sites[0]["window"] == 8
+    FileCheck().check_count("torch.ops.optpipe.sparse_attention.default(", 2).check_not("score_mod_attention").run(
+        swapped.gm.code
+    )
+    FileCheck().check("'sliding-window', True, 0.0625, 8, ").check("None, 'softcap', 2.0)").run(swapped.gm.code)
+    # the model's window on its sliding layer, 64 >= 21 tokens on its global one: exactly the model
+    ids = torch.randint(3, hf_zoo.VOCAB - 1, (2, 21), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert_close(swapped.gm(ids), expected, atol=1e-4, rtol=1e-4)
+        for node in swapped.gm.graph.nodes:  # near-miss: the same swap with the cap dropped is not the model
+            if node.target is ops.sparse_attention:
+                node.args = node.args[:14]
+        swapped.gm.recompile()
+        assert "softcap" not in swapped.gm.code and (swapped.gm(ids) - expected).abs().max() > 1e-2
+
+
+def test_gemma2_swapped_gradients_match_the_model(gemma2):
+    model, program = gemma2
+    swapped, _ = _swap(program, kind="sliding-window", window=64)
+    ids = torch.randint(3, hf_zoo.VOCAB - 1, (1, 19), generator=torch.Generator().manual_seed(3))
+    weights = [model.get_parameter(f"model.layers.{i}.self_attn.{p}_proj.weight") for i in (0, 1) for p in "qk"]
+    got = torch.autograd.grad(swapped.gm(ids).square().mean(), weights)
+    want = torch.autograd.grad(model(ids).logits.square().mean(), weights)
+    assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_gemma2_swapped_sites_are_not_cached_without_their_cap(gemma2):
+    """kv-cache's ring buffer takes no score modifier: it stops naming the site and the cap (the
+    dense score_mod_attention sites, unswapped, are cached)."""
+    _, program = gemma2
+    swapped, _ = _swap(program, kind="sliding-window", window=8)
+    info = get_pass("kv-cache")
+    with pytest.raises(PassError, match=r"model.layers.0.self_attn: its scores are modified \(softcap=2.0\)"):
+        info.fn(swapped, info.config_cls(max_len=64))
+
+
+def test_gemma2_linear_kinds_refuse_the_soft_cap_naming_it(gemma2):
+    _, program = gemma2
+    for kind in ("linear", "performer", "linformer"):
+        swapped, result = _swap(program, kind=kind)
+        assert not result.modified and result.stats["refused"] == 2 and result.stats["sites"] == 2
+        refusals = _refusals(result)
+        assert sorted(refusals) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+        assert all(
+            r.startswith("scores modified before the softmax (softcap=2.0") and f"kind={kind} never forms" in r
+            for r in refusals.values()
+        )
+        assert swapped.gm.code == program.gm.code
 
 
 def test_no_attention_sites_says_to_run_fuse_attention_first():
@@ -357,3 +425,92 @@ def test_deberta_v2_bias_with_padded_queries_is_kept():
     with torch.no_grad():  # padded rows included: the bias blocks what the model's mask blocks
         got = swapped.gm(*(inputs[n] for n in program.input_names))
         assert_close(got, _eager(model, inputs), atol=1e-4, rtol=1e-4)
+
+
+# -- score modifiers (Gemma-2's soft-capping) in the sparse op ------------------------------------------------
+def _capped_reference(q, k, v, key_padding_mask, allowed, scale, bias, cap):
+    """softmax(cap·tanh(q·kᵀ·scale / cap) + bias, over the allowed keys) @ v, written out; rows with no key give 0."""
+    k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    scores = cap * torch.tanh(q @ k.transpose(-1, -2) * scale / cap) + (0.0 if bias is None else bias)
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0) @ v
+
+
+SMALL_PATTERNS = {  # (window, block, global_tokens, random_blocks, stride): several blocks at 37 tokens
+    "sliding-window": (7, 64, 0, 0, 64),
+    "block-sparse": (128, 8, 3, 0, 64),
+    "random": (128, 8, 2, 2, 64),
+    "strided": (128, 64, 0, 0, 6),
+}
+
+
+@pytest.mark.parametrize("path", ["dense", "banded"])
+@pytest.mark.parametrize("kind", ops.SPARSE_PATTERNS)
+def test_sparse_op_with_softcap_matches_the_hand_written_reference(monkeypatch, kind, path):
+    """Every sparse kind, causal and not, grouped-query heads, key padding and a bias: the CPU
+    kernel (its dense flash-sized path, and the block-banded one forced at 37 tokens) and the
+    decomposition equal the soft-capped scores written out, forward and gradients."""
+    from optpipe.passes import attention_sparse_cpu
+
+    if path == "banded":
+        monkeypatch.setattr(attention_sparse_cpu, "DENSE_MAX_LEN", 0)
+    n, gen = 37, torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, n, 8, generator=gen, dtype=torch.float64) * 3  # scores well into tanh's bend
+    k, v = (torch.randn(2, 2, n, 8, generator=gen, dtype=torch.float64) * 3 for _ in range(2))
+    kpm = torch.ones(2, n, dtype=torch.bool)
+    kpm[1, n - 9 :] = False
+    options = SMALL_PATTERNS[kind]
+    decomposition = optpipe.ops.opdef(ops.sparse_attention).decomposition
+    for causal, mask, bias in ((True, None, None), (False, kpm, torch.randn(1, 4, 1, n, generator=gen).double())):
+        pattern = ops.SparsePattern(kind, causal, *options, seed=1)
+        pos = torch.arange(n)
+        allowed = pattern.allowed(pos[:, None], pos[None, :], n)
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        args = (mask, kind, causal, 0.5, *options, 1, bias, "softcap", 2.0)
+        out = ops.sparse_attention(*inputs, *args)
+        expected = _capped_reference(*inputs, mask, allowed, 0.5, bias, 2.0)
+        assert_close(out, expected, atol=1e-10, rtol=1e-10)
+        assert_close(decomposition(*inputs, *args), expected, atol=1e-10, rtol=1e-10)
+        grad = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+        got, want = (torch.autograd.grad(o, inputs, grad) for o in (out, expected))
+        assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_sparse_op_softcap_exports_to_standard_ops_and_checks_its_modifier():
+    class Capped(nn.Module):
+        def forward(self, q, k, v):
+            return ops.sparse_attention(
+                q, k, v, None, "sliding-window", True, 0.5, 4, 64, 0, 0, 64, 0, None, "softcap", 1.0
+            )
+
+    q, k, v = (torch.randn(1, 2, 12, 8, generator=torch.Generator().manual_seed(i)) * 4 for i in range(3))
+    ep = torch.export.export(Capped(), (q, k, v)).run_decompositions(optpipe.ops.decompositions())
+    assert "optpipe" not in ep.graph_module.code and "aten.tanh" in ep.graph_module.code  # what the targets lower
+    assert_close(ep.module()(q, k, v), Capped()(q, k, v), atol=1e-6, rtol=1e-6)
+    plain = ops.sparse_attention(q, k, v, None, "sliding-window", True, 0.5, 4, 64, 0, 0, 64, 0)
+    assert (plain - Capped()(q, k, v)).abs().max() > 1e-2  # the cap matters at these scores
+    for bad, value in (("alibi", 1.0), ("softcap", 0.0)):
+        with pytest.raises(ValueError, match="unknown score modifier|cap > 0"):
+            ops.sparse_attention(q, k, v, None, "sliding-window", True, 0.5, 4, 64, 0, 0, 64, 0, None, bad, value)
+
+
+def test_sparse_flex_path_applies_the_softcap(monkeypatch):
+    """The CUDA path's score_mod (modifier, then bias) and block mask, run by eager FlexAttention on CPU
+    (forward only: FlexAttention has no CPU backward)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from optpipe.passes import attention_flex
+
+    monkeypatch.setattr(attention_flex, "_compiled_flex_attention", lambda: flex_attention)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 24, 16, generator=gen) * 3
+    k, v = (torch.randn(2, 2, 24, 16, generator=gen) * 3 for _ in range(2))
+    kpm = torch.ones(2, 24, dtype=torch.bool)
+    kpm[1, 18:] = False
+    bias, mod = torch.randn(1, 4, 1, 24, generator=gen), ops.ScoreMod("softcap", 2.0)
+    pattern = ops.SparsePattern("sliding-window", True, window=5)
+    with pytest.warns(UserWarning):  # (eager FlexAttention warns that it is unfused)
+        out = attention_flex.sparse_attention_flex(q, k, v, kpm, pattern, 0.25, bias, mod)
+    expected = ops.sparse_attention_reference(q, k, v, kpm, pattern, 0.25, bias, mod)
+    assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -67,12 +67,50 @@ def _symbolic_repeat(h):  # BLOOM's / DeBERTa-v2's biases: a tensor repeated onc
     return h.sum(-1) + bias.repeat(h.shape[0], 1)[..., None]
 
 
+def _alibi(h):  # MPT's ALiBi: a bias built for 64 positions, cut to the last T by max(0, 64 - T) (sym_max)
+    n = h.shape[1]
+    bias = torch.arange(64.0, device=h.device).expand(4, 1, 64) / 64
+    scores = torch.einsum("bqhd,bkhd->bhqk", h / 4, h / 4)
+    return scores + bias[:, max(0, 1 - n) :, max(0, 64 - n) :]
+
+
+def _alibi_from_min(h):  # the same cut from min(T, 64) (sym_min)
+    n = h.shape[1]
+    bias = torch.arange(64.0, device=h.device).expand(4, 1, 64) / 64
+    return h.sum(-1).transpose(1, 2)[..., None] + bias[:, :, 64 - min(n, 64) :]
+
+
 @pytest.mark.parametrize(
-    "op", [_negative_index, _negative_axis_slice, _bool_cumsum, _symbolic_repeat], ids=lambda f: f.__name__.strip("_")
+    "op",
+    [_negative_index, _negative_axis_slice, _bool_cumsum, _symbolic_repeat, _alibi, _alibi_from_min],
+    ids=lambda f: f.__name__.strip("_"),
 )
 def test_tvm(op):
     pytest.importorskip("tvm")
     _parity(Embedded(op), "tvm")
+
+
+def test_tvm_sizes_from_sym_max_broadcast_under_a_runtime_check():
+    """MPT: the bias cut by max(0, 64 - T) has a size Relax cannot prove equal to T, so the add gets
+    that input cast to T, checked when called (the scores beside it, already T, are not cast); past
+    64 positions, where the torch program raises, so does the library, instead of reading past the bias."""
+    pytest.importorskip("tvm")
+    from optpipe.targets.tvm_backend import TvmTarget
+
+    target, program = TvmTarget(), capture(Embedded(_alibi).eval(), (_ids(),))
+    script = target.import_program(program).mod.script()
+    assert "T.max(" in script
+    casts = [line for line in script.splitlines() if "R.match_cast(" in line]
+    assert len(casts) == 2 and "ndim=3" in casts[0] and "(4, 1, s" in casts[1], casts  # rank, then sizes
+    library = target.compile(program, static=False).fn
+    for seq in (8, 63):
+        ids = _ids(seq=seq)
+        torch.testing.assert_close(library(ids), program.gm(ids), atol=TOL, rtol=0)
+    too_long = _ids(seq=65)
+    with pytest.raises(AssertionError, match="Guard failed"):
+        program.gm(too_long)
+    with pytest.raises(RuntimeError, match="match_cast error"):
+        library(too_long)
 
 
 # -- onnxruntime ---------------------------------------------------------------------------------
