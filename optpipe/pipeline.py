@@ -8,19 +8,28 @@ the verification inputs with those of the program before the pass (computed once
 Exact passes must match within dtype tolerance; lossy passes must keep the budget (`--budget`, and
 the pass's own `min-sqnr` / `min-cosine`, see `optpipe.registry.LossyConfig`). A failing pass
 stops the pipeline with an error naming it and the passes before it.
+
+Before any pass runs, the order is checked against what the passes declare (`register_pass(...,
+needs=, gives=, takes=, before=, after=, last=, cleanup=)`, see `optpipe.registry.PassOrder`), counting
+the passes in the program's history: an illegal order is a `UsageError` naming both passes.
+
+    order_problem("fuse-attention,quantize,prune")
+    # 'prune cannot follow quantize: quantize takes away the float linear weights (float-linears) ...'
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import PassError, VerificationError, first_line
+from .attention_sites import SDPA
+from .errors import PassError, UsageError, VerificationError, first_line
+from .ops import is_optpipe_op
 from .pipeline_text import PassSpec, format_pipeline, parse_pipeline
 from .program import Program
-from .registry import LossyConfig
+from .registry import BASE_CAPABILITIES, CAPABILITIES, LossyConfig, PassOrder, all_passes, get_pass
 from .verify import Budget, Metrics, check_exact, compare, output_dtype, run_outputs, verification_inputs
 
 
@@ -69,6 +78,20 @@ class Pipeline:
     def __len__(self) -> int:
         return len(self.specs)
 
+    def check_order(self, history: Sequence[str] = (), *, capabilities: Iterable[str] | None = None) -> None:
+        """Raise `UsageError` (one line naming both passes, and a hint) if the passes cannot run in
+        this order after `history` (the elements of `program.history`). `capabilities`: what the
+        program has before its history (default `BASE_CAPABILITIES`: a captured program whose
+        attention is not yet SDPA nodes; `program_capabilities(program)` reads it from a program)."""
+        problem = _order_problem(self.specs, history, capabilities)
+        if problem:
+            raise UsageError(*problem)
+
+    def check_own_order(self) -> None:
+        """`check_order` for any program: refuse only what the passes forbid among themselves (as if
+        the program already had everything they need), so it can run before a model is loaded."""
+        self.check_order(capabilities={c for spec in self.specs for c in spec.info.order.needs})
+
     def run(
         self,
         program: Program,
@@ -80,7 +103,9 @@ class Pipeline:
         on_pass: Callable[[int, PassSpec], Any] | None = None,
         copy: bool = True,
     ) -> tuple[Program, list[PassRecord]]:
-        """Apply the passes to (a copy of) `program`; returns the new program and a record per pass."""
+        """Apply the passes to (a copy of) `program`; returns the new program and a record per pass.
+        An order the passes do not allow (after the program's history) is refused before any runs."""
+        self.check_order(program.history, capabilities=program_capabilities(program))
         program = program.copy() if copy else program
         budget = budget or Budget()
         records: list[PassRecord] = []
@@ -133,6 +158,133 @@ class Pipeline:
             for inst in instruments:
                 inst.after_pass(index, spec, program, record)
         return program, records
+
+
+def order_problem(
+    specs_or_text: str | Pipeline | Sequence[PassSpec],
+    history: Sequence[str] = (),
+    *,
+    capabilities: Iterable[str] | None = None,
+) -> str | None:
+    """Why the passes cannot run in this order after `history`, as one line naming both passes, or
+    None when they can (what `Pipeline.check_order` raises, without raising). For composing pipelines
+    (`optpipe tune`): `order_problem("fuse-attention,quantize,prune")` says prune cannot follow
+    quantize. Without `capabilities` the program is assumed to have hand-written attention (so
+    `attention` needs `fuse-attention` before it); pass `program_capabilities(program)` to count what
+    a given program has, as `Pipeline.run` does. A text that does not parse raises its
+    `PipelineSyntaxError`."""
+    if isinstance(specs_or_text, str):
+        specs = parse_pipeline(specs_or_text)
+    else:
+        specs = specs_or_text.specs if isinstance(specs_or_text, Pipeline) else list(specs_or_text)
+    problem = _order_problem(specs, history, capabilities)
+    return problem[0] if problem else None
+
+
+def program_capabilities(program: Program) -> set[str]:
+    """What `program` has before its history ran: `BASE_CAPABILITIES`, plus "sdpa-sites" when its
+    graph already has attention sites (a model that calls `F.scaled_dot_product_attention` itself,
+    or one that fuse-attention and attention rewrote outside a pipeline) and no KV cache yet."""
+    found = set(BASE_CAPABILITIES)
+    if not program.meta.get("kv_cache") and any(_is_attention_site(n) for n in program.gm.graph.nodes):
+        found.add("sdpa-sites")
+    return found
+
+
+def _is_attention_site(node) -> bool:
+    """An SDPA node, or an optpipe attention op that fuse-attention or attention made from one."""
+    if node.op != "call_function":
+        return False
+    return node.target is SDPA or (is_optpipe_op(node.target) and node.target.name().endswith("_attention"))
+
+
+@dataclass(frozen=True)
+class _Step:
+    name: str
+    order: PassOrder
+    done: bool  # in the program's history: already ran, so only what it gave or took counts
+
+
+def _order_problem(specs, history, capabilities) -> tuple[str, str] | None:
+    """(message, hint) for the first pass of `specs` that cannot run where it is, or None."""
+    steps = [_Step(n, _declared(n), True) for n in (e.split("{", 1)[0].strip() for e in history)]
+    steps += [_Step(spec.name, spec.info.order, False) for spec in specs]
+    have = set(BASE_CAPABILITIES if capabilities is None else capabilities)
+    taken_by: dict[str, _Step] = {}
+    for i, step in enumerate(steps):
+        if not step.done:
+            problem = _pair_problem(step, steps[:i]) or _needs_problem(step, have, taken_by, steps[i + 1 :])
+            if problem:
+                return problem
+        have -= set(step.order.takes)
+        taken_by.update((c, step) for c in step.order.takes)
+        have |= set(step.order.gives)
+        for c in step.order.gives:
+            taken_by.pop(c, None)
+    return None
+
+
+def _declared(name: str) -> PassOrder:
+    try:
+        return get_pass(name).order
+    except UsageError:  # a history entry from a plugin not installed here: it declared nothing we know
+        return PassOrder()
+
+
+def _why(order: PassOrder) -> str:
+    return f"; {order.why}" if order.why else ""
+
+
+def _follows(step: _Step, prev: _Step) -> str:
+    return f"{step.name} cannot follow {prev.name}{' (in the program history)' if prev.done else ''}"
+
+
+def _put_before(step: _Step, prev: _Step) -> str:
+    if prev.done:
+        return f"start from the program before {prev.name} and put {step.name} ahead of it in the pipeline"
+    return f"put {step.name} before {prev.name}"
+
+
+def _pair_problem(step: _Step, earlier: list[_Step]) -> tuple[str, str] | None:
+    """`step` placed after a pass it must precede (its `before`, the other's `after`), or after a `last` one."""
+    name = step.name
+    for prev in earlier:
+        head = _follows(step, prev)
+        hint = _put_before(step, prev)
+        if prev.name in step.order.before:
+            return f"{head}: {name} must run before {prev.name}{_why(step.order)}", hint
+        if name in prev.order.after:
+            return f"{head}: {prev.name} must run after {name}{_why(prev.order)}", hint
+        if prev.order.last and not step.order.cleanup and prev.name != name:
+            cleanup = ", ".join(p.name for p in all_passes() if p.order.cleanup) or "none"
+            last = f"{prev.name} must run last (only cleanup passes follow it: {cleanup})"
+            return f"{head}: {last}{_why(prev.order)}", hint
+    return None
+
+
+def _needs_problem(step: _Step, have: set, taken_by: dict[str, _Step], later: list[_Step]) -> tuple[str, str] | None:
+    """A capability `step` needs that is not there: taken by an earlier pass, given only by a later one,
+    or given by none."""
+    name = step.name
+    for cap in step.order.needs:
+        if cap in have or (cap in taken_by and taken_by[cap].name == name):  # a rerun knows its own result
+            continue
+        what = f"the {CAPABILITIES.get(cap, cap)} ({cap})"
+        if cap in taken_by:
+            taker = taken_by[cap]
+            message = f"{_follows(step, taker)}: {taker.name} takes away {what} that {name} needs"
+            return message, _put_before(step, taker)
+        giver = next((s.name for s in later if cap in s.order.gives), None)
+        if giver:
+            message = f"{name} cannot run before {giver}: {name} needs {what}, which {giver} gives"
+            return message, f"put {giver} before {name}"
+        givers = [p.name for p in all_passes() if cap in p.order.gives]
+        first = " or ".join(givers) or "a pass that gives it"
+        return (
+            f"{name} needs {what}, which no pass before it gives: run {first} before {name}",
+            f"put {first} before {name} (a program loaded from an OUT counts the passes in its history)",
+        )
+    return None
 
 
 INTRODUCED_BY = "optpipe_pass"

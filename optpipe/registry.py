@@ -5,6 +5,9 @@ Config, exact=...)`. It rewrites `program.gm` in place and reports what it did i
 Configs are frozen dataclasses; each field's help text is `field(metadata={"help": ...})`. A lossy
 pass's config subclasses `LossyConfig`, whose fields are the budget the pipeline holds it to.
 
+A pass may also declare where it can run (`needs`, `gives`, `takes`, `before`, `after`, `last`,
+`cleanup`, see `PassOrder`); `optpipe.pipeline.order_problem` checks a pipeline against them.
+
 The core imports pass and target modules only through these tables (built-ins by module path,
 third-party ones through the `optpipe.passes` / `optpipe.targets` entry-point groups), so heavy
 backends load only when used.
@@ -88,6 +91,48 @@ def config_fields(config) -> list[dataclasses.Field]:
     return [f for f in own if f.name not in budget] + [f for f in own if f.name in budget]
 
 
+CAPABILITIES: dict[str, str] = {
+    "sdpa-sites": "canonical SDPA attention sites",  # one aten.scaled_dot_product_attention per attention
+    "float-linears": "float linear weights",
+}
+"""What a program can have that passes need, give or take (`PassOrder`): name -> what it is, quoted in
+order errors. A freshly captured program has `BASE_CAPABILITIES`; third-party passes may use their
+own names (`register_capability`)."""
+BASE_CAPABILITIES: frozenset[str] = frozenset({"float-linears"})
+
+
+def register_capability(name: str, description: str) -> None:
+    """Describe capability `name` (a short kebab-case string) for order errors."""
+    CAPABILITIES[name] = description
+
+
+@dataclass(frozen=True)
+class PassOrder:
+    """Where a pass may run in a pipeline (LLVM/MLIR-style pass dependencies), checked before any pass
+    runs (`optpipe.pipeline.order_problem`). Capabilities flow along the pipeline, starting from
+    `BASE_CAPABILITIES` plus what the program's history gave:
+
+    - `needs`: capabilities that must hold when the pass runs (an earlier pass gave them);
+    - `gives`: capabilities the pass establishes; `takes`: capabilities it removes;
+    - `before` / `after`: passes this one must run before / after when both are in the pipeline;
+    - `last`: only `cleanup` passes may follow it (its result would not survive another rewrite);
+    - `cleanup`: the pass only removes or merges nodes, so it may follow anything, `last` passes too;
+    - `why`: one clause quoted when `before`, `after` or `last` refuses an order.
+    """
+
+    needs: tuple[str, ...] = ()
+    gives: tuple[str, ...] = ()
+    takes: tuple[str, ...] = ()
+    before: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+    last: bool = False
+    cleanup: bool = False
+    why: str = ""
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
 @dataclass(frozen=True)
 class PassInfo:
     name: str
@@ -97,6 +142,7 @@ class PassInfo:
     summary: str
     doc: str
     module: str
+    order: PassOrder = field(default_factory=PassOrder)
 
     def options(self) -> list[dict]:
         """Documented options: name (kebab-case), type, default, help."""
@@ -127,9 +173,36 @@ _TARGETS: dict[str, Any] = {}
 _PLUGINS_LOADED = False
 
 
-def register_pass(name: str, config: type, *, exact: bool, summary: str | None = None):
+def register_pass(
+    name: str,
+    config: type,
+    *,
+    exact: bool,
+    summary: str | None = None,
+    needs: tuple[str, ...] = (),
+    gives: tuple[str, ...] = (),
+    takes: tuple[str, ...] = (),
+    before: tuple[str, ...] = (),
+    after: tuple[str, ...] = (),
+    last: bool = False,
+    cleanup: bool = False,
+    why: str = "",
+):
     """Decorator registering `fn(program, config) -> PassResult` as pass `name`. `config` is a frozen
-    dataclass; a lossy pass's (`exact=False`) subclasses `LossyConfig`."""
+    dataclass; a lossy pass's (`exact=False`) subclasses `LossyConfig`. The other keywords say where
+    the pass may run (see `PassOrder`); a pass that declares none may run anywhere."""
+    order = PassOrder(
+        needs=_names(name, "needs", needs),
+        gives=_names(name, "gives", gives),
+        takes=_names(name, "takes", takes),
+        before=_names(name, "before", before),
+        after=_names(name, "after", after),
+        last=last,
+        cleanup=cleanup,
+        why=why,
+    )
+    if order.last and order.cleanup:
+        raise TypeError(f"pass {name!r}: a cleanup pass may follow anything, so it cannot also be last")
     if not dataclasses.is_dataclass(config) or not config.__dataclass_params__.frozen:
         raise TypeError(f"pass {name!r}: config {config.__name__} must be a frozen dataclass")
     if not exact and not issubclass(config, LossyConfig):
@@ -140,15 +213,23 @@ def register_pass(name: str, config: type, *, exact: bool, summary: str | None =
 
     def wrap(fn):
         doc = (fn.__doc__ or "").strip()
-        _PASSES[name] = PassInfo(name, fn, config, exact, summary or doc.split("\n")[0], doc, fn.__module__)
+        _PASSES[name] = PassInfo(name, fn, config, exact, summary or doc.split("\n")[0], doc, fn.__module__, order)
         return fn
 
     return wrap
 
 
+def _names(pass_name: str, what: str, names) -> tuple[str, ...]:
+    names = (names,) if isinstance(names, str) else tuple(names)
+    if not all(isinstance(n, str) and n for n in names):
+        raise TypeError(f"pass {pass_name!r}: {what} must be names (strings), got {names!r}")
+    return names
+
+
 HOOKS = {
     "save": "fn(program, folder): write the pass's own files into an OUT folder being written",
     "length_advice": "fn(n) -> list[str]: what the pass would say about a program at sequence length n",
+    "break_even": "fn() -> dict[str, int]: per option value (e.g. attention kind), the length below which it is slower",
 }
 """What a pass module may offer the core besides the rewrite itself (`@register_hook(pass, name)`)."""
 _HOOKS: dict[tuple[str, str], Callable] = {}

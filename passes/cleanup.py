@@ -118,7 +118,7 @@ def remove_unused_attributes(gm: torch.fx.GraphModule) -> int:
     return removed
 
 
-@register_pass("dce", DceConfig, exact=True)
+@register_pass("dce", DceConfig, exact=True, cleanup=True)
 def dce(program: Program, config: DceConfig) -> PassResult:
     """Remove dead nodes, then the parameters and buffers nothing reads any more."""
     gm = program.gm
@@ -191,7 +191,7 @@ def eliminate_common_subexpressions(gm: torch.fx.GraphModule) -> int:
     return eliminated
 
 
-@register_pass("cse", CseConfig, exact=True)
+@register_pass("cse", CseConfig, exact=True, cleanup=True)
 def cse(program: Program, config: CseConfig) -> PassResult:
     """Merge duplicate pure, deterministic ATen computations."""
     eliminated = eliminate_common_subexpressions(program.gm)

@@ -719,7 +719,7 @@ def _consumer_matmul(softmax: torch.fx.Node, depth: int = 4) -> torch.fx.Node | 
     return None
 
 
-@register_pass("fuse-attention", FuseAttentionConfig, exact=True)
+@register_pass("fuse-attention", FuseAttentionConfig, exact=True, gives=("sdpa-sites",))
 def fuse_attention(program: Program, config: FuseAttentionConfig) -> PassResult:
     """Canonicalize attention into one scaled_dot_product_attention node per site (one
     optpipe.score_mod_attention node where the scores are soft-capped)."""

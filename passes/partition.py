@@ -559,7 +559,13 @@ def bubble(stages: int, microbatches: int) -> float:
     return (stages - 1) / (microbatches + stages - 1)
 
 
-@register_pass("partition", PartitionConfig, exact=True)
+@register_pass(
+    "partition",
+    PartitionConfig,
+    exact=True,
+    last=True,
+    why="its cuts balance the costs of the graph it saw, which a later rewrite changes",
+)
 def partition(program: Program, config: PartitionConfig) -> PassResult:
     """Split the program into pipeline stages of balanced FLOPs/params/memory/measured time, cutting
     between transformer blocks (or, strategy=tensor, shard the blocks over `ways` ranks); the plan

@@ -1131,7 +1131,14 @@ def _report(details: list[dict], config: PruneConfig) -> dict:
     return {"modules": details, "skipped": skipped, "notes": notes}
 
 
-@register_pass("prune", PruneConfig, exact=False)
+@register_pass(
+    "prune",
+    PruneConfig,
+    exact=False,
+    needs=("float-linears",),
+    after=("fuse-attention",),
+    why="it finds attention heads at the SDPA sites fuse-attention makes",
+)
 def prune(program: Program, config: PruneConfig) -> PassResult:
     """Prune attention heads and MLP channels (structured: smaller weights, rewritten shapes) or
     zero weights (magnitude, wanda, 2:4)."""

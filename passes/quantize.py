@@ -513,7 +513,7 @@ def _calibrate(
     }
 
 
-@register_pass("quantize", QuantizeConfig, exact=False)
+@register_pass("quantize", QuantizeConfig, exact=False, takes=("float-linears",))
 def quantize(program: Program, config: QuantizeConfig) -> PassResult:
     """Quantize linear layers (int8-dynamic, int8-static, int8-weight or int4-weight) and, with
     embeddings=true, embedding tables to int8 optpipe ops; fp32 weights no longer read are removed."""
