@@ -63,6 +63,23 @@ def train(model, data, out: str, **options):
     return _train(model, data, out, **options)
 
 
+def evaluate(model_or_out, data, **options) -> dict:
+    """Quality on real data and cost on the target (the data of `optpipe eval --json`); see
+    optpipe.runtime.evaluation.evaluate for the options (reference, seq_len, stride, batch, ...)."""
+    from .runtime.evaluation import evaluate as _evaluate
+
+    return _evaluate(model_or_out, data, **options)
+
+
+def tune(model: str, data, out: str, *, budget, **options):
+    """Search pipelines for `model` on a target, measured there and judged on `data` within
+    `budget` (e.g. "ppl=+3%"), writing TUNE_OUT=`out` (the data of `optpipe tune`); see
+    optpipe.runtime.tuning.tune and TuneSettings for the options (target, objective, trials, ...)."""
+    from .runtime.tuning import tune as _tune
+
+    return _tune(model, data, out, budget=budget, **options)
+
+
 __all__ = [
     "LossyConfig",
     "OptpipeError",
@@ -77,6 +94,7 @@ __all__ = [
     "__version__",
     "capture",
     "diff",
+    "evaluate",
     "generate",
     "load",
     "load_program",
@@ -84,6 +102,7 @@ __all__ = [
     "register_pass",
     "register_target",
     "train",
+    "tune",
 ]
 
 from .registry import load_op_modules as _load_op_modules  # noqa: E402

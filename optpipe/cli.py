@@ -202,11 +202,13 @@ def optimize(
     from .optimization import optimize as run_optimize
     from .optimization import resolve_pipeline
     from .outdir import check_writable
+    from .pipeline import Pipeline
     from .report import pass_remarks
     from .verify import Budget
 
     check_writable(out, force)  # before any work
     text, extras = resolve_pipeline(pipeline, preset, recipe)
+    Pipeline.parse(text).check_own_order()  # an order the passes forbid, before loading the model
     if (
         extras.get("target")
         and target == "cpu"
@@ -238,7 +240,7 @@ def optimize(
         verify=not no_verify,
         budget=budget_obj,
         instruments=instruments,
-        target_options={"mode": mode, "tune": tune},
+        target_options=_target_options(mode, tune, extras),
         progress=progress,
         calibration=calibration,
     )
@@ -250,6 +252,16 @@ def optimize(
         click.echo(json.dumps(res.report, default=str))
     else:
         progress.say(summary_markup(out, target, res.report))
+
+
+def _target_options(mode: str, tune: int, recipe: dict) -> dict:
+    """--mode / --tune, where not given on the command line the recipe's."""
+    ctx = click.get_current_context()
+    given = {"mode": mode, "tune": tune}
+    for key, value in recipe.get("target_options", {}).items():
+        if ctx.get_parameter_source(key).name == "DEFAULT":
+            given[key] = value
+    return given
 
 
 def summary_markup(out: str, target: str, r: dict) -> str:
@@ -287,6 +299,7 @@ def passes(name, as_json):
             "doc": info.doc,
             "module": info.module,
             "options": info.options(),
+            "order": info.order.to_dict(),
         }
         if as_json:
             click.echo(json.dumps(data, default=str))
@@ -296,6 +309,8 @@ def passes(name, as_json):
         click.echo("\noptions:" if data["options"] else "\noptions: none")
         for o in data["options"]:
             click.echo(f"  {o['name']:<18} {o['type']:<14} default {o['default']!s:<10} {o['help']}")
+        order = [f"  {k:<8} {', '.join(v) if isinstance(v, list) else v}" for k, v in data["order"].items() if v]
+        click.echo("\norder:\n" + "\n".join(order) if order else "\norder: may run anywhere")
         return
     infos = all_passes()
     if as_json:
@@ -403,6 +418,79 @@ def _load_out(out: str):
             "rerun with OPTPIPE_DEBUG=1 for the traceback, or write OUT again with `optpipe optimize`",
         ) from e
     return program, target, tgt, compiled
+
+
+@main.command("eval")
+@click.argument("model", metavar="MODEL|OUT")
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    required=True,
+    metavar="FILE",
+    help="Text or JSONL file(s) or folders (repeatable); scored on train's validation split.",
+)
+@click.option("--reference", metavar="MODEL", help="Compare with this model (default for an OUT: its source).")
+@click.option("--target", "-t", default=None, help="Where a MODEL runs (default cpu, eager); an OUT runs on its own.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=None, help="Window length (default: the example's).")
+@click.option("--stride", type=click.IntRange(min=1), default=None, help="Causal LMs: step between windows.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Score at most about this many tokens.")
+@click.option("--val-fraction", type=float, default=0.05, show_default=True, help="As given to train (0: all text).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the mlm masks and the timing input.")
+@click.option("--mask-rate", type=float, default=0.15, show_default=True, help="Masked LMs: share of tokens masked.")
+@click.option("--iters", type=click.IntRange(min=1), default=20, show_default=True, help="Timed calls.")
+@click.option("--text-key", default="text", show_default=True, help="JSONL field holding the text.")
+@click.option("--tokenizer", metavar="FILE", help="A tokenizer.json (default: the model's own, else bytes).")
+@click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled module (runs arbitrary code).")
+@click.option("--json", "as_json", is_flag=True)
+def eval_command(model, data, reference, target, seq_len, stride, batch, max_tokens, val_fraction, seed, **options):
+    """Quality on real data (perplexity, masked accuracy or embedding cosine) and cost on the target."""
+    from .runtime.evaluation import evaluate
+
+    as_json, iters = options.pop("as_json"), options.pop("iters")
+    progress = Progress()
+    with progress(f"evaluating {model}") as status:
+        doc = evaluate(
+            model,
+            list(data),
+            reference=reference,
+            target=target,
+            seq_len=seq_len,
+            stride=stride,
+            batch=batch,
+            max_tokens=max_tokens,
+            val_fraction=val_fraction,
+            seed=seed,
+            latency_iters=iters,
+            progress=status.update,
+            **options,
+        )
+    if as_json:
+        click.echo(json.dumps(doc))
+        return
+    _print_eval(doc)
+
+
+def _print_eval(doc: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    q, c, d = doc["quality"], doc["cost"], doc["data"]
+    table = Table(title=f"{escape(q['model'])} on {escape(doc['target'])} ({q['task']})", show_header=False)
+    shown = ("ppl", "mlm_accuracy", "cosine", "top1_agreement", "kl", "ref_ppl", "tokens")
+    for key in shown:
+        if key in q:
+            table.add_row(key, "-" if q[key] is None else f"{q[key]:.6g}")
+    for key in ("latency_ms_p50", "latency_ms_p90", "tokens_per_s", "peak_mem_mb", "size_mb"):
+        table.add_row(key, "-" if c.get(key) is None else f"{c[key]:.6g}")
+    Console(highlight=False).print(table)
+    ref = f"reference {escape(q['reference'])}" if q.get("reference") else escape(q.get("note") or "no reference")
+    click.echo(
+        f"{d['split']} split: {d['documents']} documents, {d['windows']} windows of {d['seq_len']} "
+        f"(stride {d['stride']}), batch {d['batch']}, tokenizer {d['tokenizer']}; {ref}",
+        err=True,
+    )
 
 
 @main.command()
@@ -613,6 +701,113 @@ def train(model, data, nproc, stages, microbatches, schedule, tensor_parallel, r
         f"{result.tokens_per_s:.0f} tokens/s; wrote {out}",
         err=True,
     )
+
+
+@main.command()
+@click.argument("model")
+@click.option("--target", "-t", default="cpu", show_default=True, help="cpu, cuda, onnxruntime, tvm or tvm-cuda.")
+@click.option("--data", required=True, metavar="FILE", help="Text or JSONL; its held-out split judges quality.")
+@click.option(
+    "--budget", multiple=True, required=True, metavar="K=V", help="Quality to keep: ppl=+3%, cosine=0.99, top1=0.95."
+)
+@click.option("--objective", type=click.Choice(["latency", "throughput", "size"]), default="latency", show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=2), default=None, help="Default: the model's example length.")
+@click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True, help="Candidates to measure.")
+@click.option("--time-budget", metavar="T", help="Stop starting trials after T (e.g. 20m); one trial may overrun.")
+@click.option("--space", "space_file", metavar="FILE", help="TOML: the choices per dimension (see README).")
+@click.option(
+    "--heal-steps", type=click.IntRange(min=0), default=0, show_default=True, help="Distillation steps per candidate."
+)
+@click.option("--sampler", type=click.Choice(["tpe", "nsga2", "random"]), default="tpe", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--eval-tokens", type=click.IntRange(min=1), default=4096, show_default=True, help="Tokens judged.")
+@_model_options
+@click.option("--storage", metavar="URL", help="Study database shared by several workers (default TUNE_OUT/study.db).")
+@click.option("--resume", is_flag=True, help="Continue the study in TUNE_OUT.")
+@click.option("--force", is_flag=True, help="Replace an existing TUNE_OUT.")
+@click.option("-o", "--out", required=True, metavar="TUNE_OUT")
+@click.option("--json", "as_json", is_flag=True, help="Print tune.json on stdout.")
+def tune(
+    model,
+    target,
+    data,
+    budget,
+    objective,
+    batch,
+    seq_len,
+    trials,
+    time_budget,
+    space_file,
+    heal_steps,
+    sampler,
+    seed,
+    eval_tokens,
+    inputs,
+    arch,
+    trust_pickle,
+    storage,
+    resume,
+    force,
+    out,
+    as_json,
+):
+    """Search pipelines for MODEL on a target, measured there and judged on DATA; write TUNE_OUT."""
+    from .runtime.tuning import TuneSettings, check_out
+    from .runtime.tuning import tune as run_tune
+    from .runtime.tuning_space import QualityBudget, SearchSpace, parse_duration
+
+    settings = TuneSettings(
+        target=target,
+        budget=QualityBudget.parse(budget),
+        objective=objective,
+        batch=batch,
+        seq_len=seq_len,
+        trials=trials,
+        time_budget=parse_duration(time_budget),
+        heal_steps=heal_steps,
+        seed=seed,
+        sampler=sampler,
+        eval_tokens=eval_tokens,
+    )
+    space = SearchSpace.from_toml(space_file, target) if space_file else None
+    check_out(out, resume, force, storage)  # before any work
+    progress = Progress(quiet=False)
+    with progress(f"load {model}"):
+        program = _load(model, inputs, arch, trust_pickle)
+    result = run_tune(
+        model,
+        data,
+        out,
+        budget=settings.budget,
+        settings=settings,
+        space=space,
+        storage=storage,
+        resume=resume,
+        force=force,
+        program=program,
+        say=lambda text: progress.say(escape(text)),
+    )
+    if as_json:
+        with open(os.path.join(out, "tune.json")) as f:
+            click.echo(f.read().strip())
+        return
+    _print_front(result)
+    progress.say(f"{escape(result.recommendation)}\nwrote {escape(out)}: best.toml, best/, trials.jsonl, report.html")
+
+
+def _print_front(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .runtime.tuning_report import FRONT_HEADER, front_rows
+
+    table = Table(title="Pareto front (cost vs quality; * recommended)", title_justify="left")
+    for name in FRONT_HEADER:
+        table.add_column(name, overflow="fold")
+    for row in front_rows(result.front, result.baseline, result.best):
+        table.add_row(*[escape(x) for x in row])
+    Console(stderr=True).print(table)
 
 
 def _parse_ids(text: str) -> list[int]:

@@ -111,6 +111,8 @@ def optimize(
 
     step = progress or _NoProgress()
     pipe, budget = _pipeline_and_budget(pipeline, preset, recipe, budget, step)
+    if recipe and target_options is None:
+        target_options = resolve_pipeline(None, None, recipe)[1]["target_options"]
     tgt = get_target(target)
     tgt.available()  # fails fast on e.g. a missing GPU, before any work
     program = _with_calibration(_as_program(model_or_program, example_inputs, step), calibration, step)
@@ -156,6 +158,7 @@ def _pipeline_and_budget(pipeline, preset, recipe, budget, step) -> tuple[Pipeli
             budget = extras["budget"]
         with step("parse pipeline"):
             pipe = Pipeline.parse(text)
+    pipe.check_own_order()  # before loading the model; Pipeline.run checks again with its history
     if isinstance(budget, dict):
         budget = Budget(**{k: float(v) for k, v in budget.items()})
     return pipe, budget

@@ -4,6 +4,7 @@ A recipe file:
 
     pipeline = "fuse-attention,dce"        # either a pipeline string ...
     target = "cpu"                         # optional defaults for the CLI
+    mode = "eager"                         # the target's options: mode (torch), tune (tvm trials)
     budget = { sqnr = 20 }
 
     [[passes]]                             # ... or a list of passes with their options
@@ -39,7 +40,7 @@ def preset_pipeline(name: str) -> str:
 
 
 def load_recipe(path: str | os.PathLike) -> dict:
-    """Returns {"pipeline": str, "target": str|None, "budget": dict}."""
+    """Returns {"pipeline": str, "target": str|None, "budget": dict, "target_options": dict}."""
     from .pipeline_text import format_value
 
     path = os.fspath(path)
@@ -68,4 +69,16 @@ def load_recipe(path: str | os.PathLike) -> dict:
         pipeline = ",".join(parts)
     if not isinstance(pipeline, str):
         raise UsageError(f"recipe {path}: pipeline must be a string", 'e.g. pipeline = "fuse-attention,dce"')
-    return {"pipeline": pipeline, "target": data.get("target"), "budget": data.get("budget") or {}}
+    options = {k: data[k] for k in ("mode", "tune") if k in data}
+    if "mode" in options and options["mode"] not in ("auto", "eager", "compile"):
+        raise UsageError(
+            f"recipe {path}: mode must be auto, eager or compile, got {options['mode']!r}", 'e.g. mode = "eager"'
+        )
+    if "tune" in options and (not isinstance(options["tune"], int) or options["tune"] < 0):
+        raise UsageError(f"recipe {path}: tune must be a number of trials >= 0", "e.g. tune = 64")
+    return {
+        "pipeline": pipeline,
+        "target": data.get("target"),
+        "budget": data.get("budget") or {},
+        "target_options": options,
+    }

@@ -34,3 +34,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# -- optpipe tune (tests/test_tune.py, tests/test_tune_study.py; helpers in tests/tune_helpers.py) ----
+@pytest.fixture(scope="session")
+def pydoc_text(tmp_path_factory) -> str:
+    """Python's own documentation as a text corpus (`pydoc_data`: text nobody here wrote)."""
+    from optpipe.runtime.data import pydoc_corpus
+
+    path = tmp_path_factory.mktemp("pydoc") / "pydoc.txt"
+    pydoc_corpus(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tune_program():
+    """tune_helpers.MODEL captured once per worker."""
+    from optpipe.loading import load_model
+    from tests.tune_helpers import MODEL
+
+    return load_model(MODEL)
+
+
+@pytest.fixture
+def tuned(pydoc_text, tune_program):
+    """`tune_helpers.run` on the captured program."""
+    from tests.tune_helpers import run
+
+    return lambda out, **kw: run(pydoc_text, out, program=tune_program, **kw)

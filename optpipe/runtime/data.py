@@ -847,7 +847,13 @@ def _check_objective(objective: str) -> None:
 
 # -- calibration ----------------------------------------------------------------------------------
 def calibration_batches(
-    data, program, *, batches: int = 4, text_key: str = "text", out: str | os.PathLike | None = None
+    data,
+    program,
+    *,
+    batches: int = 4,
+    text_key: str = "text",
+    out: str | os.PathLike | None = None,
+    val_fraction: float = 0.0,
 ) -> list[tuple]:
     """`batches` input tuples shaped like `program.example_inputs`, from the text in `data`.
 
@@ -855,7 +861,8 @@ def calibration_batches(
     (OUT/tokenizer.json with `out`, else `program.meta["tokenizer"]`, else bytes) and packed as for
     mlm when the tokenizer has cls/sep, else clm. attention_mask is ones, token_type_ids zeros,
     position_ids 0..S-1; any other input keeps its example value. Rows come in file order (no
-    shuffle); the data repeats if it is short.
+    shuffle); the data repeats if it is short. `val_fraction`: leave out the documents of that
+    validation split (as `train` and `eval` cut it), so that nothing calibrated on is evaluated on.
     Raises UsageError when a token id is not below the model's vocab size."""
     names, examples = list(program.input_names), tuple(program.example_inputs)
     if "input_ids" in names:
@@ -884,7 +891,14 @@ def calibration_batches(
     tok = tokenizer_for_program(program, out)
     objective = "mlm" if tok.cls_id is not None and tok.sep_id is not None else "clm"
     stream = PackedBatches(
-        data, tok, seq_len=int(s), batch_size=int(b), objective=objective, shuffle=False, text_key=text_key
+        data,
+        tok,
+        seq_len=int(s),
+        batch_size=int(b),
+        objective=objective,
+        shuffle=False,
+        text_key=text_key,
+        val_fraction=val_fraction,
     )
     config = program.meta.get("config") or {}
     vocab = config.get("vocab_size") or program.meta.get("vocab_size")

@@ -31,7 +31,6 @@ from optpipe.registry import PassResult, get_target, register_pass  # noqa: E402
 from tests import hf_models  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY = os.path.join(ROOT, "examples", "tiny_gpt.py") + ":build"
 aten = torch.ops.aten
 
 
@@ -113,6 +112,22 @@ def tiny():
     return model, program
 
 
+@pytest.fixture(scope="module")
+def hf_compiled(target):
+    """(model, program, compiled with the default options) per (family, attention): each built once
+    for the parity table and the fusion checks that read the same build."""
+    built = {}
+
+    def get(name: str, attn: str):
+        if (name, attn) not in built:
+            model, inputs = getattr(hf_models, name)(attn=attn)
+            program = capture(model, inputs)
+            built[name, attn] = model, program, target.compile(program)
+        return built[name, attn]
+
+    return get
+
+
 def assert_parity(target, compiled, program):
     check = check_target(target, compiled, program)
     assert check["inputs"] == 2  # the example inputs and another sequence length
@@ -159,12 +174,11 @@ BERT_FUSED = {"Attention", "SkipLayerNormalization", "BiasGelu"}  # QKV + attent
         ("minilm", "sdpa", BERT_FUSED),
     ],
 )
-def test_hf_model_parity(target, name, attn, contrib):
-    model, inputs = getattr(hf_models, name)(attn=attn)
-    if "attention_mask" in inputs:
-        assert (inputs["attention_mask"] == 0).any()  # a padded batch: the mask matters
-    program = capture(model, inputs)
-    compiled = target.compile(program)
+def test_hf_model_parity(target, hf_compiled, name, attn, contrib):
+    model, program, compiled = hf_compiled(name, attn)
+    if "attention_mask" in program.input_names:
+        mask = program.example_inputs[program.input_names.index("attention_mask")]
+        assert (mask == 0).any()  # a padded batch: the mask matters
     assert_parity(target, compiled, program)
     ops = onnx_ops(compiled)  # attention runs as an ORT contrib kernel, not MatMul/Softmax
     assert {op for domain, op in ops if domain == "com.microsoft"} == contrib
@@ -180,13 +194,12 @@ def test_hf_model_parity(target, name, attn, contrib):
 
 
 @pytest.fixture(scope="module")
-def bert_program():
-    model, inputs = hf_models.bert(attn="eager")
-    return capture(model, inputs)
+def bert_program(hf_compiled):
+    return hf_compiled("bert", "eager")[1]
 
 
-def test_bert_attention_fuses_into_contrib_ops(target, bert_program):
-    compiled = target.compile(bert_program)
+def test_bert_attention_fuses_into_contrib_ops(target, hf_compiled):
+    _, bert_program, compiled = hf_compiled("bert", "eager")
     assert_parity(target, compiled, bert_program)
     fused = compiled.info["ort_fusions"]  # two layers: one fusion of each kind per layer
     assert fused["attention"] == 2 and fused["bias_gelu"] == 2 and fused["skip_layer_normalization"] == 4
@@ -203,12 +216,10 @@ def test_fuse_false_keeps_the_exported_graph(target, bert_program):
     assert not [op for domain, op in onnx_ops(compiled) if domain == "com.microsoft"]
 
 
-def test_gpt2_flattened_heads_are_not_fused_with_their_projection(target):
+def test_gpt2_flattened_heads_are_not_fused_with_their_projection(target, hf_compiled):
     """GPT-2's Conv1D flattens the merged heads to (B*S, D) for a 2-D Gemm: the projection-fusing MHA
     rule must not match there (its (B, S, D) output would reach the Gemm); attention still goes native."""
-    model, inputs = hf_models.gpt2(attn="sdpa")
-    program = capture(model, inputs)
-    compiled = target.compile(program)
+    _, program, compiled = hf_compiled("gpt2", "sdpa")
     assert_parity(target, compiled, program)
     fused = compiled.info["ort_fusions"]
     assert "mha2" not in fused and "attention" not in fused and fused["sdpa_via_mha"] == 2
@@ -343,20 +354,38 @@ def test_op_onnxruntime_has_no_kernel_for_is_one_line(target, scaled):
     assert "\n" not in msg and "NoSuchGelu" in msg and "transformer.h.0.mlp.gelu" in msg
 
 
-# ---- CLI: optimize -> OUT -> run in a fresh process -------------------------------------------------
+# ---- the example: optimize -> OUT; then `optpipe run` on it, in a fresh process -----------------------
 
 
 @pytest.fixture(scope="module")
-def out(tmp_path_factory):
+def example(tmp_path_factory):
+    """OUT written by examples/onnxruntime_target.py, and its stdout. The same optimize() call and save
+    as `optpipe optimize examples/tiny_gpt.py:build --target onnxruntime -p fuse-attention,dce -o OUT`
+    (the CLI's own handling of --target: tests/targets/test_tvm.py's subprocess)."""
     out = tmp_path_factory.mktemp("ort") / "OUT"
-    r = CliRunner().invoke(
-        main, ["optimize", TINY, "--target", "onnxruntime", "-p", "fuse-attention,dce", "-o", str(out)]
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "onnxruntime_target.py"), str(out)],
+        capture_output=True,
+        text=True,
+        cwd=out.parent,
+        timeout=600,
     )
-    assert r.exit_code == 0, r.output
-    return out
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r.stdout
 
 
-def test_cli_optimize_writes_the_onnx_artifacts(out):
+@pytest.fixture(scope="module")
+def out(example):
+    return example[0]
+
+
+def test_example_script(example):
+    out, stdout = example
+    assert "ok=True" in stdout and "plain onnxruntime" in stdout
+    assert (out / "model.onnx").exists() and (out / "model.optimized.onnx").exists()
+
+
+def test_optimize_writes_the_onnx_artifacts(out):
     assert {"program.pt2", "model.onnx", "model.optimized.onnx", "target.json", "report.json"} <= set(os.listdir(out))
     saved = json.loads((out / "target.json").read_text())
     assert saved["target"] == "onnxruntime" and saved["info"]["opset"] == 20
@@ -392,16 +421,3 @@ def test_run_with_bad_input_is_one_line(out, spec, pattern):
     assert r.exit_code == 2, r.output
     errors = [line for line in r.stderr.splitlines() if line.startswith("optpipe: error:")]
     assert len(errors) == 1 and pattern in errors[0] and "Traceback" not in r.stderr
-
-
-def test_example_script(tmp_path):
-    r = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "onnxruntime_target.py"), str(tmp_path / "OUT")],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "ok=True" in r.stdout and "plain onnxruntime" in r.stdout
-    assert (tmp_path / "OUT" / "model.onnx").exists() and (tmp_path / "OUT" / "model.optimized.onnx").exists()
