@@ -807,7 +807,10 @@ def _print_front(result) -> None:
         table.add_column(name, overflow="fold")
     for row in front_rows(result.front, result.baseline, result.best):
         table.add_row(*[escape(x) for x in row])
-    Console(stderr=True).print(table)
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        console = Console(stderr=True, width=160)  # a log or a pipe: room for the pipelines on one line
+    console.print(table)
 
 
 def _parse_ids(text: str) -> list[int]:
