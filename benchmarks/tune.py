@@ -201,7 +201,6 @@ def replay(table: dict, space: SearchSpace, sampler: str, seed: int, trials: int
 
 
 def sampler_comparison(work: str, corpus: str, trials: int, seeds: int, say) -> dict:
-    optuna_logging()
     table, space = exhaustive_table(work, corpus, say)
     hv = {s: [replay(table, space, s, seed, trials) for seed in range(seeds)] for s in ("tpe", "random")}
     wins = sum(t >= r for t, r in zip(hv["tpe"], hv["random"]))
@@ -219,15 +218,6 @@ def sampler_comparison(work: str, corpus: str, trials: int, seeds: int, say) -> 
         f"({'ok' if out['tpe_mean'] >= out['random_mean'] else 'TPE BELOW RANDOM'})"
     )
     return out
-
-
-def optuna_logging() -> None:
-    import warnings
-
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def minilm_against_hand_picked(work: str, corpus: str, args, say) -> dict:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import OptpipeError, UsageError
-from ..outdir import MARKER, check_writable, write_text_atomic
+from ..outdir import MARKER, atomic_folder, check_writable, write_text_atomic
 from ..registry import get_hook, get_target
 from .evaluation import eval_set, measure_cost, reference_outputs, score
 from .tuning_report import pareto_front, recipe_toml, render_tune_html
@@ -644,7 +644,8 @@ def _write_outputs(ctx: Context, result: TuneResult) -> None:
     best, out = result.best, ctx.out
     search_seconds = time.monotonic() - ctx.started
     if best.get("healed", {}).get("out"):
-        _replace_folder(best["healed"]["out"], os.path.join(out, "best"))
+        with atomic_folder(os.path.join(out, "best"), force=True) as tmp:  # the healed OUT2, as best/
+            shutil.copytree(best["healed"]["out"], tmp, dirs_exist_ok=True)
     else:
         ctx.say(f"build best/ with verification: {best['pipeline']}")
         _optimize(ctx, best["pipeline"], best["params"], final=True).save(os.path.join(out, "best"), force=True)
@@ -658,14 +659,6 @@ def _write_outputs(ctx: Context, result: TuneResult) -> None:
     }
     write_text_atomic(os.path.join(out, "tune.json"), json.dumps(summary, indent=2, default=_json_default) + "\n")
     write_text_atomic(os.path.join(out, "report.html"), render_tune_html(summary, result.records))
-
-
-def _replace_folder(src: str, dst: str) -> None:
-    tmp = dst + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.rename(tmp, dst)
 
 
 def _json_default(x):

@@ -8,6 +8,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from ..report import html_page
+from .tuning_space import QualityBudget
 
 OBJECTIVE_UNITS = {"latency": "latency p50 (ms)", "throughput": "latency p50 (ms)", "size": "size (MB)"}
 
@@ -248,8 +249,8 @@ def render_tune_html(summary: Mapping, records: Sequence[Mapping]) -> str:
 
 
 def _budget_text(budget: Mapping) -> str:
-    items = [(k, v) for k, v in budget.items() if v is not None]
-    return ", ".join(f"ppl=+{v * 100:g}%" if k == "ppl" else f"{k}={v:g}" for k, v in items)
+    """The budget of tune.json's settings (None for the keys not given) as `--budget` reads it."""
+    return QualityBudget(**{k: v for k, v in budget.items() if v is not None}).text()
 
 
 def _trials_table(records: Sequence[Mapping], best: Mapping) -> str:
