@@ -14,6 +14,14 @@ torch vs the target trainers: the same programs, same step (`OrtTrainer`: loss a
 graph; `TvmTrainer`: Relax autodiff and a Relax AdamW, built for the host CPU), at `--ort-seq`;
 ratio = torch step time / target step time (> 1: the target is faster).
 
+Sparse prediction (`--sparse-prediction`, runs only this section): a BERT-base-sized masked LM
+(BertForMaskedLM: vocab 30522, hidden 768, 12 heads, intermediate 3072, seq 512, `--sp-layers`
+encoder layers, default 2 so it runs in reasonable time on CPU: the head's share of the step shrinks
+with more layers), one MLM step (forward, loss, backward) at 15% masked positions, the captured
+program vs the same program after `sparse-prediction` (same weights), round-robin; steps/s and ratio.
+
+    python benchmarks/train.py --sparse-prediction --sp-layers 2 --repeat 5
+
 Prints markdown tables; `--json FILE` also writes the rows.
 """
 
@@ -80,6 +88,89 @@ def round_robin(steps: dict, repeat: int) -> dict:
     return best
 
 
+SP_CONFIG = {"vocab_size": 30522, "hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072}
+
+
+def mlm_programs(layers: int, seq: int, batch: int) -> dict:
+    """BERT-base-sized BertForMaskedLM with `layers` encoder layers: the captured program, and the same
+    program (same weights) after `sparse-prediction`."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    config = BertConfig(**SP_CONFIG, num_hidden_layers=layers, max_position_embeddings=max(512, seq))
+    model = BertForMaskedLM(config).eval()
+    dense = optpipe.capture(model, {"input_ids": torch.zeros(batch, seq, dtype=torch.long)})
+    sparse, _ = optpipe.Pipeline.parse("sparse-prediction").run(dense, verify=False)
+    return {"dense": dense, "sparse-prediction": sparse}
+
+
+def mlm_batch(batch: int, seq: int, rate: float) -> tuple:
+    """Token ids and MLM labels with `rate` of the positions labelled (-100 elsewhere)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, SP_CONFIG["vocab_size"], (batch, seq), generator=g)
+    chosen = torch.rand(batch, seq, generator=g) < rate
+    return ids, torch.where(chosen, ids, torch.full_like(ids, -100))
+
+
+def mlm_step(program, ids, labels):
+    """One MLM step, forward, loss and backward; the sparse program gets the labelled positions."""
+    gm, mask = program.gm, labels != -100
+    sparse = "sparse_prediction" in program.meta
+
+    def step():
+        gm.zero_grad(set_to_none=True)
+        if sparse:
+            loss = torch.nn.functional.cross_entropy(gm(ids, mask), labels[mask])
+        else:
+            loss = task_loss(gm(ids), labels, "mlm")
+        loss.backward()
+        return float(loss.detach())
+
+    return step
+
+
+def sparse_prediction_rows(layers: int, seq: int, batch: int, rate: float, repeat: int) -> list[dict]:
+    progs = mlm_programs(layers, seq, batch)
+    ids, labels = mlm_batch(batch, seq, rate)
+    steps = {name: mlm_step(p, ids, labels) for name, p in progs.items()}
+    losses = {name: fn() for name, fn in steps.items()}  # same weights, same batch: same loss
+    best = round_robin(steps, repeat)
+    return [
+        {
+            "program": name,
+            "layers": layers,
+            "seq": seq,
+            "batch": batch,
+            "masked": int((labels != -100).sum()),
+            "loss": losses[name],
+            "step_ms": t * 1e3,
+            "steps_per_s": 1 / t,
+            "ratio_vs_dense": best["dense"] / t,
+        }
+        for name, t in best.items()
+    ]
+
+
+def print_sparse_prediction(args) -> list[dict]:
+    rows = sparse_prediction_rows(args.sp_layers, args.sp_seq, args.sp_batch, args.sp_rate, args.repeat)
+    print(
+        f"# MLM training step (forward, loss, backward), BERT-base-sized BertForMaskedLM with {args.sp_layers} "
+        f"encoder layer{'s' if args.sp_layers != 1 else ''} (of BERT-base's 12), vocab 30522, "
+        f"seq {args.sp_seq}, batch {args.sp_batch}, "
+        f"{args.sp_rate:.0%} masked, fp32, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}\n"
+    )
+    print(
+        "| program | layers | masked / positions | loss | step ms | steps/s | vs dense |\n|---|---|---|---|---|---|---|"
+    )
+    for r in rows:
+        print(
+            f"| {r['program']} | {r['layers']} | {r['masked']} / {r['batch'] * r['seq']} | {r['loss']:.4f} | "
+            f"{r['step_ms']:.1f} | {r['steps_per_s']:.2f} | {r['ratio_vs_dense']:.2f}x |"
+        )
+    return rows
+
+
 TRAINERS = {
     "onnxruntime-training": ("optpipe.targets.onnxruntime_training", "OrtTrainer"),
     "tvm": ("optpipe.targets.tvm_training", "TvmTrainer"),
@@ -125,9 +216,22 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument(
+        "--sparse-prediction", action="store_true", help="only the sparse-prediction MLM section (see above)"
+    )
+    ap.add_argument("--sp-layers", type=int, default=2, help="encoder layers of the BERT-base-sized MLM model")
+    ap.add_argument("--sp-seq", type=int, default=512)
+    ap.add_argument("--sp-batch", type=int, default=1)
+    ap.add_argument("--sp-rate", type=float, default=0.15, help="fraction of positions masked (labelled)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.sparse_prediction:
+        rows = print_sparse_prediction(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"sparse_prediction": rows}, f, indent=2)
+        return 0
     seqs = [256] if args.quick else [int(s) for s in args.seqs.split(",")]
     print(
         f"# training step, byte GPT {args.layers}x{args.width}, batch 1, fp32, {torch.get_num_threads()} threads, "

@@ -14,7 +14,13 @@ sentence embeddings to the fp32 model.
    round-robin in the same rounds (median of `--rounds`), and judged on the same data.
    Goal: tune's recommendation is at least as fast as the fastest hand-picked pipeline within
    the budget.
-3. `--hypervolume`: does Optuna's sampler find a better front than random search with as many
+3. `--causal`: a causal LM pre-trained by examples/heal.py at seq 2048 (`--pretrain-steps`), budget
+   ppl=+5% of the held-out perplexity, batch 1 x 2048, cpu: tune with `--heal-steps` against every
+   single-pass pipeline (sliding-window 64 / 256, linear, MLP pruning 25% / 50%, int8-dynamic; each
+   in eager and compile mode), each lossy one healed by as many distillation steps as tune gives a
+   candidate when it is outside the budget, all timed round-robin in the same rounds. Goal: tune's
+   recommendation is faster than every single-pass pipeline within the budget; the front is printed.
+4. `--hypervolume`: does Optuna's sampler find a better front than random search with as many
    trials? Measured without the machine's noise: every candidate of a 54-candidate space (attention
    dense / sliding-window 64, 128, 256 / linear, in all layers or all but the first and last; MLP
    pruning 0, 25%, 50%; int8-dynamic or not) is measured once, on a small byte-level GPT at seq 512
@@ -58,6 +64,15 @@ HAND_PICKED = [
     "fuse-attention,attention{kind=linear}",
 ]
 BUDGET = 0.99
+SINGLE_PASS = [
+    "fuse-attention,attention{kind=sliding-window,window=64}",
+    "fuse-attention,attention{kind=sliding-window,window=256}",
+    "fuse-attention,attention{kind=linear}",
+    "prune{target=mlp,sparsity=0.25}",
+    "prune{target=mlp,sparsity=0.5}",
+    "quantize{scheme=int8-dynamic}",
+]
+PPL_BUDGET = 0.05
 
 
 def minilm():
@@ -232,6 +247,108 @@ def minilm_against_hand_picked(work: str, corpus: str, args, say) -> dict:
     return report_rows(rows)
 
 
+def causal_against_single_pass(work: str, corpus: str, args, say) -> dict:
+    """The --causal run: pre-train, tune, build and heal the single-pass rows, time them all."""
+    from examples.heal import LONG_CONTEXT, pretrain
+
+    n = LONG_CONTEXT
+    if args.pretrained:
+        dense = args.pretrained
+    else:
+        say(f"pre-train the byte-level GPT at context {n}, {args.pretrain_steps} steps")
+        dense = pretrain(work, corpus, steps=args.pretrain_steps, long=True)
+    program = load_model(dense)
+    common = dict(batch=1, seq_len=n, eval_tokens=args.eval_tokens, seed=args.seed, force=True)
+    res = tune(
+        dense, corpus, os.path.join(work, "causal"), budget=f"ppl=+{PPL_BUDGET:.0%}", trials=args.trials,
+        heal_steps=args.heal_steps, program=program, say=say, **common,
+    )  # fmt: skip
+    print(res.recommendation)
+    print_front(res)
+    evset = eval_set(program, corpus, seq_len=n, batch=1, max_tokens=args.eval_tokens)
+    reference = reference_outputs(program.gm, evset, kl=False)
+    base_ppl = score(program.gm, evset, reference)["ppl"]
+    rows = [{"pipeline": "dce", "mode": m, "kind": "baseline", "out": dense} for m in ("eager", "compile")]
+    rows += [{"pipeline": p, "mode": m, "kind": "single-pass"} for p in SINGLE_PASS for m in ("eager", "compile")]
+    rows.append({"pipeline": res.best["pipeline"], "mode": res.best["mode"], "kind": "tune", "out": res.out + "/best"})
+    for i, row in enumerate(rows):
+        _build_causal_row(row, os.path.join(work, f"row{i}"), dense, corpus, evset, reference, base_ppl, args, say)
+    _time_rows(rows, n, args.rounds, args.iters)
+    return _report_causal(rows, base_ppl)
+
+
+def print_front(res) -> None:
+    print("\nthe front (trials.jsonl):")
+    for r in res.front:
+        ppl = r["quality"].get("ppl")
+        print(f"  {r['pipeline']:72} {r['mode']:8} {r['cost']['latency_ms_p50']:9.2f} ms  ppl {ppl:.4f}")
+
+
+def _build_causal_row(row: dict, folder: str, dense: str, corpus: str, evset, reference, base_ppl, args, say) -> None:
+    """Optimize (or load tune's best/), heal a lossy row outside the budget, judge its perplexity."""
+    from optpipe.runtime.training import train
+
+    def build(model, pipeline):
+        return optimize(model, pipeline=pipeline, target="cpu", target_options={"mode": row["mode"]}, diffs=False)
+
+    try:
+        res = build(row.get("out", dense), "dce" if "out" in row else row["pipeline"])
+        ppl = score(res.compiled, evset, reference)["ppl"]
+        if row["kind"] == "single-pass" and ppl > base_ppl * (1 + PPL_BUDGET) and args.heal_steps:
+            say(f"heal {row['pipeline']} ({row['mode']}) {args.heal_steps} steps")
+            res.save(folder, force=True)
+            healed = folder + "-healed"
+            train(
+                folder, corpus, healed, force=True, progress=False, steps=args.heal_steps, distill_from=dense,
+                objective="clm", seq_len=evset.seq_len, seed=args.seed, val_fraction=0.05,
+            )  # fmt: skip
+            res = build(healed, "dce")
+            row["healed"] = True
+            ppl = score(res.compiled, evset, reference)["ppl"]
+    except Exception as e:  # noqa: BLE001 - a pipeline that fails is a row that says so
+        row["error"] = str(e).splitlines()[0]
+        return
+    row.update(fn=res.compiled, program=res.program, ppl=ppl)
+
+
+def _time_rows(rows: list[dict], seq_len: int, rounds: int, iters: int) -> None:
+    times: dict[int, list[float]] = {i: [] for i, r in enumerate(rows) if "fn" in r}
+    for _ in range(rounds):
+        for i in times:
+            cost = measure_cost(rows[i]["fn"], rows[i]["program"], batch=1, seq_len=seq_len, iters=iters, warmup=1)
+            times[i].append(cost["latency_ms_p50"])
+    for i, ts in times.items():
+        rows[i]["latency_ms"] = statistics.median(ts)
+
+
+def _report_causal(rows: list[dict], base_ppl: float) -> dict:
+    base = min(r["latency_ms"] for r in rows if r["kind"] == "baseline" and "latency_ms" in r)
+    print(f"\n{'pipeline':62} {'mode':8} {'p50 ms':>9} {'vs base':>8} {'ppl':>8}  in budget")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['pipeline']:62} {r['mode']:8} failed: {r['error'][:60]}")
+            continue
+        r["speedup"] = base / r["latency_ms"]
+        r["within_budget"] = r["ppl"] <= base_ppl * (1 + PPL_BUDGET)
+        name = ("[tune] " if r["kind"] == "tune" else "") + r["pipeline"] + (" (healed)" if r.get("healed") else "")
+        print(
+            f"{name:62} {r['mode']:8} {r['latency_ms']:9.2f} {r['speedup']:7.2f}x {r['ppl']:8.4f}  "
+            f"{'yes' if r['within_budget'] else 'no'}"
+        )
+    single = [r for r in rows if r["kind"] == "single-pass" and r.get("within_budget")]
+    mine = next(r for r in rows if r["kind"] == "tune")
+    verdict = all(mine.get("latency_ms", 1e9) < r["latency_ms"] for r in single)
+    fastest = min(single, key=lambda r: r["latency_ms"]) if single else None
+    if fastest:
+        print(
+            f"\ntune's recommendation {mine.get('latency_ms', float('nan')):.2f} ms vs the fastest single-pass "
+            f"pipeline within budget ({fastest['pipeline']}, {fastest['mode']}) {fastest['latency_ms']:.2f} ms: "
+            f"{'faster' if verdict else 'NOT FASTER'}"
+        )
+    keep = ("pipeline", "mode", "kind", "latency_ms", "speedup", "ppl", "within_budget", "healed", "error")
+    return {"rows": [{k: r[k] for k in keep if k in r} for r in rows], "tune_faster_than_single_pass": verdict}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=12)
@@ -243,6 +360,11 @@ def main(argv=None) -> int:
     ap.add_argument("--hv-trials", type=int, default=12)
     ap.add_argument("--hv-seeds", type=int, default=20)
     ap.add_argument("--skip-minilm", action="store_true", help="only the sampler comparison")
+    ap.add_argument("--causal", action="store_true", help="instead of MiniLM: the causal LM at seq 2048")
+    ap.add_argument("--pretrain-steps", type=int, default=300, help="--causal: pre-training steps")
+    ap.add_argument("--heal-steps", type=int, default=50, help="--causal: distillation steps per lossy candidate")
+    ap.add_argument("--pretrained", help="--causal: an OUT pre-trained by examples/heal.py --long (skips pre-training)")
+    ap.add_argument("--eval-tokens", type=int, default=8192, help="--causal: held-out tokens judged")
     ap.add_argument("--workdir", help="keep the TUNE_OUT folders here (default: a temporary folder)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -253,7 +375,9 @@ def main(argv=None) -> int:
     pydoc_corpus(corpus)
     say = lambda text: print(f"  {text}", file=sys.stderr)
     summary: dict = {"trials": args.trials, "threads": args.threads}
-    if not args.skip_minilm:
+    if args.causal:
+        summary["causal"] = causal_against_single_pass(work, corpus, args, say)
+    elif not args.skip_minilm:
         summary.update(minilm_against_hand_picked(work, corpus, args, say))
     if args.hypervolume:
         summary["hypervolume"] = sampler_comparison(work, corpus, args.hv_trials, args.hv_seeds, say)

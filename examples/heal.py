@@ -13,6 +13,7 @@ On text nobody here wrote (the documentation topics that ship with Python, `pydo
     python examples/heal.py --alpha 0 --control
     python examples/heal.py --minilm           # the real MiniLM, mlm, 25% of MLP channels pruned
     python examples/heal.py --quick            # a smoke run (seconds)
+    python examples/heal.py --long             # the same GPT at context 2048 (benchmarks/tune.py --causal)
 
 `build()` is also a MODEL factory: `optpipe train examples/heal.py:build --data corpus.txt ...`.
 """
@@ -48,6 +49,46 @@ def build(context: int = CONTEXT, layers: int = 4, width: int = 128, heads: int 
 
 def build_quick():
     return build(context=32, layers=2, width=32, heads=2)
+
+
+LONG_CONTEXT = 2048
+
+
+def build_long():
+    """The same GPT at context 2048: long enough for the sparse and linear forms to pay off on CPU."""
+    return build(context=LONG_CONTEXT)
+
+
+def pretrain(workdir: str, corpus: str, *, steps: int, quick: bool = False, long: bool = False, seed: int = 0) -> str:
+    """Pre-train the byte-level GPT (clm, dense attention) on `corpus`; returns its OUT folder.
+    Every step sees about the same number of tokens at either context (16 x 128, 1 x 2048)."""
+    import optpipe
+
+    name = "build_quick" if quick else "build_long" if long else "build"
+    factory = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), f"examples/heal.py:{name}")
+    dense = os.path.join(workdir, "dense")
+    optpipe.train(
+        factory,
+        corpus,
+        dense,
+        steps=steps,
+        lr=1e-3 if quick else 2e-3,
+        warmup=50 if not quick else 2,
+        weight_decay=0.1,
+        **_common(quick, long, seed),
+        progress=False,
+    )
+    return dense
+
+
+def _common(quick: bool, long: bool, seed: int) -> dict:
+    return {
+        "batch_size": 8 if quick else 1 if long else 16,
+        "seed": seed,
+        "val_fraction": 0.05,
+        "val_batches": 4 if quick else 16,
+        "log_every": 10 if quick else 50,
+    }
 
 
 def minilm_path() -> str:
@@ -91,39 +132,18 @@ def run(
     window: int = 16,
     alpha: float = 0.5,
     control: bool = False,
+    long: bool = False,
     seed: int = 0,
 ) -> dict:
     import optpipe
     from optpipe.runtime.data import pydoc_corpus
     from optpipe.runtime.training import evaluate
 
-    factory = "examples/heal.py:build_quick" if quick else "examples/heal.py:build"
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    factory = os.path.join(here, factory)
     corpus = os.path.join(workdir, "pydoc.txt")
     pydoc_corpus(corpus)
-    batch = 8 if quick else 16
-    common = {
-        "batch_size": batch,
-        "seed": seed,
-        "val_fraction": 0.05,
-        "val_batches": 4 if quick else 16,
-        "log_every": 10 if quick else 50,
-    }
+    common = _common(quick, long, seed)
     ev = {k: common[k] for k in ("batch_size", "seed", "val_fraction", "val_batches")}
-
-    dense = os.path.join(workdir, "dense")
-    optpipe.train(
-        factory,
-        corpus,
-        dense,
-        steps=pretrain_steps,
-        lr=1e-3 if quick else 2e-3,
-        warmup=50 if not quick else 2,
-        weight_decay=0.1,
-        **common,
-        progress=False,
-    )
+    dense = pretrain(workdir, corpus, steps=pretrain_steps, quick=quick, long=long, seed=seed)
     results = {"dense": evaluate(dense, corpus, **ev)["val_ppl"]}
     kinds = {"sliding-window": f"attention{{kind=sliding-window,window={window}}}", "linear": "attention{kind=linear}"}
     for kind, pipeline in kinds.items():
@@ -219,6 +239,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pretrain-steps", type=int, default=None)
     ap.add_argument("--heal-steps", type=int, default=None)
     ap.add_argument("--window", type=int, default=None)
+    ap.add_argument("--long", action="store_true", help=f"context {LONG_CONTEXT} instead of {CONTEXT}")
     ap.add_argument(
         "--alpha", type=float, default=0.5, help="weight of the task loss while healing (0: distillation alone)"
     )
@@ -264,11 +285,13 @@ def main(argv=None) -> int:
             window=window,
             alpha=args.alpha,
             control=args.control,
+            long=args.long,
         )
     if args.json:
         print(json.dumps(res))
         return 0
-    print(f"validation perplexity (pydoc_data topics, byte-level, context {32 if args.quick else CONTEXT}):")
+    context = 32 if args.quick else LONG_CONTEXT if args.long else CONTEXT
+    print(f"validation perplexity (pydoc_data topics, byte-level, context {context}):")
     print(f"  dense                     {res['dense']:8.3f}")
     if "dense-continued" in res:
         print(f"  dense, {steps[1]} more steps   {res['dense-continued']:8.3f}  (control: more training alone)")

@@ -176,10 +176,11 @@ class ProgramCosts:
         return d
 
 
-def analyze(program: Program) -> ProgramCosts:
-    """Static FLOPs, activation bytes, parameters and op histogram of `program`, per module path."""
+def analyze(program: Program, inputs: tuple | None = None) -> ProgramCosts:
+    """Static FLOPs, activation bytes, parameters and op histogram of `program`, per module path, at
+    the sizes of `inputs` (positional; default: the program's example inputs)."""
     gm = program.gm
-    shapes, shapes_from = concrete_shapes(gm, program.example_inputs)
+    shapes, shapes_from = concrete_shapes(gm, program.example_inputs if inputs is None else inputs)
     modules: dict[str, ModuleCost] = {}
 
     def row(path: str, mod_type: str = "") -> ModuleCost:
@@ -240,6 +241,18 @@ def analyze(program: Program) -> ProgramCosts:
         sorted(unknown),
         shapes_from,
     )
+
+
+def model_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each storage counted once (tied weights)."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
 
 
 def _param_counts(gm: torch.nn.Module) -> dict[str, int]:

@@ -39,6 +39,9 @@ from .errors import UsageError, first_line
 from .program import Program, export_module
 
 OUTPUT_PREFERENCE = ("logits", "last_hidden_state", "prediction_logits", "start_logits")
+OUTPUT_GROUPS = (("prediction_logits", "seq_relationship_logits"),)
+"""Outputs kept together: BERT's pre-training heads (masked-LM logits first, then next-sentence),
+which `train --objective mlm+nsp` trains both of."""
 
 
 class _OutputSelector(nn.Module):
@@ -80,6 +83,8 @@ def _pick(out, key):
         return out
     if isinstance(key, int):
         return out[key]
+    if isinstance(key, tuple):
+        return tuple(_pick(out, k) for k in key)
     return out[key] if isinstance(out, Mapping) else getattr(out, key)
 
 
@@ -94,6 +99,9 @@ def _choose_output(out) -> tuple[Any, str]:
         return None, "tensor"
     if isinstance(out, Mapping) or hasattr(out, "keys"):
         keys = [k for k in out if isinstance(out[k], torch.Tensor)]
+        for group in OUTPUT_GROUPS:
+            if all(k in keys for k in group):
+                return group, " + ".join(group)
         for k in OUTPUT_PREFERENCE:
             if k in keys:
                 return k, k
@@ -137,13 +145,14 @@ def _forward_arg_names(model: nn.Module, n: int) -> list[str]:
 
 
 def guess_dynamic_dims(inputs: Sequence, names: Sequence[str]) -> list[dict[int, str] | None]:
-    """Batch and sequence dims for the usual transformer inputs (token ids, masks, embeddings)."""
+    """Batch and sequence dims for the usual transformer inputs (token ids, masks, embeddings). An
+    encoder-decoder's decoder inputs (`decoder_*`) have a length of their own, `decoder_seq`."""
     spec = []
-    for x in inputs:
+    for x, name in zip(inputs, list(names) + [""] * (len(inputs) - len(names))):
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
             spec.append(None)
         elif x.dim() == 2 or (x.dim() == 3 and x.is_floating_point()):
-            spec.append({0: "batch", 1: "seq"})
+            spec.append({0: "batch", 1: "decoder_seq" if name.startswith("decoder_") else "seq"})
         else:
             spec.append({0: "batch"})
     return spec

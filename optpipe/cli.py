@@ -267,11 +267,17 @@ def _target_options(mode: str, tune: int, recipe: dict) -> dict:
 def summary_markup(out: str, target: str, r: dict) -> str:
     """The closing line of `optimize` as rich markup; the paths and the pipeline in it are escaped
     (`quantize{skip=[lm_head]}` is shown as written)."""
+    m = r["model"]
     return (
         f"[bold]wrote {escape(out)}[/]: pipeline {escape(r['pipeline'])} → {escape(target)} "
-        f"({escape(r['target_info'].get('mode', ''))}); params {r['model']['params_before']:,} → "
-        f"{r['model']['params_after']:,}; target check max-abs {r['target_check']['max_abs']:.2e}"
+        f"({escape(r['target_info'].get('mode', ''))}); params {m['params_before']:,} → {m['params_after']:,} "
+        f"({_mb(m.get('bytes_before'))} → {_mb(m.get('bytes_after'))}); "
+        f"target check max-abs {r['target_check']['max_abs']:.2e}"
     )
+
+
+def _mb(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**20:.2f} MB"
 
 
 def _dims_text(program) -> str:
@@ -420,16 +426,17 @@ def _load_out(out: str):
     return program, target, tgt, compiled
 
 
+def _data_option(what: str):
+    """`--data FILE` (repeatable) of the commands that read a corpus."""
+    return click.option(
+        "--data", "data", multiple=True, required=True, metavar="FILE",
+        help=f"Text or JSONL file(s) or folders (repeatable); {what}.",
+    )  # fmt: skip
+
+
 @main.command("eval")
 @click.argument("model", metavar="MODEL|OUT")
-@click.option(
-    "--data",
-    "data",
-    multiple=True,
-    required=True,
-    metavar="FILE",
-    help="Text or JSONL file(s) or folders (repeatable); scored on train's validation split.",
-)
+@_data_option("scored on train's validation split")
 @click.option("--reference", metavar="MODEL", help="Compare with this model (default for an OUT: its source).")
 @click.option("--target", "-t", default=None, help="Where a MODEL runs (default cpu, eager); an OUT runs on its own.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=None, help="Window length (default: the example's).")
@@ -627,14 +634,7 @@ def _train_config_options(command: Callable) -> Callable:
 
 @main.command()
 @click.argument("model", metavar="OUT")
-@click.option(
-    "--data",
-    "data",
-    multiple=True,
-    required=True,
-    metavar="FILE",
-    help="Text or JSONL file(s) or folders (repeatable); tokenized with OUT's tokenizer, else bytes.",
-)
+@_data_option("tokenized with OUT's tokenizer, else bytes")
 @_train_config_options
 @click.option(
     "--nproc",

@@ -3,7 +3,10 @@ they ignore. A loss is a mean (or, for data and pipeline parallelism, a sum and 
 label tokens of an objective:
 
 - `clm`: next-token cross-entropy, logits[:, :-1] against labels[:, 1:];
-- `mlm`: cross-entropy at the labelled (masked) positions.
+- `mlm`: cross-entropy at the labelled (masked) positions;
+- `mlm+nsp`: `mlm`'s token loss; the trainer adds the next-sentence head's (`nsp_loss_sum`);
+- `seq2seq`: cross-entropy of the decoder's logits against the target ids (labels come unshifted:
+  the decoder's inputs are the labels shifted right, so position t already predicts label t).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from .errors import UsageError
 
 IGNORE_INDEX = -100
 """Label value of positions that carry no loss (padding, unmasked MLM tokens)."""
-OBJECTIVES = ("clm", "mlm")
+OBJECTIVES = ("clm", "mlm", "seq2seq", "mlm+nsp")
 
 
 def task_loss_sum(logits: torch.Tensor, labels: torch.Tensor, objective: str) -> tuple[torch.Tensor, int]:
@@ -33,7 +36,7 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, objective: str) -> tor
     exports to ONNX as it is: onnxruntime-training builds its gradient graph from it)."""
     if objective == "clm":
         logits, labels = logits[:, :-1], labels[:, 1:]
-    elif objective != "mlm":
+    elif objective not in OBJECTIVES:
         raise UsageError(f"unknown objective {objective!r}", f"one of {', '.join(OBJECTIVES)}")
     logits = logits.reshape(-1, logits.shape[-1])
     return F.cross_entropy(
@@ -52,3 +55,8 @@ def distill_kl_sum(
     t = teacher.reshape(-1, teacher.shape[-1])[keep].float() / temperature
     kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
     return kl * temperature**2
+
+
+def nsp_loss_sum(nsp_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ over sentence pairs of the next-sentence head's cross-entropy (BERT: label 0 = is next)."""
+    return F.cross_entropy(nsp_logits.float(), labels.reshape(-1), reduction="sum")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from .analysis import model_bytes
 from .errors import TargetError, UsageError
 from .ops import rounds_activations
 from .outdir import atomic_folder
@@ -134,7 +135,7 @@ def optimize(
         "optpipe_version": __version__,
         "pipeline": str(pipe),
         "target": target,
-        "model": _model_numbers(program, before_costs, after_costs),
+        "model": _model_numbers(program, before_costs, after_costs, optimized),
         "capture": {
             "input_names": program.input_names,
             "inputs": [_describe(x) for x in program.example_inputs],
@@ -216,11 +217,14 @@ def _pass_diffs(records: list[PassRecord], final: Program) -> list:
     return pass_diffs
 
 
-def _model_numbers(program: Program, before, after) -> dict:
-    """report.json's "model": parameters and FLOPs before and after, and what the model is."""
+def _model_numbers(program: Program, before, after, optimized: Program) -> dict:
+    """report.json's "model": parameters (count and bytes: int8 weights have scales beside them, so
+    the count can grow while the bytes shrink) and FLOPs before and after, and what the model is."""
     return {
         "params_before": before.params,
         "params_after": after.params,
+        "bytes_before": model_bytes(program.gm),
+        "bytes_after": model_bytes(optimized.gm),
         "flops_before": before.flops,
         "flops_after": after.flops,
         "output": program.meta.get("output"),

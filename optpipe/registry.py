@@ -35,6 +35,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "quantize": "optpipe.passes.quantize",
     "prune": "optpipe.passes.prune",
     "partition": "optpipe.passes.partition",
+    "sparse-prediction": "optpipe.passes.sparse_prediction",
 }
 # Modules that define optpipe's own ops (`torch.ops.optpipe.*`): `import optpipe` imports them, so a
 # saved program that uses them loads in any process (`torch.export.load` needs the ops registered).

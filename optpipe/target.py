@@ -105,10 +105,13 @@ class Target:
 
 
 def token_input(program) -> int:
-    """Index of the input the labels are shaped like: the first 2-D integer tensor (the token ids);
+    """Index of the input the labels are shaped like: `decoder_input_ids` in an encoder-decoder
+    program (its logits follow the decoder), else the first 2-D integer tensor (the token ids);
     UsageError naming the inputs when there is none (training needs one)."""
     from .errors import UsageError
 
+    if "decoder_input_ids" in program.input_names:
+        return list(program.input_names).index("decoder_input_ids")
     for i, x in enumerate(program.example_inputs):
         if isinstance(x, torch.Tensor) and x.dim() == 2 and not x.is_floating_point() and x.dtype != torch.bool:
             return i

@@ -178,8 +178,10 @@ def run_outputs(program, input_sets: list[tuple]) -> list[list[torch.Tensor]]:
 
     A step program (kv-cache) given the inputs of the LM it was made from (token ids only) returns
     the logits it computes through its cache, so it compares with the program before the pass; given
-    step inputs, it runs on copies (it updates its caches in place)."""
+    step inputs, it runs on copies (it updates its caches in place). A sparse-prediction program given
+    the inputs of the program before it (no `predict_mask`) predicts every position (`dense_predictions`)."""
     kv = getattr(program, "meta", {}).get("kv_cache") if not isinstance(program, torch.nn.Module) else None
+    sparse = getattr(program, "meta", {}).get("sparse_prediction") if not isinstance(program, torch.nn.Module) else None
     gm = program if isinstance(program, torch.nn.Module) else program.gm
     outs = []
     with torch.no_grad():
@@ -188,11 +190,25 @@ def run_outputs(program, input_sets: list[tuple]) -> list[list[torch.Tensor]]:
                 from .kv_step import cached_logits
 
                 result = cached_logits(gm, kv, inputs[0])
+            elif sparse and len(inputs) == len(program.input_names) - 1:
+                result = dense_predictions(gm, sparse, inputs)
             else:
                 result = gm(*(x.clone() if kv and isinstance(x, torch.Tensor) else x for x in inputs))
             leaves = pytree.tree_leaves(result)
             outs.append([t.detach() for t in leaves if isinstance(t, torch.Tensor)])
     return outs
+
+
+def dense_predictions(gm, sparse: dict, inputs: tuple) -> list[torch.Tensor]:
+    """A sparse-prediction program's outputs at every position: run with an all-True `predict_mask`
+    (the dims of `inputs[sparse["mask_like_index"]]`, the token ids), its [B*T, V] logits reshaped
+    to [B, T, V], so they compare with the program before the pass."""
+    ids = inputs[sparse["mask_like_index"]]
+    result = gm(*inputs, torch.ones(ids.shape[:2], dtype=torch.bool, device=ids.device))
+    outputs = [t for t in pytree.tree_leaves(result) if isinstance(t, torch.Tensor)]
+    index = sparse["output_index"]
+    outputs[index] = outputs[index].reshape(*ids.shape[:2], -1)
+    return outputs
 
 
 def compare(reference: list[list[torch.Tensor]], actual: list[list[torch.Tensor]]) -> Metrics:

@@ -165,3 +165,29 @@ def onnx_origins(path: str, message: str, limit: int = 3) -> str:
         return ""
     more = f" and {len(where) - limit} more" if len(where) > limit else ""
     return f" (from {', '.join(where[:limit])}{more})"
+
+
+def views_as_reshapes(ep):
+    """`ep` with every `aten.view` (and `aten.reshape`, which the exporter turns into one) of a computed
+    tensor reading a contiguous copy (in place): what
+    ONNX's Reshape is, and the copy is an Identity the optimizer drops.
+
+    The exporter re-traces the program, and its strides need not be ours: an SDPA output that was
+    laid out (batch, seq, heads, dim) at capture comes out contiguous (batch, heads, seq, dim)
+    there, and the view after its transpose (T5's attention: `.transpose(1, 2).reshape(b, n, -1)`)
+    no longer traces. With symbolic dims even `aten.reshape` decomposes into that view."""
+    import torch
+
+    aten, graph = torch.ops.aten, ep.graph
+    views = [
+        n for n in graph.nodes if n.op == "call_function" and n.target in (aten.view.default, aten.reshape.default)
+    ]
+    for view in views:
+        source = view.args[0]
+        with graph.inserting_before(view):
+            copy = graph.call_function(aten.clone.default, (source,), {"memory_format": torch.contiguous_format})
+        copy.meta = {**view.meta, "val": source.meta["val"].clone(memory_format=torch.contiguous_format)}
+        view.replace_input_with(source, copy)
+    if views:
+        ep.graph_module.recompile()
+    return ep

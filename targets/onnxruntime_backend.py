@@ -10,7 +10,7 @@ Lowering, in order:
    module path and the pass that introduced them. optpipe ops are judged by
    `optpipe.target.unsupported_nodes` (natively lowered or decomposable). `compile` reuses that
    decomposed program (optimize() calls check then compile), else applies optpipe's table alone.
-   Every `view` of a computed tensor then reads a contiguous copy (`_views_as_reshapes`): the
+   Every `view` of a computed tensor then reads a contiguous copy (`views_as_reshapes`): the
    exporter re-traces with strides of its own (T5's view after a transpose would not trace).
 3. `torch.onnx.export(ep, dynamo=True)` with an explicit opset (default 20; ORT 1.19 reads 18-21),
    `custom_translation_table=lowerings_for("onnxruntime")` (onnxscript functions, e.g. ORT contrib
@@ -79,6 +79,7 @@ from .onnx_export import (
     quiet_exporter,
     require_onnx_packages,
     translates,
+    views_as_reshapes,
 )
 from .onnxruntime_fusions import fuse_for_onnxruntime
 
@@ -233,7 +234,7 @@ class OnnxRuntimeTarget(Target):
             return cached[2]
         ep = _reexport(program)
         table = decompositions(exclude=lowerings_for(TARGET))
-        return _decompose(ep, table) if table and _uses_any(program, table) else _views_as_reshapes(ep)
+        return _decompose(ep, table) if table and _uses_any(program, table) else views_as_reshapes(ep)
 
     # -- lowering ---------------------------------------------------------------------------------
     def compile(self, program, opset: int = DEFAULT_OPSET, fuse: bool = True, **options) -> Compiled:
@@ -347,28 +348,7 @@ def _decompose(ep, table: dict):
             f"target onnxruntime: decomposition failed: {first_line(e)}",
             "an optpipe op's decomposition does not trace; check the op that introduced it",
         ) from e
-    return _views_as_reshapes(ep)
-
-
-def _views_as_reshapes(ep):
-    """`ep` with every `aten.view` of a computed tensor reading a contiguous copy (in place): what
-    ONNX's Reshape is, and the copy is an Identity the optimizer drops.
-
-    The exporter re-traces the program, and its strides need not be ours: an SDPA output that was
-    laid out (batch, seq, heads, dim) at capture comes out contiguous (batch, heads, seq, dim)
-    there, and the view after its transpose (T5's attention: `.transpose(1, 2).reshape(b, n, -1)`)
-    no longer traces. With symbolic dims even `aten.reshape` decomposes into that view."""
-    aten, graph = torch.ops.aten, ep.graph
-    views = [n for n in graph.nodes if n.op == "call_function" and n.target is aten.view.default]
-    for view in views:
-        source = view.args[0]
-        with graph.inserting_before(view):
-            copy = graph.call_function(aten.clone.default, (source,), {"memory_format": torch.contiguous_format})
-        copy.meta = {**view.meta, "val": source.meta["val"].clone(memory_format=torch.contiguous_format)}
-        view.replace_input_with(source, copy)
-    if views:
-        ep.graph_module.recompile()
-    return ep
+    return views_as_reshapes(ep)
 
 
 def _clear(workdir: str) -> None:

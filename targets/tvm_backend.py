@@ -80,7 +80,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from optpipe import ops
-from optpipe.errors import TargetError, UsageError
+from optpipe.errors import TargetError, UsageError, first_line
 from optpipe.graph_toolkit import module_path
 from optpipe.pipeline import introduced_by
 from optpipe.registry import register_target
@@ -118,11 +118,6 @@ def torch_importer_ops() -> frozenset[str]:
 
 def _fn_name(target) -> str:
     return getattr(target, "__name__", str(target))
-
-
-def _one_line(e: BaseException) -> str:
-    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-    return f"{type(e).__name__}: {first[:300]}"
 
 
 # -- import ------------------------------------------------------------------------------------
@@ -467,7 +462,7 @@ class TvmTarget(Target):
             if found:
                 return found
             raise TargetError(
-                f"target {self.name}: re-exporting the program failed: {_one_line(e)}",
+                f"target {self.name}: re-exporting the program failed: {first_line(e)}",
                 "run `optpipe inspect` on the model; the torch targets may still take it",
             ) from e
         convert = torch_importer_ops() | set(IMPORT_FIXES)
@@ -535,7 +530,7 @@ class TvmTarget(Target):
             raise
         except Exception as e:  # one line; the cause stays chained (OPTPIPE_DEBUG=1)
             raise TargetError(
-                f"target {self.name}: Relax import ({plan.importer}) failed: {_one_line(e)}",
+                f"target {self.name}: Relax import ({plan.importer}) failed: {first_line(e)}",
                 "report it with `optpipe inspect` output; the torch targets may take it",
             ) from e
 
@@ -578,7 +573,7 @@ class TvmTarget(Target):
                 raise
             except Exception as e:
                 raise TargetError(
-                    f"target {self.name}: MetaSchedule tuning failed: {_one_line(e)}",
+                    f"target {self.name}: MetaSchedule tuning failed: {first_line(e)}",
                     "build untuned (--tune 0); the log is under the tuning logs/ folder",
                 ) from e
             info.update(mode=f"tuned ({summary['trials']} trials)", tuning=summary)
@@ -589,7 +584,7 @@ class TvmTarget(Target):
             executable = build_relax(mod, target, database)
         except Exception as e:
             raise TargetError(
-                f"target {self.name}: build failed: {_one_line(e)}", "rerun with OPTPIPE_DEBUG=1 for the traceback"
+                f"target {self.name}: build failed: {first_line(e)}", "rerun with OPTPIPE_DEBUG=1 for the traceback"
             ) from e
         info["compile_s"] = round(time.perf_counter() - start, 2)
         meta = {
@@ -848,7 +843,7 @@ def _in_process_measure():
                     built[key] = default_build(inp.mod, inp.target, None)
                     results.append(BuilderResult(key, None))
                 except Exception as e:  # noqa: BLE001 - a failed candidate is a tuning record
-                    results.append(BuilderResult(None, _one_line(e)))
+                    results.append(BuilderResult(None, first_line(e)))
             return results
 
     @derived_object
@@ -867,7 +862,7 @@ def _in_process_measure():
                     args = alloc_argument_common(self.fill, dev, [a.as_json() for a in inp.args_info], 1)
                     result = RunnerResult(run_evaluator_common(rt_mod, dev, self.config, args), None)
                 except Exception as e:  # noqa: BLE001
-                    result = RunnerResult(None, _one_line(e))
+                    result = RunnerResult(None, first_line(e))
                 futures.append(RunnerFuture(lambda: True, lambda r=result: r))
             return futures
 

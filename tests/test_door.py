@@ -186,11 +186,12 @@ def test_pipeline_text_is_not_eaten_as_rich_markup():
     report = {
         "pipeline": "quantize{skip=[lm_head]}",
         "target_info": {"mode": "eager"},
-        "model": {"params_before": 1, "params_after": 1},
+        "model": {"params_before": 1, "params_after": 1, "bytes_before": 2**20, "bytes_after": 2**18},
         "target_check": {"max_abs": 0.0},
     }
     progress.say(summary_markup("out[1]", "cpu", report))
     assert "wrote out[1]: pipeline quantize{skip=[lm_head]} → cpu" in buffer.getvalue()
+    assert "params 1 → 1 (1.00 MB → 0.25 MB)" in buffer.getvalue()
     assert escape("[bold]x") != "[bold]x"
 
 

@@ -22,8 +22,8 @@ def test_tensor_parallel_example(tmp_path):
 
 def test_train_on_target_example(tmp_path):
     out = run_example(
-        "train_on_target.py", tmp_path / "runs", "--steps", "6", "--targets", "cpu,tvm", tmp_path=tmp_path
-    )  # onnxruntime-training: tests/test_training_targets.py
-    diff = float(out.split("tvm: max |loss - cpu loss| over 6 steps = ")[1].split()[0])
+        "train_on_target.py", tmp_path / "runs", "--steps", "6", "--targets", "cpu,onnxruntime", tmp_path=tmp_path
+    )  # the tvm loss curve (a longer build): tests/test_training_targets.py
+    diff = float(out.split("onnxruntime: max |loss - cpu loss| over 6 steps = ")[1].split()[0])
     assert diff < 1e-3, out
-    assert (tmp_path / "runs" / "tvm" / "program.pt2").exists()
+    assert (tmp_path / "runs" / "onnxruntime" / "program.pt2").exists()

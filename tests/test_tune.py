@@ -9,6 +9,7 @@ study side (time budget, a killed run resumed, healing) is tests/test_tune_study
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -16,9 +17,17 @@ from click.testing import CliRunner
 
 from optpipe.cli import main
 from optpipe.errors import UsageError
-from optpipe.runtime.tuning import TuneSettings
+from optpipe.runtime.tuning import TuneSettings, static_rule_out
 from optpipe.runtime.tuning_report import hypervolume, pareto_front
-from optpipe.runtime.tuning_space import QualityBudget, SearchSpace, parse_duration, pipeline_of, rule_out
+from optpipe.runtime.tuning_space import (
+    QualityBudget,
+    SearchSpace,
+    StaticCost,
+    parse_duration,
+    pipeline_of,
+    rule_out,
+    rule_out_static,
+)
 from tests.tune_helpers import MODEL, lines, model_cost, run
 
 
@@ -61,6 +70,48 @@ def test_pipeline_order_and_rule_out():
         SearchSpace(attention=("linear",)), seq_len=32, target="onnxruntime", break_even={"linear": 512}
     )
     assert space.attention == ("linear",)
+
+
+def test_rule_out_static_keeps_what_can_pay_off():
+    space = SearchSpace(attention=("dense", "sliding-window", "linear", "block-sparse"), window=(16, 64), block=(8,))
+    base = StaticCost(flops=1000, params=50, attention_flops=400)
+    costs = {16: StaticCost(700, 50), 64: StaticCost(990, 50), "linear": StaticCost(1100, 50)}
+
+    def cost_of(choice):
+        return costs.get(choice.get("window", choice["attention"]))  # block-sparse: not modelled (None)
+
+    left, notes = rule_out_static(space, objective="latency", baseline=base, cost_of=cost_of, shape="b1 x 32")
+    assert left.attention == ("dense", "sliding-window", "block-sparse") and left.window == (16,)
+    assert {(n["dimension"], n["value"]) for n in notes} == {("window", 64), ("attention", "linear")}
+    assert "0.990x the baseline's FLOPs at b1 x 32 (attention is 40.0% of them)" in notes[0]["reason"]
+    # size: only what shrinks the parameters; the mode never does
+    left, notes = rule_out_static(
+        dataclasses.replace(space, mode=("eager", "compile")),
+        objective="size",
+        baseline=base,
+        cost_of=cost_of,
+        shape="b1 x 32",
+    )
+    assert left.attention == ("dense", "block-sparse") and left.mode == ("eager",)
+    assert ("mode", "compile") in {(n["dimension"], n["value"]) for n in notes}
+
+
+def test_static_model_on_a_real_program_at_the_users_length():
+    """The tiny GPT at context 256: attention is a large share at 256 tokens, a small one at 16; a
+    window that covers the sequence computes dense attention's FLOPs."""
+    from examples.heal import build
+    from optpipe.capture import capture
+
+    program = capture(*build(context=256, layers=2, width=32, heads=2))
+    space = SearchSpace(attention=("dense", "sliding-window", "linear"), window=(32, 256))
+    settings = TuneSettings(budget=QualityBudget(ppl=0.05), seq_len=256)
+    left, notes = static_rule_out(program, space, settings)
+    assert left.attention == ("dense", "sliding-window", "linear") and left.window == (32,)
+    assert [(n["dimension"], n["value"]) for n in notes] == [("window", 256)]
+    assert "at batch 1 x seq-len 256" in notes[0]["reason"]
+    settings.seq_len = 16
+    left, notes = static_rule_out(program, space, settings)
+    assert left.attention == ("dense",) and {n["value"] for n in notes} == {32, 256, "linear"}
 
 
 def test_space_file(tmp_path):
@@ -132,7 +183,8 @@ def test_tune_recommends_the_baseline_when_nothing_beats_it(tuned, tmp_path):
     assert res.best["trial"] == "baseline" and "baseline" in res.recommendation
     assert (tmp_path / "slow" / "best" / "pipeline.txt").read_text().strip() == "dce"
     # and outside the budget: a budget nothing but the reference keeps
-    res = tuned(tmp_path / "strict", budget="top1=1.0", trials=2)
+    prune_only = SearchSpace(attention=("dense",), prune=(0.0, 0.25, 0.5), quantize=("none",), mode=("eager",))
+    res = tuned(tmp_path / "strict", budget="top1=1.0", trials=2, space=prune_only)
     assert res.best["trial"] == "baseline" and "within the budget" in res.recommendation
     assert all(not r["within_budget"] for r in res.records[1:] if r["pipeline"] != "dce")
 
@@ -163,3 +215,37 @@ def test_cli_tune_one_line_errors(pydoc_text, tmp_path):
 def test_settings_validate():
     with pytest.raises(UsageError, match="unknown objective"):
         TuneSettings(objective="speed")
+
+
+def test_screening_queues_every_pass_alone_in_the_baselines_mode():
+    from optpipe.runtime.tuning import screening
+
+    space = SearchSpace(
+        attention=("dense", "sliding-window", "linear"),
+        window=(64, 256),
+        layers=(":", "1:-1"),
+        prune=(0.0, 0.5),
+        quantize=("none", "int8-dynamic"),
+        mode=("eager", "compile"),
+    )
+    queued = screening(space, "compile")
+    assert [pipeline_of(c) for c in queued] == [
+        "fuse-attention,attention{kind=sliding-window,window=64},dce",
+        "fuse-attention,attention{kind=sliding-window,window=256},dce",
+        "fuse-attention,attention{kind=linear},dce",
+        "prune{target=mlp,sparsity=0.5},dce",
+        "quantize{scheme=int8-dynamic},dce",
+    ]
+    assert {c["mode"] for c in queued} == {"compile"}
+    # a space without the no-pass choice of a dimension screens nothing (every candidate has a pass)
+    assert screening(dataclasses.replace(space, prune=(0.25, 0.5)), "eager") == []
+
+
+def test_tune_screens_before_sampling(searched):
+    res, out = searched
+    measured = [r for r in lines(out / "trials.jsonl") if r["trial"] != "baseline"]
+    # the space of the shared search: prune 0.25 alone, then int8-dynamic alone, then the sampler
+    assert [r["pipeline"] for r in measured[:2]] == [
+        "prune{target=mlp,sparsity=0.25},dce",
+        "quantize{scheme=int8-dynamic},dce",
+    ]

@@ -147,6 +147,17 @@ def _read_text(path: Path) -> Iterator[str]:
 
 
 def _read_jsonl(path: Path, key: str) -> Iterator[str]:
+    return (fields[0] for fields in _read_jsonl_fields(path, (key,), "name the text field with --text-key"))
+
+
+def iter_pairs(data, source_key: str, target_key: str) -> Iterator[tuple[str, str]]:
+    """(source, target) texts of the JSONL records of `data` (see `data_files`): supervised pairs."""
+    hint = "name the fields with --source-key and --target-key"
+    for path in data_files(data):
+        yield from _read_jsonl_fields(path, (source_key, target_key), hint)
+
+
+def _read_jsonl_fields(path: Path, keys: tuple[str, ...], hint: str) -> Iterator[tuple[str, ...]]:
     found = 0
     with open(path, encoding="utf-8", errors="replace") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -161,22 +172,21 @@ def _read_jsonl(path: Path, key: str) -> Iterator[str]:
             if not isinstance(obj, dict):
                 raise UsageError(
                     f"{path}:{lineno}: a JSON {type(obj).__name__}, not an object",
-                    f'JSONL wants one object per line, like {{"{key}": "..."}}',
+                    f'JSONL wants one object per line, like {{"{keys[0]}": "..."}}',
                 )
-            if key not in obj:
-                keys = ", ".join(map(repr, list(obj)[:8])) or "none"
-                raise UsageError(
-                    f"{path}:{lineno}: no key {key!r} (keys: {keys})", "name the text field with --text-key"
-                )
-            text = obj[key]
-            if not isinstance(text, str):
-                raise UsageError(
-                    f"{path}:{lineno}: {key!r} is a {type(text).__name__}, not a string",
-                    "the text field must hold a string",
-                )
-            if text.strip():
+            for key in keys:
+                if key not in obj:
+                    names = ", ".join(map(repr, list(obj)[:8])) or "none"
+                    raise UsageError(f"{path}:{lineno}: no key {key!r} (keys: {names})", hint)
+                if not isinstance(obj[key], str):
+                    raise UsageError(
+                        f"{path}:{lineno}: {key!r} is a {type(obj[key]).__name__}, not a string",
+                        "the text field must hold a string",
+                    )
+            texts = tuple(obj[k] for k in keys)
+            if all(t.strip() for t in texts):
                 found += 1
-                yield text
+                yield texts
     if not found:
         raise UsageError(f"data file {path} holds no text", _DATA_HINT)
 
@@ -260,6 +270,10 @@ class TextTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
+
+    def token_id(self, text: str) -> int | None:
+        """The id of the token spelled `text` (e.g. "<extra_id_0>"), None when there is none."""
+        return None
 
     @property
     def special_ids(self) -> list[int]:
@@ -375,6 +389,9 @@ class TokenizerJSON(TextTokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def token_id(self, text: str) -> int | None:
+        return self._tok.token_to_id(text)
 
     @property
     def tokenizer(self):
@@ -610,6 +627,36 @@ class PackedBatches:
         self.skip(int(state["batches"]))
 
 
+class CountedStream:
+    """An iterator over the stream `_stream()` builds, counting the items it hands out, so that
+    `load_state_dict(state_dict())` replays a fresh stream to the same position (the rows of a
+    resumed run are those of an uninterrupted one). Subclasses define `_stream`."""
+
+    consumed = 0
+    _it: Iterator | None = None
+
+    def _stream(self) -> Iterator:
+        raise NotImplementedError
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._it is None:
+            self._it = self._stream()
+        row = next(self._it)
+        self.consumed += 1
+        return row
+
+    def state_dict(self) -> dict:
+        return {"rows": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._it, self.consumed = None, 0
+        for _ in islice(self, int(state["rows"])):
+            pass
+
+
 def validation_batches(
     data,
     tokenizer: TextTokenizer | None = None,
@@ -842,7 +889,7 @@ def prepare_batch(
 
 def _check_objective(objective: str) -> None:
     if objective not in OBJECTIVES:
-        raise UsageError(f"unknown objective {objective!r}", "use --objective clm or --objective mlm")
+        raise UsageError(f"unknown objective {objective!r}", f"use one of {', '.join(OBJECTIVES)}")
 
 
 # -- calibration ----------------------------------------------------------------------------------
@@ -929,9 +976,11 @@ def calibration_batches(
 
 
 # -- what `optpipe train` uses ---------------------------------------------------------------------
-def input_builder(program) -> Callable[[torch.Tensor], tuple]:
-    """The function from a batch of input_ids to `program`'s positional inputs (an attention mask
-    of ones, token types of zeros, positions 0..T-1): what trainers feed the program."""
+def input_builder(program) -> Callable[[torch.Tensor | dict], tuple]:
+    """The function from a batch to `program`'s positional inputs: what trainers feed the program.
+    A batch is a dict of named tensors (an input the program takes by that name is fed as it is) or
+    just the input_ids; inputs the batch does not hold are built from the ids (an attention mask of
+    ones, token types of zeros, positions 0..T-1)."""
     names = [n.lower() for n in program.input_names]
     if not names or ("ids" not in names[0] and "input" not in names[0]):
         raise UsageError(
@@ -940,10 +989,14 @@ def input_builder(program) -> Callable[[torch.Tensor], tuple]:
         )
     refs = program.example_inputs
 
-    def build(ids: torch.Tensor) -> tuple:
+    def build(batch: torch.Tensor | dict) -> tuple:
+        given = batch if isinstance(batch, dict) else {}
+        ids = given["input_ids"] if given else batch
         out = [ids]
-        for name, ref in zip(names[1:], refs[1:]):
-            if "mask" in name:
+        for name, raw, ref in zip(names[1:], program.input_names[1:], refs[1:]):
+            if raw in given:
+                out.append(given[raw].to(ref.dtype))
+            elif "mask" in name:
                 out.append(torch.ones(ids.shape, dtype=ref.dtype, device=ids.device))
             elif "type" in name:
                 out.append(torch.zeros(ids.shape, dtype=ref.dtype, device=ids.device))
@@ -952,7 +1005,8 @@ def input_builder(program) -> Callable[[torch.Tensor], tuple]:
             else:
                 raise UsageError(
                     f"train: cannot build the program input {name!r} from token ids",
-                    "train programs that take input_ids (and masks / token types)",
+                    "train programs that take input_ids (and masks / token types); "
+                    "encoder-decoder programs with --objective seq2seq",
                 )
         return tuple(out)
 

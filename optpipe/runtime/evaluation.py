@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..analysis import model_bytes
 from ..errors import UsageError
 from ..inputs import check_inputs, token_vocab
 from ..losses import IGNORE_INDEX
@@ -611,18 +612,6 @@ def _cpu_peak_bytes(fn, inputs) -> int:
         live += amount
         peak = max(peak, live)
     return int(peak)
-
-
-def model_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's parameters and buffers, each storage counted once (tied weights)."""
-    seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        storage = t.untyped_storage()
-        key = (storage.data_ptr(), storage.nbytes())
-        if key not in seen:
-            seen.add(key)
-            total += storage.nbytes()
-    return total
 
 
 def artifact_bytes(out: str | os.PathLike, target_artifact: str | None = None) -> int:

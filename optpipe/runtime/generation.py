@@ -186,6 +186,8 @@ def generate(
             draft_step or step_function(draft),
             draft_tokens,
         )
+    if kv is None and "decoder_input_ids" in program.input_names:
+        return _generate_encoder_decoder(program, rows, max_new_tokens, sampling, stops, step)
     if kv is None:
         return _generate_recompute(program, rows, max_new_tokens, sampling, stops, step)
     return _generate_cached(kv, rows, max_new_tokens, sampling, stops, step or step_function(program), pad_id)
@@ -283,6 +285,44 @@ def _generate_recompute(program, rows, max_new_tokens, sampling, stops, step) ->
                 ids = torch.cat([ids, token[:, None]], dim=1)
         new += state.new
     return GenerationResult([p + n for p, n in zip(rows, new)], new, time.perf_counter() - start)
+
+
+def _generate_encoder_decoder(program, rows, max_new_tokens, sampling, stops, step) -> GenerationResult:
+    """An encoder-decoder program (T5, BART) without a cache: the prompts are the encoder's input
+    (right-padded, masked), the decoder starts from the model's decoder start id and every new token
+    runs encoder and decoder again. `new_ids` are the decoder's tokens; the model's EOS stops a row."""
+    config = program.meta.get("config") or {}
+    start_id = config.get("decoder_start_token_id")
+    if start_id is None:
+        raise UsageError(
+            "generate: the encoder-decoder program records no decoder_start_token_id",
+            "capture it from a transformers model (its config names the decoder's first token)",
+        )
+    pad = int(config.get("pad_token_id") or 0)
+    eos = config.get("eos_token_id")
+    stops = stops | ({int(eos)} if isinstance(eos, int) else set())
+    longest = max(len(r) for r in rows)
+    source = torch.full((len(rows), longest), pad, dtype=torch.int64)
+    mask = torch.zeros((len(rows), longest), dtype=torch.int64)
+    for i, r in enumerate(rows):
+        source[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    given = {"input_ids": source, "attention_mask": mask}
+    names = list(program.input_names)
+    run = step or program.gm
+    g = sampling.generator()
+    state = _Rows([[] for _ in rows], stops)
+    decoded = torch.full((len(rows), 1), int(start_id), dtype=torch.int64)
+    start = time.perf_counter()
+    with torch.no_grad():
+        while max_new_tokens:
+            out = run(*(decoded if n == "decoder_input_ids" else given[n] for n in names))
+            logits = out[0] if isinstance(out, (tuple, list)) else out
+            token = sampling.choose(logits[:, -1], g)
+            state.add(token)
+            if state.finished(max_new_tokens):
+                break
+            decoded = torch.cat([decoded, token[:, None]], dim=1)
+    return GenerationResult([list(r) for r in rows], state.new, time.perf_counter() - start)
 
 
 def _speculative(target, draft, rows, max_new_tokens, stops, step, draft_step, k) -> GenerationResult:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from ..errors import UsageError
 from ..losses import OBJECTIVES
 from .data import STRATEGIES
+from .seq2seq_data import NOISES
 
 TARGETS = ("cpu", "cuda", "onnxruntime", "tvm")
 """Where a program trains: torch on cpu / cuda, onnxruntime-training, TVM (Relax autodiff)."""
@@ -70,6 +71,20 @@ class TrainConfig:
     hidden_weight: float = _option(1.0, "Weight of per-module hidden-state matching when distilling (0: logits only).")
     mask: str = _option("random", "MLM masking strategy.", choices=STRATEGIES)
     mask_rate: float = _option(0.15)
+    sparse_prediction: str = _option(
+        "auto",
+        "Run the LM head only where the loss is (masked positions): auto (mlm on cpu/cuda, when it saves 2%+ "
+        "of the FLOPs), on, off.",
+        choices=("auto", "on", "off"),
+    )
+    noise: str = _option(
+        "span", "seq2seq: T5 span corruption, BART denoising, or none (supervised pairs).", choices=NOISES
+    )
+    noise_rate: float | None = _option(None, "seq2seq: share of tokens noised (span 0.15, denoise 0.3).")
+    mean_span: float = _option(3.0, "seq2seq --noise span: mean span length.")
+    target_len: int | None = _option(None, "seq2seq: decoder length (default: what the noise needs).", min=1)
+    source_key: str | None = _option(None, "seq2seq --noise none: JSONL field of the source text.", metavar="KEY")
+    target_key: str | None = _option(None, "seq2seq --noise none: JSONL field of the target text.", metavar="KEY")
     val_fraction: float = _option(0.05)
     val_batches: int = _option(8, min=1)
     val_every: int | None = _option(None, "Default: a quarter of the run.", min=1)
@@ -110,6 +125,10 @@ class TrainConfig:
             bad(f"lr must be > 0, got {self.lr}", "e.g. --lr 3e-4")
         if not 0 <= self.alpha <= 1:
             bad(f"alpha must be in [0, 1], got {self.alpha}", "e.g. --alpha 0.5")
+        if self.noise_rate is not None and not 0 < self.noise_rate < 1:
+            bad(f"noise rate must be in (0, 1), got {self.noise_rate}", "e.g. --noise-rate 0.15")
+        if self.mean_span < 1:
+            bad(f"mean span must be at least 1, got {self.mean_span}", "T5 uses --mean-span 3")
         if not 0 < self.mask_rate < 1:
             bad(f"mask rate must be in (0, 1), got {self.mask_rate}", "e.g. --mask-rate 0.15")
         if not 0 <= self.val_fraction < 1:
@@ -124,6 +143,8 @@ class TrainConfig:
                     "--target onnxruntime trains with one AdamW group (no layer decay, no weight decay groups)",
                     "drop --layer-decay / --weight-decay, or train on cpu",
                 )
+        if self.objective == "mlm+nsp" and self.target not in ("cpu", "cuda"):
+            bad(f"--objective mlm+nsp trains on cpu/cuda, not {self.target}", "use --target cpu, or --objective mlm")
         if self.amp and self.target != "cuda":
             bad("--amp (bf16 autocast) needs --target cuda", "drop --amp on CPU")
         if isinstance(self.trainable, str):

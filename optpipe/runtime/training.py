@@ -55,12 +55,14 @@ import torch.nn.functional as F
 from ..errors import OptpipeError, UsageError
 from ..graph_toolkit import module_path, module_stack
 from ..inputs import check_inputs, token_vocab
-from ..losses import IGNORE_INDEX, distill_kl_sum, task_loss_sum
+from ..losses import IGNORE_INDEX, distill_kl_sum, nsp_loss_sum, task_loss_sum
 from ..outdir import write_manifest
 from ..program import Program
 from .data import TrainingData, input_builder, tokenizer_for_program
 from .launch import run_ranks
+from .nsp_data import NspData
 from .parallel import pipeline_train, tensor_train
+from .seq2seq_data import Seq2SeqData, options_for
 from .train_config import TARGETS, TrainConfig
 
 BACKEND_TRAINED = ("onnxruntime", "tvm")
@@ -117,6 +119,68 @@ def tapped_module(program: Program, paths: list[str]) -> tuple[torch.fx.GraphMod
     graph._codegen = torch.fx.graph.CodeGen()
     new = torch.fx.GraphModule(gm, graph, class_name="Tapped")
     return new, found
+
+
+# -- predicting only where the loss is -------------------------------------------------------------
+SPARSE_GAIN = 0.02
+"""`--sparse-prediction auto` applies the pass when it removes at least this share of a step's FLOPs."""
+
+
+def sparse_prediction_program(program: Program, config: TrainConfig, distilling: bool) -> tuple[Program | None, dict]:
+    """The program `sparse-prediction` rewrites for training (its parameters are the program's own
+    objects, so training one trains the other; the dense program is what is saved), or None; and a
+    note saying whether it applies and why. Applies to mlm (clm rows label every position) on
+    cpu/cuda without distillation (the teacher's logits are dense) nor --compile (data-dependent
+    shapes), when the head's share of the FLOPs times the unmasked share is worth it."""
+    from ..analysis import analyze
+    from ..pipeline import Pipeline
+
+    mode = config.sparse_prediction
+    why_not = (
+        "off"
+        if mode == "off"
+        else "the objective labels every position"
+        if config.objective != "mlm"
+        else f"--target {config.target} trains the dense program"
+        if config.target not in ("cpu", "cuda")
+        else "distillation compares dense logits"
+        if distilling
+        else "--compile needs static shapes"
+        if config.compile
+        else None
+    )
+    if why_not and mode == "on":
+        raise UsageError(f"train --sparse-prediction on: {why_not}", "use --sparse-prediction auto")
+    if why_not:
+        return None, {"applied": False, "reason": why_not}
+    try:
+        sparse, records = Pipeline.parse("sparse-prediction").run(program, verify=False)
+    except OptpipeError as e:
+        if mode == "on":
+            raise
+        return None, {"applied": False, "reason": e.message}
+    costs = analyze(program)
+    head_paths = set(records[0].details.get("head_paths") or [])
+    head = sum(n.flops for n in costs.nodes if n.module in head_paths)
+    saved = head / max(costs.flops, 1) * (1 - config.mask_rate)
+    note = {"head_flops_share": round(head / max(costs.flops, 1), 4), "flops_saved": round(saved, 4)}
+    if mode == "auto" and saved < SPARSE_GAIN:
+        return None, {"applied": False, "reason": f"it would save {saved:.1%} of the FLOPs", **note}
+    _share_parameters(sparse, program)
+    reason = (
+        f"the LM head ({note['head_flops_share']:.0%} of the forward FLOPs) runs at the masked positions only, "
+        f"about {saved:.0%} fewer FLOPs (--sparse-prediction off to keep it dense)"
+    )
+    return sparse, {"applied": True, "reason": reason, **note}
+
+
+def _share_parameters(copy: Program, program: Program) -> None:
+    """Make `copy`'s parameters the very objects of `program` (same names)."""
+    for name, param in program.gm.named_parameters(remove_duplicate=False):
+        owner, _, leaf = name.rpartition(".")
+        module = copy.gm.get_submodule(owner) if owner else copy.gm
+        if hasattr(module, leaf):
+            setattr(module, leaf, param)
 
 
 # -- parameters ----------------------------------------------------------------------------------
@@ -277,7 +341,12 @@ class Trainer:
                 "make --batch-size a multiple of --grad-accum × --nproc",
             )
         self.data = _training_data(self.program, self.source_dir, data, config, seq_len)
-        self.inputs_for = input_builder(self.program)
+        self.n_outputs = _output_count(self.program)
+        if config.objective == "mlm+nsp":
+            _check_nsp_head(self.program, model)
+        self.pairs, self.loss_parts = 1, {}
+        self.sparse, self.sparse_note = sparse_prediction_program(self.program, config, self.teacher is not None)
+        self.inputs_for = input_builder(self.sparse or self.program)
         self.names = select_trainable(self.program, config.trainable, self.teacher)
         params = dict(self.program.gm.named_parameters())
         trainable = set(self.names)
@@ -335,7 +404,7 @@ class Trainer:
             self.tap_paths = found
             self.student_fn, self.teacher_fn = student, teacher
         else:
-            self.student_fn, _ = tapped_module(self.program, [])
+            self.student_fn, _ = tapped_module(self.sparse or self.program, [])
             self.teacher_fn = tapped_module(self.teacher, [])[0] if self.teacher is not None else None
         if self.teacher_fn is not None:
             self.teacher_fn.to(self.device)
@@ -365,12 +434,21 @@ class Trainer:
         """Loss of a micro-batch, normalised by the global label count `count`, times the world
         size (DDP averages gradients over ranks)."""
         cfg = self.config
-        inputs = self.inputs_for(mb["input_ids"].to(self.device))
-        labels = mb["labels"].to(self.device)
+        mb = {k: v.to(self.device) for k, v in mb.items()}
+        labels = mb["labels"]
+        if self.sparse is not None:  # the head runs at the labelled positions only: their labels, in order
+            mb["predict_mask"] = labels != IGNORE_INDEX
+            labels = labels[mb["predict_mask"]]
+        inputs = self.inputs_for(mb)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp):
             outs = self.model(*inputs)
-            logits, taps = outs[0], outs[1:]
+            logits, taps = outs[0], outs[self.n_outputs :]
             total, _ = task_loss_sum(logits, labels, cfg.objective)
+            if cfg.objective == "mlm+nsp":  # BERT's sum of the two means: the NSP part per pair
+                nsp = nsp_loss_sum(outs[1], mb["next_sentence_label"])
+                self.loss_parts["mlm_loss"] += float(total) / count
+                self.loss_parts["nsp_loss"] += float(nsp) / self.pairs
+                total = total + nsp * (count / self.pairs)
             if self.teacher_fn is not None:
                 with torch.no_grad():
                     touts = self.teacher_fn(*inputs)
@@ -387,7 +465,7 @@ class Trainer:
             batch = self.data.validation_batches(1, self.config.batch_size)
             with torch.no_grad():
                 ref = (
-                    self.teacher_fn(*self.inputs_for(batch[0]["input_ids"].to(self.device)))[1:]
+                    self.teacher_fn(*self.inputs_for({k: v.to(self.device) for k, v in batch[0].items()}))[1:]
                     if batch
                     else teacher_taps
                 )
@@ -409,6 +487,9 @@ class Trainer:
         if self.backend is not None:
             return self._backend_step(batch, lr)
         count = self._label_count(batch)  # every rank holds the whole global batch: no all-reduce needed
+        if "next_sentence_label" in batch:
+            self.pairs = batch["next_sentence_label"].numel()
+            self.loss_parts = {"mlm_loss": 0.0, "nsp_loss": 0.0}
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g["lr_scale"]
         self.optimizer.zero_grad(set_to_none=True)
@@ -445,9 +526,7 @@ class Trainer:
         count, losses = self._label_count(batch), 0.0
         for mb in self._micro_batches(batch):
             n = self._label_count(mb)
-            losses += (
-                self.backend.accumulate(self.inputs_for(mb["input_ids"]), mb["labels"], scale=n / count) * n / count
-            )
+            losses += self.backend.accumulate(self.inputs_for(mb), mb["labels"], scale=n / count) * n / count
         self.backend.optimizer_step(lr)
         return losses
 
@@ -468,7 +547,7 @@ class Trainer:
         total, count = 0.0, 0
         for batch in batches:
             n = self._label_count(batch)
-            total += self.backend.eval_loss(self.inputs_for(batch["input_ids"]), batch["labels"]) * n
+            total += self.backend.eval_loss(self.inputs_for(batch), batch["labels"]) * n
             count += n
         loss = total / max(count, 1)
         return loss, math.exp(min(loss, 50.0))
@@ -552,21 +631,28 @@ class Trainer:
         return True
 
     # the loop -----------------------------------------------------------------------------------
+    def _write_run_info(self) -> None:
+        """OUT/train.json (what this run trains, how), and on stderr what train chose by itself."""
+        _write_json(
+            os.path.join(self.out, "train.json"),
+            {
+                "config": self.config.to_dict(),
+                "trainable": self.names,
+                "taps": self.tap_paths,
+                "sparse_prediction": self.sparse_note,
+                "world_size": self.world,
+                "model": self.program.meta.get("source"),
+            },
+        )
+        if self.sparse_note.get("applied"):
+            print(f"optpipe train: sparse-prediction: {self.sparse_note['reason']}", file=sys.stderr)
+
     def run(self, stop_after: int | None = None) -> TrainResult:
         cfg = self.config
         if self.resume and not self.load_checkpoint() and self.rank == 0:
             print(f"optpipe train: no checkpoint in {self.out}; starting from step 0", file=sys.stderr)
         if self.rank == 0:
-            _write_json(
-                os.path.join(self.out, "train.json"),
-                {
-                    "config": cfg.to_dict(),
-                    "trainable": self.names,
-                    "taps": self.tap_paths,
-                    "world_size": self.world,
-                    "model": self.program.meta.get("source"),
-                },
-            )
+            self._write_run_info()
         val_every = cfg.val_every or max(1, cfg.steps // 4)
         ckpt_every = cfg.checkpoint_every
         tokens_per_step = cfg.batch_size * self.data.seq_len
@@ -583,7 +669,7 @@ class Trainer:
                     raise _Interrupted
                 batch = self.data.next_batch(cfg.batch_size)
                 if self.step == start_step:  # a wrong --seq-len or dtype fails here in one line, not in a kernel
-                    check_inputs(self.program, self.inputs_for(batch["input_ids"]), where="train --data")
+                    check_inputs(self.sparse or self.program, self.inputs_for(batch), where="train --data")
                 lr = cfg.lr_at(self.step)
                 last_loss = self.train_step(batch, lr)
                 if not math.isfinite(last_loss):
@@ -597,6 +683,7 @@ class Trainer:
                     tps = window_tokens / max(now - window_t, 1e-9)
                     window_t, window_tokens = now, 0
                     row = {"step": self.step, "loss": round(last_loss, 6), "lr": lr, "tokens_per_s": round(tps, 1)}
+                    row.update({k: round(v, 6) for k, v in self.loss_parts.items()})  # mlm+nsp: each loss
                     if self.step % val_every == 0 or self.step == cfg.steps:
                         val = self.evaluate()
                         if val:
@@ -676,7 +763,7 @@ def validation_loss(
         return None
     total, count = 0.0, 0
     for batch in batches:
-        inputs = tuple(x.to(device) if device is not None else x for x in inputs_for(batch["input_ids"]))
+        inputs = tuple(x.to(device) if device is not None else x for x in inputs_for(batch))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             out = fn(*inputs)
         logits = out[0] if isinstance(out, (tuple, list)) else out
@@ -806,18 +893,21 @@ def _load_trainable(model) -> tuple[Program, str | None]:
 
 
 def _training_data(program: Program, folder: str | None, data, config: TrainConfig, seq_len: int):
-    return TrainingData(
-        data,
-        tokenizer_for_program(program, folder),
+    """The data of a run: `TrainingData` (clm, mlm), `NspData` (mlm+nsp) or `Seq2SeqData` (seq2seq)."""
+    tokenizer = tokenizer_for_program(program, folder)
+    common = dict(
         seq_len=seq_len,
-        objective=config.objective,
         seed=config.seed,
         val_fraction=config.val_fraction,
-        mask=config.mask,
-        mask_rate=config.mask_rate,
         text_key=config.text_key,
         vocab_size=_vocab(program),
     )
+    masking = dict(mask=config.mask, mask_rate=config.mask_rate)
+    if config.objective == "mlm+nsp":
+        return NspData(data, tokenizer, **common, **masking)
+    if config.objective == "seq2seq":
+        return Seq2SeqData(data, tokenizer, options=options_for(program, config, tokenizer), **common)
+    return TrainingData(data, tokenizer, objective=config.objective, **common, **masking)
 
 
 def _check_lm_head(program: Program, source) -> None:
@@ -833,6 +923,31 @@ def _check_lm_head(program: Program, source) -> None:
             f"train: {source if isinstance(source, str) else 'the program'} outputs "
             f"{list(val.shape)}, not logits over its {vocab}-token vocabulary",
             "train a model with a language-model head (e.g. AutoModelForCausalLM, BertForMaskedLM)",
+        )
+
+
+def _output_count(program: Program) -> int:
+    out = program.gm.graph.output_node().args[0]
+    return len(out) if isinstance(out, (tuple, list)) else 1
+
+
+def _check_nsp_head(program: Program, source) -> None:
+    """mlm+nsp needs the next-sentence head as the second output ([batch, 2]) and token types."""
+    out = program.gm.graph.output_node().args[0]
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    val = outs[1].meta.get("val") if len(outs) > 1 and isinstance(outs[1], torch.fx.Node) else None
+    name = source if isinstance(source, str) else "the program"
+    if val is None or val.dim() != 2 or val.shape[-1] != 2:
+        raise UsageError(
+            f"train --objective mlm+nsp: {name} has no next-sentence head (its output: "
+            f"{program.meta.get('output', 'one tensor')})",
+            "capture BertForPreTraining (masked-LM and next-sentence heads), e.g. "
+            "BertForPreTraining.from_pretrained(BERT_FOLDER); or train --objective mlm",
+        )
+    if "token_type_ids" not in program.input_names:
+        raise UsageError(
+            f"train --objective mlm+nsp: {name} takes no token_type_ids (inputs: {', '.join(program.input_names)})",
+            "capture it with token_type_ids in the example inputs",
         )
 
 

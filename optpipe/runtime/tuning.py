@@ -5,9 +5,12 @@
 1. Capture MODEL; cut a fixed evaluation set from the held-out split of DATA (`evaluation.eval_set`,
    the split `train` validates on); run the unoptimized program once as the reference.
 2. Rule out what cannot pay off at the user's shapes (`tuning_space.rule_out`: attention kinds below
-   their measured break-even length, windows that cover the whole sequence), then measure the
-   baseline: no pass, on the target, in the mode `optimize` uses by default.
-3. Search with Optuna (TPE by default; NSGA-II or random) over two objectives, the cost (latency,
+   their measured break-even length, windows that cover the whole sequence; `rule_out_static`: forms
+   whose FLOPs, counted by the static model at the user's batch and length, do not fall enough, and
+   for the size objective whatever does not shrink the parameters), then measure the baseline: no
+   pass, on the target, in the mode `optimize` uses by default.
+3. Screen every pass alone (`screening`: one queued trial per choice, in the baseline's mode), then
+   search with Optuna (TPE by default; NSGA-II or random) over two objectives, the cost (latency,
    throughput or size, measured on the target) and the quality loss (from `evaluation.score`), with
    the budget as a constraint. Every trial is `optimize` + `score` + `measure_cost`; with
    `heal_steps`, a lossy candidate within reach of the budget is first healed by distillation from
@@ -43,10 +46,13 @@ from .tuning_space import (
     NO_PASSES,
     QualityBudget,
     SearchSpace,
+    StaticCost,
+    attention_choices,
     baseline_candidate,
     candidate_key,
     pipeline_of,
     rule_out,
+    rule_out_static,
     target_options,
 )
 
@@ -225,6 +231,8 @@ def _context(model, data, out, settings, space, program, measure, say) -> Contex
     say(f"evaluation set: {evset.tokens} tokens of the held-out split of {data}")
     reference = reference_outputs(program.gm, evset, kl=False)
     space, ruled_out = rule_out(space, seq_len=seq_len, target=settings.target, break_even=break_even)
+    space, static = static_rule_out(program, space, settings)
+    ruled_out += static
     for note in ruled_out:
         say(f"ruled out {note['dimension']}={note['value']}: {note['reason']}")
     # what calibrating passes (int8-static scales, prune importance) measure: the train split
@@ -232,6 +240,51 @@ def _context(model, data, out, settings, space, program, measure, say) -> Contex
     return Context(
         model, data, out, settings, program, evset, reference, space, calibration, measure, ruled_out, say=say
     )
+
+
+def static_rule_out(program, space: SearchSpace, settings: TuneSettings) -> tuple[SearchSpace, list]:
+    """`rule_out_static` with the costs `optpipe.analysis.analyze` counts at the user's shapes, each
+    attention choice applied without verification (nothing is run)."""
+    import torch
+
+    from ..analysis import analyze
+    from ..pipeline import Pipeline
+    from .data import input_builder
+
+    batch, seq_len = settings.batch, settings.seq_len
+    inputs = input_builder(program)(torch.zeros(batch, seq_len, dtype=torch.long))
+
+    def static_cost(prog) -> StaticCost:
+        costs = analyze(prog, inputs)
+        # a causal SDPA kernel skips the masked half (the sparse ops' formulas count it so, too)
+        causal = {n.name for n in prog.gm.graph.nodes if _causal_sdpa(n)}
+        attention = sum(n.flops // (2 if n.name in causal else 1) for n in costs.nodes if _SDPA in n.op)
+        skipped = sum(n.flops - n.flops // 2 for n in costs.nodes if n.name in causal)
+        return StaticCost(costs.flops - skipped, costs.params, attention)
+
+    def cost_of(choice: dict) -> StaticCost | None:
+        text = pipeline_of(choice) if choice["attention"] != "dense" else "fuse-attention"
+        try:
+            swapped, _ = Pipeline.parse(text).run(program, verify=False)
+            return static_cost(swapped)
+        except Exception:  # noqa: BLE001 - a choice the static model cannot count is measured instead
+            return None
+
+    shape = f"batch {batch} x seq-len {seq_len}"
+    try:  # fused, so that attention written as matmul-softmax-matmul counts as attention too
+        baseline = cost_of({"attention": "dense"}) or static_cost(program)
+    except Exception:  # noqa: BLE001 - no static model for this program: everything is measured
+        return space, []
+    return rule_out_static(space, objective=settings.objective, baseline=baseline, cost_of=cost_of, shape=shape)
+
+
+_SDPA = "scaled_dot_product_attention"
+
+
+def _causal_sdpa(node) -> bool:
+    if node.op != "call_function" or _SDPA not in str(node.target):
+        return False
+    return bool(node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False))
 
 
 # -- the study ---------------------------------------------------------------------------------------
@@ -321,6 +374,22 @@ def suggest(trial, space: SearchSpace) -> dict:
     return c
 
 
+def screening(space: SearchSpace, mode: str) -> list[dict]:
+    """The trials queued before the sampler's: every pass alone, one choice at a time (each attention
+    form in every layer, each pruning sparsity, each quantization scheme), in the baseline's mode.
+    The sampler then combines what these measured, and the recommendation is never slower than the
+    best single pass. A dimension whose no-pass choice is not in the space is not screened."""
+    none = {"attention": "dense", "prune": 0.0, "quantize": "none"}
+    if any(v not in getattr(space, k) for k, v in none.items()):
+        return []
+    base = {**none, "mode": mode if mode in space.mode else space.mode[0]}
+    layers = ":" if ":" in space.layers else space.layers[0]
+    out = [{**base, **choice, "layers": layers} for choice in attention_choices(space)]
+    out += [{**base, "prune": p} for p in space.prune if p]
+    out += [{**base, "quantize": q} for q in space.quantize if q != "none"]
+    return out
+
+
 def _baseline(study, ctx: Context) -> dict:
     """The unoptimized model on the target: no pass, measured in every mode of the space (eager and
     torch.compile on torch targets), the fastest of them. Every candidate is judged against it."""
@@ -346,6 +415,9 @@ def _baseline(study, ctx: Context) -> dict:
 def _search(study, ctx: Context, baseline: dict) -> None:
     """Ask-and-tell until `trials` candidates are measured, the space is exhausted or the time is up.
     A candidate sampled again is told its earlier values and not measured twice."""
+    if not study.trials:  # a fresh study (a resumed one keeps what it queued)
+        for params in screening(ctx.space, baseline["params"]["mode"])[: ctx.settings.trials]:
+            study.enqueue_trial(params)
     seen = {"baseline" if r["trial"] == "baseline" else r["key"]: r for r in _records(study)}
     size = ctx.space.distinct() + (0 if ctx.space.has_no_pass() else 1)  # + the baseline, when outside the space
     attempts = 0

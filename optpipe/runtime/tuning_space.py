@@ -27,7 +27,7 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import tomllib
@@ -290,6 +290,104 @@ def rule_out(
     return dataclasses.replace(
         space, attention=tuple(kinds), window=tuple(windows) or space.window[:1], block=tuple(blocks) or space.block[:1]
     ), notes
+
+
+STATIC_GAIN = 1.03
+"""The least FLOP reduction (baseline FLOPs / candidate FLOPs, static model at the user's batch and
+sequence length) for an attention form to be measured: below it the form cannot pay off beyond the
+noise of a latency measurement."""
+
+
+@dataclass(frozen=True)
+class StaticCost:
+    """What the static model (`optpipe.analysis.analyze`) counts for one program at the user's shapes."""
+
+    flops: int
+    params: int
+    attention_flops: int = 0
+
+
+def attention_choices(space: SearchSpace) -> list[dict]:
+    """One candidate per attention form of the space other than dense, in every layer (the most
+    that form can save): its window or block choice included."""
+    per_kind = {"sliding-window": ("window", space.window), "block-sparse": ("block", space.block)}
+    out = []
+    for kind in space.attention:
+        if kind == "dense":
+            continue
+        name, values = per_kind.get(kind, (None, (None,)))
+        out += [{"attention": kind, **({name: v} if name else {})} for v in values]
+    return out
+
+
+def rule_out_static(
+    space: SearchSpace,
+    *,
+    objective: str,
+    baseline: StaticCost,
+    cost_of: Callable[[dict], StaticCost | None],
+    shape: str,
+) -> tuple[SearchSpace, list]:
+    """Drop what the static FLOP / parameter model shows cannot pay off for `objective` at `shape`
+    (e.g. "batch 1 x seq-len 2048"): for latency and throughput, attention forms whose FLOPs are
+    not at least `STATIC_GAIN` below the baseline's (attention is too small a share at this length,
+    or the form computes as much); for size, attention forms and target modes, which do not shrink
+    the parameters. `cost_of(candidate)` is the static cost of one attention choice (None: it could
+    not be modelled; it is measured). Returns the space left and one note per choice dropped."""
+    notes: list[dict] = []
+    if objective == "size":
+        return _rule_out_for_size(space, baseline, cost_of, notes), notes
+    share = baseline.attention_flops / baseline.flops if baseline.flops else 0.0
+    dropped = []
+    for choice in attention_choices(space):
+        cost = cost_of(choice)
+        if cost is None or cost.flops <= 0 or baseline.flops / cost.flops >= STATIC_GAIN:
+            continue
+        dropped.append(choice)
+        dim, value = _choice_dimension(choice)
+        reason = (
+            f"static model: {cost.flops / baseline.flops:.3f}x the baseline's FLOPs at {shape} (attention is "
+            f"{share:.1%} of them), short of the {STATIC_GAIN:.2f}x reduction that can pay off"
+        )
+        notes.append({"dimension": dim, "value": value, "reason": reason})
+    return _without(space, dropped), notes
+
+
+def _rule_out_for_size(space: SearchSpace, baseline: StaticCost, cost_of, notes: list) -> SearchSpace:
+    dropped = []
+    for choice in attention_choices(space):
+        cost = cost_of(choice)
+        if cost is not None and cost.params >= baseline.params:
+            dropped.append(choice)
+            dim, value = _choice_dimension(choice)
+            reason = f"static model: {cost.params} parameters (baseline {baseline.params}); the objective is size"
+            notes.append({"dimension": dim, "value": value, "reason": reason})
+    for mode in space.mode[1:]:
+        notes.append({"dimension": "mode", "value": mode, "reason": "the target's mode does not change the size"})
+    return dataclasses.replace(_without(space, dropped), mode=space.mode[:1])
+
+
+def _choice_dimension(choice: Mapping) -> tuple[str, object]:
+    for dim in ("window", "block"):
+        if dim in choice:
+            return dim, choice[dim]
+    return "attention", choice["attention"]
+
+
+def _without(space: SearchSpace, dropped: list[dict]) -> SearchSpace:
+    """The space without the dropped attention choices (a kind goes when all its values went)."""
+    windows = tuple(w for w in space.window if {"attention": "sliding-window", "window": w} not in dropped)
+    blocks = tuple(b for b in space.block if {"attention": "block-sparse", "block": b} not in dropped)
+    kinds = [
+        k
+        for k in space.attention
+        if {"attention": k} not in dropped
+        and not (k == "sliding-window" and not windows)
+        and not (k == "block-sparse" and not blocks)
+    ]
+    return dataclasses.replace(
+        space, attention=tuple(kinds or ["dense"]), window=windows or space.window[:1], block=blocks or space.block[:1]
+    )
 
 
 def describe_space(space: SearchSpace) -> str:

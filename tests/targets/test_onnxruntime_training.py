@@ -229,8 +229,8 @@ def test_check_trainable_names_the_blocking_op_and_its_pass(tiny):
 
 
 def test_bad_objective_and_trainable_names_are_usage_errors(tiny):
-    with pytest.raises(UsageError, match="unknown objective 'seq2seq'"):
-        check_trainable(tiny, "seq2seq")
+    with pytest.raises(UsageError, match="unknown objective 'prefix-lm'"):
+        check_trainable(tiny, "prefix-lm")
     with pytest.raises(UsageError, match="no parameter named 'nope.weight'"):
         OrtTrainer(tiny, trainable=["nope.weight"])
 
