@@ -167,9 +167,10 @@ def onnx_origins(path: str, message: str, limit: int = 3) -> str:
     return f" (from {', '.join(where[:limit])}{more})"
 
 
-def views_as_reshapes(ep):
-    """`ep` with every `aten.view` (and `aten.reshape`, which the exporter turns into one) of a computed
-    tensor reading a contiguous copy (in place): what
+def views_as_reshapes(ep, reshapes: bool = False):
+    """`ep` with every `aten.view` (with `reshapes`, every `aten.reshape` too, which the exporter turns
+    into a view when it re-traces an undecomposed graph: training's) of a computed tensor reading a
+    contiguous copy (in place): what
     ONNX's Reshape is, and the copy is an Identity the optimizer drops.
 
     The exporter re-traces the program, and its strides need not be ours: an SDPA output that was
@@ -179,9 +180,8 @@ def views_as_reshapes(ep):
     import torch
 
     aten, graph = torch.ops.aten, ep.graph
-    views = [
-        n for n in graph.nodes if n.op == "call_function" and n.target in (aten.view.default, aten.reshape.default)
-    ]
+    kinds = (aten.view.default, aten.reshape.default) if reshapes else (aten.view.default,)
+    views = [n for n in graph.nodes if n.op == "call_function" and n.target in kinds]
     for view in views:
         source = view.args[0]
         with graph.inserting_before(view):

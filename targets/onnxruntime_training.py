@@ -225,7 +225,7 @@ class _LossExport:
             if any(n.op == "call_function" and n.target in table for n in ep.graph.nodes):  # a retrace: seconds
                 with fx_config.patch(backed_size_oblivious=True), quiet_exporter():
                     self.ep = ep.run_decompositions(table)
-            self.ep = views_as_reshapes(self.ep)  # as for inference: T5's view after a transpose
+            self.ep = views_as_reshapes(self.ep, reshapes=True)  # as for inference: T5's view after a transpose
         except Exception as e:
             raise TargetError(
                 f"target onnxruntime: decomposition for training failed: {first_line(e)}",

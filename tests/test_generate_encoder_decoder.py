@@ -15,13 +15,23 @@ from optpipe.runtime.generation import generate
 PROMPTS = [[10, 20, 30, 40, 50, 60, 70], [7, 8, 9]]
 
 
+@pytest.fixture(scope="module")
+def captured():
+    """name -> (model, program): T5 and BART, initialised wide enough that the tokens depend on the
+    whole prompt."""
+    out = {}
+    for name in ("t5", "bart"):
+        model, inputs = getattr(example, name)(seq=16)
+        torch.manual_seed(1)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        out[name] = model, optpipe.capture(model, inputs)
+    return out
+
+
 @pytest.mark.parametrize("name", ["t5", "bart"])
-def test_greedy_tokens_equal_transformers_generate(name):
-    model, inputs = getattr(example, name)(seq=16)
-    torch.manual_seed(1)
-    for p in model.parameters():  # wide enough that the tokens depend on the whole prompt
-        torch.nn.init.normal_(p, std=0.2)
-    program = optpipe.capture(model, inputs)
+def test_greedy_tokens_equal_transformers_generate(name, captured):
+    model, program = captured[name]
     res = generate(program, PROMPTS, 32)
     for prompt, new in zip(PROMPTS, res.new_ids):
         ids = torch.tensor([prompt])
@@ -32,9 +42,8 @@ def test_greedy_tokens_equal_transformers_generate(name):
     assert len({tuple(n) for n in res.new_ids}) == 2  # the prompts matter
 
 
-def test_refuses_a_program_without_a_decoder_start():
-    model, inputs = example.t5(seq=16)
-    program = optpipe.capture(model, inputs)
+def test_refuses_a_program_without_a_decoder_start(captured):
+    program = captured["t5"][1].copy()
     program.meta["config"] = {}
     with pytest.raises(UsageError, match="no decoder_start_token_id"):
         generate(program, PROMPTS, 4)

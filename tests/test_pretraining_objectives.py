@@ -88,7 +88,8 @@ def test_options_refuse_in_one_line():
         Seq2SeqOptions(noise="shuffle")
 
 
-@pytest.mark.parametrize("model", ["t5", "bart"])
+# BART's denoising trains through the same trainer (its batches: above); `make coverage` runs it too
+@pytest.mark.parametrize("model", ["t5", pytest.param("bart", marks=pytest.mark.coverage)])
 def test_example_trains_and_validation_loss_falls(model, tmp_path):
     r = example.run(str(tmp_path), model=model, steps=12, seq=32)
     assert r["val_loss_after"] < r["val_loss_before"] - 0.5, r
