@@ -118,10 +118,15 @@ def measure_rows(rows: list[dict], evset, reference, rounds: int, iters: int) ->
     for r in rows:
         if "fn" in r:
             r["cosine"] = score(r["fn"], evset, reference)["cosine"]
+    time_rows(rows, 8, 128, rounds, iters)
+
+
+def time_rows(rows: list[dict], batch: int, seq_len: int, rounds: int, iters: int) -> None:
+    """Every built row timed round-robin, `rounds` rounds of `iters` calls: the median p50."""
     times: dict[int, list[float]] = {i: [] for i, r in enumerate(rows) if "fn" in r}
     for _ in range(rounds):
         for i in times:
-            cost = measure_cost(rows[i]["fn"], rows[i]["program"], batch=8, seq_len=128, iters=iters, warmup=1)
+            cost = measure_cost(rows[i]["fn"], rows[i]["program"], batch=batch, seq_len=seq_len, iters=iters, warmup=1)
             times[i].append(cost["latency_ms_p50"])
     for i, ts in times.items():
         rows[i]["latency_ms"] = statistics.median(ts)
@@ -273,7 +278,7 @@ def causal_against_single_pass(work: str, corpus: str, args, say) -> dict:
     rows.append({"pipeline": res.best["pipeline"], "mode": res.best["mode"], "kind": "tune", "out": res.out + "/best"})
     for i, row in enumerate(rows):
         _build_causal_row(row, os.path.join(work, f"row{i}"), dense, corpus, evset, reference, base_ppl, args, say)
-    _time_rows(rows, n, args.rounds, args.iters)
+    time_rows(rows, 1, n, args.rounds, args.iters)
     return _report_causal(rows, base_ppl)
 
 
@@ -309,16 +314,6 @@ def _build_causal_row(row: dict, folder: str, dense: str, corpus: str, evset, re
         row["error"] = str(e).splitlines()[0]
         return
     row.update(fn=res.compiled, program=res.program, ppl=ppl)
-
-
-def _time_rows(rows: list[dict], seq_len: int, rounds: int, iters: int) -> None:
-    times: dict[int, list[float]] = {i: [] for i, r in enumerate(rows) if "fn" in r}
-    for _ in range(rounds):
-        for i in times:
-            cost = measure_cost(rows[i]["fn"], rows[i]["program"], batch=1, seq_len=seq_len, iters=iters, warmup=1)
-            times[i].append(cost["latency_ms_p50"])
-    for i, ts in times.items():
-        rows[i]["latency_ms"] = statistics.median(ts)
 
 
 def _report_causal(rows: list[dict], base_ppl: float) -> dict:

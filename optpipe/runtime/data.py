@@ -1013,6 +1013,17 @@ def input_builder(program) -> Callable[[torch.Tensor | dict], tuple]:
     return build
 
 
+def check_token_ids(top: int, vocab_size: int | None, tokenizer: TextTokenizer) -> None:
+    """UsageError when the largest id the data gives, `top`, is outside the model's vocabulary (a
+    tokenizer that does not fit the model)."""
+    if vocab_size is not None and top >= vocab_size:
+        source = "bytes (no tokenizer.json found)" if isinstance(tokenizer, ByteTokenizer) else tokenizer.name
+        raise UsageError(
+            f"the data tokenized with {source} gives id {top}, but the model's vocab size is {vocab_size}",
+            "train with the model's own tokenizer.json next to it",
+        )
+
+
 class TrainingData:
     """The data of one training run: endless shuffled train batches, a fixed validation set, and a
     state to checkpoint. Batches are dicts `{"input_ids", "labels"}` of int64 `[batch, seq_len]`.
@@ -1066,15 +1077,7 @@ class TrainingData:
         self._val: dict[int, tuple[int, list[dict]]] = {}  # batch size -> (batches asked, prepared batches)
 
     def _prepare(self, ids: torch.Tensor, generator: torch.Generator, masker: TokenMasker | None) -> dict:
-        top = max(int(ids.max()), self._framing)
-        if self.vocab_size is not None and top >= self.vocab_size:
-            source = (
-                "bytes (no tokenizer.json found)" if isinstance(self.tokenizer, ByteTokenizer) else self.tokenizer.name
-            )
-            raise UsageError(
-                f"the data tokenized with {source} gives id {top}, but the model's vocab size is {self.vocab_size}",
-                "train with the model's own tokenizer.json next to it",
-            )
+        check_token_ids(max(int(ids.max()), self._framing), self.vocab_size, self.tokenizer)
         return prepare_batch(ids, self.objective, masker=masker, generator=generator)
 
     def next_batch(self, batch_size: int) -> dict:

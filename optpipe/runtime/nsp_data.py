@@ -22,6 +22,7 @@ from .data import (
     CountedStream,
     MaskingConfig,
     TokenMasker,
+    check_token_ids,
     iter_documents,
     load_tokenizer,
     shuffle_buffer,
@@ -122,12 +123,7 @@ class NspData:
             ids[i, : len(p.ids)] = torch.tensor(p.ids)
             types[i, : len(p.token_types)] = torch.tensor(p.token_types)
             attention[i, : len(p.ids)] = 1
-        if self.vocab_size is not None and int(ids.max()) >= self.vocab_size:
-            raise UsageError(
-                f"the data tokenized with {self.tokenizer.name} gives id {int(ids.max())}, but the model's vocab "
-                f"size is {self.vocab_size}",
-                "train with the model's own tokenizer.json next to it",
-            )
+        check_token_ids(int(ids.max()), self.vocab_size, self.tokenizer)
         masked = masker(ids, g)
         return {
             "input_ids": masked["input_ids"],

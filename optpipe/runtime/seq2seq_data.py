@@ -23,7 +23,16 @@ from itertools import count, islice
 import torch
 
 from ..errors import UsageError
-from .data import CountedStream, PackedBatches, TextTokenizer, iter_pairs, load_tokenizer, shuffle_buffer, split_of
+from .data import (
+    CountedStream,
+    PackedBatches,
+    TextTokenizer,
+    check_token_ids,
+    iter_pairs,
+    load_tokenizer,
+    shuffle_buffer,
+    split_of,
+)
 from .noising import (
     Denoising,
     SpanCorruption,
@@ -191,13 +200,7 @@ class Seq2SeqData:
             source_len=self.seq_len,
             target_len=self.target_len,
         )
-        top = max(int(batch["input_ids"].max()), int(batch["labels"].max()))
-        if top >= self.vocab_size:
-            raise UsageError(
-                f"the data tokenized with {self.tokenizer.name} gives id {top}, but the model's vocab size is "
-                f"{self.vocab_size}",
-                "train with the model's own tokenizer.json next to it",
-            )
+        check_token_ids(max(int(batch["input_ids"].max()), int(batch["labels"].max())), self.vocab_size, self.tokenizer)
         return batch
 
     def next_batch(self, batch_size: int) -> dict:

@@ -262,19 +262,25 @@ def static_rule_out(program, space: SearchSpace, settings: TuneSettings) -> tupl
         skipped = sum(n.flops - n.flops // 2 for n in costs.nodes if n.name in causal)
         return StaticCost(costs.flops - skipped, costs.params, attention)
 
+    try:  # fused once, so that attention written as matmul-softmax-matmul counts as attention too
+        fused, _ = Pipeline.parse("fuse-attention").run(program, verify=False)
+    except Exception:  # noqa: BLE001 - unfused: only SDPA sites count, and no form is modelled
+        fused = program
+    try:
+        baseline = static_cost(fused)
+    except Exception:  # noqa: BLE001 - no static model for this program: everything is measured
+        return space, []
+
     def cost_of(choice: dict) -> StaticCost | None:
-        text = pipeline_of(choice) if choice["attention"] != "dense" else "fuse-attention"
+        # the rest of the candidate's pipeline, on the fused program (its history holds fuse-attention)
+        text = pipeline_of(choice).removeprefix("fuse-attention,")
         try:
-            swapped, _ = Pipeline.parse(text).run(program, verify=False)
+            swapped, _ = Pipeline.parse(text).run(fused, verify=False)
             return static_cost(swapped)
         except Exception:  # noqa: BLE001 - a choice the static model cannot count is measured instead
             return None
 
     shape = f"batch {batch} x seq-len {seq_len}"
-    try:  # fused, so that attention written as matmul-softmax-matmul counts as attention too
-        baseline = cost_of({"attention": "dense"}) or static_cost(program)
-    except Exception:  # noqa: BLE001 - no static model for this program: everything is measured
-        return space, []
     return rule_out_static(space, objective=settings.objective, baseline=baseline, cost_of=cost_of, shape=shape)
 
 
