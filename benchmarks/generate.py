@@ -38,6 +38,15 @@ Checks: (d) is within 10% of the best of (b) and (b') and at least as fast as (c
 exactly the tokens of (c) and, over the tokens (a) ran, of (a) (with
 --no-cache-sample: at the sampled positions).
 
+With --encoder-decoder: T5 (random init, examples/seq2seq.py's t5() at --width/--layers, default
+256 x 4), greedy --new tokens from one prompt of --prompt tokens: (e) no cache (the captured
+program runs encoder and decoder over the whole prefix per token), (f) `fuse-attention,kv-cache`
+(the encoder once, cached decoder steps; eager), (f') the same step program through torch.compile
+(what `--target cpu` picks when it is faster), (g) transformers' generate(); EOS does not stop
+(e) and (f) (HF gets min_new_tokens), and (f), (f') must give (e)'s tokens.
+
+    python benchmarks/generate.py --encoder-decoder --prompt 64 --new 128 --repeats 3
+
 Also, with --linear: per-token decode latency of the linear-attention cache (recurrent state) at
 context 256 vs 8192 (a GPT-2-small-sized model with all layers `attention{kind=linear}`), and with
 --speculative: speculative decoding with a draft made of the first half of the layers
@@ -170,6 +179,9 @@ def parse_args():
     ap.add_argument("--model", choices=MODELS, default="gpt2-small")
     ap.add_argument("--linear", action="store_true", help="linear-attention decode latency at 256 vs 8192")
     ap.add_argument("--speculative", action="store_true", help="speculative decoding with a half-depth draft")
+    ap.add_argument("--encoder-decoder", action="store_true", help="T5: kv-cache vs no cache vs generate()")
+    ap.add_argument("--width", type=int, default=256, help="--encoder-decoder: T5's d_model")
+    ap.add_argument("--layers", type=int, default=4, help="--encoder-decoder: T5's encoder and decoder layers")
     ap.add_argument("--json", action="store_true")
     return ap.parse_args()
 
@@ -408,11 +420,96 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.encoder_decoder:
+        result = encoder_decoder(args)
+        print(json.dumps(result, indent=2) if args.json else encoder_decoder_text(result))
+        return
     result = measure(args)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print_result(result, args)
+
+
+def encoder_decoder(args) -> dict:
+    """Rows (e), (f) and (g) (see the module docstring), round-robin, each its fastest run."""
+    import optpipe
+    from examples.seq2seq import t5
+    from optpipe.runtime.generation import generate
+
+    model, inputs = t5(seq=args.prompt, width=args.width, layers=args.layers)
+    plain = optpipe.capture(model, inputs)
+    plain, _ = optpipe.Pipeline.parse("fuse-attention,dce").run(plain, verify=False)
+    cached, _ = optpipe.Pipeline.parse(f"kv-cache{{max-len={args.new + 1}}}").run(plain, verify=False)
+    eos = model.config.eos_token_id
+    for program in (plain, cached):  # every row makes --new tokens
+        program.meta["config"] = dict(program.meta.get("config") or {}, eos_token_id=None)
+    prompt = torch.randint(0, 256, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+
+    def hf():
+        with torch.no_grad():
+            start = time.perf_counter()
+            out = model.generate(
+                input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new,
+                min_new_tokens=args.new, do_sample=False, num_beams=1,
+            )  # fmt: skip
+        return HFRun(out[0, 1:].tolist(), time.perf_counter() - start)
+
+    compiled_gm = torch.compile(cached.gm, dynamic=True)
+
+    def compiled_step(*inputs):
+        with torch.no_grad():
+            return compiled_gm(*inputs)
+
+    runs = {
+        "e": lambda: generate(plain, prompt, args.new),
+        "f": lambda: generate(cached, prompt, args.new),
+        "f'": lambda: generate(cached, prompt, args.new, step=compiled_step),
+        "g": hf,
+    }
+    for run in runs.values():  # warm-up (f': compiles its first-step and later-step graphs)
+        run()
+    best = interleaved_runs(runs, args.repeats)
+    rows = {name: {"tokens_per_s": r.tokens_per_s, "runs": spread} for name, (r, spread) in best.items()}
+    return {
+        "model": f"t5 d_model={args.width} layers={args.layers} ({plain.num_params() / 1e6:.1f}M params)",
+        "prompt": args.prompt,
+        "new": args.new,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+        "speedup_vs_no_cache": rows["f"]["tokens_per_s"] / rows["e"]["tokens_per_s"],
+        "compiled_speedup_vs_no_cache": rows["f'"]["tokens_per_s"] / rows["e"]["tokens_per_s"],
+        "same_tokens_as_no_cache": best["f"][0].new_ids == best["e"][0].new_ids == best["f'"][0].new_ids,
+        "same_tokens_as_hf": _until_eos(best["f"][0].new_ids, eos) == _until_eos(best["g"][0].new_ids, eos),
+    }
+
+
+def _until_eos(ids: list, eos: int | None) -> list:
+    """The tokens before the first EOS (where generate(), held to min_new_tokens, goes on otherwise)."""
+    ids = ids[0] if ids and isinstance(ids[0], list) else ids
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
+def encoder_decoder_text(result: dict) -> str:
+    names = {
+        "e": "(e) no cache",
+        "f": "(f) optpipe kv-cache",
+        "f'": "(f') kv-cache, torch.compile",
+        "g": "(g) transformers generate()",
+    }
+    lines = [
+        f"{result['model']}, prompt {result['prompt']}, {result['new']} new tokens, greedy, batch 1, "
+        f"{result['threads']} threads"
+    ]
+    for key, row in result["rows"].items():
+        spread = ", ".join(f"{x:.1f}" for x in row["runs"])
+        lines.append(f"  {names[key]:<30} {row['tokens_per_s']:9.1f} tokens/s   (runs: {spread})")
+    lines.append(
+        f"  kv-cache vs no cache: {result['speedup_vs_no_cache']:.1f}x eager, "
+        f"{result['compiled_speedup_vs_no_cache']:.1f}x compiled; same tokens as no cache: "
+        f"{result['same_tokens_as_no_cache']}, as generate(): {result['same_tokens_as_hf']}"
+    )
+    return "\n".join(lines)
 
 
 def speculative(model, prompt, new, max_len, reference, k: int = 4) -> dict:

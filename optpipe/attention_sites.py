@@ -328,9 +328,16 @@ def classify_mask(
 
 # -- sites -----------------------------------------------------------------------------------------
 def describe_site(
-    gm: torch.fx.GraphModule, node: torch.fx.Node, example_inputs: Sequence | None = None
+    gm: torch.fx.GraphModule,
+    node: torch.fx.Node,
+    example_inputs: Sequence | None = None,
+    *,
+    args: dict | None = None,
 ) -> AttentionSite:
-    args = sdpa_arguments(node)
+    """The site an attention node is. `args` are its arguments by SDPA's names (default: the node's, as
+    an SDPA call); an optpipe attention op with SDPA's arguments passes its own, and may, unlike SDPA,
+    take a mask together with `is_causal`."""
+    args = sdpa_arguments(node) if args is None else args
     q, k = value(args["query"]), value(args["key"])
     heads = concrete(q.shape[-3]) if q is not None and q.dim() == 4 else None
     kv_heads = concrete(k.shape[-3]) if k is not None and k.dim() == 4 else None
@@ -342,10 +349,9 @@ def describe_site(
     if scale is None and head_dim:
         scale = 1.0 / math.sqrt(head_dim)
     mask = args["attn_mask"]
-    if mask is not None:
-        kind = classify_mask(gm, mask, example_inputs)
-    else:
-        kind = "causal" if args["is_causal"] else "none"
+    kind = classify_mask(gm, mask, example_inputs) if mask is not None else "none"
+    if args["is_causal"]:
+        kind = "causal" if kind in ("none", "causal") else "causal+" + kind
     return AttentionSite(
         node=node.name,
         module_path=module_path(node),

@@ -670,11 +670,32 @@ def _train_config_options(command: Callable) -> Callable:
     metavar="N",
     help="Shard every attention and MLP block over N ranks (DTensor); --nproc replicas of that.",
 )
+@click.option(
+    "--sequence-parallel",
+    type=click.IntRange(min=2),
+    default=None,
+    metavar="N",
+    help="Split every sequence over N ranks (ring / halo / prefix-scan attention); --nproc replicas of that.",
+)
 @click.option("--resume", is_flag=True, help="Continue the run in OUT2 from its latest checkpoint.")
 @click.option("--force", is_flag=True, help="Replace an existing OUT2.")
 @click.option("-o", "--out", "out", required=True, metavar="OUT2")
 @click.option("--json", "as_json", is_flag=True)
-def train(model, data, nproc, stages, microbatches, schedule, tensor_parallel, resume, force, out, as_json, **config):
+def train(
+    model,
+    data,
+    nproc,
+    stages,
+    microbatches,
+    schedule,
+    tensor_parallel,
+    sequence_parallel,
+    resume,
+    force,
+    out,
+    as_json,
+    **config,
+):
     """Train (pre-train, fine-tune, or heal by distillation) the program in OUT; write OUT2."""
     from .runtime.training import train as run_train
 
@@ -690,6 +711,7 @@ def train(model, data, nproc, stages, microbatches, schedule, tensor_parallel, r
         microbatches=microbatches,
         schedule=schedule,
         tensor_parallel=tensor_parallel,
+        sequence_parallel=sequence_parallel,
         **config,
     )
     if as_json:

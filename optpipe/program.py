@@ -46,6 +46,9 @@ class Program:
     calibration: list[tuple] | None = field(default=None, repr=False)
     """Input sets that passes calibrate activation statistics on (int8-static scales, wanda
     importance); see `optpipe.calibration`. Not saved with the program."""
+    companions: dict[str, Program] = field(default_factory=dict)
+    """Programs that run beside this one, by name, saved in the same archive (`kv-cache` on an
+    encoder-decoder keeps its encoder here: `program.meta["kv_cache"]["encoder"]`)."""
 
     # -- running -------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -81,6 +84,7 @@ class Program:
             copy.deepcopy(self.meta),
             list(self.history),
             self.calibration,
+            dict(self.companions),
         )
 
     def num_params(self) -> int:
@@ -113,15 +117,28 @@ class Program:
             "history": self.history,
             "tied": tied_weight_groups(self.gm),
         }
+        programs = {"model": ep}
+        if self.companions:
+            meta["companions"] = {name: c.save_info() for name, c in self.companions.items()}
+            programs.update((name, c.export()) for name, c in self.companions.items())
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=".program-", suffix=".pt2", dir=directory)
         os.close(fd)
         try:
-            torch.export.save(ep, tmp, extra_files={META_FILE: json.dumps(meta)})
+            if len(programs) == 1:
+                torch.export.save(ep, tmp, extra_files={META_FILE: json.dumps(meta)})
+            else:  # one archive, several programs; torch.export.load still gives "model"
+                from torch.export.pt2_archive._package import package_pt2
+
+                package_pt2(tmp, exported_programs=programs, extra_files={META_FILE: json.dumps(meta)})
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+    def save_info(self) -> dict:
+        """What `from_exported` needs beside the exported program (a companion's entry)."""
+        return {"input_names": self.input_names, "dynamic_shapes": self.dynamic_shapes, "meta": self.meta}
 
     @classmethod
     def from_exported(cls, ep: torch.export.ExportedProgram, meta_json: str | None = None) -> Program:
@@ -218,10 +235,32 @@ def retie_weights(module: torch.nn.Module, groups: list[list[str]]) -> None:
 
 def load_program(path: str | os.PathLike) -> Program:
     """Load a Program saved by `Program.save` (or any torch.export archive)."""
+    if _programs_in(path) > 1:  # with companions (Program.save): read every program at once
+        from torch.export.pt2_archive._package import load_pt2
+
+        with _quiet_export_log():
+            contents = load_pt2(os.fspath(path))
+        meta = contents.extra_files.get(META_FILE) or None
+        program = Program.from_exported(contents.exported_programs["model"], meta)
+        for name, info in (json.loads(meta or "{}").get("companions") or {}).items():
+            program.companions[name] = Program.from_exported(contents.exported_programs[name], json.dumps(info))
+        return program
     extra = {META_FILE: ""}
     with _quiet_export_log():
         ep = torch.export.load(os.fspath(path), extra_files=extra)
     return Program.from_exported(ep, extra[META_FILE] or None)
+
+
+def _programs_in(path) -> int:
+    """How many exported programs a .pt2 archive holds (0 for what is not one)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(os.fspath(path)) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return 0
+    return sum(1 for n in names if "/models/" in n and n.endswith(".json"))
 
 
 @contextlib.contextmanager

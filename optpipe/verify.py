@@ -190,6 +190,10 @@ def run_outputs(program, input_sets: list[tuple]) -> list[list[torch.Tensor]]:
                 from .kv_step import cached_logits
 
                 result = cached_logits(gm, kv, inputs[0])
+            elif kv and len(inputs) == len(kv.get("encoder", {}).get("source_inputs", ())):
+                from .kv_step import encoder_decoder_logits
+
+                result = encoder_decoder_logits(program, inputs)
             elif sparse and len(inputs) == len(program.input_names) - 1:
                 result = dense_predictions(gm, sparse, inputs)
             else:
@@ -209,6 +213,17 @@ def dense_predictions(gm, sparse: dict, inputs: tuple) -> list[torch.Tensor]:
     index = sparse["output_index"]
     outputs[index] = outputs[index].reshape(*ids.shape[:2], -1)
     return outputs
+
+
+def outputs_close(expected, actual, *, rtol: float = 1e-4, atol: float = 1e-5) -> bool:
+    """Whether two (nested) outputs hold the same tensors, each close in float64 (what the partition
+    passes check a rank's program against the whole one with)."""
+    flat_e = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
+    flat_a = [t for t in torch.utils._pytree.tree_leaves(actual) if isinstance(t, torch.Tensor)]
+    return len(flat_e) == len(flat_a) and all(
+        e.shape == a.shape and torch.allclose(a.double(), e.double(), rtol=rtol, atol=atol)
+        for e, a in zip(flat_e, flat_a)
+    )
 
 
 def compare(reference: list[list[torch.Tensor]], actual: list[list[torch.Tensor]]) -> Metrics:

@@ -69,13 +69,12 @@ import torch.fx
 from optpipe.attention_sites import (
     SDPA,
     AttentionSite,
-    classify_mask,
     describe_site,
     mask_module,
     same_size,
     sdpa_arguments,
 )
-from optpipe.graph_toolkit import add_tensor, insert_call, insert_get_attr, module_path, value
+from optpipe.graph_toolkit import add_tensor, insert_call, insert_get_attr, value
 from optpipe.program import Program
 from optpipe.registry import LossyConfig, PassResult, config_fields, register_hook, register_pass
 from optpipe.selection import LayerSelection
@@ -374,26 +373,8 @@ def _site_arguments(node: torch.fx.Node) -> dict:
 
 
 def _describe(gm, node: torch.fx.Node, example_inputs) -> AttentionSite:
-    """The site an attention node is: SDPA's description, or the same facts of a score_mod_attention node."""
-    if not _is_score_mod(node):
-        return describe_site(gm, node, example_inputs)
-    args = _site_arguments(node)
-    q, k, mask = value(args["query"]), value(args["key"]), args["attn_mask"]
-    kind = classify_mask(gm, mask, example_inputs) if mask is not None else "none"
-    if args["is_causal"]:  # (this op, unlike SDPA, may take a mask and is_causal together)
-        kind = "causal" if kind in ("none", "causal") else "causal+" + kind
-    heads, kv_heads = (t.shape[1] if t is not None and t.dim() == 4 else None for t in (q, k))
-    return AttentionSite(
-        node=node.name,
-        module_path=module_path(node),
-        mask=kind,
-        is_causal=bool(args["is_causal"]),
-        heads=heads,
-        kv_heads=kv_heads,
-        head_dim=q.shape[-1] if q is not None else None,
-        scale=args["scale"],
-        gqa=heads is not None and kv_heads is not None and kv_heads != heads,
-    )
+    """The site an attention node is (an SDPA or a score_mod_attention node)."""
+    return describe_site(gm, node, example_inputs, args=_site_arguments(node))
 
 
 def _modifier_refusal(mod: ops.ScoreMod, config: AttentionConfig) -> str | None:

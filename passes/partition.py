@@ -2,6 +2,7 @@
 
     partition{stages=4,balance=flops,microbatches=8}
     partition{strategy=tensor,ways=2}      tensor parallelism instead: see passes/partition_tensor.py
+    partition{strategy=sequence,ways=4}    sequence (context) parallelism: see passes/partition_sequence.py
 
 The program's graph is cut at N-1 places along its topological order into N stage programs. Stage 0
 takes the program's inputs; stage k>0 takes the tensors crossing cut k-1 and returns those crossing
@@ -65,7 +66,8 @@ from optpipe.registry import PassResult, register_hook, register_pass
 aten = torch.ops.aten
 
 BALANCES = ("flops", "params", "memory", "measured")
-STRATEGIES = ("pipeline", "tensor")
+SEQUENCE_ORDERS = ("zigzag", "contiguous")  # strategy=sequence's balance (the default "flops": auto)
+STRATEGIES = ("pipeline", "tensor", "sequence")
 _DEVICE_RE = re.compile(r"^(cpu|meta|(cuda|xpu|mps)(:\d+)?)$")
 _LAYER_RE = re.compile(r"(?:^|\.)(?:h|layers?|blocks?)\.(\d+)(?:\.|$)")
 DEFAULT_PENALTY = {"flops": 100.0, "measured": 1e-9, "params": 0.0, "memory": 0.0}
@@ -76,20 +78,25 @@ MEASURE_RUNS = 3
 
 @dataclass(frozen=True)
 class PartitionConfig:
-    strategy: Literal["pipeline", "tensor"] = field(
+    strategy: Literal["pipeline", "tensor", "sequence"] = field(
         default="pipeline",
         metadata={
-            "help": "pipeline (cut into stages run one after the other) or tensor (shard every attention and "
-            "MLP block over `ways` ranks; see passes/partition_tensor.py)"
+            "help": "pipeline (cut into stages run one after the other), tensor (shard every attention and "
+            "MLP block over `ways` ranks; see passes/partition_tensor.py) or sequence (split the sequence "
+            "over `ways` ranks; see passes/partition_sequence.py)"
         },
     )
     stages: int = field(default=2, metadata={"help": "number of pipeline stages (one process each)"})
-    ways: int = field(default=2, metadata={"help": "strategy=tensor: number of ranks each block is sharded over"})
-    balance: Literal["flops", "params", "memory", "measured"] = field(
+    ways: int = field(
+        default=2,
+        metadata={"help": "strategy=tensor: ranks each block is sharded over; strategy=sequence: sequence shards"},
+    )
+    balance: Literal["flops", "params", "memory", "measured", "zigzag", "contiguous"] = field(
         default="flops",
         metadata={
             "help": "what the stages balance: flops (static), params (parameter bytes), memory (parameter "
-            "plus activation bytes), measured (node times on the example inputs)"
+            "plus activation bytes), measured (node times on the example inputs); strategy=sequence: the "
+            "shard order, zigzag or contiguous (default: zigzag when every attention site is dense causal)"
         },
     )
     devices: tuple[str, ...] = field(
@@ -111,7 +118,8 @@ class PartitionConfig:
         default=True,
         metadata={
             "help": "run the stages one after the other on the example inputs and require the program's "
-            "outputs exactly (strategy=tensor: the rank programs in lock step, outputs fp32-close)"
+            "outputs exactly (strategy=tensor: the rank programs in lock step, outputs fp32-close; "
+            "strategy=sequence: the rank programs as threads on the example's shards, outputs fp32-close)"
         },
     )
 
@@ -120,19 +128,23 @@ class PartitionConfig:
             raise ValueError(f"partition: unknown strategy {self.strategy!r} (one of {', '.join(STRATEGIES)})")
         if isinstance(self.ways, bool) or not isinstance(self.ways, int) or self.ways < 1:
             raise ValueError(f"partition: ways must be a positive integer, got {self.ways!r}")
-        if self.strategy == "tensor" and self.stages != 2:
-            raise ValueError("partition: stages is for strategy=pipeline; strategy=tensor takes ways=N")
+        if self.strategy in ("tensor", "sequence") and self.stages != 2:
+            raise ValueError(f"partition: stages is for strategy=pipeline; strategy={self.strategy} takes ways=N")
         if isinstance(self.stages, bool) or not isinstance(self.stages, int) or self.stages < 1:
             raise ValueError(f"partition: stages must be a positive integer, got {self.stages!r}")
-        if self.balance not in BALANCES:
-            raise ValueError(f"partition: unknown balance {self.balance!r} (one of {', '.join(BALANCES)})")
+        allowed = SEQUENCE_ORDERS + ("flops",) if self.strategy == "sequence" else BALANCES
+        if self.balance not in allowed:
+            raise ValueError(
+                f"partition: balance {self.balance!r} is not for strategy={self.strategy} "
+                f"(one of {', '.join(SEQUENCE_ORDERS if self.strategy == 'sequence' else BALANCES)})"
+            )
         if isinstance(self.microbatches, bool) or not isinstance(self.microbatches, int) or self.microbatches < 1:
             raise ValueError(f"partition: microbatches must be a positive integer, got {self.microbatches!r}")
         if self.cut_penalty is not None and not self.cut_penalty >= 0:
             raise ValueError(f"partition: cut-penalty must be >= 0, got {self.cut_penalty!r}")
         devices = (self.devices,) if isinstance(self.devices, str) else tuple(self.devices)
         object.__setattr__(self, "devices", devices)
-        ranks, what = (self.ways, "ways") if self.strategy == "tensor" else (self.stages, "stages")
+        ranks, what = (self.stages, "stages") if self.strategy == "pipeline" else (self.ways, "ways")
         if devices and len(devices) != ranks:
             raise ValueError(f"partition: {len(devices)} devices for {ranks} {what}; give one per rank")
         for d in devices:
@@ -568,12 +580,17 @@ def bubble(stages: int, microbatches: int) -> float:
 )
 def partition(program: Program, config: PartitionConfig) -> PassResult:
     """Split the program into pipeline stages of balanced FLOPs/params/memory/measured time, cutting
-    between transformer blocks (or, strategy=tensor, shard the blocks over `ways` ranks); the plan
-    goes into program.meta["partition"]."""
+    between transformer blocks (or, strategy=tensor, shard the blocks over `ways` ranks; strategy=sequence,
+    split the sequence over `ways` ranks); the plan goes into program.meta["partition"]."""
     if config.strategy == "tensor":
         from .partition_tensor import plan_tensor
 
         return plan_tensor(program, config.ways, config.devices, config.check and not _on_meta(program))
+    if config.strategy == "sequence":
+        from .partition_sequence import plan_sequence
+
+        order = config.balance if config.balance in SEQUENCE_ORDERS else None
+        return plan_sequence(program, config.ways, config.devices, config.check and not _on_meta(program), order)
     view = graph_view(program.gm)
     if config.stages - 1 > view.places:
         raise PassError(
@@ -708,10 +725,11 @@ def stage_plans_for(program: Program) -> tuple[GraphView, list[StagePlan]]:
     info = program.meta.get("partition")
     if not info:
         raise PassError("the program is not partitioned", "add partition{stages=N} to the pipeline")
-    if info.get("strategy") == "tensor":
+    if info.get("strategy") in ("tensor", "sequence"):
+        runner = "parallel.tensor" if info["strategy"] == "tensor" else "sequence_parallel.sequence"
         raise PassError(
-            "the program is planned for tensor parallelism, not pipeline stages",
-            "run it with optpipe.runtime.parallel.tensor_run / tensor_train",
+            f"the program is planned for {info['strategy']} parallelism, not pipeline stages",
+            f"run it with optpipe.runtime.{runner}_run / {runner}_train",
         )
     view = graph_view(program.gm)
     starts: dict[str, list[int]] = {}
@@ -777,7 +795,7 @@ def save_stages(program: Program, out: str | os.PathLike) -> list[str]:
     from optpipe.program import export_module
 
     plan = program.meta.get("partition")
-    if not plan or plan.get("strategy") == "tensor":
+    if not plan or plan.get("strategy") in ("tensor", "sequence"):
         return []
     folder = os.path.join(os.fspath(out), "stages")
     os.makedirs(folder, exist_ok=True)

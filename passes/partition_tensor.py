@@ -45,6 +45,7 @@ from optpipe.errors import PassError
 from optpipe.passes.partition_tensor_ops import tp_copy, tp_reduce
 from optpipe.program import Program
 from optpipe.registry import PassResult
+from optpipe.verify import outputs_close
 from optpipe.weight_sites import linear_shape, weight_tensor
 
 from . import prune as _prune
@@ -326,13 +327,7 @@ def check_ranks(program: Program) -> None:
     modules = [rank_module(program, r) for r in range(ways)]
     expected = program.run()
     for rank, actual in enumerate(run_lockstep(modules, tuple(program.example_inputs))):
-        flat_e = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
-        flat_a = [t for t in torch.utils._pytree.tree_leaves(actual) if isinstance(t, torch.Tensor)]
-        ok = len(flat_e) == len(flat_a) and all(
-            e.shape == a.shape and torch.allclose(a.double(), e.double(), rtol=1e-4, atol=1e-5)
-            for e, a in zip(flat_e, flat_a)
-        )
-        if not ok:
+        if not outputs_close(expected, actual):
             raise PassError(
                 f"partition: tensor-parallel rank {rank} does not reproduce the program's outputs",
                 "this is a bug in the partition pass; --dump-ir DIR shows the program",

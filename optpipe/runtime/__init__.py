@@ -1,5 +1,6 @@
 """What runs a program: training (`training`, its options in `train_config`), data reading,
-tokenizers and masking (`data`), generation (`generation`), model-parallel runs (`parallel`), and
+tokenizers and masking (`data`), generation (`generation`), model-parallel runs (`parallel`: pipeline
+and tensor; `sequence_parallel`: one sequence split over ranks), and
 the one torchrun launcher every multi-process run shares (`launch`, the parent; `rank`, the entry
 point of each rank).
 

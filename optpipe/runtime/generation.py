@@ -13,6 +13,11 @@ needs only the step callable, so the same loop drives the torch program, ONNX Ru
     result = generate(program, prompts, 32, sampling=Sampling(temperature=0.8, top_p=0.9, seed=0))
     result = generate(program, prompts, 32, draft=small_program, draft_tokens=4)   # speculative
 
+An encoder-decoder (T5, BART) generates from the prompts as the encoder's input: without a cache
+every token runs encoder and decoder over the whole prefix; its kv-cache form runs the encoder
+program once (`program.companions`) and one decoder step per token, the encoder's states passed
+to every step (`optpipe.kv_step`).
+
 Batches of prompts of different lengths are left-padded: pad slots are masked out of every key set
 (`key_mask`), and positions count from each prompt's own first token, so every row gets the tokens
 it would get alone.
@@ -27,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UsageError
-from ..kv_step import filled, prefill
+from ..kv_step import empty_caches, encoder_states, filled, prefill
 
 
 # -- sampling ---------------------------------------------------------------------------------------
@@ -156,19 +161,26 @@ def generate(
     draft_step: Callable | None = None,
     draft_tokens: int = 4,
     pad_id: int = 0,
+    encoder: Callable | None = None,
 ) -> GenerationResult:
     """Generate `max_new_tokens` per prompt (a list of token-id lists, or a [B, P] tensor).
 
     `program` is a step program (kv-cache) or a plain causal LM (then every token recomputes the
     whole prefix). `step` overrides how the step program is run (a target's compiled artifact).
     `draft` (a smaller step program) turns on speculative decoding: it proposes `draft_tokens`
-    tokens, the target checks them in one call; greedy output is identical to the target's alone."""
+    tokens, the target checks them in one call; greedy output is identical to the target's alone.
+    A cached encoder-decoder runs its encoder program once per call (`encoder` overrides how)."""
     rows = _prompt_rows(prompts)
     if max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be >= 0, got {max_new_tokens}", "e.g. --max-new-tokens 32")
     stops = {int(t) for t in stop_tokens}
     kv = program.meta.get("kv_cache")
     if draft is not None:
+        if (kv or {}).get("encoder") or (draft.meta.get("kv_cache") or {}).get("encoder"):
+            raise UsageError(
+                "speculative decoding takes decoder-only step programs, not an encoder-decoder",
+                "generate without --draft",
+            )
         if kv is None or not draft.meta.get("kv_cache"):
             raise UsageError(
                 "speculative decoding needs step programs (kv-cache) for the target and the draft",
@@ -186,6 +198,9 @@ def generate(
             draft_step or step_function(draft),
             draft_tokens,
         )
+    if kv is not None and kv.get("encoder"):
+        run = step or step_function(program)
+        return _generate_encoder_decoder_cached(program, kv, rows, max_new_tokens, sampling, stops, run, encoder)
     if kv is None and "decoder_input_ids" in program.input_names:
         return _generate_encoder_decoder(program, rows, max_new_tokens, sampling, stops, step)
     if kv is None:
@@ -287,10 +302,9 @@ def _generate_recompute(program, rows, max_new_tokens, sampling, stops, step) ->
     return GenerationResult([p + n for p, n in zip(rows, new)], new, time.perf_counter() - start)
 
 
-def _generate_encoder_decoder(program, rows, max_new_tokens, sampling, stops, step) -> GenerationResult:
-    """An encoder-decoder program (T5, BART) without a cache: the prompts are the encoder's input
-    (right-padded, masked), the decoder starts from the model's decoder start id and every new token
-    runs encoder and decoder again. `new_ids` are the decoder's tokens; the model's EOS stops a row."""
+def _decoder_start(program, rows, stops) -> tuple[int, set, torch.Tensor, torch.Tensor]:
+    """An encoder-decoder's decoder start id, stop tokens (with the model's EOS) and encoder inputs:
+    the prompts right-padded, and their attention mask."""
     config = program.meta.get("config") or {}
     start_id = config.get("decoder_start_token_id")
     if start_id is None:
@@ -306,6 +320,14 @@ def _generate_encoder_decoder(program, rows, max_new_tokens, sampling, stops, st
     mask = torch.zeros((len(rows), longest), dtype=torch.int64)
     for i, r in enumerate(rows):
         source[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    return int(start_id), stops, source, mask
+
+
+def _generate_encoder_decoder(program, rows, max_new_tokens, sampling, stops, step) -> GenerationResult:
+    """An encoder-decoder program (T5, BART) without a cache: the prompts are the encoder's input
+    (right-padded, masked), the decoder starts from the model's decoder start id and every new token
+    runs encoder and decoder again. `new_ids` are the decoder's tokens; the model's EOS stops a row."""
+    start_id, stops, source, mask = _decoder_start(program, rows, stops)
     given = {"input_ids": source, "attention_mask": mask}
     names = list(program.input_names)
     run = step or program.gm
@@ -323,6 +345,37 @@ def _generate_encoder_decoder(program, rows, max_new_tokens, sampling, stops, st
                 break
             decoded = torch.cat([decoded, token[:, None]], dim=1)
     return GenerationResult([list(r) for r in rows], state.new, time.perf_counter() - start)
+
+
+def _generate_encoder_decoder_cached(program, kv, rows, max_new_tokens, sampling, stops, step, encoder):
+    """A cached encoder-decoder (kv-cache on T5, BART): the encoder runs once on the prompts (its
+    states are the step's trailing inputs), then one decoder step per token from the decoder start
+    id, each token written to the next cache slot. `encoder` overrides how the encoder program runs."""
+    start_id, stops, source, mask = _decoder_start(program, rows, stops)
+    _check_room(kv, 1, max_new_tokens)
+    state = _Rows([[] for _ in rows], stops)
+    if not max_new_tokens:
+        return GenerationResult([list(r) for r in rows], state.new, 0.0)
+    b, g = len(rows), sampling.generator()
+    start = time.perf_counter()
+    states = encoder_states(program, source, mask, run=encoder)
+    encoder_s = time.perf_counter() - start
+    caches = empty_caches(kv, b)
+    key_mask = torch.zeros(b, kv["max_len"], dtype=torch.bool)
+    token = torch.full((b, 1), start_id, dtype=torch.int64)
+    steps = 0
+    while True:
+        key_mask[:, steps] = True
+        slot = torch.tensor([steps])
+        logits, *caches = step(token, slot.expand(b, 1), slot, filled(key_mask, steps + 1), *caches, *states)
+        steps += 1
+        choice = sampling.choose(logits[:, -1], g)
+        state.add(choice)
+        if state.finished(max_new_tokens):
+            break
+        token = choice[:, None]
+    seconds = time.perf_counter() - start
+    return GenerationResult([list(r) for r in rows], state.new, seconds, prefill_seconds=encoder_s, steps=steps)
 
 
 def _speculative(target, draft, rows, max_new_tokens, stops, step, draft_step, k) -> GenerationResult:

@@ -3,7 +3,8 @@
 
 - "data": this rank's share of data-parallel training (`optpipe.runtime.training.run_data_rank`);
 - "pipeline": this rank's stages of a pipelined run (`optpipe.runtime.parallel.run_pipeline_rank`);
-- "tensor": this rank's shard of a tensor-parallel run (`optpipe.runtime.parallel.run_tensor_rank`).
+- "tensor": this rank's shard of a tensor-parallel run (`optpipe.runtime.parallel.run_tensor_rank`);
+- "sequence": this rank's sequence shard (`optpipe.runtime.sequence_parallel.run_sequence_rank`).
 
 Whatever fails on a rank is left for the parent's one-line message (`launch.record_rank_failure`).
 """
@@ -16,9 +17,15 @@ import sys
 
 from .launch import record_rank_failure
 from .parallel import run_pipeline_rank, run_tensor_rank
+from .sequence_parallel import run_sequence_rank
 from .training import run_data_rank
 
-RANK_MAINS = {"data": run_data_rank, "pipeline": run_pipeline_rank, "tensor": run_tensor_rank}
+RANK_MAINS = {
+    "data": run_data_rank,
+    "pipeline": run_pipeline_rank,
+    "tensor": run_tensor_rank,
+    "sequence": run_sequence_rank,
+}
 """Spec kind -> `main(spec, folder, rank) -> exit code`."""
 
 

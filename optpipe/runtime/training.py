@@ -21,7 +21,8 @@ bit-exactly after the process was killed, Ctrl-C saving a checkpoint first. Data
 one process per rank under torch.distributed (`nproc`; torchrun ranks started by
 `optpipe.runtime.launch`): each rank takes its slice of the global batch and the loss is normalised
 by the global token count, so N ranks follow the 1-rank curve. Pipeline (`stages`) and tensor
-(`tensor_parallel`) parallelism train through `optpipe.runtime.parallel`.
+(`tensor_parallel`) parallelism train through `optpipe.runtime.parallel`, sequence parallelism
+(`sequence_parallel`) through `optpipe.runtime.sequence_parallel`.
 
 What a run does is a `TrainConfig` (`optpipe.runtime.train_config`; the `optpipe train` options).
 
@@ -63,6 +64,7 @@ from .launch import run_ranks
 from .nsp_data import NspData
 from .parallel import pipeline_train, tensor_train
 from .seq2seq_data import Seq2SeqData, options_for
+from .sequence_parallel import sequence_planned_for, sequence_train
 from .train_config import TARGETS, TrainConfig
 
 BACKEND_TRAINED = ("onnxruntime", "tvm")
@@ -275,6 +277,7 @@ def train(
     microbatches: int = 4,
     schedule: str = "1f1b",
     tensor_parallel: int | None = None,
+    sequence_parallel: int | None = None,
     progress: bool | None = None,
     stop_after: int | None = None,
     **options,
@@ -285,8 +288,14 @@ def train(
     CPU, NCCL on CUDA; `optpipe.runtime.launch`). `stages=N` trains pipeline-parallel over N ranks
     (`optpipe.runtime.parallel`, `microbatches` per step, `schedule` 1f1b or gpipe).
     `tensor_parallel=N` shards every block over N ranks (DTensor), times `nproc` data-parallel
-    replicas. `stop_after` ends the run after that many steps as if interrupted (tests)."""
+    replicas. `sequence_parallel=N` splits every sequence over N ranks (`optpipe.runtime.sequence_parallel`),
+    times `nproc` data-parallel replicas. `stop_after` ends the run after that many steps as if interrupted (tests)."""
     config = TrainConfig(**options)
+    if sequence_parallel:
+        combined = (("--stages", stages), ("--tensor-parallel", tensor_parallel))
+        return _train_sequence_parallel(
+            model, data, out, config, ways=sequence_parallel, force=force, resume=resume, nproc=nproc, combined=combined
+        )
     if stages and tensor_parallel:
         raise UsageError(
             "train: --stages and --tensor-parallel together are not supported yet",
@@ -984,12 +993,7 @@ def _train_pipelined(
             stages=stages,
             microbatches=microbatches,
             schedule=schedule,
-            lr=config.lr,
-            optimizer="adamw",
-            objective=config.objective,
-            betas=config.betas,
-            eps=config.eps,
-            weight_decay=config.weight_decay,
+            **_adamw(config),
         )
         return res, {"stages": stages, "microbatches": microbatches, "schedule": schedule}
 
@@ -1006,17 +1010,32 @@ def _train_pipelined(
     )
 
 
+def _check_replicas(flag: str, config: TrainConfig, nproc: int) -> None:
+    if config.batch_size % nproc:
+        raise UsageError(
+            f"train {flag}: batch size {config.batch_size} does not split over {nproc} data-parallel replicas",
+            "make --batch-size a multiple of --nproc",
+        )
+
+
+def _adamw(config: TrainConfig) -> dict:
+    """The model-parallel runs' optimizer options: AdamW at constant lr."""
+    return {
+        "lr": config.lr,
+        "optimizer": "adamw",
+        "objective": config.objective,
+        "betas": config.betas,
+        "eps": config.eps,
+        "weight_decay": config.weight_decay,
+    }
+
+
 def _train_tensor_parallel(
     model, data, out: str, config: TrainConfig, *, ways: int, force: bool, resume: bool, nproc: int
 ) -> TrainResult:
     """Tensor-parallel training: every block sharded over `ways` ranks (DTensor), times `nproc`
     data-parallel replicas."""
-    if config.batch_size % nproc:
-        raise UsageError(
-            f"train --tensor-parallel: batch size {config.batch_size} does not split over {nproc} "
-            "data-parallel replicas",
-            "make --batch-size a multiple of --nproc",
-        )
+    _check_replicas("--tensor-parallel", config, nproc)
 
     def run(program, batches):
         res = tensor_train(
@@ -1024,18 +1043,49 @@ def _train_tensor_parallel(
             batches,
             ways=ways,
             data_parallel=nproc,
-            lr=config.lr,
-            optimizer="adamw",
-            objective=config.objective,
-            betas=config.betas,
-            eps=config.eps,
-            weight_decay=config.weight_decay,
+            **_adamw(config),
         )
         return res, {"tensor_parallel": ways, "data_parallel": nproc}
 
     where = f"{ways}-way tensor parallel" + (f" x {nproc} data-parallel replicas" if nproc > 1 else "")
     return _train_parallel(
         "--tensor-parallel", run, where, model, data, out, config, force=force, refused=(("--resume", resume),)
+    )
+
+
+def _train_sequence_parallel(
+    model, data, out: str, config: TrainConfig, *, ways: int, force: bool, resume: bool, nproc: int, combined
+) -> TrainResult:
+    """Sequence-parallel training: every sequence split over `ways` ranks (ring / halo / prefix-scan
+    exchanges; `partition{strategy=sequence}` planned here unless the program carries that plan),
+    times `nproc` data-parallel replicas."""
+    for flag, on in combined:
+        if on:
+            raise UsageError(
+                f"train: --sequence-parallel and {flag} together are not supported yet",
+                "choose one; --nproc adds data parallelism to --sequence-parallel",
+            )
+    if config.seq_len and config.seq_len % ways:
+        raise UsageError(
+            f"train --sequence-parallel: --seq-len {config.seq_len} does not divide into {ways} shards",
+            f"use a --seq-len that is a multiple of {ways}",
+        )
+    _check_replicas("--sequence-parallel", config, nproc)
+
+    def run(program, batches):
+        planned = sequence_planned_for(program, ways, batches[0]["input_ids"])
+        res = sequence_train(
+            planned,
+            batches,
+            ways=ways,
+            data_parallel=nproc,
+            **_adamw(config),
+        )
+        return res, {"sequence_parallel": ways, "data_parallel": nproc, "partition": planned.meta["partition"]}
+
+    where = f"{ways}-way sequence parallel" + (f" x {nproc} data-parallel replicas" if nproc > 1 else "")
+    return _train_parallel(
+        "--sequence-parallel", run, where, model, data, out, config, force=force, refused=(("--resume", resume),)
     )
 
 

@@ -128,32 +128,29 @@ def _optpipe(*args):
 
 @pytest.fixture(scope="module")
 def gpt_out(tmp_path_factory):
-    """OUT of `optpipe optimize examples/tiny_gpt.py:build --target tvm`, and its report."""
+    """OUT of examples/tvm_target.py (`optimize examples/tiny_gpt.py:build --target tvm --pipeline
+    fuse-attention,dce`, saved and run back), its report and what the script printed: one build of the
+    tiny GPT serves the example's test and the OUT's."""
     out = tmp_path_factory.mktemp("tvm") / "OUT"
-    report = json.loads(
-        _optpipe(
-            "optimize",
-            "examples/tiny_gpt.py:build",
-            "--target",
-            "tvm",
-            "--pipeline",
-            "fuse-attention,dce",
-            "-o",
-            str(out),
-            "--json",
-        )
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "tvm_target.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=out.parent,
+        timeout=600,
     )
-    return out, report
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads((out / "report.json").read_text()), proc.stdout
 
 
 @pytest.fixture(scope="module")
 def gpt_loaded(gpt_out):
-    out, _ = gpt_out
+    out, *_ = gpt_out
     return get_target("tvm").load(str(out), load_program(out / "program.pt2"))
 
 
 def test_tiny_gpt_parity(gpt_out, gpt_loaded):
-    out, report = gpt_out
+    out, report, _ = gpt_out
     _assert_parity(report)
     info = report["target_info"]
     assert info["importer"] == "torch" and info["mode"] == "untuned" and info["target"]["kind"] == "llvm"
@@ -168,7 +165,7 @@ def test_tiny_gpt_parity(gpt_out, gpt_loaded):
 
 
 def test_optpipe_run_in_a_fresh_process(gpt_out):
-    out, _ = gpt_out
+    out, *_ = gpt_out
     ids = [[5, 17, 3, 250, 42]]  # a length the model was not captured at
     result = json.loads(_optpipe("run", str(out), "--input", f"input_ids={json.dumps(ids)}", "--json"))
     with torch.no_grad():
@@ -312,18 +309,10 @@ def test_hf_model_parity(name):
 # -- the example ------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_example_script(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "tvm_target.py"), "--out", str(tmp_path / "OUT")],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compiled for llvm" in proc.stdout and "reloaded" in proc.stdout
-    assert (tmp_path / "OUT" / "tvm" / "model.so").is_file()
+def test_example_script(gpt_out):
+    out, _, printed = gpt_out
+    assert "compiled for llvm" in printed and "reloaded" in printed
+    assert (out / "tvm" / "model.so").is_file()
 
 
 # -- optpipe ops ---------------------------------------------------------------------------------
