@@ -13,8 +13,13 @@ How the artifacts are made from a Program (all in `OrtTrainer.__init__`, after `
    `torch.onnx.export(dynamo=True)` (which applies its own decompositions) WITHOUT the onnxscript
    optimizer (it folds transposed weights into new, unnamed initializers, and ORT would then train
    copies) and without the contrib-op fusions.
-3. `_make_differentiable`: CastLike -> Cast (ORT 1.19 has no CastLike gradient) and
-   LayerNormalization with its Mean/InvStdDev outputs present (its gradient reads them).
+3. `_make_differentiable`: CastLike -> Cast (ORT 1.19 has no CastLike gradient),
+   LayerNormalization with its Mean/InvStdDev outputs present (its gradient reads them), and a
+   `Where` whose computed value input is broadcast (T5's relative-position bias, [1, heads, q, k],
+   masked at [batch, 1, q, k]) reading that input expanded to the output's shape first: ORT's Where
+   gradient is `Where(cond, dY, 0)` at the output's shape, never summed back over the broadcast
+   axes, so the gradient of what fed the bias arrived un-reduced (the Squeeze that is Unsqueeze's
+   gradient then failed on [batch, heads, q, k]). Expand's gradient does the sum.
 4. `onnxruntime.training.artifacts.generate_artifacts(loss=None)` (the graph already ends in the
    loss) with AdamW, then the optimizer graph's `AdamWOptimizer` is switched to `adam_mode=0`:
    ORT's kernel in that mode is torch.optim.AdamW's update (decoupled decay `p -= lr*wd*p` first,
@@ -119,6 +124,8 @@ class _LossModule(torch.nn.Module):
     def forward(self, *args):
         *inputs, labels, loss_scale = args
         logits = getattr(self, _MODEL_ATTR)(*inputs)
+        if isinstance(logits, (tuple, list)):  # the LM head's logits come first (BertForPreTraining: + NSP's)
+            logits = logits[0]
         return training_loss(logits, labels, self.objective) * loss_scale
 
 
@@ -380,7 +387,54 @@ def _make_differentiable(model) -> dict[str, int]:
         nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    counts["where_broadcast"] = _expand_where_inputs(model, inferred)
     return counts
+
+
+_FLOAT_TYPES = (1, 10, 11, 16)  # onnx.TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16: what has a gradient
+
+
+def _expand_where_inputs(model, inferred) -> int:
+    """Give every `Where` its computed value inputs (not constants) at the output's shape, in place:
+    x -> Expand(Expand(x, Shape(cond)), Shape(other)), the output's shape by bidirectional broadcast,
+    wherever shape inference does not show x at that shape already (see the module notes: ORT's Where
+    gradient does not reduce a broadcast input). Returns how many inputs were expanded."""
+    import onnx
+
+    shapes, floats = {}, set()
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if v.type.tensor_type.elem_type in _FLOAT_TYPES:
+            floats.add(v.name)
+        if v.type.tensor_type.HasField("shape"):
+            shapes[v.name] = [d.dim_value or d.dim_param or None for d in v.type.tensor_type.shape.dim]
+    prefix = _MODEL_ATTR + "."  # a parameter's initializer (may be trained); the exporter's own are constants
+    fixed = {t.name for t in model.graph.initializer if not t.name.startswith(prefix)} | {
+        o for n in model.graph.node if n.op_type == "Constant" for o in n.output
+    }
+    nodes, expanded = [], 0
+    for node in model.graph.node:
+        if node.op_type == "Where" and node.domain in ("", "ai.onnx") and node.output[0] in floats:
+            out = shapes.get(node.output[0])
+            for k in (1, 2):
+                x = node.input[k]
+                if x in fixed or (out is not None and None not in out and shapes.get(x) == out):
+                    continue
+                tag = f"{node.name or node.output[0]}_in{k}"
+                cond, other = node.input[0], node.input[3 - k]
+                nodes += [
+                    onnx.helper.make_node("Shape", [cond], [f"{tag}_cond_shape"], name=f"{tag}_cond_shape"),
+                    onnx.helper.make_node("Shape", [other], [f"{tag}_other_shape"], name=f"{tag}_other_shape"),
+                    onnx.helper.make_node("Expand", [x, f"{tag}_cond_shape"], [f"{tag}_half"], name=f"{tag}_half"),
+                    onnx.helper.make_node(
+                        "Expand", [f"{tag}_half", f"{tag}_other_shape"], [f"{tag}_full"], name=f"{tag}_full"
+                    ),
+                ]
+                node.input[k] = f"{tag}_full"
+                expanded += 1
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return expanded
 
 
 def _blocking_ops(model, params: list[str], extra: tuple = ()) -> str:

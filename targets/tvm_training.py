@@ -17,9 +17,16 @@ training micro-batch and the validation batch: two builds of a few seconds each)
 
 Before any work, `check_trainable` imports the program and runs the Gradient pass; an op Relax
 cannot differentiate is named (with the torch op it came from when the name tells) as a
-TargetError. `relax.nn.gelu` and `relax.squeeze` have no gradient in TVM 0.27: this module
-registers them (exact erf GELU; squeeze's is a reshape back). Relax's `layer_norm` is decomposed
-(`DecomposeOpsForTraining`) into ops that have one.
+TargetError. `relax.nn.gelu`, `relax.squeeze` and `relax.rsqrt` (T5's RMS norm) have no gradient
+in TVM 0.27: this module registers them (exact erf GELU; squeeze's is a reshape back; rsqrt's is
+-y^3/2). It also replaces TVM's `relax.where` rule, which returns `where(c, dy, 0)` at the output's
+shape even for a broadcast input: T5 masks its relative-position bias [1, heads, q, k] at
+[batch, 1, q, k], and the un-reduced gradient then failed the inverse `permute_dims` of the bias's
+embedding lookup; here it is summed back to the input's shape (`collapse_sum_to`). Relax's
+`layer_norm` is decomposed (`DecomposeOpsForTraining`) into ops that have one.
+
+Objectives: clm, mlm and seq2seq (an encoder-decoder program: the labels follow the decoder's
+inputs, unshifted, as `optpipe.losses` has it).
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ def loss_targets(labels: torch.Tensor, objective: str, scale: float = 1.0) -> tu
     and its weight (scale / number of counted tokens; 0 where ignored)."""
     if objective == "clm":
         labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
-    elif objective != "mlm":
+    elif objective not in ("mlm", "seq2seq"):  # seq2seq's labels come unshifted (optpipe.losses)
         raise UsageError(f"unknown objective {objective!r}", f"one of {', '.join(OBJECTIVES)}")
     valid = labels != IGNORE_INDEX
     count = int(valid.sum())
@@ -82,6 +89,7 @@ def _register_gradients() -> None:
     from tvm import relax
     from tvm.relax import op as R
     from tvm.relax.op.base import register_gradient
+    from tvm.relax.op.grad import no_grad
 
     @register_gradient("relax.nn.gelu")
     def _gelu_grad(orig_var, orig_call, output_grad, ctx):
@@ -96,7 +104,39 @@ def _register_gradients() -> None:
     def _squeeze_grad(orig_var, orig_call, output_grad, ctx):
         return [R.reshape(output_grad, orig_call.args[0].ty.shape)]
 
+    @register_gradient("relax.rsqrt")
+    def _rsqrt_grad(orig_var, orig_call, output_grad, ctx):
+        # y = x^(-1/2): dy/dx = -1/2 x^(-3/2) = -1/2 y^3 (T5's RMS norm)
+        half = relax.const(-0.5, orig_call.args[0].ty.dtype)
+        return [output_grad * half * orig_var * orig_var * orig_var]
+
+    @register_gradient("relax.where", level=11)  # TVM's own rule (level 10) does not reduce broadcasts
+    def _where_grad(orig_var, orig_call, output_grad, ctx):
+        # where(c, x, y) broadcasts x and y (T5's position bias [1, heads, q, k] masked at [batch, 1, q, k]);
+        # their gradients are where(c, g, 0) and where(c, 0, g) summed back to their own shapes
+        cond, x, y = orig_call.args
+        dx = R.where(cond, output_grad, relax.const(0, x.ty.dtype))
+        dy = R.where(cond, relax.const(0, y.ty.dtype), output_grad)
+        return [no_grad(cond), _sum_to(dx, x, orig_var), _sum_to(dy, y, orig_var)]
+
     _RULES_REGISTERED = True
+
+
+def _sum_to(grad, like, out):
+    """`grad` (at `out`'s shape) summed over the axes `like` was broadcast along; as it is when the
+    shapes are provably the same."""
+    from tvm.relax import op as R
+    from tvm.sym import Analyzer
+
+    shape, full = like.ty.shape, out.ty.shape
+    if getattr(shape, "values", None) is None or getattr(full, "values", None) is None:
+        return grad  # an unknown rank: TVM's own rule
+    analyzer = Analyzer()
+    if len(shape.values) == len(full.values) and all(
+        analyzer.can_prove_equal(a, b) for a, b in zip(shape.values, full.values)
+    ):
+        return grad
+    return R.collapse_sum_to(grad, shape)
 
 
 def _scalar_main(mod):
