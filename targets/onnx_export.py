@@ -85,15 +85,17 @@ def translates(node, registry) -> bool:
 def quiet_exporter():
     """The exporter logs through `logging` (e.g. 'torchvision is not installed') and warns through
     `warnings`; neither belongs on a user's terminal (nor on `--json`'s stdout)."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir", "onnxscript")]  # onnx_ir: its
+    levels = [logger.level for logger in loggers]  # "Attribute type is ambiguous" on an empty list attribute
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 _NODE_IN_ERROR = re.compile(r"translating node %(\w+) : .*?target=([\w.:]+)")

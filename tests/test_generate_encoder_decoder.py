@@ -43,14 +43,26 @@ def cached(captured):
 @pytest.mark.parametrize("name", ["t5", "bart"])
 def test_greedy_tokens_equal_transformers_generate(name, captured):
     model, program = captured[name]
-    _check_equals_transformers(model, generate(program, PROMPTS, 32))
+    _check_equals_transformers(model, generate(program, PROMPTS, 32, stop_tokens=[model.config.eos_token_id]))
 
 
 @pytest.mark.parametrize("name", ["t5", "bart"])
 def test_cached_greedy_tokens_equal_transformers_generate(name, captured, cached):
-    res = generate(cached[name], PROMPTS, 32)
-    _check_equals_transformers(captured[name][0], res)
+    model = captured[name][0]
+    res = generate(cached[name], PROMPTS, 32, stop_tokens=[model.config.eos_token_id])
+    _check_equals_transformers(model, res)
     assert res.steps == max(len(n) for n in res.new_ids)  # one decoder step per token
+
+
+def test_eos_stops_a_row_only_when_asked(cached):
+    """As for a decoder-only program: `generate` stops at the tokens it is given (`optpipe generate`
+    gives the model's eos unless --ignore-eos), never at the config's eos by itself."""
+    program = cached["bart"].copy()
+    first = generate(program, PROMPTS[:1], 6).new_ids[0][0]
+    program.meta["config"] = {**program.meta["config"], "eos_token_id": first}  # the model says "eos" first
+    assert generate(program, PROMPTS[:1], 6).new_ids[0] == generate(cached["bart"], PROMPTS[:1], 6).new_ids[0]
+    assert len(generate(program, PROMPTS[:1], 6).new_ids[0]) == 6
+    assert generate(program, PROMPTS[:1], 6, stop_tokens=[first]).new_ids == [[first]]
 
 
 def test_cached_refuses_speculative_decoding(cached):

@@ -3,9 +3,9 @@
 Parity with one process for the tiny GPT: loss every step, gradients of the last step and the
 weights after 3 AdamW steps within 1e-5, and the forward logits of `sequence_run`, for causal
 sliding-window attention (halo) at 2 ranks (make test), dense causal attention (ring, on zig-zag
-shards) and linear attention (prefix scan) at 2 ranks, sliding-window at 4 ranks, 2-way sequence
-x 2-way data parallel, and HF GPT-2 and Llama (GQA, RoPE) (make coverage: each starts torchrun,
-15-50 s here). A rank that dies stops the others with an error naming it;
+shards) and linear attention (prefix scan) at 2 and 4 ranks, 2-way sequence x 2-way data parallel,
+and HF GPT-2 and Llama (GQA, RoPE) with every form at 2 and 4 ranks (make coverage: each starts
+torchrun, 15-50 s here). A rank that dies stops the others with an error naming it;
 examples/sequence_parallel.py runs.
 `optpipe train OUT --sequence-parallel N`: a 2-step CLI run against one process (make coverage,
 ~20 s) and its one-line refusals (make test).
@@ -49,7 +49,9 @@ def program(form: str, model: str = "tiny"):
         from tests import hf_models
 
         module, inputs = getattr(hf_models, model)(attn="sdpa")
-    out, _ = optpipe.Pipeline.parse("fuse-attention" + SWAPS[form]).run(capture(module, inputs))
+    swap = SWAPS[form] if model == "tiny" else SWAPS[form].replace("window=8", "window=4")  # the HF examples'
+    # 16 tokens are planned in shards of 4 at 4 ranks: a window reaches one neighbour (refused beyond)
+    out, _ = optpipe.Pipeline.parse("fuse-attention" + swap).run(capture(module, inputs))
     return out
 
 
@@ -103,7 +105,7 @@ def test_sliding_window_training_matches_one_process():
 
 
 @pytest.mark.coverage
-@pytest.mark.parametrize("form,ways", [("dense", 2), ("linear", 2), ("window", 4), ("dense", 4)])
+@pytest.mark.parametrize("form,ways", [("dense", 2), ("linear", 2), ("window", 4), ("dense", 4), ("linear", 4)])
 def test_training_and_logits_match_one_process(form, ways):
     """Dense causal attention runs on zig-zag shards (the default), the others on contiguous ones."""
     order = "zigzag" if form == "dense" else "contiguous"
@@ -112,18 +114,29 @@ def test_training_and_logits_match_one_process(form, ways):
 
 
 @pytest.mark.coverage
-@pytest.mark.parametrize("form", ["linear", "dense"])
+@pytest.mark.parametrize("form", ["linear", "dense", "window"])
 def test_sequence_times_data_parallel_matches_one_process(form):
     check_parity(program(form), ways=2, dp=2)
 
 
 @pytest.mark.coverage
+@pytest.mark.parametrize("ways", [2, 4])
+@pytest.mark.parametrize("form", ["dense", "window", "linear"])
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_hf_gpt2_and_llama_match_one_process(name):
+def test_hf_gpt2_and_llama_match_one_process(name, form, ways):
+    """GPT-2 (learned positions) and Llama (GQA, RoPE) at global offsets, every form, 2 and 4 ranks."""
     from tests import hf_models
 
-    prog = program("dense", name)
-    assert check_parity(prog, ways=2, batch=1, vocab=hf_models.VOCAB)["order"] == "zigzag"
+    prog = program(form, name)
+    res = check_parity(prog, ways=ways, batch=1, vocab=hf_models.VOCAB)
+    assert res["order"] == ("zigzag" if form == "dense" else "contiguous")
+
+
+@pytest.mark.coverage
+def test_hf_llama_sequence_times_data_parallel_matches_one_process():
+    from tests import hf_models
+
+    check_parity(program("dense", "llama"), ways=2, dp=2, batch=1, vocab=hf_models.VOCAB)
 
 
 @pytest.mark.coverage

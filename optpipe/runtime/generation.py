@@ -303,8 +303,9 @@ def _generate_recompute(program, rows, max_new_tokens, sampling, stops, step) ->
 
 
 def _decoder_start(program, rows, stops) -> tuple[int, set, torch.Tensor, torch.Tensor]:
-    """An encoder-decoder's decoder start id, stop tokens (with the model's EOS) and encoder inputs:
-    the prompts right-padded, and their attention mask."""
+    """An encoder-decoder's decoder start id, stop tokens and encoder inputs: the prompts right-padded,
+    and their attention mask. (The model's EOS stops a row when the caller asks, as for a decoder-only
+    program: `optpipe generate` adds it unless --ignore-eos.)"""
     config = program.meta.get("config") or {}
     start_id = config.get("decoder_start_token_id")
     if start_id is None:
@@ -313,8 +314,6 @@ def _decoder_start(program, rows, stops) -> tuple[int, set, torch.Tensor, torch.
             "capture it from a transformers model (its config names the decoder's first token)",
         )
     pad = int(config.get("pad_token_id") or 0)
-    eos = config.get("eos_token_id")
-    stops = stops | ({int(eos)} if isinstance(eos, int) else set())
     longest = max(len(r) for r in rows)
     source = torch.full((len(rows), longest), pad, dtype=torch.int64)
     mask = torch.zeros((len(rows), longest), dtype=torch.int64)
@@ -326,7 +325,7 @@ def _decoder_start(program, rows, stops) -> tuple[int, set, torch.Tensor, torch.
 def _generate_encoder_decoder(program, rows, max_new_tokens, sampling, stops, step) -> GenerationResult:
     """An encoder-decoder program (T5, BART) without a cache: the prompts are the encoder's input
     (right-padded, masked), the decoder starts from the model's decoder start id and every new token
-    runs encoder and decoder again. `new_ids` are the decoder's tokens; the model's EOS stops a row."""
+    runs encoder and decoder again. `new_ids` are the decoder's tokens."""
     start_id, stops, source, mask = _decoder_start(program, rows, stops)
     given = {"input_ids": source, "attention_mask": mask}
     names = list(program.input_names)
