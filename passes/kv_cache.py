@@ -70,8 +70,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx
-from torch._guards import detect_fake_mode
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from optpipe.errors import PassError
 from optpipe.graph_toolkit import module_path, value
@@ -79,15 +77,16 @@ from optpipe.kv_step import STEP_INPUTS
 from optpipe.program import Program
 from optpipe.registry import PassResult, register_pass
 
-from .cleanup import eliminate_dead_code
 from .kv_cache_encoder_decoder import insert_encoder_decoder_cache
 from .kv_cache_step import (
     ShapeValues,
-    StepBuilder,
     attention_site,
     is_attention_site,
+    kind_counts,
     model_max_len,
     position_candidates,
+    propagate_step_meta,
+    rewrite_step,
 )
 
 aten = torch.ops.aten
@@ -138,14 +137,7 @@ def kv_cache(program: Program, config: KVCacheConfig) -> PassResult:
     sites = [attention_site(n, shapes, max_len) for n in attention]
     position_nodes = position_candidates(shapes)
 
-    builder = StepBuilder(gm, tokens, max_len)
-    layers = [builder.cache_site(i, s) for i, s in enumerate(sites)]
-    builder.finish()
-    eliminate_dead_code(gm)  # the masks the cache replaced, and the positions only they read
-    positions = builder.replace_positions(position_nodes)
-    eliminate_dead_code(gm)  # no step should still compute arange(T)
-    gm.graph.lint()
-    gm.recompile()
+    layers, positions = rewrite_step(gm, tokens, max_len, sites, position_nodes)
 
     batch = program.example_inputs[0].shape[0]
     program.meta["kv_cache"] = {
@@ -159,11 +151,14 @@ def kv_cache(program: Program, config: KVCacheConfig) -> PassResult:
     program.dynamic_shapes = [{0: "batch", 1: "seq"}, {0: "batch", 1: "seq"}, {0: "seq"}, {0: "batch", 1: "kv_len"}] + [
         {0: "batch"}
     ] * (len(program.input_names) - len(STEP_INPUTS))
-    _propagate_meta(gm, program)
-    kinds = [s.kind for s in sites]
-    stats = {"sites": len(sites), "cached": len(sites), "positions": positions}
-    for kind in sorted(set(kinds)):
-        stats[kind] = kinds.count(kind)
+    propagate_step_meta(
+        gm,
+        program,
+        what="the step program",
+        hint="positions are probably computed in a way the pass does not recognise; "
+        "rerun with --dump-ir DIR to see the graph",
+    )
+    stats = {"sites": len(sites), "cached": len(sites), "positions": positions, **kind_counts(sites)}
     notes = [s.note for s in sites if s.note]
     return PassResult(True, stats, {"max_len": max_len, "layers": layers, "notes": notes})
 
@@ -229,39 +224,3 @@ def _example_step_inputs(program: Program, batch: int, length: int) -> tuple:
     caches = empty_caches(program.meta["kv_cache"], batch, device=ids.device)
     ids, position_ids, cache_position, key_mask = prefill_inputs(ids, max_len)
     return (ids, position_ids, cache_position, filled(key_mask, ids.shape[1])) + tuple(caches)
-
-
-def _propagate_meta(gm: torch.fx.GraphModule, program: Program) -> None:
-    """Fake-tensor metadata (with the symbolic batch, sequence and filled length) for the new and
-    changed nodes."""
-    from torch._dynamo.source import ConstantSource
-    from torch.fx.experimental.symbolic_shapes import DimDynamic
-
-    tokens = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    mode = detect_fake_mode([tokens.meta["val"]])
-    batch, seq = tokens.meta["val"].shape
-    kv_len = hint = program.example_inputs[3].shape[1]
-    if mode.shape_env is not None:  # L: its own symbol (hinted below max_len, where slicing would fix it)
-        env = mode.shape_env
-        kv_len = env.create_symintnode(
-            env.create_symbol(hint, ConstantSource("kv_len"), dynamic_dim=DimDynamic.DYNAMIC), hint=hint
-        )
-    fakes = [tokens.meta["val"]]
-    with mode:
-        fakes.append(torch.empty(batch, seq, dtype=torch.int64))
-        fakes.append(torch.empty(seq, dtype=torch.int64))
-        fakes.append(torch.empty(batch, kv_len, dtype=torch.bool))
-        for layer in program.meta["kv_cache"]["layers"]:
-            for cache in layer["caches"]:
-                fakes.append(torch.empty(batch, *cache["shape"][1:], dtype=getattr(torch, cache["dtype"])))
-    try:
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
-    except Exception as e:
-        raise PassError(
-            f"kv-cache: the step program does not type-check: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}",
-            "positions are probably computed in a way the pass does not recognise; "
-            "rerun with --dump-ir DIR to see the graph",
-        ) from e
-    for node, fake in zip([n for n in gm.graph.nodes if n.op == "placeholder"], fakes):
-        node.meta["val"] = fake

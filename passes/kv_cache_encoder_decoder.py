@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import torch
 import torch.fx
-from torch._guards import detect_fake_mode
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from optpipe.attention_sites import SDPA, sdpa_arguments
 from optpipe.errors import PassError
@@ -54,13 +52,15 @@ from .cleanup import eliminate_dead_code
 from .kv_cache_step import (
     ShapeValues,
     Site,
-    StepBuilder,
     attention_site,
     drop_guards,
     evaluate_nodes,
     is_attention_site,
+    kind_counts,
     model_max_len,
     position_candidates,
+    propagate_step_meta,
+    rewrite_step,
 )
 
 aten = torch.ops.aten
@@ -92,20 +92,11 @@ def insert_encoder_decoder_cache(program: Program, config) -> PassResult:
     shapes.varying |= _descendants(states)
     sites = [_self_site(n, shapes, max_len) for n in own]
     positions = position_candidates(shapes)
-    builder = StepBuilder(gm, tokens, max_len)
-    layers = [builder.cache_site(i, s) for i, s in enumerate(sites)]
-    builder.finish()
-    eliminate_dead_code(gm)
-    replaced = builder.replace_positions(positions)
-    eliminate_dead_code(gm)
-    gm.graph.lint()
-    gm.recompile()
+    layers, replaced = rewrite_step(gm, tokens, max_len, sites, positions)
     _describe(program, encoder, layers, cross, source_vals, max_len)
     _propagate_meta(gm, program, source_vals)
     stats = {"sites": len(sites) + len(cross), "cached": len(sites), "cross": len(cross), "positions": replaced}
-    kinds = [s.kind for s in sites]
-    for kind in sorted(set(kinds)):
-        stats[kind] = kinds.count(kind)
+    stats.update(kind_counts(sites))
     relative = sum(s.relative_bias is not None for s in sites)
     if relative:
         stats["relative-bias"] = relative
@@ -420,36 +411,19 @@ def _dtype(v: torch.Tensor) -> str:
 
 
 def _propagate_meta(gm: torch.fx.GraphModule, program: Program, source_vals: list) -> None:
-    """Fake values (symbolic batch, decoder length, filled length and source length) for every node."""
-    from torch._dynamo.source import ConstantSource
-    from torch.fx.experimental.symbolic_shapes import DimDynamic
-
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    tokens = placeholders[0]
-    mode = detect_fake_mode([tokens.meta["val"]] + source_vals)
-    batch, seq = tokens.meta["val"].shape
+    """Fake values (symbolic batch, decoder length, filled length and source length) for every node:
+    the step's, then the encoder mask and the cross K/V at the source length."""
     source = source_vals[0].shape[2]
-    kv_len = hint = program.example_inputs[3].shape[1]
-    if mode.shape_env is not None:
-        env = mode.shape_env
-        symbol = env.create_symbol(hint, ConstantSource("kv_len"), dynamic_dim=DimDynamic.DYNAMIC)
-        kv_len = env.create_symintnode(symbol, hint=hint)
-    kv = program.meta["kv_cache"]
-    fakes = [tokens.meta["val"]]
-    with mode:
-        fakes += [torch.empty(batch, seq, dtype=torch.int64), torch.empty(seq, dtype=torch.int64)]
-        fakes.append(torch.empty(batch, kv_len, dtype=torch.bool))
-        for cache in (c for layer in kv["layers"] for c in layer["caches"]):
-            fakes.append(torch.empty(batch, *cache["shape"][1:], dtype=getattr(torch, cache["dtype"])))
-        fakes.append(torch.empty(batch, source, dtype=torch.bool))
-        fakes += [torch.empty(batch, v.shape[1], source, v.shape[3], dtype=v.dtype) for v in source_vals]
-    try:
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
-    except Exception as e:
-        raise PassError(
-            f"kv-cache: the encoder-decoder step program does not type-check: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}",
-            "rerun with --dump-ir DIR to see the graph",
-        ) from e
-    for node, fake in zip(placeholders, fakes):
-        node.meta["val"] = fake
+
+    def encoder_states(batch):
+        yield torch.empty(batch, source, dtype=torch.bool)
+        yield from (torch.empty(batch, v.shape[1], source, v.shape[3], dtype=v.dtype) for v in source_vals)
+
+    propagate_step_meta(
+        gm,
+        program,
+        what="the encoder-decoder step program",
+        hint="rerun with --dump-ir DIR to see the graph",
+        extra=encoder_states,
+        fake_values=source_vals,
+    )

@@ -20,6 +20,7 @@ from optpipe.ops import is_optpipe_op
 from optpipe.program import Program
 
 from . import kv_cache_ops  # noqa: F401 - defines optpipe.cached_window_attention / cached_linear_attention
+from .cleanup import eliminate_dead_code
 
 aten = torch.ops.aten
 _MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "block_size", "n_ctx", "max_seq_len")
@@ -564,3 +565,63 @@ def drop_guards(gm: torch.fx.GraphModule) -> None:
             gm.graph.erase_node(node)
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
+
+
+def rewrite_step(gm: torch.fx.GraphModule, tokens, max_len: int, sites: list, position_nodes) -> tuple[list, int]:
+    """Cache every site and give the step's positions to what read arange(seq): the rewrite both
+    kv-cache flows share. Returns (the layers' cache descriptions, positions replaced)."""
+    builder = StepBuilder(gm, tokens, max_len)
+    layers = [builder.cache_site(i, s) for i, s in enumerate(sites)]
+    builder.finish()
+    eliminate_dead_code(gm)  # the masks the cache replaced, and the positions only they read
+    replaced = builder.replace_positions(position_nodes)
+    eliminate_dead_code(gm)  # no step should still compute arange(T)
+    gm.graph.lint()
+    gm.recompile()
+    return layers, replaced
+
+
+def kind_counts(sites: list) -> dict[str, int]:
+    """How many sites of each cache kind (the pass's stats)."""
+    kinds = [s.kind for s in sites]
+    return {kind: kinds.count(kind) for kind in sorted(set(kinds))}
+
+
+def propagate_step_meta(
+    gm: torch.fx.GraphModule, program: Program, *, what: str, hint: str, extra=None, fake_values: list = ()
+) -> None:
+    """Fake-tensor metadata for every node of a step program: symbolic batch and sequence from the
+    token input, the filled length L its own symbol (hinted by the example key mask), the caches at
+    their shapes, then `extra(batch)`'s fakes for the step's trailing inputs (made in the fake mode of
+    the tokens and `fake_values`).
+    A step that does not type-check is a PassError naming `what`, with `hint`."""
+    from torch._dynamo.source import ConstantSource
+    from torch._guards import detect_fake_mode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    tokens = placeholders[0]
+    mode = detect_fake_mode([tokens.meta["val"], *fake_values])
+    batch, seq = tokens.meta["val"].shape
+    kv_len = hint_len = program.example_inputs[3].shape[1]
+    if mode.shape_env is not None:  # L: its own symbol (hinted below max_len, where slicing would fix it)
+        env = mode.shape_env
+        symbol = env.create_symbol(hint_len, ConstantSource("kv_len"), dynamic_dim=DimDynamic.DYNAMIC)
+        kv_len = env.create_symintnode(symbol, hint=hint_len)
+    fakes = [tokens.meta["val"]]
+    with mode:
+        fakes += [torch.empty(batch, seq, dtype=torch.int64), torch.empty(seq, dtype=torch.int64)]
+        fakes.append(torch.empty(batch, kv_len, dtype=torch.bool))
+        for cache in (c for layer in program.meta["kv_cache"]["layers"] for c in layer["caches"]):
+            fakes.append(torch.empty(batch, *cache["shape"][1:], dtype=getattr(torch, cache["dtype"])))
+        fakes += list(extra(batch)) if extra is not None else []
+    try:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+    except Exception as e:
+        raise PassError(
+            f"kv-cache: {what} does not type-check: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+            hint,
+        ) from e
+    for node, fake in zip(placeholders, fakes):
+        node.meta["val"] = fake

@@ -168,7 +168,7 @@ def prepare_stages(
             info = json.load(f)
         if stages is None or stages == info["num_stages"]:
             return stage_dir, info, None
-    program = model if isinstance(model, Program) else _load(model)
+    program = as_program(model)
     info = program.meta.get("partition")
     if info is None or (stages is not None and stages != info["num_stages"]):
         program = partitioned(program, stages or 2, microbatches=microbatches, balance=balance)
@@ -188,10 +188,20 @@ def partitioned(program: Program, stages: int, *, microbatches: int = 4, balance
     return out
 
 
-def _load(model) -> Program:
+def as_program(model) -> Program:
+    """`model` as a Program: itself, or loaded from an OUT folder or any MODEL form."""
+    if isinstance(model, Program):
+        return model
     from ..loading import load_model
 
     return load_model(os.fspath(model))
+
+
+def check_rank_counts(what: str, **counts) -> None:
+    """Each of `counts` (ways, data_parallel, ...) a positive integer, or a one-line UsageError."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{what}: {name} must be a positive integer, got {value!r}")
 
 
 def _inputs_builder(program: Program | None, info: dict):
@@ -417,12 +427,10 @@ def tensor_partitioned(program: Program, ways: int) -> Program:
 def _launch_tensor(
     mode: str, model, batches: list, *, ways, dp, lr, optimizer, steps, objective, timeout, adamw
 ) -> dict:
-    program = model if isinstance(model, Program) else _load(model)
+    program = as_program(model)
     planned = (program.meta.get("partition") or {}).get("ways")
     ways = ways or planned or 2
-    for name, value in (("ways", ways), ("data_parallel", dp)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"tensor parallel: {name} must be a positive integer, got {value!r}")
+    check_rank_counts("tensor parallel", ways=ways, data_parallel=dp)
     program = tensor_partitioned(program, ways)
     info = program.meta["partition"]
     with tempfile.TemporaryDirectory(prefix="optpipe-tensor-") as tmp:
@@ -507,7 +515,7 @@ def run_pipeline_rank(spec: dict, folder: str, rank: int) -> int:
         stages.append(PipelineStage(module, s, n, torch.device(devices[s]), group=group))
     res = _pipeline_steps(spec, _schedule(spec, stages, train), stages, modules, rank, world, group)
     if train:
-        state = {s: (_tensors(mod.named_parameters()), res["grads"].get(s, {})) for s, mod in modules.items()}
+        state = {s: (cpu_copies(mod.named_parameters()), res["grads"].get(s, {})) for s, mod in modules.items()}
         torch.save(state, os.path.join(folder, f"rank_{rank}.pt"))
     if n - 1 in modules:
         if res["output"] is not None:
@@ -541,7 +549,7 @@ def _pipeline_steps(spec: dict, schedule, stages: list, modules: dict, rank: int
     info, train, timeout = spec["info"], spec["mode"] == "train", float(spec["timeout"])
     first, last = 0 in modules, info["num_stages"] - 1 in modules
     params = [p for mod in modules.values() for p in mod.parameters() if p.requires_grad]
-    opt = _optimizer(params, spec) if train and params else None
+    opt = rank_optimizer(params, spec) if train and params else None
     data = torch.load(spec["batches"])
     res = {"losses": [], "grads": {}, "output": None, "seconds": []}
     steps = spec["steps"] + (0 if train else 1)  # inference: one warm-up run
@@ -605,7 +613,7 @@ def run_tensor_rank(spec: dict, folder: str, rank: int) -> int:
     with tensor_parallel_mesh(mesh["tp"]):
         res = _tensor_steps(spec, gm, mesh, device, rank, train)
     if train and replica == 0:
-        torch.save((_tensors(gm.named_parameters()), res["grads"]), os.path.join(folder, f"rank_{rank}.pt"))
+        torch.save((cpu_copies(gm.named_parameters()), res["grads"]), os.path.join(folder, f"rank_{rank}.pt"))
     if not train and tp_rank == 0:
         torch.save(res["output"].cpu(), os.path.join(folder, f"output_{replica}.pt"))
     if rank == 0:
@@ -625,7 +633,7 @@ def _tensor_steps(spec: dict, gm: torch.nn.Module, mesh, device: torch.device, r
     params = [p for p in gm.parameters() if p.is_floating_point()]
     for p in params:
         p.requires_grad_(train)
-    opt = _optimizer(params, spec) if train and params else None
+    opt = rank_optimizer(params, spec) if train and params else None
     data = torch.load(spec["batches"])
     dp_group = mesh["dp"].get_group() if dp > 1 else None
     res = {"losses": [], "grads": {}, "output": None, "seconds": []}
@@ -661,7 +669,7 @@ def _tensor_steps(spec: dict, gm: torch.nn.Module, mesh, device: torch.device, r
 
 
 # -- shared by both kinds of rank ------------------------------------------------------------------------
-def _optimizer(params: list, spec: dict) -> torch.optim.Optimizer:
+def rank_optimizer(params: list, spec: dict) -> torch.optim.Optimizer:
     if spec["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=spec["lr"])
     adamw = spec["adamw"]
@@ -674,7 +682,7 @@ def _optimizer(params: list, spec: dict) -> torch.optim.Optimizer:
     )
 
 
-def _tensors(named) -> dict[str, torch.Tensor]:
+def cpu_copies(named) -> dict[str, torch.Tensor]:
     """CPU copies of named tensors (parameters), to save."""
     return {k: p.detach().cpu().clone() for k, p in named}
 

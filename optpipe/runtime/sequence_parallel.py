@@ -43,7 +43,7 @@ from ..program import Program
 from ..registry import load_op_modules
 from .data import input_builder
 from .launch import STARTUP_TIMEOUT, fault_point, run_ranks
-from .parallel import OPTIMIZERS
+from .parallel import OPTIMIZERS, as_program, check_rank_counts, cpu_copies, rank_optimizer
 
 
 # -- the parent: plan, launch ranks, gather results ------------------------------------------------------
@@ -133,12 +133,6 @@ def sequence_planned_for(program: Program, ways: int, ids: torch.Tensor) -> Prog
     return sequence_partitioned(local, ways)
 
 
-def _checked_sizes(ways, dp) -> None:
-    for name, value in (("ways", ways), ("data_parallel", dp)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"sequence parallel: {name} must be a positive integer, got {value!r}")
-
-
 def _rank_batches(train: bool, program: Program, batches: list, ways: int, dp: int) -> list[tuple]:
     """(program inputs, labels or None) per step; the batch must split over replicas and shards
     (zig-zag shards: into 2·ways chunks)."""
@@ -163,9 +157,9 @@ def _rank_batches(train: bool, program: Program, batches: list, ways: int, dp: i
 
 def launch_sequence(mode: str, model, batches: list, ways, dp: int, timeout: float, options: dict) -> dict:
     """Plan (when needed), save, start the ranks and gather what they wrote."""
-    program = model if isinstance(model, Program) else _load(model)
+    program = as_program(model)
     ways = ways or (program.meta.get("partition") or {}).get("ways") or 2
-    _checked_sizes(ways, dp)
+    check_rank_counts("sequence parallel", ways=ways, data_parallel=dp)
     program = sequence_partitioned(program, ways)
     info = program.meta["partition"]
     with tempfile.TemporaryDirectory(prefix="optpipe-sequence-") as tmp:
@@ -210,12 +204,6 @@ def launch_sequence(mode: str, model, batches: list, ways, dp: int, timeout: flo
             "order": spec["order"],
             "seconds": result["seconds"],
         }
-
-
-def _load(model) -> Program:
-    from ..loading import load_model
-
-    return load_model(os.fspath(model))
 
 
 # -- the loss of a shard ------------------------------------------------------------------------------------
@@ -263,8 +251,7 @@ def run_sequence_rank(spec: dict, folder: str, rank: int) -> int:
         res = _sequence_steps(spec, gm, device, rank, group)
     if rank == 0:
         if spec["mode"] == "sequence-train":
-            named = gm.named_parameters(remove_duplicate=False)
-            state = ({k: p.detach().cpu().clone() for k, p in named}, res["grads"])
+            state = (cpu_copies(gm.named_parameters(remove_duplicate=False)), res["grads"])
             torch.save(state, os.path.join(folder, "rank_0.pt"))
         else:
             torch.save(res["output"], os.path.join(folder, "output.pt"))
@@ -293,7 +280,7 @@ def _sequence_steps(spec: dict, gm: torch.nn.Module, device, rank: int, group) -
     params = [p for p in gm.parameters() if p.is_floating_point()]
     for p in params:
         p.requires_grad_(train)
-    opt = _optimizer(params, spec) if train and params else None
+    opt = rank_optimizer(params, spec) if train and params else None
     data = torch.load(spec["batches"])
     res = {"losses": [], "grads": {}, "output": None, "seconds": []}
     steps = spec["steps"] + (0 if train else 1)  # inference: one warm-up run
@@ -346,19 +333,6 @@ def _gathered(output, spec: dict, group):
         rows = [partition_sequence.unshard(parts[r * ways : (r + 1) * ways], order) for r in range(dp)]
         out.append(torch.cat(rows).cpu())
     return torch.utils._pytree.tree_unflatten(out, tree)
-
-
-def _optimizer(params: list, spec: dict) -> torch.optim.Optimizer:
-    if spec["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=spec["lr"])
-    adamw = spec["adamw"]
-    return torch.optim.AdamW(
-        params,
-        lr=spec["lr"],
-        betas=tuple(adamw.get("betas", (0.9, 0.999))),
-        eps=adamw.get("eps", 1e-8),
-        weight_decay=adamw.get("weight_decay", 0.0),
-    )
 
 
 __all__ = [
