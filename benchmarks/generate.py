@@ -256,6 +256,7 @@ def default_options_step(model, prompt: torch.Tensor, max_len: int):
     import optpipe
     from optpipe.loading import load_out
     from optpipe.runtime.generation import target_step_function
+    from optpipe.target import load_compiled
 
     res = optpipe.optimize(
         model, {"input_ids": prompt}, f"fuse-attention,dce,kv-cache{{max-len={max_len}}}", target="cpu", verify=False
@@ -265,7 +266,7 @@ def default_options_step(model, prompt: torch.Tensor, max_len: int):
         res.save(out)
         program, _ = load_out(out)
         tgt = res.target
-        compiled = tgt.load(out, program)  # what `optpipe generate OUT` runs
+        compiled = load_compiled(tgt, out, program)  # what `optpipe generate OUT` runs
     return program, target_step_function(tgt, compiled), res.compiled.info
 
 

@@ -4,14 +4,17 @@ denoising, on Python's own documentation (`pydoc_data`), with `optpipe train --o
     python examples/seq2seq.py                      # T5, --noise span, 200 steps
     python examples/seq2seq.py --model bart         # BART, --noise denoise
     python examples/seq2seq.py --steps 20           # a smoke run
-    python examples/seq2seq.py --target onnxruntime --target tvm [--floor]
+    python examples/seq2seq.py --target onnxruntime --target tvm [--floor] [--lr 3e-4]
                                                     # the same run on each target beside torch's:
                                                     # max |loss difference| per step, val losses
                                                     # (--floor: torch against itself, summed in
                                                     # another order)
 
 With `--target`, every run (torch's included) trains without gradient clipping (onnxruntime has
-none) and logs the loss of every step, so the curves compare step by step.
+none) and logs the loss of every step, so the curves compare step by step. The comparison runs at
+lr 3e-4 (the plain run at 3e-3): from about 5e-4 up, 200 float32 steps of this model are chaotic,
+and torch parts from itself, summed in another order, by 5e-4 (lr 5e-4) to 2.6e-3 (lr 3e-3), so
+no target could follow it within 1e-3 there; `--floor` measures that at any `--lr`.
 
 The models are random-init `transformers` configs over optpipe's byte tokenizer (256 bytes + eos,
 pad, mask), with room at the top of the vocabulary for T5's sentinels. `t5()` and `bart()` are also
@@ -30,6 +33,8 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+COMPARE_LR = 3e-4
+"""The learning rate of `compare` (see the module docstring)."""
 VOCAB = 384  # bytes (0-255), eos 256, pad 257, mask 258; T5's sentinels count down from 383
 
 
@@ -106,7 +111,15 @@ def run(
 
 
 def compare(
-    workdir: str, targets: list[str], *, model: str = "t5", steps: int = 200, seq: int = 64, floor: bool = False
+    workdir: str,
+    targets: list[str],
+    *,
+    model: str = "t5",
+    steps: int = 200,
+    seq: int = 64,
+    floor: bool = False,
+    lr: float = COMPARE_LR,
+    seed: int = 0,
 ) -> list[dict]:
     """The run on torch (cpu) and on each of `targets`, unclipped, every step logged; each target's
     row carries `max_loss_diff`, the largest |loss - torch's loss| over the steps, and `apart_from`,
@@ -114,7 +127,7 @@ def compare(
     torch again with two micro-batches a step (the same math summed in another order): how far
     float32 rounding alone takes the curve apart (AdamW turns rounding-level differences of
     near-zero gradients into lr-sized steps, and ReLU units flip on them)."""
-    common = {"model": model, "steps": steps, "seq": seq, "clip": None, "log_every": 1}
+    common = {"model": model, "steps": steps, "seq": seq, "clip": None, "log_every": 1, "lr": lr, "seed": seed}
     rows = [run(workdir, target="cpu", **common)]
     runs = [(t, {}) for t in targets] + ([("cpu", {"grad_accum": 2})] if floor else [])
     for target, extra in runs:
@@ -143,14 +156,20 @@ def main(argv=None) -> int:
         help="also train on this target and compare its losses with torch's (repeatable)",
     )
     ap.add_argument("--floor", action="store_true", help="with --target: also torch with --grad-accum 2")
+    ap.add_argument("--lr", type=float, help=f"learning rate (default 3e-3; {COMPARE_LR:g} with --target)")
+    ap.add_argument("--seed", type=int, default=0, help="the data's seed (masking, order, validation split)")
     args = ap.parse_args(argv)
+    lr = {"lr": args.lr} if args.lr else {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or tmp
         os.makedirs(workdir, exist_ok=True)
         if args.target:
-            rows = compare(workdir, args.target, model=args.model, steps=args.steps, seq=args.seq, floor=args.floor)
+            rows = compare(
+                workdir, args.target, model=args.model, steps=args.steps, seq=args.seq, floor=args.floor,
+                seed=args.seed, **lr,
+            )  # fmt: skip
         else:
-            rows = [run(workdir, model=args.model, steps=args.steps, seq=args.seq)]
+            rows = [run(workdir, model=args.model, steps=args.steps, seq=args.seq, seed=args.seed, **lr)]
     for r in rows:
         diff = (
             f", max |loss - torch loss| {r['max_loss_diff']:.2e} (first step above 1e-4: {r['apart_from']})"
@@ -158,7 +177,8 @@ def main(argv=None) -> int:
             else ""
         )
         print(
-            f"{r['model']} --objective seq2seq --noise {r['noise']} --target {r['target']}, {r['steps']} steps: "
+            f"{r['model']} --objective seq2seq --noise {r['noise']} --target {r['target']}, {r['steps']} steps "
+            f"at lr {args.lr or (COMPARE_LR if args.target else 3e-3):g}: "
             f"validation loss {r['val_loss_before']:.4f} -> {r['val_loss_after']:.4f}{diff}"
         )
     return 0

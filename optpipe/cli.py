@@ -411,11 +411,12 @@ def _load_out(out: str):
     from .errors import TargetError
     from .loading import load_out
     from .registry import get_target
+    from .target import load_compiled
 
     program, target = load_out(out)
     tgt = get_target(target)
     try:
-        compiled = tgt.load(out, program)
+        compiled = load_compiled(tgt, out, program)
     except OptpipeError:
         raise
     except Exception as e:
@@ -552,7 +553,7 @@ def generate(
 ):
     """Generate tokens from the (kv-cache) program in OUT on its target."""
     from .inputs import check_token_ids
-    from .runtime.generation import Sampling, target_step_function
+    from .runtime.generation import Sampling, target_functions, target_step_function
     from .runtime.generation import generate as run_generate
 
     if bool(prompts) == bool(prompt_ids):
@@ -578,9 +579,9 @@ def generate(
         program,
         rows,
         max_new_tokens,
-        step=target_step_function(tgt, compiled),
         sampling=Sampling(temperature, top_k, top_p, seed),
         stop_tokens=stops,
+        **target_functions(tgt, compiled, program),
         **options,
     )
     if tokenizer is not None:

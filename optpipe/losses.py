@@ -4,7 +4,8 @@ label tokens of an objective:
 
 - `clm`: next-token cross-entropy, logits[:, :-1] against labels[:, 1:];
 - `mlm`: cross-entropy at the labelled (masked) positions;
-- `mlm+nsp`: `mlm`'s token loss; the trainer adds the next-sentence head's (`nsp_loss_sum`);
+- `mlm+nsp`: `mlm`'s token loss; the trainer adds the next-sentence head's (`nsp_loss_sum`; the
+  onnxruntime and tvm loss graphs take the head's labels as one more input);
 - `seq2seq`: cross-entropy of the decoder's logits against the target ids (labels come unshifted:
   the decoder's inputs are the labels shifted right, so position t already predicts label t).
 """
@@ -60,3 +61,26 @@ def distill_kl_sum(
 def nsp_loss_sum(nsp_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Σ over sentence pairs of the next-sentence head's cross-entropy (BERT: label 0 = is next)."""
     return F.cross_entropy(nsp_logits.float(), labels.reshape(-1), reduction="sum")
+
+
+def nsp_loss(nsp_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over sentence pairs of the next-sentence head's cross-entropy (what onnxruntime exports)."""
+    return F.cross_entropy(nsp_logits.float(), labels.reshape(-1))
+
+
+def has_nsp_head(program) -> bool:
+    """Whether `program`'s second output is next-sentence logits [batch, 2], as mlm+nsp needs."""
+    out = program.gm.graph.output_node().args[0]
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    val = outs[1].meta.get("val") if len(outs) > 1 and isinstance(outs[1], torch.fx.Node) else None
+    return val is not None and val.dim() == 2 and val.shape[-1] == 2
+
+
+def require_nsp_head(program, target: str) -> None:
+    """UsageError in one line when `program` cannot train --objective mlm+nsp on `target`."""
+    if not has_nsp_head(program):
+        raise UsageError(
+            f"target {target} cannot train --objective mlm+nsp: the program has no next-sentence head "
+            f"(its output: {program.meta.get('output', 'one tensor')})",
+            "capture BertForPreTraining (masked-LM and next-sentence heads), or train --objective mlm",
+        )

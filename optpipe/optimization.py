@@ -25,7 +25,7 @@ from .pipeline import PassRecord, Pipeline
 from .presets import load_recipe, preset_pipeline
 from .program import Program
 from .registry import get_hook, get_target
-from .target import unsupported_hint
+from .target import save_compiled, unsupported_hint
 from .verify import Budget, compare, run_outputs, verification_inputs
 from .version import __version__
 
@@ -51,7 +51,7 @@ class OptimizeResult:
                 if save is not None:
                     save(self.program, tmp)
             if self.target is not None and self.compiled is not None:
-                self.target.save(self.compiled, tmp)
+                save_compiled(self.target, self.compiled, tmp)
             with open(os.path.join(tmp, "pipeline.txt"), "w") as f:
                 f.write(self.report["pipeline"] + "\n")
             with open(os.path.join(tmp, "target.json"), "w") as f:
@@ -185,21 +185,32 @@ def _with_calibration(program: Program, calibration, step) -> Program:
 def _compile_and_check(tgt, target: str, program: Program, options: dict, step) -> tuple[Any, dict]:
     """(the compiled program, its check against the torch program). The capability check comes
     before lowering and names every node the target cannot take; a target whose outputs differ
-    from the torch program's is an error."""
+    from the torch program's is an error. The program's companions (an encoder-decoder's encoder)
+    are compiled and checked the same way, into `compiled.companions` and the check's "companions"."""
+    compiled, target_check = _compile_one(tgt, target, program, options, step, "")
+    companion_options = tgt.companion_options(options)
+    for name, companion in program.companions.items():
+        compiled.companions[name], check = _compile_one(tgt, target, companion, companion_options, step, f" ({name})")
+        target_check.setdefault("companions", {})[name] = check
+    return compiled, target_check
+
+
+def _compile_one(tgt, target: str, program: Program, options: dict, step, which: str) -> tuple[Any, dict]:
     unsupported = tgt.check(program, **options)
     if unsupported:
         listing = "; ".join(str(u) for u in unsupported[:10])
         more = f" and {len(unsupported) - 10} more" if len(unsupported) > 10 else ""
         raise TargetError(
-            f"target {target} cannot take {len(unsupported)} node(s): {listing}{more}", unsupported_hint(unsupported)
+            f"target {target} cannot take {len(unsupported)} node(s){which}: {listing}{more}",
+            unsupported_hint(unsupported),
         )
-    with step(f"compile for {target}"):
+    with step(f"compile for {target}{which}"):
         compiled = tgt.compile(program, **options)
-    with step(f"check {target} against the torch program"):
+    with step(f"check {target} against the torch program{which}"):
         target_check = check_target(tgt, compiled, program)
     if not target_check["ok"]:
         raise TargetError(
-            f"target {target} output differs from the torch program: max-abs {target_check['max_abs']:.3g}",
+            f"target {target} output{which} differs from the torch program: max-abs {target_check['max_abs']:.3g}",
             "report this with the OUT folder's report.json",
         )
     return compiled, target_check

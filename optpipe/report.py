@@ -278,8 +278,11 @@ def _header(report: dict) -> str:
     ]
     check = report.get("target_check")
     if isinstance(check, dict):
-        extra = ", ".join(f"{_e(k)}={_num(v)}" for k, v in check.items() if k != "ok")
+        extra = ", ".join(f"{_e(k)}={_num(v)}" for k, v in check.items() if k not in ("ok", "companions"))
         rows.append(("target check", f'{_ok(check.get("ok"))} <span class="muted">{extra}</span>'))
+        for companion, c in (check.get("companions") or {}).items():  # e.g. an encoder-decoder's encoder
+            extra = ", ".join(f"{_e(k)}={_num(v)}" for k, v in c.items() if k != "ok")
+            rows.append((f"target check ({_e(companion)})", f'{_ok(c.get("ok"))} <span class="muted">{extra}</span>'))
     version = report.get("optpipe_version")
     table = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in (r for r in rows if r))
     return (

@@ -8,8 +8,9 @@ the pass that introduced it) before any work is done; `compile` builds a runnabl
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,10 +41,13 @@ def unsupported_hint(unsupported: list[UnsupportedNode]) -> str:
 
 @dataclass
 class Compiled:
-    """A program compiled for a target: `fn(*inputs)` runs it; `info` goes into the report."""
+    """A program compiled for a target: `fn(*inputs)` runs it; `info` goes into the report.
+    `companions`: the program's companions (`Program.companions`, e.g. an encoder-decoder's
+    encoder) compiled for the same target, by name."""
 
     fn: Callable
     info: dict
+    companions: dict[str, Compiled] = field(default_factory=dict)
 
     def __call__(self, *inputs):
         return self.fn(*inputs)
@@ -74,6 +78,11 @@ class Target:
     def prepare_inputs(self, inputs: tuple) -> tuple:
         return inputs
 
+    def companion_options(self, options: dict) -> dict:
+        """The compile options of a program's companions (an encoder-decoder's encoder runs once per
+        prompt, beside the step program that runs once per token)."""
+        return options
+
     # -- training (optpipe train --target NAME) --
     def check_trainable(self, program, objective: str) -> None:
         """Raise (TargetError naming the blocking op) when this target cannot train `program`,
@@ -99,9 +108,36 @@ class Target:
         """An object with `accumulate(inputs, labels, scale)`, `optimizer_step(lr)`, `eval_loss`,
         `state_dict()` and `load_into(program)` that trains `program` on this target (AdamW;
         `clip`: max global gradient norm; `lr_scales` / `weight_decays`: per parameter name). With
-        `optimizer_state()` and `load_state(weights, optimizer_state)` too, runs can resume."""
+        `optimizer_state()` and `load_state(weights, optimizer_state)` too, runs can resume.
+        For mlm+nsp, `accumulate` also takes `next_sentence_label` and `nsp_scale` (the micro-batch's
+        share of the batch's sentence pairs), `eval_loss` takes `next_sentence_label` and returns
+        the masked-LM part, and `loss_parts` holds the last micro-batch's mean MLM and NSP losses."""
         self.check_trainable(program, objective)
         raise NotImplementedError
+
+
+COMPANIONS = "companions"
+"""OUT/companions/<name>/: the target's artifact of each companion program."""
+
+
+def save_compiled(target: Target, compiled: Compiled, out_dir: str) -> None:
+    """`target.save` of the program and of each compiled companion (into OUT/companions/<name>/)."""
+    target.save(compiled, out_dir)
+    for name, companion in compiled.companions.items():
+        folder = os.path.join(out_dir, COMPANIONS, name)
+        os.makedirs(folder, exist_ok=True)
+        target.save(companion, folder)
+
+
+def load_compiled(target: Target, out_dir: str, program) -> Compiled:
+    """`target.load` of the program and of each companion the target saved an artifact for (an OUT
+    written before companions were compiled runs them in torch, as it did)."""
+    compiled = target.load(out_dir, program)
+    for name, companion in program.companions.items():
+        folder = os.path.join(out_dir, COMPANIONS, name)
+        if target.artifact is None or os.path.isdir(folder):
+            compiled.companions[name] = target.load(folder, companion)
+    return compiled
 
 
 def token_input(program) -> int:

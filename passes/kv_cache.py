@@ -81,6 +81,7 @@ from .kv_cache_encoder_decoder import insert_encoder_decoder_cache
 from .kv_cache_step import (
     ShapeValues,
     attention_site,
+    example_prefill,
     is_attention_site,
     kind_counts,
     model_max_len,
@@ -139,14 +140,13 @@ def kv_cache(program: Program, config: KVCacheConfig) -> PassResult:
 
     layers, positions = rewrite_step(gm, tokens, max_len, sites, position_nodes)
 
-    batch = program.example_inputs[0].shape[0]
     program.meta["kv_cache"] = {
         "max_len": max_len,
         "inputs": list(STEP_INPUTS),
         "layers": layers,
         "token_input": program.input_names[0],
     }
-    program.example_inputs = _example_step_inputs(program, batch, example_len)
+    program.example_inputs = example_prefill(program.example_inputs[0], program.meta["kv_cache"])
     program.input_names = list(STEP_INPUTS) + [c["name"] for layer in layers for c in layer["caches"]]
     program.dynamic_shapes = [{0: "batch", 1: "seq"}, {0: "batch", 1: "seq"}, {0: "seq"}, {0: "batch", 1: "kv_len"}] + [
         {0: "batch"}
@@ -209,18 +209,3 @@ def _single_output(gm: torch.fx.GraphModule) -> None:
             "kv-cache: the program must return one tensor of logits [batch, seq, vocab]",
             "capture the LM head's logits (HF models: the logits output)",
         )
-
-
-def _example_step_inputs(program: Program, batch: int, length: int) -> tuple:
-    """A prefill of the example tokens from empty caches, its mask narrowed to the tokens written.
-    That length must not equal max_len: an export traced there would fix L to max_len (the slice
-    of the whole buffer), so a prompt as long as the cache is shortened by one token."""
-    from optpipe.kv_step import empty_caches, filled, prefill_inputs
-
-    ids = program.example_inputs[0]
-    max_len = program.meta["kv_cache"]["max_len"]
-    if ids.shape[1] >= max_len > 1:
-        ids = ids[:, : max_len - 1]
-    caches = empty_caches(program.meta["kv_cache"], batch, device=ids.device)
-    ids, position_ids, cache_position, key_mask = prefill_inputs(ids, max_len)
-    return (ids, position_ids, cache_position, filled(key_mask, ids.shape[1])) + tuple(caches)

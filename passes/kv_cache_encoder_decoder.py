@@ -44,7 +44,7 @@ import torch.fx
 from optpipe.attention_sites import SDPA, sdpa_arguments
 from optpipe.errors import PassError
 from optpipe.graph_toolkit import module_path, value
-from optpipe.kv_step import STEP_INPUTS, empty_caches, filled, prefill_inputs
+from optpipe.kv_step import STEP_INPUTS
 from optpipe.program import Program
 from optpipe.registry import PassResult
 
@@ -55,6 +55,7 @@ from .kv_cache_step import (
     attention_site,
     drop_guards,
     evaluate_nodes,
+    example_prefill,
     is_attention_site,
     kind_counts,
     model_max_len,
@@ -391,11 +392,7 @@ def _describe(program: Program, encoder: Program, layers: list, cross: list, sou
     program.companions[ENCODER] = encoder
     with torch.no_grad():
         encoder_states = tuple(encoder.gm(x_ids, x_mask))
-    tokens = x_tokens[:, : max_len - 1] if x_tokens.shape[1] >= max_len > 1 else x_tokens
-    ids, position_ids, cache_position, key_mask = prefill_inputs(tokens, max_len)
-    caches = empty_caches(program.meta["kv_cache"], tokens.shape[0], device=tokens.device)
-    step = (ids, position_ids, cache_position, filled(key_mask, tokens.shape[1]))
-    program.example_inputs = step + tuple(caches) + encoder_states
+    program.example_inputs = example_prefill(x_tokens, program.meta["kv_cache"]) + encoder_states
     cache_names = [c["name"] for layer in layers for c in layer["caches"]]
     program.input_names = list(STEP_INPUTS) + cache_names + [s["name"] for s in states]
     program.dynamic_shapes = (

@@ -625,3 +625,19 @@ def propagate_step_meta(
         ) from e
     for node, fake in zip(placeholders, fakes):
         node.meta["val"] = fake
+
+
+def example_prefill(ids: torch.Tensor, kv: dict) -> tuple:
+    """A step program's example: a prefill of the example tokens `ids` [B, T] from empty caches
+    (`kv`: the program's meta["kv_cache"]), its mask narrowed to the tokens written. That length
+    must not equal max_len: an export traced there would fix L to max_len (the slice of the whole
+    buffer), so a prompt as long as the cache is shortened by one token (a contiguous copy: the
+    exporters guard on the example's strides)."""
+    from optpipe.kv_step import empty_caches, filled, prefill_inputs
+
+    max_len = kv["max_len"]
+    if ids.shape[1] >= max_len > 1:
+        ids = ids[:, : max_len - 1].contiguous()
+    caches = empty_caches(kv, ids.shape[0], device=ids.device)
+    ids, position_ids, cache_position, key_mask = prefill_inputs(ids, max_len)
+    return (ids, position_ids, cache_position, filled(key_mask, ids.shape[1])) + tuple(caches)

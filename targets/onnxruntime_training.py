@@ -5,7 +5,9 @@ trainer and `check_trainable` from here.
 How the artifacts are made from a Program (all in `OrtTrainer.__init__`, after `check_trainable`):
 1. The program's graph and the loss are wrapped in one module, `(*inputs, labels, loss_scale) ->
    loss * loss_scale` (`_LossModule`, the loss is `training_loss`), and exported with torch.export
-   with the program's dynamic dims (labels share the token input's dims).
+   with the program's dynamic dims (labels share the token input's dims). For mlm+nsp the module
+   also takes `next_sentence_label` and `nsp_scale` and returns `(mlm * loss_scale + nsp * nsp_scale,
+   mlm, nsp)`: the gradient graph starts at the first output, the two means come back beside it.
 2. ALL of optpipe's decompositions (native ORT lowerings are inference kernels without gradients)
    and `TRAINING_DECOMPOSITIONS` (split/chunk/unbind -> slice/select: torchlib writes them as
    SplitToSequence/SequenceAt; elu/softplus -> Exp/Log/Where: ORT 1.19 has no Elu/Softplus
@@ -67,7 +69,7 @@ import torch.utils._pytree as pytree
 
 from optpipe.errors import TargetError, UsageError, first_line
 from optpipe.graph_toolkit import module_path
-from optpipe.losses import OBJECTIVES, task_loss
+from optpipe.losses import OBJECTIVES, nsp_loss, require_nsp_head, task_loss
 from optpipe.ops import decompositions, is_optpipe_op
 from optpipe.pipeline import introduced_by
 from optpipe.target import UnsupportedNode, op_label, token_input
@@ -113,8 +115,29 @@ _NO_GRADIENT_OPS = (
 training_loss = task_loss  # the loss every optpipe trainer uses (optpipe.losses.task_loss)
 
 
+def loss_inputs(objective: str) -> list[str]:
+    """The loss graph's inputs after the program's: labels and the scale of the loss; for mlm+nsp
+    also the next-sentence labels and the scale of their mean loss."""
+    if objective == "mlm+nsp":
+        return ["labels", "next_sentence_label", "loss_scale", "nsp_scale"]
+    return ["labels", "loss_scale"]
+
+
+def _loss_examples(ids: torch.Tensor, dims: dict | None, objective: str) -> tuple[tuple, list]:
+    """Example values and dynamic dims of the `loss_inputs`: labels shaped as the token ids; for mlm+nsp
+    one next-sentence label per row (the ids' batch dim). Each scale is its own tensor: torch.export
+    makes one input of a tensor passed twice."""
+    if objective != "mlm+nsp":
+        return (ids.clone(), torch.tensor(1.0)), [dims, None]
+    batch = {0: dims[0]} if dims and 0 in dims else None
+    nsp_labels = torch.zeros(ids.shape[0], dtype=torch.long)
+    return (ids.clone(), nsp_labels, torch.tensor(1.0), torch.tensor(1.0)), [dims, batch, None, None]
+
+
 class _LossModule(torch.nn.Module):
-    """`(*program inputs, labels, loss_scale) -> training_loss * loss_scale`: what is exported."""
+    """`(*program inputs, labels, loss_scale) -> training_loss * loss_scale`: what is exported. For
+    mlm+nsp `(*program inputs, labels, next_sentence_label, loss_scale, nsp_scale) -> (mlm * loss_scale
+    + nsp * nsp_scale, mlm, nsp)`, the two means also returned (the gradient graph starts at the first)."""
 
     def __init__(self, gm, objective: str):
         super().__init__()
@@ -122,10 +145,16 @@ class _LossModule(torch.nn.Module):
         self.objective = objective
 
     def forward(self, *args):
-        *inputs, labels, loss_scale = args
+        extra = len(loss_inputs(self.objective))
+        inputs, losses = args[:-extra], args[-extra:]
         logits = getattr(self, _MODEL_ATTR)(*inputs)
-        if isinstance(logits, (tuple, list)):  # the LM head's logits come first (BertForPreTraining: + NSP's)
+        if self.objective == "mlm+nsp":  # BertForPreTraining: the LM head's logits, then the NSP head's
+            labels, nsp_labels, loss_scale, nsp_scale = losses
+            mlm, nsp = training_loss(logits[0], labels, "mlm"), nsp_loss(logits[1], nsp_labels)
+            return mlm * loss_scale + nsp * nsp_scale, mlm, nsp
+        if isinstance(logits, (tuple, list)):  # the LM head's logits come first
             logits = logits[0]
+        labels, loss_scale = losses
         return training_loss(logits, labels, self.objective) * loss_scale
 
 
@@ -209,16 +238,12 @@ class _LossExport:
 
         self.token = token_input(program)
         inputs = tuple(program.example_inputs)
-        labels, scale = inputs[self.token].clone(), torch.tensor(1.0)
         dynamic = list(program.dynamic_shapes or [None] * len(inputs))
-        names = list(program.input_names) + ["labels", "loss_scale"]
+        names = list(program.input_names) + loss_inputs(objective)
+        losses, loss_dims = _loss_examples(inputs[self.token], dynamic[self.token], objective)
         try:
             ep, kept = export_module(
-                _LossModule(program.gm, objective),
-                inputs + (labels, scale),
-                names,
-                dynamic + [dynamic[self.token], None],
-                strict_dims=True,
+                _LossModule(program.gm, objective), inputs + losses, names, dynamic + loss_dims, strict_dims=True
             )
         except Exception as e:
             raise TargetError(
@@ -238,7 +263,7 @@ class _LossExport:
                 f"target onnxruntime: decomposition for training failed: {first_line(e)}",
                 "an optpipe op's decomposition does not trace; check the op that introduced it",
             ) from e
-        tensors = [(n, d) for n, x, d in zip(names, inputs + (labels, scale), kept) if isinstance(x, torch.Tensor)]
+        tensors = [(n, d) for n, x, d in zip(names, inputs + losses, kept) if isinstance(x, torch.Tensor)]
         self.input_names = [n for n, _ in tensors]
         self.dynamic = tuple(dict(d) if d else None for _, d in tensors) if any(d for _, d in tensors) else None
 
@@ -319,6 +344,8 @@ def check_trainable(program, objective: str = "clm") -> None:
     Ops that translate but have no gradient in ORT are named when the gradient graph is built."""
     if objective not in OBJECTIVES:
         raise UsageError(f"unknown objective {objective!r}", f"choose one of: {', '.join(OBJECTIVES)}")
+    if objective == "mlm+nsp":
+        require_nsp_head(program, "onnxruntime")
     require_onnx_packages()
     try:
         from onnxruntime.training import artifacts  # noqa: F401
@@ -542,6 +569,7 @@ class OrtTrainer:
         self.objective = objective
         self.lr = float(lr)
         self.info: dict = {}
+        self.loss_parts: dict[str, float] = {}  # mlm+nsp: the last micro-batch's mean MLM and NSP losses
         # one entry per tensor: every name of a tied group maps to the group's first name
         groups: dict[int, list[str]] = {}
         for name, p in names.items():
@@ -580,7 +608,7 @@ class OrtTrainer:
                     dynamo=True,
                     opset_version=TRAIN_OPSET,
                     input_names=exported.input_names,
-                    output_names=["loss"],
+                    output_names=["loss", "mlm_loss", "nsp_loss"] if self.objective == "mlm+nsp" else ["loss"],
                     dynamic_shapes=exported.dynamic,
                     optimize=False,
                     verbose=False,
@@ -685,7 +713,7 @@ class OrtTrainer:
         self.module.train()
 
     # -- training ---------------------------------------------------------------------------------
-    def _feeds(self, order: list[str], inputs: tuple, labels: torch.Tensor, scale: float) -> list:
+    def _feeds(self, order: list[str], inputs: tuple, labels: torch.Tensor, scale: float, nsp: dict) -> list:
         import numpy as np
 
         inputs = tuple(inputs)
@@ -696,39 +724,54 @@ class OrtTrainer:
         by_name = dict(zip(self.input_names, inputs))
         by_name["labels"] = labels
         by_name["loss_scale"] = torch.tensor(float(scale))
+        if self.objective == "mlm+nsp":
+            if nsp.get("next_sentence_label") is None:
+                raise UsageError("onnxruntime training --objective mlm+nsp: pass next_sentence_label")
+            by_name["next_sentence_label"] = nsp["next_sentence_label"]
+            by_name["nsp_scale"] = torch.tensor(float(nsp.get("nsp_scale", 1.0)))
         feeds = []
         for name in order:
             x = by_name.get(name)
             if not isinstance(x, torch.Tensor):
                 raise UsageError(f"onnxruntime training: input {name!r} must be a tensor")
             x = x.detach().cpu()
-            if name == "labels":
+            if name in ("labels", "next_sentence_label"):
                 x = x.to(torch.int64)
-            elif name == "loss_scale":
+            elif name in ("loss_scale", "nsp_scale"):
                 x = x.to(torch.float32)
             feeds.append(np.ascontiguousarray(x.numpy()))
         return feeds
 
-    def _run(self, inputs, labels, scale: float) -> float:
+    def _run(self, inputs, labels, scale: float, nsp: dict) -> float:
+        order = self._train_feeds if self.module.training else self._eval_feeds
         try:
-            out = self.module(
-                *self._feeds(self._train_feeds if self.module.training else self._eval_feeds, inputs, labels, scale)
-            )
+            out = self.module(*self._feeds(order, inputs, labels, scale, nsp))
         except UsageError:
             raise
         except Exception as e:
             raise TargetError(f"onnxruntime training failed to run: {ort_message(e)}") from e
-        loss = out[0] if isinstance(out, (list, tuple)) else out
-        return float(loss.item() if hasattr(loss, "item") else loss) / float(scale)
+        out = list(out) if isinstance(out, (list, tuple)) else [out]
+        loss, *parts = (float(x.item() if hasattr(x, "item") else x) for x in out)
+        if parts:  # mlm+nsp: the micro-batch's mean MLM and NSP losses
+            self.loss_parts = dict(zip(("mlm_loss", "nsp_loss"), parts))
+        return loss / float(scale)
 
-    def accumulate(self, inputs: tuple, labels: torch.Tensor, scale: float = 1.0) -> float:
+    def accumulate(
+        self,
+        inputs: tuple,
+        labels: torch.Tensor,
+        scale: float = 1.0,
+        next_sentence_label: torch.Tensor | None = None,
+        nsp_scale: float = 1.0,
+    ) -> float:
         """Forward + backward only: adds `scale * d(loss)/d(param)` to the gradient buffers (cleared
         by the next `optimizer_step`). Returns the (unscaled) loss. For k micro-batches averaged into
-        one step pass `scale=1/k`."""
+        one step pass `scale=1/k`. mlm+nsp: the loss is `mlm + nsp * nsp_scale / scale` (`nsp_scale`:
+        the micro-batch's share of the batch's sentence pairs), its two means in `loss_parts`."""
         if not scale:
             raise UsageError("accumulate: scale must be non-zero")
         self.module.train()
-        return self._run(inputs, labels, scale)
+        return self._run(inputs, labels, scale, {"next_sentence_label": next_sentence_label, "nsp_scale": nsp_scale})
 
     def optimizer_step(self, lr: float | None = None) -> None:
         """One AdamW update from the accumulated gradients, then clear them."""
@@ -738,19 +781,21 @@ class OrtTrainer:
         self.optimizer.step()
         self.module.lazy_reset_grad()
 
-    def step(self, inputs: tuple, labels: torch.Tensor, lr: float | None = None) -> float:
+    def step(self, inputs: tuple, labels: torch.Tensor, lr: float | None = None, **nsp) -> float:
         """One optimizer step on one batch; returns the loss (before the update)."""
-        loss = self.accumulate(inputs, labels)
+        loss = self.accumulate(inputs, labels, **nsp)
         self.optimizer_step(lr)
         return loss
 
-    def eval_loss(self, inputs: tuple, labels: torch.Tensor) -> float:
-        """The loss on a batch, without gradients or updates."""
+    def eval_loss(self, inputs: tuple, labels: torch.Tensor, next_sentence_label: torch.Tensor | None = None) -> float:
+        """The loss on a batch, without gradients or updates; for mlm+nsp its masked-LM part (the
+        validation loss of every target), both parts in `loss_parts`."""
         self.module.eval()
         try:
-            return self._run(inputs, labels, 1.0)
+            loss = self._run(inputs, labels, 1.0, {"next_sentence_label": next_sentence_label})
         finally:
             self.module.train()
+        return self.loss_parts["mlm_loss"] if self.objective == "mlm+nsp" else loss
 
     # -- weights ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

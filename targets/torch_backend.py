@@ -108,6 +108,10 @@ class TorchTarget(Target):
         dev = self.device()
         return tuple(x.to(dev) if isinstance(x, torch.Tensor) else x for x in inputs)
 
+    def companion_options(self, options: dict) -> dict:
+        """Companions run eager: an encoder runs once per prompt, so compiling it never pays."""
+        return {**options, "mode": "eager"}
+
     def _module(self, program):
         gm = runtime_module(program)
         return retarget_device(gm, self.device()) if self.device_type != "cpu" else gm

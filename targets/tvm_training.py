@@ -22,11 +22,15 @@ in TVM 0.27: this module registers them (exact erf GELU; squeeze's is a reshape 
 -y^3/2). It also replaces TVM's `relax.where` rule, which returns `where(c, dy, 0)` at the output's
 shape even for a broadcast input: T5 masks its relative-position bias [1, heads, q, k] at
 [batch, 1, q, k], and the un-reduced gradient then failed the inverse `permute_dims` of the bias's
-embedding lookup; here it is summed back to the input's shape (`collapse_sum_to`). Relax's
-`layer_norm` is decomposed (`DecomposeOpsForTraining`) into ops that have one.
+embedding lookup; here it is summed back to the input's shape (`collapse_sum_to`). And its `take`
+rule: TVM's gradient kernel takes 1-d indices only, BERT's pooler reads `hidden[:, 0]` (a 0-d
+index); here that index becomes [index] and the gradient gets its axis back. Relax's `layer_norm` is
+decomposed (`DecomposeOpsForTraining`) into ops that have one.
 
 Objectives: clm, mlm and seq2seq (an encoder-decoder program: the labels follow the decoder's
-inputs, unshifted, as `optpipe.losses` has it).
+inputs, unshifted, as `optpipe.losses` has it), and mlm+nsp: the next-sentence labels and their
+weights (the micro-batch's share of the batch's pairs, per pair) are two more inputs, and `main`
+returns the loss with its MLM and NSP parts (the Gradient pass differentiates the first).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import warnings
 import torch
 
 from optpipe.errors import TargetError, UsageError
-from optpipe.losses import IGNORE_INDEX, OBJECTIVES
+from optpipe.losses import IGNORE_INDEX, OBJECTIVES, require_nsp_head
 from optpipe.target import token_input
 
 from .tvm_build import build_relax, cpu_target, decomposition_table, load_tvm
@@ -51,7 +55,7 @@ def loss_targets(labels: torch.Tensor, objective: str, scale: float = 1.0) -> tu
     and its weight (scale / number of counted tokens; 0 where ignored)."""
     if objective == "clm":
         labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
-    elif objective not in ("mlm", "seq2seq"):  # seq2seq's labels come unshifted (optpipe.losses)
+    elif objective not in ("mlm", "mlm+nsp", "seq2seq"):  # seq2seq's labels come unshifted (optpipe.losses)
         raise UsageError(f"unknown objective {objective!r}", f"one of {', '.join(OBJECTIVES)}")
     valid = labels != IGNORE_INDEX
     count = int(valid.sum())
@@ -59,22 +63,35 @@ def loss_targets(labels: torch.Tensor, objective: str, scale: float = 1.0) -> tu
     return torch.where(valid, labels, torch.zeros_like(labels)), weights
 
 
-class _LossModule(torch.nn.Module):
-    """`(*program inputs, targets, weights) -> -Σ log p(target) · weight`: what Relax differentiates."""
+def _weighted_nll(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """-Σ log_softmax(logits)[target] · weight, over every position (written for Relax's gradients)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    classes = torch.arange(logits.shape[-1], device=targets.device)
+    onehot = (targets.unsqueeze(-1) == classes).to(logp.dtype)
+    return -((logp * onehot).sum(-1) * weights).sum()
 
-    def __init__(self, gm):
+
+class _LossModule(torch.nn.Module):
+    """`(*program inputs, targets, weights) -> -Σ log p(target) · weight`: what Relax differentiates.
+    With `nsp` (mlm+nsp) `(*program inputs, targets, weights, nsp_targets, nsp_weights) -> (mlm + nsp,
+    mlm, nsp)`, the next-sentence head's loss written the same way (the gradient is of the first)."""
+
+    def __init__(self, gm, nsp: bool = False):
         super().__init__()
-        self.model = gm
+        self.model, self.nsp = gm, nsp
 
     def forward(self, *args):
-        *inputs, targets, weights = args
-        logits = self.model(*inputs)
-        if isinstance(logits, (tuple, list)):
-            logits = logits[0]
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        vocab = torch.arange(logits.shape[-1], device=targets.device)
-        onehot = (targets.unsqueeze(-1) == vocab).to(logp.dtype)
-        return -((logp * onehot).sum(-1) * weights).sum()
+        if self.nsp:
+            *inputs, targets, weights, nsp_targets, nsp_weights = args
+        else:
+            *inputs, targets, weights = args
+        outs = self.model(*inputs)
+        logits = outs[0] if isinstance(outs, (tuple, list)) else outs
+        mlm = _weighted_nll(logits, targets, weights)
+        if not self.nsp:
+            return mlm
+        nsp = _weighted_nll(outs[1], nsp_targets, nsp_weights)
+        return mlm + nsp, mlm, nsp
 
 
 _RULES_REGISTERED = False
@@ -89,7 +106,7 @@ def _register_gradients() -> None:
     from tvm import relax
     from tvm.relax import op as R
     from tvm.relax.op.base import register_gradient
-    from tvm.relax.op.grad import no_grad
+    from tvm.relax.op.grad import no_grad, take_backward
 
     @register_gradient("relax.nn.gelu")
     def _gelu_grad(orig_var, orig_call, output_grad, ctx):
@@ -119,6 +136,16 @@ def _register_gradients() -> None:
         dy = R.where(cond, relax.const(0, y.ty.dtype), output_grad)
         return [no_grad(cond), _sum_to(dx, x, orig_var), _sum_to(dy, y, orig_var)]
 
+    @register_gradient("relax.take", level=11)  # TVM's own rule (level 10) fails to build for a 0-d index
+    def _take_grad(orig_var, orig_call, output_grad, ctx):
+        # BERT's pooler reads hidden[:, 0]: take at a 0-d index, which drops the axis; TVM's
+        # take_backward kernel takes 1-d indices only, so it gets [index] and the axis back
+        x, indices = orig_call.args
+        axis = orig_call.attrs["axis"]
+        if axis is not None and indices.ty.ndim == 0:
+            indices, output_grad = R.reshape(indices, [1]), R.expand_dims(output_grad, int(axis))
+        return [take_backward(output_grad, x, indices, axis), no_grad(orig_call.args[1])]
+
     _RULES_REGISTERED = True
 
 
@@ -140,7 +167,8 @@ def _sum_to(grad, like, out):
 
 
 def _scalar_main(mod):
-    """`main` returning its loss tensor instead of the importer's 1-tuple (Gradient's target)."""
+    """`main` returning its loss tensor instead of the importer's 1-tuple (Gradient's target); for
+    mlm+nsp a tuple expression of the loss and its two parts (Gradient's target: the first)."""
     from tvm import relax
 
     main = mod["main"]
@@ -148,14 +176,16 @@ def _scalar_main(mod):
     out_var = main.body.body
     last = blocks[-1]
     bound = next((b for b in last.bindings if b.var.same_as(out_var)), None)
-    if bound is None or not isinstance(bound.value, relax.Tuple) or len(bound.value.fields) != 1:
+    if bound is None or not isinstance(bound.value, relax.Tuple) or len(bound.value.fields) not in (1, 3):
         raise TargetError("target tvm: unexpected Relax output structure for the loss", "report it")
-    loss = bound.value.fields[0]
-    out = relax.Var("loss", loss.ty)
+    fields = list(bound.value.fields)
+    outs = [relax.Var(name, f.ty) for name, f in zip(("loss", "mlm_loss", "nsp_loss"), fields)]
     blocks[-1] = relax.DataflowBlock(
-        [b for b in last.bindings if not b.var.same_as(out_var)] + [relax.VarBinding(out, loss)]
+        [b for b in last.bindings if not b.var.same_as(out_var)]
+        + [relax.VarBinding(o, f) for o, f in zip(outs, fields)]
     )
-    mod["main"] = relax.Function(main.params, relax.SeqExpr(blocks, out), loss.ty, attrs=main.attrs)
+    body, ty = (outs[0], outs[0].ty) if len(outs) == 1 else (relax.Tuple(outs), relax.TupleType([o.ty for o in outs]))
+    mod["main"] = relax.Function(main.params, relax.SeqExpr(blocks, body), ty, attrs=main.attrs)
     return relax.transform.Normalize()(mod)
 
 
@@ -185,16 +215,16 @@ class _Compiled:
         self.vm, self.keys, self.grad_ids = vm, keys, grad_ids
 
 
-def _relax_training_module(program, example: tuple, trainable_ids: set):
+def _relax_training_module(program, example: tuple, trainable_ids: set, nsp: bool = False):
     """(Relax IRModule with `main` (loss) and `main_adjoint`, per non-user Relax input its source:
     ("state", name in `_LossModule(program.gm)`) or ("const", tensor), and the names of the
-    parameters `main_adjoint` returns gradients for, in order)."""
+    parameters `main_adjoint` returns gradients for, in order). `nsp`: the mlm+nsp loss."""
     load_tvm()
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
     _register_gradients()
-    module = _LossModule(program.gm)
+    module = _LossModule(program.gm, nsp)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ep = torch.export.export(module, example, strict=False)
@@ -253,21 +283,25 @@ def check_trainable(program, objective: str = "clm") -> None:
     the program at its example shape and running the Gradient pass)."""
     if objective not in OBJECTIVES:
         raise UsageError(f"unknown objective {objective!r}", f"one of {', '.join(OBJECTIVES)}")
+    if objective == "mlm+nsp":
+        require_nsp_head(program, "tvm")
     bad = [n for n, p in program.gm.named_parameters() if p.dtype != torch.float32]
     if bad:
         raise TargetError(
             f"target tvm trains fp32 parameters; {bad[0]} is {program.gm.get_parameter(bad[0]).dtype}",
             "train before quantizing, or on cpu",
         )
-    example = _example(program)
-    _relax_training_module(program, example, {id(p) for p in program.gm.parameters()})
+    nsp = objective == "mlm+nsp"
+    _relax_training_module(program, _example(program, nsp), {id(p) for p in program.gm.parameters()}, nsp)
 
 
-def _example(program) -> tuple:
+def _example(program, nsp: bool = False) -> tuple:
     inputs = tuple(program.example_inputs)
     ids = inputs[token_input(program)]
-    targets, weights = loss_targets(ids, "mlm")
-    return (*inputs, targets, weights)
+    loss_args = loss_targets(ids, "mlm")
+    if nsp:
+        loss_args += loss_targets(torch.zeros(ids.shape[0], dtype=torch.long), "mlm")
+    return (*inputs, *loss_args)
 
 
 class TvmTrainer:
@@ -304,6 +338,7 @@ class TvmTrainer:
         self.program, self.objective = program, objective
         self.lr, self.betas, self.eps, self.clip = float(lr), tuple(betas), float(eps), clip
         self.info: dict = {}
+        self.loss_parts: dict[str, float] = {}  # mlm+nsp: the last micro-batch's mean MLM and NSP losses
         self._first: dict[int, str] = {}  # tensor id -> its first name
         for name, p in names.items():
             self._first.setdefault(id(p), name)
@@ -348,14 +383,14 @@ class TvmTrainer:
         return self._values[key]
 
     # -- building -----------------------------------------------------------------------------------
-    def _module_for(self, inputs: tuple, targets, weights) -> _Compiled:
-        key = tuple((tuple(x.shape), str(x.dtype)) for x in (*inputs, targets, weights))
+    def _module_for(self, inputs: tuple, loss_args: tuple) -> _Compiled:
+        key = tuple((tuple(x.shape), str(x.dtype)) for x in (*inputs, *loss_args))
         if key not in self._compiled:
             start = time.perf_counter()
             cache_key = (_structure_key(self.program), key, tuple(sorted(self._first[i] for i in self._trainable)))
             if cache_key not in _BUILDS:  # a resumed run or a second trainer of the same program reuses it
                 mod, refs, grad_names = _relax_training_module(
-                    self.program, (*inputs, targets, weights), set(self._trainable)
+                    self.program, (*inputs, *loss_args), set(self._trainable), self.objective == "mlm+nsp"
                 )
                 _BUILDS[cache_key] = (build_relax(mod, cpu_target()), refs, grad_names)
             executable, refs, grad_names = _BUILDS[cache_key]
@@ -421,24 +456,46 @@ class TvmTrainer:
         return tvm.relax.VirtualMachine(_BUILDS[key], self._device)
 
     # -- training -----------------------------------------------------------------------------------
-    def _run(self, inputs: tuple, labels: torch.Tensor, scale: float, fn: str):
-        targets, weights = loss_targets(labels, self.objective, scale)
-        compiled = self._module_for(tuple(inputs), targets, weights)
-        args = [self._to_tvm(x) for x in (*inputs, targets, weights)]
+    def _run(self, inputs: tuple, labels: torch.Tensor, scale: float, fn: str, nsp: dict):
+        loss_args = loss_targets(labels, self.objective, scale)
+        if self.objective == "mlm+nsp":  # one label per pair, each weighted nsp_scale / pairs
+            if nsp.get("next_sentence_label") is None:
+                raise UsageError("tvm training --objective mlm+nsp: pass next_sentence_label")
+            loss_args += loss_targets(nsp["next_sentence_label"], "mlm", nsp.get("nsp_scale", 1.0))
+        compiled = self._module_for(tuple(inputs), loss_args)
+        args = [self._to_tvm(x) for x in (*inputs, *loss_args)]
         args += [self._value(self._tensors[k]) for k in compiled.keys]
         return compiled, compiled.vm[fn](*args)
 
-    def accumulate(self, inputs: tuple, labels: torch.Tensor, scale: float = 1.0) -> float:
+    def _loss(self, out, scale: float, nsp_scale: float) -> float:
+        """The (unscaled) loss of `main`'s output; for mlm+nsp its two means go to `loss_parts`."""
+        if self.objective != "mlm+nsp":
+            return float(out.numpy()) / scale if scale else 0.0
+        loss, mlm, nsp = (float(x.numpy()) for x in out)
+        self.loss_parts = {"mlm_loss": mlm / scale, "nsp_loss": nsp / nsp_scale}
+        return loss / scale
+
+    def accumulate(
+        self,
+        inputs: tuple,
+        labels: torch.Tensor,
+        scale: float = 1.0,
+        next_sentence_label: torch.Tensor | None = None,
+        nsp_scale: float = 1.0,
+    ) -> float:
         """Forward + backward on one micro-batch (its gradients weighted by `scale`, its share of
-        the batch) and add them to the pending gradients; returns the micro-batch's mean loss."""
-        compiled, (loss, grads) = self._run(inputs, labels, scale, "main_adjoint")
+        the batch) and add them to the pending gradients; returns the micro-batch's mean loss.
+        mlm+nsp: the loss is `mlm + nsp * nsp_scale / scale` (`nsp_scale`: the micro-batch's share
+        of the batch's sentence pairs), its two means in `loss_parts`."""
+        nsp = {"next_sentence_label": next_sentence_label, "nsp_scale": nsp_scale}
+        compiled, (out, grads) = self._run(inputs, labels, scale, "main_adjoint", nsp)
         if self._grads is None:
             self._grads = {}
         tvm = load_tvm()
         # gradients of a tied tensor (read under two names) add up, and so do micro-batches
         for key, g in zip(compiled.grad_ids, grads):
             self._grads[key] = g if key not in self._grads else tvm.runtime.tensor(self._grads[key].numpy() + g.numpy())
-        return float(loss.numpy()) / scale if scale else 0.0
+        return self._loss(out, scale, nsp_scale)
 
     def optimizer_step(self, lr: float | None = None) -> None:
         """One AdamW step with the pending gradients (then cleared); `lr` overrides the constructor's."""
@@ -465,14 +522,17 @@ class TvmTrainer:
             self._values[k], self._m[k], self._v[k] = out[i], out[n + i], out[2 * n + i]
         self._grads = None
 
-    def step(self, inputs: tuple, labels: torch.Tensor, lr: float | None = None) -> float:
-        loss = self.accumulate(inputs, labels)
+    def step(self, inputs: tuple, labels: torch.Tensor, lr: float | None = None, **nsp) -> float:
+        loss = self.accumulate(inputs, labels, **nsp)
         self.optimizer_step(lr)
         return loss
 
-    def eval_loss(self, inputs: tuple, labels: torch.Tensor) -> float:
-        _, loss = self._run(inputs, labels, 1.0, "main")
-        return float(loss.numpy())
+    def eval_loss(self, inputs: tuple, labels: torch.Tensor, next_sentence_label: torch.Tensor | None = None) -> float:
+        """The mean loss on a batch; for mlm+nsp its masked-LM part (the validation loss of every
+        target), both parts in `loss_parts`."""
+        _, out = self._run(inputs, labels, 1.0, "main", {"next_sentence_label": next_sentence_label})
+        loss = self._loss(out, 1.0, 1.0)
+        return self.loss_parts["mlm_loss"] if self.objective == "mlm+nsp" else loss
 
     # -- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

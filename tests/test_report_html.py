@@ -123,3 +123,14 @@ def test_unchanged_diff_and_no_passes():
     assert "No changes to the graph" in page
     page = render_report_html(make_report([]), [])
     assert "No passes ran" in page and "http" not in page
+
+
+def test_companion_target_checks_get_their_own_rows():
+    """An encoder-decoder's encoder is checked on the target beside the step: one row each, the
+    page still named after the model."""
+    report = make_report([])
+    report["target_check"] = {"ok": True, "max_abs": 1e-7, "companions": {"encoder": {"ok": True, "max_abs": 2e-7}}}
+    page = render_report_html(report, [])
+    assert "<h1>optpipe report: Sequential</h1>" in page
+    assert "target check (encoder)" in page and "max_abs=2e-07" in page
+    assert "companions=" not in page

@@ -762,6 +762,7 @@ def load_runner(spec, *, target: str | None = None, trust_pickle: bool = False, 
     from ..loading import load_model, load_out
     from ..program import Program
     from ..registry import get_target
+    from ..target import load_compiled
 
     try:
         if isinstance(spec, (str, os.PathLike)) and os.path.isfile(os.path.join(spec, "program.pt2")):
@@ -773,7 +774,7 @@ def load_runner(spec, *, target: str | None = None, trust_pickle: bool = False, 
                 )
             tgt = get_target(name)
             tgt.available()
-            compiled = tgt.load(os.fspath(spec), program)
+            compiled = load_compiled(tgt, os.fspath(spec), program)
             size = artifact_bytes(spec, tgt.artifact)
             return Runner(program, compiled, tgt.prepare_inputs, name, str(spec), os.fspath(spec), size)
         if not isinstance(spec, (Program, str, os.PathLike)):

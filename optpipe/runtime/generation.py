@@ -149,6 +149,16 @@ def target_step_function(target, compiled) -> Callable:
     return step
 
 
+def target_functions(target, compiled, program) -> dict[str, Callable]:
+    """`generate`'s keyword arguments that run a program compiled for a target: `step` and, for an
+    encoder-decoder whose encoder was compiled too (`compiled.companions`), `encoder`."""
+    functions = {"step": target_step_function(target, compiled)}
+    encoder = ((program.meta.get("kv_cache") or {}).get("encoder") or {}).get("program")
+    if encoder in compiled.companions:
+        functions["encoder"] = target_step_function(target, compiled.companions[encoder])
+    return functions
+
+
 def generate(
     program,
     prompts,

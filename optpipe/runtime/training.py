@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from ..errors import OptpipeError, UsageError
 from ..graph_toolkit import module_path, module_stack
 from ..inputs import check_inputs, token_vocab
-from ..losses import IGNORE_INDEX, distill_kl_sum, nsp_loss_sum, task_loss_sum
+from ..losses import IGNORE_INDEX, distill_kl_sum, has_nsp_head, nsp_loss_sum, task_loss_sum
 from ..outdir import write_manifest
 from ..program import Program
 from .data import TrainingData, input_builder, tokenizer_for_program
@@ -455,8 +455,8 @@ class Trainer:
             total, _ = task_loss_sum(logits, labels, cfg.objective)
             if cfg.objective == "mlm+nsp":  # BERT's sum of the two means: the NSP part per pair
                 nsp = nsp_loss_sum(outs[1], mb["next_sentence_label"])
-                self.loss_parts["mlm_loss"] += float(total) / count
-                self.loss_parts["nsp_loss"] += float(nsp) / self.pairs
+                self.loss_parts["mlm_loss"] += float(total.detach()) / count
+                self.loss_parts["nsp_loss"] += float(nsp.detach()) / self.pairs
                 total = total + nsp * (count / self.pairs)
             if self.teacher_fn is not None:
                 with torch.no_grad():
@@ -533,11 +533,25 @@ class Trainer:
                 "distill or run data parallel on --target cpu/cuda",
             )
         count, losses = self._label_count(batch), 0.0
+        if self.config.objective == "mlm+nsp":
+            self.pairs = batch["next_sentence_label"].numel()
+            self.loss_parts = {"mlm_loss": 0.0, "nsp_loss": 0.0}
         for mb in self._micro_batches(batch):
-            n = self._label_count(mb)
-            losses += self.backend.accumulate(self.inputs_for(mb), mb["labels"], scale=n / count) * n / count
+            n, nsp = self._label_count(mb), self._nsp_feeds(mb)
+            losses += self.backend.accumulate(self.inputs_for(mb), mb["labels"], scale=n / count, **nsp) * n / count
+            if nsp:  # the backend's means of this micro-batch, weighted as torch's sums are (_forward_loss)
+                self.loss_parts["mlm_loss"] += self.backend.loss_parts["mlm_loss"] * n / count
+                self.loss_parts["nsp_loss"] += self.backend.loss_parts["nsp_loss"] * nsp["nsp_scale"]
         self.backend.optimizer_step(lr)
         return losses
+
+    def _nsp_feeds(self, mb: dict) -> dict:
+        """mlm+nsp on a backend: the micro-batch's NSP labels, and its share of the batch's pairs (the
+        weight of its mean NSP loss: the NSP part is a mean per pair, the MLM part per label token)."""
+        if self.config.objective != "mlm+nsp":
+            return {}
+        labels = mb["next_sentence_label"]
+        return {"next_sentence_label": labels, "nsp_scale": labels.numel() / self.pairs}
 
     def evaluate(self) -> tuple[float, float] | None:
         """(mean validation loss over the label tokens, perplexity) of the current weights."""
@@ -556,7 +570,8 @@ class Trainer:
         total, count = 0.0, 0
         for batch in batches:
             n = self._label_count(batch)
-            total += self.backend.eval_loss(self.inputs_for(batch), batch["labels"]) * n
+            nsp = {"next_sentence_label": batch["next_sentence_label"]} if self.config.objective == "mlm+nsp" else {}
+            total += self.backend.eval_loss(self.inputs_for(batch), batch["labels"], **nsp) * n  # mlm+nsp: MLM part
             count += n
         loss = total / max(count, 1)
         return loss, math.exp(min(loss, 50.0))
@@ -942,11 +957,8 @@ def _output_count(program: Program) -> int:
 
 def _check_nsp_head(program: Program, source) -> None:
     """mlm+nsp needs the next-sentence head as the second output ([batch, 2]) and token types."""
-    out = program.gm.graph.output_node().args[0]
-    outs = list(out) if isinstance(out, (tuple, list)) else [out]
-    val = outs[1].meta.get("val") if len(outs) > 1 and isinstance(outs[1], torch.fx.Node) else None
     name = source if isinstance(source, str) else "the program"
-    if val is None or val.dim() != 2 or val.shape[-1] != 2:
+    if not has_nsp_head(program):
         raise UsageError(
             f"train --objective mlm+nsp: {name} has no next-sentence head (its output: "
             f"{program.meta.get('output', 'one tensor')})",

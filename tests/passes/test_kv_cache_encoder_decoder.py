@@ -5,8 +5,8 @@ cross-attention K/V as inputs.
 Fired (stats) and IR (FileCheck) for both; T5's relative position bias follows the cache slots and
 BART's learned positions (offset 2) read position_ids; logits through the cache (encoder once,
 prefill, then one decode step per token) equal the uncached program's under a padded encoder mask;
-save/load keeps the encoder in the same archive; the step program on onnxruntime (and, in
-`make coverage`, BART there and T5 on tvm); refusals with one-line errors.
+save/load keeps the encoder in the same archive; encoder and step program on onnxruntime and tvm
+(T5; BART on onnxruntime in `make coverage`); refusals with one-line errors.
 """
 
 from __future__ import annotations
@@ -115,6 +115,18 @@ def test_max_len_must_hold_the_example_and_the_generation(programs):
         generate(cached, PROMPTS, 40)
 
 
+def test_a_decoder_example_as_long_as_the_cache_exports(programs):
+    """The step's example is shortened by one token when it fills the cache; the shortened batch is
+    a contiguous copy (a strided slice made the exported program's guards fail in decomposition,
+    so onnxruntime and tvm refused BART at max-len = its example length)."""
+    name, plain, _, _ = programs
+    length = plain.example_inputs[2].shape[1]
+    cached, _ = Pipeline.parse(f"kv-cache{{max-len={length}}}").run(plain)
+    ids = cached.example_inputs[0]
+    assert ids.shape == (2, length - 1) and ids.is_contiguous()
+    cached.export().run_decompositions({})
+
+
 # -- targets ----------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize(
@@ -122,13 +134,21 @@ def test_max_len_must_hold_the_example_and_the_generation(programs):
     [
         ("t5", "onnxruntime"),
         pytest.param("bart", "onnxruntime", marks=pytest.mark.coverage),
-        pytest.param("t5", "tvm", marks=pytest.mark.coverage),
+        ("t5", "tvm"),
     ],
 )
-def test_step_program_on_targets(name, target):
-    """The decoder step on the target (the encoder runs once, in torch): the target check covers a
-    prefill and a decode step with the encoder's real states, and greedy tokens equal torch's."""
-    from optpipe.runtime.generation import target_step_function
+def test_step_program_on_targets(name, target, tmp_path):
+    """Encoder and decoder step on the target: both are compiled and checked against torch (the
+    step's check covers a prefill and a decode step with the encoder's real states), OUT keeps the
+    encoder's artifact under companions/encoder/, and greedy tokens equal torch's, in process and
+    from the saved OUT; an OUT without companions/ (written before they were compiled) runs its
+    encoder in torch."""
+    import shutil
+
+    from optpipe.loading import load_out
+    from optpipe.registry import get_target
+    from optpipe.runtime.generation import target_functions
+    from optpipe.target import load_compiled
 
     model, inputs = getattr(example, name)(seq=16, layers=1)  # one layer: quick builds
     res = optpipe.optimize(
@@ -141,8 +161,25 @@ def test_step_program_on_targets(name, target):
     )
     check = res.report["target_check"]
     assert check["ok"] and check["inputs"] >= 2 and check["max_abs"] <= check["tolerance"]
-    on_target = generate(res.program, PROMPTS, 12, step=target_step_function(res.target, res.compiled))
-    assert on_target.new_ids == generate(res.program, PROMPTS, 12).new_ids
+    encoder_check = check["companions"]["encoder"]
+    assert encoder_check["ok"] and encoder_check["max_abs"] <= encoder_check["tolerance"]
+    functions = target_functions(res.target, res.compiled, res.program)
+    assert set(functions) == {"step", "encoder"}
+    reference = generate(res.program, PROMPTS, 12).new_ids
+    assert generate(res.program, PROMPTS, 12, **functions).new_ids == reference
+    out = res.save(str(tmp_path / "OUT"))
+    artifact = tmp_path / "OUT" / "companions" / "encoder" / get_target(target).artifact
+    assert artifact.exists(), sorted(p.name for p in (tmp_path / "OUT").rglob("*"))
+    program, _ = load_out(out)
+    loaded = load_compiled(get_target(target), out, program)
+    assert set(loaded.companions) == {"encoder"}
+    assert generate(program, PROMPTS, 12, **target_functions(get_target(target), loaded, program)).new_ids == reference
+    shutil.rmtree(tmp_path / "OUT" / "companions")  # an OUT written before companions were compiled:
+    loaded = load_compiled(get_target(target), out, program)  # its encoder runs in torch, as it did
+    assert loaded.companions == {}
+    assert generate(program, PROMPTS, 6, **target_functions(get_target(target), loaded, program)).new_ids == [
+        r[:6] for r in reference
+    ]
 
 
 # -- refusals ---------------------------------------------------------------------------------------
