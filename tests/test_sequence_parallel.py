@@ -14,7 +14,6 @@ In-process parity (ranks as threads, every form, 2 and 4 ranks): tests/passes/te
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import re
@@ -25,10 +24,10 @@ from torch.testing import assert_close
 
 import optpipe
 from optpipe.capture import capture
-from optpipe.losses import task_loss
 from optpipe.runtime.launch import FAIL_RANK_ENV
 from optpipe.runtime.parallel import PipelineError
 from optpipe.runtime.sequence_parallel import sequence_run, sequence_train
+from tests.parallel_reference import one_process_run
 from tests.test_examples import run_example
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -64,26 +63,14 @@ def batches(steps: int, batch: int, seq: int = 32, vocab: int = 256) -> list[dic
     return out
 
 
-def one_process(prog, data: list[dict]):
-    gm = copy.deepcopy(prog.gm)
-    for p in gm.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(gm.parameters(), lr=LR, eps=EPS, weight_decay=0.0)
-    losses = []
-    for b in data:
-        opt.zero_grad()
-        loss = task_loss(gm(b["input_ids"]), b["labels"], "clm")
-        loss.backward()
-        grads = {k: p.grad.clone() for k, p in gm.named_parameters(remove_duplicate=False)}
-        opt.step()
-        losses.append(loss.item())
-    return losses, grads, gm
-
-
-def check_parity(prog, ways: int, dp: int = 1, batch: int = 2, vocab: int = 256) -> dict:
+def check_parity(
+    prog, ways: int, dp: int = 1, batch: int = 2, vocab: int = 256, optimizer="adamw", lr=LR, clip=None
+) -> dict:
     data = batches(3, batch * dp, vocab=vocab)
-    res = sequence_train(prog, data, ways=ways, data_parallel=dp, optimizer="adamw", lr=LR, eps=EPS, timeout=60)
-    losses, grads, gm = one_process(prog, data)
+    res = sequence_train(
+        prog, data, ways=ways, data_parallel=dp, optimizer=optimizer, lr=lr, eps=EPS, clip=clip, timeout=60
+    )
+    gm, losses, grads = one_process_run(prog, data, optimizer, lr, clip, eps=EPS)
     assert res["ranks"] == ways * dp
     assert_close(torch.tensor(res["losses"]), torch.tensor(losses), rtol=0, atol=1e-5)
     for name, g in res["grads"].items():
@@ -102,6 +89,7 @@ def check_logits(prog, ways: int) -> dict:
 
 def test_sliding_window_training_matches_one_process():
     check_parity(program("window"), ways=2)
+    check_parity(program("window"), ways=2, optimizer="sgd", lr=[0.05, 0.03, 0.01], clip=0.5)  # schedule, clipping
 
 
 @pytest.mark.coverage
@@ -167,23 +155,25 @@ def cli(*args):
 
 @pytest.mark.coverage
 def test_cli_train_sequence_parallel_matches_one_process(pydoc_text, tmp_path):
-    """A sliding-window GPT OUT trained 2 steps over 2 sequence ranks (torchrun, ~20 s here): the
-    losses in metrics.jsonl are the one-process run's at constant lr; train.json holds the plan."""
+    """A sliding-window GPT OUT trained 3 steps over 2 sequence ranks (torchrun, ~20 s here): the
+    losses and lrs in metrics.jsonl are the one-process run's, warmup + cosine schedule and gradient
+    clipping (at a norm that binds) included; train.json holds the plan."""
     from optpipe.loading import load_model
     from tests.test_training import QUICK
 
     window, _ = optpipe.Pipeline.parse("attention{kind=sliding-window,window=8}").run(load_model(QUICK))
     window.save(str(tmp_path / "OUT"))
-    common = ["--data", pydoc_text, "--objective", "clm", "--steps", 2, "--batch-size", 2, "--lr", 1e-3]
-    common += ["--warmup", 0, "--min-lr", 1e-3, "--clip", 0, "--log-every", 1]
+    common = ["--data", pydoc_text, "--objective", "clm", "--steps", 3, "--batch-size", 2, "--lr", 1e-3]
+    common += ["--warmup", 1, "--clip", 0.05, "--log-every", 1]
     r = cli(tmp_path / "OUT", *common, "--sequence-parallel", 2, "-o", tmp_path / "sp")
     assert r.exit_code == 0, r.output
     one = cli(tmp_path / "OUT", *common, "-o", tmp_path / "one")
     assert one.exit_code == 0, one.output
     rows = [json.loads(line) for line in (tmp_path / "sp" / "metrics.jsonl").read_text().splitlines()]
     ref = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in ref], abs=1e-5)
+    assert [r["lr"] for r in rows] == pytest.approx([r["lr"] for r in ref]) and len({r["lr"] for r in rows}) > 1
     info = json.loads((tmp_path / "sp" / "train.json").read_text())
     assert (info["sequence_parallel"], info["data_parallel"]) == (2, 1)
     assert [s["exchange"] for s in info["partition"]["sites"]] == ["halo", "halo"]

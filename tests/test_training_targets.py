@@ -96,15 +96,19 @@ def test_tvm_target_names_the_op_it_cannot_differentiate_before_any_work(tmp_pat
 
 
 def test_model_parallel_training_matches_one_process(corpus, tmp_path):
-    """`optpipe train --stages 2` and `--tensor-parallel 2`: the same AdamW steps as one process
-    (constant lr). Tensor x data parallel: tests/passes/test_partition_tensor.py."""
-    common = {"steps": 3, "batch_size": 4, "lr": 1e-3, "warmup": 0, "min_lr": 1e-3, "clip": None, "log_every": 1}
+    """`optpipe train --stages 2` and `--tensor-parallel 2`: the same AdamW steps as one process,
+    with the warmup + cosine schedule and gradient clipping at a norm that binds (the whole model's
+    gradient norm: over the stages' and the shards' parameters). Tensor x data parallel:
+    tests/passes/test_partition_tensor.py."""
+    common = {"steps": 3, "batch_size": 4, "lr": 1e-3, "warmup": 1, "clip": 0.05, "log_every": 1}
     one = train(QUICK, corpus, str(tmp_path / "one"), progress=False, **common)
     two = train(QUICK, corpus, str(tmp_path / "two"), stages=2, microbatches=2, **common)
     tp = train(QUICK, corpus, str(tmp_path / "tp"), tensor_parallel=2, **common)
     wa = trained_weights(one.out)
+    assert len({r["lr"] for r in one.metrics}) > 1  # not constant
     for run in (two, tp):
         assert [r["loss"] for r in run.metrics] == pytest.approx([r["loss"] for r in one.metrics], abs=1e-5)
+        assert [r["lr"] for r in run.metrics] == pytest.approx([r["lr"] for r in one.metrics])
         wb = trained_weights(run.out)
         for name in wa:
             torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=1e-4)

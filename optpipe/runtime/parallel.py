@@ -22,6 +22,8 @@ own parameters). The loss is `optpipe.losses.task_loss` per micro-batch; gradien
 over micro-batches, so with micro-batches holding equal numbers of label tokens the step is the
 single-process step on the whole batch. Tied parameters (replicated into several stages by the
 partition pass) have their replicas' gradients summed across ranks (an all-reduce) before the step.
+`lr` may be a schedule (one lr per step, `step_lr`), and `clip` clips the norm of the whole model's
+gradient, summed over the ranks' parameters (`clip_to_global_norm`), as in one process.
 
 Failure: every collective and point-to-point wait of the run is bounded by `timeout` seconds (the
 pipeline's process group; start-up and rendezvous get `STARTUP_TIMEOUT`), and torchrun stops the
@@ -64,7 +66,7 @@ def pipeline_train(
     stages: int | None = None,
     microbatches: int = 4,
     schedule: str = "1f1b",
-    lr: float = 1e-3,
+    lr: float | Sequence[float] = 1e-3,
     optimizer: str = "sgd",
     steps: int | None = None,
     ranks: int | None = None,
@@ -74,6 +76,7 @@ def pipeline_train(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    clip: float | None = None,
 ) -> dict:
     """Train `model` (a Program, an OUT folder or any MODEL form) pipelined over `stages` ranks.
 
@@ -81,7 +84,8 @@ def pipeline_train(
     by `microbatches`); `steps` cycles through them (default: one step per batch). Returns
     {"losses": [mean micro-batch loss per step], "weights": {name: tensor} after training,
     "grads": {name: tensor} of the last step, "stages": N, "ranks": R, "seconds": wall time of the
-    steps on the ranks (excluding start-up)}.
+    steps on the ranks (excluding start-up)}. `lr`: one for every step, or one per step (a schedule).
+    `clip`: the largest norm of the whole gradient (over every rank's parameters), as in one process.
     """
     if schedule not in SCHEDULES:
         raise UsageError(f"pipeline: unknown schedule {schedule!r}", f"one of {', '.join(SCHEDULES)}")
@@ -97,7 +101,7 @@ def pipeline_train(
         stages=stages,
         microbatches=microbatches,
         schedule=schedule,
-        lr=lr,
+        lr=checked_lr(lr, steps, "pipeline"),
         optimizer=optimizer,
         steps=steps,
         ranks=ranks,
@@ -105,6 +109,7 @@ def pipeline_train(
         timeout=timeout,
         balance=balance,
         adamw={"betas": list(betas), "eps": eps, "weight_decay": weight_decay},
+        clip=clip,
     )
 
 
@@ -239,6 +244,7 @@ def _launch(
     objective,
     timeout,
     balance,
+    clip: float | None = None,
 ) -> dict:
     if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
         raise UsageError(f"pipeline: microbatches must be a positive integer, got {microbatches!r}")
@@ -286,6 +292,7 @@ def _launch(
             "lr": lr,
             "optimizer": optimizer,
             "adamw": adamw or {},
+            "clip": clip,
             "steps": steps,
             "objective": objective,
             "timeout": timeout,
@@ -346,7 +353,7 @@ def tensor_train(
     *,
     ways: int | None = None,
     data_parallel: int = 1,
-    lr: float = 1e-3,
+    lr: float | Sequence[float] = 1e-3,
     optimizer: str = "sgd",
     steps: int | None = None,
     objective: str = "clm",
@@ -354,28 +361,31 @@ def tensor_train(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    clip: float | None = None,
 ) -> dict:
     """Train `model` tensor-parallel: every block sharded over `ways` ranks, times `data_parallel`
     replicas that each take a slice of the batch (ranks = ways × data_parallel, a 2-d DeviceMesh
     ("dp", "tp")). Batches as in `pipeline_train`. Returns {"losses", "weights" (full tensors,
     reassembled from the shards), "grads" (of the last step), "ways", "data_parallel", "ranks",
-    "seconds"}."""
+    "seconds"}. `lr` and `clip` as in `pipeline_train`."""
     if optimizer not in OPTIMIZERS:
         raise UsageError(f"tensor parallel: unknown optimizer {optimizer!r}", f"one of {', '.join(OPTIMIZERS)}")
     if not batches:
         raise UsageError("tensor parallel: no batches to train on", "give at least one {input_ids, labels} batch")
+    steps = len(batches) if steps is None else steps
     return _launch_tensor(
         "tensor-train",
         model,
         list(batches),
         ways=ways,
         dp=data_parallel,
-        lr=lr,
+        lr=checked_lr(lr, steps, "tensor parallel"),
         optimizer=optimizer,
-        steps=len(batches) if steps is None else steps,
+        steps=steps,
         objective=objective,
         timeout=timeout,
         adamw={"betas": list(betas), "eps": eps, "weight_decay": weight_decay},
+        clip=clip,
     )
 
 
@@ -425,7 +435,7 @@ def tensor_partitioned(program: Program, ways: int) -> Program:
 
 
 def _launch_tensor(
-    mode: str, model, batches: list, *, ways, dp, lr, optimizer, steps, objective, timeout, adamw
+    mode: str, model, batches: list, *, ways, dp, lr, optimizer, steps, objective, timeout, adamw, clip=None
 ) -> dict:
     program = as_program(model)
     planned = (program.meta.get("partition") or {}).get("ways")
@@ -454,6 +464,7 @@ def _launch_tensor(
             "lr": lr,
             "optimizer": optimizer,
             "adamw": adamw,
+            "clip": clip,
             "steps": steps,
             "objective": objective,
             "timeout": timeout,
@@ -568,7 +579,10 @@ def _pipeline_steps(spec: dict, schedule, stages: list, modules: dict, rank: int
             _sync_tied(modules, info, world, group)
             if step == steps - 1:
                 res["grads"] = {s: _gradients(mod) for s, mod in modules.items()}
+            grads, counted = _pipeline_norm_terms(modules, info)
+            clip_to_global_norm(grads, counted, spec.get("clip"), stages[0].device, group if world > 1 else None)
             if opt is not None:
+                step_lr(spec, step, opt)
                 opt.step()
             if last:
                 res["losses"].append(float(torch.stack([l.detach() for l in mb_losses]).mean()))
@@ -609,9 +623,11 @@ def run_tensor_rank(spec: dict, folder: str, rank: int) -> int:
     train = spec["mode"] == "tensor-train"
     program = load_program(spec["program"])
     gm = partition_tensor.rank_module(program, tp_rank, ways).to(device)
+    full = {name: p.shape for name, p in program.gm.named_parameters()}
+    sharded = {name for name, p in gm.named_parameters() if p.shape != full.get(name, p.shape)}
     del program
     with tensor_parallel_mesh(mesh["tp"]):
-        res = _tensor_steps(spec, gm, mesh, device, rank, train)
+        res = _tensor_steps(spec, gm, mesh, device, rank, train, sharded)
     if train and replica == 0:
         torch.save((cpu_copies(gm.named_parameters()), res["grads"]), os.path.join(folder, f"rank_{rank}.pt"))
     if not train and tp_rank == 0:
@@ -624,12 +640,16 @@ def run_tensor_rank(spec: dict, folder: str, rank: int) -> int:
     return 0
 
 
-def _tensor_steps(spec: dict, gm: torch.nn.Module, mesh, device: torch.device, rank: int, train: bool) -> dict:
+def _tensor_steps(
+    spec: dict, gm: torch.nn.Module, mesh, device: torch.device, rank: int, train: bool, sharded: set
+) -> dict:
     """The run's steps on this shard: {"losses" (averaged over replicas), "grads" (of the last
-    step), "output" (inference), "seconds" (per step)}."""
+    step), "output" (inference), "seconds" (per step)}. `sharded`: the names of the parameters
+    this rank holds a shard of (the others are replicated over the shards)."""
     import torch.distributed as dist
 
     dp, replica = spec["dp"], mesh["dp"].get_local_rank()
+    tp_first = mesh["tp"].get_local_rank() == 0
     params = [p for p in gm.parameters() if p.is_floating_point()]
     for p in params:
         p.requires_grad_(train)
@@ -657,6 +677,10 @@ def _tensor_steps(spec: dict, gm: torch.nn.Module, mesh, device: torch.device, r
                 total /= dp
             if step == steps - 1:
                 res["grads"] = _gradients(gm)
+            grads = [p.grad for p in params if p.grad is not None]
+            counted = [p.grad for n, p in gm.named_parameters() if p.grad is not None and (n in sharded or tp_first)]
+            clip_to_global_norm(grads, counted, spec.get("clip"), device, mesh["tp"].get_group())
+            step_lr(spec, step, opt)
             opt.step()
             res["losses"].append(float(total))
         else:
@@ -670,16 +694,57 @@ def _tensor_steps(spec: dict, gm: torch.nn.Module, mesh, device: torch.device, r
 
 # -- shared by both kinds of rank ------------------------------------------------------------------------
 def rank_optimizer(params: list, spec: dict) -> torch.optim.Optimizer:
+    """The rank's optimizer at the first step's lr (`step_lr` sets each step's)."""
     if spec["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=spec["lr"])
+        return torch.optim.SGD(params, lr=step_lr(spec, 0))
     adamw = spec["adamw"]
     return torch.optim.AdamW(
         params,
-        lr=spec["lr"],
+        lr=step_lr(spec, 0),
         betas=tuple(adamw.get("betas", (0.9, 0.999))),
         eps=adamw.get("eps", 1e-8),
         weight_decay=adamw.get("weight_decay", 0.0),
     )
+
+
+def step_lr(spec: dict, step: int, optimizer: torch.optim.Optimizer | None = None) -> float:
+    """The lr of `step` (spec["lr"]: one for every step, or a list with one per step); with
+    `optimizer`, also set it there."""
+    lr = spec["lr"]
+    lr = float(lr[step % len(lr)]) if isinstance(lr, list) else float(lr)
+    for group in optimizer.param_groups if optimizer is not None else ():
+        group["lr"] = lr
+    return lr
+
+
+def clip_to_global_norm(grads: list, counted: list, max_norm: float | None, device, group=None) -> None:
+    """Scale this rank's `grads` so that the model's whole gradient has norm at most `max_norm`,
+    as `torch.nn.utils.clip_grad_norm_` does in one process. `counted`: the gradients whose squares
+    this rank adds to the norm (across `group`, every element of the model counted once: a shard
+    on its rank, a replicated tensor on one rank only). No-op when `max_norm` is falsy."""
+    import torch.distributed as dist
+
+    if not max_norm:
+        return
+    squares = torch.zeros((), dtype=torch.float64, device=device)
+    for g in counted:
+        squares += g.detach().double().pow(2).sum()
+    if group is not None:
+        dist.all_reduce(squares, group=group)
+    coef = min(1.0, float(max_norm) / (float(squares.sqrt()) + 1e-6))
+    for g in grads:
+        g.mul_(coef)
+
+
+def checked_lr(lr, steps: int, what: str) -> float | list[float]:
+    """A run's `lr`: a number, or a schedule with one lr per step (`optpipe train` passes its
+    warmup + cosine schedule); UsageError when the schedule's length is not `steps`."""
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        return float(lr)
+    lrs = [float(x) for x in lr]
+    if len(lrs) != steps:
+        raise UsageError(f"{what}: {len(lrs)} learning rates for {steps} steps", "give one lr, or one per step")
+    return lrs
 
 
 def cpu_copies(named) -> dict[str, torch.Tensor]:
@@ -690,6 +755,24 @@ def cpu_copies(named) -> dict[str, torch.Tensor]:
 def _gradients(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """CPU copies of the gradients `module`'s parameters hold."""
     return {k: p.grad.detach().cpu().clone() for k, p in module.named_parameters() if p.grad is not None}
+
+
+def _pipeline_norm_terms(modules: dict, info: dict) -> tuple[list, list]:
+    """(this rank's gradients, those its share of the global norm sums): all of them but the
+    copies of a tied parameter past its first stage (every stage holds the summed gradient)."""
+    later_copies = set()
+    for tied in info.get("tied", []):
+        names = tied.get("names") or {str(s): tied["param"] for s in tied["stages"]}
+        first = min(names, key=int)
+        later_copies |= {(int(s), name) for s, name in names.items() if s != first}
+    grads, counted = [], []
+    for s, mod in modules.items():
+        for name, p in mod.named_parameters():
+            if p.grad is not None:
+                grads.append(p.grad)
+                if (int(s), name) not in later_copies:
+                    counted.append(p.grad)
+    return grads, counted
 
 
 def _sync_tied(modules: dict, info: dict, world: int, group) -> None:

@@ -43,7 +43,16 @@ from ..program import Program
 from ..registry import load_op_modules
 from .data import input_builder
 from .launch import STARTUP_TIMEOUT, fault_point, run_ranks
-from .parallel import OPTIMIZERS, as_program, check_rank_counts, cpu_copies, rank_optimizer
+from .parallel import (
+    OPTIMIZERS,
+    as_program,
+    check_rank_counts,
+    checked_lr,
+    clip_to_global_norm,
+    cpu_copies,
+    rank_optimizer,
+    step_lr,
+)
 
 
 # -- the parent: plan, launch ranks, gather results ------------------------------------------------------
@@ -53,7 +62,7 @@ def sequence_train(
     *,
     ways: int | None = None,
     data_parallel: int = 1,
-    lr: float = 1e-3,
+    lr: float | Sequence[float] = 1e-3,
     optimizer: str = "sgd",
     steps: int | None = None,
     objective: str = "clm",
@@ -61,24 +70,27 @@ def sequence_train(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    clip: float | None = None,
 ) -> dict:
     """Train `model` (a Program, an OUT folder or any MODEL form) with its sequence split over
     `ways` ranks (times `data_parallel` replicas). Batches as in `pipeline_train`; the sequence
     length must divide by `ways` (by 2·`ways` for zig-zag shards). Returns {"losses", "weights" (after
     training), "grads" (of the last step), "ways", "data_parallel", "ranks", "order" (of the shards:
-    zigzag or contiguous), "seconds" (per step)}."""
+    zigzag or contiguous), "seconds" (per step)}. `lr` and `clip` as in `pipeline_train`."""
     if optimizer not in OPTIMIZERS:
         raise UsageError(f"sequence parallel: unknown optimizer {optimizer!r}", f"one of {', '.join(OPTIMIZERS)}")
     if objective not in ("clm", "mlm"):
         raise UsageError(f"sequence parallel: objective {objective!r} is not split over the sequence", "use clm or mlm")
     if not batches:
         raise UsageError("sequence parallel: no batches to train on", "give at least one {input_ids, labels} batch")
+    steps = len(batches) if steps is None else steps
     options = {
-        "lr": lr,
+        "lr": checked_lr(lr, steps, "sequence parallel"),
         "optimizer": optimizer,
-        "steps": len(batches) if steps is None else steps,
+        "steps": steps,
         "objective": objective,
         "adamw": {"betas": list(betas), "eps": eps, "weight_decay": weight_decay},
+        "clip": clip,
     }
     return launch_sequence("sequence-train", model, list(batches), ways, data_parallel, timeout, options)
 
@@ -304,6 +316,9 @@ def _sequence_steps(spec: dict, gm: torch.nn.Module, device, rank: int, group) -
             if step == steps - 1:
                 named = gm.named_parameters(remove_duplicate=False)
                 res["grads"] = {k: p.grad.detach().cpu().clone() for k, p in named if p.grad is not None}
+            grads = [p.grad for p in params]  # summed over the ranks: every rank holds the whole gradient
+            clip_to_global_norm(grads, grads, spec.get("clip"), device)
+            step_lr(spec, step, opt)
             opt.step()
             res["losses"].append(float(total))
         else:

@@ -1031,14 +1031,16 @@ def _check_replicas(flag: str, config: TrainConfig, nproc: int) -> None:
 
 
 def _adamw(config: TrainConfig) -> dict:
-    """The model-parallel runs' optimizer options: AdamW at constant lr."""
+    """The model-parallel runs' optimizer options: AdamW, the lr of every step from the schedule
+    (warmup + cosine) and gradient clipping, as in one process."""
     return {
-        "lr": config.lr,
+        "lr": [config.lr_at(step) for step in range(config.steps)],
         "optimizer": "adamw",
         "objective": config.objective,
         "betas": config.betas,
         "eps": config.eps,
         "weight_decay": config.weight_decay,
+        "clip": config.clip or None,
     }
 
 
@@ -1104,10 +1106,9 @@ def _train_sequence_parallel(
 def _train_parallel(
     flag: str, run, trained_on: str, model, data, out: str, config: TrainConfig, *, force: bool, refused
 ) -> TrainResult:
-    """Model-parallel training through optpipe.runtime.parallel (`run(program, batches) -> (result, info)`).
-    AdamW at the scheduled lr of each step is not available there: the run uses AdamW at constant
-    `lr`, and has no checkpoints, distillation, gradient accumulation or frozen parameters (yet):
-    those options are refused."""
+    """Model-parallel training through optpipe.runtime.parallel (`run(program, batches) -> (result, info)`):
+    AdamW at the scheduled lr of each step, with gradient clipping, as in one process. It has no
+    checkpoints, distillation, gradient accumulation or frozen parameters (yet): those are refused."""
     unsupported = [
         name
         for name, on in (
@@ -1143,8 +1144,13 @@ def _train_parallel(
                 params[name].copy_(value)
     tokens = config.batch_size * seq_len
     rows = [
-        {"step": i + 1, "loss": round(float(l), 6), "lr": config.lr, "tokens_per_s": round(tokens / max(t, 1e-9), 1)}
-        for i, (l, t) in enumerate(zip(res["losses"], res["seconds"]))
+        {
+            "step": i + 1,
+            "loss": round(float(loss), 6),
+            "lr": config.lr_at(i),
+            "tokens_per_s": round(tokens / max(t, 1e-9), 1),
+        }
+        for i, (loss, t) in enumerate(zip(res["losses"], res["seconds"]))
     ]
     val = validation_loss(
         tapped_module(program, [])[0],

@@ -17,7 +17,6 @@ file's torchrun launches few.
 
 from __future__ import annotations
 
-import copy
 import functools
 import time
 
@@ -28,10 +27,10 @@ from torch.testing import FileCheck, assert_close
 import optpipe
 from optpipe.capture import capture
 from optpipe.errors import PassError, UsageError
-from optpipe.losses import task_loss
 from optpipe.passes import partition as partition_pass  # registers the `partition` pass
 from optpipe.runtime.parallel import FAIL_MODE_ENV, FAIL_RANK_ENV, PipelineError, pipeline_train
 from tests import hf_models
+from tests.parallel_reference import one_process_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -190,6 +189,11 @@ def test_too_many_stages_is_one_line():
     assert "at most 4 stages" in e.value.one_line()
 
 
+def test_a_schedule_needs_one_lr_per_step():
+    with pytest.raises(UsageError, match="pipeline: 1 learning rates for 2 steps"):
+        pipeline_train(captured("build"), _batches(), stages=2, lr=[1e-3])
+
+
 def test_nonexistent_device_is_one_line():
     with pytest.raises(UsageError) as e:
         optpipe.Pipeline.parse("partition{stages=2,devices=[cpu,cuda:99]}")
@@ -208,36 +212,18 @@ def _batches(steps: int = 2, batch: int = 4, seq: int = 16):
     return out
 
 
-def _single_process(program, batches, optimizer: str, lr: float):
-    gm = copy.deepcopy(program.gm)
-    for p in gm.parameters():
-        p.requires_grad_(True)
-    opt = (torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW)(
-        gm.parameters(), lr=lr, **({} if optimizer == "sgd" else {"weight_decay": 0.0})
-    )
-    losses, grads = [], {}
-    for b in batches:
-        opt.zero_grad()
-        loss = task_loss(gm(b["input_ids"]), b["labels"], "clm")
-        loss.backward()
-        losses.append(loss.item())
-        grads = {n: p.grad.clone() for n, p in gm.named_parameters()}
-        opt.step()
-    return gm, losses, grads
-
-
 @pytest.mark.parametrize(
-    "stages,ranks,schedule,optimizer",
+    "stages,ranks,schedule,optimizer,clip",
     [
-        (2, 2, "1f1b", "sgd"),
-        (4, 4, "gpipe", "adamw"),
-        (4, 2, "1f1b", "sgd"),  # interleaved 1F1B: rank r holds stages r and r+2
+        (2, 2, "1f1b", "sgd", 0.5),  # a per-step lr, and the norm over both stages (the tied weight once)
+        (4, 4, "gpipe", "adamw", None),
+        (4, 2, "1f1b", "sgd", None),  # interleaved 1F1B: rank r holds stages r and r+2
     ],
 )
-def test_pipelined_training_matches_one_process(stages, ranks, schedule, optimizer):
+def test_pipelined_training_matches_one_process(stages, ranks, schedule, optimizer, clip):
     program = captured("build")
     batches = _batches()
-    lr = 0.05 if optimizer == "sgd" else 1e-3
+    lr = ([0.05, 0.02] if clip else 0.05) if optimizer == "sgd" else 1e-3
     res = pipeline_train(
         program,
         batches,
@@ -247,9 +233,10 @@ def test_pipelined_training_matches_one_process(stages, ranks, schedule, optimiz
         schedule=schedule,
         optimizer=optimizer,
         lr=lr,
+        clip=clip,
         timeout=60,
     )
-    gm, losses, grads = _single_process(program, batches, optimizer, lr)
+    gm, losses, grads = one_process_run(program, batches, optimizer, lr, clip)
     assert res["stages"] == stages and res["ranks"] == ranks
     assert res["losses"] == pytest.approx(losses, abs=1e-5)
     assert set(res["weights"]) >= {"lm_head.weight", "transformer.wpe.weight"}

@@ -19,7 +19,6 @@ tensor-parallel inference (tests/test_examples.py).
 
 from __future__ import annotations
 
-import copy
 import functools
 
 import pytest
@@ -29,11 +28,11 @@ from torch.testing import FileCheck, assert_close
 import optpipe
 from optpipe.capture import capture
 from optpipe.errors import PassError
-from optpipe.losses import task_loss
 from optpipe.pipeline_text import PipelineSyntaxError
 from optpipe.runtime.parallel import FAIL_RANK_ENV, PipelineError, tensor_train
 from passes.partition_tensor import rank_module, run_lockstep
 from tests import hf_models
+from tests.parallel_reference import one_process_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -207,33 +206,16 @@ def _batches(steps: int = 2, batch: int = 4, seq: int = 16):
     ]
 
 
-def _single_process(program, batches, optimizer: str, lr: float):
-    gm = copy.deepcopy(program.gm)
-    for p in gm.parameters():
-        p.requires_grad_(True)
-    opt = (
-        torch.optim.SGD(gm.parameters(), lr=lr)
-        if optimizer == "sgd"
-        else torch.optim.AdamW(gm.parameters(), lr=lr, weight_decay=0.0)
-    )
-    losses = []
-    for b in batches:
-        opt.zero_grad()
-        loss = task_loss(gm(b["input_ids"]), b["labels"], "clm")
-        loss.backward()
-        losses.append(loss.item())
-        grads = {n: p.grad.clone() for n, p in gm.named_parameters(remove_duplicate=False)}
-        opt.step()
-    return gm, losses, grads  # grads under every name of a tied weight
-
-
-@pytest.mark.parametrize("name,dp,optimizer", [("build", 1, "sgd"), ("gpt2", 2, "adamw")])
-def test_tensor_parallel_training_matches_one_process(name, dp, optimizer):
+@pytest.mark.parametrize(
+    "name,dp,optimizer,clip",
+    [("build", 1, "sgd", 0.5), ("gpt2", 2, "adamw", None)],  # clip: the norm over the shards and replicated tensors
+)
+def test_tensor_parallel_training_matches_one_process(name, dp, optimizer, clip):
     program = captured(name)
     batches = _batches()
-    lr = 0.05 if optimizer == "sgd" else 1e-3
-    res = tensor_train(program, batches, ways=2, data_parallel=dp, optimizer=optimizer, lr=lr, timeout=60)
-    gm, losses, grads = _single_process(program, batches, optimizer, lr)
+    lr = [0.05, 0.02] if optimizer == "sgd" else 1e-3
+    res = tensor_train(program, batches, ways=2, data_parallel=dp, optimizer=optimizer, lr=lr, clip=clip, timeout=60)
+    gm, losses, grads = one_process_run(program, batches, optimizer, lr, clip)
     assert res["ranks"] == 2 * dp and res["ways"] == 2
     assert res["losses"] == pytest.approx(losses, abs=1e-5)
     assert set(res["grads"]) == set(res["weights"]) and set(res["grads"]) <= set(grads)
