@@ -97,10 +97,10 @@ def test_tvm_target_names_the_op_it_cannot_differentiate_before_any_work(tmp_pat
 
 def test_model_parallel_training_matches_one_process(corpus, tmp_path):
     """`optpipe train --stages 2` and `--tensor-parallel 2`: the same AdamW steps as one process,
-    with the warmup + cosine schedule and gradient clipping at a norm that binds (the whole model's
-    gradient norm: over the stages' and the shards' parameters). Tensor x data parallel:
-    tests/passes/test_partition_tensor.py."""
-    common = {"steps": 3, "batch_size": 4, "lr": 1e-3, "warmup": 1, "clip": 0.05, "log_every": 1}
+    with the warmup + cosine schedule, gradient clipping at a norm that binds (the whole model's
+    gradient norm: over the stages' and the shards' parameters) and weight decay on matrices only.
+    Tensor x data parallel: tests/passes/test_partition_tensor.py."""
+    common = {"steps": 3, "batch_size": 4, "lr": 1e-3, "warmup": 1, "clip": 0.05, "weight_decay": 0.1, "log_every": 1}
     one = train(QUICK, corpus, str(tmp_path / "one"), progress=False, **common)
     two = train(QUICK, corpus, str(tmp_path / "two"), stages=2, microbatches=2, **common)
     tp = train(QUICK, corpus, str(tmp_path / "tp"), tensor_parallel=2, **common)
@@ -116,5 +116,7 @@ def test_model_parallel_training_matches_one_process(corpus, tmp_path):
     assert (info["tensor_parallel"], info["data_parallel"]) == (2, 1)
     with pytest.raises(UsageError, match="does not take --distill-from"):
         train(QUICK, corpus, str(tmp_path / "x"), stages=2, distill_from=QUICK, steps=1)
+    with pytest.raises(UsageError, match="--stages does not take --layer-decay"):
+        train(QUICK, corpus, str(tmp_path / "x"), stages=2, layer_decay=0.8, steps=1)
     with pytest.raises(UsageError, match="--tensor-parallel does not take --resume"):
         train(QUICK, corpus, str(tmp_path / "x"), tensor_parallel=2, resume=True, steps=1)

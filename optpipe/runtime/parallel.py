@@ -86,6 +86,7 @@ def pipeline_train(
     "grads": {name: tensor} of the last step, "stages": N, "ranks": R, "seconds": wall time of the
     steps on the ranks (excluding start-up)}. `lr`: one for every step, or one per step (a schedule).
     `clip`: the largest norm of the whole gradient (over every rank's parameters), as in one process.
+    AdamW's `weight_decay` applies to matrices, not to biases and norm scales, as in `optpipe train`.
     """
     if schedule not in SCHEDULES:
         raise UsageError(f"pipeline: unknown schedule {schedule!r}", f"one of {', '.join(SCHEDULES)}")
@@ -694,12 +695,18 @@ def _tensor_steps(
 
 # -- shared by both kinds of rank ------------------------------------------------------------------------
 def rank_optimizer(params: list, spec: dict) -> torch.optim.Optimizer:
-    """The rank's optimizer at the first step's lr (`step_lr` sets each step's)."""
+    """The rank's optimizer at the first step's lr (`step_lr` sets each step's). AdamW's weight
+    decay goes to matrices only, not to biases and norm scales (1-d), as `optpipe train` does."""
     if spec["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=step_lr(spec, 0))
     adamw = spec["adamw"]
+    decay = adamw.get("weight_decay", 0.0)
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(
-        params,
+        [g for g in groups if g["params"]],
         lr=step_lr(spec, 0),
         betas=tuple(adamw.get("betas", (0.9, 0.999))),
         eps=adamw.get("eps", 1e-8),

@@ -1107,8 +1107,9 @@ def _train_parallel(
     flag: str, run, trained_on: str, model, data, out: str, config: TrainConfig, *, force: bool, refused
 ) -> TrainResult:
     """Model-parallel training through optpipe.runtime.parallel (`run(program, batches) -> (result, info)`):
-    AdamW at the scheduled lr of each step, with gradient clipping, as in one process. It has no
-    checkpoints, distillation, gradient accumulation or frozen parameters (yet): those are refused."""
+    AdamW at the scheduled lr of each step, with gradient clipping and weight decay on matrices only,
+    as in one process. It has no checkpoints, distillation, gradient accumulation, layer-wise lr
+    decay or frozen parameters (yet): those are refused."""
     unsupported = [
         name
         for name, on in (
@@ -1116,6 +1117,7 @@ def _train_parallel(
             ("--distill-from", config.distill_from),
             ("--checkpoint-every", config.checkpoint_every),
             ("--grad-accum", config.grad_accum > 1),
+            ("--layer-decay", config.layer_decay is not None),
             ("--trainable", config.trainable != ("*",)),
             ("--target", config.target != "cpu"),
         )
