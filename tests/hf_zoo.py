@@ -4,7 +4,7 @@
 hidden 64, 4 heads, vocabulary 128. Decoders are initialised widely (`initializer_range` 0.2) so
 that greedy tokens depend on the whole prompt: at the default 0.02 a tiny random decoder repeats
 the last prompt token and a broken KV cache goes unseen. Encoders get a padded batch of two
-(a data-dependent mask); T5 and BART get decoder inputs too.
+(a data-dependent mask); the encoder-decoders (T5, BART and their relatives) get decoder inputs too.
 """
 
 from __future__ import annotations
@@ -14,6 +14,10 @@ import torch
 VOCAB = 128
 SEQ = 16
 HIDDEN = 64
+
+# the special ids of the seq2seq families whose defaults lie outside the tiny vocabulary (Marian's
+# pad 58100) or are missing (mBART's decoder start: a language code)
+SPECIAL_IDS = {"pad_token_id": 1, "eos_token_id": 2, "bos_token_id": 0, "decoder_start_token_id": 0}
 
 # arch -> (kind, extra config keys). kind: "decoder" (causal LM, generates), "encoder", "seq2seq",
 # "vision". Families whose config spells a field differently get it in `extra`.
@@ -57,7 +61,14 @@ ARCHS: dict[str, tuple[str, dict]] = {
     "vit": ("vision", {"image_size": 32, "patch_size": 8, "num_channels": 3}),
     "t5": ("seq2seq", {}),
     "bart": ("seq2seq", {}),
+    "mt5": ("seq2seq", {"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False, **SPECIAL_IDS}),
+    "mbart": ("seq2seq", SPECIAL_IDS),
+    "pegasus": ("seq2seq", SPECIAL_IDS),
+    "marian": ("seq2seq", SPECIAL_IDS),
+    "blenderbot-small": ("seq2seq", SPECIAL_IDS),
 }
+T5_LIKE = {"t5", "mt5"}
+BART_LIKE = {"bart", "mbart", "pegasus", "marian", "blenderbot-small"}
 
 DECODERS = [a for a, (kind, _) in ARCHS.items() if kind == "decoder"]
 MODEL_TYPE = {"deberta_v2": "deberta-v2"}  # transformers' model_type where it differs from the arch id
@@ -85,10 +96,11 @@ def _common(arch: str, attn: str) -> dict:
         kw["initializer_range"] = 0.2
         kw["bos_token_id"] = kw["eos_token_id"] = VOCAB - 1
         kw["tie_word_embeddings"] = True
-    if arch == "t5":
+    if arch in T5_LIKE:
         kw.update(d_model=HIDDEN, d_ff=128, d_kv=16, num_layers=2, num_heads=4, decoder_start_token_id=0)
-    if arch == "bart":
+    if arch in BART_LIKE:
         kw.update(
+            init_std=0.2,  # as the decoders': greedy tokens that depend on the prompt
             d_model=HIDDEN,
             encoder_layers=2,
             decoder_layers=2,
