@@ -121,8 +121,11 @@ COMPANIONS = "companions"
 
 
 def save_compiled(target: Target, compiled: Compiled, out_dir: str) -> None:
-    """`target.save` of the program and of each compiled companion (into OUT/companions/<name>/)."""
+    """`target.save` of the program and of each compiled companion (into OUT/companions/<name>/;
+    nothing for a target whose artifact is the program itself)."""
     target.save(compiled, out_dir)
+    if target.artifact is None:
+        return
     for name, companion in compiled.companions.items():
         folder = os.path.join(out_dir, COMPANIONS, name)
         os.makedirs(folder, exist_ok=True)
