@@ -64,12 +64,11 @@ def batches(steps: int, batch: int, seq: int = 32, vocab: int = 256) -> list[dic
 
 
 def check_parity(
-    prog, ways: int, dp: int = 1, batch: int = 2, vocab: int = 256, optimizer="adamw", lr=LR, clip=None
+    prog, ways: int, dp: int = 1, batch: int = 2, vocab: int = 256, optimizer="adamw", lr=LR, clip=None, accum=1
 ) -> dict:
     data = batches(3, batch * dp, vocab=vocab)
-    res = sequence_train(
-        prog, data, ways=ways, data_parallel=dp, optimizer=optimizer, lr=lr, eps=EPS, clip=clip, timeout=60
-    )
+    options = {"optimizer": optimizer, "lr": lr, "eps": EPS, "clip": clip, "grad_accum": accum}
+    res = sequence_train(prog, data, ways=ways, data_parallel=dp, timeout=60, **options)
     gm, losses, grads = one_process_run(prog, data, optimizer, lr, clip, eps=EPS)
     assert res["ranks"] == ways * dp
     assert_close(torch.tensor(res["losses"]), torch.tensor(losses), rtol=0, atol=1e-5)
@@ -88,8 +87,9 @@ def check_logits(prog, ways: int) -> dict:
 
 
 def test_sliding_window_training_matches_one_process():
+    """AdamW; then SGD with an lr per step, clipping that binds and two accumulated micro-batches."""
     check_parity(program("window"), ways=2)
-    check_parity(program("window"), ways=2, optimizer="sgd", lr=[0.05, 0.03, 0.01], clip=0.5)  # schedule, clipping
+    check_parity(program("window"), ways=2, optimizer="sgd", lr=[0.05, 0.03, 0.01], clip=0.5, accum=2)
 
 
 @pytest.mark.coverage

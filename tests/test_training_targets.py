@@ -103,7 +103,7 @@ def test_model_parallel_training_matches_one_process(corpus, tmp_path):
     common = {"steps": 3, "batch_size": 4, "lr": 1e-3, "warmup": 1, "clip": 0.05, "weight_decay": 0.1, "log_every": 1}
     one = train(QUICK, corpus, str(tmp_path / "one"), progress=False, **common)
     two = train(QUICK, corpus, str(tmp_path / "two"), stages=2, microbatches=2, **common)
-    tp = train(QUICK, corpus, str(tmp_path / "tp"), tensor_parallel=2, **common)
+    tp = train(QUICK, corpus, str(tmp_path / "tp"), tensor_parallel=2, grad_accum=2, **common)  # same math
     wa = trained_weights(one.out)
     assert len({r["lr"] for r in one.metrics}) > 1  # not constant
     for run in (two, tp):
@@ -116,6 +116,9 @@ def test_model_parallel_training_matches_one_process(corpus, tmp_path):
     assert (info["tensor_parallel"], info["data_parallel"]) == (2, 1)
     with pytest.raises(UsageError, match="does not take --distill-from"):
         train(QUICK, corpus, str(tmp_path / "x"), stages=2, distill_from=QUICK, steps=1)
+    with pytest.raises(UsageError, match="--stages does not take --grad-accum") as e:
+        train(QUICK, corpus, str(tmp_path / "x"), stages=2, grad_accum=2, steps=1)
+    assert "accumulates over its --microbatches" in e.value.one_line()
     with pytest.raises(UsageError, match="--stages does not take --layer-decay"):
         train(QUICK, corpus, str(tmp_path / "x"), stages=2, layer_decay=0.8, steps=1)
     with pytest.raises(UsageError, match="--tensor-parallel does not take --resume"):

@@ -363,12 +363,14 @@ def tensor_train(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     clip: float | None = None,
+    grad_accum: int = 1,
 ) -> dict:
     """Train `model` tensor-parallel: every block sharded over `ways` ranks, times `data_parallel`
     replicas that each take a slice of the batch (ranks = ways × data_parallel, a 2-d DeviceMesh
     ("dp", "tp")). Batches as in `pipeline_train`. Returns {"losses", "weights" (full tensors,
     reassembled from the shards), "grads" (of the last step), "ways", "data_parallel", "ranks",
-    "seconds"}. `lr` and `clip` as in `pipeline_train`."""
+    "seconds"}. `lr` and `clip` as in `pipeline_train`; `grad_accum`: each replica's rows in that
+    many micro-batches, their gradients summed into one step."""
     if optimizer not in OPTIMIZERS:
         raise UsageError(f"tensor parallel: unknown optimizer {optimizer!r}", f"one of {', '.join(OPTIMIZERS)}")
     if not batches:
@@ -387,6 +389,7 @@ def tensor_train(
         timeout=timeout,
         adamw={"betas": list(betas), "eps": eps, "weight_decay": weight_decay},
         clip=clip,
+        grad_accum=grad_accum,
     )
 
 
@@ -436,8 +439,9 @@ def tensor_partitioned(program: Program, ways: int) -> Program:
 
 
 def _launch_tensor(
-    mode: str, model, batches: list, *, ways, dp, lr, optimizer, steps, objective, timeout, adamw, clip=None
-) -> dict:
+    mode: str, model, batches: list, *, ways, dp, lr, optimizer, steps, objective, timeout, adamw, clip=None,
+    grad_accum: int = 1,
+) -> dict:  # fmt: skip
     program = as_program(model)
     planned = (program.meta.get("partition") or {}).get("ways")
     ways = ways or planned or 2
@@ -447,11 +451,7 @@ def _launch_tensor(
     with tempfile.TemporaryDirectory(prefix="optpipe-tensor-") as tmp:
         data = _rank_data(mode == "tensor-train", program, info, batches)
         for inputs, _ in data:
-            if inputs[0].shape[0] % dp:
-                raise UsageError(
-                    f"tensor parallel: batch of {inputs[0].shape[0]} does not split over {dp} data-parallel replicas",
-                    "make the batch size a multiple of data_parallel",
-                )
+            check_batch_split("tensor parallel", inputs[0].shape[0], dp, grad_accum)
         program.save(os.path.join(tmp, "program.pt2"))
         torch.save(data, os.path.join(tmp, "batches.pt"))
         spec = {
@@ -466,6 +466,7 @@ def _launch_tensor(
             "optimizer": optimizer,
             "adamw": adamw,
             "clip": clip,
+            "grad_accum": grad_accum,
             "steps": steps,
             "objective": objective,
             "timeout": timeout,
@@ -667,9 +668,12 @@ def _tensor_steps(
         start = time.perf_counter()
         if train:
             opt.zero_grad(set_to_none=True)
-            loss = task_loss(gm(*inputs), labels.chunk(dp)[replica].to(device), spec["objective"])
-            loss.backward()
-            total = loss.detach().clone()
+            k = spec.get("grad_accum", 1)
+            total = torch.zeros((), device=device)
+            for part, part_labels in micro_batches(inputs, labels.chunk(dp)[replica].to(device), k):
+                loss = task_loss(gm(*part), part_labels, spec["objective"]) / k  # the mean of k equal parts
+                loss.backward()
+                total += loss.detach()
             if dp_group is not None:  # data parallel: average gradients (and the loss) over replicas
                 for p in params:
                     dist.all_reduce(p.grad, group=dp_group)
@@ -741,6 +745,26 @@ def clip_to_global_norm(grads: list, counted: list, max_norm: float | None, devi
     coef = min(1.0, float(max_norm) / (float(squares.sqrt()) + 1e-6))
     for g in grads:
         g.mul_(coef)
+
+
+def micro_batches(inputs: tuple, labels: torch.Tensor, k: int) -> list[tuple[tuple, torch.Tensor]]:
+    """(inputs, labels) in `k` micro-batches of rows (gradient accumulation: one optimizer step)."""
+    parts = [x.chunk(k) if isinstance(x, torch.Tensor) else (x,) * k for x in inputs]
+    return list(zip(zip(*parts), labels.chunk(k)))
+
+
+def check_batch_split(what: str, batch: int, dp: int, grad_accum: int = 1) -> None:
+    """UsageError unless `batch` rows split over `dp` replicas and each replica's into `grad_accum`."""
+    if batch % dp:
+        raise UsageError(
+            f"{what}: batch of {batch} does not split over {dp} data-parallel replicas",
+            "make the batch size a multiple of data_parallel",
+        )
+    if (batch // dp) % grad_accum:
+        raise UsageError(
+            f"{what}: {batch // dp} rows per replica do not split into {grad_accum} accumulation steps",
+            "make the batch size a multiple of data_parallel x grad_accum",
+        )
 
 
 def checked_lr(lr, steps: int, what: str) -> float | list[float]:

@@ -46,10 +46,12 @@ from .launch import STARTUP_TIMEOUT, fault_point, run_ranks
 from .parallel import (
     OPTIMIZERS,
     as_program,
+    check_batch_split,
     check_rank_counts,
     checked_lr,
     clip_to_global_norm,
     cpu_copies,
+    micro_batches,
     rank_optimizer,
     step_lr,
 )
@@ -71,12 +73,14 @@ def sequence_train(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     clip: float | None = None,
+    grad_accum: int = 1,
 ) -> dict:
     """Train `model` (a Program, an OUT folder or any MODEL form) with its sequence split over
     `ways` ranks (times `data_parallel` replicas). Batches as in `pipeline_train`; the sequence
     length must divide by `ways` (by 2·`ways` for zig-zag shards). Returns {"losses", "weights" (after
     training), "grads" (of the last step), "ways", "data_parallel", "ranks", "order" (of the shards:
-    zigzag or contiguous), "seconds" (per step)}. `lr` and `clip` as in `pipeline_train`."""
+    zigzag or contiguous), "seconds" (per step)}. `lr` and `clip` as in `pipeline_train`, `grad_accum`
+    as in `tensor_train`."""
     if optimizer not in OPTIMIZERS:
         raise UsageError(f"sequence parallel: unknown optimizer {optimizer!r}", f"one of {', '.join(OPTIMIZERS)}")
     if objective not in ("clm", "mlm"):
@@ -91,6 +95,7 @@ def sequence_train(
         "objective": objective,
         "adamw": {"betas": list(betas), "eps": eps, "weight_decay": weight_decay},
         "clip": clip,
+        "grad_accum": grad_accum,
     }
     return launch_sequence("sequence-train", model, list(batches), ways, data_parallel, timeout, options)
 
@@ -145,19 +150,15 @@ def sequence_planned_for(program: Program, ways: int, ids: torch.Tensor) -> Prog
     return sequence_partitioned(local, ways)
 
 
-def _rank_batches(train: bool, program: Program, batches: list, ways: int, dp: int) -> list[tuple]:
-    """(program inputs, labels or None) per step; the batch must split over replicas and shards
-    (zig-zag shards: into 2·ways chunks)."""
+def _rank_batches(train: bool, program: Program, batches: list, ways: int, dp: int, grad_accum: int = 1) -> list:
+    """(program inputs, labels or None) per step; the batch must split over replicas (and each
+    replica's rows into `grad_accum` micro-batches) and shards (zig-zag shards: into 2·ways chunks)."""
     build = input_builder(program)
     data = [(build(b["input_ids"]), b["labels"]) for b in batches] if train else [(tuple(batches[0]), None)]
     chunks = 2 * ways if program.meta["partition"].get("order") == "zigzag" else ways
     for inputs, _ in data:
         b, t = inputs[0].shape[0], inputs[0].shape[partition_sequence.SEQ_DIM]
-        if b % dp:
-            raise UsageError(
-                f"sequence parallel: batch of {b} does not split over {dp} data-parallel replicas",
-                "make the batch size a multiple of data_parallel",
-            )
+        check_batch_split("sequence parallel", b, dp, grad_accum)
         if t % chunks:
             what = f"{ways} shards" if chunks == ways else f"{chunks} zig-zag chunks ({ways} shards)"
             raise UsageError(
@@ -175,7 +176,7 @@ def launch_sequence(mode: str, model, batches: list, ways, dp: int, timeout: flo
     program = sequence_partitioned(program, ways)
     info = program.meta["partition"]
     with tempfile.TemporaryDirectory(prefix="optpipe-sequence-") as tmp:
-        data = _rank_batches(mode == "sequence-train", program, batches, ways, dp)
+        data = _rank_batches(mode == "sequence-train", program, batches, ways, dp, options.get("grad_accum", 1))
         program.save(os.path.join(tmp, "program.pt2"))
         torch.save(data, os.path.join(tmp, "batches.pt"))
         spec = {
@@ -305,9 +306,12 @@ def _sequence_steps(spec: dict, gm: torch.nn.Module, device, rank: int, group) -
         if train:
             opt.zero_grad(set_to_none=True)
             targets, tokens = shard_labels(labels, spec["objective"])
-            loss = shard_loss(gm(*local), _local(targets, spec, rank, device), tokens)
-            loss.backward()
-            total = loss.detach().clone()
+            parts = micro_batches(local, _local(targets, spec, rank, device), spec.get("grad_accum", 1))
+            total = torch.zeros((), device=device)
+            for part, part_targets in parts:
+                loss = shard_loss(gm(*part), part_targets, tokens)  # over the whole batch's label tokens
+                loss.backward()
+                total += loss.detach()
             for p in params:  # every rank's tokens' share of the gradient: sum them
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)

@@ -1018,7 +1018,8 @@ def _train_pipelined(
         out,
         config,
         force=force,
-        refused=(("--resume", resume), ("--nproc", nproc > 1)),
+        refused=(("--resume", resume), ("--nproc", nproc > 1), ("--grad-accum", config.grad_accum > 1)),
+        hint="the pipeline accumulates over its --microbatches" if config.grad_accum > 1 else None,
     )
 
 
@@ -1027,6 +1028,12 @@ def _check_replicas(flag: str, config: TrainConfig, nproc: int) -> None:
         raise UsageError(
             f"train {flag}: batch size {config.batch_size} does not split over {nproc} data-parallel replicas",
             "make --batch-size a multiple of --nproc",
+        )
+    if (config.batch_size // nproc) % config.grad_accum:
+        raise UsageError(
+            f"train {flag}: {config.batch_size // nproc} rows per replica do not split into "
+            f"{config.grad_accum} accumulation steps",
+            "make --batch-size a multiple of --nproc x --grad-accum",
         )
 
 
@@ -1057,6 +1064,7 @@ def _train_tensor_parallel(
             batches,
             ways=ways,
             data_parallel=nproc,
+            grad_accum=config.grad_accum,
             **_adamw(config),
         )
         return res, {"tensor_parallel": ways, "data_parallel": nproc}
@@ -1093,6 +1101,7 @@ def _train_sequence_parallel(
             batches,
             ways=ways,
             data_parallel=nproc,
+            grad_accum=config.grad_accum,
             **_adamw(config),
         )
         return res, {"sequence_parallel": ways, "data_parallel": nproc, "partition": planned.meta["partition"]}
@@ -1104,19 +1113,18 @@ def _train_sequence_parallel(
 
 
 def _train_parallel(
-    flag: str, run, trained_on: str, model, data, out: str, config: TrainConfig, *, force: bool, refused
+    flag: str, run, trained_on: str, model, data, out: str, config: TrainConfig, *, force: bool, refused, hint=None
 ) -> TrainResult:
     """Model-parallel training through optpipe.runtime.parallel (`run(program, batches) -> (result, info)`):
-    AdamW at the scheduled lr of each step, with gradient clipping and weight decay on matrices only,
-    as in one process. It has no checkpoints, distillation, gradient accumulation, layer-wise lr
-    decay or frozen parameters (yet): those are refused."""
+    AdamW at the scheduled lr of each step, with gradient clipping, weight decay on matrices only
+    and (tensor, sequence) gradient accumulation, as in one process. It has no checkpoints,
+    distillation, layer-wise lr decay or frozen parameters (yet): those are refused."""
     unsupported = [
         name
         for name, on in (
             *refused,
             ("--distill-from", config.distill_from),
             ("--checkpoint-every", config.checkpoint_every),
-            ("--grad-accum", config.grad_accum > 1),
             ("--layer-decay", config.layer_decay is not None),
             ("--trainable", config.trainable != ("*",)),
             ("--target", config.target != "cpu"),
@@ -1126,7 +1134,7 @@ def _train_parallel(
     if unsupported:
         raise UsageError(
             f"train {flag} does not take {', '.join(unsupported)} yet",
-            f"train with the plain options, or without {flag}",
+            hint or f"train with the plain options, or without {flag}",
         )
     program, folder = _load_trainable(model)
     _check_lm_head(program, model)

@@ -208,13 +208,16 @@ def _batches(steps: int = 2, batch: int = 4, seq: int = 16):
 
 @pytest.mark.parametrize(
     "name,dp,optimizer,clip",
-    [("build", 1, "sgd", 0.5), ("gpt2", 2, "adamw", None)],  # clip: the norm over the shards and replicated tensors
+    [("build", 1, "sgd", 0.5), ("gpt2", 2, "adamw", None)],  # clip: the norm over shards and replicated tensors
 )
 def test_tensor_parallel_training_matches_one_process(name, dp, optimizer, clip):
     program = captured(name)
     batches = _batches()
     lr = [0.05, 0.02] if optimizer == "sgd" else 1e-3
-    res = tensor_train(program, batches, ways=2, data_parallel=dp, optimizer=optimizer, lr=lr, clip=clip, timeout=60)
+    accum = 2 if clip else 1  # the SGD case also accumulates two micro-batches per step
+    res = tensor_train(
+        program, batches, ways=2, data_parallel=dp, optimizer=optimizer, lr=lr, clip=clip, grad_accum=accum, timeout=60
+    )
     gm, losses, grads = one_process_run(program, batches, optimizer, lr, clip)
     assert res["ranks"] == 2 * dp and res["ways"] == 2
     assert res["losses"] == pytest.approx(losses, abs=1e-5)
