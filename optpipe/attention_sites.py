@@ -35,7 +35,7 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .graph_toolkit import module_path, value
+from .graph_toolkit import ancestors, module_path, value
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -156,16 +156,6 @@ def repeat_kv_source(node) -> tuple[torch.fx.Node, int] | None:
 
 
 # -- mask classification ---------------------------------------------------------------------------
-def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
-
-
 def _reads_value_of(node: torch.fx.Node, source) -> bool:
     """Whether `node`'s value depends on the value (not just the shape) of a node `source` accepts."""
     seen, stack = set(), [node]
@@ -196,7 +186,7 @@ def reads_parameters(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
 def mask_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.GraphModule:
     """A GraphModule over `gm` (so get_attr finds its buffers) computing just `node` from all of
     `gm`'s placeholders."""
-    needed = _ancestors(node)
+    needed = ancestors(node)
     graph, env = torch.fx.Graph(), {}
     for n in gm.graph.nodes:
         if n.op == "placeholder" or n in needed:

@@ -15,6 +15,7 @@ Passes say what they rewrite; how a node is read, placed and described lives her
     add_tensor(gm, owner, name, t)    a parameter or buffer under a fresh name; returns its path
     insert_get_attr(gm, target, like=node)
                                       a get_attr node for that tensor, with meta and a fake value
+    ancestors(node)                   the node and every node it is computed from
 
 Module paths come from `meta["nn_module_stack"]` with one rule: export's pseudo module for shape
 bookkeeping nodes (`_empty_nn_module_stack_from_metadata_hook`, which Hugging Face models show on
@@ -44,6 +45,17 @@ def value(node: Any) -> torch.Tensor | None:
     """The fake tensor export recorded for `node`, if `node` is a node whose value is a tensor."""
     v = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
     return v if isinstance(v, torch.Tensor) else None
+
+
+def ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    """`node` and every node it is computed from (its inputs, their inputs, ...)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
 
 
 def module_stack(node: torch.fx.Node) -> list[tuple[str, Any]]:

@@ -43,7 +43,7 @@ import torch.fx
 
 from optpipe.attention_sites import SDPA, sdpa_arguments
 from optpipe.errors import PassError
-from optpipe.graph_toolkit import module_path, value
+from optpipe.graph_toolkit import ancestors, module_path, value
 from optpipe.kv_step import STEP_INPUTS
 from optpipe.program import Program
 from optpipe.registry import PassResult
@@ -312,7 +312,8 @@ def _relative_bias(mask, shapes: ShapeValues) -> tuple | None:
     n = max(shapes.lengths(8))  # the example's length, or 8 where the decoder length is dynamic
     if not shapes.shape_only(mask) or n < 2:
         return None
-    cone = [node for node in _ancestors(mask) if shapes.shape_only(node)]
+    upstream = ancestors(mask)
+    cone = [node for node in mask.graph.nodes if node in upstream and shapes.shape_only(node)]  # in graph order
     values = dict(zip(cone, shapes.evaluate(cone, n)))
     steps = torch.arange(n)
     distance = steps[None, :] - steps[:, None]
@@ -336,16 +337,6 @@ def _relative_bias(mask, shapes: ShapeValues) -> tuple | None:
     if not torch.allclose(m, torch.where(causal, b.expand_as(m), m), atol=0, rtol=0):
         return None
     return found[0], bias, found[1]
-
-
-def _ancestors(node: torch.fx.Node) -> list[torch.fx.Node]:
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack += n.all_input_nodes
-    return [n for n in node.graph.nodes if n in seen]
 
 
 def _frontier(distance: torch.fx.Node, cone: list) -> torch.fx.Node | None:

@@ -90,11 +90,10 @@ def pipeline_train(
     """
     if schedule not in SCHEDULES:
         raise UsageError(f"pipeline: unknown schedule {schedule!r}", f"one of {', '.join(SCHEDULES)}")
-    if optimizer not in OPTIMIZERS:
-        raise UsageError(f"pipeline: unknown optimizer {optimizer!r}", f"one of {', '.join(OPTIMIZERS)}")
-    if not batches:
-        raise UsageError("pipeline: no batches to train on", "give at least one {input_ids, labels} batch")
-    steps = len(batches) if steps is None else steps
+    options = train_options(
+        "pipeline", batches, lr=lr, optimizer=optimizer, steps=steps, objective=objective, betas=betas, eps=eps,
+        weight_decay=weight_decay, clip=clip,
+    )  # fmt: skip
     return _launch(
         "train",
         model,
@@ -102,15 +101,10 @@ def pipeline_train(
         stages=stages,
         microbatches=microbatches,
         schedule=schedule,
-        lr=checked_lr(lr, steps, "pipeline"),
-        optimizer=optimizer,
-        steps=steps,
         ranks=ranks,
-        objective=objective,
         timeout=timeout,
         balance=balance,
-        adamw={"betas": list(betas), "eps": eps, "weight_decay": weight_decay},
-        clip=clip,
+        options=options,
     )
 
 
@@ -153,13 +147,10 @@ def pipeline_run_timed(
         stages=stages,
         microbatches=microbatches,
         schedule="gpipe",
-        lr=0.0,
-        optimizer="sgd",
-        steps=repeat,
         ranks=ranks,
-        objective="clm",
         timeout=timeout,
         balance=balance,
+        options=run_options(repeat),
     )
 
 
@@ -237,16 +228,12 @@ def _launch(
     stages,
     microbatches,
     schedule,
-    lr,
-    optimizer,
-    steps,
     ranks,
-    adamw: dict | None = None,
-    objective,
     timeout,
     balance,
-    clip: float | None = None,
+    options: dict,
 ) -> dict:
+    """`options`: the ranks' optimizer and step options (`train_options`, `run_options`)."""
     if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
         raise UsageError(f"pipeline: microbatches must be a positive integer, got {microbatches!r}")
     with tempfile.TemporaryDirectory(prefix="optpipe-pipeline-") as tmp:
@@ -290,13 +277,8 @@ def _launch(
             "batches": os.path.join(tmp, "batches.pt"),
             "microbatches": microbatches,
             "schedule": schedule,
-            "lr": lr,
-            "optimizer": optimizer,
-            "adamw": adamw or {},
-            "clip": clip,
-            "steps": steps,
-            "objective": objective,
             "timeout": timeout,
+            **options,
         }
         run_ranks(
             spec,
@@ -371,26 +353,11 @@ def tensor_train(
     reassembled from the shards), "grads" (of the last step), "ways", "data_parallel", "ranks",
     "seconds"}. `lr` and `clip` as in `pipeline_train`; `grad_accum`: each replica's rows in that
     many micro-batches, their gradients summed into one step."""
-    if optimizer not in OPTIMIZERS:
-        raise UsageError(f"tensor parallel: unknown optimizer {optimizer!r}", f"one of {', '.join(OPTIMIZERS)}")
-    if not batches:
-        raise UsageError("tensor parallel: no batches to train on", "give at least one {input_ids, labels} batch")
-    steps = len(batches) if steps is None else steps
-    return _launch_tensor(
-        "tensor-train",
-        model,
-        list(batches),
-        ways=ways,
-        dp=data_parallel,
-        lr=checked_lr(lr, steps, "tensor parallel"),
-        optimizer=optimizer,
-        steps=steps,
-        objective=objective,
-        timeout=timeout,
-        adamw={"betas": list(betas), "eps": eps, "weight_decay": weight_decay},
-        clip=clip,
-        grad_accum=grad_accum,
-    )
+    options = train_options(
+        "tensor parallel", batches, lr=lr, optimizer=optimizer, steps=steps, objective=objective, betas=betas,
+        eps=eps, weight_decay=weight_decay, clip=clip, grad_accum=grad_accum,
+    )  # fmt: skip
+    return _launch_tensor("tensor-train", model, list(batches), ways, data_parallel, timeout, options)
 
 
 def tensor_run(
@@ -406,19 +373,7 @@ def tensor_run(
     split over `data_parallel` replicas). Returns {"output", "seconds" (per run after a warm-up)}."""
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
-    return _launch_tensor(
-        "tensor-run",
-        model,
-        [tuple(inputs)],
-        ways=ways,
-        dp=data_parallel,
-        lr=0.0,
-        optimizer="sgd",
-        steps=repeat,
-        objective="clm",
-        timeout=timeout,
-        adamw={},
-    )
+    return _launch_tensor("tensor-run", model, [tuple(inputs)], ways, data_parallel, timeout, run_options(repeat))
 
 
 def tensor_partitioned(program: Program, ways: int) -> Program:
@@ -438,10 +393,8 @@ def tensor_partitioned(program: Program, ways: int) -> Program:
     return out
 
 
-def _launch_tensor(
-    mode: str, model, batches: list, *, ways, dp, lr, optimizer, steps, objective, timeout, adamw, clip=None,
-    grad_accum: int = 1,
-) -> dict:  # fmt: skip
+def _launch_tensor(mode: str, model, batches: list, ways, dp: int, timeout: float, options: dict) -> dict:
+    """`options`: the ranks' optimizer and step options (`train_options`, `run_options`)."""
     program = as_program(model)
     planned = (program.meta.get("partition") or {}).get("ways")
     ways = ways or planned or 2
@@ -451,7 +404,7 @@ def _launch_tensor(
     with tempfile.TemporaryDirectory(prefix="optpipe-tensor-") as tmp:
         data = _rank_data(mode == "tensor-train", program, info, batches)
         for inputs, _ in data:
-            check_batch_split("tensor parallel", inputs[0].shape[0], dp, grad_accum)
+            check_batch_split("tensor parallel", inputs[0].shape[0], dp, options.get("grad_accum", 1))
         program.save(os.path.join(tmp, "program.pt2"))
         torch.save(data, os.path.join(tmp, "batches.pt"))
         spec = {
@@ -462,14 +415,8 @@ def _launch_tensor(
             "dp": dp,
             "devices": info.get("devices") or ["cpu"] * ways,
             "batches": os.path.join(tmp, "batches.pt"),
-            "lr": lr,
-            "optimizer": optimizer,
-            "adamw": adamw,
-            "clip": clip,
-            "grad_accum": grad_accum,
-            "steps": steps,
-            "objective": objective,
             "timeout": timeout,
+            **options,
         }
         ranks = ways * dp
         run_ranks(
@@ -745,6 +692,44 @@ def clip_to_global_norm(grads: list, counted: list, max_norm: float | None, devi
     coef = min(1.0, float(max_norm) / (float(squares.sqrt()) + 1e-6))
     for g in grads:
         g.mul_(coef)
+
+
+def train_options(
+    what: str,
+    batches,
+    *,
+    lr,
+    optimizer: str,
+    steps: int | None,
+    objective: str,
+    betas,
+    eps: float,
+    weight_decay: float,
+    clip: float | None,
+    grad_accum: int = 1,
+) -> dict:
+    """The ranks' training options (their spec's "lr", "optimizer", "steps", "objective", "adamw",
+    "clip", "grad_accum"), as the three runtimes' train functions take them, checked (`what`
+    names the runtime in the errors); `steps` defaults to one per batch."""
+    if optimizer not in OPTIMIZERS:
+        raise UsageError(f"{what}: unknown optimizer {optimizer!r}", f"one of {', '.join(OPTIMIZERS)}")
+    if not batches:
+        raise UsageError(f"{what}: no batches to train on", "give at least one {input_ids, labels} batch")
+    steps = len(batches) if steps is None else steps
+    return {
+        "lr": checked_lr(lr, steps, what),
+        "optimizer": optimizer,
+        "steps": steps,
+        "objective": objective,
+        "adamw": {"betas": list(betas), "eps": eps, "weight_decay": weight_decay},
+        "clip": clip,
+        "grad_accum": grad_accum,
+    }
+
+
+def run_options(repeat: int) -> dict:
+    """The ranks' options of a forward-only run, `repeat` times (after a warm-up run)."""
+    return {"lr": 0.0, "optimizer": "sgd", "steps": repeat, "objective": "clm", "adamw": {}}
 
 
 def micro_batches(inputs: tuple, labels: torch.Tensor, k: int) -> list[tuple[tuple, torch.Tensor]]:

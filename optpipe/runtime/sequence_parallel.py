@@ -44,16 +44,16 @@ from ..registry import load_op_modules
 from .data import input_builder
 from .launch import STARTUP_TIMEOUT, fault_point, run_ranks
 from .parallel import (
-    OPTIMIZERS,
     as_program,
     check_batch_split,
     check_rank_counts,
-    checked_lr,
     clip_to_global_norm,
     cpu_copies,
     micro_batches,
     rank_optimizer,
+    run_options,
     step_lr,
+    train_options,
 )
 
 
@@ -81,22 +81,12 @@ def sequence_train(
     training), "grads" (of the last step), "ways", "data_parallel", "ranks", "order" (of the shards:
     zigzag or contiguous), "seconds" (per step)}. `lr` and `clip` as in `pipeline_train`, `grad_accum`
     as in `tensor_train`."""
-    if optimizer not in OPTIMIZERS:
-        raise UsageError(f"sequence parallel: unknown optimizer {optimizer!r}", f"one of {', '.join(OPTIMIZERS)}")
     if objective not in ("clm", "mlm"):
         raise UsageError(f"sequence parallel: objective {objective!r} is not split over the sequence", "use clm or mlm")
-    if not batches:
-        raise UsageError("sequence parallel: no batches to train on", "give at least one {input_ids, labels} batch")
-    steps = len(batches) if steps is None else steps
-    options = {
-        "lr": checked_lr(lr, steps, "sequence parallel"),
-        "optimizer": optimizer,
-        "steps": steps,
-        "objective": objective,
-        "adamw": {"betas": list(betas), "eps": eps, "weight_decay": weight_decay},
-        "clip": clip,
-        "grad_accum": grad_accum,
-    }
+    options = train_options(
+        "sequence parallel", batches, lr=lr, optimizer=optimizer, steps=steps, objective=objective, betas=betas,
+        eps=eps, weight_decay=weight_decay, clip=clip, grad_accum=grad_accum,
+    )  # fmt: skip
     return launch_sequence("sequence-train", model, list(batches), ways, data_parallel, timeout, options)
 
 
@@ -107,8 +97,7 @@ def sequence_run(
     `ways` ranks. Returns {"output" (whole sequence), "seconds" (per run after a warm-up), "order"}."""
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
-    options = {"lr": 0.0, "optimizer": "sgd", "steps": repeat, "objective": "clm", "adamw": {}}
-    return launch_sequence("sequence-run", model, [tuple(inputs)], ways, data_parallel, timeout, options)
+    return launch_sequence("sequence-run", model, [tuple(inputs)], ways, data_parallel, timeout, run_options(repeat))
 
 
 def sequence_partitioned(program: Program, ways: int) -> Program:
