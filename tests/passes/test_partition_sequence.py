@@ -108,6 +108,16 @@ def _rank_step(tokens: int):
     return step
 
 
+def assert_ranks_match_one_process(program, x: torch.Tensor, ways: int) -> None:
+    """The loss and gradients of `program`'s ranks (threads), summed, equal one process's on `x`."""
+    loss, grads = _one_process(program, x)
+    targets, tokens = shard_labels(x, "clm")
+    ranks = run_threads(rank_module(program), (x, targets), ways, fn=_rank_step(tokens), order=order(program))
+    assert_close(sum(r[0] for r in ranks), loss, rtol=0, atol=1e-6)
+    for name in ranks[0][1]:
+        assert_close(sum(r[1][name] for r in ranks), grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize(
     "form,ways,balance",
     [
@@ -122,13 +132,7 @@ def _rank_step(tokens: int):
 def test_loss_and_gradients_match_one_process(form, ways, balance):
     program, _ = planned(tiny(form), ways, balance)
     assert order(program) == ("zigzag" if form == "dense" and not balance else "contiguous")
-    x = ids(2, 32)
-    loss, grads = _one_process(program, x)
-    targets, tokens = shard_labels(x, "clm")
-    ranks = run_threads(rank_module(program), (x, targets), ways, fn=_rank_step(tokens), order=order(program))
-    assert_close(sum(r[0] for r in ranks), loss, rtol=0, atol=1e-6)
-    for name in ranks[0][1]:
-        assert_close(sum(r[1][name] for r in ranks), grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_ranks_match_one_process(program, ids(2, 32), ways)
 
 
 def _exchange(fn, inputs, ways: int, grad_out, order: str = "contiguous"):
@@ -284,9 +288,4 @@ def test_hf_models_plan_rings_whose_ranks_match_one_process(name, ways):
     out, record = planned(program, ways)  # the pass's own check: the ranks reproduce the outputs
     assert record.stats["ring"] == 2 and record.stats["positions"] == 1 and order(out) == "zigzag"
     x = torch.randint(0, hf_models.VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
-    loss, grads = _one_process(out, x)
-    targets, tokens = shard_labels(x, "clm")
-    ranks = run_threads(rank_module(out), (x, targets), ways, fn=_rank_step(tokens), order=order(out))
-    assert_close(sum(r[0] for r in ranks), loss, rtol=0, atol=1e-6)
-    for param in ranks[0][1]:
-        assert_close(sum(r[1][param] for r in ranks), grads[param], rtol=1e-5, atol=1e-6, msg=param)
+    assert_ranks_match_one_process(out, x, ways)
